@@ -1,0 +1,330 @@
+// RateLimiter: a strategy bound to a store. hit/test/decide/decide_many are
+// raw METH_FASTCALL methods: pybind11's generic dispatch costs more than
+// the whole in-memory decision, and these are called once per request.
+#include <pybind11/stl.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "handles.h"
+#include "rapidlimit/algorithms.h"
+#include "rapidlimit/clock.h"
+
+namespace rapidlimit::bindings {
+namespace {
+
+PyTypeObject* g_limiter_type = nullptr;
+PyTypeObject* g_item_type = nullptr;
+PyTypeObject* g_decision_type = nullptr;
+PyObject* g_str_cost = nullptr;
+PyObject* g_str_now = nullptr;
+PyObject* g_str_test = nullptr;
+
+PyStructSequence_Field kDecisionFields[] = {
+    {"allowed", "whether the request may proceed"},
+    {"limit", "the limit's amount"},
+    {"remaining", "hits left in the window"},
+    {"reset_time", "epoch seconds at which the window resets"},
+    {"retry_after", "seconds until a retry can succeed; 0.0 when allowed"},
+    {nullptr, nullptr}};
+
+PyStructSequence_Desc kDecisionDesc = {
+    "rapidlimit._core.Decision",
+    "Everything a response needs about one limit after one request.",
+    kDecisionFields, 5};
+
+PyObject* MakeDecision(const Decision& d) {
+  PyObject* out = PyStructSequence_New(g_decision_type);
+  if (out == nullptr) return nullptr;
+  PyObject* allowed = d.allowed ? Py_True : Py_False;
+  Py_INCREF(allowed);
+  PyStructSequence_SetItem(out, 0, allowed);
+  PyStructSequence_SetItem(out, 1, PyLong_FromLongLong(d.limit));
+  PyStructSequence_SetItem(out, 2, PyLong_FromLongLong(d.remaining));
+  PyStructSequence_SetItem(out, 3,
+                           PyFloat_FromDouble(NanosToSeconds(d.reset_nanos)));
+  PyStructSequence_SetItem(
+      out, 4,
+      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
+                         kNanosPerSecond));
+  return out;
+}
+
+bool KeywordIs(PyObject* name, PyObject* interned) {
+  return name == interned || PyUnicode_Compare(name, interned) == 0;
+}
+
+bool CostFromPython(PyObject* obj, int64_t* cost) {
+  const long long v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) return false;
+  if (v < 0 || v > kMaxAmount) {
+    PyErr_Format(PyExc_ValueError, "cost must be between 0 and %lld, got %lld",
+                 static_cast<long long>(kMaxAmount), v);
+    return false;
+  }
+  *cost = v;
+  return true;
+}
+
+enum class Answer { kHit, kTest, kDecide };
+
+// hit/test/decide(item, *identifiers, cost=1, now=None)
+template <Answer kAnswer>
+PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
+                       PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  auto* limiter = static_cast<LimiterHandle*>(
+      UnwrapFast(self, g_limiter_type, "RateLimiter"));
+  if (limiter == nullptr) return nullptr;
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError, "missing required argument 'item'");
+    return nullptr;
+  }
+  auto* item = static_cast<ItemHandle*>(
+      UnwrapFast(args[0], g_item_type, "RateLimitItem"));
+  if (item == nullptr) return nullptr;
+  int64_t cost = 1;
+  PyObject* now_obj = nullptr;
+  if (kwnames != nullptr) {
+    const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; ++i) {
+      PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+      PyObject* value = args[nargs + i];
+      if (KeywordIs(name, g_str_cost)) {
+        if (!CostFromPython(value, &cost)) return nullptr;
+      } else if (KeywordIs(name, g_str_now)) {
+        now_obj = value;
+      } else {
+        PyErr_Format(PyExc_TypeError, "unexpected keyword argument '%U'", name);
+        return nullptr;
+      }
+    }
+  }
+  thread_local std::string key;
+  if (!BuildKey(*item, args + 1, static_cast<size_t>(nargs - 1), &key)) {
+    return nullptr;
+  }
+  int64_t now = 0;
+  if (!NowFromPython(now_obj, &now)) return nullptr;
+  Request r;
+  r.strategy = limiter->strategy;
+  r.limit = &item->limit;
+  r.key = key;
+  r.cost = cost;
+  Decision d;
+  limiter->store->Decide(
+      &r, 1, now, kAnswer == Answer::kTest ? Mode::kTest : Mode::kHit, &d);
+  if constexpr (kAnswer == Answer::kDecide) {
+    return MakeDecision(d);
+  } else {
+    return PyBool_FromLong(d.allowed);
+  }
+}
+
+// decide_many(requests, now=None, test=False)
+PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
+                     PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  auto* limiter = static_cast<LimiterHandle*>(
+      UnwrapFast(self, g_limiter_type, "RateLimiter"));
+  if (limiter == nullptr) return nullptr;
+  if (nargs < 1 || nargs > 3) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_many(requests, now=None, test=False)");
+    return nullptr;
+  }
+  PyObject* now_obj = nargs > 1 ? args[1] : nullptr;
+  PyObject* test_obj = nargs > 2 ? args[2] : nullptr;
+  if (kwnames != nullptr) {
+    const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; ++i) {
+      PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+      if (KeywordIs(name, g_str_now)) {
+        now_obj = args[nargs + i];
+      } else if (KeywordIs(name, g_str_test)) {
+        test_obj = args[nargs + i];
+      } else {
+        PyErr_Format(PyExc_TypeError, "unexpected keyword argument '%U'", name);
+        return nullptr;
+      }
+    }
+  }
+  bool test = false;
+  if (test_obj != nullptr) {
+    const int truth = PyObject_IsTrue(test_obj);
+    if (truth < 0) return nullptr;
+    test = truth == 1;
+  }
+  int64_t now = 0;
+  if (!NowFromPython(now_obj, &now)) return nullptr;
+
+  PyObject* seq = PySequence_Fast(args[0], "requests must be a sequence");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** entries = PySequence_Fast_ITEMS(seq);
+  // Reused per thread: a request allocates nothing once warm.
+  thread_local std::vector<std::string> keys;
+  thread_local std::vector<Request> requests;
+  thread_local std::vector<Decision> decisions;
+  if (keys.size() < static_cast<size_t>(n)) keys.resize(n);
+  requests.resize(n);
+  decisions.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* entry = entries[i];
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3) {
+      Py_DECREF(seq);
+      PyErr_SetString(PyExc_TypeError,
+                      "each request must be a tuple (item, identity, cost)");
+      return nullptr;
+    }
+    auto* item = static_cast<ItemHandle*>(
+        UnwrapFast(PyTuple_GET_ITEM(entry, 0), g_item_type, "RateLimitItem"));
+    int64_t cost = 0;
+    PyObject* identity = PyTuple_GET_ITEM(entry, 1);
+    if (item == nullptr || !CostFromPython(PyTuple_GET_ITEM(entry, 2), &cost) ||
+        !BuildKey(*item, &identity, 1, &keys[i])) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    requests[i].strategy = limiter->strategy;
+    requests[i].limit = &item->limit;
+    requests[i].key = keys[i];
+    requests[i].cost = cost;
+  }
+  const size_t first_reject =
+      limiter->store->Decide(requests.data(), static_cast<size_t>(n), now,
+                             test ? Mode::kTest : Mode::kHit, decisions.data());
+  Py_DECREF(seq);
+  const size_t written = (!test && first_reject < static_cast<size_t>(n))
+                             ? first_reject + 1
+                             : static_cast<size_t>(n);
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(written));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < written; ++i) {
+    PyObject* d = MakeDecision(decisions[i]);
+    if (d == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
+  }
+  return out;
+}
+
+PyMethodDef kFastMethods[] = {
+    {"hit",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(DecideSingle<Answer::kHit>)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "hit(item, *identifiers, cost=1, now=None) -> bool\n\n"
+     "Consumes `cost` of the limit; True if it fit."},
+    {"test",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(DecideSingle<Answer::kTest>)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "test(item, *identifiers, cost=1, now=None) -> bool\n\n"
+     "Whether `cost` would fit now; consumes nothing."},
+    {"decide",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(DecideSingle<Answer::kDecide>)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "decide(item, *identifiers, cost=1, now=None) -> Decision\n\n"
+     "Like hit, returning the full decision."},
+    {"decide_many",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideMany)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "decide_many(requests, now=None, test=False) -> list[Decision]\n\n"
+     "Decides (item, identity, cost) requests in order, stopping at the "
+     "first rejection unless `test`."},
+    {nullptr, nullptr, 0, nullptr}};
+
+int64_t NowArg(const py::kwargs& kwargs) {
+  int64_t now = 0;
+  PyObject* value = nullptr;
+  for (auto item : kwargs) {
+    const std::string name = py::str(item.first);
+    if (name != "now")
+      throw py::type_error("unexpected keyword argument '" + name + "'");
+    value = item.second.ptr();
+  }
+  if (!NowFromPython(value, &now)) throw py::error_already_set();
+  return now;
+}
+
+std::string KeyFromArgs(const ItemHandle& item, const py::args& ids) {
+  std::string key;
+  if (!BuildKey(item, PySequence_Fast_ITEMS(ids.ptr()),
+                static_cast<size_t>(ids.size()), &key)) {
+    throw py::error_already_set();
+  }
+  return key;
+}
+
+}  // namespace
+
+void BindLimiter(py::module_& m) {
+  g_decision_type = PyStructSequence_NewType(&kDecisionDesc);
+  if (g_decision_type == nullptr) throw py::error_already_set();
+  m.add_object("Decision", py::reinterpret_steal<py::object>(
+                               reinterpret_cast<PyObject*>(g_decision_type)));
+  Py_INCREF(g_decision_type);  // the module keeps one; so do we
+
+  g_str_cost = PyUnicode_InternFromString("cost");
+  g_str_now = PyUnicode_InternFromString("now");
+  g_str_test = PyUnicode_InternFromString("test");
+  g_item_type =
+      reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
+
+  py::class_<LimiterHandle> cls(m, "RateLimiter");
+  cls.def(py::init([](py::object storage, const std::string& strategy) {
+            const auto parsed = StrategyFromName(strategy);
+            if (!parsed) {
+              throw py::value_error("unknown strategy '" + strategy +
+                                    "': expected fixed-window, moving-window, "
+                                    "sliding-window-counter or token-bucket");
+            }
+            auto& handle = storage.cast<StorageHandle&>();
+            LimiterHandle h;
+            h.store = handle.store;
+            h.storage = std::move(storage);
+            h.strategy = *parsed;
+            return h;
+          }),
+          py::arg("storage"), py::arg("strategy"))
+      .def_property_readonly("storage",
+                             [](const LimiterHandle& h) { return h.storage; })
+      .def_property_readonly("strategy",
+                             [](const LimiterHandle& h) {
+                               return std::string(StrategyName(h.strategy));
+                             })
+      .def("get_window_stats",
+           [](LimiterHandle& h, const ItemHandle& item, const py::args& ids,
+              const py::kwargs& kwargs) {
+             const int64_t now = NowArg(kwargs);
+             const std::string key = KeyFromArgs(item, ids);
+             Request r;
+             r.strategy = h.strategy;
+             r.limit = &item.limit;
+             r.key = key;
+             const WindowState state = h.store->Inspect(r, now);
+             const WindowStats stats =
+                 StatsFromState(h.strategy, item.limit, state, now);
+             return std::make_tuple(NanosToSeconds(stats.reset_nanos),
+                                    stats.remaining);
+           })
+      .def("clear",
+           [](LimiterHandle& h, const ItemHandle& item, const py::args& ids) {
+             h.store->Clear(h.strategy, KeyFromArgs(item, ids));
+           });
+  g_limiter_type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  for (PyMethodDef* def = kFastMethods; def->ml_name != nullptr; ++def) {
+    PyObject* descr = PyDescr_NewMethod(g_limiter_type, def);
+    if (descr == nullptr) throw py::error_already_set();
+    const int rc = PyObject_SetAttrString(cls.ptr(), def->ml_name, descr);
+    Py_DECREF(descr);
+    if (rc != 0) throw py::error_already_set();
+  }
+}
+
+}  // namespace rapidlimit::bindings

@@ -1,0 +1,177 @@
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "handles.h"
+#include "rapidlimit/clock.h"
+#include "rapidlimit/memory_store.h"
+
+namespace rapidlimit::bindings {
+namespace {
+
+int64_t Now(const py::object& now) {
+  int64_t out = 0;
+  if (!NowFromPython(now.ptr(), &out)) throw py::error_already_set();
+  return out;
+}
+
+// `limits` hands storages a window length in whole seconds.
+Limit WindowLimit(int64_t amount, double expiry_seconds) {
+  if (!std::isfinite(expiry_seconds) || expiry_seconds < 1 ||
+      expiry_seconds > static_cast<double>(kMaxPeriodSeconds)) {
+    throw py::value_error("expiry must be between 1 second and " +
+                          std::to_string(kMaxPeriodSeconds) + " seconds");
+  }
+  Limit l;
+  l.amount = amount;
+  l.multiples = static_cast<int64_t>(expiry_seconds);
+  l.granularity = Granularity::kSecond;
+  return l;
+}
+
+Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
+                    int64_t cost) {
+  Request r;
+  r.strategy = s;
+  r.limit = &l;
+  r.key = key;
+  r.cost = cost;
+  return r;
+}
+
+bool Acquire(StorageHandle& h, Strategy s, const std::string& key,
+             int64_t limit, double expiry, int64_t amount,
+             const py::object& now) {
+  const Limit l = WindowLimit(limit, expiry);
+  const Request r = MakeRequest(s, l, key, amount);
+  Decision d;
+  h.store->Decide(&r, 1, Now(now), Mode::kHit, &d);
+  return d.allowed;
+}
+
+}  // namespace
+
+void BindStorage(py::module_& m) {
+  py::class_<StorageHandle>(m, "Storage")
+      .def("check", [](StorageHandle&) { return true; })
+      .def("reset", [](StorageHandle& h) { return h.store->Reset(); })
+      .def("__len__", [](StorageHandle& h) { return h.store->Size(); })
+      .def(
+          "incr",
+          [](StorageHandle& h, const std::string& key, double expiry,
+             int64_t amount, const py::object& now) {
+            if (!std::isfinite(expiry) || expiry < 0) {
+              throw py::value_error("expiry must be a non-negative number");
+            }
+            return h.store->Incr(key, SecondsToNanos(expiry), amount, Now(now),
+                                 nullptr);
+          },
+          py::arg("key"), py::arg("expiry"), py::arg("amount") = 1,
+          py::arg("now") = py::none())
+      .def(
+          "get",
+          [](StorageHandle& h, const std::string& key, const py::object& now) {
+            const Limit l = WindowLimit(0, 1);
+            return h.store
+                ->Inspect(MakeRequest(Strategy::kFixedWindow, l, key, 0),
+                          Now(now))
+                .count;
+          },
+          py::arg("key"), py::arg("now") = py::none())
+      .def(
+          "get_expiry",
+          [](StorageHandle& h, const std::string& key, const py::object& now) {
+            const Limit l = WindowLimit(0, 1);
+            return NanosToSeconds(
+                h.store
+                    ->Inspect(MakeRequest(Strategy::kFixedWindow, l, key, 0),
+                              Now(now))
+                    .time_nanos);
+          },
+          py::arg("key"), py::arg("now") = py::none())
+      .def(
+          "clear",
+          [](StorageHandle& h, const std::string& key) {
+            // limits' clear forgets counters and moving-window logs alike.
+            for (Strategy s :
+                 {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                  Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+              h.store->Clear(s, key);
+            }
+          },
+          py::arg("key"))
+      .def(
+          "acquire_entry",
+          [](StorageHandle& h, const std::string& key, int64_t limit,
+             double expiry, int64_t amount, const py::object& now) {
+            return Acquire(h, Strategy::kMovingWindow, key, limit, expiry,
+                           amount, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "get_moving_window",
+          [](StorageHandle& h, const std::string& key, int64_t limit,
+             double expiry, const py::object& now) {
+            const Limit l = WindowLimit(limit, expiry);
+            const WindowState w = h.store->Inspect(
+                MakeRequest(Strategy::kMovingWindow, l, key, 0), Now(now));
+            return std::make_tuple(NanosToSeconds(w.time_nanos), w.count);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("now") = py::none())
+      .def(
+          "acquire_sliding_window_entry",
+          [](StorageHandle& h, const std::string& key, int64_t limit,
+             double expiry, int64_t amount, const py::object& now) {
+            return Acquire(h, Strategy::kSlidingWindowCounter, key, limit,
+                           expiry, amount, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "get_sliding_window",
+          [](StorageHandle& h, const std::string& key, double expiry,
+             const py::object& now) {
+            const Limit l = WindowLimit(0, expiry);
+            const WindowState w = h.store->Inspect(
+                MakeRequest(Strategy::kSlidingWindowCounter, l, key, 0),
+                Now(now));
+            return std::make_tuple(
+                w.previous_count, NanosToSeconds(w.previous_ttl_nanos), w.count,
+                NanosToSeconds(w.current_ttl_nanos));
+          },
+          py::arg("key"), py::arg("expiry"), py::arg("now") = py::none())
+      .def(
+          "clear_sliding_window",
+          [](StorageHandle& h, const std::string& key, double) {
+            h.store->Clear(Strategy::kSlidingWindowCounter, key);
+          },
+          py::arg("key"), py::arg("expiry"));
+
+  py::class_<MemoryStorageHandle, StorageHandle>(m, "MemoryStorage")
+      .def(py::init([](int64_t max_keys, int64_t shards) {
+             if (max_keys <= 0) throw py::value_error("max_keys must be > 0");
+             if (shards <= 0 || shards > 65536) {
+               throw py::value_error("shards must be between 1 and 65536");
+             }
+             MemoryStorageHandle h;
+             h.max_keys = static_cast<size_t>(max_keys);
+             h.shards = static_cast<size_t>(shards);
+             MemoryStoreOptions options;
+             options.max_keys = h.max_keys;
+             options.shards = h.shards;
+             h.store = NewMemoryStore(options);
+             return h;
+           }),
+           py::arg("max_keys") = 1'000'000, py::arg("shards") = 64)
+      .def_property_readonly(
+          "max_keys", [](const MemoryStorageHandle& h) { return h.max_keys; })
+      .def("memory_bytes", [](const MemoryStorageHandle& h) {
+        return MemoryStoreBytes(*h.store);
+      });
+}
+
+}  // namespace rapidlimit::bindings

@@ -1,0 +1,68 @@
+// Types shared by the binding files. Bindings only: no algorithm lives here.
+#ifndef RAPIDLIMIT_BINDINGS_HANDLES_H_
+#define RAPIDLIMIT_BINDINGS_HANDLES_H_
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <string>
+
+#include "rapidlimit/limit.h"
+#include "rapidlimit/store.h"
+
+namespace rapidlimit::bindings {
+
+namespace py = pybind11;
+
+// A parsed limit plus the key fragments every hit needs, built once.
+struct ItemHandle {
+  explicit ItemHandle(Limit l) : limit(std::move(l)) {
+    key_prefix = limit.namespace_ + "/";
+    limit.AppendKeySuffix(&key_suffix);
+  }
+  Limit limit;
+  std::string key_prefix;  // "LIMITER/"
+  std::string key_suffix;  // "/5/1/minute"
+};
+
+// Base of every Python-visible storage.
+struct StorageHandle {
+  virtual ~StorageHandle() = default;
+  std::shared_ptr<Store> store;
+};
+
+struct MemoryStorageHandle : StorageHandle {
+  size_t max_keys = 0;
+  size_t shards = 0;
+};
+
+struct LimiterHandle {
+  std::shared_ptr<Store> store;
+  py::object storage;  // keeps the Python storage object alive and visible
+  Strategy strategy = Strategy::kFixedWindow;
+};
+
+// The C++ object behind a pybind11 instance of a bound type, fast: the
+// hot path cannot afford pybind11's general caster. `type` must be the
+// bound type; instances of Python subclasses are accepted. Returns null
+// (with a Python error set) when `obj` is not one or is not initialised.
+void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what);
+
+// Epoch nanoseconds from an optional `now` in seconds (None: system clock).
+// Returns false with a Python error set on a bad value.
+bool NowFromPython(PyObject* now, int64_t* out);
+
+// Appends str(obj) (bytes are decoded as UTF-8, like limits' safe_string).
+bool AppendIdentifier(PyObject* obj, std::string* out);
+
+// Writes item.key_for(*ids) into `out` (cleared first).
+bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,
+              std::string* out);
+
+void BindLimit(py::module_& m);
+void BindStorage(py::module_& m);
+void BindLimiter(py::module_& m);
+
+}  // namespace rapidlimit::bindings
+
+#endif  // RAPIDLIMIT_BINDINGS_HANDLES_H_

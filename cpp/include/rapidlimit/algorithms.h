@@ -1,0 +1,97 @@
+// The rate-limit algorithms as pure state transitions, one implementation
+// each. A store keeps the state per key and calls these under its lock;
+// nothing here allocates except the moving-window log, or knows about
+// storage, threads or clocks.
+#ifndef RAPIDLIMIT_ALGORITHMS_H_
+#define RAPIDLIMIT_ALGORITHMS_H_
+
+#include <cstdint>
+
+#include "rapidlimit/limit.h"
+#include "rapidlimit/store.h"
+
+namespace rapidlimit {
+
+// Fixed window and token bucket both fit in two words.
+struct CounterState {
+  int64_t expiry_nanos = 0;  // the state is void at or after this time
+  int64_t value = 0;         // fixed window: counter; token bucket: TAT
+};
+
+struct SlidingState {
+  int64_t expiry_nanos = 0;
+  int64_t window = 0;  // epoch window index (now / period)
+  int64_t current = 0;
+  int64_t previous = 0;
+};
+
+// Newest-last ring of admission times, holding at most `limit.amount`
+// entries: older ones can never decide anything again.
+class MovingLog {
+ public:
+  MovingLog() = default;
+  MovingLog(const MovingLog&) = delete;
+  MovingLog& operator=(const MovingLog&) = delete;
+  ~MovingLog();
+
+  int64_t size() const { return size_; }
+  // i = 0 is the newest entry.
+  int64_t NewestAt(int64_t i) const;
+  // Appends `count` copies of `t`, dropping the oldest beyond `capacity`.
+  void Push(int64_t t, int64_t count, int64_t capacity);
+  // Entries with time >= since; `oldest` gets the earliest such time.
+  int64_t CountSince(int64_t since, int64_t* oldest) const;
+  void Clear() { head_ = size_ = 0; }
+  size_t HeapBytes() const { return static_cast<size_t>(cap_) * 8; }
+
+ private:
+  int64_t* ring_ = nullptr;
+  int64_t cap_ = 0;
+  int64_t head_ = 0;  // index of the oldest entry
+  int64_t size_ = 0;
+};
+
+struct MovingState {
+  int64_t expiry_nanos = 0;
+  MovingLog* log = nullptr;  // owned by the store's slot
+};
+
+// `limits`' counter primitive (Storage.incr): adds `amount`, (re)starting
+// the `period`-long window when the counter equals what was just added.
+// Returns the new count.
+int64_t IncrCounter(int64_t amount, int64_t period, int64_t now, bool fresh,
+                    CounterState* state);
+
+// Each Apply* evaluates one request at `now`. With `charge` it updates the
+// state when the request is admitted (and, for the fixed window, also when
+// it is not). `fresh` tells that the state is new or expired and must be
+// treated as empty. The returned Decision is complete.
+Decision ApplyFixedWindow(const Limit& limit, int64_t cost, int64_t now,
+                          bool charge, bool fresh, CounterState* state);
+Decision ApplyTokenBucket(const Limit& limit, int64_t cost, int64_t now,
+                          bool charge, bool fresh, CounterState* state);
+Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t now,
+                            bool charge, bool fresh, SlidingState* state);
+Decision ApplyMovingWindow(const Limit& limit, int64_t cost, int64_t now,
+                           bool charge, bool fresh, MovingState* state);
+
+WindowState InspectFixedWindow(const Limit& limit, int64_t now, bool fresh,
+                               const CounterState& state);
+WindowState InspectTokenBucket(const Limit& limit, int64_t now, bool fresh,
+                               const CounterState& state);
+WindowState InspectSlidingWindow(const Limit& limit, int64_t now, bool fresh,
+                                 const SlidingState& state);
+WindowState InspectMovingWindow(const Limit& limit, int64_t now, bool fresh,
+                                const MovingState& state);
+
+// (reset time, remaining) as `limits`' get_window_stats reports them.
+struct WindowStats {
+  int64_t reset_nanos = 0;
+  int64_t remaining = 0;
+};
+WindowStats StatsFromState(Strategy strategy, const Limit& limit,
+                           const WindowState& state, int64_t now);
+
+}  // namespace rapidlimit
+
+#endif  // RAPIDLIMIT_ALGORITHMS_H_

@@ -1,0 +1,113 @@
+// The storage interface every backend implements, and the values a rate
+// limit decision returns.
+#ifndef RAPIDLIMIT_STORE_H_
+#define RAPIDLIMIT_STORE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "rapidlimit/limit.h"
+
+namespace rapidlimit {
+
+enum class Strategy : uint8_t {
+  // `limits`' fixed window: the window opens at the first hit and every
+  // hit, rejected or not, increments the counter.
+  kFixedWindow,
+  // An exact log of the last `amount` admitted hits; rejected hits leave
+  // no trace.
+  kMovingWindow,
+  // `limits`' sliding window counter: epoch-aligned windows, the previous
+  // one weighted by how much of it still overlaps the moving window.
+  kSlidingWindowCounter,
+  // GCRA: `amount` per period, bursts up to Limit::EffectiveBurst().
+  kTokenBucket,
+};
+
+// "fixed-window", "moving-window", "sliding-window-counter", "token-bucket".
+std::string_view StrategyName(Strategy s);
+// Inverse of StrategyName; nullopt for an unknown name.
+std::optional<Strategy> StrategyFromName(std::string_view name);
+
+// One question to a store: may `key` spend `cost` of `limit` now?
+// `limit` and the bytes of `key` are borrowed for the duration of the call.
+struct Request {
+  Strategy strategy = Strategy::kFixedWindow;
+  const Limit* limit = nullptr;
+  std::string_view key;
+  int64_t cost = 1;
+};
+
+// The full answer, with everything response headers and 429 bodies need.
+struct Decision {
+  bool allowed = false;
+  int64_t limit = 0;              // the limit's amount
+  int64_t remaining = 0;          // hits left in the current window, >= 0
+  int64_t reset_nanos = 0;        // epoch ns at which the window resets
+  int64_t retry_after_nanos = 0;  // 0 when allowed
+};
+
+enum class Mode : uint8_t {
+  kHit,   // consume; stop at the first rejection
+  kTest,  // consume nothing; evaluate every request
+};
+
+// Strategy-specific view of one key's state, without consuming anything.
+// Fields a strategy does not use are 0.
+struct WindowState {
+  // Fixed window: the counter. Moving window: hits inside the window.
+  // Sliding window counter: hits in the current epoch window.
+  // Token bucket: tokens in use (amount - available, rounded up).
+  int64_t count = 0;
+  // Fixed window: expiry of the counter, or `now` if there is none.
+  // Moving window: oldest hit inside the window, or `now`.
+  // Token bucket: when the bucket is full again.
+  int64_t time_nanos = 0;
+  // Sliding window counter only.
+  int64_t previous_count = 0;
+  int64_t previous_ttl_nanos = 0;
+  int64_t current_ttl_nanos = 0;
+};
+
+// A backend that applies rate-limit algorithms atomically per key.
+// Implementations are thread-safe: any number of threads may call any
+// method concurrently. Time is always passed in, never read, so a store is
+// deterministic under test.
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // Decides `n` requests in order at time `now_nanos`, writing `out[0..n)`.
+  // kHit charges each request; at the first rejection it stops, so later
+  // requests are neither charged nor written. kTest charges nothing and
+  // writes all. Returns the index of the first rejected request, or `n`.
+  virtual size_t Decide(const Request* requests, size_t n, int64_t now_nanos,
+                        Mode mode, Decision* out) = 0;
+
+  // The raw state behind `request.key` for `request.strategy`.
+  virtual WindowState Inspect(const Request& request, int64_t now_nanos) = 0;
+
+  // Adds `amount` to a plain counter that expires `expiry_nanos` after it
+  // was created (`limits`' Storage.incr). Returns the new value and, when
+  // `expiry_at` is non-null, the expiry. Shares state with kFixedWindow.
+  virtual int64_t Incr(std::string_view key, int64_t expiry_nanos,
+                       int64_t amount, int64_t now_nanos,
+                       int64_t* expiry_at) = 0;
+
+  // Forgets `key` for `strategy`. Returns whether it existed.
+  virtual bool Clear(Strategy strategy, std::string_view key) = 0;
+
+  // Forgets everything. Returns the number of keys dropped.
+  virtual size_t Reset() = 0;
+
+  // Number of live keys (expired keys may be counted until swept).
+  virtual size_t Size() const = 0;
+};
+
+}  // namespace rapidlimit
+
+#endif  // RAPIDLIMIT_STORE_H_

@@ -1,0 +1,1499 @@
+"""Rate limiting for Starlette and FastAPI with the API of slowapi 0.1.10.
+
+``from slowapi import X`` becomes ``from rapidlimit import X`` (and the same
+for ``rapidlimit.errors``, ``.middleware``, ``.util``, ``.wrappers`` and
+``.extension``); the counting itself runs in the C++ core
+(``rapidlimit._core``). Settings, storage keys
+(``LIMITER/<prefix>/<key>/<scope>/<amount>/<multiples>/<granularity>``),
+evaluation order (application, route, dynamic, default limits), header names
+and the 429 body are slowapi's. Time is read with ``time.time()``, so
+freezegun-style clocks work.
+
+Intended differences from slowapi 0.1.10
+----------------------------------------
+
+Speed
+
+* Limit strings, signatures of key functions and callables, and the per-route
+  list of limits are worked out once (decoration or first request), not per
+  request. Each request makes one call into the core, which returns
+  everything the rate-limit headers need: there is no second storage round
+  trip for headers, nor a third one in the 429 handler.
+* Both middlewares are pure ASGI (``SlowAPIMiddleware`` is no longer a
+  ``BaseHTTPMiddleware``). They add headers to ``http.response.start`` as it
+  passes and forward every other message untouched, so streaming responses,
+  file responses (``pathsend``) and websockets work (slowapi #249, #260).
+* A rejected request is cheap: the middleware sends a precomputed 429 body
+  itself, and the decorator returns it from the endpoint, whenever the 429
+  handler in use is ``_rate_limit_exceeded_handler``; with any other handler
+  ``RateLimitExceeded`` is raised (decorator) or the handler is called
+  (middleware) as in slowapi. The "ratelimit exceeded" log line is emitted
+  at DEBUG instead of WARNING. The logger is named ``rapidlimit``.
+
+Correctness
+
+* Limits are registered per function object, not per ``module.name``, so
+  two views with the same name no longer share limits (#75, #173, #191).
+  ``_route_limits``, ``_dynamic_route_limits`` and ``_exempt_routes`` are
+  still filled by name, for code that reads them, but are not consulted.
+* The middlewares find the endpoint the way the router does: inside
+  ``include_router`` (FastAPI >= 0.137 included routers, #281), inside
+  mounted sub-applications and routers, and the first matching route wins
+  (slowapi took the last). Mounts of applications without routes (static
+  files...) are not limited, as in slowapi.
+* With a middleware, application limits also apply to decorated routes
+  (slowapi skipped them there), and a route's decorator limits, dynamic
+  limits, defaults and the application limits are all checked in the same
+  single pass; dynamic limits are no longer checked once with defaults in
+  the middleware and again in the decorator.
+* A callable ``shared_limit`` scope works (#163): it is called with the
+  request when it has a ``request`` parameter, else with the endpoint key
+  (the path, or ``module.name`` with ``key_style="endpoint"``).
+* A storage error or a bad dynamic limit never reaches the 429 handler
+  (#239, #253). With ``swallow_errors=True`` the request goes through without
+  rate-limit headers. With the default ``swallow_errors=False`` the original
+  exception propagates (a 500 from the server error middleware, or whatever
+  handler the application registered for it): failing closed is that
+  explicit choice.
+* ``_rate_limit_exceeded_handler`` finds the limiter from the exception
+  when ``app.state.limiter`` is missing, and never fails for want of
+  ``request.state.view_rate_limit``.
+* A bad limit string in ``limit``/``shared_limit``/``default_limits``/
+  ``application_limits`` raises ``ConfigurationError`` (a ``ValueError``) at
+  decoration or construction; slowapi logged it and left the route unlimited
+  (or failed on every request for defaults).
+* ``default_limits`` (and the other limit lists) may be a single string,
+  which is one limit group, not a list of characters. Duplicates in
+  ``default_limits`` are dropped keeping order (slowapi used an unordered
+  set). No mutable default is shared between ``Limiter`` instances.
+* ``RATELIMIT_*`` booleans are parsed (``false``/``0`` are false; slowapi
+  treated any non-empty string as true for settings whose default is false).
+  ``RATELIMIT_STORAGE_OPTIONS`` is a JSON object or ``k=v`` pairs separated by
+  ``,``, ``;`` or ``&``.
+* An unknown storage URI or strategy raises ``ValueError`` /
+  ``ConfigurationError`` when the ``Limiter`` is built.
+* ``X-RateLimit-Reset`` is an integer epoch, ``int(1 + reset)`` (slowapi on
+  ``limits`` >= 4 prints the float, e.g. ``1700000061.25``).
+* Rate-limit headers are added once per response: no duplicates from
+  ``SlowAPIMiddleware`` or stacked decorators. With ``headers_enabled``, an
+  endpoint that returns a plain value and has no ``response: Response``
+  parameter still gets them (the decorator adds a hidden ``Response``
+  parameter for FastAPI); slowapi raised.
+* Stacked ``@limit`` decorators are checked in one pass. Decorators of
+  different ``Limiter`` instances on one function each apply (slowapi skipped
+  every limiter after the first).
+* The decorator also accepts endpoints without a ``request`` parameter
+  (FastAPI: a hidden ``HTTPConnection`` parameter is added) and websocket
+  endpoints; a rejected websocket gets a 429 denial response when the server
+  supports it, else it is closed with code 1008 before being accepted.
+* ``Limiter.depends()`` gives a FastAPI dependency
+  (``Depends(limiter.depends("5/minute"))``) for routes that should not
+  take a ``request`` parameter (#23, #177).
+* ``get_ipaddr`` reads the real ``X-Forwarded-For`` header and returns its
+  first address (slowapi read a header named ``X_FORWARDED_FOR`` and returned
+  all of it); ``rapidlimit.util.trusted_proxy_key_func`` honours
+  ``X-Forwarded-For`` / ``Forwarded`` only from trusted proxies.
+* A key function with one required parameter not named ``request`` is given
+  the request (slowapi called it without arguments, which failed). Within
+  one request a key function is called once even if several limits use it.
+* Strategy ``token-bucket`` is available besides ``fixed-window``,
+  ``moving-window`` and ``sliding-window-counter``.
+* ``Limit.scope`` returns "" for a callable scope (slowapi raised
+  ``NameError``); ``request.state.view_rate_limit`` is a
+  :class:`ViewRateLimit`, a ``(limit, [prefix, key, scope])`` pair that also
+  carries the core's decision; its ``limit`` is a
+  ``rapidlimit.RateLimitItem``, not a ``limits`` one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Any, Literal, TypeVar, Union, cast
+from urllib.parse import parse_qsl
+
+from starlette.config import Config
+from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from rapidlimit._core import Decision, RateLimiter, RateLimitItem, Storage
+from rapidlimit.errors import ConfigurationError, RateLimitExceeded
+from rapidlimit.storage import storage_from_string
+from rapidlimit.strategies import STRATEGIES
+from rapidlimit.wrappers import CostType, Limit, LimitGroup, StrOrCallableStr
+
+__all__ = [
+    "HEADERS",
+    "MAX_BACKEND_CHECKS",
+    "C",
+    "Limiter",
+    "ViewRateLimit",
+    "_rate_limit_exceeded_handler",
+]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+LimitSpec = Union[str, Callable[..., str]]
+
+logging.getLogger("rapidlimit").addHandler(logging.NullHandler())
+
+
+class C:
+    """Names of the settings read from the environment or the ``.env`` file."""
+
+    ENABLED = "RATELIMIT_ENABLED"
+    HEADERS_ENABLED = "RATELIMIT_HEADERS_ENABLED"
+    STORAGE_URL = "RATELIMIT_STORAGE_URL"
+    STORAGE_OPTIONS = "RATELIMIT_STORAGE_OPTIONS"
+    STRATEGY = "RATELIMIT_STRATEGY"
+    GLOBAL_LIMITS = "RATELIMIT_GLOBAL"
+    DEFAULT_LIMITS = "RATELIMIT_DEFAULT"
+    APPLICATION_LIMITS = "RATELIMIT_APPLICATION"
+    HEADER_LIMIT = "RATELIMIT_HEADER_LIMIT"
+    HEADER_REMAINING = "RATELIMIT_HEADER_REMAINING"
+    HEADER_RESET = "RATELIMIT_HEADER_RESET"
+    SWALLOW_ERRORS = "RATELIMIT_SWALLOW_ERRORS"
+    IN_MEMORY_FALLBACK = "RATELIMIT_IN_MEMORY_FALLBACK"
+    IN_MEMORY_FALLBACK_ENABLED = "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"
+    HEADER_RETRY_AFTER = "RATELIMIT_HEADER_RETRY_AFTER"
+    HEADER_RETRY_AFTER_VALUE = "RATELIMIT_HEADER_RETRY_AFTER_VALUE"
+    KEY_PREFIX = "RATELIMIT_KEY_PREFIX"
+
+
+class HEADERS:
+    """Keys of ``Limiter._header_mapping``."""
+
+    RESET = 1
+    REMAINING = 2
+    LIMIT = 3
+    RETRY_AFTER = 4
+
+
+MAX_BACKEND_CHECKS = 5
+
+# Keys this module keeps in the per-request state (scope["state"]).
+_VIEW = "view_rate_limit"
+_DONE = "_rate_limiting_complete"
+_BY = "_rapidlimit_by"  # the Limiter that checked the request
+_HEADERS_BY = "_rapidlimit_headers"  # "mw": the middleware adds them; "done"
+
+_REQUEST_PARAM = "_rapidlimit_connection"
+_RESPONSE_PARAM = "_rapidlimit_response"
+_TARGET_ATTR = "__rapidlimit_target__"
+
+_JSON = b"application/json"
+
+
+class ViewRateLimit:
+    """``request.state.view_rate_limit``: the limit the headers describe.
+
+    Behaves as slowapi's ``(limit, [prefix, key, scope])`` pair (index it,
+    unpack it, compare it to a tuple) and also carries the core's
+    :class:`~rapidlimit.Decision` so headers need no storage access.
+    """
+
+    __slots__ = ("_key", "_prefix", "_scope", "decision", "limit_wrapper")
+
+    def __init__(
+        self,
+        limit_wrapper: Limit,
+        prefix: str,
+        key: str,
+        scope: str,
+        decision: Decision | None,
+    ) -> None:
+        self.limit_wrapper = limit_wrapper
+        self._prefix = prefix
+        self._key = key
+        self._scope = scope
+        self.decision = decision
+
+    @property
+    def limit(self) -> RateLimitItem:
+        return self.limit_wrapper.limit
+
+    @property
+    def args(self) -> list[str]:
+        if self._prefix:
+            return [self._prefix, self._key, self._scope]
+        return [self._key, self._scope]
+
+    def _as_tuple(self) -> tuple[RateLimitItem, list[str]]:
+        return (self.limit_wrapper.limit, self.args)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._as_tuple()[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._as_tuple())
+
+    def __len__(self) -> int:
+        return 2
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ViewRateLimit):
+            return self._as_tuple() == other._as_tuple()
+        if isinstance(other, (tuple, list)):
+            return self._as_tuple() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ViewRateLimit({self.limit_wrapper._text!r}, {self.args!r})"
+
+
+class _Plan:
+    """Everything needed to check one endpoint, worked out once.
+
+    When no limit involved is a callable, ``static`` is the whole ordered
+    list (application, route, defaults) and the request path just reads it.
+    """
+
+    __slots__ = (
+        "default_groups",
+        "dynamic",
+        "endpoint_name",
+        "exempt",
+        "head_groups",
+        "route_dynamic",
+        "route_static",
+        "static",
+    )
+
+    def __init__(
+        self,
+        *,
+        exempt: bool = False,
+        endpoint_name: str = "",
+        head_groups: Sequence[LimitGroup] = (),
+        route_static: Sequence[Limit] = (),
+        route_dynamic: Sequence[LimitGroup] = (),
+        default_groups: Sequence[LimitGroup] = (),
+    ) -> None:
+        self.exempt = exempt
+        self.endpoint_name = endpoint_name
+        self.head_groups = tuple(head_groups)
+        self.route_static = tuple(route_static)
+        self.route_dynamic = tuple(route_dynamic)
+        self.default_groups = tuple(default_groups)
+        self.dynamic = bool(self.route_dynamic) or any(
+            group.is_dynamic for group in (*self.head_groups, *self.default_groups)
+        )
+        static: list[Limit] = []
+        if not self.dynamic:
+            for group in self.head_groups:
+                static.extend(group.limits_for(None))
+            static.extend(self.route_static)
+            if all(not lim.override_defaults for lim in self.route_static):
+                for group in self.default_groups:
+                    static.extend(group.limits_for(None))
+        self.static: tuple[Limit, ...] = tuple(static)
+
+
+class _Registration:
+    """The limits one function was decorated with (per Limiter)."""
+
+    __slots__ = ("dynamic", "exempt", "name", "static")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.static: list[Limit] = []
+        self.dynamic: list[LimitGroup] = []
+        self.exempt = False
+
+
+_EXEMPT_PLAN = _Plan(exempt=True)
+
+
+def _func_name(func: Any) -> str:
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return f"{module}.{name}"
+
+
+def _limiter_of(request: HTTPConnection) -> Limiter | None:
+    app = request.scope.get("app")
+    state = getattr(app, "state", None)
+    limiter = getattr(state, "limiter", None)
+    return limiter if isinstance(limiter, Limiter) else None
+
+
+def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Response:
+    """Builds the 429 JSON response, with the rate-limit headers if enabled.
+
+    ``{"error": "Rate limit exceeded: 5 per 1 minute"}``.
+    """
+    response = JSONResponse(
+        {"error": f"Rate limit exceeded: {exc.detail}"}, status_code=429
+    )
+    limiter = getattr(exc, "_limiter", None) or _limiter_of(request)
+    if limiter is not None:
+        view = request.scope.get("state", {}).get(_VIEW)
+        if view is not None:
+            response = limiter._inject_headers(response, view)
+    return response
+
+
+def _as_limit_list(value: Any, what: str) -> list[LimitSpec]:
+    """Accepts a list of strings/callables, or a single one."""
+    if value is None:
+        return []
+    if isinstance(value, str) or callable(value):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise ConfigurationError(
+            f"{what} must be a limit string, a callable returning one, or a "
+            f"list of those; got {type(value).__name__}"
+        ) from None
+    for item in items:
+        if not (isinstance(item, str) or callable(item)):
+            raise ConfigurationError(
+                f"{what} must contain limit strings or callables; got {item!r}"
+            )
+    return items
+
+
+def _dedupe(items: list[LimitSpec]) -> list[LimitSpec]:
+    seen: list[LimitSpec] = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{name}={value!r} is not a boolean")
+
+
+def _parse_options(name: str, value: str) -> dict[str, Any]:
+    text = value.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise ConfigurationError(f"{name} is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigurationError(f"{name} must be a JSON object")
+        return parsed
+    return dict(
+        parse_qsl(text.replace(",", "&").replace(";", "&"), strict_parsing=True)
+    )
+
+
+def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, HTTPConnection):
+            return value
+    return None
+
+
+class Limiter:
+    """The rate limiter (same constructor and defaults as slowapi's).
+
+    * **key_func**: returns the key to limit by (e.g. the client address);
+      called with the request when it takes one.
+    * **default_limits**: limits for every route that has no decorator limit
+      (needs one of the middlewares); each route gets its own counters.
+    * **application_limits**: limits shared by all routes (middleware only).
+    * **headers_enabled**: add ``X-RateLimit-*`` and ``Retry-After`` headers.
+    * **strategy**: ``fixed-window`` (default), ``moving-window``,
+      ``sliding-window-counter`` or ``token-bucket``.
+    * **storage_uri** / **storage_options**: where counters live
+      (``memory://`` by default).
+    * **auto_check**: check limits automatically (default ``True``).
+    * **swallow_errors**: let requests through when the storage fails.
+    * **in_memory_fallback** / **in_memory_fallback_enabled**: use an
+      in-memory store while the main storage is down.
+    * **retry_after**: ``"http-date"`` for an HTTP-date ``Retry-After``,
+      otherwise seconds.
+    * **key_prefix**: prepended to every key.
+    * **enabled**: set ``False`` to turn the limiter off.
+    * **config_filename**: settings file (default ``.env`` when present).
+    * **key_style**: ``"url"`` (scope by request path) or ``"endpoint"``
+      (by ``module.function``).
+    """
+
+    def __init__(
+        self,
+        key_func: Callable[..., str],
+        default_limits: Sequence[LimitSpec] | str | None = None,
+        application_limits: Sequence[LimitSpec] | str | None = None,
+        headers_enabled: bool = False,
+        strategy: str | None = None,
+        storage_uri: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        auto_check: bool = True,
+        swallow_errors: bool = False,
+        in_memory_fallback: Sequence[LimitSpec] | str | None = None,
+        in_memory_fallback_enabled: bool = False,
+        retry_after: str | None = None,
+        key_prefix: str = "",
+        enabled: bool = True,
+        config_filename: str | None = None,
+        key_style: Literal["endpoint", "url"] = "url",
+    ) -> None:
+        self.logger = logging.getLogger("rapidlimit")
+        dotenv_file_exists = os.path.isfile(".env")
+        self.app_config = Config(
+            ".env"
+            if dotenv_file_exists and config_filename is None
+            else config_filename
+        )
+        if key_style not in ("url", "endpoint"):
+            raise ConfigurationError(
+                f"key_style must be 'url' or 'endpoint', not {key_style!r}"
+            )
+        if not callable(key_func):
+            raise ConfigurationError("key_func must be a callable")
+
+        self._key_func = key_func
+        self._key_style = key_style
+        self._auto_check = auto_check
+        self._request_filters: list[Callable[..., bool]] = []
+
+        self.enabled: bool = _parse_bool(C.ENABLED, self._setting(C.ENABLED, enabled))
+        self._swallow_errors: bool = _parse_bool(
+            C.SWALLOW_ERRORS, self._setting(C.SWALLOW_ERRORS, swallow_errors)
+        )
+        self._headers_enabled: bool = bool(headers_enabled) or _parse_bool(
+            C.HEADERS_ENABLED, self._setting(C.HEADERS_ENABLED, False)
+        )
+        self._retry_after: str | None = retry_after or self._setting(
+            C.HEADER_RETRY_AFTER_VALUE, None
+        )
+        self._key_prefix: str = key_prefix or self._setting(C.KEY_PREFIX, "") or ""
+
+        # Storage and strategy.
+        options = dict(storage_options or {})
+        env_options = self._setting(C.STORAGE_OPTIONS, None)
+        if env_options:
+            options.update(_parse_options(C.STORAGE_OPTIONS, env_options))
+        self._storage_options = options
+        self._storage_uri = storage_uri or self._setting(C.STORAGE_URL, "memory://")
+        self._storage: Storage = storage_from_string(self._storage_uri, **options)
+        strategy_name = strategy or self._setting(C.STRATEGY, "fixed-window")
+        if strategy_name not in STRATEGIES:
+            raise ConfigurationError(
+                f"Invalid rate limiting strategy {strategy_name!r}; expected one "
+                f"of {', '.join(sorted(STRATEGIES))}"
+            )
+        self._strategy = strategy_name
+        self._limiter: RateLimiter = STRATEGIES[strategy_name](self._storage)
+
+        # Header names.
+        self._header_mapping: dict[int, str] = {
+            HEADERS.RESET: self._setting(C.HEADER_RESET, "X-RateLimit-Reset"),
+            HEADERS.REMAINING: self._setting(
+                C.HEADER_REMAINING, "X-RateLimit-Remaining"
+            ),
+            HEADERS.LIMIT: self._setting(C.HEADER_LIMIT, "X-RateLimit-Limit"),
+            HEADERS.RETRY_AFTER: self._setting(C.HEADER_RETRY_AFTER, "Retry-After"),
+        }
+        self._encode_header_names()
+
+        # Limits given to the constructor (or, failing that, the settings).
+        defaults = _dedupe(_as_limit_list(default_limits, "default_limits"))
+        if not defaults:
+            defaults = _as_limit_list(
+                self._setting(C.DEFAULT_LIMITS, None), C.DEFAULT_LIMITS
+            )
+        application = _as_limit_list(application_limits, "application_limits")
+        if not application:
+            application = _as_limit_list(
+                self._setting(C.APPLICATION_LIMITS, None), C.APPLICATION_LIMITS
+            )
+        fallback = _as_limit_list(in_memory_fallback, "in_memory_fallback")
+        if not fallback:
+            fallback = _as_limit_list(
+                self._setting(C.IN_MEMORY_FALLBACK, None), C.IN_MEMORY_FALLBACK
+            )
+        self._default_limits: list[LimitGroup] = [
+            self._group(lim, None) for lim in defaults
+        ]
+        self._application_limits: list[LimitGroup] = [
+            self._group(lim, "global") for lim in application
+        ]
+        self._in_memory_fallback: list[LimitGroup] = [
+            self._group(lim, None) for lim in fallback
+        ]
+        self._in_memory_fallback_enabled: bool = (
+            bool(in_memory_fallback_enabled)
+            or bool(self._in_memory_fallback)
+            or _parse_bool(
+                C.IN_MEMORY_FALLBACK_ENABLED,
+                self._setting(C.IN_MEMORY_FALLBACK_ENABLED, False),
+            )
+        )
+        self._storage_dead = False
+        self._fallback_storage: Storage | None = None
+        self._fallback_limiter: RateLimiter | None = None
+        if self._in_memory_fallback_enabled:
+            self._fallback_storage = storage_from_string("memory://")
+            self._fallback_limiter = STRATEGIES[strategy_name](self._fallback_storage)
+        self._check_backend_count = 0
+        self._last_check_backend = time.time()
+
+        # Registrations (keyed by function object) and the plans built from
+        # them; slowapi's name-keyed dicts are kept for code that reads them.
+        self._registry: dict[Any, _Registration] = {}
+        self._route_limits: dict[str, list[Limit]] = {}
+        self._dynamic_route_limits: dict[str, list[LimitGroup]] = {}
+        self._exempt_routes: set[str] = set()
+        self._plans: dict[tuple[Any, bool], _Plan] = {}
+        self._endpoint_plans: dict[Any, _Plan] = {}
+
+    # ------------------------------------------------------------------
+    # configuration helpers
+
+    def _setting(self, key: str, default: Any) -> Any:
+        return self.app_config(key, default=default)
+
+    def get_app_config(self, key: str, default_value: T | None = None) -> T | None:
+        """Reads a ``RATELIMIT_*`` setting (environment, then config file)."""
+        if default_value is None:
+            return cast("T | None", self.app_config(key, default=None))
+        if isinstance(default_value, bool):
+            raw = self.app_config(key, default=default_value)
+            return cast(T, _parse_bool(key, raw))
+        return cast(
+            T, self.app_config(key, cast=type(default_value), default=default_value)
+        )
+
+    def _encode_header_names(self) -> None:
+        mapping = self._header_mapping
+        self._h_limit = mapping[HEADERS.LIMIT].lower().encode("latin-1")
+        self._h_remaining = mapping[HEADERS.REMAINING].lower().encode("latin-1")
+        self._h_reset = mapping[HEADERS.RESET].lower().encode("latin-1")
+        self._h_retry = mapping[HEADERS.RETRY_AFTER].lower().encode("latin-1")
+        self._header_names = frozenset(
+            (self._h_limit, self._h_remaining, self._h_reset, self._h_retry)
+        )
+
+    def _group(self, limit: LimitSpec, scope: str | None) -> LimitGroup:
+        try:
+            return LimitGroup(
+                limit, self._key_func, scope, False, None, None, None, 1, False
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid rate limit {limit!r}: {exc}") from exc
+
+    # ------------------------------------------------------------------
+    # slowapi API
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The strategy in use (the in-memory fallback while storage is down)."""
+        if self._storage_dead and self._fallback_limiter is not None:
+            return self._fallback_limiter
+        return self._limiter
+
+    def reset(self) -> None:
+        """Clears every counter (and the fallback store's)."""
+        try:
+            self._storage.reset()
+            if self._fallback_storage is not None:
+                self._fallback_storage.reset()
+            self.logger.info("Storage has been reset and all limits cleared")
+        except NotImplementedError:
+            self.logger.warning("This storage type does not support being reset")
+
+    def limit(
+        self,
+        limit_value: StrOrCallableStr,
+        key_func: Callable[..., str] | None = None,
+        per_method: bool = False,
+        methods: list[str] | None = None,
+        error_message: StrOrCallableStr | None = None,
+        exempt_when: Callable[..., bool] | None = None,
+        cost: CostType = 1,
+        override_defaults: bool = True,
+    ) -> Callable[[F], F]:
+        """Decorator limiting one route.
+
+        * **limit_value**: a limit string (``"5/minute;100/day"``) or a
+          callable returning one (given the key if it has a ``key`` argument).
+        * **key_func**: overrides the limiter's key function.
+        * **per_method**: separate counters per HTTP method.
+        * **methods**: only limit these methods.
+        * **error_message**: 429 detail (string or callable).
+        * **exempt_when**: callable (optionally taking the request); a true
+          result exempts the request.
+        * **cost**: hits charged per request, or a callable of the request.
+        * **override_defaults**: when false, the default limits apply too.
+        """
+        return self._limit_decorator(
+            limit_value,
+            key_func,
+            per_method=per_method,
+            methods=methods,
+            error_message=error_message,
+            exempt_when=exempt_when,
+            cost=cost,
+            override_defaults=override_defaults,
+        )
+
+    def shared_limit(
+        self,
+        limit_value: StrOrCallableStr,
+        scope: StrOrCallableStr,
+        key_func: Callable[..., str] | None = None,
+        error_message: StrOrCallableStr | None = None,
+        exempt_when: Callable[..., bool] | None = None,
+        cost: CostType = 1,
+        override_defaults: bool = True,
+    ) -> Callable[[F], F]:
+        """Decorator for a limit shared by every route using the same scope.
+
+        ``scope`` is a string or a callable (given the request if it has a
+        ``request`` parameter, else the endpoint key).
+        """
+        return self._limit_decorator(
+            limit_value,
+            key_func,
+            shared=True,
+            scope=scope,
+            error_message=error_message,
+            exempt_when=exempt_when,
+            cost=cost,
+            override_defaults=override_defaults,
+        )
+
+    def exempt(self, obj: F) -> F:
+        """Decorator exempting a route from every limit of this limiter."""
+        target = getattr(obj, _TARGET_ATTR, obj)
+        self._registration(target, obj).exempt = True
+        self._exempt_routes.add(_func_name(obj))
+        self._invalidate()
+        return obj
+
+    # ------------------------------------------------------------------
+    # registration
+
+    def _registration(self, target: Any, func: Any) -> _Registration:
+        reg = self._registry.get(target)
+        if reg is None:
+            reg = _Registration(_func_name(func))
+            self._registry[target] = reg
+        return reg
+
+    def _invalidate(self) -> None:
+        self._plans.clear()
+        self._endpoint_plans.clear()
+
+    def _limit_decorator(
+        self,
+        limit_value: StrOrCallableStr,
+        key_func: Callable[..., str] | None = None,
+        shared: bool = False,
+        scope: StrOrCallableStr | None = None,
+        per_method: bool = False,
+        methods: list[str] | None = None,
+        error_message: StrOrCallableStr | None = None,
+        exempt_when: Callable[..., bool] | None = None,
+        cost: CostType = 1,
+        override_defaults: bool = True,
+    ) -> Callable[[F], F]:
+        if shared and not scope:
+            raise ConfigurationError("shared_limit needs a scope")
+        group_scope = scope if shared else None
+        try:
+            group = LimitGroup(
+                limit_value,
+                key_func or self._key_func,
+                group_scope,
+                per_method,
+                methods,
+                error_message,
+                exempt_when,
+                cost,
+                override_defaults,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"invalid rate limit {limit_value!r}: {exc}"
+            ) from exc
+
+        def decorator(func: F) -> F:
+            target = getattr(func, _TARGET_ATTR, func)
+            name = _func_name(func)
+            reg = self._registration(target, func)
+            if group.is_dynamic:
+                reg.dynamic.append(group)
+                self._dynamic_route_limits.setdefault(name, []).append(group)
+            else:
+                static = list(group.limits_for(None))
+                reg.static.extend(static)
+                self._route_limits.setdefault(name, []).extend(static)
+            self._invalidate()
+            return self._wrap(func, target)
+
+        return decorator
+
+    def _wrap(self, func: F, target: Any) -> F:
+        """Wraps an endpoint so that it checks its limits when called."""
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            signature = None
+        conn_name: str | None = None
+        conn_index: int | None = None
+        has_response = False
+        has_var_kw = False
+        if signature is not None:
+            params = list(signature.parameters.values())
+            for index, param in enumerate(params):
+                if conn_name is None and param.name in ("request", "websocket"):
+                    conn_name = param.name
+                    if param.kind in (
+                        param.POSITIONAL_ONLY,
+                        param.POSITIONAL_OR_KEYWORD,
+                    ):
+                        conn_index = index
+                elif param.name == "response":
+                    has_response = True
+                elif param.kind == param.VAR_KEYWORD:
+                    has_var_kw = True
+            if conn_name is None:
+                for index, param in enumerate(params):
+                    ann = param.annotation
+                    if isinstance(ann, type) and issubclass(ann, HTTPConnection):
+                        conn_name = param.name
+                        if param.kind in (
+                            param.POSITIONAL_ONLY,
+                            param.POSITIONAL_OR_KEYWORD,
+                        ):
+                            conn_index = index
+                        break
+        inject_conn = conn_name is None and signature is not None and not has_var_kw
+        inject_response = (
+            not has_response
+            and signature is not None
+            and not has_var_kw
+            and conn_name != "websocket"
+        )
+        limiter = self
+
+        def before(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            response_param = (
+                kwargs.pop(_RESPONSE_PARAM, None) if inject_response else None
+            )
+            conn = None
+            if inject_conn:
+                conn = kwargs.pop(_REQUEST_PARAM, None)
+            elif conn_name is not None:
+                conn = kwargs.get(conn_name)
+                if conn is None and conn_index is not None and len(args) > conn_index:
+                    conn = args[conn_index]
+            if conn is None:
+                conn = _find_connection(args, kwargs)
+            if has_response:
+                response_param = kwargs.get("response")
+            return conn, response_param
+
+        if asyncio.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                conn, response_param = before(args, kwargs)
+                if conn is not None and limiter.enabled:
+                    rejection = limiter._check_in_endpoint(conn, target)
+                    if rejection is not None:
+                        if isinstance(conn, WebSocket):
+                            await limiter._reject_websocket(conn, rejection)
+                            return None
+                        return rejection
+                response = await func(*args, **kwargs)
+                if conn is not None and limiter._headers_enabled:
+                    limiter._headers_after_endpoint(conn, response, response_param)
+                return response
+
+            wrapper: Callable[..., Any] = async_wrapper
+        else:
+
+            @functools.wraps(func)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                conn, response_param = before(args, kwargs)
+                if conn is not None and limiter.enabled:
+                    rejection = limiter._check_in_endpoint(conn, target)
+                    if rejection is not None:
+                        return rejection
+                response = func(*args, **kwargs)
+                if conn is not None and limiter._headers_enabled:
+                    limiter._headers_after_endpoint(conn, response, response_param)
+                return response
+
+            wrapper = sync_wrapper
+
+        if signature is not None and (inject_conn or inject_response):
+            extra: list[inspect.Parameter] = []
+            if inject_conn:
+                extra.append(
+                    inspect.Parameter(
+                        _REQUEST_PARAM,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        annotation=HTTPConnection,
+                    )
+                )
+            if inject_response:
+                extra.append(
+                    inspect.Parameter(
+                        _RESPONSE_PARAM,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        annotation=Response,
+                    )
+                )
+            wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+                parameters=[*signature.parameters.values(), *extra]
+            )
+        setattr(wrapper, _TARGET_ATTR, target)
+        return cast(F, wrapper)
+
+    # ------------------------------------------------------------------
+    # plans
+
+    def _plan(self, target: Any, in_middleware: bool) -> _Plan:
+        """The plan for a registered function (or an unregistered one)."""
+        key = (target, in_middleware)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        reg = self._registry.get(target) if target is not None else None
+        if reg is not None and reg.exempt:
+            plan = _EXEMPT_PLAN
+        else:
+            if reg is not None:
+                name = reg.name
+            else:
+                name = _func_name(target) if target is not None else ""
+            plan = _Plan(
+                endpoint_name=name,
+                head_groups=self._application_limits if in_middleware else (),
+                route_static=reg.static if reg is not None else (),
+                route_dynamic=reg.dynamic if reg is not None else (),
+                default_groups=self._default_limits,
+            )
+        self._plans[key] = plan
+        return plan
+
+    def _target_of(self, endpoint: Any) -> Any:
+        """The registered function behind an endpoint (itself if none)."""
+        seen = 0
+        current = endpoint
+        while current is not None and seen < 32:
+            if current in self._registry:
+                return current
+            target = getattr(current, _TARGET_ATTR, None)
+            if target is not None and target in self._registry:
+                return target
+            current = getattr(current, "__wrapped__", None)
+            seen += 1
+        return endpoint
+
+    def _plan_for_endpoint(self, endpoint: Any) -> _Plan:
+        """Middleware plan for a routed endpoint (cached per endpoint)."""
+        plan = self._endpoint_plans.get(endpoint)
+        if plan is None:
+            try:
+                target = self._target_of(endpoint)
+                plan = self._plan(target, True)
+            except TypeError:  # unhashable endpoint
+                plan = self._plan(None, True)
+            try:
+                self._endpoint_plans[endpoint] = plan
+            except TypeError:
+                pass
+        return plan
+
+    # ------------------------------------------------------------------
+    # checking
+
+    def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
+        """The decorator's check. Returns None to go on, else the rejection.
+
+        The rejection is a ready 429 response when the app's handler is
+        ``_rate_limit_exceeded_handler``; with another handler the exception
+        is raised. For a websocket it is the failed Limit.
+        """
+        scope = conn.scope
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        if state.get(_DONE):
+            by = state.get(_BY)
+            if by is None or by is self:
+                return None
+        if not self._auto_check:
+            return None
+        plan = self._plans.get((target, False))
+        if plan is None:
+            plan = self._plan(target, False)
+        if plan.exempt:
+            return None
+        failed = self._check(conn, plan, state)
+        if failed is None:
+            return None
+        if isinstance(conn, WebSocket):
+            return failed
+        return self._rejection_response(conn, failed, state)
+
+    def _check(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_name: str | None = None,
+    ) -> Limit | None:
+        """Checks ``plan`` for ``conn``; records the outcome in ``state``.
+
+        Returns the failed limit, or None when the request may go on.
+        """
+        state[_DONE] = True
+        state[_BY] = self
+        if self._request_filters and any(fn() for fn in self._request_filters):
+            return None
+        if self._key_style == "url":
+            endpoint_key = conn.scope.get("path") or ""
+        elif endpoint_name is not None:
+            endpoint_key = endpoint_name
+        else:
+            endpoint_key = plan.endpoint_name
+        if not endpoint_key:
+            state[_VIEW] = None
+            return None
+        if self._storage_dead:
+            return self._check_while_dead(conn, plan, state, endpoint_key)
+        try:
+            return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
+        except Exception as exc:
+            return self._on_error(exc, conn, plan, state, endpoint_key)
+
+    def _on_error(
+        self,
+        exc: Exception,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_key: str,
+    ) -> Limit | None:
+        state[_VIEW] = None
+        if self._in_memory_fallback_enabled and not self._storage_dead:
+            self.logger.warning(
+                "Rate limit storage unreachable - falling back to in-memory storage"
+            )
+            self._storage_dead = True
+            self._check_backend_count = 0
+            self._last_check_backend = time.time()
+            return self._check_while_dead(conn, plan, state, endpoint_key)
+        if self._swallow_errors:
+            self.logger.exception("Failed to rate limit. Swallowing error")
+            return None
+        raise exc
+
+    def _should_check_backend(self) -> bool:
+        if self._check_backend_count > MAX_BACKEND_CHECKS:
+            self._check_backend_count = 0
+        now = time.time()
+        if now - self._last_check_backend > pow(2, self._check_backend_count):
+            self._last_check_backend = now
+            self._check_backend_count += 1
+            return True
+        return False
+
+    def _check_while_dead(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_key: str,
+    ) -> Limit | None:
+        try:
+            recovered = self._should_check_backend() and self._storage.check()
+        except Exception:
+            recovered = False
+        if recovered:
+            self.logger.info("Rate limit storage recovered")
+            self._storage_dead = False
+            self._check_backend_count = 0
+            try:
+                return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
+            except Exception as exc:
+                return self._on_error(exc, conn, plan, state, endpoint_key)
+        fallback = self._fallback_limiter
+        assert fallback is not None
+        if self._in_memory_fallback and not plan.exempt:
+            limits: list[Limit] = []
+            for group in self._in_memory_fallback:
+                limits.extend(group.limits_for(conn))
+            plan = _Plan(endpoint_name=plan.endpoint_name, route_static=limits)
+        try:
+            return self._evaluate(conn, plan, state, endpoint_key, fallback)
+        except Exception:
+            if self._swallow_errors:
+                self.logger.exception("Failed to rate limit. Swallowing error")
+                state[_VIEW] = None
+                return None
+            raise
+
+    def _load(
+        self, conn: HTTPConnection, groups: Iterable[LimitGroup], plan: _Plan
+    ) -> list[Limit]:
+        found: list[Limit] = []
+        for group in groups:
+            try:
+                found.extend(group.limits_for(conn))
+            except ValueError as exc:
+                self.logger.error(
+                    "failed to load ratelimit for view function %s (%s)",
+                    plan.endpoint_name,
+                    exc,
+                )
+        return found
+
+    def _limits_of(self, conn: HTTPConnection, plan: _Plan) -> Sequence[Limit]:
+        """The ordered limits for this request: application, route static,
+        route dynamic, then defaults unless the route limits override them."""
+        if not plan.dynamic:
+            return plan.static
+        limits = self._load(conn, plan.head_groups, plan)
+        limits.extend(plan.route_static)
+        dynamic = self._load(conn, plan.route_dynamic, plan)
+        limits.extend(dynamic)
+        if all(not lim.override_defaults for lim in plan.route_static) and all(
+            not lim.override_defaults for lim in dynamic
+        ):
+            limits.extend(self._load(conn, plan.default_groups, plan))
+        return limits
+
+    def _evaluate(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_key: str,
+        limiter: RateLimiter,
+    ) -> Limit | None:
+        limits = plan.static if not plan.dynamic else self._limits_of(conn, plan)
+        prefix = self._key_prefix
+        requests: list[tuple[RateLimitItem, str, int]] = []
+        used: list[tuple[Limit, str, str]] = []
+        method = ""
+        last_func: Any = None
+        key: Any = None
+        for lim in limits:
+            if not lim._simple:
+                if not method:
+                    method = conn.scope.get("method") or "GET"
+                exempt_when = lim.exempt_when
+                if exempt_when is not None and (
+                    exempt_when(conn)
+                    if lim._exempt_when_takes_request
+                    else exempt_when()
+                ):
+                    continue
+                if lim._methods_upper is not None and method not in lim._methods_upper:
+                    continue
+            func = lim.key_func
+            if func is not last_func:
+                key = func(conn) if lim._key_takes_request else func()
+                last_func = func
+            scope = lim._static_scope
+            if scope is None:
+                scope_func = lim._scope_func
+                if scope_func is None:
+                    scope = endpoint_key
+                elif lim._scope_takes_request:
+                    scope = scope_func(conn)
+                else:
+                    scope = scope_func(endpoint_key)
+            if lim.per_method:
+                scope = f"{scope}:{method}"
+            if not key or not scope:
+                self.logger.error(
+                    "Skipping limit: %s. Empty value found in parameters.",
+                    lim._text,
+                )
+                continue
+            cost = lim.cost(conn) if lim._cost_callable else lim.cost
+            requests.append(
+                (
+                    lim.limit,
+                    f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
+                    cost,
+                )
+            )
+            used.append((lim, key, scope))
+        if not requests:
+            state[_VIEW] = None
+            return None
+        decisions = limiter.decide_many(requests, now=time.time())
+        last = len(decisions) - 1
+        decision = decisions[last]
+        if not decision.allowed:
+            lim, key, scope = used[last]
+            state[_VIEW] = ViewRateLimit(lim, prefix, str(key), scope, decision)
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug(
+                    "ratelimit %s (%s) exceeded at endpoint: %s",
+                    lim._text,
+                    key,
+                    scope,
+                )
+            return lim
+        best = 0
+        if last:
+            seconds = used[0][0]._granularity_seconds
+            for index in range(1, last + 1):
+                if used[index][0]._granularity_seconds < seconds:
+                    seconds = used[index][0]._granularity_seconds
+                    best = index
+            decision = decisions[best]
+        lim, key, scope = used[best]
+        state[_VIEW] = ViewRateLimit(lim, prefix, str(key), scope, decision)
+        return None
+
+    def _check_request_limit(
+        self,
+        request: HTTPConnection,
+        endpoint_func: Callable[..., Any] | None,
+        in_middleware: bool = True,
+    ) -> None:
+        """slowapi API: checks ``request`` against the limits of
+        ``endpoint_func``; raises :class:`RateLimitExceeded` when over.
+
+        Sets ``request.state.view_rate_limit``.
+        """
+        if not self.enabled:
+            return
+        state = request.scope.setdefault("state", {})
+        if endpoint_func is None:
+            if self._key_style == "endpoint":
+                return
+            plan = self._plan(None, in_middleware)
+        elif in_middleware:
+            plan = self._plan_for_endpoint(endpoint_func)
+        else:
+            plan = self._plan(self._target_of(endpoint_func), False)
+        if plan.exempt:
+            return
+        failed = self._check(request, plan, state)
+        if failed is not None:
+            raise self._exception(failed)
+
+    def _exception(self, failed: Limit) -> RateLimitExceeded:
+        exc = RateLimitExceeded(failed)
+        exc._limiter = self  # type: ignore[attr-defined]
+        return exc
+
+    # ------------------------------------------------------------------
+    # rejections
+
+    def _uses_default_handler(self, scope: Scope) -> bool:
+        """Whether a RateLimitExceeded raised in an endpoint of this app ends
+        up in ``_rate_limit_exceeded_handler``."""
+        handlers = scope.get("starlette.exception_handlers")
+        if handlers is None:
+            return False
+        exception_handlers, status_handlers = handlers
+        if 429 in status_handlers:
+            return False
+        return exception_handlers.get(RateLimitExceeded) is _rate_limit_exceeded_handler
+
+    def _rejection_response(
+        self, conn: HTTPConnection, failed: Limit, state: dict[str, Any]
+    ) -> Response:
+        """A 429 ready to return from the endpoint; raises when the app uses
+        another handler for RateLimitExceeded."""
+        if not self._uses_default_handler(conn.scope):
+            raise self._exception(failed)
+        response = Response(
+            failed.error_body(), status_code=429, media_type="application/json"
+        )
+        if self._headers_enabled:
+            view = state.get(_VIEW)
+            if view is not None:
+                response.raw_headers.extend(
+                    self._header_items(view, response.raw_headers)
+                )
+        state[_HEADERS_BY] = "done"
+        return response
+
+    def _error_messages(self, failed: Limit, state: dict[str, Any]) -> list[Any]:
+        body = failed.error_body()
+        headers: list[tuple[bytes, bytes]] = [
+            (b"content-length", str(len(body)).encode("latin-1")),
+            (b"content-type", _JSON),
+        ]
+        if self._headers_enabled:
+            view = state.get(_VIEW)
+            if view is not None:
+                headers.extend(self._header_items(view, headers))
+        return [
+            {"type": "http.response.start", "status": 429, "headers": headers},
+            {"type": "http.response.body", "body": body},
+        ]
+
+    async def _send_rejection(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        failed: Limit,
+        state: dict[str, Any],
+    ) -> None:
+        """The middleware's 429: the app's handler for RateLimitExceeded if
+        it has one, else the default (sent without building a Response)."""
+        app = scope.get("app")
+        handlers = getattr(app, "exception_handlers", None) or {}
+        handler = handlers.get(RateLimitExceeded, _rate_limit_exceeded_handler)
+        if handler is _rate_limit_exceeded_handler:
+            for message in self._error_messages(failed, state):
+                await send(message)
+            return
+        request = Request(scope, receive, send)
+        result = handler(request, self._exception(failed))
+        if inspect.isawaitable(result):
+            result = await result
+        await result(scope, receive, send)
+
+    async def _reject_websocket(self, websocket: WebSocket, failed: Limit) -> None:
+        await self._reject_websocket_raw(
+            websocket.scope, websocket.send, failed, websocket.scope.get("state", {})
+        )
+
+    async def _reject_websocket_raw(
+        self, scope: Scope, send: Send, failed: Limit, state: dict[str, Any]
+    ) -> None:
+        extensions = scope.get("extensions") or {}
+        if "websocket.http.response" in extensions:
+            start, body = self._error_messages(failed, state)
+            start["type"] = "websocket.http.response.start"
+            body["type"] = "websocket.http.response.body"
+            await send(start)
+            await send(body)
+        else:
+            reason = f"Rate limit exceeded: {failed.describe_error()}"[:120]
+            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+
+    # ------------------------------------------------------------------
+    # headers
+
+    def _header_items(
+        self,
+        view: Any,
+        existing: Iterable[tuple[bytes, bytes]] = (),
+    ) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers for ``view`` as raw ASGI pairs."""
+        decision = getattr(view, "decision", None)
+        if decision is not None:
+            reset_time = decision.reset_time
+            remaining = decision.remaining
+            amount = view.limit_wrapper._amount_header
+        else:  # a plain (limit, args) pair: ask the storage
+            item, args = view[0], view[1]
+            reset_time, remaining = self.limiter.get_window_stats(item, *args)
+            amount = str(item.amount).encode("latin-1")
+        reset_in = 1 + reset_time
+        for name, value in existing:
+            if name == b"retry-after":
+                reset_in = max(
+                    self._determine_retry_time(value.decode("latin-1")), reset_in
+                )
+                break
+        if self._retry_after == "http-date":
+            retry = formatdate(reset_in)
+        else:
+            retry = str(int(reset_in - time.time()))
+        return [
+            (self._h_limit, amount),
+            (self._h_remaining, str(remaining).encode("latin-1")),
+            (self._h_reset, str(int(1 + reset_time)).encode("latin-1")),
+            (self._h_retry, retry.encode("latin-1")),
+        ]
+
+    def _merge_headers(
+        self, raw: Iterable[tuple[bytes, bytes]], view: Any
+    ) -> list[tuple[bytes, bytes]]:
+        """``raw`` with the rate-limit headers set (replacing same names)."""
+        existing = list(raw)
+        ours = self._header_items(view, existing)
+        names = self._header_names
+        kept = [pair for pair in existing if pair[0].lower() not in names]
+        kept.extend(ours)
+        return kept
+
+    def _inject_headers(self, response: Response, current_limit: Any) -> Response:
+        """slowapi API: adds the rate-limit headers of ``current_limit``
+        (``request.state.view_rate_limit``) to ``response``."""
+        if self.enabled and self._headers_enabled and current_limit is not None:
+            if not isinstance(response, Response):
+                raise TypeError(
+                    "parameter `response` must be an instance of "
+                    "starlette.responses.Response"
+                )
+            try:
+                raw = response.raw_headers
+                items = self._header_items(current_limit, raw)
+                names = self._header_names
+                if any(pair[0] in names for pair in raw):
+                    raw[:] = [pair for pair in raw if pair[0] not in names]
+                raw.extend(items)
+            except Exception:
+                if self._swallow_errors:
+                    self.logger.exception(
+                        "Failed to update rate limit headers. Swallowing error"
+                    )
+                else:
+                    raise
+        return response
+
+    def _inject_asgi_headers(
+        self, headers: MutableHeaders, current_limit: Any
+    ) -> MutableHeaders:
+        """slowapi API: the same for a ``MutableHeaders``."""
+        if self.enabled and self._headers_enabled and current_limit is not None:
+            try:
+                items = self._header_items(current_limit, headers.raw)
+                for name, value in items:
+                    headers[name.decode("latin-1")] = value.decode("latin-1")
+            except Exception:
+                if self._swallow_errors:
+                    self.logger.exception(
+                        "Failed to update rate limit headers. Swallowing error"
+                    )
+                else:
+                    raise
+        return headers
+
+    def _headers_after_endpoint(
+        self, conn: HTTPConnection, response: Any, response_param: Any
+    ) -> None:
+        state = conn.scope.get("state")
+        if not state or state.get(_HEADERS_BY) is not None:
+            return
+        view = state.get(_VIEW)
+        if view is None:
+            return
+        target = response if isinstance(response, Response) else response_param
+        if not isinstance(target, Response):
+            return
+        state[_HEADERS_BY] = "done"
+        self._inject_headers(target, view)
+
+    def _determine_retry_time(self, retry_header_value: str) -> float:
+        try:
+            retry_after_date = parsedate_to_datetime(retry_header_value)
+        except (TypeError, ValueError):
+            retry_after_date = None
+        if retry_after_date is not None:
+            return float(retry_after_date.timestamp())
+        try:
+            return time.time() + int(retry_header_value)
+        except ValueError:
+            return 0.0
+
+    # ------------------------------------------------------------------
+    # FastAPI dependency
+
+    def depends(
+        self,
+        limit_value: StrOrCallableStr,
+        key_func: Callable[..., str] | None = None,
+        *,
+        scope: StrOrCallableStr | None = None,
+        per_method: bool = False,
+        methods: list[str] | None = None,
+        error_message: StrOrCallableStr | None = None,
+        exempt_when: Callable[..., bool] | None = None,
+        cost: CostType = 1,
+    ) -> Callable[..., Any]:
+        """A FastAPI dependency that applies a limit to a route.
+
+        ``@app.get("/x", dependencies=[Depends(limiter.depends("5/minute"))])``
+        needs no ``request`` parameter in the endpoint. ``scope`` makes the
+        counter shared (as ``shared_limit``); by default each route counts
+        apart. Over the limit, it raises :class:`RateLimitExceeded`. Headers
+        are added when the endpoint returns a plain value (FastAPI merges
+        them) or when a middleware is installed. Default limits still apply
+        to the route (the middleware cannot see dependencies).
+        """
+        try:
+            group = LimitGroup(
+                limit_value,
+                key_func or self._key_func,
+                scope,
+                per_method,
+                methods,
+                error_message,
+                exempt_when,
+                cost,
+                True,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"invalid rate limit {limit_value!r}: {exc}"
+            ) from exc
+        if group.is_dynamic:
+            plan = _Plan(route_dynamic=[group])
+        else:
+            plan = _Plan(route_static=group.limits_for(None))
+        limiter = self
+
+        async def rate_limit_dependency(request: Request, response: Response) -> None:
+            if not limiter.enabled:
+                return
+            scope_ = request.scope
+            state = scope_.get("state")
+            if state is None:
+                state = scope_["state"] = {}
+            endpoint = scope_.get("endpoint")
+            failed = limiter._check(
+                request,
+                plan,
+                state,
+                _func_name(endpoint) if endpoint is not None else "",
+            )
+            if failed is not None:
+                raise limiter._exception(failed)
+            if limiter._headers_enabled and state.get(_HEADERS_BY) is None:
+                view = state.get(_VIEW)
+                if view is not None:
+                    limiter._inject_headers(response, view)
+
+        rate_limit_dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [
+                inspect.Parameter(
+                    "request",
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    annotation=Request,
+                ),
+                inspect.Parameter(
+                    "response",
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    annotation=Response,
+                ),
+            ],
+            return_annotation=None,
+        )
+        return rate_limit_dependency

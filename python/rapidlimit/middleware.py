@@ -1,0 +1,198 @@
+"""ASGI middlewares (``slowapi.middleware``).
+
+Both classes are the same pure ASGI middleware: ``SlowAPIMiddleware`` is no
+longer a ``BaseHTTPMiddleware``. The middleware finds the endpoint the way the
+router will (included routers, mounted routers and sub-applications, first
+match wins), checks the application, route and default limits of the
+``Limiter`` in ``app.state.limiter`` in one call into the core, and then
+either sends the 429 or runs the application, adding the rate-limit headers
+to ``http.response.start`` as it goes by. Every other message (body chunks of
+streaming responses, ``pathsend``, websocket messages) passes untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from rapidlimit.extension import _HEADERS_BY, _VIEW, Limiter
+
+__all__ = ["SlowAPIASGIMiddleware", "SlowAPIMiddleware", "find_endpoint"]
+
+try:  # FastAPI >= 0.137 keeps included routers as a single route
+    from fastapi.routing import iter_route_contexts as _iter_route_contexts
+except ImportError:  # pragma: no cover - depends on the FastAPI version
+    _iter_route_contexts = None
+
+_CACHE_SIZE = 4096
+
+
+def _flatten(routes: Sequence[BaseRoute]) -> Sequence[Any]:
+    if _iter_route_contexts is not None and any(
+        type(route).__name__ == "_IncludedRouter" for route in routes
+    ):
+        return list(_iter_route_contexts(routes))
+    return routes
+
+
+def find_endpoint(
+    routes: Sequence[BaseRoute], scope: Scope, _depth: int = 0
+) -> tuple[Any, bool]:
+    """The endpoint the router will call for ``scope``, or None.
+
+    Returns ``(endpoint, cacheable)``; ``cacheable`` is False when a host
+    route took part (the result then depends on more than method and path).
+    Only full matches count, as in Starlette: a 404 or 405 has no endpoint.
+    """
+    cacheable = True
+    for route in _flatten(routes):
+        if getattr(route, "host", None) is not None:
+            cacheable = False
+        try:
+            match, child = route.matches(scope)
+        except Exception:  # a route that cannot match this kind of scope
+            continue
+        if match != Match.FULL:
+            continue
+        sub_routes = getattr(route, "routes", None)
+        if sub_routes is not None:  # Mount or Host
+            if not sub_routes or _depth > 16:
+                return None, cacheable
+            endpoint, sub_cacheable = find_endpoint(
+                sub_routes, {**scope, **child}, _depth + 1
+            )
+            return endpoint, cacheable and sub_cacheable
+        endpoint = child.get("endpoint") or getattr(route, "endpoint", None)
+        return endpoint, cacheable
+    return None, cacheable
+
+
+class _RouteCache:
+    """(type, method, root_path, path) -> endpoint, for one application."""
+
+    __slots__ = ("entries", "routes_len")
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[Any, ...], Any] = {}
+        self.routes_len = -1
+
+
+class SlowAPIASGIMiddleware:
+    """Checks limits before the app runs and adds the rate-limit headers.
+
+    ``app.add_middleware(SlowAPIASGIMiddleware)`` uses ``app.state.limiter``;
+    pass ``limiter=`` to use another one.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: Limiter | None = None,
+        dispatch: Callable[..., Any] | None = None,
+    ) -> None:
+        self.app = app
+        self._limiter = limiter
+        self._caches: dict[int, tuple[Any, _RouteCache]] = {}
+
+    def _endpoint(self, app: Any, scope: Scope) -> Any:
+        routes = getattr(app, "routes", None)
+        if routes is None:
+            return None
+        holder = self._caches.get(id(app))
+        if holder is None or holder[0] is not app:
+            holder = (app, _RouteCache())
+            self._caches[id(app)] = holder
+        cache = holder[1]
+        if cache.routes_len != len(routes):
+            cache.entries.clear()
+            cache.routes_len = len(routes)
+        key = (
+            scope["type"],
+            scope.get("method"),
+            scope.get("root_path", ""),
+            scope["path"],
+        )
+        entries = cache.entries
+        try:
+            return entries[key]
+        except KeyError:
+            pass
+        endpoint, cacheable = find_endpoint(routes, scope)
+        if cacheable:
+            if len(entries) >= _CACHE_SIZE:
+                entries.clear()
+            entries[key] = endpoint
+        return endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        app = scope.get("app")
+        limiter = self._limiter
+        if limiter is None:
+            limiter = getattr(getattr(app, "state", None), "limiter", None)
+        if limiter is None or not limiter.enabled or not limiter._auto_check:
+            await self.app(scope, receive, send)
+            return
+        endpoint = self._endpoint(app, scope)
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        plan = limiter._endpoint_plans.get(endpoint)
+        if plan is None:
+            plan = limiter._plan_for_endpoint(endpoint)
+        if plan.exempt:
+            await self.app(scope, receive, send)
+            return
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        if state.get("_rate_limiting_complete"):
+            by = state.get("_rapidlimit_by")
+            if by is None or by is limiter:
+                await self.app(scope, receive, send)
+                return
+        if kind == "http":
+            conn: Any = Request(scope, receive, send)
+        else:
+            conn = WebSocket(scope, receive, send)
+        failed = limiter._check(conn, plan, state)
+        if failed is not None:
+            if kind == "http":
+                await limiter._send_rejection(scope, receive, send, failed, state)
+            else:
+                await limiter._reject_websocket_raw(scope, send, failed, state)
+            return
+        if kind != "http" or not limiter._headers_enabled or state.get(_VIEW) is None:
+            await self.app(scope, receive, send)
+            return
+        state[_HEADERS_BY] = "mw"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                view = state.get(_VIEW)
+                if view is not None:
+                    message = dict(message)
+                    message["headers"] = limiter._merge_headers(
+                        _raw_headers(message.get("headers")), view
+                    )
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _raw_headers(headers: Any) -> Iterable[tuple[bytes, bytes]]:
+    if headers is None:
+        return ()
+    return headers  # type: ignore[no-any-return]
+
+
+class SlowAPIMiddleware(SlowAPIASGIMiddleware):
+    """slowapi's name for the middleware; the same pure ASGI implementation."""
