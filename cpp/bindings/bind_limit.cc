@@ -86,7 +86,8 @@ bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,
       if (data[i] == nullptr) return false;
       total += static_cast<size_t>(lens[i]) + 1;
     }
-    if (n == 0) --total;  // the suffix's leading '/' is dropped
+    --total;  // n ids need n - 1 separators; with none, the suffix loses its
+              // '/'
     out->resize(total);
     char* p = out->data();
     std::memcpy(p, item.key_prefix.data(), item.key_prefix.size());
@@ -137,7 +138,12 @@ std::string ParseInput(const py::handle& text) {
 std::vector<ItemHandle> ParseOrThrow(const py::handle& text, bool first_only) {
   const std::string input = ParseInput(text);
   ParseResult r = first_only ? ParseOne(input) : ParseMany(input);
-  if (!r.ok()) throw py::value_error(r.error);
+  if (!r.ok()) {
+    // The message quotes the input, which may hold NUL bytes.
+    PyErr_SetObject(PyExc_ValueError,
+                    py::str(r.error.data(), r.error.size()).ptr());
+    throw py::error_already_set();
+  }
   std::vector<ItemHandle> items;
   items.reserve(r.limits.size());
   for (Limit& l : r.limits) items.emplace_back(std::move(l));

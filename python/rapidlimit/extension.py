@@ -108,6 +108,7 @@ Correctness
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -268,6 +269,7 @@ class _Plan:
         "head_groups",
         "route_dynamic",
         "route_static",
+        "single",
         "static",
     )
 
@@ -299,6 +301,9 @@ class _Plan:
                 for group in self.default_groups:
                     static.extend(group.limits_for(None))
         self.static: tuple[Limit, ...] = tuple(static)
+        self.single: Limit | None = (
+            static[0] if len(static) == 1 and static[0]._simple else None
+        )
 
 
 class _Registration:
@@ -334,7 +339,7 @@ def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Re
 
     ``{"error": "Rate limit exceeded: 5 per 1 minute"}``.
     """
-    response = JSONResponse(
+    response: Response = JSONResponse(
         {"error": f"Rate limit exceeded: {exc.detail}"}, status_code=429
     )
     limiter = getattr(exc, "_limiter", None) or _limiter_of(request)
@@ -470,6 +475,7 @@ class Limiter:
 
         self._key_func = key_func
         self._key_style = key_style
+        self._url_keys = key_style == "url"
         self._auto_check = auto_check
         self._request_filters: list[Callable[..., bool]] = []
 
@@ -562,7 +568,8 @@ class Limiter:
         self._dynamic_route_limits: dict[str, list[LimitGroup]] = {}
         self._exempt_routes: set[str] = set()
         self._plans: dict[tuple[Any, bool], _Plan] = {}
-        self._endpoint_plans: dict[Any, _Plan] = {}
+        self._endpoint_plans: dict[Any, _Plan] = {}  # middleware, per endpoint
+        self._deco_plans: dict[Any, _Plan] = {}  # decorators, per function
 
     # ------------------------------------------------------------------
     # configuration helpers
@@ -575,11 +582,10 @@ class Limiter:
         if default_value is None:
             return cast("T | None", self.app_config(key, default=None))
         if isinstance(default_value, bool):
-            raw = self.app_config(key, default=default_value)
+            raw: Any = self.app_config(key, default=default_value)
             return cast(T, _parse_bool(key, raw))
-        return cast(
-            T, self.app_config(key, cast=type(default_value), default=default_value)
-        )
+        value: T = self.app_config(key, cast=type(default_value), default=default_value)
+        return value
 
     def _encode_header_names(self) -> None:
         mapping = self._header_mapping
@@ -701,6 +707,7 @@ class Limiter:
     def _invalidate(self) -> None:
         self._plans.clear()
         self._endpoint_plans.clear()
+        self._deco_plans.clear()
 
     def _limit_decorator(
         self,
@@ -754,78 +761,81 @@ class Limiter:
     def _wrap(self, func: F, target: Any) -> F:
         """Wraps an endpoint so that it checks its limits when called."""
         try:
-            signature = inspect.signature(func)
+            signature: inspect.Signature | None = inspect.signature(func)
         except (TypeError, ValueError):
             signature = None
         conn_name: str | None = None
-        conn_index: int | None = None
-        has_response = False
+        conn_index = -1
+        response_name: str | None = None
         has_var_kw = False
-        if signature is not None:
-            params = list(signature.parameters.values())
-            for index, param in enumerate(params):
-                if conn_name is None and param.name in ("request", "websocket"):
-                    conn_name = param.name
-                    if param.kind in (
-                        param.POSITIONAL_ONLY,
-                        param.POSITIONAL_OR_KEYWORD,
-                    ):
-                        conn_index = index
-                elif param.name == "response":
-                    has_response = True
-                elif param.kind == param.VAR_KEYWORD:
-                    has_var_kw = True
-            if conn_name is None:
-                for index, param in enumerate(params):
-                    ann = param.annotation
-                    if isinstance(ann, type) and issubclass(ann, HTTPConnection):
-                        conn_name = param.name
-                        if param.kind in (
-                            param.POSITIONAL_ONLY,
-                            param.POSITIONAL_OR_KEYWORD,
-                        ):
-                            conn_index = index
-                        break
-        inject_conn = conn_name is None and signature is not None and not has_var_kw
-        inject_response = (
-            not has_response
-            and signature is not None
-            and not has_var_kw
-            and conn_name != "websocket"
+        params = list(signature.parameters.values()) if signature is not None else []
+        positional = (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
         )
+        for index, param in enumerate(params):
+            if conn_name is None and param.name in (
+                "request",
+                "websocket",
+                _REQUEST_PARAM,
+            ):
+                conn_name = param.name
+                if param.kind in positional:
+                    conn_index = index
+            elif response_name is None and param.name in ("response", _RESPONSE_PARAM):
+                response_name = param.name
+            elif param.kind == inspect.Parameter.VAR_KEYWORD:
+                has_var_kw = True
+        if conn_name is None:
+            for index, param in enumerate(params):
+                ann = param.annotation
+                if isinstance(ann, type) and issubclass(ann, HTTPConnection):
+                    conn_name = param.name
+                    if param.kind in positional:
+                        conn_index = index
+                    break
+        can_inject = signature is not None and not has_var_kw
+        pop_conn = conn_name is None and can_inject
+        pop_response = response_name is None and can_inject and conn_name != "websocket"
+        if pop_conn:
+            conn_name = _REQUEST_PARAM
+        if pop_response:
+            response_name = _RESPONSE_PARAM
         limiter = self
 
-        def before(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-            response_param = (
-                kwargs.pop(_RESPONSE_PARAM, None) if inject_response else None
-            )
-            conn = None
-            if inject_conn:
-                conn = kwargs.pop(_REQUEST_PARAM, None)
-            elif conn_name is not None:
-                conn = kwargs.get(conn_name)
-                if conn is None and conn_index is not None and len(args) > conn_index:
-                    conn = args[conn_index]
-            if conn is None:
-                conn = _find_connection(args, kwargs)
-            if has_response:
-                response_param = kwargs.get("response")
-            return conn, response_param
+        def find(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if 0 <= conn_index < len(args):
+                conn = args[conn_index]
+                if isinstance(conn, HTTPConnection):
+                    return conn
+            return _find_connection(args, kwargs)
 
         if asyncio.iscoroutinefunction(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                conn, response_param = before(args, kwargs)
-                if conn is not None and limiter.enabled:
-                    rejection = limiter._check_in_endpoint(conn, target)
-                    if rejection is not None:
-                        if isinstance(conn, WebSocket):
-                            await limiter._reject_websocket(conn, rejection)
-                            return None
-                        return rejection
+                if pop_response:
+                    response_param = kwargs.pop(_RESPONSE_PARAM, None)
+                elif response_name is not None:
+                    response_param = kwargs.get(response_name)
+                else:
+                    response_param = None
+                if pop_conn:
+                    conn = kwargs.pop(_REQUEST_PARAM, None)
+                else:
+                    conn = kwargs.get(conn_name) if conn_name is not None else None
+                if conn is None:
+                    conn = find(args, kwargs)
+                if conn is None or not limiter.enabled:
+                    return await func(*args, **kwargs)
+                rejection = limiter._check_in_endpoint(conn, target)
+                if rejection is not None:
+                    if isinstance(conn, WebSocket):
+                        await limiter._reject_websocket(conn, rejection)
+                        return None
+                    return rejection
                 response = await func(*args, **kwargs)
-                if conn is not None and limiter._headers_enabled:
+                if limiter._headers_enabled:
                     limiter._headers_after_endpoint(conn, response, response_param)
                 return response
 
@@ -834,21 +844,33 @@ class Limiter:
 
             @functools.wraps(func)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                conn, response_param = before(args, kwargs)
-                if conn is not None and limiter.enabled:
-                    rejection = limiter._check_in_endpoint(conn, target)
-                    if rejection is not None:
-                        return rejection
+                if pop_response:
+                    response_param = kwargs.pop(_RESPONSE_PARAM, None)
+                elif response_name is not None:
+                    response_param = kwargs.get(response_name)
+                else:
+                    response_param = None
+                if pop_conn:
+                    conn = kwargs.pop(_REQUEST_PARAM, None)
+                else:
+                    conn = kwargs.get(conn_name) if conn_name is not None else None
+                if conn is None:
+                    conn = find(args, kwargs)
+                if conn is None or not limiter.enabled:
+                    return func(*args, **kwargs)
+                rejection = limiter._check_in_endpoint(conn, target)
+                if rejection is not None:
+                    return rejection
                 response = func(*args, **kwargs)
-                if conn is not None and limiter._headers_enabled:
+                if limiter._headers_enabled:
                     limiter._headers_after_endpoint(conn, response, response_param)
                 return response
 
             wrapper = sync_wrapper
 
-        if signature is not None and (inject_conn or inject_response):
+        if signature is not None and (pop_conn or pop_response):
             extra: list[inspect.Parameter] = []
-            if inject_conn:
+            if pop_conn:
                 extra.append(
                     inspect.Parameter(
                         _REQUEST_PARAM,
@@ -856,7 +878,7 @@ class Limiter:
                         annotation=HTTPConnection,
                     )
                 )
-            if inject_response:
+            if pop_response:
                 extra.append(
                     inspect.Parameter(
                         _RESPONSE_PARAM,
@@ -865,7 +887,7 @@ class Limiter:
                     )
                 )
             wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-                parameters=[*signature.parameters.values(), *extra]
+                parameters=[*params, *extra]
             )
         setattr(wrapper, _TARGET_ATTR, target)
         return cast(F, wrapper)
@@ -920,10 +942,8 @@ class Limiter:
                 plan = self._plan(target, True)
             except TypeError:  # unhashable endpoint
                 plan = self._plan(None, True)
-            try:
+            with contextlib.suppress(TypeError):
                 self._endpoint_plans[endpoint] = plan
-            except TypeError:
-                pass
         return plan
 
     # ------------------------------------------------------------------
@@ -940,18 +960,31 @@ class Limiter:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        if state.get(_DONE):
-            by = state.get(_BY)
-            if by is None or by is self:
-                return None
+        elif state.get(_DONE) and state.get(_BY, self) is self:
+            return None  # checked already (middleware, stacked decorator)
         if not self._auto_check:
             return None
-        plan = self._plans.get((target, False))
+        plan = self._deco_plans.get(target)
         if plan is None:
             plan = self._plan(target, False)
+            self._deco_plans[target] = plan
         if plan.exempt:
             return None
-        failed = self._check(conn, plan, state)
+        state[_DONE] = True
+        state[_BY] = self
+        if self._request_filters and any(fn() for fn in self._request_filters):
+            return None
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        if not endpoint_key:
+            state[_VIEW] = None
+            return None
+        if self._storage_dead:
+            failed = self._check_while_dead(conn, plan, state, endpoint_key)
+        else:
+            try:
+                failed = self._evaluate(conn, plan, state, endpoint_key, self._limiter)
+            except Exception as exc:
+                failed = self._on_error(exc, conn, plan, state, endpoint_key)
         if failed is None:
             return None
         if isinstance(conn, WebSocket):
@@ -973,7 +1006,7 @@ class Limiter:
         state[_BY] = self
         if self._request_filters and any(fn() for fn in self._request_filters):
             return None
-        if self._key_style == "url":
+        if self._url_keys:
             endpoint_key = conn.scope.get("path") or ""
         elif endpoint_name is not None:
             endpoint_key = endpoint_name
@@ -1094,8 +1127,35 @@ class Limiter:
         endpoint_key: str,
         limiter: RateLimiter,
     ) -> Limit | None:
-        limits = plan.static if not plan.dynamic else self._limits_of(conn, plan)
         prefix = self._key_prefix
+        single = plan.single
+        if single is not None:  # the common case, without the bookkeeping
+            func = single.key_func
+            key = func(conn) if single._key_takes_request else func()
+            if key:
+                scope = single._static_scope or endpoint_key
+                decision = limiter.decide_many(
+                    [
+                        (
+                            single.limit,
+                            f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
+                            single.cost,  # type: ignore[list-item]
+                        )
+                    ],
+                    now=time.time(),
+                )[0]
+                state[_VIEW] = ViewRateLimit(single, prefix, key, scope, decision)
+                if decision.allowed:
+                    return None
+                if self.logger.isEnabledFor(logging.DEBUG):
+                    self.logger.debug(
+                        "ratelimit %s (%s) exceeded at endpoint: %s",
+                        single._text,
+                        key,
+                        scope,
+                    )
+                return single
+        limits = plan.static if not plan.dynamic else self._limits_of(conn, plan)
         requests: list[tuple[RateLimitItem, str, int]] = []
         used: list[tuple[Limit, str, str]] = []
         method = ""
@@ -1135,7 +1195,8 @@ class Limiter:
                     lim._text,
                 )
                 continue
-            cost = lim.cost(conn) if lim._cost_callable else lim.cost
+            cost_value = lim.cost
+            cost = cost_value(conn) if callable(cost_value) else cost_value
             requests.append(
                 (
                     lim.limit,
@@ -1152,7 +1213,7 @@ class Limiter:
         decision = decisions[last]
         if not decision.allowed:
             lim, key, scope = used[last]
-            state[_VIEW] = ViewRateLimit(lim, prefix, str(key), scope, decision)
+            state[_VIEW] = ViewRateLimit(lim, prefix, key, scope, decision)
             if self.logger.isEnabledFor(logging.DEBUG):
                 self.logger.debug(
                     "ratelimit %s (%s) exceeded at endpoint: %s",
@@ -1170,7 +1231,7 @@ class Limiter:
                     best = index
             decision = decisions[best]
         lim, key, scope = used[best]
-        state[_VIEW] = ViewRateLimit(lim, prefix, str(key), scope, decision)
+        state[_VIEW] = ViewRateLimit(lim, prefix, key, scope, decision)
         return None
 
     def _check_request_limit(
@@ -1304,7 +1365,11 @@ class Limiter:
         view: Any,
         existing: Iterable[tuple[bytes, bytes]] = (),
     ) -> list[tuple[bytes, bytes]]:
-        """The rate-limit headers for ``view`` as raw ASGI pairs."""
+        """The rate-limit headers for ``view`` as raw ASGI pairs.
+
+        ``existing`` are the response's headers: a ``Retry-After`` there
+        pushes ours later, as in slowapi.
+        """
         decision = getattr(view, "decision", None)
         if decision is not None:
             reset_time = decision.reset_time
@@ -1313,7 +1378,7 @@ class Limiter:
         else:  # a plain (limit, args) pair: ask the storage
             item, args = view[0], view[1]
             reset_time, remaining = self.limiter.get_window_stats(item, *args)
-            amount = str(item.amount).encode("latin-1")
+            amount = b"%d" % item.amount
         reset_in = 1 + reset_time
         for name, value in existing:
             if name == b"retry-after":
@@ -1322,14 +1387,14 @@ class Limiter:
                 )
                 break
         if self._retry_after == "http-date":
-            retry = formatdate(reset_in)
+            retry = formatdate(reset_in).encode("latin-1")
         else:
-            retry = str(int(reset_in - time.time()))
+            retry = b"%d" % int(reset_in - time.time())
         return [
             (self._h_limit, amount),
-            (self._h_remaining, str(remaining).encode("latin-1")),
-            (self._h_reset, str(int(1 + reset_time)).encode("latin-1")),
-            (self._h_retry, retry.encode("latin-1")),
+            (self._h_remaining, b"%d" % remaining),
+            (self._h_reset, b"%d" % int(1 + reset_time)),
+            (self._h_retry, retry),
         ]
 
     def _merge_headers(
@@ -1337,11 +1402,13 @@ class Limiter:
     ) -> list[tuple[bytes, bytes]]:
         """``raw`` with the rate-limit headers set (replacing same names)."""
         existing = list(raw)
-        ours = self._header_items(view, existing)
         names = self._header_names
-        kept = [pair for pair in existing if pair[0].lower() not in names]
-        kept.extend(ours)
-        return kept
+        for pair in existing:
+            if pair[0].lower() in names:
+                existing = [p for p in existing if p[0].lower() not in names]
+                break
+        existing.extend(self._header_items(view, existing))
+        return existing
 
     def _inject_headers(self, response: Response, current_limit: Any) -> Response:
         """slowapi API: adds the rate-limit headers of ``current_limit``
@@ -1356,8 +1423,10 @@ class Limiter:
                 raw = response.raw_headers
                 items = self._header_items(current_limit, raw)
                 names = self._header_names
-                if any(pair[0] in names for pair in raw):
-                    raw[:] = [pair for pair in raw if pair[0] not in names]
+                for pair in raw:
+                    if pair[0] in names:
+                        raw[:] = [p for p in raw if p[0] not in names]
+                        break
                 raw.extend(items)
             except Exception:
                 if self._swallow_errors:
@@ -1389,17 +1458,38 @@ class Limiter:
     def _headers_after_endpoint(
         self, conn: HTTPConnection, response: Any, response_param: Any
     ) -> None:
+        """The decorator's headers: on the returned response, or on the
+        ``response`` parameter FastAPI merges into it."""
         state = conn.scope.get("state")
-        if not state or state.get(_HEADERS_BY) is not None:
+        if state is None or _HEADERS_BY in state:
             return
         view = state.get(_VIEW)
         if view is None:
             return
-        target = response if isinstance(response, Response) else response_param
-        if not isinstance(target, Response):
-            return
+        if not isinstance(response, Response):
+            response = response_param
+            if not isinstance(response, Response):
+                return
         state[_HEADERS_BY] = "done"
-        self._inject_headers(target, view)
+        raw = response.raw_headers
+        names = self._header_names
+        for pair in raw:  # usually just content-length and content-type
+            if pair[0] in names or pair[0] == b"retry-after":
+                self._inject_headers(response, view)
+                return
+        decision = getattr(view, "decision", None)
+        if decision is None:
+            self._inject_headers(response, view)
+            return
+        reset_in = 1 + decision.reset_time
+        if self._retry_after == "http-date":
+            retry = formatdate(reset_in).encode("latin-1")
+        else:
+            retry = b"%d" % int(reset_in - time.time())
+        raw.append((self._h_limit, view.limit_wrapper._amount_header))
+        raw.append((self._h_remaining, b"%d" % decision.remaining))
+        raw.append((self._h_reset, b"%d" % int(reset_in)))
+        raw.append((self._h_retry, retry))
 
     def _determine_retry_time(self, retry_header_value: str) -> float:
         try:

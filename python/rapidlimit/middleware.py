@@ -24,6 +24,7 @@ from rapidlimit.extension import _HEADERS_BY, _VIEW, Limiter
 
 __all__ = ["SlowAPIASGIMiddleware", "SlowAPIMiddleware", "find_endpoint"]
 
+_iter_route_contexts: Callable[..., Iterable[Any]] | None
 try:  # FastAPI >= 0.137 keeps included routers as a single route
     from fastapi.routing import iter_route_contexts as _iter_route_contexts
 except ImportError:  # pragma: no cover - depends on the FastAPI version

@@ -37,7 +37,7 @@ class _Strategy(RateLimiter):
     def __init__(self, storage: Storage) -> None:
         super().__init__(storage, self.STRATEGY)
 
-    def get_window_stats(  # type: ignore[override]
+    def get_window_stats(
         self, item: RateLimitItem, *identifiers: object, now: float | None = None
     ) -> WindowStats:
         reset_time, remaining = super().get_window_stats(item, *identifiers, now=now)
