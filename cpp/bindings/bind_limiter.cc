@@ -67,6 +67,19 @@ bool CostFromPython(PyObject* obj, int64_t* cost) {
   return true;
 }
 
+// CPython's method descriptor has already checked that `self` is a
+// RateLimiter (or a subclass) before calling us: only the pointer is read.
+LimiterHandle* SelfHandle(PyObject* self) {
+  auto* inst = reinterpret_cast<py::detail::instance*>(self);
+  void* value = inst->simple_layout ? inst->simple_value_holder[0]
+                                    : inst->get_value_and_holder().value_ptr();
+  if (value == nullptr) {
+    PyErr_SetString(PyExc_TypeError,
+                    "RateLimiter was not initialised (missing __init__?)");
+  }
+  return static_cast<LimiterHandle*>(value);
+}
+
 enum class Answer { kHit, kTest, kDecide };
 
 // hit/test/decide(item, *identifiers, cost=1, now=None)
@@ -74,8 +87,7 @@ template <Answer kAnswer>
 PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                        PyObject* kwnames) {
   const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  auto* limiter = static_cast<LimiterHandle*>(
-      UnwrapFast(self, g_limiter_type, "RateLimiter"));
+  auto* limiter = SelfHandle(self);
   if (limiter == nullptr) return nullptr;
   if (nargs < 1) {
     PyErr_SetString(PyExc_TypeError, "missing required argument 'item'");
@@ -126,8 +138,7 @@ PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
 PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                      PyObject* kwnames) {
   const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  auto* limiter = static_cast<LimiterHandle*>(
-      UnwrapFast(self, g_limiter_type, "RateLimiter"));
+  auto* limiter = SelfHandle(self);
   if (limiter == nullptr) return nullptr;
   if (nargs < 1 || nargs > 3) {
     PyErr_SetString(PyExc_TypeError,

@@ -14,22 +14,19 @@ namespace rapidlimit {
 
 namespace {
 
-constexpr int64_t kNanosPerSecond = 1'000'000'000;
-
 struct GranularityInfo {
   std::string_view name;
-  int64_t seconds;
 };
 
-// Indexed by Granularity. Month and year are 30 and 360 days because that
-// is what `limits` uses; changing them would change existing apps' windows.
+// Indexed by Granularity; the lengths live beside GranularitySeconds in
+// limit.h (month and year are 30 and 360 days, as in `limits`).
 constexpr std::array<GranularityInfo, 6> kGranularities = {{
-    {"second", 1},
-    {"minute", 60},
-    {"hour", 3'600},
-    {"day", 86'400},
-    {"month", 30 * 86'400},
-    {"year", 360 * 86'400},
+    {"second"},
+    {"minute"},
+    {"hour"},
+    {"day"},
+    {"month"},
+    {"year"},
 }};
 
 const GranularityInfo& InfoFor(Granularity g) {
@@ -316,23 +313,6 @@ std::string TooLong(std::string_view text) {
 }  // namespace
 
 std::string_view GranularityName(Granularity g) { return InfoFor(g).name; }
-
-int64_t GranularitySeconds(Granularity g) { return InfoFor(g).seconds; }
-
-int64_t Limit::PeriodNanos() const {
-  // Parsed limits cannot overflow (kMaxPeriodSeconds keeps this below
-  // 2^63), but a Limit built by hand might; saturating beats wrapping
-  // into a negative window.
-  int64_t seconds;
-  int64_t nanos;
-  if (__builtin_mul_overflow(multiples, GranularitySeconds(granularity),
-                             &seconds) ||
-      __builtin_mul_overflow(seconds, kNanosPerSecond, &nanos)) {
-    return multiples < 0 ? std::numeric_limits<int64_t>::min()
-                         : std::numeric_limits<int64_t>::max();
-  }
-  return nanos;
-}
 
 std::string Limit::ToString() const {
   std::string out;

@@ -24,8 +24,12 @@ enum class Granularity : uint8_t {
 
 // Lower-case singular name, as `limits` spells it ("minute").
 std::string_view GranularityName(Granularity g);
-// Length of one unit in seconds.
-int64_t GranularitySeconds(Granularity g);
+// Length of one unit in seconds. Inline: every decision needs it.
+inline int64_t GranularitySeconds(Granularity g) {
+  constexpr int64_t kSeconds[] = {1,      60,          3600,
+                                  86'400, 30 * 86'400, 360 * 86'400};
+  return kSeconds[static_cast<uint8_t>(g)];
+}
 
 // Bounds that keep window arithmetic inside int64 nanoseconds; larger
 // values are parse errors rather than silent wrap-arounds.
@@ -48,7 +52,17 @@ struct Limit {
   int64_t PeriodSeconds() const {
     return multiples * GranularitySeconds(granularity);
   }
-  int64_t PeriodNanos() const;
+  // Saturates instead of wrapping for hand-built limits; parsed ones are
+  // bounded by kMaxPeriodSeconds.
+  int64_t PeriodNanos() const {
+    int64_t seconds, nanos;
+    if (__builtin_mul_overflow(multiples, GranularitySeconds(granularity),
+                               &seconds) ||
+        __builtin_mul_overflow(seconds, int64_t{1'000'000'000}, &nanos)) {
+      return multiples < 0 ? INT64_MIN : INT64_MAX;
+    }
+    return nanos;
+  }
   int64_t EffectiveBurst() const { return burst > 0 ? burst : amount; }
 
   // "5 per 1 minute", the text slowapi puts in 429 bodies.

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "rapidlimit/limit.h"
 
@@ -42,6 +43,16 @@ struct Request {
   int64_t cost = 1;
 };
 
+// Where a decision came from. The memory store always answers kStore; a
+// remote store (Redis) may answer without its backend.
+enum class DecisionSource : uint8_t {
+  kStore,       // the store's shared state
+  kCache,       // in-process cache of a key known to be blocked until later
+  kFallback,    // backend unavailable: decided by an in-process fallback store
+  kFailOpen,    // backend unavailable: allowed by policy
+  kFailClosed,  // backend unavailable: rejected by policy (HTTP 503)
+};
+
 // The full answer, with everything response headers and 429 bodies need.
 struct Decision {
   bool allowed = false;
@@ -49,7 +60,14 @@ struct Decision {
   int64_t remaining = 0;          // hits left in the current window, >= 0
   int64_t reset_nanos = 0;        // epoch ns at which the window resets
   int64_t retry_after_nanos = 0;  // 0 when allowed
+  DecisionSource source = DecisionSource::kStore;
 };
+
+// Completion of Store::DecideAsync: `decisions[0..written)` as Decide would
+// have written them, and Decide's return value. The array is valid only
+// during the call.
+using DecideCallback = void (*)(void* context, const Decision* decisions,
+                                size_t written, size_t first_reject);
 
 enum class Mode : uint8_t {
   kHit,   // consume; stop at the first rejection
@@ -88,6 +106,14 @@ class Store {
   virtual size_t Decide(const Request* requests, size_t n, int64_t now_nanos,
                         Mode mode, Decision* out) = 0;
 
+  // Decide without waiting: `done(context, ...)` is called exactly once,
+  // on the calling thread before DecideAsync returns or later on a store
+  // thread; it must not block. Requests are copied before DecideAsync
+  // returns. The default runs Decide synchronously.
+  virtual void DecideAsync(const Request* requests, size_t n,
+                           int64_t now_nanos, Mode mode, DecideCallback done,
+                           void* context);
+
   // The raw state behind `request.key` for `request.strategy`.
   virtual WindowState Inspect(const Request& request, int64_t now_nanos) = 0;
 
@@ -107,6 +133,16 @@ class Store {
   // Number of live keys (expired keys may be counted until swept).
   virtual size_t Size() const = 0;
 };
+
+inline void Store::DecideAsync(const Request* requests, size_t n,
+                               int64_t now_nanos, Mode mode,
+                               DecideCallback done, void* context) {
+  std::vector<Decision> out(n);
+  const size_t first_reject = Decide(requests, n, now_nanos, mode, out.data());
+  const size_t written =
+      (mode == Mode::kHit && first_reject < n) ? first_reject + 1 : n;
+  done(context, out.data(), written, first_reject);
+}
 
 }  // namespace rapidlimit
 

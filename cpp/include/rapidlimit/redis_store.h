@@ -1,0 +1,153 @@
+// A Store shared by many processes through a Redis (or Valkey) server.
+//
+// Every Decide is one atomic Lua script call (EVALSHA, reloaded
+// transparently after NOSCRIPT) that evaluates all of a request's limits
+// in order, with the memory store's semantics. Calls from any thread are
+// pipelined by a connection-owning I/O thread: whatever arrives while a
+// batch is on the wire goes out together in the next write. Time is the
+// caller's `now`, as for every Store (see redis_store.cc for why).
+//
+// When Redis cannot answer within the timeout, the configured policy
+// decides: fail-open, fail-closed, or an in-process memory store, until
+// the connection is back. Available only when built with hiredis.
+#ifndef RAPIDLIMIT_REDIS_STORE_H_
+#define RAPIDLIMIT_REDIS_STORE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "rapidlimit/memory_store.h"
+#include "rapidlimit/store.h"
+
+namespace rapidlimit {
+
+// What a decision gets when Redis cannot answer in time.
+enum class RedisFailurePolicy : uint8_t {
+  kFailOpen,    // allow (DecisionSource::kFailOpen), log and count
+  kFailClosed,  // reject with retry_after (DecisionSource::kFailClosed)
+  kFallback,    // decide in an in-process memory store (kFallback)
+};
+
+// "fail-open", "fail-closed", "fallback".
+std::string_view RedisFailurePolicyName(RedisFailurePolicy policy);
+
+enum class RedisLogLevel : uint8_t { kDebug, kInfo, kWarning, kError };
+
+struct RedisStoreOptions {
+  // TCP endpoint, unless `unix_path` is set.
+  std::string host = "localhost";
+  int port = 6379;
+  std::string unix_path;
+  std::string username;  // Redis 6 ACL user; empty: AUTH with password only
+  std::string password;  // empty: no AUTH
+  int64_t db = 0;
+
+  int64_t connect_timeout_nanos = 500'000'000;  // connect + handshake
+  int64_t command_timeout_nanos = 200'000'000;  // submit to reply
+  int64_t reconnect_min_nanos = 50'000'000;     // backoff after a failure,
+  int64_t reconnect_max_nanos = 2'000'000'000;  // doubling up to this
+  // Connections, each with its own I/O thread (1 is enough for a process:
+  // a connection pipelines hundreds of thousands of decisions a second).
+  size_t pool_size = 1;
+
+  // Prepended to every Redis key. No '{', '}' or glob characters.
+  std::string key_prefix = "rapidlimit:";
+  // Extra lifetime given to Redis keys beyond the end of their state, so
+  // that clock skew between app instances never loses live state.
+  int64_t ttl_slack_nanos = 1'000'000'000;
+
+  RedisFailurePolicy on_error = RedisFailurePolicy::kFailClosed;
+  int64_t fail_closed_retry_after_nanos = 1'000'000'000;
+  MemoryStoreOptions fallback;  // for kFallback
+
+  // Answer requests for a key known to be over its limit until time T in
+  // process until T, without a Redis command.
+  bool blocked_cache = true;
+  size_t blocked_cache_max_keys = 100'000;
+
+  // Called around every wait for Redis on the calling thread (the Python
+  // binding releases the GIL): `before_blocking` returns a token handed
+  // to `after_blocking`. Both may be null.
+  void* (*before_blocking)() = nullptr;
+  void (*after_blocking)(void* token) = nullptr;
+
+  // Connection events and errors; called from any thread, must not block
+  // or call back into the store. Null: silent.
+  std::function<void(RedisLogLevel, const std::string&)> log;
+};
+
+// Parses `redis://[[user]:password@]host[:port][/db][?option=value...]`,
+// `redis+unix:///path.sock[?db=N...]`, `unix:///path.sock`, and the same
+// with `valkey` for `redis` and an optional `rapidlimit+` prefix, into
+// `options` (query options go through ApplyRedisOption). Unsupported
+// schemes (TLS, cluster, sentinel) and malformed URIs return false with
+// `error` naming the URI.
+bool ParseRedisUri(std::string_view uri, RedisStoreOptions* options,
+                   std::string* error);
+
+// Sets one option by the name storage_options use: timeout (alias
+// socket_timeout), connect_timeout (socket_connect_timeout), pool_size,
+// key_prefix, on_error (fail-open | fail-closed | fallback),
+// fail_closed_retry_after, blocked_cache, blocked_cache_size,
+// reconnect_min, reconnect_max, ttl_slack, fallback_max_keys, db,
+// username, password (durations in seconds). redis-py options without a
+// meaning here are accepted and ignored; `*ignored` (if non-null) is set
+// for them. Unknown names and bad values return false with `error`.
+bool ApplyRedisOption(std::string_view name, std::string_view value,
+                      RedisStoreOptions* options, std::string* error,
+                      bool* ignored = nullptr);
+
+// Whether this build has the Redis store (hiredis was found).
+bool RedisStoreAvailable();
+
+struct RedisStoreStats {
+  uint64_t decisions = 0;      // requests decided (a batch counts each)
+  uint64_t calls = 0;          // script calls sent to Redis
+  uint64_t writes = 0;         // socket writes carrying commands (batches)
+  uint64_t inline_calls = 0;   // calls done on the caller's thread
+  uint64_t cache_hits = 0;     // requests answered by the blocked-key cache
+  uint64_t fail_open = 0;      // requests allowed by the failure policy
+  uint64_t fail_closed = 0;    // requests rejected by the failure policy
+  uint64_t fallback = 0;       // requests decided by the fallback store
+  uint64_t timeouts = 0;       // commands that exceeded the timeout
+  uint64_t errors = 0;         // error replies and protocol failures
+  uint64_t disconnects = 0;    // connections lost
+  uint64_t reconnects = 0;     // connections (re)established
+  uint64_t script_reloads = 0;  // NOSCRIPT replies answered by EVAL
+  uint64_t mismatches = 0;  // script vs. C++ disagreements (must stay 0)
+};
+
+class RedisStore : public Store {
+ public:
+  // Stops the I/O threads and closes the connections; later calls get the
+  // failure policy. Bounded by the connect timeout. Idempotent.
+  virtual void Close() = 0;
+  // Round trip of a PING through the same pipeline; false if unavailable.
+  virtual bool Ping(int64_t* rtt_nanos) = 0;
+  // Whether a connection is up now.
+  virtual bool Connected() const = 0;
+  virtual RedisStoreStats Stats() const = 0;
+  virtual const RedisStoreOptions& options() const = 0;
+
+  // The Redis key holding `key`'s state for `strategy` (for tests/tools).
+  virtual std::string RedisKey(Strategy strategy,
+                               std::string_view key) const = 0;
+
+  // Source of the last Decide on the calling thread (any RedisStore).
+  static DecisionSource LastSource();
+};
+
+// Creates a store and connects to Redis (synchronously, bounded by the
+// connect timeout). An unreachable server is not an error: the store
+// starts degraded and reconnects in the background. Returns null with
+// `error` set for invalid options or a build without hiredis.
+std::unique_ptr<RedisStore> NewRedisStore(const RedisStoreOptions& options,
+                                          std::string* error);
+
+}  // namespace rapidlimit
+
+#endif  // RAPIDLIMIT_REDIS_STORE_H_

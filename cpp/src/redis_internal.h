@@ -1,0 +1,109 @@
+// Internals of the Redis store shared by its source files and its tests.
+#ifndef RAPIDLIMIT_SRC_REDIS_INTERNAL_H_
+#define RAPIDLIMIT_SRC_REDIS_INTERNAL_H_
+
+#include <charconv>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "rapidlimit/algorithms.h"
+#include "rapidlimit/limit.h"
+#include "rapidlimit/redis_store.h"
+#include "rapidlimit/store.h"
+
+namespace rapidlimit::redis {
+
+// ------------------------------------------------------------------ RESP
+
+// Appends RESP2 request frames to a string.
+class Resp {
+ public:
+  explicit Resp(std::string* out) : out_(out) {}
+  void Array(size_t n) { Header('*', n); }
+  void Bulk(std::string_view s) {
+    Header('$', s.size());
+    out_->append(s);
+    out_->append("\r\n", 2);
+  }
+  void Int(int64_t v) {
+    char buf[24];
+    const auto res = std::to_chars(buf, buf + sizeof(buf), v);
+    Bulk(std::string_view(buf, static_cast<size_t>(res.ptr - buf)));
+  }
+
+ private:
+  void Header(char kind, size_t n) {
+    char buf[24];
+    buf[0] = kind;
+    const auto res = std::to_chars(buf + 1, buf + sizeof(buf) - 2, n);
+    char* p = res.ptr;
+    *p++ = '\r';
+    *p++ = '\n';
+    out_->append(buf, static_cast<size_t>(p - buf));
+  }
+  std::string* out_;
+};
+
+// ---------------------------------------------------------------- script
+
+// The Lua script (cpp/src/lua/decide.lua) and its SHA1, embedded at build
+// time.
+std::string_view ScriptBody();
+std::string_view ScriptSha1();
+
+constexpr int kValuesPerItem = 7;  // per request, in ARGV and in the reply
+constexpr int kFixedArgs = 4;      // mode, now_s, now_ns, slack_ms
+
+// One limit of a batch, owned by the batch.
+struct Item {
+  Strategy strategy = Strategy::kFixedWindow;
+  bool incr = false;        // limits' Storage.incr on the fixed-window key
+  int64_t incr_period = 0;  // its expiry in ns
+  Limit limit;              // amount, period and burst only
+  int64_t cost = 1;
+  std::string key;  // the caller's key (the memory fallback uses it)
+};
+
+// Appends the kValuesPerItem ARGV values of `item` at `now`.
+void AppendItemArgs(const Item& item, int64_t now, int64_t slack_ms,
+                    Resp* out);
+
+// The state a key is left in, for the blocked-key cache.
+struct PostState {
+  CounterState counter;
+  SlidingState sliding;
+  int64_t moving_blocker = 0;
+};
+
+// The decision for `item` from the script's kValuesPerItem values `v`,
+// computed by the memory store's code from the state the script found.
+// `*script_allowed` gets the script's own verdict (which was charged).
+Decision InterpretDecision(const Item& item, int64_t now, bool charge,
+                           const int64_t* v, PostState* post,
+                           bool* script_allowed);
+// Inspect's answer from a test-mode evaluation of `item`.
+WindowState InterpretInspect(const Item& item, int64_t now, const int64_t* v);
+// Incr's answer (count and expiry) from a hit-mode incr item.
+int64_t InterpretIncr(const Item& item, int64_t now, const int64_t* v,
+                      int64_t* expiry_at);
+
+int64_t FloorDivNanos(int64_t a, int64_t b);
+
+// ---------------------------------------------------------------- socket
+
+// Monotonic nanoseconds, for deadlines.
+int64_t MonoNanos();
+
+// Connects (non-blocking, TCP_NODELAY) by `options` before `deadline`
+// (MonoNanos). Returns the fd, or -1 with `error` set.
+int ConnectSocket(const RedisStoreOptions& options, int64_t deadline,
+                  std::string* error);
+
+// Waits until `fd` is ready for `events` (poll) or the deadline passes.
+// Returns >0 ready, 0 timeout, <0 error.
+int WaitFd(int fd, short events, int64_t deadline);
+
+}  // namespace rapidlimit::redis
+
+#endif  // RAPIDLIMIT_SRC_REDIS_INTERNAL_H_

@@ -1,0 +1,207 @@
+// The C++ half of the decision script: what each limit sends to Lua and
+// how the values Lua returns become a Decision. The script decides
+// admission and keeps the state; the headers' values are recomputed here
+// by the memory store's own functions from the state the script found, so
+// both stores answer alike by construction.
+#include <algorithm>
+#include <limits>
+
+#include "redis_internal.h"
+#include "rapidlimit/redis_scripts.h"  // generated: kDecideLua, kDecideSha1
+
+namespace rapidlimit::redis {
+namespace {
+
+using i128 = __int128;
+
+int64_t Clamp(i128 v, int64_t hi) {
+  if (v > hi) return hi;
+  if (v < -hi) return -hi;
+  return static_cast<int64_t>(v);
+}
+
+int64_t FloorModNanos(int64_t a, int64_t b) {
+  return a - FloorDivNanos(a, b) * b;
+}
+
+// Magnitudes above this are not exact in Lua; they only occur for
+// requests that can never be admitted, which stay rejected.
+constexpr int64_t kLuaBig = int64_t{1} << 62;
+
+int Code(const Item& item) {
+  if (item.incr) return 4;
+  switch (item.strategy) {
+    case Strategy::kFixedWindow:
+      return 0;
+    case Strategy::kMovingWindow:
+      return 1;
+    case Strategy::kSlidingWindowCounter:
+      return 2;
+    case Strategy::kTokenBucket:
+      return 3;
+  }
+  return 0;
+}
+
+int64_t JoinTime(int64_t seconds, int64_t nanos) {
+  return Clamp(static_cast<i128>(seconds) * kNanosPerSecond + nanos,
+               std::numeric_limits<int64_t>::max());
+}
+
+}  // namespace
+
+std::string_view ScriptBody() { return kDecideLua; }
+std::string_view ScriptSha1() { return kDecideSha1; }
+
+int64_t FloorDivNanos(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
+  return q;
+}
+
+void AppendItemArgs(const Item& item, int64_t now, int64_t slack_ms,
+                    Resp* out) {
+  const Limit& l = item.limit;
+  const int64_t cost = item.cost;
+  int64_t p[5] = {0, 0, 0, 0, 0};
+  switch (Code(item)) {
+    case 0:
+    case 4: {
+      const int64_t period = item.incr ? item.incr_period : l.PeriodNanos();
+      p[0] = item.incr ? 0 : l.amount;
+      p[1] = FloorDivNanos(period, kNanosPerSecond);
+      p[2] = FloorModNanos(period, kNanosPerSecond);
+      break;
+    }
+    case 1:
+      p[0] = l.amount;
+      p[1] = l.PeriodSeconds();
+      break;
+    case 2: {
+      const int64_t period = l.PeriodNanos();
+      const int64_t into = FloorModNanos(now, period);
+      p[0] = l.amount;
+      p[1] = FloorDivNanos(now, period);
+      p[2] = period;
+      p[3] = period - into;
+      const i128 life = 2 * static_cast<i128>(period) - into;
+      p[4] = Clamp((life + 999'999) / 1'000'000 + slack_ms, kLuaBig);
+      break;
+    }
+    case 3: {
+      const int64_t a = l.amount;
+      p[0] = a;
+      if (a > 0) {
+        const i128 period = l.PeriodNanos();
+        const i128 c = static_cast<i128>(cost) * period;
+        const i128 k = static_cast<i128>(l.EffectiveBurst()) * period;
+        p[1] = Clamp(c / a, kLuaBig);
+        p[2] = static_cast<int64_t>(c % a);
+        p[3] = Clamp(k / a, kLuaBig);
+        p[4] = static_cast<int64_t>(k % a);
+      }
+      break;
+    }
+  }
+  out->Int(Code(item));
+  out->Int(cost);
+  for (int64_t v : p) out->Int(v);
+}
+
+Decision InterpretDecision(const Item& item, int64_t now, bool charge,
+                           const int64_t* v, PostState* post,
+                           bool* script_allowed) {
+  const Limit& l = item.limit;
+  const bool fresh = v[1] != 0;
+  *script_allowed = v[0] != 0;
+  Decision d;
+  switch (item.strategy) {
+    case Strategy::kFixedWindow: {
+      CounterState st{JoinTime(v[3], v[4]), v[2]};
+      d = ApplyFixedWindow(l, item.cost, now, charge, fresh, &st);
+      post->counter = st;
+      break;
+    }
+    case Strategy::kTokenBucket: {
+      CounterState st{JoinTime(v[2], v[3]), v[4]};
+      d = ApplyTokenBucket(l, item.cost, now, charge, fresh, &st);
+      post->counter = st;
+      break;
+    }
+    case Strategy::kSlidingWindowCounter: {
+      const int64_t period = l.PeriodNanos();
+      SlidingState st;
+      st.window = v[2];
+      st.current = v[3];
+      st.previous = v[4];
+      st.expiry_nanos =
+          Clamp((static_cast<i128>(v[2]) + 2) * period,
+                std::numeric_limits<int64_t>::max());
+      d = ApplySlidingWindow(l, item.cost, now, charge, fresh, &st);
+      post->sliding = st;
+      break;
+    }
+    case Strategy::kMovingWindow: {
+      // ApplyMovingWindow's arithmetic on what the script read from the
+      // log: the blocking entry, and the entries inside the window.
+      const int64_t period = l.PeriodNanos();
+      d.limit = l.amount;
+      d.allowed = *script_allowed;
+      const int64_t in_window = v[4];
+      const int64_t oldest = JoinTime(v[5], v[6]);
+      d.remaining = std::max<int64_t>(0, l.amount - in_window);
+      d.reset_nanos = Clamp(static_cast<i128>(oldest) + period,
+                            std::numeric_limits<int64_t>::max());
+      if (!d.allowed) {
+        const int64_t blocker = JoinTime(v[2], v[3]);
+        d.retry_after_nanos =
+            item.cost > l.amount
+                ? period
+                : std::max<int64_t>(1, Clamp(static_cast<i128>(blocker) +
+                                                 period + 1 - now,
+                                             std::numeric_limits<int64_t>::max()));
+        post->moving_blocker = blocker;
+      }
+      break;
+    }
+  }
+  return d;
+}
+
+WindowState InterpretInspect(const Item& item, int64_t now, const int64_t* v) {
+  const Limit& l = item.limit;
+  const bool fresh = v[1] != 0;
+  switch (item.strategy) {
+    case Strategy::kFixedWindow:
+      return InspectFixedWindow(l, now, fresh,
+                                CounterState{JoinTime(v[3], v[4]), v[2]});
+    case Strategy::kTokenBucket:
+      return InspectTokenBucket(l, now, fresh,
+                                CounterState{JoinTime(v[2], v[3]), v[4]});
+    case Strategy::kSlidingWindowCounter: {
+      SlidingState st;
+      st.window = v[2];
+      st.current = v[3];
+      st.previous = v[4];
+      return InspectSlidingWindow(l, now, fresh, st);
+    }
+    case Strategy::kMovingWindow: {
+      WindowState w;
+      w.count = v[4];
+      w.time_nanos = v[4] > 0 ? JoinTime(v[5], v[6]) : now;
+      return w;
+    }
+  }
+  return {};
+}
+
+int64_t InterpretIncr(const Item& item, int64_t now, const int64_t* v,
+                      int64_t* expiry_at) {
+  CounterState st{JoinTime(v[3], v[4]), v[2]};
+  const int64_t count =
+      IncrCounter(item.cost, item.incr_period, now, v[1] != 0, &st);
+  if (expiry_at != nullptr) *expiry_at = st.expiry_nanos;
+  return count;
+}
+
+}  // namespace rapidlimit::redis
