@@ -89,6 +89,63 @@ void BM_ThreeLimitRequest(benchmark::State& state) {
 }
 BENCHMARK(BM_ThreeLimitRequest);
 
+// The reject path: every key is over its 1/minute limit (fixed window
+// counts rejected hits too, so the state stays over the limit).
+void BM_FixedWindowRejected(benchmark::State& state) {
+  Limit limit = ParseOne("1/minute").limits.front();
+  const std::vector<std::string> keys = Keys(kKeys, limit);
+  std::unique_ptr<Store> store = NewMemoryStore();
+  const Clock* clock = SystemClock();
+  Request r;
+  r.strategy = Strategy::kFixedWindow;
+  r.limit = &limit;
+  Decision d;
+  for (const std::string& k : keys) {
+    r.key = k;
+    store->Decide(&r, 1, clock->NowNanos(), Mode::kHit, &d);
+  }
+  size_t i = 0;
+  for (auto _ : state) {
+    r.key = keys[i++ % kKeys];
+    store->Decide(&r, 1, clock->NowNanos(), Mode::kHit, &d);
+    benchmark::DoNotOptimize(d);
+  }
+  if (d.allowed) state.SkipWithError("the reject path allowed a hit");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_FixedWindowRejected);
+
+// Many keys: the table no longer fits in the caches (1,000,000 keys of a
+// store with room for 2,000,000, visited in a scattered order).
+void BM_FixedWindowManyKeys(benchmark::State& state) {
+  const int n = static_cast<int>(state.range(0));
+  Limit limit = ParseOne("1000000/minute").limits.front();
+  const std::vector<std::string> keys = Keys(n, limit);
+  MemoryStoreOptions options;
+  options.max_keys = 2 * static_cast<size_t>(n);  // no eviction
+  std::unique_ptr<Store> store = NewMemoryStore(options);
+  const Clock* clock = SystemClock();
+  Request r;
+  r.strategy = Strategy::kFixedWindow;
+  r.limit = &limit;
+  Decision d;
+  for (const std::string& k : keys) {
+    r.key = k;
+    store->Decide(&r, 1, clock->NowNanos(), Mode::kHit, &d);
+  }
+  // A stride coprime with n walks every key in a cache-unfriendly order.
+  const size_t stride = 7919;
+  size_t i = 0;
+  for (auto _ : state) {
+    r.key = keys[i % static_cast<size_t>(n)];
+    i += stride;
+    store->Decide(&r, 1, clock->NowNanos(), Mode::kHit, &d);
+    benchmark::DoNotOptimize(d);
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_FixedWindowManyKeys)->Arg(1'000'000);
+
 }  // namespace
 }  // namespace rapidlimit
 

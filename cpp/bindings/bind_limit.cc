@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "handles.h"
+#include "rapidlimit/algorithms.h"
 #include "rapidlimit/clock.h"
 
 namespace rapidlimit::bindings {
@@ -70,6 +71,20 @@ bool AppendIdentifier(PyObject* obj, std::string* out) {
   if (data != nullptr) out->append(data, static_cast<size_t>(len));
   Py_XDECREF(holder);
   return data != nullptr;
+}
+
+bool CheckStrategyLimit(Strategy strategy, const Limit& limit) {
+  if (strategy != Strategy::kMovingWindow ||
+      limit.amount <= kMaxMovingWindowAmount) {
+    return true;
+  }
+  const std::string text = limit.ToString();
+  PyErr_Format(PyExc_ValueError,
+               "moving-window limit '%s' is too large: the moving window "
+               "logs every hit and allows at most %lld per window; use "
+               "sliding-window-counter for large quotas",
+               text.c_str(), static_cast<long long>(kMaxMovingWindowAmount));
+  return false;
 }
 
 bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,

@@ -120,6 +120,7 @@ PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   int64_t now = 0;
   if (!NowFromPython(now_obj, &now)) return nullptr;
   Request r;
+  if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
   r.strategy = limiter->strategy;
   r.limit = &item->limit;
   r.key = key;
@@ -195,6 +196,10 @@ PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
     PyObject* identity = PyTuple_GET_ITEM(entry, 1);
     if (item == nullptr || !CostFromPython(PyTuple_GET_ITEM(entry, 2), &cost) ||
         !BuildKey(*item, &identity, 1, &keys[i])) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    if (!CheckStrategyLimit(limiter->strategy, item->limit)) {
       Py_DECREF(seq);
       return nullptr;
     }
@@ -294,6 +299,15 @@ void BindLimiter(py::module_& m) {
               throw py::value_error("unknown strategy '" + strategy +
                                     "': expected fixed-window, moving-window, "
                                     "sliding-window-counter or token-bucket");
+            }
+            // Test fix: a clear TypeError (e.g. for a limits storage)
+            // instead of pybind11's "Unable to cast ... to C++ type '?'".
+            if (!py::isinstance<StorageHandle>(storage)) {
+              throw py::type_error(
+                  "storage must be a rapidlimit storage (MemoryStorage, "
+                  "RedisStorage or storage_from_string(...)), got " +
+                  py::str(py::type::handle_of(storage).attr("__qualname__"))
+                      .cast<std::string>());
             }
             auto& handle = storage.cast<StorageHandle&>();
             LimiterHandle h;

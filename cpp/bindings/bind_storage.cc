@@ -45,6 +45,7 @@ bool Acquire(StorageHandle& h, Strategy s, const std::string& key,
              int64_t limit, double expiry, int64_t amount,
              const py::object& now) {
   const Limit l = WindowLimit(limit, expiry);
+  if (!CheckStrategyLimit(s, l)) throw py::error_already_set();
   const Request r = MakeRequest(s, l, key, amount);
   Decision d;
   h.store->Decide(&r, 1, Now(now), Mode::kHit, &d);

@@ -59,9 +59,13 @@ bool AppendIdentifier(PyObject* obj, std::string* out);
 bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,
               std::string* out);
 
+// False, with ValueError set, for a limit `strategy` cannot hold.
+bool CheckStrategyLimit(Strategy strategy, const Limit& limit);
+
 void BindLimit(py::module_& m);
 void BindStorage(py::module_& m);
 void BindLimiter(py::module_& m);
+void BindRedis(py::module_& m);  // after BindLimiter: uses Decision
 
 }  // namespace rapidlimit::bindings
 

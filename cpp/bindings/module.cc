@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m, py::mod_gil_not_used()) {
   rapidlimit::bindings::BindLimit(m);
   rapidlimit::bindings::BindStorage(m);
   rapidlimit::bindings::BindLimiter(m);
+  rapidlimit::bindings::BindRedis(m);
 }

@@ -251,6 +251,9 @@ struct alignas(64) Shard {
   Table<CounterState> token;
   Table<SlidingState> sliding;
   Table<MovingState> moving;
+  // This shard's share of max_keys. (Test fix: the shares sum to exactly
+  // max_keys; one rounded-up share per shard let the total exceed it.)
+  size_t cap = 1;
 
   size_t Size() const {
     return fixed.size() + token.size() + sliding.size() + moving.size();
@@ -262,10 +265,16 @@ class MemoryStore final : public Store {
   explicit MemoryStore(const MemoryStoreOptions& options) {
     size_t n = 1;
     while (n < std::max<size_t>(1, options.shards)) n <<= 1;
+    const size_t max_keys = std::max<size_t>(1, options.max_keys);
+    // Test fix: the cap is hard. No more shards than keys, so that every
+    // shard holds at least one key, and the shares sum to max_keys
+    // (previously ceil(max_keys / n) each, e.g. 64 * 16 = 1024 > 1000).
+    while (n > max_keys) n >>= 1;
     shard_mask_ = n - 1;
     shards_ = std::make_unique<Shard[]>(n);
-    const size_t max_keys = std::max<size_t>(1, options.max_keys);
-    per_shard_cap_ = std::max<size_t>(1, (max_keys + n - 1) / n);
+    for (size_t i = 0; i < n; ++i) {
+      shards_[i].cap = max_keys / n + (i < max_keys % n ? 1 : 0);
+    }
   }
 
   size_t Decide(const Request* requests, size_t n, int64_t now_nanos, Mode mode,
@@ -462,7 +471,7 @@ class MemoryStore final : public Store {
   Slot<P>* InsertSlot(Shard& shard, Table<P>& table, const KeyHash& k,
                       int64_t now) {
     table.SweepSome(now, kSweepPerInsert);
-    if (shard.Size() >= per_shard_cap_) Evict(shard, now);
+    if (shard.Size() >= shard.cap) Evict(shard, now);
     if (table.Full()) {
       // Growing is the moment to drop whatever has expired.
       const size_t live = CountLive(table, now);
@@ -487,9 +496,9 @@ class MemoryStore final : public Store {
   void Evict(Shard& shard, int64_t now) {
     auto live = [now](const auto& s) { return s.payload.expiry_nanos > now; };
     RebuildAll(shard, live);
-    const size_t target = std::max<size_t>(1, per_shard_cap_ / 16);
-    if (shard.Size() + target <= per_shard_cap_) return;
-    const size_t need = shard.Size() + target - per_shard_cap_;
+    const size_t target = std::max<size_t>(1, shard.cap / 16);
+    if (shard.Size() + target <= shard.cap) return;
+    const size_t need = shard.Size() + target - shard.cap;
     // Ages relative to now survive stamp wrap-around.
     const uint32_t now_stamp = Stamp(now);
     std::vector<uint32_t> ages;
@@ -536,7 +545,6 @@ class MemoryStore final : public Store {
 
   std::unique_ptr<Shard[]> shards_;
   size_t shard_mask_ = 0;
-  size_t per_shard_cap_ = 0;
 };
 
 }  // namespace

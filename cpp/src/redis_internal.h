@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "rapidlimit/algorithms.h"
+#include "rapidlimit/clock.h"
 #include "rapidlimit/limit.h"
 #include "rapidlimit/redis_store.h"
 #include "rapidlimit/store.h"
@@ -26,6 +27,10 @@ class Resp {
     out_->append(s);
     out_->append("\r\n", 2);
   }
+  // A bulk string announced as `len` bytes; the caller appends exactly
+  // that many, then calls EndBulk.
+  void BeginBulk(size_t len) { Header('$', len); }
+  void EndBulk() { out_->append("\r\n", 2); }
   void Int(int64_t v) {
     char buf[24];
     const auto res = std::to_chars(buf, buf + sizeof(buf), v);
@@ -52,8 +57,15 @@ class Resp {
 std::string_view ScriptBody();
 std::string_view ScriptSha1();
 
-constexpr int kValuesPerItem = 7;  // per request, in ARGV and in the reply
+// The script's argument and reply are arrays of little-endian doubles.
+constexpr int kValuesPerItem = 7;  // per request, in the argument and reply
 constexpr int kFixedArgs = 4;      // mode, now_s, now_ns, slack_ms
+
+// Appends `v` as a little-endian double (exact for |v| < 2^53).
+void AppendDouble(int64_t v, std::string* out);
+// Reads `n` little-endian doubles from `data` as integers; false if one is
+// not finite.
+bool ReadDoubles(const char* data, size_t n, int64_t* out);
 
 // One limit of a batch, owned by the batch.
 struct Item {
@@ -65,9 +77,8 @@ struct Item {
   std::string key;  // the caller's key (the memory fallback uses it)
 };
 
-// Appends the kValuesPerItem ARGV values of `item` at `now`.
-void AppendItemArgs(const Item& item, int64_t now, int64_t slack_ms,
-                    Resp* out);
+// Appends the kValuesPerItem argument values of `item` at `now`.
+void AppendItemArgs(const Item& item, int64_t now, std::string* out);
 
 // The state a key is left in, for the blocked-key cache.
 struct PostState {

@@ -4,10 +4,13 @@
 // by the memory store's own functions from the state the script found, so
 // both stores answer alike by construction.
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
 #include <limits>
 
-#include "redis_internal.h"
 #include "rapidlimit/redis_scripts.h"  // generated: kDecideLua, kDecideSha1
+#include "redis_internal.h"
 
 namespace rapidlimit::redis {
 namespace {
@@ -59,8 +62,26 @@ int64_t FloorDivNanos(int64_t a, int64_t b) {
   return q;
 }
 
-void AppendItemArgs(const Item& item, int64_t now, int64_t slack_ms,
-                    Resp* out) {
+void AppendDouble(int64_t v, std::string* out) {
+  static_assert(std::endian::native == std::endian::little,
+                "the script's doubles are little-endian");
+  const double d = static_cast<double>(v);
+  char bytes[sizeof(double)];
+  std::memcpy(bytes, &d, sizeof(d));
+  out->append(bytes, sizeof(bytes));
+}
+
+bool ReadDoubles(const char* data, size_t n, int64_t* out) {
+  for (size_t i = 0; i < n; ++i) {
+    double d;
+    std::memcpy(&d, data + i * sizeof(double), sizeof(d));
+    if (!std::isfinite(d) || std::fabs(d) > 9.2e18) return false;
+    out[i] = static_cast<int64_t>(d);
+  }
+  return true;
+}
+
+void AppendItemArgs(const Item& item, int64_t now, std::string* out) {
   const Limit& l = item.limit;
   const int64_t cost = item.cost;
   int64_t p[5] = {0, 0, 0, 0, 0};
@@ -84,8 +105,7 @@ void AppendItemArgs(const Item& item, int64_t now, int64_t slack_ms,
       p[1] = FloorDivNanos(now, period);
       p[2] = period;
       p[3] = period - into;
-      const i128 life = 2 * static_cast<i128>(period) - into;
-      p[4] = Clamp((life + 999'999) / 1'000'000 + slack_ms, kLuaBig);
+      p[4] = period / 1'000'000;  // periods are whole seconds
       break;
     }
     case 3: {
@@ -103,9 +123,9 @@ void AppendItemArgs(const Item& item, int64_t now, int64_t slack_ms,
       break;
     }
   }
-  out->Int(Code(item));
-  out->Int(cost);
-  for (int64_t v : p) out->Int(v);
+  AppendDouble(Code(item), out);
+  AppendDouble(cost, out);
+  for (int64_t v : p) AppendDouble(v, out);
 }
 
 Decision InterpretDecision(const Item& item, int64_t now, bool charge,
@@ -134,9 +154,8 @@ Decision InterpretDecision(const Item& item, int64_t now, bool charge,
       st.window = v[2];
       st.current = v[3];
       st.previous = v[4];
-      st.expiry_nanos =
-          Clamp((static_cast<i128>(v[2]) + 2) * period,
-                std::numeric_limits<int64_t>::max());
+      st.expiry_nanos = Clamp((static_cast<i128>(v[2]) + 2) * period,
+                              std::numeric_limits<int64_t>::max());
       d = ApplySlidingWindow(l, item.cost, now, charge, fresh, &st);
       post->sliding = st;
       break;
@@ -157,9 +176,9 @@ Decision InterpretDecision(const Item& item, int64_t now, bool charge,
         d.retry_after_nanos =
             item.cost > l.amount
                 ? period
-                : std::max<int64_t>(1, Clamp(static_cast<i128>(blocker) +
-                                                 period + 1 - now,
-                                             std::numeric_limits<int64_t>::max()));
+                : std::max<int64_t>(
+                      1, Clamp(static_cast<i128>(blocker) + period + 1 - now,
+                               std::numeric_limits<int64_t>::max()));
         post->moving_blocker = blocker;
       }
       break;

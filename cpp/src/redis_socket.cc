@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -62,8 +63,8 @@ int WaitFd(int fd, short events, int64_t deadline) {
     if (left <= 0) return 0;
     pollfd p{fd, events, 0};
     // Round up so that a sub-millisecond wait does not spin.
-    const int ms = static_cast<int>(std::min<int64_t>(
-        (left + 999'999) / 1'000'000, 1'000'000));
+    const int ms = static_cast<int>(
+        std::min<int64_t>((left + 999'999) / 1'000'000, 1'000'000));
     const int rc = poll(&p, 1, ms);
     if (rc > 0) return (p.revents & (events | POLLERR | POLLHUP)) ? 1 : -1;
     if (rc < 0 && errno != EINTR) return -1;
@@ -80,8 +81,8 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
       return -1;
     }
     std::memcpy(addr.sun_path, o.unix_path.data(), o.unix_path.size());
-    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                          0);
+    const int fd =
+        socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
       *error = std::strerror(errno);
       return -1;

@@ -113,29 +113,18 @@ bool ValidPrefix(std::string_view p) {
 
 // redis-py / limits options that mean nothing for this client.
 constexpr std::string_view kIgnoredOptions[] = {
-    "retry_on_timeout",
-    "retry_on_error",
-    "retry",
-    "health_check_interval",
-    "decode_responses",
-    "encoding",
-    "encoding_errors",
-    "socket_keepalive",
-    "socket_keepalive_options",
-    "client_name",
-    "protocol",
-    "single_connection_client",
-    "max_connections",
-    "lib_name",
-    "lib_version",
-    "wrap_exceptions",
-    "implementation",
-    "connection_pool",
-    "socket_type",
-    "driver_info",
+    "retry_on_timeout",      "retry_on_error",   "retry",
+    "health_check_interval", "decode_responses", "encoding",
+    "encoding_errors",       "socket_keepalive", "socket_keepalive_options",
+    "client_name",           "protocol",         "single_connection_client",
+    "max_connections",       "lib_name",         "lib_version",
+    "wrap_exceptions",       "implementation",   "connection_pool",
+    "socket_type",           "driver_info",
 };
 
 }  // namespace
+
+std::string RedactRedisUri(std::string_view uri) { return Redact(uri); }
 
 std::string_view RedisFailurePolicyName(RedisFailurePolicy policy) {
   switch (policy) {
@@ -150,8 +139,7 @@ std::string_view RedisFailurePolicyName(RedisFailurePolicy policy) {
 }
 
 bool ApplyRedisOption(std::string_view name, std::string_view value,
-                      RedisStoreOptions* o, std::string* error,
-                      bool* ignored) {
+                      RedisStoreOptions* o, std::string* error, bool* ignored) {
   if (ignored != nullptr) *ignored = false;
   const std::string n = Lower(name);
   auto bad = [&](std::string_view expected) {
@@ -287,8 +275,8 @@ bool ParseRedisUri(std::string_view uri, RedisStoreOptions* o,
   // userinfo@ (before the first '/').
   const size_t slash = rest.find('/');
   const size_t at = rest.rfind('@', slash);
-  if (at != std::string_view::npos && (slash == std::string_view::npos ||
-                                       at < slash)) {
+  if (at != std::string_view::npos &&
+      (slash == std::string_view::npos || at < slash)) {
     const std::string_view info = rest.substr(0, at);
     rest = rest.substr(at + 1);
     const size_t colon = info.find(':');

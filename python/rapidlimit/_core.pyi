@@ -4,6 +4,7 @@ Every ``now`` argument is epoch seconds as a float (``time.time()``); when it
 is omitted the core reads the system clock.
 """
 
+import asyncio
 from collections.abc import Sequence
 
 __version__: str
@@ -108,6 +109,69 @@ class MemoryStorage(Storage):
     def max_keys(self) -> int: ...
     def memory_bytes(self) -> int:
         """Heap bytes held by the tables (excluding moving-window logs' slack)."""
+
+class RedisUnavailableError(ConnectionError):
+    """Redis could not answer in time and the storage's policy is
+    fail-closed: answer 503 with ``Retry-After: retry_after``."""
+
+    retry_after: float
+
+def redis_available() -> bool:
+    """Whether this build has the Redis storage (hiredis was found)."""
+
+class RedisStorage(Storage):
+    """Limits shared through Redis (or Valkey): one atomic script call per
+    decision, pipelined by a C++ I/O thread.
+
+    ``uri``: ``redis://[[user]:password@]host:port/db``,
+    ``redis+unix:///path.sock``, ``unix://``, ``valkey://``, optionally
+    prefixed ``rapidlimit+``. Keyword options (override the URI's query):
+    ``timeout`` (alias ``socket_timeout``, default 0.2 s),
+    ``connect_timeout`` (``socket_connect_timeout``, 0.5 s), ``pool_size``
+    (1), ``key_prefix`` ("rapidlimit:"), ``on_error`` ("fail-closed",
+    "fail-open" or "fallback"), ``fail_closed_retry_after`` (1 s),
+    ``blocked_cache`` (True), ``blocked_cache_size``, ``reconnect_min``,
+    ``reconnect_max``, ``ttl_slack``, ``fallback_max_keys``, ``db``,
+    ``username``, ``password``; redis-py options without a meaning here
+    (``retry_on_timeout``, ``health_check_interval``, ...) are ignored.
+    Raises ``ValueError`` naming the URI for unsupported schemes (TLS,
+    cluster, sentinel), bad options, or a build without hiredis.
+    """
+
+    def __init__(self, uri: str, **options: object) -> None: ...
+    @property
+    def uri(self) -> str:
+        """The URI, password redacted."""
+    @property
+    def on_error(self) -> str: ...
+    @property
+    def connected(self) -> bool: ...
+    def ping(self) -> float:
+        """Round trip of a PING in seconds; raises RedisUnavailableError."""
+    def close(self) -> None:
+        """Stops the I/O thread; later calls get the failure policy."""
+    def stats(self) -> dict[str, int]: ...
+    @staticmethod
+    def last_status() -> str:
+        """Where the calling thread's last decision on a Redis storage came
+        from: "redis", "cache", "fallback", "fail-open" or "fail-closed"."""
+    def decide_many(
+        self,
+        strategy: str | RateLimiter,
+        requests: Sequence[tuple[RateLimitItem, str, int]],
+        now: float | None = None,
+        test: bool = False,
+    ) -> list[Decision]:
+        """``RateLimiter.decide_many`` on this storage, waiting with the GIL
+        released; raises RedisUnavailableError when fail-closed applies."""
+    def decide_many_async(
+        self,
+        strategy: str | RateLimiter,
+        requests: Sequence[tuple[RateLimitItem, str, int]],
+        now: float | None = None,
+        test: bool = False,
+    ) -> asyncio.Future[list[Decision]]:
+        """The same as an awaitable that never blocks the running loop."""
 
 class RateLimiter:
     """A strategy bound to a storage; base of ``rapidlimit.strategies``."""

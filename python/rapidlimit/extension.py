@@ -113,6 +113,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -120,6 +121,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Literal, TypeVar, Union, cast
 from urllib.parse import parse_qsl
 
+from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
 from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection, Request
@@ -193,6 +195,12 @@ _RESPONSE_PARAM = "_rapidlimit_response"
 _TARGET_ATTR = "__rapidlimit_target__"
 
 _JSON = b"application/json"
+_RETRY_AFTER = b"retry-after"
+
+# Header values are mostly small numbers: format them once.
+_TABLE_SIZE = 4096
+_NUMBERS = tuple(b"%d" % i for i in range(_TABLE_SIZE))
+_floor = math.floor
 
 
 class ViewRateLimit:
@@ -203,7 +211,11 @@ class ViewRateLimit:
     :class:`~rapidlimit.Decision` so headers need no storage access.
     """
 
-    __slots__ = ("_key", "_prefix", "_scope", "decision", "limit_wrapper")
+    # One slot holding (Limit, prefix, key, scope, Decision): built per
+    # request, so it is made with a single assignment (see _make_view).
+    __slots__ = ("_data",)
+
+    _data: tuple[Limit, str, Any, str, Decision | None]
 
     def __init__(
         self,
@@ -213,24 +225,29 @@ class ViewRateLimit:
         scope: str,
         decision: Decision | None,
     ) -> None:
-        self.limit_wrapper = limit_wrapper
-        self._prefix = prefix
-        self._key = key
-        self._scope = scope
-        self.decision = decision
+        self._data = (limit_wrapper, prefix, key, scope, decision)
+
+    @property
+    def limit_wrapper(self) -> Limit:
+        return self._data[0]
+
+    @property
+    def decision(self) -> Decision | None:
+        return self._data[4]
 
     @property
     def limit(self) -> RateLimitItem:
-        return self.limit_wrapper.limit
+        return self._data[0].limit
 
     @property
     def args(self) -> list[str]:
-        if self._prefix:
-            return [self._prefix, self._key, self._scope]
-        return [self._key, self._scope]
+        _, prefix, key, scope, _ = self._data
+        if prefix:
+            return [prefix, str(key), scope]
+        return [str(key), scope]
 
     def _as_tuple(self) -> tuple[RateLimitItem, list[str]]:
-        return (self.limit_wrapper.limit, self.args)
+        return (self._data[0].limit, self.args)
 
     def __getitem__(self, index: int) -> Any:
         return self._as_tuple()[index]
@@ -251,7 +268,18 @@ class ViewRateLimit:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"ViewRateLimit({self.limit_wrapper._text!r}, {self.args!r})"
+        return f"ViewRateLimit({self._data[0]._text!r}, {self.args!r})"
+
+
+_new_object = object.__new__
+
+
+def _make_view(
+    lim: Limit, prefix: str, key: Any, scope: str, decision: Decision
+) -> ViewRateLimit:
+    view: ViewRateLimit = _new_object(ViewRateLimit)
+    view._data = (lim, prefix, key, scope, decision)
+    return view
 
 
 class _Plan:
@@ -596,6 +624,10 @@ class Limiter:
         self._header_names = frozenset(
             (self._h_limit, self._h_remaining, self._h_reset, self._h_retry)
         )
+        self._header_names_and_retry = self._header_names | {_RETRY_AFTER}
+        # (name, value) pairs for small numbers, filled on first use.
+        self._remaining_pairs: list[tuple[bytes, bytes] | None] = [None] * _TABLE_SIZE
+        self._retry_pairs: list[tuple[bytes, bytes] | None] = [None] * _TABLE_SIZE
 
     def _group(self, limit: LimitSpec, scope: str | None) -> LimitGroup:
         try:
@@ -810,63 +842,42 @@ class Limiter:
                     return conn
             return _find_connection(args, kwargs)
 
-        if asyncio.iscoroutinefunction(func):
+        is_async = asyncio.iscoroutinefunction(func)
 
-            @functools.wraps(func)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                if pop_response:
-                    response_param = kwargs.pop(_RESPONSE_PARAM, None)
-                elif response_name is not None:
-                    response_param = kwargs.get(response_name)
-                else:
-                    response_param = None
-                if pop_conn:
-                    conn = kwargs.pop(_REQUEST_PARAM, None)
-                else:
-                    conn = kwargs.get(conn_name) if conn_name is not None else None
-                if conn is None:
-                    conn = find(args, kwargs)
-                if conn is None or not limiter.enabled:
+        # Sync views get an async wrapper too: the check runs on the event
+        # loop (a rejection never costs a thread hop), then the view runs in
+        # the thread pool, as Starlette and FastAPI would run it.
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if pop_response:
+                response_param = kwargs.pop(_RESPONSE_PARAM, None)
+            elif response_name is not None:
+                response_param = kwargs.get(response_name)
+            else:
+                response_param = None
+            if pop_conn:
+                conn = kwargs.pop(_REQUEST_PARAM, None)
+            else:
+                conn = kwargs.get(conn_name) if conn_name is not None else None
+            if conn is None:
+                conn = find(args, kwargs)
+            if conn is None or not limiter.enabled:
+                if is_async:
                     return await func(*args, **kwargs)
-                rejection = limiter._check_in_endpoint(conn, target)
-                if rejection is not None:
-                    if isinstance(conn, WebSocket):
-                        await limiter._reject_websocket(conn, rejection)
-                        return None
-                    return rejection
+                return await run_in_threadpool(func, *args, **kwargs)
+            outcome = limiter._check_in_endpoint(conn, target)
+            if outcome is not None and type(outcome) is not ViewRateLimit:
+                if isinstance(conn, WebSocket):
+                    await limiter._reject_websocket(conn, outcome)
+                    return None
+                return outcome  # the 429
+            if is_async:
                 response = await func(*args, **kwargs)
-                if limiter._headers_enabled:
-                    limiter._headers_after_endpoint(conn, response, response_param)
-                return response
-
-            wrapper: Callable[..., Any] = async_wrapper
-        else:
-
-            @functools.wraps(func)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                if pop_response:
-                    response_param = kwargs.pop(_RESPONSE_PARAM, None)
-                elif response_name is not None:
-                    response_param = kwargs.get(response_name)
-                else:
-                    response_param = None
-                if pop_conn:
-                    conn = kwargs.pop(_REQUEST_PARAM, None)
-                else:
-                    conn = kwargs.get(conn_name) if conn_name is not None else None
-                if conn is None:
-                    conn = find(args, kwargs)
-                if conn is None or not limiter.enabled:
-                    return func(*args, **kwargs)
-                rejection = limiter._check_in_endpoint(conn, target)
-                if rejection is not None:
-                    return rejection
-                response = func(*args, **kwargs)
-                if limiter._headers_enabled:
-                    limiter._headers_after_endpoint(conn, response, response_param)
-                return response
-
-            wrapper = sync_wrapper
+            else:
+                response = await run_in_threadpool(func, *args, **kwargs)
+            if outcome is not None and limiter._headers_enabled:
+                limiter._add_headers(response, response_param, outcome)
+            return response
 
         if signature is not None and (pop_conn or pop_response):
             extra: list[inspect.Parameter] = []
@@ -950,11 +961,14 @@ class Limiter:
     # checking
 
     def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
-        """The decorator's check. Returns None to go on, else the rejection.
+        """The decorator's check.
 
-        The rejection is a ready 429 response when the app's handler is
-        ``_rate_limit_exceeded_handler``; with another handler the exception
-        is raised. For a websocket it is the failed Limit.
+        Returns None when there is nothing more to do (checked already,
+        exempt, nothing applied), the :class:`ViewRateLimit` when the request
+        may go on and the headers are this wrapper's to add, or else the
+        rejection: a ready 429 response when the app's handler is
+        ``_rate_limit_exceeded_handler`` (with another handler the exception
+        is raised here), or the failed Limit for a websocket.
         """
         scope = conn.scope
         state = scope.get("state")
@@ -986,10 +1000,25 @@ class Limiter:
             except Exception as exc:
                 failed = self._on_error(exc, conn, plan, state, endpoint_key)
         if failed is None:
-            return None
+            return state.get(_VIEW)
         if isinstance(conn, WebSocket):
             return failed
         return self._rejection_response(conn, failed, state)
+
+    def _add_headers(self, response: Any, response_param: Any, view: Any) -> None:
+        """The decorator's headers: on the returned response, or on the
+        ``response`` parameter that FastAPI merges into it."""
+        if not isinstance(response, Response):
+            response = response_param
+            if not isinstance(response, Response):
+                return
+        raw = response.raw_headers
+        names = self._header_names_and_retry
+        for pair in raw:  # usually just content-length and content-type
+            if pair[0] in names:
+                self._inject_headers(response, view)
+                return
+        raw.extend(self._fast_items(view))
 
     def _check(
         self,
@@ -1129,22 +1158,20 @@ class Limiter:
     ) -> Limit | None:
         prefix = self._key_prefix
         single = plan.single
+        key: Any = None
+        scope: str | None
         if single is not None:  # the common case, without the bookkeeping
             func = single.key_func
             key = func(conn) if single._key_takes_request else func()
             if key:
                 scope = single._static_scope or endpoint_key
-                decision = limiter.decide_many(
-                    [
-                        (
-                            single.limit,
-                            f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
-                            single.cost,  # type: ignore[list-item]
-                        )
-                    ],
+                decision = limiter.decide(
+                    single.limit,
+                    f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
+                    cost=single.cost,  # type: ignore[arg-type]
                     now=time.time(),
-                )[0]
-                state[_VIEW] = ViewRateLimit(single, prefix, key, scope, decision)
+                )
+                state[_VIEW] = _make_view(single, prefix, key, scope, decision)
                 if decision.allowed:
                     return None
                 if self.logger.isEnabledFor(logging.DEBUG):
@@ -1160,7 +1187,6 @@ class Limiter:
         used: list[tuple[Limit, str, str]] = []
         method = ""
         last_func: Any = None
-        key: Any = None
         for lim in limits:
             if not lim._simple:
                 if not method:
@@ -1213,7 +1239,7 @@ class Limiter:
         decision = decisions[last]
         if not decision.allowed:
             lim, key, scope = used[last]
-            state[_VIEW] = ViewRateLimit(lim, prefix, key, scope, decision)
+            state[_VIEW] = _make_view(lim, prefix, key, scope, decision)
             if self.logger.isEnabledFor(logging.DEBUG):
                 self.logger.debug(
                     "ratelimit %s (%s) exceeded at endpoint: %s",
@@ -1231,7 +1257,7 @@ class Limiter:
                     best = index
             decision = decisions[best]
         lim, key, scope = used[best]
-        state[_VIEW] = ViewRateLimit(lim, prefix, key, scope, decision)
+        state[_VIEW] = _make_view(lim, prefix, key, scope, decision)
         return None
 
     def _check_request_limit(
@@ -1360,6 +1386,50 @@ class Limiter:
     # ------------------------------------------------------------------
     # headers
 
+    def _fast_items(self, view: ViewRateLimit) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers of a view that carries its decision.
+
+        Header pairs are cached (per limit, per number) rather than built:
+        this runs for every response.
+        """
+        lim, _, _, _, decision = view._data
+        assert decision is not None
+        reset_time = decision.reset_time
+        cached = lim._reset_cache
+        if cached[0] == reset_time and cached[1][0] is self._h_reset:
+            reset_pair = cached[1]
+        else:
+            reset_pair = (self._h_reset, b"%d" % int(1 + reset_time))
+            lim._reset_cache = (reset_time, reset_pair)
+        limit_pair = lim._limit_pair
+        if limit_pair[0] is not self._h_limit:
+            limit_pair = lim._limit_pair = (self._h_limit, lim._amount_header)
+        if self._retry_after == "http-date":
+            retry_pair = (self._h_retry, formatdate(1 + reset_time).encode("latin-1"))
+        else:
+            delta = 1 + reset_time - time.time()
+            # floor is int() for the usual positive values, and cheaper.
+            retry_pair = self._number_pair(
+                self._retry_pairs,
+                self._h_retry,
+                _floor(delta) if delta >= 0 else int(delta),
+            )
+        remaining_pair = self._number_pair(
+            self._remaining_pairs, self._h_remaining, decision.remaining
+        )
+        return [limit_pair, remaining_pair, reset_pair, retry_pair]
+
+    @staticmethod
+    def _number_pair(
+        table: list[tuple[bytes, bytes] | None], name: bytes, number: int
+    ) -> tuple[bytes, bytes]:
+        if 0 <= number < _TABLE_SIZE:
+            pair = table[number]
+            if pair is None:
+                pair = table[number] = (name, _NUMBERS[number])
+            return pair
+        return (name, b"%d" % number)
+
     def _header_items(
         self,
         view: Any,
@@ -1370,8 +1440,15 @@ class Limiter:
         ``existing`` are the response's headers: a ``Retry-After`` there
         pushes ours later, as in slowapi.
         """
+        existing_retry = None
+        for name, value in existing:
+            if name == _RETRY_AFTER:
+                existing_retry = value
+                break
         decision = getattr(view, "decision", None)
         if decision is not None:
+            if existing_retry is None:
+                return self._fast_items(view)
             reset_time = decision.reset_time
             remaining = decision.remaining
             amount = view.limit_wrapper._amount_header
@@ -1380,12 +1457,10 @@ class Limiter:
             reset_time, remaining = self.limiter.get_window_stats(item, *args)
             amount = b"%d" % item.amount
         reset_in = 1 + reset_time
-        for name, value in existing:
-            if name == b"retry-after":
-                reset_in = max(
-                    self._determine_retry_time(value.decode("latin-1")), reset_in
-                )
-                break
+        if existing_retry is not None:
+            reset_in = max(
+                self._determine_retry_time(existing_retry.decode("latin-1")), reset_in
+            )
         if self._retry_after == "http-date":
             retry = formatdate(reset_in).encode("latin-1")
         else:
@@ -1402,12 +1477,13 @@ class Limiter:
     ) -> list[tuple[bytes, bytes]]:
         """``raw`` with the rate-limit headers set (replacing same names)."""
         existing = list(raw)
+        items = self._header_items(view, existing)
         names = self._header_names
         for pair in existing:
             if pair[0].lower() in names:
                 existing = [p for p in existing if p[0].lower() not in names]
                 break
-        existing.extend(self._header_items(view, existing))
+        existing.extend(items)
         return existing
 
     def _inject_headers(self, response: Response, current_limit: Any) -> Response:
@@ -1454,42 +1530,6 @@ class Limiter:
                 else:
                     raise
         return headers
-
-    def _headers_after_endpoint(
-        self, conn: HTTPConnection, response: Any, response_param: Any
-    ) -> None:
-        """The decorator's headers: on the returned response, or on the
-        ``response`` parameter FastAPI merges into it."""
-        state = conn.scope.get("state")
-        if state is None or _HEADERS_BY in state:
-            return
-        view = state.get(_VIEW)
-        if view is None:
-            return
-        if not isinstance(response, Response):
-            response = response_param
-            if not isinstance(response, Response):
-                return
-        state[_HEADERS_BY] = "done"
-        raw = response.raw_headers
-        names = self._header_names
-        for pair in raw:  # usually just content-length and content-type
-            if pair[0] in names or pair[0] == b"retry-after":
-                self._inject_headers(response, view)
-                return
-        decision = getattr(view, "decision", None)
-        if decision is None:
-            self._inject_headers(response, view)
-            return
-        reset_in = 1 + decision.reset_time
-        if self._retry_after == "http-date":
-            retry = formatdate(reset_in).encode("latin-1")
-        else:
-            retry = b"%d" % int(reset_in - time.time())
-        raw.append((self._h_limit, view.limit_wrapper._amount_header))
-        raw.append((self._h_remaining, b"%d" % decision.remaining))
-        raw.append((self._h_reset, b"%d" % int(reset_in)))
-        raw.append((self._h_retry, retry))
 
     def _determine_retry_time(self, retry_header_value: str) -> float:
         try:

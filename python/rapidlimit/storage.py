@@ -5,11 +5,22 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
-from rapidlimit._core import MemoryStorage, Storage
+from rapidlimit._core import MemoryStorage, RedisStorage, Storage
 
-__all__ = ["MemoryStorage", "Storage", "storage_from_string"]
+__all__ = ["MemoryStorage", "RedisStorage", "Storage", "storage_from_string"]
 
 _MEMORY_SCHEMES = frozenset({"memory", "rapidlimit+memory"})
+
+
+def _is_redis_scheme(scheme: str) -> bool:
+    """redis://, redis+unix://, unix://, valkey:// and their variants
+    (rapidlimit+ prefixed, TLS, cluster, sentinel: RedisStorage explains
+    which of those it does not support)."""
+    name = scheme.lower()
+    for prefix in ("async+", "rapidlimit+"):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name == "unix" or name.startswith(("redis", "valkey"))
 
 
 def _int_option(uri: str, name: str, value: Any) -> int:
@@ -30,8 +41,18 @@ def storage_from_string(uri: str, **options: Any) -> Storage:
 
     Options may also be passed as keywords (``max_keys``, ``shards``).
     Unknown schemes and options raise ``ValueError`` naming the URI.
+
+    Redis: ``redis://[[user]:password@]host:port/db``, ``redis+unix:///path``,
+    ``unix:///path``, ``valkey://`` (each also as ``rapidlimit+redis://``
+    and so on), with options from the query string or keywords (keywords
+    win): ``timeout``/``socket_timeout``, ``connect_timeout``/
+    ``socket_connect_timeout``, ``pool_size``, ``key_prefix``, ``on_error``
+    (``fail-open``, ``fail-closed``, ``fallback``), ``blocked_cache`` and
+    more (see ``RedisStorage``).
     """
     parsed = urlparse(uri)
+    if parsed.scheme and _is_redis_scheme(parsed.scheme):
+        return RedisStorage(uri, **options)
     if not parsed.scheme or parsed.scheme not in _MEMORY_SCHEMES:
         raise ValueError(f"unsupported storage uri {uri!r}: expected memory://")
     merged: dict[str, Any] = dict(parse_qsl(parsed.query))
@@ -41,4 +62,7 @@ def storage_from_string(uri: str, **options: Any) -> Storage:
         if name not in ("max_keys", "shards"):
             raise ValueError(f"unknown storage option {name!r} for {uri!r}")
         kwargs[name] = _int_option(uri, name, value)
-    return MemoryStorage(**kwargs)
+    try:
+        return MemoryStorage(**kwargs)
+    except ValueError as exc:  # e.g. shards above 65536: name the URI too
+        raise ValueError(f"{exc} (storage uri {uri!r})") from None

@@ -32,9 +32,9 @@ def get_remote_address(request: HTTPConnection) -> str:
     """The peer's address, or ``127.0.0.1`` when the server gives none."""
     client = request.scope.get("client")
     if client:
-        host = client[0]
+        host: str = client[0]
         if host:
-            return str(host)
+            return host
     return _LOCALHOST
 
 

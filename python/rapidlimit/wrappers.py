@@ -120,6 +120,10 @@ class Limit:
         self._cost_callable = callable(cost)
         self._granularity_seconds = _core.granularity_seconds(limit.granularity)
         self._amount_header = str(limit.amount).encode("latin-1")
+        # The last reset time seen and its header value (it changes once per
+        # window, so formatting it once per window is enough).
+        self._reset_cache: tuple[float, tuple[bytes, bytes]] = (-1.0, (b"", b""))
+        self._limit_pair: tuple[bytes, bytes] = (b"", b"")
         self._text = describe_item(limit)
         self._body: bytes | None = (
             None if callable(error_message) else _json_error_body(self.describe_error())

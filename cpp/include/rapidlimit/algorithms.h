@@ -51,6 +51,11 @@ class MovingLog {
   int64_t size_ = 0;
 };
 
+// The moving-window log keeps one 8-byte entry per admitted hit, so its
+// limits are bounded: a larger amount is refused up front (use the sliding
+// window counter for big quotas) rather than allocating without bound.
+constexpr int64_t kMaxMovingWindowAmount = 1 << 20;
+
 struct MovingState {
   int64_t expiry_nanos = 0;
   MovingLog* log = nullptr;  // owned by the store's slot

@@ -89,6 +89,9 @@ struct RedisStoreOptions {
 bool ParseRedisUri(std::string_view uri, RedisStoreOptions* options,
                    std::string* error);
 
+// `uri` with its password (if any) replaced by "***", for messages.
+std::string RedactRedisUri(std::string_view uri);
+
 // Sets one option by the name storage_options use: timeout (alias
 // socket_timeout), connect_timeout (socket_connect_timeout), pool_size,
 // key_prefix, on_error (fail-open | fail-closed | fallback),
@@ -105,20 +108,20 @@ bool ApplyRedisOption(std::string_view name, std::string_view value,
 bool RedisStoreAvailable();
 
 struct RedisStoreStats {
-  uint64_t decisions = 0;      // requests decided (a batch counts each)
-  uint64_t calls = 0;          // script calls sent to Redis
-  uint64_t writes = 0;         // socket writes carrying commands (batches)
-  uint64_t inline_calls = 0;   // calls done on the caller's thread
-  uint64_t cache_hits = 0;     // requests answered by the blocked-key cache
-  uint64_t fail_open = 0;      // requests allowed by the failure policy
-  uint64_t fail_closed = 0;    // requests rejected by the failure policy
-  uint64_t fallback = 0;       // requests decided by the fallback store
-  uint64_t timeouts = 0;       // commands that exceeded the timeout
-  uint64_t errors = 0;         // error replies and protocol failures
-  uint64_t disconnects = 0;    // connections lost
-  uint64_t reconnects = 0;     // connections (re)established
+  uint64_t decisions = 0;       // requests decided (a batch counts each)
+  uint64_t calls = 0;           // script calls sent to Redis
+  uint64_t writes = 0;          // socket writes carrying commands (batches)
+  uint64_t inline_calls = 0;    // calls done on the caller's thread
+  uint64_t cache_hits = 0;      // requests answered by the blocked-key cache
+  uint64_t fail_open = 0;       // requests allowed by the failure policy
+  uint64_t fail_closed = 0;     // requests rejected by the failure policy
+  uint64_t fallback = 0;        // requests decided by the fallback store
+  uint64_t timeouts = 0;        // commands that exceeded the timeout
+  uint64_t errors = 0;          // error replies and protocol failures
+  uint64_t disconnects = 0;     // connections lost
+  uint64_t reconnects = 0;      // connections (re)established
   uint64_t script_reloads = 0;  // NOSCRIPT replies answered by EVAL
-  uint64_t mismatches = 0;  // script vs. C++ disagreements (must stay 0)
+  uint64_t mismatches = 0;      // script vs. C++ disagreements (must stay 0)
 };
 
 class RedisStore : public Store {

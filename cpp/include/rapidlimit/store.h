@@ -110,9 +110,8 @@ class Store {
   // on the calling thread before DecideAsync returns or later on a store
   // thread; it must not block. Requests are copied before DecideAsync
   // returns. The default runs Decide synchronously.
-  virtual void DecideAsync(const Request* requests, size_t n,
-                           int64_t now_nanos, Mode mode, DecideCallback done,
-                           void* context);
+  virtual void DecideAsync(const Request* requests, size_t n, int64_t now_nanos,
+                           Mode mode, DecideCallback done, void* context);
 
   // The raw state behind `request.key` for `request.strategy`.
   virtual WindowState Inspect(const Request& request, int64_t now_nanos) = 0;

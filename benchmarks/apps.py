@@ -1,0 +1,233 @@
+"""The FastAPI application every request benchmark uses, and a raw ASGI driver.
+
+One factory builds the same app with no limiter, with slowapi or with
+rapidlimit: the two packages have the same API, so the only difference is
+which one is imported. The endpoint has the same signature in every variant
+(``request`` and ``response`` parameters, a small JSON body), so the no-limiter
+baseline pays for the same FastAPI work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+from common import BrokenBenchmark
+
+PACKAGES = ("none", "slowapi", "rapidlimit")
+PATHS = ("decorator", "middleware", "asgi-middleware")
+# Never reached in a benchmark run / reached by the first request.
+ALLOWED_LIMIT = "100000000/day"
+REJECT_LIMIT = "1/day"
+ROUTE = "/a"
+
+
+@dataclass(frozen=True)
+class Variant:
+    package: str = "none"  # "none", "slowapi" or "rapidlimit"
+    path: str = "decorator"  # "decorator", "middleware", "asgi-middleware"
+    headers: bool = False
+    traffic: str = "allowed"  # "allowed" or "rejected"
+    storage_uri: str = "memory://"
+    endpoint: str = "async"  # "async" or "sync"
+    key_prefix: str = ""
+
+    @property
+    def limit(self) -> str:
+        return REJECT_LIMIT if self.traffic == "rejected" else ALLOWED_LIMIT
+
+    @property
+    def expected_status(self) -> int:
+        if self.package != "none" and self.traffic == "rejected":
+            return 429
+        return 200
+
+    def to_args(self) -> list[str]:
+        return [
+            f"--package={self.package}",
+            f"--path={self.path}",
+            f"--headers={int(self.headers)}",
+            f"--traffic={self.traffic}",
+            f"--storage-uri={self.storage_uri}",
+            f"--endpoint={self.endpoint}",
+            f"--key-prefix={self.key_prefix}",
+        ]
+
+
+def make_app(v: Variant) -> Any:
+    """A FastAPI app with one GET route, limited as ``v`` says."""
+    # Request and Response are module globals: FastAPI resolves the string
+    # annotations (PEP 563) in the endpoint's globals.
+    app = FastAPI()
+
+    if v.endpoint == "async":
+
+        async def endpoint(request: Request, response: Response) -> dict[str, bool]:
+            return {"ok": True}
+
+    else:
+
+        def endpoint(request: Request, response: Response) -> dict[str, bool]:  # type: ignore[misc]
+            return {"ok": True}
+
+    if v.package == "none":
+        app.get(ROUTE)(endpoint)
+        return app
+
+    pkg = importlib.import_module(v.package)
+    util = importlib.import_module(f"{v.package}.util")
+    errors = importlib.import_module(f"{v.package}.errors")
+    middleware = importlib.import_module(f"{v.package}.middleware")
+
+    in_middleware = v.path != "decorator"
+    limiter = pkg.Limiter(
+        key_func=util.get_remote_address,
+        default_limits=[v.limit] if in_middleware else [],
+        headers_enabled=v.headers,
+        storage_uri=v.storage_uri,
+        key_prefix=v.key_prefix,
+    )
+    app.state.limiter = limiter
+    app.add_exception_handler(
+        errors.RateLimitExceeded, pkg._rate_limit_exceeded_handler
+    )
+    if v.path == "middleware":
+        app.add_middleware(middleware.SlowAPIMiddleware)
+    elif v.path == "asgi-middleware":
+        app.add_middleware(middleware.SlowAPIASGIMiddleware)
+    elif v.path != "decorator":
+        raise ValueError(f"unknown path {v.path!r}")
+    if not in_middleware:
+        endpoint = limiter.limit(v.limit)(endpoint)
+    app.get(ROUTE)(endpoint)
+    return app
+
+
+# ------------------------------------------------------------------ driver
+
+_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": ROUTE,
+    "raw_path": ROUTE.encode(),
+    "root_path": "",
+    "query_string": b"",
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 8000),
+}
+_HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench")]
+_REQUEST = {"type": "http.request", "body": b"", "more_body": False}
+
+
+class Driver:
+    """Calls an ASGI app directly: no sockets, no HTTP parsing, no httpx."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.statuses: Counter[int] = Counter()
+        self.last_headers: list[tuple[bytes, bytes]] = []
+
+    async def _receive(self) -> dict[str, Any]:
+        return _REQUEST
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.statuses[message["status"]] += 1
+            self.last_headers = message.get("headers", [])
+
+    async def one(self) -> None:
+        scope = dict(_SCOPE)
+        scope["headers"] = list(_HEADERS)
+        await self.app(scope, self._receive, self._send)
+
+    async def run(self, n: int, concurrency: int = 1) -> None:
+        if concurrency <= 1:
+            one = self.one
+            for _ in range(n):
+                await one()
+            return
+        per_task, extra = divmod(n, concurrency)
+
+        async def worker(count: int) -> None:
+            one = self.one
+            for _ in range(count):
+                await one()
+
+        await asyncio.gather(
+            *(worker(per_task + (1 if i < extra else 0)) for i in range(concurrency))
+        )
+
+    def diagnostics(self) -> str:
+        """The limiter storage's own counters, when it keeps any (rapidlimit's
+        RedisStorage.stats(): timeouts, fail-closed decisions...)."""
+        limiter = getattr(getattr(self.app, "state", None), "limiter", None)
+        stats = getattr(getattr(limiter, "_storage", None), "stats", None)
+        if not callable(stats):
+            return ""
+        try:
+            return f"; storage stats: {stats()}"
+        except Exception as exc:  # diagnostics must not hide the failure
+            return f"; storage stats unavailable: {exc!r}"
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, val in self.last_headers:
+            if k.lower() == name:
+                return val
+        return None
+
+
+def check_statuses(
+    what: str,
+    statuses: Counter[int],
+    expected: int,
+    n: int,
+    driver: Driver | None = None,
+) -> None:
+    """Raises BrokenBenchmark unless all n responses had the expected code."""
+    if statuses.get(expected, 0) != n or len(statuses) != 1:
+        extra = driver.diagnostics() if driver is not None else ""
+        raise BrokenBenchmark(
+            f"{what}: expected {n} responses {expected}, got {dict(statuses)}{extra}"
+        )
+
+
+def prime(loop: asyncio.AbstractEventLoop, v: Variant, driver: Driver) -> None:
+    """First requests: fill caches, use up the 1/day limit of the reject path,
+    and check the app answers as the variant expects."""
+    loop.run_until_complete(driver.run(3))
+    driver.statuses.clear()
+    loop.run_until_complete(driver.run(5))
+    check_statuses(f"{v}", driver.statuses, v.expected_status, 5, driver)
+    if (
+        v.headers
+        and v.package != "none"
+        and driver.header(b"x-ratelimit-limit") is None
+    ):
+        raise BrokenBenchmark(f"{v}: headers on but no X-RateLimit-Limit header")
+    driver.statuses.clear()
+
+
+def run_timed(
+    loop: asyncio.AbstractEventLoop,
+    driver: Driver,
+    n: int,
+    concurrency: int = 1,
+    clock: Callable[[], int] | None = None,
+) -> int:
+    """Drives n requests, returns elapsed ns."""
+    import time
+
+    clock = clock or time.perf_counter_ns
+    coro: Awaitable[None] = driver.run(n, concurrency)
+    start = clock()
+    loop.run_until_complete(coro)
+    return clock() - start

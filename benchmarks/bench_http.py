@@ -1,0 +1,333 @@
+"""3. End to end over HTTP: uvicorn (one worker) loaded by wrk.
+
+The server is pinned to the last CPU and wrk (and Redis) to CPU 0, so client
+and server do not fight over a core. Each variant gets a fresh server, a
+short untimed warm-up load, then the timed load; the status codes of every
+response are counted (wrk_report.lua) and must all be 200 (allowed traffic)
+or all 429 (rejected traffic). Ratios are taken against the no-limiter app
+measured in the same repetition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+from apps import ROUTE, Variant
+from common import (
+    HERE,
+    BrokenBenchmark,
+    Config,
+    RedisServer,
+    SectionResult,
+    Skip,
+    cpu_count,
+    free_port,
+    pinned,
+    rapidlimit_redis_available,
+    rapidlimit_web_available,
+    terminate,
+    wait_port,
+)
+
+TITLE = "3. End to end over HTTP (uvicorn, 1 worker, wrk; server and client pinned)"
+
+BASE_EVERY = 3  # variants between two runs of the no-limiter app
+WRK_HINT = (
+    "wrk is not installed: run scripts/install-deps.sh --bench "
+    "(or: sudo apt-get install wrk)"
+)
+
+
+def server_cpu() -> int | None:
+    n = cpu_count()
+    return sorted(os.sched_getaffinity(0))[-1] if n >= 2 else None
+
+
+def client_cpu() -> int | None:
+    return sorted(os.sched_getaffinity(0))[0] if cpu_count() >= 2 else None
+
+
+def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Variant]:
+    out: list[Variant] = []
+    endpoints = ["async"] if cfg.quick else ["async", "sync"]
+    storages = ["memory"] if cfg.quick else ["memory", "redis"]
+    for ep in endpoints:
+        out.append(Variant("none", endpoint=ep))
+        for storage in storages:
+            for traffic in ("allowed", "rejected"):
+                for pkg in packages:
+                    if storage == "redis" and not redis_ok.get(pkg):
+                        continue
+                    if cfg.quick and traffic == "rejected" and pkg != "rapidlimit":
+                        continue
+                    out.append(
+                        Variant(
+                            pkg,
+                            "decorator",
+                            True,
+                            traffic,
+                            storage_uri="redis" if storage == "redis" else "memory://",
+                            endpoint=ep,
+                        )
+                    )
+        if ep == "async" and not cfg.quick:
+            for pkg in packages:
+                out.append(Variant(pkg, "decorator", False, "allowed", endpoint=ep))
+                out.append(Variant(pkg, "middleware", True, "allowed", endpoint=ep))
+                out.append(
+                    Variant(pkg, "asgi-middleware", True, "allowed", endpoint=ep)
+                )
+    return out
+
+
+def vkey(v: Variant) -> str:
+    if v.package == "none":
+        return f"{v.endpoint}.none"
+    storage = "redis" if v.storage_uri.startswith("redis") else "memory"
+    hdr = "headers" if v.headers else "noheaders"
+    return f"{v.endpoint}.{v.package}.{storage}.{v.path}.{hdr}.{v.traffic}"
+
+
+def vlabel(v: Variant) -> str:
+    if v.package == "none":
+        return f"{v.endpoint:<5} no limiter"
+    storage = "redis" if v.storage_uri.startswith("redis") else "memory"
+    hdr = "hdr" if v.headers else "nohdr"
+    return (
+        f"{v.endpoint:<5} {v.package:<10} {storage:<6} {v.path:<15} {hdr:<5} "
+        f"{v.traffic}"
+    )
+
+
+@contextlib.contextmanager
+def server(v: Variant) -> Iterator[int]:
+    """A uvicorn server for the variant, pinned to the server CPU. Its stderr
+    goes to a file, not a pipe: slowapi logs a warning per rejected request
+    and a full pipe would stall the server."""
+    port = free_port()
+    cmd = [sys.executable, str(HERE / "serve.py"), f"--port={port}", *v.to_args()]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            pinned(cmd, server_cpu()),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=str(HERE),
+        )
+        try:
+            try:
+                wait_port(port, 30, proc)
+            except BrokenBenchmark:
+                terminate(proc)
+                err.seek(0)
+                tail = err.read().decode(errors="replace")[-2000:]
+                raise BrokenBenchmark(
+                    f"{vlabel(v)}: server did not start: {tail}"
+                ) from None
+            yield port
+        finally:
+            terminate(proc)
+
+
+def probe(v: Variant, port: int) -> None:
+    """Two requests with urllib: the second must have the expected status
+    (and rate-limit headers when they are on)."""
+    status, headers = 0, {}
+    for _ in range(2):
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}{ROUTE}", timeout=10
+            ) as r:
+                status, headers = r.status, dict(r.headers)
+        except urllib.error.HTTPError as e:
+            status, headers = e.code, dict(e.headers)
+    if status != v.expected_status:
+        raise BrokenBenchmark(
+            f"{vlabel(v)}: probe got {status}, expected {v.expected_status}"
+        )
+    if v.headers and v.package != "none":
+        lower = {k.lower() for k in headers}
+        if "x-ratelimit-limit" not in lower:
+            raise BrokenBenchmark(f"{vlabel(v)}: no X-RateLimit-Limit header")
+
+
+def wrk(port: int, seconds: float, connections: int) -> dict[str, float]:
+    exe = shutil.which("wrk")
+    assert exe
+    cmd = [
+        exe,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(HERE / "wrk_report.lua"),
+        f"http://127.0.0.1:{port}{ROUTE}",
+    ]
+    proc = subprocess.run(
+        pinned(cmd, client_cpu()), capture_output=True, text=True, timeout=seconds + 60
+    )
+    if proc.returncode != 0:
+        raise BrokenBenchmark(f"wrk failed ({proc.returncode}): {proc.stderr[-1000:]}")
+    out: dict[str, float] = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if not parts or parts[0] != "BENCH":
+            continue
+        if parts[1] == "status":
+            out[f"status_{parts[2]}"] = float(parts[3])
+        elif parts[1] == "errors":
+            out["socket_errors"] = float(
+                sum(int(x) for x in parts[2:7]) - int(parts[5])
+            )
+        else:
+            out[parts[1]] = float(parts[2])
+    if "requests" not in out:
+        raise BrokenBenchmark(f"wrk printed no report: {proc.stdout[-1000:]}")
+    return out
+
+
+def measure(
+    v: Variant, cfg: Config, seconds: float, connections: int
+) -> dict[str, float]:
+    with server(v) as port:
+        probe(v, port)
+        wrk(port, cfg.pick(1, 2), connections)  # warm-up, not counted
+        r = wrk(port, seconds, connections)
+    statuses = {k: n for k, n in r.items() if k.startswith("status_")}
+    want = f"status_{v.expected_status}"
+    total = sum(statuses.values())
+    if total == 0 or statuses.get(want, 0) != total:
+        raise BrokenBenchmark(
+            f"{vlabel(v)}: expected every response {v.expected_status}, got "
+            f"{ {k[7:]: int(n) for k, n in statuses.items()} }"
+        )
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def run(cfg: Config, res: SectionResult) -> None:
+    if shutil.which("wrk") is None:
+        if cfg.quick:
+            raise Skip(WRK_HINT)
+        raise BrokenBenchmark(WRK_HINT)
+    if cpu_count() < 2:
+        res.log("only one CPU: server and wrk are not pinned apart")
+    seconds = float(os.environ.get("BENCH_HTTP_SECONDS", cfg.pick(2, 8)))
+    reps = int(os.environ.get("BENCH_HTTP_REPS", cfg.pick(1, 3)))
+    connections = int(os.environ.get("BENCH_HTTP_CONNECTIONS", 16))
+
+    packages = ["slowapi"]
+    why = rapidlimit_web_available()
+    if why:
+        res.skip(f"rapidlimit variants: {why}")
+    else:
+        packages.append("rapidlimit")
+
+    with contextlib.ExitStack() as stack:
+        redis_ok: dict[str, bool] = {}
+        redis_uri = ""
+        if not cfg.quick:
+            try:
+                rs = stack.enter_context(RedisServer(cpu=client_cpu()))
+                redis_uri = rs.uri
+                redis_ok["slowapi"] = True
+                why = rapidlimit_redis_available(rs.uri)
+                if why:
+                    res.skip(f"rapidlimit Redis variants: {why}")
+                else:
+                    redis_ok["rapidlimit"] = "rapidlimit" in packages
+            except Skip as exc:
+                res.skip(f"Redis variants: {exc}")
+        variants = plan(cfg, packages, redis_ok)
+        if redis_uri:
+            variants = [
+                dataclasses.replace(v, storage_uri=redis_uri, key_prefix=vkey(v))
+                if v.storage_uri == "redis"
+                else v
+                for v in variants
+            ]
+
+        results: dict[str, list[dict[str, float]]] = {vkey(v): [] for v in variants}
+        # The no-limiter baseline of the same endpoint kind is measured again
+        # every BASE_EVERY variants, and each variant's ratio uses the latest
+        # one: a ratio never spans more than a few runs, even on a machine
+        # whose load drifts.
+        paired: dict[str, list[float]] = {vkey(v): [] for v in variants}
+        baselines = {v.endpoint: v for v in variants if v.package == "none"}
+        limited = [v for v in variants if v.package != "none"]
+        started = time.monotonic()
+        for rep in range(reps):
+            since: dict[str, int] = {ep: BASE_EVERY for ep in baselines}
+            last: dict[str, float] = {}
+            # Rotate the order: the same order each time would favour the
+            # first variants on a machine that heats up.
+            shift = rep % len(limited) if limited else 0
+            for v in limited[shift:] + limited[:shift]:
+                ep = v.endpoint
+                if since[ep] >= BASE_EVERY:
+                    b = measure(baselines[ep], cfg, seconds, connections)
+                    results[vkey(baselines[ep])].append(b)
+                    last[ep], since[ep] = b["rps"], 0
+                results[vkey(v)].append(measure(v, cfg, seconds, connections))
+                paired[vkey(v)].append(last[ep])
+                since[ep] += 1
+        res.log(
+            f"{reps} repetition(s) x {len(limited)} variants (+ a no-limiter "
+            f"run every {BASE_EVERY}), {seconds:g} s each, "
+            f"wrk -t1 -c{connections}; server CPU {server_cpu()}, wrk and Redis "
+            f"CPU {client_cpu()}; {time.monotonic() - started:.0f} s"
+        )
+
+    by_key = {vkey(v): v for v in variants}
+    for k, runs in results.items():
+        v = by_key[k]
+        rps = [r["rps"] for r in runs]
+        res.add(f"{k}.rps", f"{vlabel(v)}: throughput", "req/s", rps, better="higher")
+        res.add(
+            f"{k}.p50",
+            f"{vlabel(v)}: p50 latency",
+            "ms",
+            [r["latency_p50_us"] / 1000 for r in runs],
+        )
+        res.add(
+            f"{k}.p99",
+            f"{vlabel(v)}: p99 latency",
+            "ms",
+            [r["latency_p99_us"] / 1000 for r in runs],
+        )
+        errors = sum(r.get("socket_errors", 0) for r in runs)
+        if errors:
+            res.log(
+                f"{vlabel(v)}: {int(errors)} socket errors/timeouts reported by wrk"
+            )
+        if v.package != "none":
+            res.ratio(
+                f"{k}.vs_none",
+                f"{vlabel(v)}: throughput / no limiter",
+                rps,
+                paired[k],
+                better="higher",
+                note="against the closest no-limiter run of the same repetition",
+            )
+    # Reject path against allowed path, same package/storage/endpoint.
+    for k, v in by_key.items():
+        if v.traffic == "rejected" and v.package != "none":
+            allowed = k[: -len("rejected")] + "allowed"
+            if allowed in results:
+                res.ratio(
+                    f"{k[: -len('.rejected')]}.rejected_over_allowed",
+                    f"{vlabel(v).rsplit(' ', 1)[0]}: rejected/allowed throughput",
+                    [r["rps"] for r in results[k]],
+                    [r["rps"] for r in results[allowed]],
+                    better="higher",
+                )

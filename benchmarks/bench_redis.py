@@ -1,0 +1,512 @@
+"""4. Redis: round trips, Redis CPU, decisions/s under concurrency, latency.
+
+A throwaway redis-server on 127.0.0.1 (free port, no persistence) pinned to
+CPU 0; this process moves itself to the last CPU for the section.
+
+* Latency of one fixed-window hit (``limits`` + redis-py/hiredis against
+  rapidlimit), sequential, next to a bare PING (raw socket and redis-py)
+  measured in the same repetition.
+* Per request through the app (decorator, in-process driver, one request at
+  a time): round trips (Redis ``total_reads_processed``: one read event per
+  request/response exchange), commands executed (INFO commandstats, commands
+  run inside scripts included) and Redis CPU (``used_cpu_user + used_cpu_sys``,
+  and the commandstats ``usec``).
+* Decisions/s at 1, 16 and 64 concurrent requests on one event loop: at
+  the limiter (rapidlimit's awaitable decision against the blocking
+  ``limits`` call slowapi makes), through the whole app, and from threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from apps import Driver, Variant, check_statuses, make_app, prime
+from common import (
+    BrokenBenchmark,
+    Config,
+    RedisServer,
+    SectionResult,
+    cpu_count,
+    interleaved,
+    rapidlimit_redis_available,
+    rapidlimit_web_available,
+)
+
+TITLE = "4. Redis (local redis-server, loopback)"
+KEYS = [f"client-{i}" for i in range(1000)]
+LIMIT = "100000000/day"
+
+
+@contextlib.contextmanager
+def own_cpu() -> Iterator[None]:
+    """Moves this process off CPU 0 (where redis-server runs) for a while."""
+    if cpu_count() < 2:
+        yield
+        return
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(old)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+class RawPing:
+    """PING over a plain socket: the floor of one loopback round trip."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def ping(self) -> None:
+        self.sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        if self.sock.recv(64) != b"+PONG\r\n":
+            raise BrokenBenchmark("raw PING: unexpected reply")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _per_op(fn: Callable[[], Any], n: int) -> Callable[[], float]:
+    def once() -> float:
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter_ns() - start) / n / 1000.0
+
+    return once
+
+
+def _per_hit(limiter: Any, item: Any, n: int) -> Callable[[], float]:
+    def once() -> float:
+        hit = limiter.hit
+        keys = KEYS
+        start = time.perf_counter_ns()
+        for i in range(n):
+            hit(item, keys[i % 1000])
+        elapsed = time.perf_counter_ns() - start
+        if not hit(item, keys[0]):
+            raise BrokenBenchmark(f"{type(limiter).__module__}: hit rejected")
+        return elapsed / n / 1000.0
+
+    return once
+
+
+def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
+    import limits
+    import limits.storage
+    import limits.strategies
+
+    n = cfg.pick(200, 3000)
+    reps = cfg.pick(3, 7)
+    raw = RawPing(rs.port)
+    client = rs.client()
+    lim = limits.strategies.FixedWindowRateLimiter(
+        limits.storage.storage_from_string(rs.uri)
+    )
+    variants: dict[str, Callable[[], float]] = {
+        "ping_raw": _per_op(raw.ping, n),
+        "ping_redispy": _per_op(client.ping, n),
+        "limits": _per_hit(lim, limits.parse(LIMIT), n),
+    }
+    if rapid:
+        import rapidlimit
+        import rapidlimit.storage
+        import rapidlimit.strategies
+
+        rstorage = rapidlimit.storage.storage_from_string(rs.uri)
+        rlim = rapidlimit.strategies.FixedWindowRateLimiter(rstorage)
+        variants["rapidlimit"] = _per_hit(rlim, rapidlimit.parse(LIMIT), n)
+        if callable(getattr(rstorage, "ping", None)):
+            variants["ping_rapidlimit"] = _per_op(rstorage.ping, n)
+    for fn in variants.values():  # warm-up: connections, script loading
+        fn()
+    samples = interleaved(variants, reps)
+    raw.close()
+    res.add("latency.ping_raw", "bare PING, raw socket", "µs", samples["ping_raw"])
+    res.add(
+        "latency.ping_redispy", "bare PING, redis-py", "µs", samples["ping_redispy"]
+    )
+    res.add("latency.limits", "limits fixed-window hit", "µs", samples["limits"])
+    res.ratio(
+        "latency.limits_over_ping",
+        "limits hit / raw PING",
+        samples["limits"],
+        samples["ping_raw"],
+        better="lower",
+    )
+    if rapid:
+        res.add(
+            "latency.rapidlimit",
+            "rapidlimit fixed-window hit",
+            "µs",
+            samples["rapidlimit"],
+        )
+        res.ratio(
+            "latency.rapidlimit_over_ping",
+            "rapidlimit hit / raw PING",
+            samples["rapidlimit"],
+            samples["ping_raw"],
+            better="lower",
+        )
+        res.ratio(
+            "latency.speedup",
+            "limits hit / rapidlimit hit",
+            samples["limits"],
+            samples["rapidlimit"],
+            better="higher",
+        )
+
+
+def _redis_counters(client: Any) -> tuple[int, float, dict[str, dict[str, float]]]:
+    stats = client.info("stats")
+    cpu = client.info("cpu")
+    cmds = client.info("commandstats")
+    used = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return int(stats["total_reads_processed"]), used, cmds
+
+
+def per_request(
+    cfg: Config, res: SectionResult, rs: RedisServer, packages: list[str]
+) -> None:
+    n = cfg.pick(150, 2000)
+    reps = cfg.pick(2, 5)
+    client = rs.client()
+    loop = asyncio.new_event_loop()
+    try:
+        for pkg in packages:
+            for headers in (False, True):
+                for traffic in ("allowed", "rejected"):
+                    v = Variant(
+                        pkg,
+                        "decorator",
+                        headers,
+                        traffic,
+                        storage_uri=rs.uri,
+                        key_prefix=f"rt-{pkg}-{headers}-{traffic}",
+                    )
+                    d = Driver(make_app(v))
+                    prime(loop, v, d)
+                    trips, cpu_us, cmd_us, ncmds = [], [], [], []
+                    breakdown: dict[str, float] = {}
+                    for _ in range(reps):
+                        client.config_resetstat()
+                        reads0, cpu0, _ = _redis_counters(client)
+                        d.statuses.clear()
+                        loop.run_until_complete(d.run(n))
+                        reads1, cpu1, cmds = _redis_counters(client)
+                        check_statuses(f"{v}", d.statuses, v.expected_status, n, d)
+                        # Each INFO round (3 commands on our own connection)
+                        # is 3 reads; the first round's reads are counted
+                        # after its snapshot except for its first command.
+                        trips.append((reads1 - reads0 - 3) / n)
+                        cpu_us.append((cpu1 - cpu0) * 1e6 / n)
+                        own = {"info", "config", "config|resetstat"}
+                        mine = {
+                            name.removeprefix("cmdstat_"): st
+                            for name, st in cmds.items()
+                            if name.removeprefix("cmdstat_") not in own
+                        }
+                        cmd_us.append(sum(float(s["usec"]) for s in mine.values()) / n)
+                        ncmds.append(sum(float(s["calls"]) for s in mine.values()) / n)
+                        breakdown = {k: float(s["calls"]) / n for k, s in mine.items()}
+                    hdr = "headers" if headers else "noheaders"
+                    k = f"{pkg}.{hdr}.{traffic}"
+                    on_off = "headers on" if headers else "headers off"
+                    lbl = f"{pkg:<10} {on_off:<11} {traffic}"
+                    res.add(
+                        f"round_trips.{k}",
+                        f"{lbl}: round trips/request",
+                        "trips",
+                        trips,
+                    )
+                    res.add(
+                        f"commands.{k}", f"{lbl}: Redis commands/request", "cmds", ncmds
+                    )
+                    res.add(f"redis_cpu.{k}", f"{lbl}: Redis CPU/request", "µs", cpu_us)
+                    res.add(
+                        f"redis_cmd_usec.{k}",
+                        f"{lbl}: Redis command time/request",
+                        "µs",
+                        cmd_us,
+                    )
+                    pretty = ", ".join(
+                        f"{c} {x:.2f}" for c, x in sorted(breakdown.items())
+                    )
+                    res.log(f"{lbl}: commands per request: {pretty or 'none'}")
+    finally:
+        loop.close()
+
+
+def concurrency(
+    cfg: Config, res: SectionResult, rs: RedisServer, packages: list[str]
+) -> None:
+    n = cfg.pick(256, 4000)
+    reps = cfg.pick(2, 5)
+    levels = (1, 16, 64)
+    loop = asyncio.new_event_loop()
+    try:
+        drivers: dict[str, tuple[Variant, Driver]] = {}
+        for pkg in packages:
+            v = Variant(
+                pkg,
+                "decorator",
+                False,
+                "allowed",
+                storage_uri=rs.uri,
+                key_prefix=f"cc-{pkg}",
+            )
+            d = Driver(make_app(v))
+            prime(loop, v, d)
+            drivers[pkg] = (v, d)
+
+        def sampler(pkg: str, c: int) -> Callable[[], float]:
+            v, d = drivers[pkg]
+
+            def once() -> float:
+                d.statuses.clear()
+                coro = d.run(n, c)
+                start = time.perf_counter_ns()
+                loop.run_until_complete(coro)
+                elapsed = time.perf_counter_ns() - start
+                check_statuses(f"{v} x{c}", d.statuses, v.expected_status, n, d)
+                return n / (elapsed / 1e9)
+
+            return once
+
+        variants = {f"{pkg}.c{c}": sampler(pkg, c) for pkg in packages for c in levels}
+        samples = interleaved(variants, reps)
+    finally:
+        loop.close()
+    for c in levels:
+        for pkg in packages:
+            res.add(
+                f"requests.{pkg}.c{c}",
+                f"app, {pkg:<10} {c:>2} concurrent requests",
+                "req/s",
+                samples[f"{pkg}.c{c}"],
+                better="higher",
+            )
+        if "rapidlimit" in packages:
+            res.ratio(
+                f"requests.speedup.c{c}",
+                f"app, rapidlimit/slowapi req/s at {c} concurrent",
+                samples[f"rapidlimit.c{c}"],
+                samples[f"slowapi.c{c}"],
+                better="higher",
+            )
+    res.log(
+        f"app req/s: {n} requests per sample through the app (decorator, "
+        "headers off, allowed), in process, asyncio"
+    )
+
+
+def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
+    """Decisions/s with C requests in flight on one event loop, at the
+    limiter: rapidlimit's awaitable ``decide_many_async`` against the
+    decision slowapi makes (``limits``' fixed-window ``hit`` on its Redis
+    storage, a blocking call in the event loop, as slowapi calls it; slowapi's
+    own overhead is left out, which flatters it)."""
+    import limits
+    import limits.storage
+    import limits.strategies
+
+    n = cfg.pick(384, 6000)
+    reps = cfg.pick(2, 5)
+    levels = (1, 16, 64)
+    lim = limits.strategies.FixedWindowRateLimiter(
+        limits.storage.storage_from_string(rs.uri)
+    )
+    litem = limits.parse(LIMIT)
+
+    async def slowapi_one(key: str) -> bool:
+        return bool(lim.hit(litem, key))
+
+    deciders: dict[str, Callable[[str], Any]] = {"slowapi": slowapi_one}
+    if rapid:
+        import rapidlimit
+        import rapidlimit.storage
+
+        storage = rapidlimit.storage.storage_from_string(rs.uri)
+        ritem = rapidlimit.parse(LIMIT)
+        if callable(getattr(storage, "decide_many_async", None)):
+
+            async def rapid_one(key: str) -> bool:
+                got = await storage.decide_many_async("fixed-window", [(ritem, key, 1)])
+                return bool(got[-1].allowed)
+
+            deciders["rapidlimit"] = rapid_one
+        else:
+            res.skip("rapidlimit decisions/s: RedisStorage has no decide_many_async")
+    loop = asyncio.new_event_loop()
+
+    def sampler(lib: str, c: int) -> Callable[[], float]:
+        one = deciders[lib]
+
+        async def worker(idx: int, count: int) -> int:
+            ok = 0
+            for i in range(count):
+                ok += await one(KEYS[(idx * 7 + i) % 1000])
+            return ok
+
+        async def run_all(per: int) -> list[int]:
+            return list(await asyncio.gather(*(worker(i, per) for i in range(c))))
+
+        def once() -> float:
+            per = n // c
+            coro = run_all(per)
+            start = time.perf_counter_ns()
+            allowed = sum(loop.run_until_complete(coro))
+            elapsed = time.perf_counter_ns() - start
+            if allowed != per * c:
+                raise BrokenBenchmark(f"{lib} x{c}: {per * c - allowed} rejected")
+            return per * c / (elapsed / 1e9)
+
+        return once
+
+    try:
+        for lib in deciders:
+            sampler(lib, 1)()  # warm-up: connections, scripts
+        samples = interleaved(
+            {f"{lib}.c{c}": sampler(lib, c) for lib in deciders for c in levels},
+            reps,
+        )
+    finally:
+        loop.close()
+    for c in levels:
+        for lib in deciders:
+            what = "decide_many_async" if lib == "rapidlimit" else "limits hit"
+            res.add(
+                f"decisions.{lib}.c{c}",
+                f"{lib:<10} ({what}) {c:>2} concurrent",
+                "dec/s",
+                samples[f"{lib}.c{c}"],
+                better="higher",
+            )
+        if "rapidlimit" in deciders:
+            res.ratio(
+                f"decisions.speedup.c{c}",
+                f"decisions/s rapidlimit/slowapi at {c} concurrent",
+                samples[f"rapidlimit.c{c}"],
+                samples[f"slowapi.c{c}"],
+                better="higher",
+            )
+
+
+def threads(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
+    """Decisions/s of the strategies API called from C Python threads at
+    once (rapidlimit waits with the GIL released; redis-py uses a pool)."""
+    import threading
+
+    import limits
+    import limits.storage
+    import limits.strategies
+
+    n = cfg.pick(600, 4000)
+    reps = cfg.pick(2, 3)
+    levels = (1, 16, 64)
+    libs: dict[str, tuple[Any, Any]] = {
+        "limits": (
+            limits.strategies.FixedWindowRateLimiter(
+                limits.storage.storage_from_string(rs.uri)
+            ),
+            limits.parse(LIMIT),
+        )
+    }
+    if rapid:
+        import rapidlimit
+        import rapidlimit.storage
+        import rapidlimit.strategies
+
+        libs["rapidlimit"] = (
+            rapidlimit.strategies.FixedWindowRateLimiter(
+                rapidlimit.storage.storage_from_string(rs.uri)
+            ),
+            rapidlimit.parse(LIMIT),
+        )
+
+    def sampler(lib: str, c: int) -> Callable[[], float]:
+        limiter, item = libs[lib]
+
+        def once() -> float:
+            failures: list[BaseException] = []
+            barrier = threading.Barrier(c + 1)
+
+            def work(idx: int) -> None:
+                try:
+                    barrier.wait()
+                    hit = limiter.hit
+                    for i in range(n // c):
+                        if not hit(item, KEYS[(idx * 7 + i) % 1000]):
+                            raise BrokenBenchmark(f"{lib}: hit rejected")
+                except BaseException as exc:  # reported below
+                    failures.append(exc)
+
+            ts = [threading.Thread(target=work, args=(i,)) for i in range(c)]
+            for t in ts:
+                t.start()
+            barrier.wait()
+            start = time.perf_counter_ns()
+            for t in ts:
+                t.join()
+            elapsed = time.perf_counter_ns() - start
+            if failures:
+                raise BrokenBenchmark(f"{lib} x{c} threads: {failures[0]!r}")
+            return (n // c) * c / (elapsed / 1e9)
+
+        return once
+
+    for fn in (sampler(lib, 1) for lib in libs):
+        fn()  # warm-up
+    samples = interleaved(
+        {f"{lib}.t{c}": sampler(lib, c) for lib in libs for c in levels}, reps
+    )
+    for c in levels:
+        for lib in libs:
+            res.add(
+                f"threads.{lib}.t{c}",
+                f"{lib:<10} hit() from {c:>2} threads",
+                "hits/s",
+                samples[f"{lib}.t{c}"],
+                better="higher",
+            )
+        if rapid:
+            res.ratio(
+                f"threads.speedup.t{c}",
+                f"rapidlimit/limits hits/s, {c} threads",
+                samples[f"rapidlimit.t{c}"],
+                samples[f"limits.t{c}"],
+                better="higher",
+            )
+
+
+def run(cfg: Config, res: SectionResult) -> None:
+    with RedisServer(cpu=0 if cpu_count() >= 2 else None) as rs, own_cpu():
+        why = rapidlimit_redis_available(rs.uri)
+        rapid = not why
+        if why:
+            res.skip(f"rapidlimit Redis: {why}")
+        web = rapidlimit_web_available()
+        packages = ["slowapi"]
+        if rapid and not web:
+            packages.append("rapidlimit")
+        elif web:
+            res.skip(f"rapidlimit request-level Redis figures: {web}")
+        latency(cfg, res, rs, rapid)
+        per_request(cfg, res, rs, packages)
+        decisions(cfg, res, rs, rapid)
+        concurrency(cfg, res, rs, packages)
+        if not cfg.quick:
+            threads(cfg, res, rs, rapid)
+        info = rs.client().info("server")
+        res.log(
+            f"redis-server {info.get('redis_version')} on 127.0.0.1:{rs.port}; "
+            "client: redis-py "
+            f"{__import__('redis').__version__} (hiredis parser if installed)"
+        )

@@ -1,0 +1,47 @@
+"""Runs one benchmark app variant under uvicorn (one worker): bench_http.py
+starts it pinned to a CPU and loads it with wrk.
+
+    python benchmarks/serve.py --port 8000 --package rapidlimit --headers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from apps import Variant, make_app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--package", default="none")
+    p.add_argument("--path", default="decorator")
+    p.add_argument("--headers", type=int, default=0)
+    p.add_argument("--traffic", default="allowed")
+    p.add_argument("--storage-uri", default="memory://")
+    p.add_argument("--endpoint", default="async")
+    p.add_argument("--key-prefix", default="")
+    a = p.parse_args()
+    v = Variant(
+        package=a.package,
+        path=a.path,
+        headers=bool(a.headers),
+        traffic=a.traffic,
+        storage_uri=a.storage_uri,
+        endpoint=a.endpoint,
+        key_prefix=a.key_prefix,
+    )
+    uvicorn.run(
+        make_app(v),
+        host="127.0.0.1",
+        port=a.port,
+        workers=1,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1581 @@
+// The Redis store.
+//
+// Threads. Each connection (a "lane"; one by default) belongs to one I/O
+// thread. Callers turn a batch of limits into one EVALSHA command and
+// either queue it for the I/O thread, which writes everything queued
+// since its last write in one send() and reads the replies in one go
+// (batching comes from concurrency alone: nothing waits for a batch to
+// fill), or, when a synchronous caller finds the connection idle, do that
+// one round trip themselves, which spares two thread hand-offs on the
+// sequential path. Asynchronous callers only ever queue. No thread is
+// ever created per request.
+//
+// Time. The script runs at the caller's `now`, like every Store: the
+// memory store and the Redis store then give the same answers to the same
+// calls (frozen test clocks included), a fallback to memory continues
+// seamlessly, and the blocked-key cache can compare its deadlines with
+// the caller's clock. The price is that app instances' clocks must agree
+// (NTP); Redis TIME would protect against skew but makes decisions depend
+// on when Redis runs them. Key TTLs, which only collect garbage, carry a
+// slack (1 s) so that skew never drops live state.
+//
+// Faults. A command not answered within the timeout, or any socket error,
+// closes the connection: everything in flight gets the failure policy,
+// and so does everything submitted until the I/O thread has reconnected
+// (first at once, then with doubling backoff). Nothing waits for a
+// connection that is down.
+//
+// Fork. A child process must not share the parent's connection or use
+// its threads (which do not exist in the child). pthread_atfork bumps a
+// generation counter; the first call in the child sees it, abandons the
+// parent's engine (closing only its file descriptors) and builds a new
+// one with its own connection.
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#if __has_include(<hiredis/hiredis.h>)
+#include <hiredis/hiredis.h>
+#else
+#include <hiredis.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "rapidlimit/algorithms.h"
+#include "rapidlimit/memory_store.h"
+#include "rapidlimit/redis_store.h"
+#include "redis_internal.h"
+
+namespace rapidlimit {
+namespace redis {
+namespace {
+
+// ------------------------------------------------------------------ fork
+
+std::atomic<uint64_t> g_fork_generation{0};
+
+void OnForkChild() {
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
+
+void RegisterAtFork() {
+  static std::once_flag once;
+  std::call_once(once, [] { pthread_atfork(nullptr, nullptr, &OnForkChild); });
+}
+
+thread_local DecisionSource tl_last_source = DecisionSource::kStore;
+
+// ----------------------------------------------------------------- stats
+
+struct Counters {
+  std::atomic<uint64_t> decisions{0}, calls{0}, writes{0}, inline_calls{0},
+      cache_hits{0}, fail_open{0}, fail_closed{0}, fallback{0}, timeouts{0},
+      errors{0}, disconnects{0}, reconnects{0}, script_reloads{0},
+      mismatches{0};
+};
+
+inline void Add(std::atomic<uint64_t>& c, uint64_t v = 1) {
+  c.fetch_add(v, std::memory_order_relaxed);
+}
+
+// -------------------------------------------------------------------- op
+
+// A plain copy of a reply, for the rare non-script commands.
+struct RawReply {
+  int type = 0;
+  int64_t integer = 0;
+  std::string str;
+  std::vector<RawReply> elements;
+};
+
+RawReply CopyReply(const redisReply* r) {
+  RawReply out;
+  out.type = r->type;
+  out.integer = r->integer;
+  if (r->str != nullptr) out.str.assign(r->str, r->len);
+  if (r->type == REDIS_REPLY_ARRAY) {
+    out.elements.reserve(r->elements);
+    for (size_t i = 0; i < r->elements; ++i) {
+      out.elements.push_back(CopyReply(r->element[i]));
+    }
+  }
+  return out;
+}
+
+class Engine;
+
+// One command on its way to Redis and back. Reference counted: the
+// submitter holds one reference, the lane that completes it another.
+struct Op {
+  enum class Kind : uint8_t { kScript, kRaw };
+  enum class Result : uint8_t { kPending, kOk, kUnavailable, kError };
+
+  Op(Engine* e, Kind k) : engine(e), kind(k) {}
+
+  Engine* engine;
+  Kind kind;
+  std::atomic<int> refs{1};
+
+  // Scripts: everything after the script reference (numkeys, keys, argv),
+  // `argc` values. Raw commands: the whole frame.
+  std::string args;
+  uint32_t argc = 0;
+  bool as_eval = false;  // send the body (after NOSCRIPT)
+  bool sent = false;     // counted in the stats
+  int64_t deadline = 0;  // MonoNanos
+
+  // The batch (scripts).
+  std::vector<Item> items;
+  int64_t now = 0;
+  Mode mode = Mode::kHit;
+  bool has_cached_tail = false;  // a cached rejection follows the items
+  Decision cached_tail;
+
+  // Filled by the lane.
+  Result result = Result::kPending;
+  std::string error;
+  std::vector<int64_t> values;
+  RawReply raw;
+
+  // Filled by FinishScript.
+  std::vector<Decision> decisions;
+  size_t written = 0;
+  size_t first_reject = 0;
+
+  // Completion.
+  bool async = false;
+  DecideCallback callback = nullptr;
+  void* context = nullptr;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+};
+
+void Release(Op* op) {
+  if (op->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete op;
+}
+
+// --------------------------------------------------------- blocked cache
+
+// Keys known to be over their limit until some time T, with the state the
+// script left them in: until T, a request for such a key is decided here
+// by the memory store's code, without Redis. A request the cached state
+// would admit (a smaller cost, a clock moved back) is a miss.
+class BlockedCache {
+ public:
+  BlockedCache(bool enabled, size_t max_keys)
+      : enabled_(enabled),
+        per_shard_(std::max<size_t>(1, max_keys / kShards)) {}
+
+  bool enabled() const { return enabled_; }
+
+  bool Lookup(const Request& r, int64_t now, Decision* out) {
+    if (!enabled_ || count_.load(std::memory_order_relaxed) == 0) return false;
+    thread_local std::string k;
+    MakeKey(r.strategy, r.key, &k);
+    Shard& shard = ShardFor(k);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    auto it = shard.map.find(k);
+    if (it == shard.map.end()) return false;
+    Entry& e = it->second;
+    if (now >= e.until || now < e.since) {
+      shard.map.erase(it);
+      count_.fetch_sub(1, std::memory_order_relaxed);
+      return false;
+    }
+    const Limit& l = *r.limit;
+    if (r.cost < e.cost || l.amount != e.limit.amount ||
+        l.PeriodNanos() != e.limit.PeriodNanos() ||
+        l.EffectiveBurst() != e.limit.EffectiveBurst()) {
+      return false;
+    }
+    Decision d;
+    switch (r.strategy) {
+      case Strategy::kFixedWindow: {
+        CounterState st = e.post.counter;
+        d = ApplyFixedWindow(l, r.cost, now, false, false, &st);
+        break;
+      }
+      case Strategy::kTokenBucket: {
+        CounterState st = e.post.counter;
+        d = ApplyTokenBucket(l, r.cost, now, false, false, &st);
+        break;
+      }
+      case Strategy::kSlidingWindowCounter: {
+        SlidingState st = e.post.sliding;
+        d = ApplySlidingWindow(l, r.cost, now, false, false, &st);
+        break;
+      }
+      case Strategy::kMovingWindow: {
+        if (r.cost != 1) return false;
+        const int64_t period = l.PeriodNanos();
+        d.limit = l.amount;
+        d.remaining = 0;
+        d.reset_nanos = e.post.moving_blocker + period;
+        d.retry_after_nanos = e.post.moving_blocker + period + 1 - now;
+        break;
+      }
+    }
+    if (d.allowed) return false;
+    d.source = DecisionSource::kCache;
+    *out = d;
+    return true;
+  }
+
+  // Remembers a rejection the script charged at `now`.
+  void Insert(const Item& item, int64_t now, const Decision& d,
+              const PostState& post) {
+    if (!enabled_ || d.allowed || item.incr) return;
+    int64_t until = now + d.retry_after_nanos;
+    if (item.strategy == Strategy::kMovingWindow) {
+      // Exact only when the blocker is the oldest entry: cost 1. The stats
+      // change the moment the blocker leaves the window (blocker + P).
+      if (item.cost != 1) return;
+      until = post.moving_blocker + item.limit.PeriodNanos();
+    }
+    if (until <= now) return;
+    thread_local std::string k;
+    MakeKey(item.strategy, item.key, &k);
+    Shard& shard = ShardFor(k);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    if (shard.map.size() >= per_shard_ &&
+        shard.map.find(k) == shard.map.end()) {
+      for (auto it = shard.map.begin(); it != shard.map.end();) {
+        if (it->second.until <= now) {
+          it = shard.map.erase(it);
+          count_.fetch_sub(1, std::memory_order_relaxed);
+        } else {
+          ++it;
+        }
+      }
+      if (shard.map.size() >= per_shard_) return;
+    }
+    Entry e;
+    e.since = now;
+    e.until = until;
+    e.cost = item.cost;
+    e.limit = item.limit;
+    e.post = post;
+    const bool fresh = shard.map.insert_or_assign(k, std::move(e)).second;
+    if (fresh) count_.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  void Erase(Strategy s, std::string_view key) {
+    if (!enabled_ || count_.load(std::memory_order_relaxed) == 0) return;
+    thread_local std::string k;
+    MakeKey(s, key, &k);
+    Shard& shard = ShardFor(k);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    if (shard.map.erase(k) > 0) count_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  void Clear() {
+    for (Shard& shard : shards_) {
+      std::lock_guard<std::mutex> lock(shard.mu);
+      count_.fetch_sub(shard.map.size(), std::memory_order_relaxed);
+      shard.map.clear();
+    }
+  }
+
+ private:
+  static constexpr size_t kShards = 16;
+  struct Entry {
+    int64_t since = 0;
+    int64_t until = 0;
+    int64_t cost = 0;
+    Limit limit;
+    PostState post;
+  };
+  struct Shard {
+    std::mutex mu;
+    std::unordered_map<std::string, Entry> map;
+  };
+
+  static void MakeKey(Strategy s, std::string_view key, std::string* out) {
+    out->clear();
+    out->push_back(static_cast<char>('0' + static_cast<int>(s)));
+    out->append(key);
+  }
+  Shard& ShardFor(const std::string& k) {
+    return shards_[std::hash<std::string>()(k) % kShards];
+  }
+
+  const bool enabled_;
+  const size_t per_shard_;
+  std::atomic<size_t> count_{0};
+  Shard shards_[kShards];
+};
+
+// ------------------------------------------------------------------ lane
+
+// One connection and its I/O thread.
+class Lane {
+ public:
+  enum State : int { kDown, kUp, kClosed };
+
+  Lane(Engine* engine, size_t index);
+  ~Lane();
+  Lane(const Lane&) = delete;
+  Lane& operator=(const Lane&) = delete;
+
+  void Start();
+  void Stop();
+  void AbandonAfterFork();
+  bool Up() const { return state_.load(std::memory_order_acquire) == kUp; }
+
+  // Queues `op` for the I/O thread (taking a reference for it). False when
+  // the lane is not accepting: the caller applies the failure policy.
+  bool Submit(Op* op);
+  // Runs `op` on the calling thread when the connection is idle. True if
+  // the op is complete.
+  bool TryInline(Op* op);
+
+ private:
+  void Run();
+  bool Connect();
+  bool Handshake(int fd, redisReader* reader, int64_t deadline,
+                 std::string* error);
+  void AppendLocked(Op* op);
+  bool FlushLocked(std::vector<Op*>* failed);
+  bool ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed);
+  bool HandleReply(Op* op, const redisReply* r);
+  void BreakLocked(const std::string& why, std::vector<Op*>* failed);
+  void StopAccepting(std::vector<Op*>* failed);
+  void Wake();
+  void Finish(std::vector<Op*>* completed, std::vector<Op*>* failed);
+
+  Engine* const engine_;
+  const size_t index_;
+  int efd_ = -1;
+
+  std::mutex q_mu_;  // guards queue_, accepting_, stop_
+  std::vector<Op*> queue_;
+  bool accepting_ = false;
+  bool stop_ = false;
+
+  std::mutex conn_mu_;  // guards the connection below
+  int fd_ = -1;
+  redisReader* reader_ = nullptr;
+  std::string out_;
+  size_t out_off_ = 0;
+  std::deque<Op*> inflight_;
+  std::atomic<int> state_{kDown};
+  int64_t next_retry_ = 0;  // I/O thread only (and Start)
+  int64_t backoff_ = 0;
+  bool ever_up_ = false;
+  bool reported_down_ = false;
+
+  std::thread thread_;
+};
+
+// ---------------------------------------------------------------- engine
+
+// Everything a process needs to talk to Redis; replaced in a forked child.
+class Engine {
+ public:
+  Engine(const RedisStoreOptions& options, Counters* counters,
+         uint64_t generation)
+      : options(options),
+        counters(counters),
+        generation(generation),
+        cache(options.blocked_cache, options.blocked_cache_max_keys) {
+    slack_ms =
+        std::max<int64_t>(1, (options.ttl_slack_nanos + 999'999) / 1'000'000);
+    if (options.on_error == RedisFailurePolicy::kFallback) {
+      fallback = NewMemoryStore(options.fallback);
+    }
+    const size_t n = std::max<size_t>(1, options.pool_size);
+    for (size_t i = 0; i < n; ++i) {
+      lanes.push_back(std::make_unique<Lane>(this, i));
+    }
+  }
+
+  void Start() {
+    for (auto& lane : lanes) lane->Start();
+  }
+  void Stop() {
+    for (auto& lane : lanes) lane->Stop();
+  }
+  void AbandonAfterFork() {
+    for (auto& lane : lanes) lane->AbandonAfterFork();
+  }
+
+  void Log(RedisLogLevel level, const std::string& message) const {
+    if (options.log) options.log(level, message);
+  }
+
+  std::string Endpoint() const {
+    if (!options.unix_path.empty()) return "unix:" + options.unix_path;
+    return options.host + ":" + std::to_string(options.port);
+  }
+
+  Lane* PickLane() {
+    if (lanes.size() == 1) return lanes[0].get();
+    return lanes[rr.fetch_add(1, std::memory_order_relaxed) % lanes.size()]
+        .get();
+  }
+
+  void AppendKey(Strategy s, std::string_view key, Resp* out) const;
+  std::string KeyFor(Strategy s, std::string_view key) const;
+
+  // A script op for `requests[0..n)`.
+  Op* NewScriptOp(const Request* requests, size_t n, int64_t now, Mode mode,
+                  bool incr = false, int64_t incr_period = 0);
+
+  // Runs `op` and waits, with the caller's blocking hooks. Returns false
+  // if the op could not complete in time (the caller must not read its
+  // results).
+  bool RunSync(Op* op);
+  // Queues `op`; its callback runs when it completes. Consumes the
+  // caller's reference.
+  void RunAsync(Op* op);
+  // Called once per op by whoever completes it.
+  void Complete(Op* op);
+  // Turns a script op's result (or failure) into decisions.
+  void FinishScript(Op* op, bool timed_out);
+
+  // Scans `requests` for a cached rejection. Returns how many requests
+  // must go to Redis (those before it); `*tail` gets the rejection.
+  size_t CacheScan(const Request* requests, size_t n, int64_t now,
+                   Decision* tail, bool* has_tail);
+
+  const RedisStoreOptions& options;
+  Counters* const counters;
+  const uint64_t generation;
+  int64_t slack_ms = 1000;
+  std::atomic<bool> use_eval{false};
+  BlockedCache cache;
+  std::unique_ptr<Store> fallback;
+  std::vector<std::unique_ptr<Lane>> lanes;
+  std::atomic<size_t> rr{0};
+};
+
+// ------------------------------------------------------------ lane impl
+
+Lane::Lane(Engine* engine, size_t index) : engine_(engine), index_(index) {
+  efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  backoff_ = engine_->options.reconnect_min_nanos;
+}
+
+Lane::~Lane() {
+  if (fd_ >= 0) close(fd_);
+  if (reader_ != nullptr) redisReaderFree(reader_);
+  if (efd_ >= 0) close(efd_);
+}
+
+void Lane::Start() {
+  Connect();
+  thread_ = std::thread([this] { Run(); });
+}
+
+void Lane::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    stop_ = true;
+    accepting_ = false;
+  }
+  Wake();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Lane::AbandonAfterFork() {
+  // The parent's thread does not exist here and its locks may be held
+  // forever: touch nothing but our file descriptors (closing a socket in
+  // the child leaves the parent's connection alone).
+  if (fd_ >= 0) close(fd_);
+  if (efd_ >= 0) close(efd_);
+  fd_ = -1;
+  efd_ = -1;
+}
+
+void Lane::Wake() {
+  if (efd_ < 0) return;
+  const uint64_t one = 1;
+  ssize_t rc;
+  do {
+    rc = write(efd_, &one, sizeof(one));
+  } while (rc < 0 && errno == EINTR);
+}
+
+bool Lane::Submit(Op* op) {
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    if (!accepting_) return false;
+    op->refs.fetch_add(1, std::memory_order_relaxed);
+    wake = queue_.empty();
+    queue_.push_back(op);
+  }
+  if (wake) Wake();
+  return true;
+}
+
+bool Lane::TryInline(Op* op) {
+  if (!Up()) return false;
+  std::unique_lock<std::mutex> lock(conn_mu_, std::try_to_lock);
+  if (!lock.owns_lock() || state_.load(std::memory_order_relaxed) != kUp ||
+      !inflight_.empty() || out_off_ < out_.size()) {
+    return false;
+  }
+  const RedisStoreOptions& o = engine_->options;
+  void* token = o.before_blocking != nullptr ? o.before_blocking() : nullptr;
+  Add(engine_->counters->inline_calls);
+  op->refs.fetch_add(1, std::memory_order_relaxed);
+  std::vector<Op*> completed, failed;
+  AppendLocked(op);
+  while (FlushLocked(&failed) && !inflight_.empty()) {
+    const short events = POLLIN | (out_off_ < out_.size() ? POLLOUT : 0);
+    const int ready = WaitFd(fd_, events, inflight_.front()->deadline);
+    if (ready == 0) {
+      Add(engine_->counters->timeouts);
+      BreakLocked("no reply within the timeout", &failed);
+      break;
+    }
+    if (ready < 0) {
+      BreakLocked(std::string("poll: ") + std::strerror(errno), &failed);
+      break;
+    }
+    if (!ReadLocked(&completed, &failed)) break;
+  }
+  const bool broke = state_.load(std::memory_order_relaxed) != kUp;
+  lock.unlock();
+  if (broke) StopAccepting(&failed);
+  Finish(&completed, &failed);
+  if (o.after_blocking != nullptr) o.after_blocking(token);
+  return true;
+}
+
+void Lane::Finish(std::vector<Op*>* completed, std::vector<Op*>* failed) {
+  for (Op* op : *completed) engine_->Complete(op);
+  for (Op* op : *failed) {
+    if (op->result == Op::Result::kPending) {
+      op->result = Op::Result::kUnavailable;
+    }
+    engine_->Complete(op);
+  }
+  completed->clear();
+  failed->clear();
+}
+
+void Lane::StopAccepting(std::vector<Op*>* failed) {
+  std::vector<Op*> queued;
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    accepting_ = false;
+    queued.swap(queue_);
+  }
+  failed->insert(failed->end(), queued.begin(), queued.end());
+  Wake();  // the I/O thread reconnects
+}
+
+void Lane::AppendLocked(Op* op) {
+  if (op->kind == Op::Kind::kScript) {
+    Resp resp(&out_);
+    resp.Array(op->argc + 2);
+    if (op->as_eval || engine_->use_eval.load(std::memory_order_relaxed)) {
+      op->as_eval = true;
+      resp.Bulk("EVAL");
+      resp.Bulk(ScriptBody());
+    } else {
+      resp.Bulk("EVALSHA");
+      resp.Bulk(ScriptSha1());
+    }
+    if (!op->sent) Add(engine_->counters->calls);
+    op->sent = true;
+  }
+  out_.append(op->args);
+  inflight_.push_back(op);
+}
+
+bool Lane::FlushLocked(std::vector<Op*>* failed) {
+  if (out_off_ >= out_.size()) return true;
+  bool wrote = false;
+  while (out_off_ < out_.size()) {
+    const ssize_t n =
+        send(fd_, out_.data() + out_off_, out_.size() - out_off_, MSG_NOSIGNAL);
+    if (n > 0) {
+      out_off_ += static_cast<size_t>(n);
+      wrote = true;
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    BreakLocked(std::string("write: ") + std::strerror(errno), failed);
+    return false;
+  }
+  if (wrote) Add(engine_->counters->writes);
+  if (out_off_ >= out_.size()) {
+    out_.clear();
+    out_off_ = 0;
+  }
+  return true;
+}
+
+bool Lane::ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed) {
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = recv(fd_, buf, sizeof(buf), 0);
+    if (n > 0) {
+      if (redisReaderFeed(reader_, buf, static_cast<size_t>(n)) != REDIS_OK) {
+        BreakLocked("protocol error", failed);
+        return false;
+      }
+      if (static_cast<size_t>(n) < sizeof(buf)) break;
+      continue;
+    }
+    if (n == 0) {
+      BreakLocked("connection closed by the server", failed);
+      return false;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    BreakLocked(std::string("read: ") + std::strerror(errno), failed);
+    return false;
+  }
+  bool resent = false;
+  for (;;) {
+    void* reply = nullptr;
+    if (redisReaderGetReply(reader_, &reply) != REDIS_OK) {
+      BreakLocked(std::string("protocol error: ") + reader_->errstr, failed);
+      return false;
+    }
+    if (reply == nullptr) break;
+    if (inflight_.empty()) {
+      freeReplyObject(reply);
+      BreakLocked("unexpected reply", failed);
+      return false;
+    }
+    Op* op = inflight_.front();
+    inflight_.pop_front();
+    const bool resend = HandleReply(op, static_cast<redisReply*>(reply));
+    freeReplyObject(reply);
+    if (resend) {
+      AppendLocked(op);
+      resent = true;
+    } else {
+      completed->push_back(op);
+    }
+  }
+  return !resent || FlushLocked(failed);
+}
+
+bool Lane::HandleReply(Op* op, const redisReply* r) {
+  if (op->kind == Op::Kind::kRaw) {
+    op->raw = CopyReply(r);
+    op->result = Op::Result::kOk;
+    return false;
+  }
+  if (r->type == REDIS_REPLY_ERROR) {
+    const std::string_view msg(r->str, r->len);
+    if (!op->as_eval && msg.rfind("NOSCRIPT", 0) == 0) {
+      // Redis restarted or SCRIPT FLUSH: EVAL sends the body and caches
+      // it again, so the next calls are back to EVALSHA.
+      Add(engine_->counters->script_reloads);
+      op->as_eval = true;
+      return true;
+    }
+    if (!op->as_eval && (msg.find("unknown command") != std::string::npos ||
+                         msg.rfind("NOPERM", 0) == 0)) {
+      if (!engine_->use_eval.exchange(true)) {
+        engine_->Log(RedisLogLevel::kWarning,
+                     "EVALSHA refused (" + std::string(msg) +
+                         "); sending scripts with EVAL");
+      }
+      op->as_eval = true;
+      return true;
+    }
+    Add(engine_->counters->errors);
+    op->result = Op::Result::kError;
+    op->error.assign(msg);
+    return false;
+  }
+  const size_t count = r->type == REDIS_REPLY_STRING ? r->len / 8 : 0;
+  bool ok = count >= 1 && r->len % 8 == 0;
+  if (ok) {
+    op->values.resize(count);
+    ok = ReadDoubles(r->str, count, op->values.data());
+  }
+  if (ok) {
+    const int64_t processed = op->values[0];
+    ok = processed >= 0 &&
+         processed <= static_cast<int64_t>(op->items.size()) &&
+         op->values.size() ==
+             1 + static_cast<size_t>(processed) * kValuesPerItem;
+  }
+  if (!ok) {
+    Add(engine_->counters->errors);
+    op->result = Op::Result::kError;
+    op->error = "unexpected script reply";
+    return false;
+  }
+  op->result = Op::Result::kOk;
+  return false;
+}
+
+void Lane::BreakLocked(const std::string& why, std::vector<Op*>* failed) {
+  if (fd_ >= 0) close(fd_);
+  fd_ = -1;
+  if (reader_ != nullptr) redisReaderFree(reader_);
+  reader_ = nullptr;
+  out_.clear();
+  out_off_ = 0;
+  failed->insert(failed->end(), inflight_.begin(), inflight_.end());
+  inflight_.clear();
+  if (state_.load(std::memory_order_relaxed) == kUp) {
+    Add(engine_->counters->disconnects);
+    engine_->Log(
+        RedisLogLevel::kWarning,
+        "redis at " + engine_->Endpoint() + ": " + why + "; applying the " +
+            std::string(RedisFailurePolicyName(engine_->options.on_error)) +
+            " policy until it is back");
+    reported_down_ = true;
+    state_.store(kDown, std::memory_order_release);
+  }
+}
+
+bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
+                     std::string* error) {
+  const RedisStoreOptions& o = engine_->options;
+  std::string cmd;
+  Resp resp(&cmd);
+  int expected = 0;
+  if (!o.password.empty()) {  // ACL user with password, or legacy password
+    if (o.username.empty()) {
+      resp.Array(2);
+    } else {
+      resp.Array(3);
+    }
+    resp.Bulk("AUTH");
+    if (!o.username.empty()) resp.Bulk(o.username);
+    resp.Bulk(o.password);
+    ++expected;
+  }
+  if (o.db != 0) {
+    resp.Array(2);
+    resp.Bulk("SELECT");
+    resp.Int(o.db);
+    ++expected;
+  }
+  resp.Array(1);
+  resp.Bulk("PING");
+  ++expected;
+  // Load the script now rather than on a NOSCRIPT at the first batch. A
+  // server that refuses SCRIPT gets EVAL later; its error is ignored.
+  resp.Array(3);
+  resp.Bulk("SCRIPT");
+  resp.Bulk("LOAD");
+  resp.Bulk(ScriptBody());
+  const int optional_from = expected;
+  ++expected;
+  int seen = 0;
+  size_t off = 0;
+  while (off < cmd.size()) {
+    const ssize_t n =
+        send(fd, cmd.data() + off, cmd.size() - off, MSG_NOSIGNAL);
+    if (n > 0) {
+      off += static_cast<size_t>(n);
+    } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+      if (WaitFd(fd, POLLOUT, deadline) <= 0) {
+        *error = "handshake timed out";
+        return false;
+      }
+    } else {
+      *error = std::string("write: ") + std::strerror(errno);
+      return false;
+    }
+  }
+  char buf[4096];
+  while (expected > 0) {
+    void* reply = nullptr;
+    if (redisReaderGetReply(reader, &reply) != REDIS_OK) {
+      *error = "protocol error";
+      return false;
+    }
+    if (reply != nullptr) {
+      const auto* r = static_cast<redisReply*>(reply);
+      if (r->type == REDIS_REPLY_ERROR && seen < optional_from) {
+        *error = std::string(r->str, r->len);
+        freeReplyObject(reply);
+        return false;
+      }
+      freeReplyObject(reply);
+      --expected;
+      ++seen;
+      continue;
+    }
+    const int ready = WaitFd(fd, POLLIN, deadline);
+    if (ready <= 0) {
+      *error = ready == 0 ? "no reply to the handshake within the connect "
+                            "timeout"
+                          : std::string("poll: ") + std::strerror(errno);
+      return false;
+    }
+    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n == 0) {
+      *error = "connection closed by the server";
+      return false;
+    }
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      *error = std::string("read: ") + std::strerror(errno);
+      return false;
+    }
+    redisReaderFeed(reader, buf, static_cast<size_t>(n));
+  }
+  return true;
+}
+
+bool Lane::Connect() {
+  const RedisStoreOptions& o = engine_->options;
+  const int64_t deadline = MonoNanos() + o.connect_timeout_nanos;
+  std::string error;
+  int fd = ConnectSocket(o, deadline, &error);
+  redisReader* reader = nullptr;
+  if (fd >= 0) {
+    reader = redisReaderCreate();
+    if (!Handshake(fd, reader, deadline, &error)) {
+      close(fd);
+      fd = -1;
+      redisReaderFree(reader);
+      reader = nullptr;
+    }
+  }
+  if (fd < 0) {
+    const int64_t now = MonoNanos();
+    // Jitter (+-20 %) keeps many processes from reconnecting in lockstep.
+    thread_local std::minstd_rand rng(
+        static_cast<unsigned>(now ^ reinterpret_cast<uintptr_t>(this)));
+    const int64_t jitter =
+        backoff_ / 5 > 0
+            ? static_cast<int64_t>(
+                  rng() % static_cast<uint64_t>(2 * (backoff_ / 5) + 1)) -
+                  backoff_ / 5
+            : 0;
+    next_retry_ = now + backoff_ + jitter;
+    backoff_ = std::min(std::max(backoff_ * 2, o.reconnect_min_nanos),
+                        std::max(o.reconnect_max_nanos, o.reconnect_min_nanos));
+    if (!reported_down_) {
+      engine_->Log(RedisLogLevel::kWarning,
+                   "cannot reach redis at " + engine_->Endpoint() + ": " +
+                       error + "; applying the " +
+                       std::string(RedisFailurePolicyName(o.on_error)) +
+                       " policy until it is back");
+      reported_down_ = true;
+    } else {
+      engine_->Log(
+          RedisLogLevel::kDebug,
+          "reconnect to redis at " + engine_->Endpoint() + " failed: " + error);
+    }
+    return false;
+  }
+  {
+    std::lock_guard<std::mutex> lock(conn_mu_);
+    fd_ = fd;
+    reader_ = reader;
+    out_.clear();
+    out_off_ = 0;
+    state_.store(kUp, std::memory_order_release);
+  }
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    accepting_ = !stop_;
+  }
+  backoff_ = o.reconnect_min_nanos;
+  Add(engine_->counters->reconnects);
+  if (reported_down_ || ever_up_) {
+    engine_->Log(RedisLogLevel::kInfo,
+                 "redis at " + engine_->Endpoint() + " is back");
+  } else {
+    engine_->Log(RedisLogLevel::kDebug,
+                 "connected to redis at " + engine_->Endpoint());
+  }
+  reported_down_ = false;
+  ever_up_ = true;
+  return true;
+}
+
+void Lane::Run() {
+  std::vector<Op*> batch, completed, failed;
+  bool readable = false;
+  for (;;) {
+    bool stopping;
+    {
+      std::lock_guard<std::mutex> lock(q_mu_);
+      batch.swap(queue_);
+      stopping = stop_;
+    }
+    const int64_t now = MonoNanos();
+    int wait_fd = -1;
+    short wait_events = 0;
+    int64_t wake_at = now + 1'000'000'000;
+    bool broke = false;
+    {
+      std::lock_guard<std::mutex> lock(conn_mu_);
+      if (stopping) {
+        state_.store(kClosed, std::memory_order_release);  // silences Break
+        if (fd_ >= 0) BreakLocked("store closed", &failed);
+      } else if (state_.load(std::memory_order_relaxed) == kUp) {
+        for (Op* op : batch) {
+          // A command that missed its deadline in the queue (it raced a
+          // reconnect) is failed here rather than sent.
+          if (op->deadline <= now) {
+            Add(engine_->counters->timeouts);
+            failed.push_back(op);
+          } else {
+            AppendLocked(op);
+          }
+        }
+        batch.clear();
+        // Read only what poll reported: a speculative recv() would cost a
+        // syscall per batch.
+        if (FlushLocked(&failed) &&
+            (!readable || ReadLocked(&completed, &failed)) &&
+            !inflight_.empty() && inflight_.front()->deadline <= now) {
+          Add(engine_->counters->timeouts);
+          BreakLocked("no reply within the timeout", &failed);
+        }
+        if (state_.load(std::memory_order_relaxed) == kUp) {
+          if (!inflight_.empty()) {
+            wait_fd = fd_;
+            wait_events = POLLIN | (out_off_ < out_.size() ? POLLOUT : 0);
+            wake_at = std::min(wake_at, inflight_.front()->deadline);
+          }
+        } else {
+          broke = true;
+        }
+      }
+      failed.insert(failed.end(), batch.begin(), batch.end());
+      batch.clear();
+    }
+    if (broke || stopping) StopAccepting(&failed);
+    Finish(&completed, &failed);
+    if (stopping) return;
+    if (state_.load(std::memory_order_relaxed) == kDown) {
+      if (MonoNanos() >= next_retry_) {
+        readable = false;
+        Connect();
+        continue;
+      }
+      wake_at = std::min(wake_at, next_retry_);
+    }
+    pollfd fds[2] = {{efd_, POLLIN, 0}, {wait_fd, wait_events, 0}};
+    const int64_t left = wake_at - MonoNanos();
+    const int ms = left <= 0 ? 0
+                             : static_cast<int>(std::min<int64_t>(
+                                   (left + 999'999) / 1'000'000, 1'000));
+    const int rc = poll(fds, wait_fd >= 0 ? 2 : 1, ms);
+    readable = rc > 0 && wait_fd >= 0 &&
+               (fds[1].revents & (POLLIN | POLLERR | POLLHUP)) != 0;
+    if (rc > 0 && (fds[0].revents & POLLIN)) {
+      uint64_t value;
+      while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------- engine impl
+
+std::string_view StrategyCode(Strategy s) {
+  switch (s) {
+    case Strategy::kFixedWindow:
+      return "fw:";
+    case Strategy::kMovingWindow:
+      return "mw:";
+    case Strategy::kSlidingWindowCounter:
+      return "sw:";
+    case Strategy::kTokenBucket:
+      return "tb:";
+  }
+  return "xx:";
+}
+
+// The hash tag: the first identifier after the namespace
+// ("LIMITER/<this>/..."), which is the client for slowapi's keys, so that
+// all limits of one client share a cluster slot.
+std::string_view HashTag(std::string_view key) {
+  const size_t a = key.find('/');
+  if (a == std::string_view::npos) return key;
+  const size_t b = key.find('/', a + 1);
+  return key.substr(a + 1, b == std::string_view::npos ? b : b - a - 1);
+}
+
+void Engine::AppendKey(Strategy s, std::string_view key, Resp* out) const {
+  const std::string_view tag = HashTag(key);
+  thread_local std::string buf;
+  buf.clear();
+  buf.append(options.key_prefix);
+  buf.append(StrategyCode(s));
+  buf.push_back('{');
+  buf.append(tag);
+  buf.push_back('}');
+  buf.append(key);
+  out->Bulk(buf);
+}
+
+std::string Engine::KeyFor(Strategy s, std::string_view key) const {
+  std::string frame;
+  Resp resp(&frame);
+  AppendKey(s, key, &resp);
+  // Strip the bulk header and trailer.
+  const size_t start = frame.find("\r\n") + 2;
+  return frame.substr(start, frame.size() - start - 2);
+}
+
+Op* Engine::NewScriptOp(const Request* requests, size_t n, int64_t now,
+                        Mode mode, bool incr, int64_t incr_period) {
+  auto* op = new Op(this, Op::Kind::kScript);
+  op->now = now;
+  op->mode = mode;
+  op->deadline = MonoNanos() + options.command_timeout_nanos;
+  op->items.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const Request& r = requests[i];
+    Item& it = op->items[i];
+    it.strategy = r.strategy;
+    it.incr = incr;
+    it.incr_period = incr_period;
+    it.limit.amount = r.limit->amount;
+    it.limit.multiples = r.limit->multiples;
+    it.limit.granularity = r.limit->granularity;
+    it.limit.burst = r.limit->burst;
+    it.cost = r.cost;
+    it.key.assign(r.key);
+  }
+  Resp resp(&op->args);
+  resp.Int(static_cast<int64_t>(n));
+  for (size_t i = 0; i < n; ++i) {
+    AppendKey(requests[i].strategy, requests[i].key, &resp);
+  }
+  resp.BeginBulk(sizeof(double) * (kFixedArgs + kValuesPerItem * n));
+  AppendDouble(mode == Mode::kTest ? 1 : 0, &op->args);
+  AppendDouble(FloorDivNanos(now, kNanosPerSecond), &op->args);
+  AppendDouble(now - FloorDivNanos(now, kNanosPerSecond) * kNanosPerSecond,
+               &op->args);
+  AppendDouble(slack_ms, &op->args);
+  for (const Item& it : op->items) AppendItemArgs(it, now, &op->args);
+  resp.EndBulk();
+  op->argc = static_cast<uint32_t>(1 + n + 1);
+  return op;
+}
+
+bool Engine::RunSync(Op* op) {
+  Lane* lane = PickLane();
+  if (lane->TryInline(op)) return true;
+  if (!lane->Submit(op)) {
+    op->result = Op::Result::kUnavailable;
+    return true;
+  }
+  void* token =
+      options.before_blocking != nullptr ? options.before_blocking() : nullptr;
+  bool completed;
+  {
+    std::unique_lock<std::mutex> lock(op->mu);
+    // The lane answers by the deadline; the margin only guards against a
+    // lane stuck in a connect, after which the op is abandoned to it.
+    completed = op->cv.wait_until(
+        lock,
+        std::chrono::steady_clock::now() +
+            std::chrono::nanoseconds(op->deadline - MonoNanos() + 5'000'000),
+        [op] { return op->done; });
+  }
+  if (!completed) Add(counters->timeouts);
+  if (options.after_blocking != nullptr) options.after_blocking(token);
+  return completed;
+}
+
+void Engine::RunAsync(Op* op) {
+  if (!PickLane()->Submit(op)) {
+    op->result = Op::Result::kUnavailable;
+    op->refs.fetch_add(1, std::memory_order_relaxed);
+    Complete(op);
+  }
+  Release(op);
+}
+
+void Engine::Complete(Op* op) {
+  if (op->async) {
+    FinishScript(op, false);
+    op->callback(op->context, op->decisions.data(), op->written,
+                 op->first_reject);
+  } else {
+    {
+      std::lock_guard<std::mutex> lock(op->mu);
+      op->done = true;
+    }
+    op->cv.notify_one();
+  }
+  Release(op);
+}
+
+size_t Engine::CacheScan(const Request* requests, size_t n, int64_t now,
+                         Decision* tail, bool* has_tail) {
+  *has_tail = false;
+  if (!cache.enabled()) return n;
+  for (size_t i = 0; i < n; ++i) {
+    if (cache.Lookup(requests[i], now, tail)) {
+      *has_tail = true;
+      Add(counters->cache_hits);
+      return i;
+    }
+  }
+  return n;
+}
+
+void Engine::FinishScript(Op* op, bool timed_out) {
+  const size_t n = op->items.size();
+  const bool charge = op->mode == Mode::kHit;
+  op->decisions.resize(n + (op->has_cached_tail ? 1 : 0));
+  op->first_reject = n;
+  op->written = 0;
+  Decision* out = op->decisions.data();
+  if (!timed_out && op->result == Op::Result::kOk) {
+    const size_t processed = static_cast<size_t>(op->values[0]);
+    for (size_t i = 0; i < processed; ++i) {
+      const Item& item = op->items[i];
+      PostState post;
+      bool script_allowed = false;
+      Decision d = InterpretDecision(item, op->now, charge,
+                                     &op->values[1 + i * kValuesPerItem], &post,
+                                     &script_allowed);
+      if (d.allowed != script_allowed) {
+        Add(counters->mismatches);
+        d.allowed = script_allowed;
+      }
+      if (!d.allowed) {
+        if (op->first_reject == n) op->first_reject = i;
+        if (charge) cache.Insert(item, op->now, d, post);
+      } else if (charge) {
+        // A smaller cost got through: a cached state of this key is stale.
+        cache.Erase(item.strategy, item.key);
+      }
+      out[i] = d;
+    }
+    op->written = processed;
+  } else {
+    if (!timed_out && op->result == Op::Result::kError) {
+      Log(RedisLogLevel::kError, "redis script failed: " + op->error);
+    }
+    switch (options.on_error) {
+      case RedisFailurePolicy::kFailOpen:
+        for (size_t i = 0; i < n; ++i) {
+          const Item& item = op->items[i];
+          Decision& d = out[i];
+          d = Decision{};
+          d.allowed = true;
+          d.limit = item.limit.amount;
+          d.remaining = std::max<int64_t>(0, item.limit.amount - item.cost);
+          d.reset_nanos = op->now + item.limit.PeriodNanos();
+          d.source = DecisionSource::kFailOpen;
+        }
+        op->written = n;
+        Add(counters->fail_open, n);
+        break;
+      case RedisFailurePolicy::kFailClosed: {
+        const size_t count = (charge && n > 0) ? 1 : n;
+        for (size_t i = 0; i < count; ++i) {
+          Decision& d = out[i];
+          d = Decision{};
+          d.limit = op->items[i].limit.amount;
+          d.retry_after_nanos = options.fail_closed_retry_after_nanos;
+          d.reset_nanos = op->now + d.retry_after_nanos;
+          d.source = DecisionSource::kFailClosed;
+        }
+        op->written = count;
+        op->first_reject = n > 0 ? 0 : n;
+        Add(counters->fail_closed, count);
+        break;
+      }
+      case RedisFailurePolicy::kFallback: {
+        std::vector<Request> requests(n);
+        for (size_t i = 0; i < n; ++i) {
+          requests[i].strategy = op->items[i].strategy;
+          requests[i].limit = &op->items[i].limit;
+          requests[i].key = op->items[i].key;
+          requests[i].cost = op->items[i].cost;
+        }
+        op->first_reject =
+            fallback->Decide(requests.data(), n, op->now, op->mode, out);
+        op->written =
+            (charge && op->first_reject < n) ? op->first_reject + 1 : n;
+        for (size_t i = 0; i < op->written; ++i) {
+          out[i].source = DecisionSource::kFallback;
+        }
+        Add(counters->fallback, op->written);
+        break;
+      }
+    }
+  }
+  if (op->has_cached_tail && op->first_reject == n && op->written == n) {
+    out[n] = op->cached_tail;
+    op->written = n + 1;
+  }
+  Add(counters->decisions, op->written);
+}
+
+// ---------------------------------------------------------------- store
+
+class RedisStoreImpl final : public RedisStore {
+ public:
+  explicit RedisStoreImpl(const RedisStoreOptions& options)
+      : options_(options) {
+    RegisterAtFork();
+    auto* engine =
+        new Engine(options_, &counters_,
+                   g_fork_generation.load(std::memory_order_relaxed));
+    engine->Start();
+    engine_.store(engine, std::memory_order_release);
+  }
+
+  ~RedisStoreImpl() override {
+    Close();
+    Engine* e = engine_.load();
+    if (e->generation == g_fork_generation.load()) delete e;
+  }
+
+  size_t Decide(const Request* requests, size_t n, int64_t now, Mode mode,
+                Decision* out) override {
+    Engine* e = Acquire();
+    Decision tail;
+    bool has_tail = false;
+    const size_t send = mode == Mode::kHit
+                            ? e->CacheScan(requests, n, now, &tail, &has_tail)
+                            : n;
+    if (has_tail && send == 0) {
+      out[0] = tail;
+      Add(counters_.decisions);
+      tl_last_source = DecisionSource::kCache;
+      return 0;
+    }
+    if (n == 0) return 0;
+    Op* op = e->NewScriptOp(requests, send, now, mode);
+    op->has_cached_tail = has_tail;
+    op->cached_tail = tail;
+    const bool completed = e->RunSync(op);
+    e->FinishScript(op, !completed);
+    std::copy(op->decisions.begin(), op->decisions.begin() + op->written, out);
+    const size_t first_reject = op->first_reject;
+    tl_last_source = op->written > 0 ? op->decisions[op->written - 1].source
+                                     : DecisionSource::kStore;
+    Release(op);
+    return first_reject;
+  }
+
+  void DecideAsync(const Request* requests, size_t n, int64_t now, Mode mode,
+                   DecideCallback done, void* context) override {
+    Engine* e = Acquire();
+    Decision tail;
+    bool has_tail = false;
+    const size_t send = mode == Mode::kHit
+                            ? e->CacheScan(requests, n, now, &tail, &has_tail)
+                            : n;
+    if (has_tail && send == 0) {
+      Add(counters_.decisions);
+      done(context, &tail, 1, 0);
+      return;
+    }
+    if (n == 0) {
+      done(context, nullptr, 0, 0);
+      return;
+    }
+    Op* op = e->NewScriptOp(requests, send, now, mode);
+    op->has_cached_tail = has_tail;
+    op->cached_tail = tail;
+    op->async = true;
+    op->callback = done;
+    op->context = context;
+    e->RunAsync(op);
+  }
+
+  WindowState Inspect(const Request& request, int64_t now) override {
+    Engine* e = Acquire();
+    Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
+    const bool completed = e->RunSync(op);
+    WindowState w;
+    if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
+      w = InterpretInspect(op->items[0], now, &op->values[1]);
+    } else {
+      CountFailure(e, op, completed);
+      if (e->fallback != nullptr) {
+        w = e->fallback->Inspect(request, now);
+      } else {
+        w.time_nanos = now;
+      }
+    }
+    Release(op);
+    return w;
+  }
+
+  int64_t Incr(std::string_view key, int64_t expiry_nanos, int64_t amount,
+               int64_t now, int64_t* expiry_at) override {
+    Engine* e = Acquire();
+    Limit dummy;
+    Request r;
+    r.strategy = Strategy::kFixedWindow;
+    r.limit = &dummy;
+    r.key = key;
+    r.cost = amount;
+    Op* op = e->NewScriptOp(&r, 1, now, Mode::kHit, true, expiry_nanos);
+    const bool completed = e->RunSync(op);
+    int64_t count;
+    if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
+      count = InterpretIncr(op->items[0], now, &op->values[1], expiry_at);
+    } else {
+      CountFailure(e, op, completed);
+      switch (options_.on_error) {
+        case RedisFailurePolicy::kFallback:
+          count = e->fallback->Incr(key, expiry_nanos, amount, now, expiry_at);
+          break;
+        case RedisFailurePolicy::kFailOpen:
+          count = 0;
+          if (expiry_at != nullptr) *expiry_at = now + expiry_nanos;
+          break;
+        case RedisFailurePolicy::kFailClosed:
+        default:
+          count = std::numeric_limits<int64_t>::max();
+          if (expiry_at != nullptr) {
+            *expiry_at = now + options_.fail_closed_retry_after_nanos;
+          }
+          break;
+      }
+    }
+    Release(op);
+    return count;
+  }
+
+  bool Clear(Strategy strategy, std::string_view key) override {
+    Engine* e = Acquire();
+    e->cache.Erase(strategy, key);
+    if (e->fallback != nullptr) e->fallback->Clear(strategy, key);
+    const std::string redis_key = e->KeyFor(strategy, key);
+    RawReply reply;
+    if (!Raw(e, {"DEL", redis_key}, &reply)) return false;
+    return reply.type == REDIS_REPLY_INTEGER && reply.integer > 0;
+  }
+
+  size_t Reset() override {
+    Engine* e = Acquire();
+    e->cache.Clear();
+    if (e->fallback != nullptr) e->fallback->Reset();
+    size_t dropped = 0;
+    ForEachKeyBatch(e, [&](const std::vector<std::string>& keys) {
+      std::vector<std::string_view> argv;
+      argv.reserve(keys.size() + 1);
+      argv.push_back("UNLINK");
+      for (const std::string& k : keys) argv.push_back(k);
+      RawReply reply;
+      if (RawArgv(e, argv, &reply) && reply.type == REDIS_REPLY_INTEGER) {
+        dropped += static_cast<size_t>(reply.integer);
+      }
+    });
+    return dropped;
+  }
+
+  size_t Size() const override {
+    auto* self = const_cast<RedisStoreImpl*>(this);
+    Engine* e = self->Acquire();
+    size_t total = 0;
+    self->ForEachKeyBatch(
+        e, [&](const std::vector<std::string>& keys) { total += keys.size(); });
+    return total;
+  }
+
+  void Close() override {
+    std::lock_guard<std::mutex> lock(engine_mu_);
+    if (closed_) return;
+    closed_ = true;
+    Engine* e = engine_.load();
+    if (e->generation == g_fork_generation.load()) e->Stop();
+  }
+
+  bool Ping(int64_t* rtt_nanos) override {
+    Engine* e = Acquire();
+    const int64_t start = MonoNanos();
+    RawReply reply;
+    const bool ok = Raw(e, {"PING"}, &reply) &&
+                    reply.type == REDIS_REPLY_STATUS && reply.str == "PONG";
+    if (rtt_nanos != nullptr) *rtt_nanos = MonoNanos() - start;
+    return ok;
+  }
+
+  bool Connected() const override {
+    Engine* e = const_cast<RedisStoreImpl*>(this)->Acquire();
+    for (const auto& lane : e->lanes) {
+      if (lane->Up()) return true;
+    }
+    return false;
+  }
+
+  RedisStoreStats Stats() const override {
+    RedisStoreStats s;
+    auto get = [](const std::atomic<uint64_t>& c) {
+      return c.load(std::memory_order_relaxed);
+    };
+    s.decisions = get(counters_.decisions);
+    s.calls = get(counters_.calls);
+    s.writes = get(counters_.writes);
+    s.inline_calls = get(counters_.inline_calls);
+    s.cache_hits = get(counters_.cache_hits);
+    s.fail_open = get(counters_.fail_open);
+    s.fail_closed = get(counters_.fail_closed);
+    s.fallback = get(counters_.fallback);
+    s.timeouts = get(counters_.timeouts);
+    s.errors = get(counters_.errors);
+    s.disconnects = get(counters_.disconnects);
+    s.reconnects = get(counters_.reconnects);
+    s.script_reloads = get(counters_.script_reloads);
+    s.mismatches = get(counters_.mismatches);
+    return s;
+  }
+
+  const RedisStoreOptions& options() const override { return options_; }
+
+  std::string RedisKey(Strategy strategy, std::string_view key) const override {
+    return const_cast<RedisStoreImpl*>(this)->Acquire()->KeyFor(strategy, key);
+  }
+
+ private:
+  Engine* Acquire() {
+    Engine* e = engine_.load(std::memory_order_acquire);
+    if (e->generation == g_fork_generation.load(std::memory_order_relaxed)) {
+      return e;
+    }
+    return Reinit();
+  }
+
+  // First call in a forked child: a new engine with its own connection.
+  Engine* Reinit() {
+    std::lock_guard<std::mutex> lock(engine_mu_);
+    const uint64_t gen = g_fork_generation.load();
+    Engine* old = engine_.load();
+    if (old->generation == gen) return old;
+    old->AbandonAfterFork();  // leaked on purpose: see Lane::AbandonAfterFork
+    auto* fresh = new Engine(options_, &counters_, gen);
+    if (!closed_) {
+      void* token = options_.before_blocking != nullptr
+                        ? options_.before_blocking()
+                        : nullptr;
+      fresh->Start();
+      if (options_.after_blocking != nullptr) options_.after_blocking(token);
+      fresh->Log(RedisLogLevel::kDebug, "forked child " +
+                                            std::to_string(getpid()) +
+                                            ": new connection to redis");
+    }
+    engine_.store(fresh, std::memory_order_release);
+    return fresh;
+  }
+
+  void CountFailure(Engine* e, Op* op, bool completed) {
+    if (completed && op->result == Op::Result::kError) {
+      e->Log(RedisLogLevel::kError, "redis script failed: " + op->error);
+    }
+    switch (options_.on_error) {
+      case RedisFailurePolicy::kFailOpen:
+        Add(counters_.fail_open);
+        break;
+      case RedisFailurePolicy::kFailClosed:
+        Add(counters_.fail_closed);
+        break;
+      case RedisFailurePolicy::kFallback:
+        Add(counters_.fallback);
+        break;
+    }
+  }
+
+  bool RawArgv(Engine* e, const std::vector<std::string_view>& argv,
+               RawReply* reply) {
+    auto* op = new Op(e, Op::Kind::kRaw);
+    op->deadline = MonoNanos() + options_.command_timeout_nanos;
+    Resp resp(&op->args);
+    resp.Array(argv.size());
+    for (std::string_view a : argv) resp.Bulk(a);
+    const bool completed = e->RunSync(op);
+    const bool ok = completed && op->result == Op::Result::kOk;
+    if (ok) *reply = std::move(op->raw);
+    Release(op);
+    return ok && reply->type != REDIS_REPLY_ERROR;
+  }
+
+  bool Raw(Engine* e, std::initializer_list<std::string_view> argv,
+           RawReply* reply) {
+    return RawArgv(e, std::vector<std::string_view>(argv), reply);
+  }
+
+  // Calls `fn` with batches of this store's keys (SCAN MATCH per strategy).
+  template <class Fn>
+  void ForEachKeyBatch(Engine* e, Fn fn) {
+    for (Strategy s :
+         {Strategy::kFixedWindow, Strategy::kMovingWindow,
+          Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+      const std::string pattern =
+          options_.key_prefix + std::string(StrategyCode(s)) + "{*";
+      std::string cursor = "0";
+      do {
+        RawReply reply;
+        if (!Raw(e, {"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"},
+                 &reply) ||
+            reply.type != REDIS_REPLY_ARRAY || reply.elements.size() != 2) {
+          break;
+        }
+        cursor = reply.elements[0].str;
+        std::vector<std::string> keys;
+        for (const RawReply& k : reply.elements[1].elements) {
+          keys.push_back(k.str);
+        }
+        if (!keys.empty()) fn(keys);
+      } while (cursor != "0");
+    }
+  }
+
+  RedisStoreOptions options_;
+  Counters counters_;
+  std::mutex engine_mu_;
+  std::atomic<Engine*> engine_{nullptr};
+  bool closed_ = false;
+};
+
+}  // namespace
+}  // namespace redis
+
+DecisionSource RedisStore::LastSource() { return redis::tl_last_source; }
+
+bool RedisStoreAvailable() { return true; }
+
+std::unique_ptr<RedisStore> NewRedisStore(const RedisStoreOptions& options,
+                                          std::string* error) {
+  if (options.pool_size < 1 || options.pool_size > 64) {
+    *error = "pool_size must be between 1 and 64";
+    return nullptr;
+  }
+  if (options.command_timeout_nanos <= 0 ||
+      options.connect_timeout_nanos <= 0) {
+    *error = "timeouts must be positive";
+    return nullptr;
+  }
+  for (char c : options.key_prefix) {
+    if (c == '{' || c == '}' || c == '*' || c == '?' || c == '[' || c == ']' ||
+        c == '\\') {
+      *error = "key_prefix must not contain '{', '}' or glob characters";
+      return nullptr;
+    }
+  }
+  return std::make_unique<redis::RedisStoreImpl>(options);
+}
+
+}  // namespace rapidlimit

@@ -1,0 +1,29 @@
+import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
+
+from .app import app, limiter
+
+
+def setup_function() -> None:
+    limiter.reset()
+
+
+def test_public_route() -> None:
+    client = TestClient(app)
+    responses = [client.get("/public") for _ in range(4)]
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert responses[0].json() == {"data": "public"}
+    assert responses[0].headers["x-ratelimit-remaining"] == "2"
+
+
+def test_partner_budget_is_per_api_key_and_shared() -> None:
+    client = TestClient(app)
+    first = client.get("/partner/orders", headers={"x-api-key": "acme"})
+    assert first.headers["x-ratelimit-remaining"] == "99"
+    second = client.get("/partner/invoices", headers={"x-api-key": "acme"})
+    assert second.headers["x-ratelimit-remaining"] == "98"
+    other = client.get("/partner/orders", headers={"x-api-key": "globex"})
+    assert other.headers["x-ratelimit-remaining"] == "99"

@@ -1,0 +1,242 @@
+// Test fixture: a throwaway redis-server from PATH on 127.0.0.1, at a free
+// port, without persistence; plus a blocking hiredis client for tests.
+#ifndef RAPIDLIMIT_TESTS_REDIS_SERVER_H_
+#define RAPIDLIMIT_TESTS_REDIS_SERVER_H_
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if __has_include(<hiredis/hiredis.h>)
+#include <hiredis/hiredis.h>
+#else
+#include <hiredis.h>
+#endif
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace rapidlimit::testing {
+
+// Absolute path of redis-server in PATH, or "".
+inline std::string FindRedisServer() {
+  const char* path = std::getenv("PATH");
+  if (path == nullptr) return "";
+  std::stringstream dirs(path);
+  std::string dir;
+  while (std::getline(dirs, dir, ':')) {
+    const std::string candidate = (dir.empty() ? "." : dir) + "/redis-server";
+    if (access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+inline int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// A reply flattened for assertions.
+struct Reply {
+  int type = 0;
+  long long integer = 0;
+  std::string str;
+  std::vector<Reply> elements;
+  bool ok() const { return type != 0 && type != REDIS_REPLY_ERROR; }
+};
+
+inline Reply Flatten(const redisReply* r) {
+  Reply out;
+  if (r == nullptr) return out;
+  out.type = r->type;
+  out.integer = r->integer;
+  if (r->str != nullptr) out.str.assign(r->str, r->len);
+  for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements; ++i) {
+    out.elements.push_back(Flatten(r->element[i]));
+  }
+  return out;
+}
+
+class RedisServer {
+ public:
+  RedisServer() = default;
+  RedisServer(const RedisServer&) = delete;
+  RedisServer& operator=(const RedisServer&) = delete;
+  ~RedisServer() { Stop(); }
+
+  // Starts on a free port (or `port`, to restart on the same one).
+  bool Start(int port = 0, std::string* error = nullptr) {
+    const std::string binary = FindRedisServer();
+    if (binary.empty()) {
+      if (error != nullptr) *error = "redis-server not found in PATH";
+      return false;
+    }
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      port_ = port != 0 ? port : FreePort();
+      unix_path_ = "/tmp/rapidlimit-test-" + std::to_string(getpid()) + "-" +
+                   std::to_string(port_) + ".sock";
+      pid_ = Spawn(binary);
+      if (pid_ > 0 && WaitReady(std::chrono::seconds(10))) return true;
+      Stop();
+      if (port != 0)
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    if (error != nullptr) *error = "redis-server did not start";
+    return false;
+  }
+
+  // SIGTERM, then SIGKILL after 3 s.
+  void Stop() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    for (int i = 0; i < 300; ++i) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  // Abrupt death, as in a crash.
+  void Kill() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  int port() const { return port_; }
+  const std::string& unix_path() const { return unix_path_; }
+  std::string Uri() const {
+    return "redis://127.0.0.1:" + std::to_string(port_) + "/0";
+  }
+
+  // One blocking command on a fresh connection.
+  Reply Command(const std::vector<std::string>& argv) const {
+    timeval tv{5, 0};
+    redisContext* c = redisConnectWithTimeout("127.0.0.1", port_, tv);
+    if (c == nullptr || c->err) {
+      if (c != nullptr) redisFree(c);
+      return Reply{};
+    }
+    std::vector<const char*> args;
+    std::vector<size_t> lens;
+    for (const std::string& a : argv) {
+      args.push_back(a.data());
+      lens.push_back(a.size());
+    }
+    auto* r = static_cast<redisReply*>(redisCommandArgv(
+        c, static_cast<int>(args.size()), args.data(), lens.data()));
+    Reply out = Flatten(r);
+    if (r != nullptr) freeReplyObject(r);
+    redisFree(c);
+    return out;
+  }
+
+  // calls per command from INFO commandstats ("evalsha" -> 12).
+  std::map<std::string, long long> CommandCalls() const {
+    std::map<std::string, long long> calls;
+    const Reply r = Command({"INFO", "commandstats"});
+    std::stringstream lines(r.str);
+    std::string line;
+    while (std::getline(lines, line)) {
+      // cmdstat_evalsha:calls=12,usec=...
+      if (line.rfind("cmdstat_", 0) != 0) continue;
+      const size_t colon = line.find(':');
+      const size_t eq = line.find("calls=");
+      if (colon == std::string::npos || eq == std::string::npos) continue;
+      calls[line.substr(8, colon - 8)] = std::atoll(line.c_str() + eq + 6);
+    }
+    return calls;
+  }
+
+ private:
+  static bool SupportsDebugOption(const std::string& binary) {
+    FILE* p = popen((binary + " --version 2>/dev/null").c_str(), "r");
+    if (p == nullptr) return false;
+    char buf[256] = {0};
+    const size_t n = fread(buf, 1, sizeof(buf) - 1, p);
+    pclose(p);
+    const std::string text(buf, n);
+    const size_t at = text.find("v=");
+    return at != std::string::npos && std::atoi(text.c_str() + at + 2) >= 7;
+  }
+
+  pid_t Spawn(const std::string& binary) {
+    const bool debug_option = SupportsDebugOption(binary);
+    std::vector<std::string> args = {binary,
+                                     "--port",
+                                     std::to_string(port_),
+                                     "--bind",
+                                     "127.0.0.1",
+                                     "--unixsocket",
+                                     unix_path_,
+                                     "--unixsocketperm",
+                                     "700",
+                                     "--save",
+                                     "",
+                                     "--appendonly",
+                                     "no",
+                                     "--daemonize",
+                                     "no",
+                                     "--loglevel",
+                                     "warning",
+                                     "--logfile",
+                                     "/dev/null"};
+    if (debug_option) {
+      args.push_back("--enable-debug-command");
+      args.push_back("yes");
+    }
+    // Built before fork: the child may only exec.
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      execv(binary.c_str(), argv.data());
+      _exit(127);
+    }
+    return pid;
+  }
+
+  bool WaitReady(std::chrono::seconds limit) const {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return false;
+      const Reply r = Command({"PING"});
+      if (r.type == REDIS_REPLY_STATUS && r.str == "PONG") return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string unix_path_;
+};
+
+}  // namespace rapidlimit::testing
+
+#endif  // RAPIDLIMIT_TESTS_REDIS_SERVER_H_

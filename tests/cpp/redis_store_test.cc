@@ -1,0 +1,729 @@
+// The Redis store against a real redis-server (skipped only when
+// redis-server is not in PATH or the build has no hiredis).
+#include "rapidlimit/redis_store.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "rapidlimit/clock.h"
+#include "rapidlimit/limit.h"
+#include "rapidlimit/memory_store.h"
+
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+#include "redis_server.h"
+
+namespace rapidlimit {
+namespace {
+
+using testing::RedisServer;
+constexpr int64_t kSec = kNanosPerSecond;
+constexpr int64_t kMs = 1'000'000;
+// An arbitrary epoch time with a sub-second part.
+constexpr int64_t kT0 = 1'700'000'000LL * kSec + 123'456'789;
+
+Limit L(const char* text, int64_t burst = 0) {
+  ParseResult p = ParseOne(text);
+  EXPECT_TRUE(p.ok()) << text;
+  Limit l = p.limits.at(0);
+  l.burst = burst;
+  return l;
+}
+
+class RedisStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (testing::FindRedisServer().empty()) {
+      GTEST_SKIP() << "redis-server not found in PATH";
+    }
+    std::string error;
+    ASSERT_TRUE(server_.Start(0, &error)) << error;
+  }
+
+  RedisStoreOptions Options(
+      RedisFailurePolicy policy = RedisFailurePolicy::kFailClosed) const {
+    RedisStoreOptions o;
+    std::string error;
+    EXPECT_TRUE(ParseRedisUri(server_.Uri(), &o, &error)) << error;
+    o.on_error = policy;
+    o.command_timeout_nanos = 150 * kMs;
+    o.connect_timeout_nanos = 300 * kMs;
+    o.reconnect_min_nanos = 10 * kMs;
+    o.reconnect_max_nanos = 100 * kMs;
+    return o;
+  }
+
+  std::unique_ptr<RedisStore> Make(const RedisStoreOptions& o) {
+    std::string error;
+    auto store = NewRedisStore(o, &error);
+    EXPECT_NE(store, nullptr) << error;
+    return store;
+  }
+
+  static Decision Hit(Store& s, Strategy strategy, const Limit& l,
+                      const std::string& key, int64_t now, int64_t cost = 1) {
+    Request r{strategy, &l, key, cost};
+    Decision d;
+    s.Decide(&r, 1, now, Mode::kHit, &d);
+    return d;
+  }
+
+  // Waits until the store answers from Redis again.
+  static bool WaitRecovered(Store& s, std::chrono::milliseconds limit) {
+    const Limit l = L("1000000 per second");
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < deadline) {
+      const Decision d = Hit(s, Strategy::kFixedWindow, l, "probe", kT0);
+      if (d.source == DecisionSource::kStore) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return false;
+  }
+
+  RedisServer server_;
+};
+
+void ExpectSame(const Decision& a, const Decision& b, const std::string& ctx) {
+  EXPECT_EQ(a.allowed, b.allowed) << ctx;
+  EXPECT_EQ(a.limit, b.limit) << ctx;
+  EXPECT_EQ(a.remaining, b.remaining) << ctx;
+  EXPECT_EQ(a.reset_nanos, b.reset_nanos) << ctx;
+  EXPECT_EQ(a.retry_after_nanos, b.retry_after_nanos) << ctx;
+}
+
+void ExpectSame(const WindowState& a, const WindowState& b,
+                const std::string& ctx) {
+  EXPECT_EQ(a.count, b.count) << ctx;
+  EXPECT_EQ(a.time_nanos, b.time_nanos) << ctx;
+  EXPECT_EQ(a.previous_count, b.previous_count) << ctx;
+  EXPECT_EQ(a.previous_ttl_nanos, b.previous_ttl_nanos) << ctx;
+  EXPECT_EQ(a.current_ttl_nanos, b.current_ttl_nanos) << ctx;
+}
+
+// ------------------------------------------------- same semantics as memory
+
+struct Mix {
+  const char* name;
+  std::vector<Strategy> strategies;
+};
+
+// Drives a memory store and a Redis store through the same random calls
+// (batches of several limits, hits and tests, costs 0..3 and large ones,
+// time steps from 1 ns to several periods) and compares every answer.
+void CompareWithMemory(Store& redis, uint64_t seed,
+                       const std::vector<Strategy>& strategies,
+                       bool compare_inspect, int steps) {
+  // RAPIDLIMIT_REDIS_FUZZ=N multiplies the steps (long local runs).
+  if (const char* scale = std::getenv("RAPIDLIMIT_REDIS_FUZZ")) {
+    steps *= std::max(1, std::atoi(scale));
+  }
+  auto memory = NewMemoryStore();
+  const std::vector<Limit> limits = {
+      L("3 per second"),    L("5 per 2 seconds"),    L("4/10 seconds"),
+      L("5 per second", 2), L("7 per 3 seconds", 3), L("10000 per hour"),
+      L("1 per second"),    L("2 per day"),          L("1000000 per minute")};
+  const std::vector<std::string> keys = {"LIMITER/a/x", "LIMITER/b/x",
+                                         "LIMITER/a/y"};
+  std::mt19937_64 rng(seed);
+  int64_t now = kT0;
+  for (int step = 0; step < steps; ++step) {
+    const std::string ctx =
+        "seed " + std::to_string(seed) + " step " + std::to_string(step);
+    switch (rng() % 8) {
+      case 0:
+        now += 1;
+        break;
+      case 1:
+        now += static_cast<int64_t>(rng() % (400 * kMs));
+        break;
+      case 2:
+        now += static_cast<int64_t>(rng() % (3 * kSec));
+        break;
+      case 3:
+        now += static_cast<int64_t>(rng() % 1000) * kMs;
+        break;
+      default:
+        break;
+    }
+    const size_t n = 1 + rng() % 3;
+    std::vector<Request> reqs(n);
+    std::vector<std::string> req_keys(n);
+    for (size_t i = 0; i < n; ++i) {
+      // Keys name their limit, as real keys do ("LIMITER/id/5/1/minute").
+      const size_t li = rng() % limits.size();
+      const Limit& l = limits[li];
+      req_keys[i] = keys[rng() % keys.size()] + "/" + std::to_string(li);
+      reqs[i].strategy = strategies[rng() % strategies.size()];
+      reqs[i].limit = &l;
+      reqs[i].key = req_keys[i];
+      const uint64_t c = rng() % 20;
+      reqs[i].cost = c < 2 ? 0 : c < 17 ? 1 : c < 19 ? 3 : 4000;
+    }
+    const int what = static_cast<int>(rng() % 10);
+    if (what < 7) {
+      const Mode mode = what < 6 ? Mode::kHit : Mode::kTest;
+      std::vector<Decision> a(n), b(n);
+      const size_t ra = memory->Decide(reqs.data(), n, now, mode, a.data());
+      const size_t rb = redis.Decide(reqs.data(), n, now, mode, b.data());
+      ASSERT_EQ(ra, rb) << ctx;
+      const size_t written = (mode == Mode::kHit && ra < n) ? ra + 1 : n;
+      for (size_t i = 0; i < written; ++i) {
+        ExpectSame(a[i], b[i],
+                   ctx + " request " + std::to_string(i) + " " +
+                       std::string(StrategyName(reqs[i].strategy)));
+        EXPECT_NE(b[i].source, DecisionSource::kFailClosed) << ctx;
+      }
+    } else if (what < 9) {
+      if (compare_inspect) {
+        ExpectSame(
+            memory->Inspect(reqs[0], now), redis.Inspect(reqs[0], now),
+            ctx + " inspect " + std::string(StrategyName(reqs[0].strategy)));
+      }
+    } else if (compare_inspect) {
+      int64_t ea = 0, eb = 0;
+      const int64_t period = static_cast<int64_t>(rng() % 3) * kSec + 7;
+      EXPECT_EQ(memory->Incr(req_keys[0], period, 2, now, &ea),
+                redis.Incr(req_keys[0], period, 2, now, &eb))
+          << ctx;
+      EXPECT_EQ(ea, eb) << ctx;
+    }
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+TEST_F(RedisStoreTest, SameSemanticsAsMemoryPerStrategy) {
+  for (Strategy s : {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+    SCOPED_TRACE(std::string(StrategyName(s)));
+    RedisStoreOptions o = Options();
+    o.blocked_cache = false;
+    auto store = Make(o);
+    for (uint64_t seed = 1; seed <= 3; ++seed) {
+      store->Reset();
+      CompareWithMemory(*store, seed * 7919 + static_cast<uint64_t>(s), {s},
+                        true, 400);
+      if (HasFailure()) return;
+    }
+    EXPECT_EQ(store->Stats().mismatches, 0u);
+    EXPECT_EQ(store->Stats().fail_closed, 0u);
+  }
+}
+
+TEST_F(RedisStoreTest, SameSemanticsMixedBatches) {
+  RedisStoreOptions o = Options();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  CompareWithMemory(*store, 42,
+                    {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket},
+                    true, 800);
+  EXPECT_EQ(store->Stats().mismatches, 0u);
+}
+
+TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
+  // With the cache on, decisions are the same; only the fixed window's
+  // counter (visible to Inspect) stops counting rejected hits.
+  auto store = Make(Options());
+  CompareWithMemory(*store, 99,
+                    {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket},
+                    false, 800);
+  EXPECT_GT(store->Stats().cache_hits, 0u);
+  EXPECT_EQ(store->Stats().mismatches, 0u);
+}
+
+TEST_F(RedisStoreTest, MovingWindowLimitChangeKeepsNewestEntries) {
+  // limits' acquire_entry may use one key with different amounts; the log
+  // then keeps its newest entries up to the new amount.
+  auto store = Make(Options());
+  const Limit five = L("5 per minute"), three = L("3 per minute"),
+              eight = L("8 per minute");
+  int64_t now = kT0;
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(
+        Hit(*store, Strategy::kMovingWindow, five, "k", now += kMs).allowed);
+  }
+  Decision d = Hit(*store, Strategy::kMovingWindow, three, "k", now += kMs);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  for (int i = 0; i < 4; ++i) {
+    d = Hit(*store, Strategy::kMovingWindow, eight, "k", now += kMs);
+    EXPECT_TRUE(d.allowed) << i;
+  }
+  d = Hit(*store, Strategy::kMovingWindow, eight, "k", now += kMs);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.reset_nanos, kT0 + kMs + 60 * kSec);
+  const Request r{Strategy::kMovingWindow, &eight, "k", 1};
+  EXPECT_EQ(store->Inspect(r, now).count, 8);
+  EXPECT_EQ(store->Stats().mismatches, 0u);
+}
+
+TEST_F(RedisStoreTest, KeysOutliveTheirStateBySlack) {
+  // TTLs only collect garbage, but must never drop live state: after every
+  // write, PTTL >= (end of the key's state - now) + slack.
+  RedisStoreOptions o = Options();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const int64_t slack_ms = o.ttl_slack_nanos / kMs;
+  const Limit limits[] = {L("5 per second"), L("20 per 3 seconds"),
+                          L("3 per minute", 2)};
+  std::mt19937_64 rng(7);
+  int64_t now = SystemClock()->NowNanos();
+  for (int step = 0; step < 300; ++step) {
+    now += static_cast<int64_t>(rng() % (300 * kMs));
+    const Limit& l = limits[rng() % 3];
+    for (Strategy s :
+         {Strategy::kFixedWindow, Strategy::kMovingWindow,
+          Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+      const std::string key = "LIMITER/ttl/" + std::to_string(l.amount);
+      Hit(*store, s, l, key, now, 1 + static_cast<int64_t>(rng() % 2));
+      const Request r{s, &l, key, 1};
+      const WindowState w = store->Inspect(r, now);
+      int64_t end = 0;  // when the state is void
+      switch (s) {
+        case Strategy::kFixedWindow:
+        case Strategy::kTokenBucket:
+          end = w.time_nanos;
+          break;
+        case Strategy::kSlidingWindowCounter:
+          end = now + w.current_ttl_nanos;
+          break;
+        case Strategy::kMovingWindow:
+          end = now + l.PeriodNanos() + 1;  // at most: newest is <= now
+          break;
+      }
+      if (end <= now) continue;
+      const testing::Reply pttl =
+          server_.Command({"PTTL", store->RedisKey(s, key)});
+      ASSERT_EQ(pttl.type, REDIS_REPLY_INTEGER);
+      EXPECT_GE(pttl.integer + 50, (end - now) / kMs + slack_ms)
+          << StrategyName(s) << " step " << step;
+      EXPECT_LT(pttl.integer, 3 * 60'000 + 10'000) << StrategyName(s);
+    }
+    if (HasFailure()) return;
+  }
+}
+
+// --------------------------------------------------------- one round trip
+
+TEST_F(RedisStoreTest, OneCommandPerDecisionWithSeveralLimits) {
+  auto store = Make(Options());
+  const Limit a = L("100 per second"), b = L("1000 per minute"),
+              c = L("10000 per hour");
+  ASSERT_TRUE(server_.Command({"CONFIG", "RESETSTAT"}).ok());
+  for (int i = 0; i < 25; ++i) {
+    const std::string key = "LIMITER/client" + std::to_string(i % 3) + "/r";
+    Request reqs[3] = {{Strategy::kFixedWindow, &a, key, 1},
+                       {Strategy::kSlidingWindowCounter, &b, key, 1},
+                       {Strategy::kTokenBucket, &c, key, 1}};
+    Decision out[3];
+    EXPECT_EQ(store->Decide(reqs, 3, kT0 + i * kMs, Mode::kHit, out), 3u);
+    EXPECT_EQ(out[2].remaining, 10000 - 1 - i / 3);
+  }
+  // commandstats also counts the commands scripts run (get, set, ...):
+  // the client's own commands are the EVALSHAs, one per decision.
+  const auto calls = server_.CommandCalls();
+  EXPECT_EQ(calls.at("evalsha"), 25);
+  EXPECT_EQ(calls.count("eval"), 0u);
+  EXPECT_EQ(calls.at("get"), 75);  // 3 limits per script call
+  for (const auto& [name, count] : calls) {
+    EXPECT_TRUE(name == "evalsha" || name == "get" || name == "set" ||
+                name == "config|resetstat")
+        << name << " " << count;
+  }
+}
+
+TEST_F(RedisStoreTest, ScriptReloadAfterScriptFlush) {
+  auto store = Make(Options());
+  const Limit l = L("10 per minute");
+  EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).allowed);
+  ASSERT_TRUE(server_.Command({"SCRIPT", "FLUSH"}).ok());
+  const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 1);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.source, DecisionSource::kStore);
+  EXPECT_EQ(d.remaining, 8);
+  EXPECT_EQ(store->Stats().script_reloads, 1u);
+  ASSERT_TRUE(server_.Command({"CONFIG", "RESETSTAT"}).ok());
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 2).remaining, 7);
+  EXPECT_EQ(server_.CommandCalls().count("eval"), 0u);  // back to EVALSHA
+}
+
+TEST_F(RedisStoreTest, EvalWhenEvalshaIsRefused) {
+  ASSERT_TRUE(server_
+                  .Command({"ACL", "SETUSER", "limited", "on", ">pw", "~*",
+                            "+@all", "-evalsha"})
+                  .ok());
+  RedisStoreOptions o = Options();
+  o.username = "limited";
+  o.password = "pw";
+  auto store = Make(o);
+  const Limit l = L("2 per minute");
+  EXPECT_TRUE(Hit(*store, Strategy::kMovingWindow, l, "k", kT0).allowed);
+  EXPECT_TRUE(Hit(*store, Strategy::kMovingWindow, l, "k", kT0 + 1).allowed);
+  const Decision d = Hit(*store, Strategy::kMovingWindow, l, "k", kT0 + 2);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.source, DecisionSource::kStore);
+  EXPECT_GE(server_.CommandCalls()["eval"], 3);
+}
+
+TEST_F(RedisStoreTest, WrongPasswordAppliesPolicy) {
+  ASSERT_TRUE(
+      server_.Command({"ACL", "SETUSER", "u2", "on", ">right", "~*", "+@all"})
+          .ok());
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.username = "u2";
+  o.password = "wrong";
+  auto store = Make(o);
+  EXPECT_FALSE(store->Connected());
+  const Decision d =
+      Hit(*store, Strategy::kFixedWindow, L("1 per minute"), "k", kT0);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.source, DecisionSource::kFailOpen);
+}
+
+TEST_F(RedisStoreTest, UnixSocketAndDatabase) {
+  RedisStoreOptions o;
+  std::string error;
+  ASSERT_TRUE(ParseRedisUri("redis+unix://" + server_.unix_path() + "?db=3", &o,
+                            &error))
+      << error;
+  auto store = Make(o);
+  ASSERT_TRUE(store->Connected());
+  EXPECT_TRUE(
+      Hit(*store, Strategy::kTokenBucket, L("5/second"), "k", kT0).allowed);
+  const testing::Reply info = server_.Command({"INFO", "keyspace"});
+  EXPECT_NE(info.str.find("db3:keys=1"), std::string::npos) << info.str;
+}
+
+TEST_F(RedisStoreTest, KeysCarryHashTagAndPrefix) {
+  RedisStoreOptions o = Options();
+  o.key_prefix = "app:";
+  auto store = Make(o);
+  EXPECT_EQ(
+      store->RedisKey(Strategy::kFixedWindow, "LIMITER/1.2.3.4/r/5/1/minute"),
+      "app:fw:{1.2.3.4}LIMITER/1.2.3.4/r/5/1/minute");
+  Hit(*store, Strategy::kFixedWindow, L("5/minute"), "LIMITER/1.2.3.4/r", kT0);
+  const testing::Reply keys = server_.Command({"KEYS", "*"});
+  ASSERT_EQ(keys.elements.size(), 1u);
+  EXPECT_EQ(keys.elements[0].str, "app:fw:{1.2.3.4}LIMITER/1.2.3.4/r");
+}
+
+// ------------------------------------------------- admin: incr/clear/reset
+
+TEST_F(RedisStoreTest, IncrClearResetSize) {
+  auto store = Make(Options());
+  int64_t expiry = 0;
+  EXPECT_EQ(store->Incr("LIMITER/k", 10 * kSec, 3, kT0, &expiry), 3);
+  EXPECT_EQ(expiry, kT0 + 10 * kSec);
+  EXPECT_EQ(store->Incr("LIMITER/k", 10 * kSec, 2, kT0 + kSec, &expiry), 5);
+  EXPECT_EQ(expiry, kT0 + 10 * kSec);
+  const Limit l = L("1 per 10 seconds");
+  Request r{Strategy::kFixedWindow, &l, "LIMITER/k", 0};
+  EXPECT_EQ(store->Inspect(r, kT0 + kSec).count, 5);
+  Hit(*store, Strategy::kMovingWindow, l, "LIMITER/m", kT0);
+  Hit(*store, Strategy::kTokenBucket, l, "LIMITER/t", kT0);
+  EXPECT_EQ(store->Size(), 3u);
+  EXPECT_TRUE(store->Clear(Strategy::kFixedWindow, "LIMITER/k"));
+  EXPECT_FALSE(store->Clear(Strategy::kFixedWindow, "LIMITER/k"));
+  EXPECT_EQ(store->Inspect(r, kT0 + kSec).count, 0);
+  server_.Command({"SET", "unrelated", "1"});
+  EXPECT_EQ(store->Reset(), 2u);
+  EXPECT_EQ(store->Size(), 0u);
+  EXPECT_EQ(server_.Command({"GET", "unrelated"}).str, "1");
+}
+
+// ---------------------------------------------------------- concurrency
+
+TEST_F(RedisStoreTest, ExactAdmissionAcrossThreadsAndConnections) {
+  RedisStoreOptions o = Options();
+  o.pool_size = 3;
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  auto other = Make(o);  // a second "app instance"
+  const Limit l = L("500 per hour");
+  std::atomic<int> allowed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      Store& s = t % 2 == 0 ? static_cast<Store&>(*store) : *other;
+      for (int i = 0; i < 100; ++i) {
+        if (Hit(s, Strategy::kFixedWindow, l, "LIMITER/one", kT0 + i).allowed) {
+          allowed.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(allowed.load(), 500);
+}
+
+struct AsyncWait {
+  std::mutex mu;
+  std::condition_variable cv;
+  int pending = 0;
+  int allowed = 0;
+  std::vector<DecisionSource> sources;
+};
+
+void AsyncDone(void* ctx, const Decision* d, size_t written, size_t) {
+  auto* w = static_cast<AsyncWait*>(ctx);
+  std::lock_guard<std::mutex> lock(w->mu);
+  if (written > 0 && d[written - 1].allowed) ++w->allowed;
+  if (written > 0) w->sources.push_back(d[written - 1].source);
+  if (--w->pending == 0) w->cv.notify_all();
+}
+
+TEST_F(RedisStoreTest, AsyncDecisionsArePipelined) {
+  RedisStoreOptions o = Options();
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  const Limit l = L("300 per hour"), wide = L("100000 per hour");
+  AsyncWait w;
+  const int kThreads = 4, kEach = 250;
+  w.pending = kThreads * kEach;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < kEach; ++i) {
+        Request reqs[2] = {
+            {Strategy::kSlidingWindowCounter, &wide, "LIMITER/a", 1},
+            {Strategy::kMovingWindow, &l, "LIMITER/a", 1}};
+        store->DecideAsync(reqs, 2, kT0 + i, Mode::kHit, &AsyncDone, &w);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::unique_lock<std::mutex> lock(w.mu);
+  ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(20),
+                            [&] { return w.pending == 0; }));
+  EXPECT_EQ(w.allowed, 300);
+  const RedisStoreStats s = store->Stats();
+  // Rejections after the 300th are mostly answered by the cache; every
+  // other decision was a script call, and calls were batched into writes.
+  EXPECT_EQ(s.calls + s.cache_hits, 1000u);
+  EXPECT_LT(s.writes, s.calls);
+  EXPECT_EQ(s.fail_closed, 0u);
+}
+
+// ------------------------------------------------------ blocked-key cache
+
+TEST_F(RedisStoreTest, BlockedKeyCacheSendsNoCommand) {
+  auto store = Make(Options());
+  const Limit l = L("2 per minute");
+  EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "LIMITER/c", kT0).allowed);
+  EXPECT_TRUE(
+      Hit(*store, Strategy::kFixedWindow, l, "LIMITER/c", kT0 + 1).allowed);
+  const Decision first =
+      Hit(*store, Strategy::kFixedWindow, l, "LIMITER/c", kT0 + 2);
+  EXPECT_FALSE(first.allowed);
+  EXPECT_EQ(first.source, DecisionSource::kStore);
+  ASSERT_TRUE(server_.Command({"CONFIG", "RESETSTAT"}).ok());
+  for (int i = 0; i < 20; ++i) {
+    const Decision d =
+        Hit(*store, Strategy::kFixedWindow, l, "LIMITER/c", kT0 + 3 + i);
+    EXPECT_FALSE(d.allowed);
+    EXPECT_EQ(d.source, DecisionSource::kCache);
+    EXPECT_EQ(d.reset_nanos, first.reset_nanos);
+    EXPECT_EQ(d.retry_after_nanos, first.retry_after_nanos - 1 - i);
+  }
+  EXPECT_EQ(server_.CommandCalls().count("evalsha"), 0u);
+  // After the window, Redis decides again.
+  const Decision later =
+      Hit(*store, Strategy::kFixedWindow, l, "LIMITER/c", kT0 + 60 * kSec);
+  EXPECT_TRUE(later.allowed);
+  EXPECT_EQ(later.source, DecisionSource::kStore);
+  EXPECT_GE(store->Stats().cache_hits, 20u);
+}
+
+TEST_F(RedisStoreTest, CacheCanBeTurnedOff) {
+  RedisStoreOptions o = Options();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const Limit l = L("1 per minute");
+  Hit(*store, Strategy::kTokenBucket, l, "k", kT0);
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(Hit(*store, Strategy::kTokenBucket, l, "k", kT0 + i).source,
+              DecisionSource::kStore);
+  }
+  EXPECT_EQ(store->Stats().cache_hits, 0u);
+}
+
+// ------------------------------------------------------------------ faults
+
+class RedisFaultTest
+    : public RedisStoreTest,
+      public ::testing::WithParamInterface<RedisFailurePolicy> {};
+
+TEST_P(RedisFaultTest, KilledAndRestarted) {
+  const RedisFailurePolicy policy = GetParam();
+  auto store = Make(Options(policy));
+  const Limit l = L("2 per minute");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kStore);
+  const int port = server_.port();
+  server_.Kill();
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 1 + i);
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_LT(took, std::chrono::milliseconds(400));
+    switch (policy) {
+      case RedisFailurePolicy::kFailOpen:
+        EXPECT_TRUE(d.allowed);
+        EXPECT_EQ(d.source, DecisionSource::kFailOpen);
+        break;
+      case RedisFailurePolicy::kFailClosed:
+        EXPECT_FALSE(d.allowed);
+        EXPECT_EQ(d.source, DecisionSource::kFailClosed);
+        EXPECT_EQ(d.retry_after_nanos, kSec);
+        break;
+      case RedisFailurePolicy::kFallback:
+        // A memory store with the same limits: 2 admitted, then rejected.
+        EXPECT_EQ(d.allowed, i < 2) << i;
+        EXPECT_EQ(d.source, DecisionSource::kFallback);
+        break;
+    }
+  }
+  std::string error;
+  ASSERT_TRUE(server_.Start(port, &error)) << error;
+  EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+  const Decision d = Hit(*store, Strategy::kFixedWindow, l, "fresh", kT0);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.source, DecisionSource::kStore);
+  EXPECT_GE(store->Stats().disconnects, 1u);
+  EXPECT_GE(store->Stats().reconnects, 2u);
+}
+
+TEST_P(RedisFaultTest, SlowRedisTimesOut) {
+  const RedisFailurePolicy policy = GetParam();
+  RedisStoreOptions o = Options(policy);
+  o.command_timeout_nanos = 100 * kMs;
+  auto store = Make(o);
+  const Limit l = L("100 per minute");
+  EXPECT_EQ(Hit(*store, Strategy::kTokenBucket, l, "k", kT0).source,
+            DecisionSource::kStore);
+  std::thread sleeper([&] { server_.Command({"DEBUG", "SLEEP", "0.6"}); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto start = std::chrono::steady_clock::now();
+  const Decision d = Hit(*store, Strategy::kTokenBucket, l, "k", kT0 + 1);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(took, std::chrono::milliseconds(80));
+  EXPECT_LT(took, std::chrono::milliseconds(250));
+  EXPECT_NE(d.source, DecisionSource::kStore);
+  EXPECT_GE(store->Stats().timeouts, 1u);
+  // While Redis sleeps, calls fail fast instead of waiting again.
+  const auto start2 = std::chrono::steady_clock::now();
+  Hit(*store, Strategy::kTokenBucket, l, "k", kT0 + 2);
+  EXPECT_LT(std::chrono::steady_clock::now() - start2,
+            std::chrono::milliseconds(250));
+  sleeper.join();
+  EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, RedisFaultTest,
+                         ::testing::Values(RedisFailurePolicy::kFailOpen,
+                                           RedisFailurePolicy::kFailClosed,
+                                           RedisFailurePolicy::kFallback),
+                         [](const auto& info) {
+                           std::string n(RedisFailurePolicyName(info.param));
+                           for (char& c : n) {
+                             if (c == '-') c = '_';
+                           }
+                           return n;
+                         });
+
+TEST_F(RedisStoreTest, UnreachableAtStartIsNotFatal) {
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+  o.port = testing::FreePort();
+  const auto start = std::chrono::steady_clock::now();
+  auto store = Make(o);
+  ASSERT_NE(store, nullptr);
+  EXPECT_FALSE(store->Connected());
+  const Decision d =
+      Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0);
+  EXPECT_EQ(d.source, DecisionSource::kFailClosed);
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(500));
+  // Inspect, Incr, Clear degrade too.
+  const Limit l = L("1/second");
+  EXPECT_EQ(store->Inspect({Strategy::kFixedWindow, &l, "k", 1}, kT0).count, 0);
+  EXPECT_GT(store->Incr("k", kSec, 1, kT0, nullptr), 1'000'000);
+  EXPECT_FALSE(store->Clear(Strategy::kFixedWindow, "k"));
+}
+
+TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
+  auto store = Make(Options(RedisFailurePolicy::kFailOpen));
+  const Limit l = L("1/second");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kStore);
+  const auto start = std::chrono::steady_clock::now();
+  store->Close();
+  store->Close();
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(200));
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailOpen);
+}
+
+// -------------------------------------------------------------------- fork
+
+TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
+  auto store = Make(Options());
+  const Limit l = L("3 per minute");
+  EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).allowed);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    // Child: no gtest here; report through the exit code.
+    const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 1);
+    const bool ok =
+        d.allowed && d.remaining == 1 && d.source == DecisionSource::kStore;
+    store->Close();
+    _exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  // The parent's connection is intact and sees the child's hit.
+  const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 2);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.source, DecisionSource::kStore);
+}
+
+TEST_F(RedisStoreTest, PingMeasuresRoundTrip) {
+  auto store = Make(Options());
+  int64_t rtt = 0;
+  EXPECT_TRUE(store->Ping(&rtt));
+  EXPECT_GT(rtt, 0);
+  EXPECT_LT(rtt, 100 * kMs);
+}
+
+}  // namespace
+}  // namespace rapidlimit
+
+#else  // !RAPIDLIMIT_HAVE_HIREDIS
+
+namespace rapidlimit {
+namespace {
+
+TEST(RedisStoreTest, BuiltWithoutHiredis) {
+  EXPECT_FALSE(RedisStoreAvailable());
+  std::string error;
+  EXPECT_EQ(NewRedisStore(RedisStoreOptions{}, &error), nullptr);
+  EXPECT_NE(error.find("without hiredis"), std::string::npos) << error;
+}
+
+}  // namespace
+}  // namespace rapidlimit
+
+#endif  // RAPIDLIMIT_HAVE_HIREDIS

@@ -1,0 +1,100 @@
+"""Shared helpers for the slowapi-compatibility tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# The far future: limits' memory storage expires keys from a timer thread
+# that freezegun leaves on the real clock, so frozen dates must lie ahead of
+# it for slowapi to count correctly under a frozen clock.
+FROZEN = "2100-01-01 00:00:00"
+FROZEN_EPOCH = 4102444800
+
+
+@pytest.fixture(autouse=True)
+def _no_ratelimit_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests start without RATELIMIT_* variables and outside any .env."""
+    for name in list(os.environ):
+        if name.startswith("RATELIMIT_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+def rate_headers(response: object) -> dict[str, str]:
+    """The rate-limit headers of an httpx response, X-RateLimit-Reset as int."""
+    headers = response.headers  # type: ignore[attr-defined]
+    found = {}
+    for name in (
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "retry-after",
+    ):
+        if name in headers:
+            value = headers[name]
+            if name == "x-ratelimit-reset":
+                value = str(int(float(value)))
+            found[name] = value
+    return found
+
+
+class AsyncClientAdapter:
+    """httpx's ASGI transport behind TestClient's synchronous interface."""
+
+    def __init__(
+        self,
+        app: object,
+        client: tuple[str, int] = ("127.0.0.1", 123),
+        raise_server_exceptions: bool = True,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.raise_server_exceptions = raise_server_exceptions
+
+    def request(self, method: str, url: str, **kwargs: object) -> object:
+        import asyncio
+
+        import httpx
+
+        async def go() -> object:
+            transport = httpx.ASGITransport(
+                app=self.app,  # type: ignore[arg-type]
+                client=self.client,
+                raise_app_exceptions=self.raise_server_exceptions,
+            )
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://testserver"
+            ) as client:
+                return await client.request(method, url, **kwargs)  # type: ignore[arg-type]
+
+        return asyncio.run(go())
+
+    def get(self, url: str, **kwargs: object) -> object:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: object) -> object:
+        return self.request("POST", url, **kwargs)
+
+
+@pytest.fixture(params=["testclient", "httpx"])
+def make_client(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Builds a client for an app: Starlette's TestClient or httpx ASGI."""
+
+    def make(app: object, raise_server_exceptions: bool = True) -> object:
+        if request.param == "testclient":
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from starlette.testclient import TestClient
+
+            return TestClient(
+                app,  # type: ignore[arg-type]
+                raise_server_exceptions=raise_server_exceptions,
+            )
+        return AsyncClientAdapter(app, raise_server_exceptions=raise_server_exceptions)
+
+    return make

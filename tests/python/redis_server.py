@@ -1,0 +1,153 @@
+"""Test helper: a throwaway ``redis-server`` from PATH on 127.0.0.1 at a free
+port, without persistence, stopped afterwards.
+
+Test modules define their own fixture around :class:`RedisServer`; a test
+skips only when ``redis-server`` cannot be found.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import pytest
+
+
+def find_redis_server() -> str | None:
+    return shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _version(binary: str) -> int:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    at = out.find("v=")
+    try:
+        return int(out[at + 2 :].split(".")[0]) if at >= 0 else 0
+    except ValueError:
+        return 0
+
+
+class RedisServer:
+    """One redis-server process; ``restart()`` reuses the port."""
+
+    def __init__(self) -> None:
+        binary = find_redis_server()
+        if binary is None:
+            pytest.skip("redis-server not found in PATH")
+        self.binary: str = binary
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.mkdtemp(prefix="rapidlimit-redis-")
+        self.unix_path = os.path.join(self._dir, "redis.sock")
+        self._debug_option = _version(binary) >= 7
+
+    @property
+    def uri(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, port: int = 0) -> None:
+        for _ in range(5):
+            self.port = port or free_port()
+            args = [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--unixsocket",
+                self.unix_path,
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                "--dir",
+                self._dir,
+            ]
+            if self._debug_option:
+                args += ["--enable-debug-command", "yes"]
+            self.proc = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            if self._wait_ready(10.0):
+                return
+            self.stop()
+            time.sleep(0.2)
+        raise RuntimeError("redis-server did not start")
+
+    def _wait_ready(self, limit: float) -> bool:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if self.client().ping():
+                    return True
+            except Exception:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Abrupt death, as in a crash."""
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.start(self.port)
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True
+        )
+
+    def command_calls(self) -> dict[str, int]:
+        """calls per command from INFO commandstats ({"evalsha": 12})."""
+        stats = self.client().info("commandstats")
+        return {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+        }
+
+    def reset_stats(self) -> None:
+        self.client().config_resetstat()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)

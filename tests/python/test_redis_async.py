@@ -1,0 +1,180 @@
+"""decide_many_async: awaited without blocking the event loop, pipelined,
+exact under concurrency, answered in process for blocked keys."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from rapidlimit import _core, parse
+from rapidlimit.storage import RedisStorage
+from rapidlimit.strategies import STRATEGIES
+from redis_server import RedisServer
+
+T0 = 1_700_000_000.5
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _flush(server: RedisServer) -> None:
+    server.client().flushall()
+
+
+async def test_async_matches_sync(server: RedisServer) -> None:
+    store = RedisStorage(server.uri, blocked_cache=False)
+    item = parse("3/minute")
+    for name in sorted(STRATEGIES):
+        limiter = STRATEGIES[name](store)
+        got = [
+            tuple((await store.decide_many_async(name, [(item, "a", 1)], now=T0))[0])
+            for _ in range(4)
+        ]
+        assert [d[0] for d in got] == [True, True, True, False], name
+        # The same limiter object may name the strategy.
+        tested = await store.decide_many_async(limiter, [(item, "a", 1)], T0, True)
+        assert tested[0].allowed is False
+        assert tuple(limiter.decide_many([(item, "a", 1)], now=T0)[0]) == got[3]
+    store.close()
+
+
+async def test_64_concurrent_requests_exact_and_pipelined(server: RedisServer) -> None:
+    store = RedisStorage(server.uri, timeout=2.0)
+    item = parse("500/hour")
+    other = parse("100000/hour")
+
+    async def one(i: int) -> bool:
+        decisions = await store.decide_many_async(
+            "moving-window", [(other, "x", 1), (item, "x", 1)], now=T0 + i * 1e-6
+        )
+        return decisions[-1].allowed
+
+    results: list[bool] = []
+    for _ in range(20):  # 20 waves of 64 concurrent requests
+        results += await asyncio.gather(*(one(len(results) + i) for i in range(64)))
+    assert sum(results) == 500
+    stats = store.stats()
+    # One call per request: the wide limit is charged in Redis even when
+    # the narrow one is known blocked (then only the wide one is sent).
+    assert stats["calls"] == 64 * 20
+    assert stats["cache_hits"] > 0
+    assert stats["writes"] < stats["calls"]  # batched
+    assert stats["inline_calls"] == 0  # the loop never blocks on a socket
+    store.close()
+
+
+async def test_loop_keeps_serving_while_redis_is_slow(server: RedisServer) -> None:
+    store = RedisStorage(server.uri, timeout=0.2, on_error="fail-open")
+    item = parse("10/second")
+    assert (await store.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    tick_task = asyncio.create_task(ticker())
+    sleeper = threading.Thread(
+        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.6")
+    )
+    sleeper.start()
+    await asyncio.sleep(0.05)
+    start = time.monotonic()
+    before = ticks
+    decisions = await store.decide_many_async("fixed-window", [(item, "a", 1)])
+    waited = time.monotonic() - start
+    during = ticks - before
+    assert decisions[0].allowed  # fail-open
+    assert 0.15 < waited < 0.45  # the timeout, not the 0.6 s sleep
+    assert during >= 10  # the loop ran other tasks meanwhile
+    assert store.stats()["timeouts"] >= 1
+    tick_task.cancel()
+    await asyncio.to_thread(sleeper.join)
+    store.close()
+
+
+async def test_fail_closed_raises_with_retry_after(server: RedisServer) -> None:
+    store = RedisStorage(
+        server.uri, timeout=0.1, on_error="fail-closed", fail_closed_retry_after=7
+    )
+    item = parse("10/second")
+    sleeper = threading.Thread(
+        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.4")
+    )
+    sleeper.start()
+    await asyncio.sleep(0.05)
+    with pytest.raises(_core.RedisUnavailableError) as info:
+        await store.decide_many_async("token-bucket", [(item, "a", 1)])
+    assert info.value.retry_after == 7.0
+    with pytest.raises(_core.RedisUnavailableError):
+        store.decide_many("token-bucket", [(item, "a", 1)])
+    await asyncio.to_thread(sleeper.join)
+    store.close()
+
+
+async def test_blocked_key_is_answered_without_redis(server: RedisServer) -> None:
+    store = RedisStorage(server.uri)
+    item = parse("1/minute")
+    assert (await store.decide_many_async("fixed-window", [(item, "a", 1)], T0))[
+        0
+    ].allowed
+    first = (await store.decide_many_async("fixed-window", [(item, "a", 1)], T0))[0]
+    assert not first.allowed
+    server.reset_stats()
+    future = store.decide_many_async("fixed-window", [(item, "a", 1)], T0 + 1)
+    assert future.done()  # decided before it is awaited
+    later = (await future)[0]
+    assert not later.allowed
+    assert later.reset_time == first.reset_time
+    assert later.retry_after == pytest.approx(first.retry_after - 1)
+    assert "evalsha" not in server.command_calls()
+    store.close()
+
+
+async def test_cancelled_and_abandoned_futures(server: RedisServer) -> None:
+    store = RedisStorage(server.uri)
+    item = parse("100/second")
+    futures = [
+        store.decide_many_async("sliding-window-counter", [(item, "a", 1)])
+        for _ in range(50)
+    ]
+    for f in futures[::2]:
+        f.cancel()
+    done = await asyncio.gather(*futures[1::2])
+    assert all(d[0].allowed for d in done)
+    # Later calls are unaffected.
+    assert (await store.decide_many_async("fixed-window", [(item, "b", 1)]))[0].allowed
+    store.close()
+
+
+def test_needs_a_running_loop(server: RedisServer) -> None:
+    store = RedisStorage(server.uri)
+    with pytest.raises(RuntimeError):
+        store.decide_many_async("fixed-window", [(parse("1/second"), "a", 1)])
+    store.close()
+
+
+def test_many_loops_one_after_another(server: RedisServer) -> None:
+    """Each asyncio.run gets its own loop (and completion channel)."""
+    store = RedisStorage(server.uri)
+    item = parse("1000/minute")
+
+    async def go() -> bool:
+        return (await store.decide_many_async("fixed-window", [(item, "a", 1)]))[
+            0
+        ].allowed
+
+    assert all(asyncio.run(go()) for _ in range(30))
+    store.close()

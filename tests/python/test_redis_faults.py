@@ -1,0 +1,168 @@
+"""Redis killed mid-run and restarted, for each failure policy: no exception
+but the documented one, no wait beyond the timeout, and recovery. Also
+through the slowapi-compatible Limiter: never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.testclient import TestClient
+
+from rapidlimit import Limiter, _core, _rate_limit_exceeded_handler, parse
+from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.storage import RedisStorage
+from rapidlimit.strategies import STRATEGIES
+from rapidlimit.util import get_remote_address
+from redis_server import RedisServer
+
+POLICIES = ["fail-open", "fail-closed", "fallback"]
+FAST = {
+    "timeout": 0.15,
+    "connect_timeout": 0.3,
+    "reconnect_min": 0.01,
+    "reconnect_max": 0.1,
+}
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def wait_recovered(store: RedisStorage, limit: float = 5.0) -> bool:
+    probe = STRATEGIES["fixed-window"](store)
+    item = parse("1000000/second")
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        probe.hit(item, "probe")
+        if store.last_status() == "redis":
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_killed_and_restarted(server: RedisServer, policy: str) -> None:
+    store = RedisStorage(server.uri, on_error=policy, **FAST)
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("2/minute")
+    assert lim.hit(item, "a")
+    server.kill()
+    outcomes: list[Any] = []
+    for _ in range(4):
+        start = time.monotonic()
+        # The RateLimiter path never raises: the policy answers.
+        decision = lim.decide_many([(item, "a", 1)])[0]
+        assert time.monotonic() - start < 0.4
+        outcomes.append((decision.allowed, store.last_status()))
+        try:
+            store.decide_many(lim, [(item, "b", 1)])
+            raised = False
+        except _core.RedisUnavailableError as exc:
+            raised = True
+            assert exc.retry_after == 1.0
+        assert raised == (policy == "fail-closed")
+    if policy == "fail-open":
+        assert outcomes == [(True, "fail-open")] * 4
+    elif policy == "fail-closed":
+        assert outcomes == [(False, "fail-closed")] * 4
+    else:  # the same limits in process memory
+        assert outcomes == [(True, "fallback")] * 2 + [(False, "fallback")] * 2
+    server.restart()
+    assert wait_recovered(store)
+    assert lim.hit(item, "fresh")
+    assert store.last_status() == "redis"
+    stats = store.stats()
+    assert stats["disconnects"] >= 1
+    assert stats["reconnects"] >= 2
+    store.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_killed_and_restarted_async(server: RedisServer, policy: str) -> None:
+    store = RedisStorage(server.uri, on_error=policy, **FAST)
+    item = parse("5/minute")
+    assert (await store.decide_many_async("token-bucket", [(item, "a", 1)]))[0].allowed
+    server.kill()
+    start = time.monotonic()
+    if policy == "fail-closed":
+        with pytest.raises(_core.RedisUnavailableError):
+            await store.decide_many_async("token-bucket", [(item, "a", 1)])
+    else:
+        decisions = await store.decide_many_async("token-bucket", [(item, "a", 1)])
+        assert decisions[0].allowed
+    assert time.monotonic() - start < 0.4
+    server.restart()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(_core.RedisUnavailableError):
+            await store.decide_many_async("token-bucket", [(item, "z", 1)])
+        if store.connected:
+            break
+        await asyncio.sleep(0.02)
+    decisions = await store.decide_many_async("token-bucket", [(item, "new", 1)])
+    assert decisions[0].allowed
+    store.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_slow_redis_times_out(server: RedisServer, policy: str) -> None:
+    import threading
+
+    store = RedisStorage(server.uri, on_error=policy, **FAST)
+    lim = STRATEGIES["moving-window"](store)
+    item = parse("10/second")
+    assert lim.hit(item, "a")
+    sleeper = threading.Thread(
+        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.5")
+    )
+    sleeper.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    lim.decide_many([(item, "a", 1)])
+    took = time.monotonic() - start
+    assert 0.1 < took < 0.35
+    assert store.last_status() == policy
+    sleeper.join()
+    assert wait_recovered(store)
+    store.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_limiter_never_answers_500(server: RedisServer, policy: str) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        headers_enabled=True,
+        storage_uri=server.uri,
+        storage_options={"on_error": policy, **FAST},
+    )
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+
+    @app.get("/r")
+    @limiter.limit("3/minute")
+    async def route(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/r").status_code == 200
+    server.kill()
+    codes = [client.get("/r").status_code for _ in range(5)]
+    assert 500 not in codes
+    expected = {"fail-open": {200}, "fail-closed": {429}, "fallback": {200, 429}}
+    assert set(codes) <= expected[policy]
+    server.restart()
+    assert wait_recovered(limiter._storage)  # type: ignore[arg-type]
+    assert client.get("/r").status_code in (200, 429)

@@ -1,0 +1,190 @@
+"""Several processes and app instances sharing limits through one Redis:
+exact admission, forked workers with their own connections, and a bounded
+shutdown at interpreter exit."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.testclient import TestClient
+
+from rapidlimit import Limiter, _rate_limit_exceeded_handler, parse
+from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.storage import RedisStorage
+from rapidlimit.strategies import STRATEGIES
+from rapidlimit.util import get_remote_address
+from redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _flush(server: RedisServer) -> None:
+    server.client().flushall()
+
+
+HAMMER = textwrap.dedent(
+    """
+    import sys, time, threading
+    from rapidlimit import parse
+    from rapidlimit.storage import RedisStorage
+    from rapidlimit.strategies import STRATEGIES
+
+    uri, strategy = sys.argv[1], sys.argv[2]
+    start_at, hits = float(sys.argv[3]), int(sys.argv[4])
+    store = RedisStorage(uri, timeout=5)
+    lim = STRATEGIES[strategy](store)
+    item = parse("1000 per hour")
+    admitted = 0
+    def work():
+        global admitted
+        for _ in range(hits):
+            if lim.hit(item, "shared-key"):
+                admitted += 1
+    while time.time() < start_at:
+        time.sleep(0.001)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert store.stats()["mismatches"] == 0
+    print(admitted)
+    """
+)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_four_processes_hammering_one_key(server: RedisServer, strategy: str) -> None:
+    start_at = time.time() + 1.5
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HAMMER, server.uri, strategy, str(start_at), "150"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    admitted = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        admitted.append(int(out.strip()))
+    # 4 processes x 4 threads x 150 hits = 2400 attempts, limit 1000.
+    assert sum(admitted) == 1000, admitted
+
+
+def test_two_limiters_share_limits(server: RedisServer) -> None:
+    """Two app instances (two Limiters, two connections) count together."""
+
+    def app() -> TestClient:
+        limiter = Limiter(key_func=get_remote_address, storage_uri=server.uri)
+        api = FastAPI()
+        api.state.limiter = limiter
+        api.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+
+        @api.get("/r")
+        @limiter.limit("5/minute")
+        async def route(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        return TestClient(api)
+
+    one, two = app(), app()
+    codes = [c.get("/r").status_code for c in [one, two] * 4]
+    assert codes.count(200) == 5
+    assert codes[5:] == [429, 429, 429]
+
+
+def test_two_rate_limiters_share_limits(server: RedisServer) -> None:
+    a = STRATEGIES["sliding-window-counter"](RedisStorage(server.uri))
+    b = STRATEGIES["sliding-window-counter"](RedisStorage(server.uri))
+    item = parse("6/minute")
+    results = [lim.hit(item, "k") for lim in [a, b] * 5]
+    assert results == [True] * 6 + [False] * 4
+    assert a.get_window_stats(item, "k")[1] == b.get_window_stats(item, "k")[1] == 0
+
+
+def _child_hits(store: RedisStorage, queue: multiprocessing.Queue[object]) -> None:
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("10/minute")
+    results = [lim.hit(item, "forked") for _ in range(4)]
+    queue.put((results, store.last_status(), store.stats()["reconnects"]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_workers_get_their_own_connection(server: RedisServer) -> None:
+    store = RedisStorage(server.uri)
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("10/minute")
+    assert lim.hit(item, "forked")  # the parent's connection is up
+    ctx = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[object] = ctx.Queue()
+    workers = [ctx.Process(target=_child_hits, args=(store, queue)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    got = [queue.get(timeout=20) for _ in workers]
+    for w in workers:
+        w.join(10)
+        assert w.exitcode == 0
+    for _, status, reconnects in got:  # type: ignore[misc]
+        assert status == "redis"
+        assert reconnects >= 2  # inherited count + its own connection
+    admitted = sum(sum(r) for r, _, _ in got)  # type: ignore[misc]
+    assert admitted == 8
+    # The parent still works on its own connection and sees the children.
+    decision = lim.decide_many([(item, "forked", 1)])[0]
+    assert decision.remaining == 0
+    assert store.last_status() == "redis"
+    store.close()
+
+
+@pytest.mark.parametrize("redis_up", [True, False])
+def test_interpreter_exit_is_bounded(server: RedisServer, redis_up: bool) -> None:
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from rapidlimit import parse
+        from rapidlimit.storage import RedisStorage
+        store = RedisStorage({server.uri!r}, timeout=0.2, on_error="fail-open")
+        item = parse("5/second")
+
+        async def main():
+            # Leave work in flight: the process exits right after.
+            futures = [store.decide_many_async("fixed-window", [(item, "a", 1)])
+                       for _ in range(100)]
+            await asyncio.sleep(0)
+            return futures
+
+        asyncio.run(main())
+        store.decide_many("fixed-window", [(item, "a", 1)])
+        print("done")
+        """
+    )
+    if not redis_up:
+        server.kill()
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20
+    )
+    took = time.monotonic() - start
+    if not redis_up:
+        server.restart()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert took < 5

@@ -1,0 +1,189 @@
+"""Rate-limit headers and Retry-After under a frozen, advanced clock."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from freezegun import freeze_time
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from conftest import FROZEN, FROZEN_EPOCH, AsyncClientAdapter, rate_headers
+from rapidlimit import Limiter, _rate_limit_exceeded_handler
+from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+from rapidlimit.util import get_remote_address
+
+T = FROZEN_EPOCH
+
+
+def _app(limiter: Limiter, kind: str, middleware: Any) -> Starlette:
+    if kind == "async":
+
+        async def view(request: Request) -> Response:
+            return PlainTextResponse("ok")
+
+    else:
+
+        def view(request: Request) -> Response:  # type: ignore[misc]
+            return PlainTextResponse("ok")
+
+    async def plain(request: Request) -> Response:
+        return PlainTextResponse("plain")
+
+    app = Starlette(
+        routes=[Route("/x", limiter.limit("2/minute")(view)), Route("/p", plain)]
+    )
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    if middleware is not None:
+        app.add_middleware(middleware)
+    return app
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("middleware", [None, SlowAPIMiddleware, SlowAPIASGIMiddleware])
+def test_fixed_window_headers_follow_the_clock(kind: str, middleware: Any) -> None:
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+    app = _app(limiter, kind, middleware)
+    client = AsyncClientAdapter(app)
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        first: Any = client.get("/x")
+        assert rate_headers(first) == {
+            "x-ratelimit-limit": "2",
+            "x-ratelimit-remaining": "1",
+            "x-ratelimit-reset": str(T + 61),
+            "retry-after": "61",
+        }
+        frozen.tick(20)
+        second: Any = client.get("/x")
+        assert rate_headers(second)["x-ratelimit-remaining"] == "0"
+        assert rate_headers(second)["retry-after"] == "41"
+        frozen.tick(10)
+        third: Any = client.get("/x")
+        assert third.status_code == 429
+        assert rate_headers(third) == {
+            "x-ratelimit-limit": "2",
+            "x-ratelimit-remaining": "0",
+            "x-ratelimit-reset": str(T + 61),
+            "retry-after": "31",
+        }
+        frozen.tick(30)  # t = 60: the window is over
+        fourth: Any = client.get("/x")
+        assert fourth.status_code == 200
+        assert rate_headers(fourth)["x-ratelimit-reset"] == str(T + 60 + 61)
+        assert rate_headers(fourth)["retry-after"] == "61"
+
+
+def test_http_date_retry_after() -> None:
+    limiter = Limiter(
+        key_func=get_remote_address, headers_enabled=True, retry_after="http-date"
+    )
+    client = AsyncClientAdapter(_app(limiter, "async", None))
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        assert (
+            client.get("/x").headers["retry-after"] == "Fri, 01 Jan 2100 00:01:01 -0000"
+        )  # type: ignore[attr-defined]
+        frozen.tick(45)
+        client.get("/x")
+        rejected: Any = client.get("/x")
+        assert rejected.status_code == 429
+        assert rejected.headers["retry-after"] == formatdate(T + 61)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "reset_after_first", "retry_when_rejected"),
+    [
+        # Window starts at the first hit.
+        ("fixed-window", 61, 51),
+        # The oldest entry leaves the window 60 s after it was made.
+        ("moving-window", 61, 51),
+        # Token bucket: each request costs 30 s of the 2/minute bucket; the
+        # headers (as slowapi's formula) count to when it is full again.
+        ("token-bucket", 31, 51),
+    ],
+)
+def test_strategies_under_a_frozen_clock(
+    strategy: str, reset_after_first: int, retry_when_rejected: int
+) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address, headers_enabled=True, strategy=strategy
+    )
+    client = AsyncClientAdapter(_app(limiter, "async", None))
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        first: Any = client.get("/x")
+        assert int(first.headers["x-ratelimit-reset"]) == T + reset_after_first
+        client.get("/x")
+        frozen.tick(10)
+        rejected: Any = client.get("/x")
+        assert rejected.status_code == 429
+        assert rejected.headers["x-ratelimit-remaining"] == "0"
+        assert int(rejected.headers["retry-after"]) == retry_when_rejected
+
+
+def test_sliding_window_recovers_gradually() -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        headers_enabled=True,
+        strategy="sliding-window-counter",
+    )
+    client = AsyncClientAdapter(_app(limiter, "async", None))
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        assert [client.get("/x").status_code for _ in range(3)] == [200, 200, 429]  # type: ignore[attr-defined]
+        frozen.tick(60)  # the previous window still weighs 2 * 60/60
+        assert client.get("/x").status_code == 429  # type: ignore[attr-defined]
+        frozen.tick(30)  # now 2 * 30/60 = 1
+        assert client.get("/x").status_code == 200  # type: ignore[attr-defined]
+        assert client.get("/x").status_code == 429  # type: ignore[attr-defined]
+
+
+def test_default_limit_headers_follow_the_clock() -> None:
+    limiter = Limiter(
+        key_func=get_remote_address, headers_enabled=True, default_limits=["1/second"]
+    )
+    client = AsyncClientAdapter(_app(limiter, "async", SlowAPIASGIMiddleware))
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        assert client.get("/p").headers["retry-after"] == "2"  # type: ignore[attr-defined]
+        assert client.get("/p").status_code == 429  # type: ignore[attr-defined]
+        frozen.tick(1)
+        ok: Any = client.get("/p")
+        assert ok.status_code == 200
+        assert ok.headers["x-ratelimit-reset"] == str(T + 3)
+
+
+def test_fastapi_response_headers_under_a_frozen_clock() -> None:
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+
+    @app.get("/f")
+    @limiter.limit("5/hour")
+    def f(request: Request, response: Response) -> dict[str, bool]:
+        return {"ok": True}
+
+    client = AsyncClientAdapter(app)
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        frozen.tick(0.75)
+        response: Any = client.get("/f")
+        assert response.headers["x-ratelimit-reset"] == str(T + 3601)
+        assert response.headers["retry-after"] == "3601"  # int(3601.75 - 0.75)
+
+
+def test_a_patched_time_function_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # hiro-style clocks patch time.time; the limiter reads it per request.
+    now = {"t": 1_000_000.0}
+    monkeypatch.setattr(time, "time", lambda: now["t"])
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+    client = AsyncClientAdapter(_app(limiter, "async", None))
+    assert client.get("/x").headers["x-ratelimit-reset"] == "1000061"  # type: ignore[attr-defined]
+    client.get("/x")
+    assert client.get("/x").status_code == 429  # type: ignore[attr-defined]
+    now["t"] += 60
+    assert client.get("/x").status_code == 200  # type: ignore[attr-defined]

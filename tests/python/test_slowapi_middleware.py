@@ -1,0 +1,598 @@
+"""SlowAPIMiddleware and SlowAPIASGIMiddleware: default and application
+limits, route resolution, streaming, files and websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from conftest import rate_headers
+from rapidlimit import Limiter, _rate_limit_exceeded_handler
+from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+from rapidlimit.util import get_remote_address
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+MIDDLEWARES = [SlowAPIMiddleware, SlowAPIASGIMiddleware]
+
+
+@pytest.fixture(params=MIDDLEWARES, ids=["BaseMW", "ASGIMW"])
+def middleware(request: pytest.FixtureRequest) -> type:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["fastapi", "starlette"])
+def framework(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def text_view(body: str) -> Callable[..., Any]:
+    async def view(request: Request) -> Response:
+        return PlainTextResponse(body)
+
+    view.__name__ = f"view_{body}"
+    return view
+
+
+def make_app(
+    framework: str, limiter: Limiter, middleware: type, routes: list[Any]
+) -> Starlette:
+    app: Starlette = FastAPI() if framework == "fastapi" else Starlette()
+    for path, view in routes:
+        app.add_route(path, view) if framework == "starlette" else app.add_api_route(  # type: ignore[attr-defined]
+            path, view
+        )
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    app.add_middleware(middleware)
+    return app
+
+
+def codes(client: Any, path: str, n: int) -> list[int]:
+    return [client.get(path).status_code for _ in range(n)]
+
+
+# --------------------------------------------------------------------------
+# default and application limits
+
+
+def test_default_limits_per_route(
+    framework: str, middleware: type, make_client: Any
+) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["2/minute"], headers_enabled=True
+    )
+    app = make_app(
+        framework, limiter, middleware, [("/a", text_view("a")), ("/b", text_view("b"))]
+    )
+    client = make_client(app)
+    responses = [client.get("/a") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert [rate_headers(r)["x-ratelimit-remaining"] for r in responses] == [
+        "1",
+        "0",
+        "0",
+    ]
+    assert responses[2].json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
+    assert codes(client, "/b", 3) == [200, 200, 429]
+
+
+def test_application_limits_are_shared(
+    framework: str, middleware: type, make_client: Any
+) -> None:
+    limiter = Limiter(key_func=get_remote_address, application_limits=["3/minute"])
+    decorated = limiter.limit("10/minute")(text_view("d"))
+    app = make_app(
+        framework,
+        limiter,
+        middleware,
+        [("/a", text_view("a")), ("/b", text_view("b")), ("/d", decorated)],
+    )
+    client = make_client(app)
+    assert codes(client, "/a", 1) + codes(client, "/b", 1) + codes(client, "/d", 2) == [
+        200,
+        200,
+        200,
+        429,
+    ]
+
+
+def test_application_then_route_then_default_order(
+    middleware: type, make_client: Any
+) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        application_limits=["100/minute"],
+        default_limits=["2/minute"],
+        headers_enabled=True,
+    )
+    adding = limiter.limit("5/hour", override_defaults=False)(text_view("x"))
+    client = make_client(make_app("starlette", limiter, middleware, [("/x", adding)]))
+    responses = [client.get("/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    # The default failed, and the earlier limits were charged before it.
+    assert responses[2].json()["error"] == "Rate limit exceeded: 2 per 1 minute"
+    assert limiter._storage.get(_key(client, "global", 100, "minute")) == 3
+    assert limiter._storage.get(_key(client, "/x", 5, "hour")) == 3
+    # The header shows the first limit with the shortest period (slowapi
+    # compares granularities only): the application limit.
+    assert rate_headers(responses[0])["x-ratelimit-limit"] == "100"
+
+
+def _key(client: Any, scope: str, amount: int, granularity: str) -> str:
+    from conftest import AsyncClientAdapter
+
+    host = "127.0.0.1" if isinstance(client, AsyncClientAdapter) else "testclient"
+    return f"LIMITER/{host}/{scope}/{amount}/1/{granularity}"
+
+
+def test_unmatched_routes_are_not_limited(
+    framework: str, middleware: type, make_client: Any
+) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=["1/minute"],
+        application_limits=["1/minute"],
+    )
+    client = make_client(
+        make_app(framework, limiter, middleware, [("/a", text_view("a"))])
+    )
+    assert codes(client, "/missing", 3) == [404, 404, 404]
+    assert [client.post("/a").status_code for _ in range(2)] == [405, 405]
+    assert codes(client, "/a", 2) == [200, 429]
+
+
+def test_disabled_limiter_passes_through(
+    framework: str, middleware: type, make_client: Any
+) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["1/minute"], enabled=False
+    )
+    client = make_client(
+        make_app(framework, limiter, middleware, [("/a", text_view("a"))])
+    )
+    assert codes(client, "/a", 3) == [200, 200, 200]
+
+
+def test_no_limiter_on_the_app_passes_through(make_client: Any) -> None:
+    app = Starlette(routes=[Route("/a", text_view("a"))])
+    app.add_middleware(SlowAPIASGIMiddleware)
+    assert codes(make_client(app), "/a", 2) == [200, 200]
+
+
+def test_limiter_argument(make_client: Any) -> None:
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    app = Starlette(routes=[Route("/a", text_view("a"))])
+    app.add_middleware(SlowAPIASGIMiddleware, limiter=limiter)
+    assert codes(make_client(app), "/a", 2) == [200, 429]
+
+
+def test_the_endpoint_is_not_run_when_rejected(
+    middleware: type, make_client: Any
+) -> None:
+    calls: list[int] = []
+
+    async def view(request: Request) -> Response:
+        calls.append(1)
+        return PlainTextResponse("x")
+
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    client = make_client(make_app("starlette", limiter, middleware, [("/x", view)]))
+    assert codes(client, "/x", 3) == [200, 429, 429]
+    assert calls == [1]
+
+
+def test_routes_added_after_the_first_request(make_client: Any) -> None:
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    app = make_app(
+        "starlette", limiter, SlowAPIASGIMiddleware, [("/a", text_view("a"))]
+    )
+    client = make_client(app)
+    assert codes(client, "/b", 1) == [404]
+    app.add_route("/b", text_view("b"))
+    assert codes(client, "/b", 2) == [200, 429]
+
+
+def test_third_party_middleware_calling_check_request_limit(make_client: Any) -> None:
+    # Code that drives the limiter by hand, as third-party middleware does.
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        try:
+            limiter._check_request_limit(request, None, True)
+        except RateLimitExceeded as exc:
+            seen.append(exc)
+            response = _rate_limit_exceeded_handler(request, exc)
+        else:
+            response = PlainTextResponse("ok")
+        await response(scope, receive, send)
+
+    client = make_client(app)
+    assert codes(client, "/a", 2) == [200, 429]
+    assert seen[0].detail == "1 per 1 minute"
+
+
+# --------------------------------------------------------------------------
+# route resolution: routers, mounts, same-named views
+
+
+def test_fastapi_include_router(middleware: type, make_client: Any) -> None:
+    # slowapi issue #281: routes of included routers went unlimited.
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    app.add_middleware(middleware)
+    inner = APIRouter(prefix="/inner")
+    outer = APIRouter(prefix="/outer")
+
+    @inner.get("/deep")
+    async def deep() -> dict[str, int]:
+        return {"deep": 1}
+
+    @outer.get("/shallow")
+    async def shallow() -> dict[str, int]:
+        return {"shallow": 1}
+
+    @outer.get("/decorated")
+    @limiter.limit("3/minute")
+    async def decorated(request: Request) -> dict[str, int]:
+        return {"decorated": 1}
+
+    @outer.get("/free")
+    @limiter.exempt
+    async def free() -> dict[str, int]:
+        return {"free": 1}
+
+    outer.include_router(inner)
+    app.include_router(outer, prefix="/v1")
+    client = make_client(app)
+    assert codes(client, "/v1/outer/shallow", 2) == [200, 429]
+    assert codes(client, "/v1/outer/inner/deep", 2) == [200, 429]
+    assert codes(client, "/v1/outer/decorated", 4) == [200, 200, 200, 429]
+    assert codes(client, "/v1/outer/free", 3) == [200, 200, 200]
+
+
+def test_starlette_mounts(middleware: type, make_client: Any) -> None:
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    sub_limited = limiter.limit("2/minute")(text_view("sub"))
+    sub_app = Starlette(
+        routes=[Route("/page", sub_limited), Route("/plain", text_view("p"))]
+    )
+    fastapi_sub = FastAPI()
+
+    @fastapi_sub.get("/f")
+    async def f() -> dict[str, int]:
+        return {"f": 1}
+
+    app = Starlette(
+        routes=[
+            Mount("/router", routes=[Route("/r", text_view("r"))]),
+            Mount("/sub", app=sub_app),
+            Mount("/fast", app=fastapi_sub),
+            Mount(
+                "/nested",
+                routes=[Mount("/deeper", routes=[Route("/n", text_view("n"))])],
+            ),
+        ]
+    )
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    app.add_middleware(middleware)
+    client = make_client(app)
+    assert codes(client, "/router/r", 2) == [200, 429]
+    assert codes(client, "/sub/plain", 2) == [200, 429]
+    assert codes(client, "/sub/page", 3) == [200, 200, 429]
+    assert codes(client, "/fast/f", 2) == [200, 429]
+    assert codes(client, "/nested/deeper/n", 2) == [200, 429]
+
+
+def test_mounted_app_without_routes_is_not_limited(
+    tmp_path: Any, make_client: Any
+) -> None:
+    from starlette.staticfiles import StaticFiles
+
+    (tmp_path / "a.txt").write_text("static")
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    app = Starlette(routes=[Mount("/static", app=StaticFiles(directory=tmp_path))])
+    app.state.limiter = limiter
+    app.add_middleware(SlowAPIASGIMiddleware)
+    client = make_client(app)
+    assert codes(client, "/static/a.txt", 3) == [200, 200, 200]
+
+
+def test_same_named_views_keep_their_own_limits(
+    middleware: type, make_client: Any
+) -> None:
+    # slowapi issues #75 / #191: two views named alike in one module shared
+    # their registrations, so each request was counted against both limits.
+    limiter = Limiter(key_func=get_remote_address)
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    app.add_middleware(middleware)
+
+    @app.get("/home")
+    @limiter.limit("5/minute")
+    async def homepage(request: Request) -> dict[str, str]:
+        return {"page": "home"}
+
+    @app.get("/mars")  # noqa: F811 - the point of the test
+    @limiter.limit("5/minute")
+    async def homepage(request: Request) -> dict[str, str]:  # type: ignore[no-redef]  # noqa: F811
+        return {"page": "mars"}
+
+    client = make_client(app)
+    assert codes(client, "/home", 6) == [200] * 5 + [429]
+    assert codes(client, "/mars", 6) == [200] * 5 + [429]
+
+
+def test_same_named_views_in_different_modules(make_client: Any) -> None:
+    limiter = Limiter(key_func=get_remote_address, key_style="endpoint")
+    one, two = text_view("one"), text_view("two")
+    one.__name__ = two.__name__ = "index"
+    one.__module__, two.__module__ = "pkg.one", "pkg.two"
+    one = limiter.limit("1/minute")(one)
+    two = limiter.limit("2/minute")(two)
+    client = make_client(
+        make_app(
+            "starlette", limiter, SlowAPIASGIMiddleware, [("/1", one), ("/2", two)]
+        )
+    )
+    assert codes(client, "/1", 2) == [200, 429]
+    assert codes(client, "/2", 3) == [200, 200, 429]
+
+
+def test_limit_decorator_above_the_route_decorator(make_client: Any) -> None:
+    # With a middleware, a limit placed above @app.get (which slowapi never
+    # applied) is found through the registered function.
+    limiter = Limiter(key_func=get_remote_address)
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    app.add_middleware(SlowAPIASGIMiddleware)
+
+    @limiter.limit("1/minute")
+    @app.get("/upside")
+    async def upside(request: Request) -> dict[str, int]:
+        return {"ok": 1}
+
+    client = make_client(app)
+    assert codes(client, "/upside", 2) == [200, 429]
+
+
+# --------------------------------------------------------------------------
+# streaming, files: raw ASGI, to see every message
+
+
+async def _drive(
+    app: Any, path: str, extensions: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+        "client": ("1.2.3.4", 5),
+        "server": ("test", 80),
+        "extensions": extensions or {},
+    }
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    return messages
+
+
+def _streaming_app(limiter_module: Any, middleware: type) -> Starlette:
+    limiter = limiter_module.Limiter(
+        key_func=lambda: "k", default_limits=["10/minute"], headers_enabled=True
+    )
+
+    async def chunks() -> Any:
+        for i in range(3):
+            yield f"chunk {i}\n".encode()
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(chunks(), headers={"content-length": "24"})
+
+    app = Starlette(routes=[Route("/stream", stream)])
+    app.state.limiter = limiter
+    app.add_middleware(middleware)
+    return app
+
+
+def test_streaming_response_is_intact(middleware: type) -> None:
+    # slowapi issues #249 / #260: http.response.start was re-sent before
+    # every body chunk.
+    import rapidlimit
+
+    messages = asyncio.run(_drive(_streaming_app(rapidlimit, middleware), "/stream"))
+    kinds = [m["type"] for m in messages]
+    assert kinds[0] == "http.response.start"
+    assert kinds.count("http.response.start") == 1
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    assert body == b"chunk 0\nchunk 1\nchunk 2\n"
+    headers = dict(messages[0]["headers"])
+    assert headers[b"x-ratelimit-remaining"] == b"9"
+    assert headers[b"content-length"] == b"24"
+
+
+def test_slowapi_breaks_streaming_responses() -> None:
+    # Pins the slowapi bug the test above guards against.
+    import slowapi
+    import slowapi.middleware
+
+    app = _streaming_app(slowapi, slowapi.middleware.SlowAPIASGIMiddleware)
+    messages = asyncio.run(_drive(app, "/stream"))
+    assert [m["type"] for m in messages].count("http.response.start") > 1
+
+
+def test_file_response_with_pathsend(tmp_path: Any, middleware: type) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("file body")
+    limiter = Limiter(
+        key_func=lambda: "k", default_limits=["10/minute"], headers_enabled=True
+    )
+
+    async def download(request: Request) -> Response:
+        return FileResponse(path)
+
+    app = Starlette(routes=[Route("/f", download)])
+    app.state.limiter = limiter
+    app.add_middleware(middleware)
+    messages = asyncio.run(_drive(app, "/f", {"http.response.pathsend": {}}))
+    assert [m["type"] for m in messages] == [
+        "http.response.start",
+        "http.response.pathsend",
+    ]
+    assert messages[1]["path"] == os.fspath(path)
+    assert dict(messages[0]["headers"])[b"x-ratelimit-limit"] == b"10"
+    # And a normal file download, through a client.
+    client = TestClient(app)
+    assert client.get("/f").text == "file body"
+
+
+def test_existing_retry_after_is_kept_later(make_client: Any) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["10/minute"], headers_enabled=True
+    )
+
+    async def busy(request: Request) -> Response:
+        return PlainTextResponse(
+            "busy", status_code=503, headers={"retry-after": "3600"}
+        )
+
+    client = make_client(
+        make_app("starlette", limiter, SlowAPIASGIMiddleware, [("/b", busy)])
+    )
+    response = client.get("/b")
+    assert response.status_code == 503
+    assert response.headers.get_list("retry-after") == [
+        str(int(response.headers["retry-after"]))
+    ]
+    assert int(response.headers["retry-after"]) >= 3599
+
+
+# --------------------------------------------------------------------------
+# websockets
+
+
+def _ws_app(limiter: Limiter, middleware: type | None) -> Starlette:
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    @limiter.limit("1/minute")
+    async def limited(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("limited")
+        await websocket.close()
+
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", echo), WebSocketRoute("/limited", limited)]
+    )
+    app.state.limiter = limiter
+    if middleware is not None:
+        app.add_middleware(middleware)
+    return app
+
+
+def _connect(client: TestClient, path: str) -> str:
+    with client.websocket_connect(path) as ws:
+        return str(ws.receive_text())
+
+
+def test_websocket_default_limits(middleware: type) -> None:
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    client = TestClient(_ws_app(limiter, middleware))
+    assert _connect(client, "/ws") == "hello"
+    with pytest.raises(WebSocketDenialResponse) as denied:
+        _connect(client, "/ws")
+    assert denied.value.status_code == 429
+    assert denied.value.json() == {"error": "Rate limit exceeded: 1 per 1 minute"}
+
+
+@pytest.mark.parametrize("middleware", [None, SlowAPIASGIMiddleware])
+def test_websocket_decorator(middleware: type | None) -> None:
+    limiter = Limiter(key_func=get_remote_address)
+    client = TestClient(_ws_app(limiter, middleware))
+    assert _connect(client, "/limited") == "limited"
+    with pytest.raises(WebSocketDenialResponse):
+        _connect(client, "/limited")
+
+
+def test_websocket_close_without_denial_extension() -> None:
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    app = _ws_app(limiter, SlowAPIASGIMiddleware)
+
+    async def connect() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "websocket",
+            "path": "/ws",
+            "root_path": "",
+            "headers": [],
+            "query_string": b"",
+            "client": ("1.1.1.1", 1),
+            "extensions": {},
+        }
+        queue = [{"type": "websocket.connect"}]
+
+        async def receive() -> dict[str, Any]:
+            return (
+                queue.pop(0)
+                if queue
+                else {"type": "websocket.disconnect", "code": 1000}
+            )
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    first = asyncio.run(connect())
+    assert first[0]["type"] == "websocket.accept"
+    second = asyncio.run(connect())
+    assert second == [
+        {
+            "type": "websocket.close",
+            "code": 1008,
+            "reason": "Rate limit exceeded: 1 per 1 minute",
+        }
+    ]
