@@ -235,13 +235,14 @@ def run(cfg: Config, res: SectionResult) -> None:
 
     with contextlib.ExitStack() as stack:
         redis_ok: dict[str, bool] = {}
-        redis_uri = ""
+        redis_uri = rapid_redis_uri = ""
         if not cfg.quick:
             try:
                 rs = stack.enter_context(RedisServer(cpu=client_cpu()))
                 redis_uri = rs.uri
+                rapid_redis_uri = rs.rapid_uri
                 redis_ok["slowapi"] = True
-                why = rapidlimit_redis_available(rs.uri)
+                why = rapidlimit_redis_available(rs.rapid_uri)
                 if why:
                     res.skip(f"rapidlimit Redis variants: {why}")
                 else:
@@ -251,7 +252,13 @@ def run(cfg: Config, res: SectionResult) -> None:
         variants = plan(cfg, packages, redis_ok)
         if redis_uri:
             variants = [
-                dataclasses.replace(v, storage_uri=redis_uri, key_prefix=vkey(v))
+                dataclasses.replace(
+                    v,
+                    storage_uri=rapid_redis_uri
+                    if v.package == "rapidlimit"
+                    else redis_uri,
+                    key_prefix=vkey(v),
+                )
                 if v.storage_uri == "redis"
                 else v
                 for v in variants

@@ -28,6 +28,7 @@ from typing import Any
 
 from apps import Driver, Variant, check_statuses, make_app, prime
 from common import (
+    RAPID_REDIS_OPTIONS,
     BrokenBenchmark,
     Config,
     RedisServer,
@@ -120,7 +121,7 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
         import rapidlimit.storage
         import rapidlimit.strategies
 
-        rstorage = rapidlimit.storage.storage_from_string(rs.uri)
+        rstorage = rapidlimit.storage.storage_from_string(rs.rapid_uri)
         rlim = rapidlimit.strategies.FixedWindowRateLimiter(rstorage)
         variants["rapidlimit"] = _per_hit(rlim, rapidlimit.parse(LIMIT), n)
         if callable(getattr(rstorage, "ping", None)):
@@ -188,7 +189,7 @@ def per_request(
                         "decorator",
                         headers,
                         traffic,
-                        storage_uri=rs.uri,
+                        storage_uri=rs.uri_for(pkg),
                         key_prefix=f"rt-{pkg}-{headers}-{traffic}",
                     )
                     d = Driver(make_app(v))
@@ -259,7 +260,7 @@ def concurrency(
                 "decorator",
                 False,
                 "allowed",
-                storage_uri=rs.uri,
+                storage_uri=rs.uri_for(pkg),
                 key_prefix=f"cc-{pkg}",
             )
             d = Driver(make_app(v))
@@ -333,7 +334,7 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
         import rapidlimit
         import rapidlimit.storage
 
-        storage = rapidlimit.storage.storage_from_string(rs.uri)
+        storage = rapidlimit.storage.storage_from_string(rs.rapid_uri)
         ritem = rapidlimit.parse(LIMIT)
         if callable(getattr(storage, "decide_many_async", None)):
 
@@ -426,7 +427,7 @@ def threads(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
 
         libs["rapidlimit"] = (
             rapidlimit.strategies.FixedWindowRateLimiter(
-                rapidlimit.storage.storage_from_string(rs.uri)
+                rapidlimit.storage.storage_from_string(rs.rapid_uri)
             ),
             rapidlimit.parse(LIMIT),
         )
@@ -488,7 +489,7 @@ def threads(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
 
 def run(cfg: Config, res: SectionResult) -> None:
     with RedisServer(cpu=0 if cpu_count() >= 2 else None) as rs, own_cpu():
-        why = rapidlimit_redis_available(rs.uri)
+        why = rapidlimit_redis_available(rs.rapid_uri)
         rapid = not why
         if why:
             res.skip(f"rapidlimit Redis: {why}")
@@ -505,6 +506,10 @@ def run(cfg: Config, res: SectionResult) -> None:
         if not cfg.quick:
             threads(cfg, res, rs, rapid)
         info = rs.client().info("server")
+        res.log(
+            f"rapidlimit's Redis URI options: {RAPID_REDIS_OPTIONS} (the 0.2 s "
+            "default timeout rejects fail-closed on a slow reply; redis-py has none)"
+        )
         res.log(
             f"redis-server {info.get('redis_version')} on 127.0.0.1:{rs.port}; "
             "client: redis-py "

@@ -245,6 +245,9 @@ def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
         proc.wait()
 
 
+RAPID_REDIS_OPTIONS = "timeout=5&connect_timeout=5"
+
+
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1, no persistence."""
 
@@ -256,6 +259,17 @@ class RedisServer:
     @property
     def uri(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def rapid_uri(self) -> str:
+        """The URI for rapidlimit: its Redis timeout (0.2 s by default, after
+        which the fail-closed policy rejects) raised to 5 s, as redis-py,
+        under slowapi, has no timeout at all; on a loaded machine a reply
+        can take longer than 0.2 s."""
+        return f"{self.uri}?{RAPID_REDIS_OPTIONS}"
+
+    def uri_for(self, package: str) -> str:
+        return self.rapid_uri if package == "rapidlimit" else self.uri
 
     def __enter__(self) -> RedisServer:
         exe = shutil.which("redis-server")
