@@ -1,7 +1,9 @@
 """The slowapi quickstart, with ``slowapi`` replaced by ``rapidlimit``.
 
-Run it with ``uvicorn quickstart:app`` from this directory, then call
-``curl -i localhost:8000/home`` six times in a minute.
+``python3 examples/quickstart.py`` sends seven requests to ``/home``
+in-process and prints what came back: five pass, then 429s with the
+rate-limit headers. ``python3 examples/quickstart.py --serve`` runs it under
+uvicorn instead, for ``curl -i localhost:8000/home``.
 """
 
 from fastapi import FastAPI, Request
@@ -30,7 +32,25 @@ async def mars(request: Request) -> dict[str, str]:
     return {"key": "value"}
 
 
-if __name__ == "__main__":
-    import uvicorn
+def demo() -> None:
+    from fastapi.testclient import TestClient
 
-    uvicorn.run(app)
+    with TestClient(app) as client:
+        for attempt in range(1, 8):
+            r = client.get("/home")
+            print(
+                f"request {attempt}: {r.status_code} {r.text!r:45}"
+                f" remaining={r.headers.get('X-RateLimit-Remaining')}"
+                f" retry-after={r.headers.get('Retry-After')}"
+            )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--serve" in sys.argv:
+        import uvicorn
+
+        uvicorn.run(app)
+    else:
+        demo()

@@ -44,6 +44,7 @@ PyObject* g_str_test = nullptr;
 PyObject* g_str_set_result = nullptr;
 PyObject* g_str_set_exception = nullptr;
 PyObject* g_str_create_future = nullptr;
+PyObject* g_str_call_soon = nullptr;
 PyObject* g_get_running_loop = nullptr;
 
 // ------------------------------------------------------------ GIL hooks
@@ -350,6 +351,10 @@ struct LoopBridge {
   bool signaled = false;
   bool dead = false;            // the loop is gone: nothing will drain
   PyObject* weakref = nullptr;  // to the loop; released by the registry
+  // Loop thread only: stores with commands queued during this iteration,
+  // flushed by one call_soon callback at its end.
+  std::vector<std::shared_ptr<Store>> to_flush;
+  py::object flush_callback;
 
   ~LoopBridge() {
     if (efd >= 0) close(efd);
@@ -500,6 +505,13 @@ std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
     if (auto b = weak.lock()) Drain(b.get());
   });
   py::handle(loop).attr("add_reader")(bridge->efd, drain);
+  bridge->flush_callback = py::cpp_function([weak]() {
+    if (auto b = weak.lock()) {
+      std::vector<std::shared_ptr<Store>> stores;
+      stores.swap(b->to_flush);
+      for (auto& s : stores) static_cast<RedisStore*>(s.get())->Flush();
+    }
+  });
   PyObject* callback = PyCFunction_New(&kOnLoopCollected, nullptr);
   if (callback == nullptr) throw py::error_already_set();
   bridge->weakref = PyWeakref_NewRef(loop, callback);
@@ -529,15 +541,33 @@ PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
     e.restore();
     return nullptr;
   }
+  py::object loop_ref = py::reinterpret_steal<py::object>(loop);
   PyObject* future = PyObject_CallMethodNoArgs(loop, g_str_create_future);
-  Py_DECREF(loop);
   if (future == nullptr) return nullptr;
   auto* p = new Pending;
   p->bridge = std::move(bridge);
   p->future = future;
   Py_INCREF(future);  // one for the caller, one for the completion
+  // Queued without waking the I/O thread; one callback at the end of this
+  // loop iteration wakes it, so that all the commands the loop's tasks
+  // issue in one iteration leave in one write.
+  LoopBridge* b = p->bridge.get();
+  if (b->to_flush.empty()) {
+    PyObject* rc = PyObject_CallMethodOneArg(loop, g_str_call_soon,
+                                             b->flush_callback.ptr());
+    if (rc == nullptr) {
+      Py_DECREF(p->future);
+      delete p;
+      Py_DECREF(future);
+      return nullptr;
+    }
+    Py_DECREF(rc);
+  }
+  if (b->to_flush.empty() || b->to_flush.back() != call.storage->store) {
+    b->to_flush.push_back(call.storage->store);
+  }
   tl_submitting = p;
-  call.storage->store->DecideAsync(
+  call.storage->redis->DecideAsyncDeferred(
       call.requests->data(), call.requests->size(), call.now,
       call.test ? Mode::kTest : Mode::kHit, &OnAsyncDone, p);
   tl_submitting = nullptr;
@@ -606,6 +636,7 @@ void BindRedis(py::module_& m) {
   g_str_set_result = PyUnicode_InternFromString("set_result");
   g_str_set_exception = PyUnicode_InternFromString("set_exception");
   g_str_create_future = PyUnicode_InternFromString("create_future");
+  g_str_call_soon = PyUnicode_InternFromString("call_soon");
   g_get_running_loop =
       py::object(py::module_::import("asyncio").attr("get_running_loop"))
           .release()

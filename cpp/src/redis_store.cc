@@ -339,9 +339,11 @@ class Lane {
   void AbandonAfterFork();
   bool Up() const { return state_.load(std::memory_order_acquire) == kUp; }
 
-  // Queues `op` for the I/O thread (taking a reference for it). False when
-  // the lane is not accepting: the caller applies the failure policy.
-  bool Submit(Op* op);
+  // Queues `op` for the I/O thread (taking a reference for it), waking it
+  // unless `defer` (then Flush wakes it). False when the lane is not
+  // accepting: the caller applies the failure policy.
+  bool Submit(Op* op, bool defer = false);
+  void Flush();
   // Runs `op` on the calling thread when the connection is idle. True if
   // the op is complete.
   bool TryInline(Op* op);
@@ -364,8 +366,9 @@ class Lane {
   const size_t index_;
   int efd_ = -1;
 
-  std::mutex q_mu_;  // guards queue_, accepting_, stop_
+  std::mutex q_mu_;  // guards queue_, woken_, accepting_, stop_
   std::vector<Op*> queue_;
+  bool woken_ = false;  // the I/O thread was woken for queue_
   bool accepting_ = false;
   bool stop_ = false;
 
@@ -378,8 +381,9 @@ class Lane {
   std::atomic<int> state_{kDown};
   int64_t next_retry_ = 0;  // I/O thread only (and Start)
   int64_t backoff_ = 0;
-  bool ever_up_ = false;
-  bool reported_down_ = false;
+  // Written by whoever breaks or makes the connection.
+  std::atomic<bool> ever_up_{false};
+  std::atomic<bool> reported_down_{false};
 
   std::thread thread_;
 };
@@ -444,7 +448,10 @@ class Engine {
   bool RunSync(Op* op);
   // Queues `op`; its callback runs when it completes. Consumes the
   // caller's reference.
-  void RunAsync(Op* op);
+  void RunAsync(Op* op, bool defer = false);
+  void Flush() {
+    for (auto& lane : lanes) lane->Flush();
+  }
   // Called once per op by whoever completes it.
   void Complete(Op* op);
   // Turns a script op's result (or failure) into decisions.
@@ -513,17 +520,30 @@ void Lane::Wake() {
   } while (rc < 0 && errno == EINTR);
 }
 
-bool Lane::Submit(Op* op) {
+bool Lane::Submit(Op* op, bool defer) {
   bool wake;
   {
     std::lock_guard<std::mutex> lock(q_mu_);
     if (!accepting_) return false;
     op->refs.fetch_add(1, std::memory_order_relaxed);
-    wake = queue_.empty();
+    // The I/O thread is woken when the queue becomes non-empty; deferred
+    // ops leave that to Flush.
+    wake = !defer && !woken_;
+    woken_ = woken_ || wake;
     queue_.push_back(op);
   }
   if (wake) Wake();
   return true;
+}
+
+void Lane::Flush() {
+  bool wake;
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    wake = !queue_.empty() && !woken_;
+    woken_ = woken_ || wake;
+  }
+  if (wake) Wake();
 }
 
 bool Lane::TryInline(Op* op) {
@@ -579,6 +599,7 @@ void Lane::StopAccepting(std::vector<Op*>* failed) {
     std::lock_guard<std::mutex> lock(q_mu_);
     accepting_ = false;
     queued.swap(queue_);
+    woken_ = false;
   }
   failed->insert(failed->end(), queued.begin(), queued.end());
   Wake();  // the I/O thread reconnects
@@ -918,6 +939,7 @@ void Lane::Run() {
     {
       std::lock_guard<std::mutex> lock(q_mu_);
       batch.swap(queue_);
+      woken_ = false;
       stopping = stop_;
     }
     const int64_t now = MonoNanos();
@@ -1100,8 +1122,8 @@ bool Engine::RunSync(Op* op) {
   return completed;
 }
 
-void Engine::RunAsync(Op* op) {
-  if (!PickLane()->Submit(op)) {
+void Engine::RunAsync(Op* op, bool defer) {
+  if (!PickLane()->Submit(op, defer)) {
     op->result = Op::Result::kUnavailable;
     op->refs.fetch_add(1, std::memory_order_relaxed);
     Complete(op);
@@ -1279,6 +1301,19 @@ class RedisStoreImpl final : public RedisStore {
 
   void DecideAsync(const Request* requests, size_t n, int64_t now, Mode mode,
                    DecideCallback done, void* context) override {
+    Async(requests, n, now, mode, done, context, false);
+  }
+
+  void DecideAsyncDeferred(const Request* requests, size_t n, int64_t now,
+                           Mode mode, DecideCallback done,
+                           void* context) override {
+    Async(requests, n, now, mode, done, context, true);
+  }
+
+  void Flush() override { Acquire()->Flush(); }
+
+  void Async(const Request* requests, size_t n, int64_t now, Mode mode,
+             DecideCallback done, void* context, bool defer) {
     Engine* e = Acquire();
     Decision tail;
     bool has_tail = false;
@@ -1300,7 +1335,7 @@ class RedisStoreImpl final : public RedisStore {
     op->async = true;
     op->callback = done;
     op->context = context;
-    e->RunAsync(op);
+    e->RunAsync(op, defer);
   }
 
   WindowState Inspect(const Request& request, int64_t now) override {

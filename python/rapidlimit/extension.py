@@ -835,14 +835,8 @@ class Limiter:
             response_name = _RESPONSE_PARAM
         limiter = self
 
-        def find(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if 0 <= conn_index < len(args):
-                conn = args[conn_index]
-                if isinstance(conn, HTTPConnection):
-                    return conn
-            return _find_connection(args, kwargs)
-
         is_async = asyncio.iscoroutinefunction(func)
+        header_names = self._header_names_and_retry
 
         # Sync views get an async wrapper too: the check runs on the event
         # loop (a rejection never costs a thread hop), then the view runs in
@@ -857,10 +851,12 @@ class Limiter:
                 response_param = None
             if pop_conn:
                 conn = kwargs.pop(_REQUEST_PARAM, None)
-            else:
+            elif 0 <= conn_index < len(args):  # Starlette: view(request)
+                conn = args[conn_index]
+            else:  # FastAPI passes keywords
                 conn = kwargs.get(conn_name) if conn_name is not None else None
-            if conn is None:
-                conn = find(args, kwargs)
+            if not isinstance(conn, HTTPConnection):
+                conn = _find_connection(args, kwargs)
             if conn is None or not limiter.enabled:
                 if is_async:
                     return await func(*args, **kwargs)
@@ -876,7 +872,17 @@ class Limiter:
             else:
                 response = await run_in_threadpool(func, *args, **kwargs)
             if outcome is not None and limiter._headers_enabled:
-                limiter._add_headers(response, response_param, outcome)
+                # On the returned response, or on the ``response`` parameter
+                # that FastAPI merges into it.
+                carrier = response if isinstance(response, Response) else response_param
+                if isinstance(carrier, Response):
+                    raw = carrier.raw_headers
+                    for pair in raw:  # usually content-length, content-type
+                        if pair[0] in header_names:
+                            limiter._inject_headers(carrier, outcome)
+                            break
+                    else:
+                        raw.extend(limiter._fast_items(outcome))
             return response
 
         if signature is not None and (pop_conn or pop_response):
@@ -1004,21 +1010,6 @@ class Limiter:
         if isinstance(conn, WebSocket):
             return failed
         return self._rejection_response(conn, failed, state)
-
-    def _add_headers(self, response: Any, response_param: Any, view: Any) -> None:
-        """The decorator's headers: on the returned response, or on the
-        ``response`` parameter that FastAPI merges into it."""
-        if not isinstance(response, Response):
-            response = response_param
-            if not isinstance(response, Response):
-                return
-        raw = response.raw_headers
-        names = self._header_names_and_retry
-        for pair in raw:  # usually just content-length and content-type
-            if pair[0] in names:
-                self._inject_headers(response, view)
-                return
-        raw.extend(self._fast_items(view))
 
     def _check(
         self,
@@ -1409,26 +1400,23 @@ class Limiter:
         else:
             delta = 1 + reset_time - time.time()
             # floor is int() for the usual positive values, and cheaper.
-            retry_pair = self._number_pair(
-                self._retry_pairs,
-                self._h_retry,
-                _floor(delta) if delta >= 0 else int(delta),
-            )
-        remaining_pair = self._number_pair(
-            self._remaining_pairs, self._h_remaining, decision.remaining
-        )
+            seconds = _floor(delta) if delta >= 0 else int(delta)
+            if 0 <= seconds < _TABLE_SIZE:
+                retry_pair = self._retry_pairs[seconds]  # type: ignore[assignment]
+                if retry_pair is None:
+                    retry_pair = (self._h_retry, _NUMBERS[seconds])
+                    self._retry_pairs[seconds] = retry_pair
+            else:
+                retry_pair = (self._h_retry, b"%d" % seconds)
+        remaining = decision.remaining
+        if 0 <= remaining < _TABLE_SIZE:
+            remaining_pair = self._remaining_pairs[remaining]
+            if remaining_pair is None:
+                remaining_pair = (self._h_remaining, _NUMBERS[remaining])
+                self._remaining_pairs[remaining] = remaining_pair
+        else:
+            remaining_pair = (self._h_remaining, b"%d" % remaining)
         return [limit_pair, remaining_pair, reset_pair, retry_pair]
-
-    @staticmethod
-    def _number_pair(
-        table: list[tuple[bytes, bytes] | None], name: bytes, number: int
-    ) -> tuple[bytes, bytes]:
-        if 0 <= number < _TABLE_SIZE:
-            pair = table[number]
-            if pair is None:
-                pair = table[number] = (name, _NUMBERS[number])
-            return pair
-        return (name, b"%d" % number)
 
     def _header_items(
         self,

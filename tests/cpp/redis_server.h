@@ -5,6 +5,7 @@
 
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -215,6 +216,8 @@ class RedisServer {
     argv.push_back(nullptr);
     const pid_t pid = fork();
     if (pid == 0) {
+      // Dies with the forking thread, even when the test is killed.
+      prctl(PR_SET_PDEATHSIG, SIGTERM);
       execv(binary.c_str(), argv.data());
       _exit(127);
     }

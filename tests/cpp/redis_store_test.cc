@@ -514,6 +514,32 @@ TEST_F(RedisStoreTest, AsyncDecisionsArePipelined) {
   EXPECT_EQ(s.fail_closed, 0u);
 }
 
+TEST_F(RedisStoreTest, DeferredDecisionsLeaveTogetherOnFlush) {
+  RedisStoreOptions o = Options();
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  const Limit l = L("1000 per minute");
+  ASSERT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+  const uint64_t writes_before = store->Stats().writes;
+  AsyncWait w;
+  w.pending = 100;
+  for (int i = 0; i < 100; ++i) {
+    const std::string key = "LIMITER/d" + std::to_string(i % 7);
+    Request r{Strategy::kTokenBucket, &l, key, 1};
+    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  }
+  // They may leave before Flush only with the idle I/O thread's periodic
+  // wake-up (once a second); Flush sends whatever is still queued.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  store->Flush();
+  std::unique_lock<std::mutex> lock(w.mu);
+  ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(10),
+                            [&] { return w.pending == 0; }));
+  EXPECT_EQ(w.allowed, 100);
+  EXPECT_LE(store->Stats().writes - writes_before, 3u);  // in one batch
+                                                         // (or two)
+}
+
 // ------------------------------------------------------ blocked-key cache
 
 TEST_F(RedisStoreTest, BlockedKeyCacheSendsNoCommand) {

@@ -85,6 +85,10 @@ class RedisServer:
             ]
             if self._debug_option:
                 args += ["--enable-debug-command", "yes"]
+            # Dies with the test process, even when that one is killed.
+            setpriv = shutil.which("setpriv")
+            if setpriv is not None:
+                args = [setpriv, "--pdeathsig", "TERM", *args]
             self.proc = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -53,7 +54,10 @@ def wait_recovered(store: RedisStorage, limit: float = 5.0) -> bool:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_killed_and_restarted(server: RedisServer, policy: str) -> None:
+def test_killed_and_restarted(
+    server: RedisServer, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rapidlimit.redis")
     store = RedisStorage(server.uri, on_error=policy, **FAST)
     lim = STRATEGIES["fixed-window"](store)
     item = parse("2/minute")
@@ -83,7 +87,10 @@ def test_killed_and_restarted(server: RedisServer, policy: str) -> None:
     assert wait_recovered(store)
     assert lim.hit(item, "fresh")
     assert store.last_status() == "redis"
-    stats = store.stats()
+    stats = store.stats()  # also forwards the I/O thread's log records
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"{policy} policy" in m for m in messages), messages
+    assert any("is back" in m for m in messages), messages
     assert stats["disconnects"] >= 1
     assert stats["reconnects"] >= 2
     store.close()

@@ -140,6 +140,15 @@ class RedisStore : public Store {
   virtual std::string RedisKey(Strategy strategy,
                                std::string_view key) const = 0;
 
+  // DecideAsync without waking the I/O thread: the command waits in the
+  // queue until Flush() (or the I/O thread's next wake-up). An event loop
+  // calls Flush() once per iteration, so that everything its tasks asked
+  // for in that iteration goes out in one write.
+  virtual void DecideAsyncDeferred(const Request* requests, size_t n,
+                                   int64_t now_nanos, Mode mode,
+                                   DecideCallback done, void* context) = 0;
+  virtual void Flush() = 0;
+
   // Source of the last Decide on the calling thread (any RedisStore).
   static DecisionSource LastSource();
 };
