@@ -272,6 +272,7 @@ class ViewRateLimit:
 
 
 _new_object = object.__new__
+_SKIP: Any = object()
 
 
 def _make_view(
@@ -360,6 +361,27 @@ def _limiter_of(request: HTTPConnection) -> Limiter | None:
     state = getattr(app, "state", None)
     limiter = getattr(state, "limiter", None)
     return limiter if isinstance(limiter, Limiter) else None
+
+
+class _TooManyRequests(Response):
+    """The default 429 (the bytes ``_rate_limit_exceeded_handler`` would
+    produce), built from precomputed parts and sent by itself."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status_code = 429
+        self.background = None
+        self.body = body
+        self.raw_headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": 429, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
+        if self.background is not None:
+            await self.background()
 
 
 def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Response:
@@ -998,8 +1020,21 @@ class Limiter:
         if not endpoint_key:
             state[_VIEW] = None
             return None
+        single = plan.single
+        failed: Limit | None
         if self._storage_dead:
             failed = self._check_while_dead(conn, plan, state, endpoint_key)
+        elif single is not None:
+            try:
+                failed = self._decide_single(
+                    conn, single, state, endpoint_key, self._limiter
+                )
+                if failed is _SKIP:
+                    failed = self._evaluate(
+                        conn, plan, state, endpoint_key, self._limiter
+                    )
+            except Exception as exc:
+                failed = self._on_error(exc, conn, plan, state, endpoint_key)
         else:
             try:
                 failed = self._evaluate(conn, plan, state, endpoint_key, self._limiter)
@@ -1010,6 +1045,12 @@ class Limiter:
         if isinstance(conn, WebSocket):
             return failed
         return self._rejection_response(conn, failed, state)
+
+    def _log_rejection(self, lim: Limit, key: Any, scope: str) -> None:
+        # DEBUG, not WARNING: a flood of rejections must stay cheap.
+        self.logger.debug(
+            "ratelimit %s (%s) exceeded at endpoint: %s", lim._text, key, scope
+        )
 
     def _check(
         self,
@@ -1139,6 +1180,40 @@ class Limiter:
             limits.extend(self._load(conn, plan.default_groups, plan))
         return limits
 
+    def _decide_single(
+        self,
+        conn: HTTPConnection,
+        single: Limit,
+        state: dict[str, Any],
+        endpoint_key: str,
+        limiter: RateLimiter,
+    ) -> Any:
+        """:meth:`_evaluate` for the common plan of one simple limit.
+
+        The hot path: one key function call, one core call, one object.
+        Returns ``_SKIP`` when the key is empty (the general path logs it).
+        """
+        func = single.key_func
+        key = func(conn) if single._key_takes_request else func()
+        if not key:
+            return _SKIP
+        prefix = self._key_prefix
+        name = single._static_scope or endpoint_key
+        decision = limiter.decide(
+            single.limit,
+            f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
+            cost=single.cost,  # type: ignore[arg-type]
+            now=time.time(),
+        )
+        view: ViewRateLimit = _new_object(ViewRateLimit)
+        view._data = (single, prefix, key, name, decision)
+        state[_VIEW] = view
+        if decision.allowed:
+            return None
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self._log_rejection(single, key, name)
+        return single
+
     def _evaluate(
         self,
         conn: HTTPConnection,
@@ -1147,32 +1222,15 @@ class Limiter:
         endpoint_key: str,
         limiter: RateLimiter,
     ) -> Limit | None:
+        if plan.single is not None:
+            failed = self._decide_single(
+                conn, plan.single, state, endpoint_key, limiter
+            )
+            if failed is not _SKIP:
+                return failed  # type: ignore[no-any-return]
         prefix = self._key_prefix
-        single = plan.single
         key: Any = None
         scope: str | None
-        if single is not None:  # the common case, without the bookkeeping
-            func = single.key_func
-            key = func(conn) if single._key_takes_request else func()
-            if key:
-                scope = single._static_scope or endpoint_key
-                decision = limiter.decide(
-                    single.limit,
-                    f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
-                    cost=single.cost,  # type: ignore[arg-type]
-                    now=time.time(),
-                )
-                state[_VIEW] = _make_view(single, prefix, key, scope, decision)
-                if decision.allowed:
-                    return None
-                if self.logger.isEnabledFor(logging.DEBUG):
-                    self.logger.debug(
-                        "ratelimit %s (%s) exceeded at endpoint: %s",
-                        single._text,
-                        key,
-                        scope,
-                    )
-                return single
         limits = plan.static if not plan.dynamic else self._limits_of(conn, plan)
         requests: list[tuple[RateLimitItem, str, int]] = []
         used: list[tuple[Limit, str, str]] = []
@@ -1232,12 +1290,7 @@ class Limiter:
             lim, key, scope = used[last]
             state[_VIEW] = _make_view(lim, prefix, key, scope, decision)
             if self.logger.isEnabledFor(logging.DEBUG):
-                self.logger.debug(
-                    "ratelimit %s (%s) exceeded at endpoint: %s",
-                    lim._text,
-                    key,
-                    scope,
-                )
+                self._log_rejection(lim, key, scope)
             return lim
         best = 0
         if last:
@@ -1298,6 +1351,23 @@ class Limiter:
             return False
         return exception_handlers.get(RateLimitExceeded) is _rate_limit_exceeded_handler
 
+    def _error_headers(
+        self, failed: Limit, body: bytes, state: dict[str, Any]
+    ) -> list[tuple[bytes, bytes]]:
+        """Headers of the default 429: what JSONResponse sets, then ours."""
+        if body is failed._body:
+            headers = list(failed._body_headers)
+        else:
+            headers = [(b"content-length", b"%d" % len(body)), (b"content-type", _JSON)]
+        if self._headers_enabled:
+            view = state.get(_VIEW)
+            if view is not None:
+                if type(view) is ViewRateLimit and view._data[4] is not None:
+                    headers.extend(self._fast_items(view))
+                else:
+                    headers.extend(self._header_items(view, headers))
+        return headers
+
     def _rejection_response(
         self, conn: HTTPConnection, failed: Limit, state: dict[str, Any]
     ) -> Response:
@@ -1305,30 +1375,17 @@ class Limiter:
         another handler for RateLimitExceeded."""
         if not self._uses_default_handler(conn.scope):
             raise self._exception(failed)
-        response = Response(
-            failed.error_body(), status_code=429, media_type="application/json"
-        )
-        if self._headers_enabled:
-            view = state.get(_VIEW)
-            if view is not None:
-                response.raw_headers.extend(
-                    self._header_items(view, response.raw_headers)
-                )
-        state[_HEADERS_BY] = "done"
-        return response
+        body = failed.error_body()
+        return _TooManyRequests(body, self._error_headers(failed, body, state))
 
     def _error_messages(self, failed: Limit, state: dict[str, Any]) -> list[Any]:
         body = failed.error_body()
-        headers: list[tuple[bytes, bytes]] = [
-            (b"content-length", str(len(body)).encode("latin-1")),
-            (b"content-type", _JSON),
-        ]
-        if self._headers_enabled:
-            view = state.get(_VIEW)
-            if view is not None:
-                headers.extend(self._header_items(view, headers))
         return [
-            {"type": "http.response.start", "status": 429, "headers": headers},
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": self._error_headers(failed, body, state),
+            },
             {"type": "http.response.body", "body": body},
         ]
 

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from rapidlimit.extension import _HEADERS_BY, _VIEW, Limiter
+from rapidlimit.extension import _HEADERS_BY, _VIEW, Limiter, ViewRateLimit
 
 __all__ = ["SlowAPIASGIMiddleware", "SlowAPIMiddleware", "find_endpoint"]
 
@@ -73,14 +73,15 @@ def find_endpoint(
     return None, cacheable
 
 
-class _RouteCache:
-    """(type, method, root_path, path) -> endpoint, for one application."""
+_MISSING = object()
 
-    __slots__ = ("entries", "routes_len")
 
-    def __init__(self) -> None:
-        self.entries: dict[tuple[Any, ...], Any] = {}
-        self.routes_len = -1
+def _app_limiter(app: Any) -> Any:
+    state = getattr(app, "state", None)
+    values = getattr(state, "_state", None)  # starlette.datastructures.State
+    if isinstance(values, dict):
+        return values.get("limiter")
+    return getattr(state, "limiter", None)
 
 
 class SlowAPIASGIMiddleware:
@@ -98,36 +99,38 @@ class SlowAPIASGIMiddleware:
     ) -> None:
         self.app = app
         self._limiter = limiter
-        self._caches: dict[int, tuple[Any, _RouteCache]] = {}
+        # The endpoint found per (type, method, root_path, path), for the
+        # application seen last (a middleware serves one application).
+        self._routes_app: Any = _MISSING
+        self._routes: Sequence[BaseRoute] | None = None
+        self._routes_len = -1
+        self._endpoints: dict[tuple[Any, ...], Any] = {}
 
     def _endpoint(self, app: Any, scope: Scope) -> Any:
-        routes = getattr(app, "routes", None)
+        if app is not self._routes_app:
+            self._routes_app = app
+            self._routes = getattr(app, "routes", None)
+            self._routes_len = -1
+        routes = self._routes
         if routes is None:
             return None
-        holder = self._caches.get(id(app))
-        if holder is None or holder[0] is not app:
-            holder = (app, _RouteCache())
-            self._caches[id(app)] = holder
-        cache = holder[1]
-        if cache.routes_len != len(routes):
-            cache.entries.clear()
-            cache.routes_len = len(routes)
+        endpoints = self._endpoints
+        if len(routes) != self._routes_len:
+            endpoints.clear()
+            self._routes_len = len(routes)
         key = (
             scope["type"],
             scope.get("method"),
             scope.get("root_path", ""),
             scope["path"],
         )
-        entries = cache.entries
-        try:
-            return entries[key]
-        except KeyError:
-            pass
-        endpoint, cacheable = find_endpoint(routes, scope)
-        if cacheable:
-            if len(entries) >= _CACHE_SIZE:
-                entries.clear()
-            entries[key] = endpoint
+        endpoint = endpoints.get(key, _MISSING)
+        if endpoint is _MISSING:
+            endpoint, cacheable = find_endpoint(routes, scope)
+            if cacheable:
+                if len(endpoints) >= _CACHE_SIZE:
+                    endpoints.clear()
+                endpoints[key] = endpoint
         return endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,7 +141,7 @@ class SlowAPIASGIMiddleware:
         app = scope.get("app")
         limiter = self._limiter
         if limiter is None:
-            limiter = getattr(getattr(app, "state", None), "limiter", None)
+            limiter = _app_limiter(app)
         if limiter is None or not limiter.enabled or not limiter._auto_check:
             await self.app(scope, receive, send)
             return
@@ -155,11 +158,12 @@ class SlowAPIASGIMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        if state.get("_rate_limiting_complete"):
-            by = state.get("_rapidlimit_by")
-            if by is None or by is limiter:
-                await self.app(scope, receive, send)
-                return
+        elif (
+            state.get("_rate_limiting_complete")
+            and state.get("_rapidlimit_by", limiter) is limiter
+        ):
+            await self.app(scope, receive, send)
+            return
         if kind == "http":
             conn: Any = Request(scope, receive, send)
         else:
@@ -175,24 +179,26 @@ class SlowAPIASGIMiddleware:
             await self.app(scope, receive, send)
             return
         state[_HEADERS_BY] = "mw"
+        names = limiter._header_names_and_retry
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                view = state.get(_VIEW)
+                view = state.get(_VIEW)  # a decorator may have replaced it
                 if view is not None:
-                    message = dict(message)
-                    message["headers"] = limiter._merge_headers(
-                        _raw_headers(message.get("headers")), view
-                    )
+                    headers = message.get("headers") or ()
+                    for pair in headers:
+                        if pair[0] in names:
+                            merged = limiter._merge_headers(headers, view)
+                            break
+                    else:
+                        if type(view) is ViewRateLimit and view.decision is not None:
+                            merged = [*headers, *limiter._fast_items(view)]
+                        else:
+                            merged = limiter._merge_headers(headers, view)
+                    message = {**message, "headers": merged}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-def _raw_headers(headers: Any) -> Iterable[tuple[bytes, bytes]]:
-    if headers is None:
-        return ()
-    return headers  # type: ignore[no-any-return]
 
 
 class SlowAPIMiddleware(SlowAPIASGIMiddleware):

@@ -128,6 +128,15 @@ class Limit:
         self._body: bytes | None = (
             None if callable(error_message) else _json_error_body(self.describe_error())
         )
+        # The headers JSONResponse gives that body.
+        self._body_headers: tuple[tuple[bytes, bytes], ...] = (
+            ()
+            if self._body is None
+            else (
+                (b"content-length", b"%d" % len(self._body)),
+                (b"content-type", b"application/json"),
+            )
+        )
         # True when nothing about this limit depends on the request except the
         # key: no exemption, no method filter, static cost.
         self._simple = (
