@@ -203,6 +203,12 @@ _NUMBERS = tuple(b"%d" % i for i in range(_TABLE_SIZE))
 _floor = math.floor
 
 
+@functools.lru_cache(maxsize=64)
+def _pair_table(name: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """(name, number) header pairs for 0 <= number < _TABLE_SIZE."""
+    return tuple((name, number) for number in _NUMBERS)
+
+
 class ViewRateLimit:
     """``request.state.view_rate_limit``: the limit the headers describe.
 
@@ -647,9 +653,9 @@ class Limiter:
             (self._h_limit, self._h_remaining, self._h_reset, self._h_retry)
         )
         self._header_names_and_retry = self._header_names | {_RETRY_AFTER}
-        # (name, value) pairs for small numbers, filled on first use.
-        self._remaining_pairs: list[tuple[bytes, bytes] | None] = [None] * _TABLE_SIZE
-        self._retry_pairs: list[tuple[bytes, bytes] | None] = [None] * _TABLE_SIZE
+        # (name, value) pairs for small numbers, shared by limiters.
+        self._remaining_pairs = _pair_table(self._h_remaining)
+        self._retry_pairs = _pair_table(self._h_retry)
 
     def _group(self, limit: LimitSpec, scope: str | None) -> LimitGroup:
         try:
@@ -859,6 +865,9 @@ class Limiter:
 
         is_async = asyncio.iscoroutinefunction(func)
         header_names = self._header_names_and_retry
+        h_limit, h_remaining = self._h_limit, self._h_remaining
+        h_reset, h_retry = self._h_reset, self._h_retry
+        retry_pairs, remaining_pairs = self._retry_pairs, self._remaining_pairs
 
         # Sync views get an async wrapper too: the check runs on the event
         # loop (a rejection never costs a thread hop), then the view runs in
@@ -904,7 +913,39 @@ class Limiter:
                             limiter._inject_headers(carrier, outcome)
                             break
                     else:
-                        raw.extend(limiter._fast_items(outcome))
+                        lim, _, _, _, decision = outcome._data
+                        if limiter._retry_after is None:
+                            # _fast_items, inlined for the common settings.
+                            reset_time = decision.reset_time  # type: ignore[union-attr]
+                            cached = lim._reset_cache
+                            if cached[0] == reset_time and cached[1][0] is h_reset:
+                                reset_pair = cached[1]
+                            else:
+                                reset_pair = (h_reset, b"%d" % int(1 + reset_time))
+                                lim._reset_cache = (reset_time, reset_pair)
+                            delta = 1 + reset_time - time.time()
+                            seconds = _floor(delta) if delta >= 0 else int(delta)
+                            retry_pair = (
+                                retry_pairs[seconds]
+                                if 0 <= seconds < _TABLE_SIZE
+                                else None
+                            ) or (h_retry, b"%d" % seconds)
+                            remaining = decision.remaining  # type: ignore[union-attr]
+                            remaining_pair = (
+                                remaining_pairs[remaining]
+                                if 0 <= remaining < _TABLE_SIZE
+                                else None
+                            ) or (h_remaining, b"%d" % remaining)
+                            limit_pair = lim._limit_pair
+                            if limit_pair[0] is not h_limit:
+                                limit_pair = (h_limit, lim._amount_header)
+                                lim._limit_pair = limit_pair
+                            raw.append(limit_pair)
+                            raw.append(remaining_pair)
+                            raw.append(reset_pair)
+                            raw.append(retry_pair)
+                        else:
+                            raw.extend(limiter._fast_items(outcome))
             return response
 
         if signature is not None and (pop_conn or pop_response):
@@ -1025,11 +1066,28 @@ class Limiter:
         if self._storage_dead:
             failed = self._check_while_dead(conn, plan, state, endpoint_key)
         elif single is not None:
+            # _decide_single, inlined: the hot path of the decorator.
             try:
-                failed = self._decide_single(
-                    conn, single, state, endpoint_key, self._limiter
-                )
-                if failed is _SKIP:
+                func = single.key_func
+                key = func(conn) if single._key_takes_request else func()
+                if key:
+                    prefix = self._key_prefix
+                    name = single._static_scope or endpoint_key
+                    decision = self._limiter.decide(
+                        single.limit,
+                        f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
+                        cost=single.cost,  # type: ignore[arg-type]
+                        now=time.time(),
+                    )
+                    view: ViewRateLimit = _new_object(ViewRateLimit)
+                    view._data = (single, prefix, key, name, decision)
+                    state[_VIEW] = view
+                    if decision.allowed:
+                        return view
+                    if self.logger.isEnabledFor(logging.DEBUG):
+                        self._log_rejection(single, key, name)
+                    failed = single
+                else:
                     failed = self._evaluate(
                         conn, plan, state, endpoint_key, self._limiter
                     )
@@ -1459,18 +1517,12 @@ class Limiter:
             # floor is int() for the usual positive values, and cheaper.
             seconds = _floor(delta) if delta >= 0 else int(delta)
             if 0 <= seconds < _TABLE_SIZE:
-                retry_pair = self._retry_pairs[seconds]  # type: ignore[assignment]
-                if retry_pair is None:
-                    retry_pair = (self._h_retry, _NUMBERS[seconds])
-                    self._retry_pairs[seconds] = retry_pair
+                retry_pair = self._retry_pairs[seconds]
             else:
                 retry_pair = (self._h_retry, b"%d" % seconds)
         remaining = decision.remaining
         if 0 <= remaining < _TABLE_SIZE:
             remaining_pair = self._remaining_pairs[remaining]
-            if remaining_pair is None:
-                remaining_pair = (self._h_remaining, _NUMBERS[remaining])
-                self._remaining_pairs[remaining] = remaining_pair
         else:
             remaining_pair = (self._h_remaining, b"%d" % remaining)
         return [limit_pair, remaining_pair, reset_pair, retry_pair]
