@@ -34,39 +34,6 @@ PyStructSequence_Desc kDecisionDesc = {
     "Everything a response needs about one limit after one request.",
     kDecisionFields, 5};
 
-PyObject* MakeDecision(const Decision& d) {
-  PyObject* out = PyStructSequence_New(g_decision_type);
-  if (out == nullptr) return nullptr;
-  PyObject* allowed = d.allowed ? Py_True : Py_False;
-  Py_INCREF(allowed);
-  PyStructSequence_SetItem(out, 0, allowed);
-  PyStructSequence_SetItem(out, 1, PyLong_FromLongLong(d.limit));
-  PyStructSequence_SetItem(out, 2, PyLong_FromLongLong(d.remaining));
-  PyStructSequence_SetItem(out, 3,
-                           PyFloat_FromDouble(NanosToSeconds(d.reset_nanos)));
-  PyStructSequence_SetItem(
-      out, 4,
-      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
-                         kNanosPerSecond));
-  return out;
-}
-
-bool KeywordIs(PyObject* name, PyObject* interned) {
-  return name == interned || PyUnicode_Compare(name, interned) == 0;
-}
-
-bool CostFromPython(PyObject* obj, int64_t* cost) {
-  const long long v = PyLong_AsLongLong(obj);
-  if (v == -1 && PyErr_Occurred()) return false;
-  if (v < 0 || v > kMaxAmount) {
-    PyErr_Format(PyExc_ValueError, "cost must be between 0 and %lld, got %lld",
-                 static_cast<long long>(kMaxAmount), v);
-    return false;
-  }
-  *cost = v;
-  return true;
-}
-
 // CPython's method descriptor has already checked that `self` is a
 // RateLimiter (or a subclass) before calling us: only the pointer is read.
 LimiterHandle* SelfHandle(PyObject* self) {
@@ -278,6 +245,39 @@ std::string KeyFromArgs(const ItemHandle& item, const py::args& ids) {
 }
 
 }  // namespace
+
+PyObject* MakeDecision(const Decision& d) {
+  PyObject* out = PyStructSequence_New(g_decision_type);
+  if (out == nullptr) return nullptr;
+  PyObject* allowed = d.allowed ? Py_True : Py_False;
+  Py_INCREF(allowed);
+  PyStructSequence_SetItem(out, 0, allowed);
+  PyStructSequence_SetItem(out, 1, PyLong_FromLongLong(d.limit));
+  PyStructSequence_SetItem(out, 2, PyLong_FromLongLong(d.remaining));
+  PyStructSequence_SetItem(out, 3,
+                           PyFloat_FromDouble(NanosToSeconds(d.reset_nanos)));
+  PyStructSequence_SetItem(
+      out, 4,
+      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
+                         kNanosPerSecond));
+  return out;
+}
+
+bool KeywordIs(PyObject* name, PyObject* interned) {
+  return name == interned || PyUnicode_Compare(name, interned) == 0;
+}
+
+bool CostFromPython(PyObject* obj, int64_t* cost) {
+  const long long v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) return false;
+  if (v < 0 || v > kMaxAmount) {
+    PyErr_Format(PyExc_ValueError, "cost must be between 0 and %lld, got %lld",
+                 static_cast<long long>(kMaxAmount), v);
+    return false;
+  }
+  *cost = v;
+  return true;
+}
 
 void BindLimiter(py::module_& m) {
   g_decision_type = PyStructSequence_NewType(&kDecisionDesc);

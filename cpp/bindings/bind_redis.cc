@@ -34,7 +34,6 @@ struct RedisStorageHandle : StorageHandle {
   std::string uri;              // as given, password redacted
 };
 
-PyTypeObject* g_decision_type = nullptr;
 PyTypeObject* g_item_type = nullptr;
 PyTypeObject* g_limiter_type = nullptr;
 PyTypeObject* g_redis_type = nullptr;
@@ -121,23 +120,6 @@ void CloseAll() {
 
 // ------------------------------------------------------------ decisions
 
-PyObject* MakeDecision(const Decision& d) {
-  PyObject* out = PyStructSequence_New(g_decision_type);
-  if (out == nullptr) return nullptr;
-  PyObject* allowed = d.allowed ? Py_True : Py_False;
-  Py_INCREF(allowed);
-  PyStructSequence_SetItem(out, 0, allowed);
-  PyStructSequence_SetItem(out, 1, PyLong_FromLongLong(d.limit));
-  PyStructSequence_SetItem(out, 2, PyLong_FromLongLong(d.remaining));
-  PyStructSequence_SetItem(out, 3,
-                           PyFloat_FromDouble(NanosToSeconds(d.reset_nanos)));
-  PyStructSequence_SetItem(
-      out, 4,
-      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
-                         kNanosPerSecond));
-  return out;
-}
-
 // RedisUnavailableError("...", retry_after=...), not raised.
 PyObject* MakeUnavailable(const Decision& d) {
   const double retry = static_cast<double>(d.retry_after_nanos) /
@@ -178,22 +160,6 @@ PyObject* BuildResult(const Decision* decisions, size_t written,
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
   }
   return out;
-}
-
-bool KeywordIs(PyObject* name, PyObject* interned) {
-  return name == interned || PyUnicode_Compare(name, interned) == 0;
-}
-
-bool CostFromPython(PyObject* obj, int64_t* cost) {
-  const long long v = PyLong_AsLongLong(obj);
-  if (v == -1 && PyErr_Occurred()) return false;
-  if (v < 0 || v > kMaxAmount) {
-    PyErr_Format(PyExc_ValueError, "cost must be between 0 and %lld, got %lld",
-                 static_cast<long long>(kMaxAmount), v);
-    return false;
-  }
-  *cost = v;
-  return true;
 }
 
 bool StrategyFromPython(PyObject* obj, Strategy* out) {
@@ -625,8 +591,6 @@ PyMethodDef kFastMethods[] = {
 }  // namespace
 
 void BindRedis(py::module_& m) {
-  g_decision_type = reinterpret_cast<PyTypeObject*>(m.attr("Decision").ptr());
-  Py_INCREF(g_decision_type);
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
   g_limiter_type =

@@ -59,6 +59,13 @@ bool AppendIdentifier(PyObject* obj, std::string* out);
 bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,
               std::string* out);
 
+// A new rapidlimit._core.Decision, or null with a Python error set.
+PyObject* MakeDecision(const Decision& d);
+// Keyword `name` equals the interned string `interned`.
+bool KeywordIs(PyObject* name, PyObject* interned);
+// A cost in [0, kMaxAmount]; false with a Python error set otherwise.
+bool CostFromPython(PyObject* obj, int64_t* cost);
+
 // False, with ValueError set, for a limit `strategy` cannot hold.
 bool CheckStrategyLimit(Strategy strategy, const Limit& limit);
 
