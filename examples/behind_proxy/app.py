@@ -15,10 +15,8 @@ from rapidlimit.util import trusted_proxy_key_func
 
 TRUSTED_PROXIES = ["10.0.0.0/8", "127.0.0.1"]
 
-limiter = Limiter(
-    key_func=trusted_proxy_key_func(TRUSTED_PROXIES),
-    default_limits=["2/minute"],
-)
+client_address = trusted_proxy_key_func(TRUSTED_PROXIES)
+limiter = Limiter(key_func=client_address, default_limits=["2/minute"])
 app = FastAPI()
 app.state.limiter = limiter
 app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
@@ -27,4 +25,4 @@ app.add_middleware(SlowAPIASGIMiddleware)
 
 @app.get("/whoami")
 async def whoami(request: Request) -> dict[str, str]:
-    return {"client": limiter._key_func(request)}
+    return {"client": client_address(request)}

@@ -5,104 +5,129 @@ for ``rapidlimit.errors``, ``.middleware``, ``.util``, ``.wrappers`` and
 ``.extension``); the counting itself runs in the C++ core
 (``rapidlimit._core``). Settings, storage keys
 (``LIMITER/<prefix>/<key>/<scope>/<amount>/<multiples>/<granularity>``),
-evaluation order (application, route, dynamic, default limits), header names
-and the 429 body are slowapi's. Time is read with ``time.time()``, so
-freezegun-style clocks work.
+evaluation order (application, route, dynamic, default limits; the first
+failure stops the check, earlier limits stay charged), header names and
+values, and the 429 body ``{"error": "Rate limit exceeded: 5 per 1 minute"}``
+are slowapi's. Time is read with ``time.time()`` on every request, so
+freezegun- and hiro-style clocks work.
 
 Intended differences from slowapi 0.1.10
 ----------------------------------------
 
 Speed
 
-* Limit strings, signatures of key functions and callables, and the per-route
-  list of limits are worked out once (decoration or first request), not per
-  request. Each request makes one call into the core, which returns
-  everything the rate-limit headers need: there is no second storage round
-  trip for headers, nor a third one in the 429 handler.
+* Limit strings, the signatures of key functions and other callables, and
+  the list of limits of each route are worked out once (at decoration, or on
+  the first request of a route), never per request. A request makes one call
+  into the core, which returns everything the headers need: no second
+  storage round trip for the headers, nor a third in the 429 handler.
 * Both middlewares are pure ASGI (``SlowAPIMiddleware`` is no longer a
-  ``BaseHTTPMiddleware``). They add headers to ``http.response.start`` as it
-  passes and forward every other message untouched, so streaming responses,
-  file responses (``pathsend``) and websockets work (slowapi #249, #260).
-* A rejected request is cheap: the middleware sends a precomputed 429 body
-  itself, and the decorator returns it from the endpoint, whenever the 429
-  handler in use is ``_rate_limit_exceeded_handler``; with any other handler
-  ``RateLimitExceeded`` is raised (decorator) or the handler is called
-  (middleware) as in slowapi. The "ratelimit exceeded" log line is emitted
-  at DEBUG instead of WARNING. The logger is named ``rapidlimit``.
+  ``BaseHTTPMiddleware``). They add the headers to ``http.response.start`` as
+  it passes and forward every other message untouched, so streaming
+  responses, file responses (``http.response.pathsend``) and websockets work
+  (#249, #260). Both accept ``limiter=`` to use a limiter other than
+  ``app.state.limiter``.
+* A rejection is cheaper than an allowed request: when the application's
+  handler for ``RateLimitExceeded`` is ``_rate_limit_exceeded_handler``, the
+  middleware sends the 429 itself and the decorator returns it from the
+  endpoint (same status, body and headers), without raising; with any other
+  handler (or one registered for status 429) the exception is raised
+  (decorator) or the handler called (middleware) as in slowapi. The
+  "ratelimit exceeded" log line is at DEBUG, not WARNING, and never carries
+  a traceback. The logger is named ``rapidlimit``.
+* A decorated sync view gets an async wrapper: the check runs on the event
+  loop, then the view runs in the thread pool exactly as Starlette or
+  FastAPI would run it. A rejected request never takes a thread. (Calling a
+  decorated sync function directly therefore returns a coroutine.)
 
 Correctness
 
 * Limits are registered per function object, not per ``module.name``, so
-  two views with the same name no longer share limits (#75, #173, #191).
+  views with the same name keep their own limits (#75, #173, #191).
   ``_route_limits``, ``_dynamic_route_limits`` and ``_exempt_routes`` are
-  still filled by name, for code that reads them, but are not consulted.
-* The middlewares find the endpoint the way the router does: inside
-  ``include_router`` (FastAPI >= 0.137 included routers, #281), inside
-  mounted sub-applications and routers, and the first matching route wins
-  (slowapi took the last). Mounts of applications without routes (static
-  files...) are not limited, as in slowapi.
-* With a middleware, application limits also apply to decorated routes
-  (slowapi skipped them there), and a route's decorator limits, dynamic
-  limits, defaults and the application limits are all checked in the same
-  single pass; dynamic limits are no longer checked once with defaults in
-  the middleware and again in the decorator.
+  still filled by name for code that reads them, but are not consulted.
+* The middlewares find the endpoint as the router will: inside
+  ``include_router`` (also FastAPI >= 0.137 included routers, #281), in
+  mounted routers and sub-applications, first match wins (slowapi took the
+  last). Mounts of applications without routes (``StaticFiles``...) are not
+  limited, as in slowapi. With a middleware, a ``@limit`` placed above
+  ``@app.get`` (which slowapi silently ignored) is applied too.
+* With a middleware, application limits apply to every routed request,
+  decorated routes included (slowapi skipped decorated routes), and a
+  route's decorator limits, dynamic limits, defaults and the application
+  limits are checked in one pass; a dynamic route is no longer checked once
+  with the defaults in the middleware and again in the decorator.
 * A callable ``shared_limit`` scope works (#163): it is called with the
   request when it has a ``request`` parameter, else with the endpoint key
   (the path, or ``module.name`` with ``key_style="endpoint"``).
+  ``Limit.scope`` returns "" for a callable scope.
 * A storage error or a bad dynamic limit never reaches the 429 handler
-  (#239, #253). With ``swallow_errors=True`` the request goes through without
-  rate-limit headers. With the default ``swallow_errors=False`` the original
-  exception propagates (a 500 from the server error middleware, or whatever
-  handler the application registered for it): failing closed is that
-  explicit choice.
-* ``_rate_limit_exceeded_handler`` finds the limiter from the exception
-  when ``app.state.limiter`` is missing, and never fails for want of
+  (#239, #253). With ``swallow_errors=True`` the request goes through
+  without rate-limit headers. With ``swallow_errors=False`` (the default)
+  the original exception propagates (a 500 from the server error middleware,
+  or the application's own handler for it): fail-closed is that explicit
+  choice. ``auto_check=False`` never breaks a decorated endpoint.
+* ``_rate_limit_exceeded_handler`` finds the limiter on the exception when
+  ``app.state.limiter`` is missing, and never fails for want of
   ``request.state.view_rate_limit``.
-* A bad limit string in ``limit``/``shared_limit``/``default_limits``/
-  ``application_limits`` raises ``ConfigurationError`` (a ``ValueError``) at
-  decoration or construction; slowapi logged it and left the route unlimited
-  (or failed on every request for defaults).
-* ``default_limits`` (and the other limit lists) may be a single string,
-  which is one limit group, not a list of characters. Duplicates in
-  ``default_limits`` are dropped keeping order (slowapi used an unordered
-  set). No mutable default is shared between ``Limiter`` instances.
-* ``RATELIMIT_*`` booleans are parsed (``false``/``0`` are false; slowapi
-  treated any non-empty string as true for settings whose default is false).
-  ``RATELIMIT_STORAGE_OPTIONS`` is a JSON object or ``k=v`` pairs separated by
-  ``,``, ``;`` or ``&``.
-* An unknown storage URI or strategy raises ``ValueError`` /
-  ``ConfigurationError`` when the ``Limiter`` is built.
+* A bad limit string in ``limit``, ``shared_limit``, ``default_limits``,
+  ``application_limits``, ``in_memory_fallback`` or the ``RATELIMIT_*``
+  settings raises ``ConfigurationError`` (a ``ValueError``) at decoration or
+  construction; slowapi logged it and left the route unlimited, or failed on
+  every request. So does an unknown strategy or storage URI (``ValueError``
+  naming the URI).
+* ``default_limits`` (and the other limit lists) may be one string, taken
+  as one limit group, not split into characters. Duplicates in
+  ``default_limits`` are dropped keeping their order (slowapi used a set, so
+  the order in which defaults were charged depended on the hash seed). No
+  mutable default is shared between ``Limiter`` instances.
+* ``RATELIMIT_*`` booleans are parsed (``false``, ``0``, ``no`` are false;
+  slowapi took any non-empty string as true for settings whose default is
+  false). ``RATELIMIT_STORAGE_OPTIONS`` is a JSON object or ``k=v`` pairs
+  separated by ``,``, ``;`` or ``&``.
 * ``X-RateLimit-Reset`` is an integer epoch, ``int(1 + reset)`` (slowapi on
-  ``limits`` >= 4 prints the float, e.g. ``1700000061.25``).
-* Rate-limit headers are added once per response: no duplicates from
-  ``SlowAPIMiddleware`` or stacked decorators. With ``headers_enabled``, an
-  endpoint that returns a plain value and has no ``response: Response``
-  parameter still gets them (the decorator adds a hidden ``Response``
-  parameter for FastAPI); slowapi raised.
+  ``limits`` >= 4 prints the float, e.g. ``1700000061.25``). The same
+  formulas (also for ``Retry-After``) are used for ``token-bucket``, where
+  the reset is when the bucket is full again.
+* Rate-limit headers are added once per response (no duplicates from
+  ``SlowAPIMiddleware``, stacked decorators or dynamic routes). An endpoint
+  with ``headers_enabled`` that returns a plain value without a ``response:
+  Response`` parameter still gets them (the decorator adds a hidden
+  ``Response`` parameter for FastAPI); slowapi raised.
 * Stacked ``@limit`` decorators are checked in one pass. Decorators of
-  different ``Limiter`` instances on one function each apply (slowapi skipped
+  different ``Limiter`` instances on one view each apply (slowapi skipped
   every limiter after the first).
-* The decorator also accepts endpoints without a ``request`` parameter
-  (FastAPI: a hidden ``HTTPConnection`` parameter is added) and websocket
-  endpoints; a rejected websocket gets a 429 denial response when the server
-  supports it, else it is closed with code 1008 before being accepted.
+* The decorator also accepts FastAPI endpoints without a ``request``
+  parameter (a hidden ``HTTPConnection`` parameter is added; it stays out of
+  the OpenAPI schema), Starlette views whose request parameter has another
+  name, ``HTTPEndpoint`` methods, and websocket endpoints.
+* WebSocket connections are limited by the middlewares (default and
+  application limits) and by the decorator. A rejected handshake gets an
+  HTTP 429 with the JSON body when the server supports the
+  ``websocket.http.response`` extension, else it is closed with code 1008
+  before being accepted.
 * ``Limiter.depends()`` gives a FastAPI dependency
-  (``Depends(limiter.depends("5/minute"))``) for routes that should not
-  take a ``request`` parameter (#23, #177).
+  (``Depends(limiter.depends("5/minute"))``) for routes that should not take
+  a ``request`` parameter (#23, #177). The middleware cannot see
+  dependencies: a route limited this way still gets the default and
+  application limits, checked in a second core call.
 * ``get_ipaddr`` reads the real ``X-Forwarded-For`` header and returns its
-  first address (slowapi read a header named ``X_FORWARDED_FOR`` and returned
-  all of it); ``rapidlimit.util.trusted_proxy_key_func`` honours
-  ``X-Forwarded-For`` / ``Forwarded`` only from trusted proxies.
+  first address (slowapi read a header named ``X_FORWARDED_FOR`` and
+  returned all of it). ``rapidlimit.util.trusted_proxy_key_func`` reads
+  ``X-Forwarded-For`` / ``Forwarded`` only when the peer is a trusted proxy.
 * A key function with one required parameter not named ``request`` is given
   the request (slowapi called it without arguments, which failed). Within
   one request a key function is called once even if several limits use it.
-* Strategy ``token-bucket`` is available besides ``fixed-window``,
+* The strategy ``token-bucket`` is available besides ``fixed-window``,
   ``moving-window`` and ``sliding-window-counter``.
-* ``Limit.scope`` returns "" for a callable scope (slowapi raised
-  ``NameError``); ``request.state.view_rate_limit`` is a
-  :class:`ViewRateLimit`, a ``(limit, [prefix, key, scope])`` pair that also
-  carries the core's decision; its ``limit`` is a
-  ``rapidlimit.RateLimitItem``, not a ``limits`` one.
+* ``request.state.view_rate_limit`` is a :class:`ViewRateLimit`: it indexes,
+  unpacks and compares as slowapi's ``(limit, [prefix, key, scope])`` pair
+  and also carries the core's decision; its ``limit`` is a
+  ``rapidlimit.RateLimitItem``. ``request.state._rate_limiting_complete`` is
+  still set (and honoured) once a request was checked.
+* Headers never touch the storage, so a storage failure can no longer break
+  a response after its endpoint ran. ``in_memory_fallback`` works as in
+  slowapi (same exponential back-off before retrying the main storage).
 """
 
 from __future__ import annotations
@@ -278,6 +303,7 @@ class ViewRateLimit:
 
 
 _new_object = object.__new__
+_CONNECTION_TYPES = frozenset((Request, WebSocket))
 _SKIP: Any = object()
 
 
@@ -886,7 +912,11 @@ class Limiter:
                 conn = args[conn_index]
             else:  # FastAPI passes keywords
                 conn = kwargs.get(conn_name) if conn_name is not None else None
-            if not isinstance(conn, HTTPConnection):
+            # isinstance against HTTPConnection (an ABC) is slow: try the
+            # usual classes first.
+            if conn.__class__ not in _CONNECTION_TYPES and not isinstance(
+                conn, HTTPConnection
+            ):
                 conn = _find_connection(args, kwargs)
             if conn is None or not limiter.enabled:
                 if is_async:
@@ -894,7 +924,7 @@ class Limiter:
                 return await run_in_threadpool(func, *args, **kwargs)
             outcome = limiter._check_in_endpoint(conn, target)
             if outcome is not None and type(outcome) is not ViewRateLimit:
-                if isinstance(conn, WebSocket):
+                if conn.scope["type"] == "websocket":
                     await limiter._reject_websocket(conn, outcome)
                     return None
                 return outcome  # the 429
@@ -1100,7 +1130,7 @@ class Limiter:
                 failed = self._on_error(exc, conn, plan, state, endpoint_key)
         if failed is None:
             return state.get(_VIEW)
-        if isinstance(conn, WebSocket):
+        if scope["type"] == "websocket":
             return failed
         return self._rejection_response(conn, failed, state)
 
@@ -1137,6 +1167,12 @@ class Limiter:
         if self._storage_dead:
             return self._check_while_dead(conn, plan, state, endpoint_key)
         try:
+            if plan.single is not None:
+                failed = self._decide_single(
+                    conn, plan.single, state, endpoint_key, self._limiter
+                )
+                if failed is not _SKIP:
+                    return failed  # type: ignore[no-any-return]
             return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
         except Exception as exc:
             return self._on_error(exc, conn, plan, state, endpoint_key)

@@ -1,13 +1,19 @@
 """ASGI middlewares (``slowapi.middleware``).
 
 Both classes are the same pure ASGI middleware: ``SlowAPIMiddleware`` is no
-longer a ``BaseHTTPMiddleware``. The middleware finds the endpoint the way the
-router will (included routers, mounted routers and sub-applications, first
-match wins), checks the application, route and default limits of the
-``Limiter`` in ``app.state.limiter`` in one call into the core, and then
-either sends the 429 or runs the application, adding the rate-limit headers
-to ``http.response.start`` as it goes by. Every other message (body chunks of
-streaming responses, ``pathsend``, websocket messages) passes untouched.
+longer a ``BaseHTTPMiddleware``. For each HTTP or websocket request the
+middleware finds the endpoint the way the router will (FastAPI included
+routers, mounted routers and sub-applications, first full match wins),
+checks the application, route and default limits of the ``Limiter`` in
+``app.state.limiter`` (or the one passed as ``limiter=``) in one call into
+the core, and then either answers 429 or runs the application, adding the
+rate-limit headers to ``http.response.start`` as it goes by. Every other
+message (body chunks of streaming responses, ``pathsend``, websocket
+messages) passes untouched.
+
+The endpoint found for a (type, method, root_path, path) is cached; the
+cache is dropped when the number of top-level routes changes. Routes added
+later inside an already included router are not seen until then.
 """
 
 from __future__ import annotations
@@ -33,12 +39,25 @@ except ImportError:  # pragma: no cover - depends on the FastAPI version
 _CACHE_SIZE = 4096
 
 
+# id(routes) -> (routes, its length, the flattened routes)
+_flattened: dict[int, tuple[Sequence[BaseRoute], int, Sequence[Any]]] = {}
+
+
 def _flatten(routes: Sequence[BaseRoute]) -> Sequence[Any]:
-    if _iter_route_contexts is not None and any(
-        type(route).__name__ == "_IncludedRouter" for route in routes
-    ):
-        return list(_iter_route_contexts(routes))
-    return routes
+    """``routes`` with FastAPI's included routers expanded into their routes
+    (cached while the list keeps its length)."""
+    if _iter_route_contexts is None:
+        return routes
+    cached = _flattened.get(id(routes))
+    if cached is not None and cached[0] is routes and cached[1] == len(routes):
+        return cached[2]
+    flat: Sequence[Any] = routes
+    if any(type(route).__name__ == "_IncludedRouter" for route in routes):
+        flat = list(_iter_route_contexts(routes))
+    if len(_flattened) > 256:
+        _flattened.clear()
+    _flattened[id(routes)] = (routes, len(routes), flat)
+    return flat
 
 
 def find_endpoint(
@@ -74,6 +93,43 @@ def find_endpoint(
 
 
 _MISSING = object()
+_new_object = object.__new__
+
+
+def _request_factory() -> Callable[[Scope, Receive, Send], Request]:
+    """``Request(scope, receive, send)``, without the constructor's call
+    overhead when this Starlette's Request is known to hold exactly what
+    the shortcut sets (checked here, once); the constructor otherwise."""
+    expected = {
+        "scope",
+        "_receive",
+        "_send",
+        "_stream_consumed",
+        "_is_disconnected",
+        "_form",
+    }
+    try:
+        sample = Request({"type": "http"})
+        known = set(vars(sample)) == expected and not hasattr(Request, "__slots__")
+    except Exception:  # pragma: no cover - a very different Starlette
+        known = False
+    if not known:  # pragma: no cover
+        return Request
+
+    def make(scope: Scope, receive: Receive, send: Send) -> Request:
+        request: Request = _new_object(Request)
+        request.scope = scope
+        request._receive = receive
+        request._send = send
+        request._stream_consumed = False
+        request._is_disconnected = False
+        request._form = None
+        return request
+
+    return make
+
+
+_make_request = _request_factory()
 
 
 def _app_limiter(app: Any) -> Any:
@@ -105,6 +161,9 @@ class SlowAPIASGIMiddleware:
         self._routes: Sequence[BaseRoute] | None = None
         self._routes_len = -1
         self._endpoints: dict[tuple[Any, ...], Any] = {}
+        # app.state and its dict (starlette's State keeps values in _state).
+        self._state_object: Any = _MISSING
+        self._state_values: dict[str, Any] | None = None
 
     def _endpoint(self, app: Any, scope: Scope) -> Any:
         if app is not self._routes_app:
@@ -141,7 +200,15 @@ class SlowAPIASGIMiddleware:
         app = scope.get("app")
         limiter = self._limiter
         if limiter is None:
-            limiter = _app_limiter(app)
+            state_object = getattr(app, "state", None)
+            if state_object is not self._state_object:
+                self._state_object = state_object
+                values = getattr(state_object, "_state", None)
+                self._state_values = values if isinstance(values, dict) else None
+            if self._state_values is not None:
+                limiter = self._state_values.get("limiter")
+            else:
+                limiter = _app_limiter(app)
         if limiter is None or not limiter.enabled or not limiter._auto_check:
             await self.app(scope, receive, send)
             return
@@ -165,7 +232,7 @@ class SlowAPIASGIMiddleware:
             await self.app(scope, receive, send)
             return
         if kind == "http":
-            conn: Any = Request(scope, receive, send)
+            conn: Any = _make_request(scope, receive, send)
         else:
             conn = WebSocket(scope, receive, send)
         failed = limiter._check(conn, plan, state)

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.websockets import WebSocket
 
 from conftest import rate_headers
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
@@ -813,3 +814,52 @@ def test_error_body_bytes_match_jsonresponse() -> None:
     assert json.loads(limit.error_body()) == {
         "error": 'Rate limit exceeded: é "quoted"'
     }
+
+
+def test_http_endpoint_methods(make_client: Any) -> None:
+    from starlette.endpoints import HTTPEndpoint
+    from starlette.routing import Route
+
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+
+    class Items(HTTPEndpoint):
+        @limiter.limit("1/minute")
+        async def get(self, request: Request) -> Response:
+            return PlainTextResponse("get")
+
+        @limiter.limit("2/minute")
+        def post(self, request: Request) -> Response:
+            return PlainTextResponse("post")
+
+    app = Starlette(routes=[Route("/items", Items)])
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    client = make_client(app)
+    assert statuses(client, "/items", 2) == [200, 429]
+    assert statuses(client, "/items", 3, "POST") == [200, 200, 429]
+    assert client.post("/items").headers["x-ratelimit-limit"] == "2"
+
+
+def test_fastapi_websocket_decorator() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient, WebSocketDenialResponse
+
+    limiter = Limiter(key_func=get_remote_address)
+    app = FastAPI()
+    app.state.limiter = limiter
+
+    @app.websocket("/ws")
+    @limiter.limit("1/minute")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    client = TestClient(app)
+    with client.websocket_connect("/ws") as connection:
+        assert connection.receive_text() == "hi"
+    with pytest.raises(WebSocketDenialResponse), client.websocket_connect("/ws"):
+        pass
