@@ -438,6 +438,11 @@ PyObject* OnLoopCollected(PyObject*, PyObject* ref) {
       bridge->dead = true;
       items.swap(bridge->done);
     }
+    // A completion may hold the last reference to the bridge and release
+    // it on the I/O thread, without the GIL: drop the Python objects (and
+    // stores) it keeps now, while the GIL is held.
+    bridge->flush_callback = py::object();
+    bridge->to_flush.clear();
     for (Pending* p : items) {
       Py_DECREF(p->future);
       delete p;

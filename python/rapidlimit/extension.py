@@ -67,6 +67,14 @@ Correctness
   the original exception propagates (a 500 from the server error middleware,
   or the application's own handler for it): fail-closed is that explicit
   choice. ``auto_check=False`` never breaks a decorated endpoint.
+* Redis storages (``redis://`` and the like) are native and never raise for
+  an outage: their ``on_error`` policy follows slowapi's settings unless
+  given (``swallow_errors`` -> fail-open, ``in_memory_fallback_enabled``
+  without limits -> the same limits in memory, otherwise fail-closed), and
+  fail-closed answers 503 with ``Retry-After`` (raised as
+  :class:`~rapidlimit.errors.RateLimitStorageUnavailable` where slowapi
+  raises), never 500. Async paths await the decision without blocking the
+  event loop (slowapi issue #3).
 * ``_rate_limit_exceeded_handler`` finds the limiter on the exception when
   ``app.state.limiter`` is missing, and never fails for want of
   ``request.state.view_rate_limit``.
@@ -144,19 +152,32 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Literal, TypeVar, Union, cast
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from rapidlimit._core import Decision, RateLimiter, RateLimitItem, Storage
-from rapidlimit.errors import ConfigurationError, RateLimitExceeded
-from rapidlimit.storage import storage_from_string
+from rapidlimit._core import (
+    Decision,
+    RateLimiter,
+    RateLimitItem,
+    RedisStorage,
+    RedisUnavailableError,
+    Storage,
+)
+from rapidlimit.errors import (
+    ConfigurationError,
+    RateLimitExceeded,
+    RateLimitStorageUnavailable,
+    retry_after_seconds,
+)
+from rapidlimit.storage import _is_redis_scheme, storage_from_string
 from rapidlimit.strategies import STRATEGIES
 from rapidlimit.wrappers import CostType, Limit, LimitGroup, StrOrCallableStr
 
@@ -315,6 +336,23 @@ def _make_view(
     return view
 
 
+class _Unavailable:
+    """The outcome of a check the storage refused to answer (a Redis
+    storage whose policy is fail-closed): the request gets a 503."""
+
+    __slots__ = ("retry_after",)
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+
+    def describe_error(self) -> str:
+        return "Rate limit storage unavailable"
+
+
+Failure = Union[Limit, _Unavailable]
+_UNAVAILABLE_BODY = b'{"error":"Rate limit storage unavailable"}'
+
+
 class _Plan:
     """Everything needed to check one endpoint, worked out once.
 
@@ -401,15 +439,21 @@ class _TooManyRequests(Response):
 
     media_type = "application/json"
 
-    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status_code = 429
+    def __init__(
+        self, body: bytes, headers: list[tuple[bytes, bytes]], status: int = 429
+    ) -> None:
+        self.status_code = status
         self.background = None
         self.body = body
         self.raw_headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send(
-            {"type": "http.response.start", "status": 429, "headers": self.raw_headers}
+            {
+                "type": "http.response.start",
+                "status": self.status_code,
+                "headers": self.raw_headers,
+            }
         )
         await send({"type": "http.response.body", "body": self.body})
         if self.background is not None:
@@ -573,14 +617,6 @@ class Limiter:
         )
         self._key_prefix: str = key_prefix or self._setting(C.KEY_PREFIX, "") or ""
 
-        # Storage and strategy.
-        options = dict(storage_options or {})
-        env_options = self._setting(C.STORAGE_OPTIONS, None)
-        if env_options:
-            options.update(_parse_options(C.STORAGE_OPTIONS, env_options))
-        self._storage_options = options
-        self._storage_uri = storage_uri or self._setting(C.STORAGE_URL, "memory://")
-        self._storage: Storage = storage_from_string(self._storage_uri, **options)
         strategy_name = strategy or self._setting(C.STRATEGY, "fixed-window")
         if strategy_name not in STRATEGIES:
             raise ConfigurationError(
@@ -588,7 +624,6 @@ class Limiter:
                 f"of {', '.join(sorted(STRATEGIES))}"
             )
         self._strategy = strategy_name
-        self._limiter: RateLimiter = STRATEGIES[strategy_name](self._storage)
 
         # Header names.
         self._header_mapping: dict[int, str] = {
@@ -634,6 +669,21 @@ class Limiter:
                 self._setting(C.IN_MEMORY_FALLBACK_ENABLED, False),
             )
         )
+
+        # Storage (after the fallback settings: they choose a Redis
+        # storage's failure policy).
+        options = dict(storage_options or {})
+        env_options = self._setting(C.STORAGE_OPTIONS, None)
+        if env_options:
+            options.update(_parse_options(C.STORAGE_OPTIONS, env_options))
+        self._storage_options = options
+        self._storage_uri = storage_uri or self._setting(C.STORAGE_URL, "memory://")
+        self._storage: Storage = storage_from_string(
+            self._storage_uri, **self._redis_policy(self._storage_uri, options)
+        )
+        self._limiter: RateLimiter = STRATEGIES[strategy_name](self._storage)
+        # A Redis storage is asked without blocking the event loop.
+        self._remote = isinstance(self._storage, RedisStorage)
         self._storage_dead = False
         self._fallback_storage: Storage | None = None
         self._fallback_limiter: RateLimiter | None = None
@@ -658,6 +708,28 @@ class Limiter:
 
     def _setting(self, key: str, default: Any) -> Any:
         return self.app_config(key, default=default)
+
+    def _redis_policy(self, uri: str, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with a Redis storage's ``on_error`` derived from
+        slowapi's settings, unless the URI or the options set it:
+        ``in_memory_fallback_enabled`` without fallback limits counts in
+        memory with the same limits ("fallback"; with fallback limits the
+        limiter switches to them itself), ``swallow_errors`` lets requests
+        through ("fail-open"), and otherwise requests get a 503 with
+        ``Retry-After`` ("fail-closed")."""
+        if not _is_redis_scheme(urlsplit(uri).scheme):
+            return options
+        if "on_error" in options or "on_error" in dict(parse_qsl(urlsplit(uri).query)):
+            return options
+        if self._in_memory_fallback_enabled and not self._in_memory_fallback:
+            policy = "fallback"
+        elif self._in_memory_fallback_enabled:
+            policy = "fail-closed"  # raised, then handled by _on_error
+        elif self._swallow_errors:
+            policy = "fail-open"
+        else:
+            policy = "fail-closed"
+        return {**options, "on_error": policy}
 
     def get_app_config(self, key: str, default_value: T | None = None) -> T | None:
         """Reads a ``RATELIMIT_*`` setting (environment, then config file)."""
@@ -922,7 +994,10 @@ class Limiter:
                 if is_async:
                     return await func(*args, **kwargs)
                 return await run_in_threadpool(func, *args, **kwargs)
-            outcome = limiter._check_in_endpoint(conn, target)
+            if limiter._remote:
+                outcome = await limiter._check_in_endpoint_async(conn, target)
+            else:
+                outcome = limiter._check_in_endpoint(conn, target)
             if outcome is not None and type(outcome) is not ViewRateLimit:
                 if conn.scope["type"] == "websocket":
                     await limiter._reject_websocket(conn, outcome)
@@ -1059,16 +1134,11 @@ class Limiter:
     # ------------------------------------------------------------------
     # checking
 
-    def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
-        """The decorator's check.
-
-        Returns None when there is nothing more to do (checked already,
-        exempt, nothing applied), the :class:`ViewRateLimit` when the request
-        may go on and the headers are this wrapper's to add, or else the
-        rejection: a ready 429 response when the app's handler is
-        ``_rate_limit_exceeded_handler`` (with another handler the exception
-        is raised here), or the failed Limit for a websocket.
-        """
+    def _endpoint_plan(
+        self, conn: HTTPConnection, target: Any
+    ) -> tuple[_Plan, dict[str, Any]] | None:
+        """The decorator's plan and the request state, or None when this
+        request needs no check (checked already, exempt, auto_check off)."""
         scope = conn.scope
         state = scope.get("state")
         if state is None:
@@ -1083,54 +1153,73 @@ class Limiter:
             self._deco_plans[target] = plan
         if plan.exempt:
             return None
+        return plan, state
+
+    def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
+        """The decorator's check.
+
+        Returns None when there is nothing more to do (checked already,
+        exempt, nothing applied), the :class:`ViewRateLimit` when the request
+        may go on and the headers are this wrapper's to add, or else the
+        rejection: a ready 429 (or 503) response when the app's handler is
+        ``_rate_limit_exceeded_handler`` (with another handler the exception
+        is raised here), or the failure for a websocket.
+        """
+        found = self._endpoint_plan(conn, target)
+        if found is None:
+            return None
+        plan, state = found
+        single = plan.single
+        if single is None or self._storage_dead or self._request_filters:
+            return self._outcome(conn, self._check(conn, plan, state), state)
+        # _begin and _decide_single, inlined: the hot path of the decorator.
         state[_DONE] = True
         state[_BY] = self
-        if self._request_filters and any(fn() for fn in self._request_filters):
-            return None
-        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        endpoint_key = conn.scope.get("path") if self._url_keys else plan.endpoint_name
         if not endpoint_key:
             state[_VIEW] = None
             return None
-        single = plan.single
-        failed: Limit | None
-        if self._storage_dead:
-            failed = self._check_while_dead(conn, plan, state, endpoint_key)
-        elif single is not None:
-            # _decide_single, inlined: the hot path of the decorator.
-            try:
-                func = single.key_func
-                key = func(conn) if single._key_takes_request else func()
-                if key:
-                    prefix = self._key_prefix
-                    name = single._static_scope or endpoint_key
-                    decision = self._limiter.decide(
-                        single.limit,
-                        f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
-                        cost=single.cost,  # type: ignore[arg-type]
-                        now=time.time(),
-                    )
-                    view: ViewRateLimit = _new_object(ViewRateLimit)
-                    view._data = (single, prefix, key, name, decision)
-                    state[_VIEW] = view
-                    if decision.allowed:
-                        return view
-                    if self.logger.isEnabledFor(logging.DEBUG):
-                        self._log_rejection(single, key, name)
-                    failed = single
-                else:
-                    failed = self._evaluate(
-                        conn, plan, state, endpoint_key, self._limiter
-                    )
-            except Exception as exc:
-                failed = self._on_error(exc, conn, plan, state, endpoint_key)
-        else:
-            try:
+        failed: Failure | None
+        try:
+            func = single.key_func
+            key = func(conn) if single._key_takes_request else func()
+            if key:
+                prefix = self._key_prefix
+                name = single._static_scope or endpoint_key
+                decision = self._limiter.decide(
+                    single.limit,
+                    f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
+                    cost=single.cost,  # type: ignore[arg-type]
+                    now=time.time(),
+                )
+                view: ViewRateLimit = _new_object(ViewRateLimit)
+                view._data = (single, prefix, key, name, decision)
+                state[_VIEW] = view
+                if decision.allowed:
+                    return view
+                if self.logger.isEnabledFor(logging.DEBUG):
+                    self._log_rejection(single, key, name)
+                failed = single
+            else:
                 failed = self._evaluate(conn, plan, state, endpoint_key, self._limiter)
-            except Exception as exc:
-                failed = self._on_error(exc, conn, plan, state, endpoint_key)
+        except Exception as exc:
+            failed = self._on_error(exc, conn, plan, state, endpoint_key)
+        return self._outcome(conn, failed, state)
+
+    async def _check_in_endpoint_async(self, conn: HTTPConnection, target: Any) -> Any:
+        """:meth:`_check_in_endpoint` for a Redis storage (non-blocking)."""
+        found = self._endpoint_plan(conn, target)
+        if found is None:
+            return None
+        plan, state = found
+        return self._outcome(conn, await self._check_async(conn, plan, state), state)
+
+    def _outcome(
+        self, conn: HTTPConnection, failed: Failure | None, state: dict[str, Any]
+    ) -> Any:
         if failed is None:
             return state.get(_VIEW)
-        if scope["type"] == "websocket":
+        if conn.scope["type"] == "websocket":
             return failed
         return self._rejection_response(conn, failed, state)
 
@@ -1140,17 +1229,15 @@ class Limiter:
             "ratelimit %s (%s) exceeded at endpoint: %s", lim._text, key, scope
         )
 
-    def _check(
+    def _begin(
         self,
         conn: HTTPConnection,
-        plan: _Plan,
         state: dict[str, Any],
-        endpoint_name: str | None = None,
-    ) -> Limit | None:
-        """Checks ``plan`` for ``conn``; records the outcome in ``state``.
-
-        Returns the failed limit, or None when the request may go on.
-        """
+        plan: _Plan,
+        endpoint_name: str | None,
+    ) -> str | None:
+        """Marks the request as checked; returns the endpoint key, or None
+        when there is nothing to check."""
         state[_DONE] = True
         state[_BY] = self
         if self._request_filters and any(fn() for fn in self._request_filters):
@@ -1164,16 +1251,54 @@ class Limiter:
         if not endpoint_key:
             state[_VIEW] = None
             return None
+        return endpoint_key
+
+    def _check(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_name: str | None = None,
+    ) -> Failure | None:
+        """Checks ``plan`` for ``conn``; records the outcome in ``state``.
+
+        Returns the failed limit (or :class:`_Unavailable`), or None when
+        the request may go on.
+        """
+        endpoint_key = self._begin(conn, state, plan, endpoint_name)
+        if endpoint_key is None:
+            return None
         if self._storage_dead:
             return self._check_while_dead(conn, plan, state, endpoint_key)
         try:
-            if plan.single is not None:
-                failed = self._decide_single(
-                    conn, plan.single, state, endpoint_key, self._limiter
-                )
-                if failed is not _SKIP:
-                    return failed  # type: ignore[no-any-return]
             return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
+        except Exception as exc:
+            return self._on_error(exc, conn, plan, state, endpoint_key)
+
+    async def _check_async(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_name: str | None = None,
+    ) -> Failure | None:
+        """:meth:`_check` for a Redis storage: the event loop keeps running
+        while Redis answers."""
+        endpoint_key = self._begin(conn, state, plan, endpoint_name)
+        if endpoint_key is None:
+            return None
+        if self._storage_dead:
+            return self._check_while_dead(conn, plan, state, endpoint_key)
+        try:
+            prepared = self._prepare(conn, plan, state, endpoint_key)
+            if prepared is None:
+                return None
+            requests, used = prepared
+            storage = cast(RedisStorage, self._storage)
+            decisions = await storage.decide_many_async(
+                self._limiter, requests, now=time.time()
+            )
+            return self._conclude(decisions, used, state)
         except Exception as exc:
             return self._on_error(exc, conn, plan, state, endpoint_key)
 
@@ -1184,8 +1309,13 @@ class Limiter:
         plan: _Plan,
         state: dict[str, Any],
         endpoint_key: str,
-    ) -> Limit | None:
+    ) -> Failure | None:
         state[_VIEW] = None
+        unavailable = isinstance(exc, RedisUnavailableError)
+        if unavailable and not self._in_memory_fallback_enabled:
+            # The storage's own policy is fail-closed: refuse with a 503.
+            self.logger.warning("Rate limit storage unavailable: %s", exc)
+            return _Unavailable(getattr(exc, "retry_after", 1.0))
         if self._in_memory_fallback_enabled and not self._storage_dead:
             self.logger.warning(
                 "Rate limit storage unreachable - falling back to in-memory storage"
@@ -1215,7 +1345,7 @@ class Limiter:
         plan: _Plan,
         state: dict[str, Any],
         endpoint_key: str,
-    ) -> Limit | None:
+    ) -> Failure | None:
         try:
             recovered = self._should_check_backend() and self._storage.check()
         except Exception:
@@ -1322,6 +1452,25 @@ class Limiter:
             )
             if failed is not _SKIP:
                 return failed  # type: ignore[no-any-return]
+        prepared = self._prepare(conn, plan, state, endpoint_key)
+        if prepared is None:
+            return None
+        requests, used = prepared
+        return self._conclude(
+            limiter.decide_many(requests, now=time.time()), used, state
+        )
+
+    def _prepare(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_key: str,
+    ) -> (
+        tuple[list[tuple[RateLimitItem, str, int]], list[tuple[Limit, str, str]]] | None
+    ):
+        """The core requests for ``plan`` and the limit behind each; None
+        (with no view recorded) when no limit applies."""
         prefix = self._key_prefix
         key: Any = None
         scope: str | None
@@ -1377,7 +1526,16 @@ class Limiter:
         if not requests:
             state[_VIEW] = None
             return None
-        decisions = limiter.decide_many(requests, now=time.time())
+        return requests, used
+
+    def _conclude(
+        self,
+        decisions: Sequence[Decision],
+        used: list[tuple[Limit, str, str]],
+        state: dict[str, Any],
+    ) -> Limit | None:
+        """Records the view the headers describe; returns the failed limit."""
+        prefix = self._key_prefix
         last = len(decisions) - 1
         decision = decisions[last]
         if not decision.allowed:
@@ -1426,8 +1584,10 @@ class Limiter:
         if failed is not None:
             raise self._exception(failed)
 
-    def _exception(self, failed: Limit) -> RateLimitExceeded:
-        exc = RateLimitExceeded(failed)
+    def _exception(self, failed: Failure) -> HTTPException:
+        if type(failed) is _Unavailable:
+            return RateLimitStorageUnavailable(failed.retry_after)
+        exc = RateLimitExceeded(cast(Limit, failed))
         exc._limiter = self  # type: ignore[attr-defined]
         return exc
 
@@ -1463,16 +1623,36 @@ class Limiter:
         return headers
 
     def _rejection_response(
-        self, conn: HTTPConnection, failed: Limit, state: dict[str, Any]
+        self, conn: HTTPConnection, failed: Failure, state: dict[str, Any]
     ) -> Response:
-        """A 429 ready to return from the endpoint; raises when the app uses
-        another handler for RateLimitExceeded."""
+        """A 429 (or 503) ready to return from the endpoint; raises when the
+        app uses another handler for RateLimitExceeded."""
+        if type(failed) is _Unavailable:
+            start, _ = self._error_messages(failed, state)
+            return _TooManyRequests(_UNAVAILABLE_BODY, start["headers"], 503)
+        failed = cast(Limit, failed)
         if not self._uses_default_handler(conn.scope):
             raise self._exception(failed)
         body = failed.error_body()
         return _TooManyRequests(body, self._error_headers(failed, body, state))
 
-    def _error_messages(self, failed: Limit, state: dict[str, Any]) -> list[Any]:
+    def _error_messages(self, failed: Failure, state: dict[str, Any]) -> list[Any]:
+        if type(failed) is _Unavailable:
+            body = _UNAVAILABLE_BODY
+            seconds = retry_after_seconds(failed.retry_after)
+            return [
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-length", b"%d" % len(body)),
+                        (b"content-type", _JSON),
+                        (_RETRY_AFTER, b"%d" % seconds),
+                    ],
+                },
+                {"type": "http.response.body", "body": body},
+            ]
+        failed = cast(Limit, failed)
         body = failed.error_body()
         return [
             {
@@ -1488,15 +1668,16 @@ class Limiter:
         scope: Scope,
         receive: Receive,
         send: Send,
-        failed: Limit,
+        failed: Failure,
         state: dict[str, Any],
     ) -> None:
         """The middleware's 429: the app's handler for RateLimitExceeded if
-        it has one, else the default (sent without building a Response)."""
+        it has one, else the default (sent without building a Response).
+        A 503 when the storage refused to answer."""
         app = scope.get("app")
         handlers = getattr(app, "exception_handlers", None) or {}
         handler = handlers.get(RateLimitExceeded, _rate_limit_exceeded_handler)
-        if handler is _rate_limit_exceeded_handler:
+        if handler is _rate_limit_exceeded_handler or type(failed) is _Unavailable:
             for message in self._error_messages(failed, state):
                 await send(message)
             return
@@ -1506,13 +1687,13 @@ class Limiter:
             result = await result
         await result(scope, receive, send)
 
-    async def _reject_websocket(self, websocket: WebSocket, failed: Limit) -> None:
+    async def _reject_websocket(self, websocket: WebSocket, failed: Failure) -> None:
         await self._reject_websocket_raw(
             websocket.scope, websocket.send, failed, websocket.scope.get("state", {})
         )
 
     async def _reject_websocket_raw(
-        self, scope: Scope, send: Send, failed: Limit, state: dict[str, Any]
+        self, scope: Scope, send: Send, failed: Failure, state: dict[str, Any]
     ) -> None:
         extensions = scope.get("extensions") or {}
         if "websocket.http.response" in extensions:
@@ -1521,6 +1702,9 @@ class Limiter:
             body["type"] = "websocket.http.response.body"
             await send(start)
             await send(body)
+        elif type(failed) is _Unavailable:  # 1013: try again later
+            reason = failed.describe_error()
+            await send({"type": "websocket.close", "code": 1013, "reason": reason})
         else:
             reason = f"Rate limit exceeded: {failed.describe_error()}"[:120]
             await send({"type": "websocket.close", "code": 1008, "reason": reason})
@@ -1731,12 +1915,12 @@ class Limiter:
             if state is None:
                 state = scope_["state"] = {}
             endpoint = scope_.get("endpoint")
-            failed = limiter._check(
-                request,
-                plan,
-                state,
-                _func_name(endpoint) if endpoint is not None else "",
-            )
+            name = _func_name(endpoint) if endpoint is not None else ""
+            failed: Failure | None
+            if limiter._remote:
+                failed = await limiter._check_async(request, plan, state, name)
+            else:
+                failed = limiter._check(request, plan, state, name)
             if failed is not None:
                 raise limiter._exception(failed)
             if limiter._headers_enabled and state.get(_HEADERS_BY) is None:

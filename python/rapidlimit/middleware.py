@@ -235,7 +235,10 @@ class SlowAPIASGIMiddleware:
             conn: Any = _make_request(scope, receive, send)
         else:
             conn = WebSocket(scope, receive, send)
-        failed = limiter._check(conn, plan, state)
+        if limiter._remote:
+            failed = await limiter._check_async(conn, plan, state)
+        else:
+            failed = limiter._check(conn, plan, state)
         if failed is not None:
             if kind == "http":
                 await limiter._send_rejection(scope, receive, send, failed, state)

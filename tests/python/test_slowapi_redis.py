@@ -1,0 +1,337 @@
+"""The slowapi-compatible Limiter on a real redis-server: async endpoints
+await their decision without blocking the event loop (decorator, both
+middlewares, the FastAPI dependency), one command per request, and each
+failure policy as a user of slowapi would configure it: a 503 with
+Retry-After (the default), requests let through (``swallow_errors``), or
+counting in memory (``in_memory_fallback_enabled`` / ``in_memory_fallback``).
+Never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+
+from rapidlimit import Limiter, _rate_limit_exceeded_handler
+from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+from rapidlimit.storage import RedisStorage
+from rapidlimit.util import get_remote_address
+from redis_server import RedisServer
+
+FAST = {
+    "timeout": 0.15,
+    "connect_timeout": 0.3,
+    "reconnect_min": 0.01,
+    "reconnect_max": 0.1,
+}
+PATHS = ["decorator", "middleware", "asgi-middleware", "depends"]
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def make_app(
+    limiter: Limiter, path: str, limit: str = "3/minute", sync: bool = False
+) -> FastAPI:
+    """One route /r limited by ``limit`` through ``path``, and /free."""
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    if path == "middleware":
+        app.add_middleware(SlowAPIMiddleware)
+    elif path == "asgi-middleware":
+        app.add_middleware(SlowAPIASGIMiddleware)
+
+    def body() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    if path == "depends":
+        dependencies = [Depends(limiter.depends(limit))]
+        if sync:
+            app.get("/r", dependencies=dependencies)(lambda: body())
+        else:
+
+            async def route_dep() -> PlainTextResponse:
+                return body()
+
+            app.get("/r", dependencies=dependencies)(route_dep)
+    else:
+        if sync:
+
+            def route_sync(request: Request) -> PlainTextResponse:
+                return body()
+
+            route: Any = route_sync
+        else:
+
+            async def route_async(request: Request) -> PlainTextResponse:
+                return body()
+
+            route = route_async
+        if path == "decorator":
+            route = limiter.limit(limit)(route)
+        app.get("/r")(route)
+
+    @app.get("/free")
+    @limiter.exempt
+    async def free(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("free")
+
+    return app
+
+
+def limiter_for(server: RedisServer, path: str, **kwargs: Any) -> Limiter:
+    # With a middleware and no decorator, the route's limit is the default.
+    options = kwargs.pop("storage_options", {})
+    return Limiter(
+        key_func=get_remote_address,
+        headers_enabled=True,
+        storage_uri=server.uri,
+        storage_options=options,
+        default_limits=["3/minute"] if path.endswith("middleware") else None,
+        **kwargs,
+    )
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def wait_recovered(store: RedisStorage, limit: float = 5.0) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if store.check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_counts_through_redis(server: RedisServer, path: str) -> None:
+    limiter = limiter_for(server, path)
+    app = make_app(limiter, path)
+
+    async def main() -> list[httpx.Response]:
+        async with client_for(app) as client:
+            return [await client.get("/r") for _ in range(5)]
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+    if path != "depends":
+        # (a dependency cannot add headers to a returned Response, and
+        # FastAPI renders the dependency's exception itself)
+        assert responses[0].headers["x-ratelimit-limit"] == "3"
+        assert responses[2].headers["x-ratelimit-remaining"] == "0"
+        assert responses[3].json() == {"error": "Rate limit exceeded: 3 per 1 minute"}
+    # The counter lives in Redis: a second limiter (another app instance)
+    # sees it.
+    other = make_app(limiter_for(server, path), path)
+
+    async def again() -> int:
+        async with client_for(other) as client:
+            return (await client.get("/r")).status_code
+
+    assert asyncio.run(again()) == 429
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_event_loop_keeps_serving_while_redis_is_slow(
+    server: RedisServer, path: str
+) -> None:
+    """DEBUG SLEEP holds Redis for 0.4 s: the limited request waits for its
+    decision, the unlimited one and a ticker run meanwhile."""
+    limiter = limiter_for(server, path, storage_options={"timeout": 3.0})
+    app = make_app(limiter, path, limit="100/minute")
+    sleeper = server.client()
+
+    async def main() -> tuple[int, int, float, int]:
+        async with client_for(app) as client:
+            assert (await client.get("/r")).status_code == 200  # warm
+            ticks = 0
+            stop = False
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not stop:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            thread = threading.Thread(
+                target=sleeper.execute_command, args=("DEBUG", "SLEEP", "0.4")
+            )
+            thread.start()
+            await asyncio.sleep(0.05)  # Redis is now asleep
+            tick_task = asyncio.create_task(ticker())
+            start = time.monotonic()
+            limited = asyncio.create_task(client.get("/r"))
+            free = await client.get("/free")
+            free_after = time.monotonic() - start
+            response = await limited
+            stop = True
+            await tick_task
+            thread.join()
+            return response.status_code, free.status_code, free_after, ticks
+
+    limited_code, free_code, free_after, ticks = asyncio.run(main())
+    assert limited_code == 200
+    assert free_code == 200
+    assert free_after < 0.25  # answered while Redis slept
+    assert ticks >= 10  # the loop ran during the ~0.35 s wait
+
+
+def test_one_command_per_request_async(server: RedisServer) -> None:
+    """Several limits on the route, headers on: one EVALSHA per request."""
+    limiter = limiter_for(server, "decorator")
+    app = make_app(limiter, "decorator", limit="5/second;50/minute;500/hour")
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            await client.get("/free")
+            await client.get("/r")  # warm-up: connection, script cache
+            server.reset_stats()
+            return [(await client.get("/r")).status_code for _ in range(6)]
+
+    codes = asyncio.run(main())
+    assert codes == [200] * 4 + [429] * 2
+    calls = server.command_calls()
+    # 4 admitted + 1 rejected; the last rejection is answered from the
+    # blocked-key cache.
+    assert calls["evalsha"] == 5
+
+
+@pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+def test_redis_down_gives_503_by_default(
+    server: RedisServer, path: str, sync: bool
+) -> None:
+    limiter = limiter_for(server, path, storage_options=FAST)
+    assert limiter._storage.on_error == "fail-closed"  # type: ignore[attr-defined]
+    app = make_app(limiter, path, sync=sync)
+
+    async def main() -> tuple[list[httpx.Response], int]:
+        async with client_for(app) as client:
+            assert (await client.get("/r")).status_code == 200
+            server.kill()
+            down = [await client.get("/r") for _ in range(3)]
+            free = (await client.get("/free")).status_code
+            return down, free
+
+    down, free = asyncio.run(main())
+    assert free == 200
+    for response in down:
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) >= 1
+        if path != "depends":
+            assert response.json() == {"error": "Rate limit storage unavailable"}
+    server.restart()
+    assert wait_recovered(limiter._storage)  # type: ignore[arg-type]
+
+    async def after() -> int:
+        async with client_for(app) as client:
+            return (await client.get("/r")).status_code
+
+    assert asyncio.run(after()) in (200, 429)
+
+
+@pytest.mark.parametrize("path", ["decorator", "middleware"])
+def test_swallow_errors_lets_requests_through(server: RedisServer, path: str) -> None:
+    limiter = limiter_for(server, path, storage_options=FAST, swallow_errors=True)
+    assert limiter._storage.on_error == "fail-open"  # type: ignore[attr-defined]
+    app = make_app(limiter, path)
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            await client.get("/r")
+            server.kill()
+            return [(await client.get("/r")).status_code for _ in range(6)]
+
+    assert asyncio.run(main()) == [200] * 6
+
+
+@pytest.mark.parametrize("path", ["decorator", "asgi-middleware"])
+def test_in_memory_fallback_enabled_counts_in_memory(
+    server: RedisServer, path: str
+) -> None:
+    limiter = limiter_for(
+        server, path, storage_options=FAST, in_memory_fallback_enabled=True
+    )
+    assert limiter._storage.on_error == "fallback"  # type: ignore[attr-defined]
+    app = make_app(limiter, path)
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            await client.get("/r")
+            server.kill()
+            return [(await client.get("/r")).status_code for _ in range(5)]
+
+    # The same limit, counted afresh in memory while Redis is down.
+    assert asyncio.run(main()) == [200, 200, 200, 429, 429]
+
+
+def test_in_memory_fallback_limits_apply_while_down(server: RedisServer) -> None:
+    limiter = limiter_for(
+        server, "decorator", storage_options=FAST, in_memory_fallback=["1/minute"]
+    )
+    app = make_app(limiter, "decorator")
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            await client.get("/r")
+            server.kill()
+            return [(await client.get("/r")).status_code for _ in range(3)]
+
+    assert asyncio.run(main()) == [200, 429, 429]
+
+
+def test_explicit_policy_wins(server: RedisServer) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        storage_uri=server.uri + "?on_error=fail-open",
+        swallow_errors=False,
+    )
+    assert limiter._storage.on_error == "fail-open"  # type: ignore[attr-defined]
+    limiter = Limiter(
+        key_func=get_remote_address,
+        storage_uri=server.uri,
+        storage_options={"on_error": "fail-closed"},
+        swallow_errors=True,
+    )
+    assert limiter._storage.on_error == "fail-closed"  # type: ignore[attr-defined]
+
+
+def test_sync_check_request_limit_raises_503(server: RedisServer) -> None:
+    """slowapi's _check_request_limit (sync) while Redis is down."""
+    limiter = limiter_for(server, "decorator", storage_options=FAST)
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    limited = limiter.limit("3/minute")(endpoint)
+    server.kill()
+    request = Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": "/r",
+            "client": ("1.2.3.4", 1),
+            "headers": [],
+        }
+    )
+    with pytest.raises(Exception) as info:
+        limiter._check_request_limit(request, limited, in_middleware=False)
+    assert getattr(info.value, "status_code", None) == 503
