@@ -3,6 +3,9 @@
 // the whole in-memory decision, and these are called once per request.
 #include <pybind11/stl.h>
 
+#include <climits>
+#include <cstdint>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -96,6 +99,7 @@ PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   limiter->store->Decide(
       &r, 1, now, kAnswer == Answer::kTest ? Mode::kTest : Mode::kHit, &d);
   if constexpr (kAnswer == Answer::kDecide) {
+    if (RaiseIfFailClosed(d)) return nullptr;
     return MakeDecision(d);
   } else {
     return PyBool_FromLong(d.allowed);
@@ -182,6 +186,7 @@ PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   const size_t written = (!test && first_reject < static_cast<size_t>(n))
                              ? first_reject + 1
                              : static_cast<size_t>(n);
+  if (written > 0 && RaiseIfFailClosed(decisions[written - 1])) return nullptr;
   PyObject* out = PyList_New(static_cast<Py_ssize_t>(written));
   if (out == nullptr) return nullptr;
   for (size_t i = 0; i < written; ++i) {
@@ -191,6 +196,158 @@ PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
       return nullptr;
     }
     PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), d);
+  }
+  return out;
+}
+
+// The four rate-limit header names of a Limiter, with ready (name, value)
+// pairs for small values: most responses then only take references.
+// Built whole at construction and never changed, so any thread may read it.
+struct HeaderNamesHandle {
+  static constexpr int64_t kCached = 256;
+  enum Field { kLimit, kRemaining, kReset, kRetryAfter, kFields };
+  py::object names[kFields];
+  py::object pairs[kFields][kCached];  // kReset has none: it is an epoch
+};
+
+PyTypeObject* g_names_type = nullptr;
+
+// The last reset pair this thread made: consecutive requests of a client
+// share their window's reset. The pair holds its name, so a name object
+// seen here cannot have been freed and reused for another name.
+thread_local PyObject* tl_reset_pair = nullptr;
+thread_local int64_t tl_reset_value = 0;
+
+// A new reference to a (name, b"<value>") pair.
+PyObject* NewPair(const HeaderNamesHandle& h, int field, int64_t value) {
+  if (field != HeaderNamesHandle::kReset && value >= 0 &&
+      value < HeaderNamesHandle::kCached) {
+    PyObject* pair = h.pairs[field][value].ptr();
+    Py_INCREF(pair);
+    return pair;
+  }
+  const bool reset = field == HeaderNamesHandle::kReset;
+  if (reset && tl_reset_pair != nullptr && tl_reset_value == value &&
+      PyTuple_GET_ITEM(tl_reset_pair, 0) == h.names[field].ptr()) {
+    Py_INCREF(tl_reset_pair);
+    return tl_reset_pair;
+  }
+  // Decimal digits by hand: snprintf cost more than the whole decision.
+  char digits[24];
+  char* end = digits + sizeof(digits);
+  char* p = end;
+  uint64_t magnitude = value < 0 ? 0 - static_cast<uint64_t>(value)
+                                 : static_cast<uint64_t>(value);
+  do {
+    *--p = static_cast<char>('0' + magnitude % 10);
+    magnitude /= 10;
+  } while (magnitude != 0);
+  if (value < 0) *--p = '-';
+  PyObject* bytes = PyBytes_FromStringAndSize(p, end - p);
+  if (bytes == nullptr) return nullptr;
+  PyObject* name = h.names[field].ptr();
+  Py_INCREF(name);
+  PyObject* pair = PyTuple_New(2);
+  if (pair == nullptr) {
+    Py_DECREF(name);
+    Py_DECREF(bytes);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(pair, 0, name);
+  PyTuple_SET_ITEM(pair, 1, bytes);
+  if (reset) {
+    Py_XSETREF(tl_reset_pair, pair);  // never released: one per thread
+    Py_INCREF(pair);
+    tl_reset_value = value;
+  }
+  return pair;
+}
+
+// Python's int(x) for the header values: truncation toward zero, clamped
+// (a reset time is at most ~1e10, so the clamp never applies in practice).
+int64_t Truncate(double x) {
+  if (!(x > -9.0e18)) return x != x ? 0 : INT64_MIN;
+  if (x >= 9.0e18) return INT64_MAX;
+  return static_cast<int64_t>(x);
+}
+
+// decide_headers(item, identity, cost, now, names)
+//   -> (allowed, limit, remaining, reset_time, retry_after, headers)
+PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
+                        Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 5 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_headers(item, identity, cost, now, names) takes "
+                    "exactly 5 positional arguments");
+    return nullptr;
+  }
+  auto* limiter = SelfHandle(self);
+  if (limiter == nullptr) return nullptr;
+  auto* item = static_cast<ItemHandle*>(
+      UnwrapFast(args[0], g_item_type, "RateLimitItem"));
+  if (item == nullptr) return nullptr;
+  auto* names = static_cast<HeaderNamesHandle*>(
+      UnwrapFast(args[4], g_names_type, "HeaderNames"));
+  if (names == nullptr) return nullptr;
+  int64_t cost = 0;
+  if (!CostFromPython(args[2], &cost)) return nullptr;
+  // The header formulas use the caller's float, as Python would.
+  const double now_seconds = PyFloat_AsDouble(args[3]);
+  if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
+  int64_t now = 0;
+  if (!NowFromPython(args[3], &now)) return nullptr;
+  thread_local std::string key;
+  if (!BuildKey(*item, args + 1, 1, &key)) return nullptr;
+  if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
+  Request r;
+  r.strategy = limiter->strategy;
+  r.limit = &item->limit;
+  r.key = key;
+  r.cost = cost;
+  Decision d;
+  limiter->store->Decide(&r, 1, now, Mode::kHit, &d);
+  if (RaiseIfFailClosed(d)) return nullptr;
+
+  const double reset_time = NanosToSeconds(d.reset_nanos);
+  const double reset_in = 1.0 + reset_time;
+  PyObject* headers = PyList_New(4);
+  if (headers == nullptr) return nullptr;
+  const int64_t values[4] = {d.limit, d.remaining, Truncate(reset_in),
+                             Truncate(reset_in - now_seconds)};
+  for (int field = 0; field < HeaderNamesHandle::kFields; ++field) {
+    PyObject* pair = NewPair(*names, field, values[field]);
+    if (pair == nullptr) {
+      Py_DECREF(headers);
+      return nullptr;
+    }
+    PyList_SET_ITEM(headers, field, pair);
+  }
+  PyObject* out = PyTuple_New(6);
+  if (out == nullptr) {
+    Py_DECREF(headers);
+    return nullptr;
+  }
+  PyObject* allowed = d.allowed ? Py_True : Py_False;
+  Py_INCREF(allowed);
+  PyTuple_SET_ITEM(out, 0, allowed);
+  PyTuple_SET_ITEM(out, 5, headers);
+  PyObject* fields[4] = {
+      PyLong_FromLongLong(d.limit), PyLong_FromLongLong(d.remaining),
+      PyFloat_FromDouble(reset_time),
+      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
+                         kNanosPerSecond)};
+  for (int i = 0; i < 4; ++i) {
+    if (fields[i] == nullptr) {
+      for (int j = i + 1; j < 4; ++j) Py_XDECREF(fields[j]);
+      for (int j = i; j < 4; ++j) {
+        Py_INCREF(Py_None);
+        PyTuple_SET_ITEM(out, j + 1, Py_None);
+      }
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, i + 1, fields[i]);
   }
   return out;
 }
@@ -214,6 +371,15 @@ PyMethodDef kFastMethods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "decide(item, *identifiers, cost=1, now=None) -> Decision\n\n"
      "Like hit, returning the full decision."},
+    {"decide_headers",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideHeaders)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "decide_headers(item, identity, cost, now, names) -> tuple\n\n"
+     "Like decide(item, identity, cost=cost, now=now), returning (allowed, "
+     "limit, remaining, reset_time, retry_after, headers): headers is a new "
+     "list of the four (name, value) pairs of `names` (a HeaderNames), with "
+     "the values int(1 + reset_time) and int(1 + reset_time - now) for reset "
+     "and retry-after."},
     {"decide_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideMany)),
      METH_FASTCALL | METH_KEYWORDS,
@@ -291,6 +457,42 @@ void BindLimiter(py::module_& m) {
   g_str_test = PyUnicode_InternFromString("test");
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
+
+  py::class_<HeaderNamesHandle> names_cls(m, "HeaderNames");
+  names_cls
+      .def(py::init([](py::bytes limit, py::bytes remaining, py::bytes reset,
+                       py::bytes retry_after) {
+             auto h = std::make_unique<HeaderNamesHandle>();
+             const py::bytes given[HeaderNamesHandle::kFields] = {
+                 limit, remaining, reset, retry_after};
+             for (int f = 0; f < HeaderNamesHandle::kFields; ++f) {
+               h->names[f] = given[f];
+               if (f == HeaderNamesHandle::kReset) continue;
+               for (int64_t v = 0; v < HeaderNamesHandle::kCached; ++v) {
+                 h->pairs[f][v] =
+                     py::make_tuple(given[f], py::bytes(std::to_string(v)));
+               }
+             }
+             return h;
+           }),
+           py::arg("limit"), py::arg("remaining"), py::arg("reset"),
+           py::arg("retry_after"))
+      .def_property_readonly("limit",
+                             [](const HeaderNamesHandle& h) {
+                               return h.names[HeaderNamesHandle::kLimit];
+                             })
+      .def_property_readonly("remaining",
+                             [](const HeaderNamesHandle& h) {
+                               return h.names[HeaderNamesHandle::kRemaining];
+                             })
+      .def_property_readonly("reset",
+                             [](const HeaderNamesHandle& h) {
+                               return h.names[HeaderNamesHandle::kReset];
+                             })
+      .def_property_readonly("retry_after", [](const HeaderNamesHandle& h) {
+        return h.names[HeaderNamesHandle::kRetryAfter];
+      });
+  g_names_type = reinterpret_cast<PyTypeObject*>(names_cls.ptr());
 
   py::class_<LimiterHandle> cls(m, "RateLimiter");
   cls.def(py::init([](py::object storage, const std::string& strategy) {

@@ -595,6 +595,16 @@ PyMethodDef kFastMethods[] = {
 
 }  // namespace
 
+bool RaiseIfFailClosed(const Decision& d) {
+  if (d.source != DecisionSource::kFailClosed) return false;
+  PyObject* exc = MakeUnavailable(d);
+  if (exc != nullptr) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc)), exc);
+    Py_DECREF(exc);
+  }
+  return true;
+}
+
 void BindRedis(py::module_& m) {
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());

@@ -66,6 +66,10 @@ bool KeywordIs(PyObject* name, PyObject* interned);
 // A cost in [0, kMaxAmount]; false with a Python error set otherwise.
 bool CostFromPython(PyObject* obj, int64_t* cost);
 
+// True, with RedisUnavailableError set, when `d` was answered by a Redis
+// store's fail-closed policy: callers that return decisions raise instead.
+bool RaiseIfFailClosed(const Decision& d);
+
 // False, with ValueError set, for a limit `strategy` cannot hold.
 bool CheckStrategyLimit(Strategy strategy, const Limit& limit);
 

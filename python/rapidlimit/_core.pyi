@@ -6,6 +6,7 @@ is omitted the core reads the system clock.
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 __version__: str
 
@@ -51,8 +52,16 @@ def parse_many(text: str) -> list[RateLimitItem]:
 def granularity_seconds(name: str) -> int: ...
 
 class Decision:
-    """Everything a response needs about one limit after one request."""
+    """Everything a response needs about one limit after one request.
 
+    A struct sequence: it also unpacks and indexes as the 5-tuple
+    ``(allowed, limit, remaining, reset_time, retry_after)``, and
+    ``Decision(sequence_of_5)`` builds one.
+    """
+
+    def __init__(self, fields: Sequence[object]) -> None: ...
+    def __getitem__(self, index: int) -> Any: ...
+    def __len__(self) -> int: ...
     @property
     def allowed(self) -> bool: ...
     @property
@@ -173,6 +182,22 @@ class RedisStorage(Storage):
     ) -> asyncio.Future[list[Decision]]:
         """The same as an awaitable that never blocks the running loop."""
 
+class HeaderNames:
+    """The four rate-limit header names (lower-case bytes) with ready
+    ``(name, value)`` pairs for small values; immutable."""
+
+    def __init__(
+        self, limit: bytes, remaining: bytes, reset: bytes, retry_after: bytes
+    ) -> None: ...
+    @property
+    def limit(self) -> bytes: ...
+    @property
+    def remaining(self) -> bytes: ...
+    @property
+    def reset(self) -> bytes: ...
+    @property
+    def retry_after(self) -> bytes: ...
+
 class RateLimiter:
     """A strategy bound to a storage; base of ``rapidlimit.strategies``."""
 
@@ -201,7 +226,26 @@ class RateLimiter:
         *identifiers: object,
         cost: int = 1,
         now: float | None = None,
-    ) -> Decision: ...
+    ) -> Decision:
+        """Like hit, returning the full decision. On a Redis storage whose
+        policy is fail-closed, raises RedisUnavailableError when Redis
+        cannot answer."""
+    def decide_headers(
+        self,
+        item: RateLimitItem,
+        identity: object,
+        cost: int,
+        now: float,
+        names: HeaderNames,
+        /,
+    ) -> tuple[bool, int, int, float, float, list[tuple[bytes, bytes]]]:
+        """``decide(item, identity, cost=cost, now=now)`` plus its headers:
+        ``(allowed, limit, remaining, reset_time, retry_after, headers)``,
+        where ``headers`` is a new list ``[(names.limit, b"<limit>"),
+        (names.remaining, b"<remaining>"), (names.reset,
+        b"<int(1 + reset_time)>"), (names.retry_after,
+        b"<int(1 + reset_time - now)>")]``. Raises RedisUnavailableError
+        like ``decide``."""
     def get_window_stats(
         self, item: RateLimitItem, *identifiers: object, now: float | None = None
     ) -> tuple[float, int]: ...
@@ -219,4 +263,6 @@ class RateLimiter:
         call stops at the first rejection, so the list may be shorter than
         ``requests`` and its last element is then the rejection. With
         ``test`` nothing is charged and every request gets a decision.
+        On a Redis storage whose policy is fail-closed, raises
+        RedisUnavailableError when Redis cannot answer.
         """

@@ -165,6 +165,7 @@ from starlette.websockets import WebSocket
 
 from rapidlimit._core import (
     Decision,
+    HeaderNames,
     RateLimiter,
     RateLimitItem,
     RedisStorage,
@@ -264,10 +265,12 @@ class ViewRateLimit:
     """
 
     # One slot holding (Limit, prefix, key, scope, Decision): built per
-    # request, so it is made with a single assignment (see _make_view).
+    # request, so it is made with a single assignment (see _make_view). The
+    # decorator's fast path stores the tuple of RateLimiter.decide_headers
+    # in place of the Decision: its last item is the ready header list.
     __slots__ = ("_data",)
 
-    _data: tuple[Limit, str, Any, str, Decision | None]
+    _data: tuple[Limit, str, Any, str, Any]
 
     def __init__(
         self,
@@ -285,7 +288,10 @@ class ViewRateLimit:
 
     @property
     def decision(self) -> Decision | None:
-        return self._data[4]
+        found = self._data[4]
+        if type(found) is tuple:  # decide_headers' (allowed, ..., headers)
+            return Decision(found[:5])
+        return cast("Decision | None", found)
 
     @property
     def limit(self) -> RateLimitItem:
@@ -750,6 +756,10 @@ class Limiter:
         self._header_names = frozenset(
             (self._h_limit, self._h_remaining, self._h_reset, self._h_retry)
         )
+        # The core formats the headers with the decision (seconds only).
+        self._core_names = HeaderNames(
+            self._h_limit, self._h_remaining, self._h_reset, self._h_retry
+        )
         self._header_names_and_retry = self._header_names | {_RETRY_AFTER}
         # (name, value) pairs for small numbers, shared by limiters.
         self._remaining_pairs = _pair_table(self._h_remaining)
@@ -963,9 +973,7 @@ class Limiter:
 
         is_async = asyncio.iscoroutinefunction(func)
         header_names = self._header_names_and_retry
-        h_limit, h_remaining = self._h_limit, self._h_remaining
-        h_reset, h_retry = self._h_reset, self._h_retry
-        retry_pairs, remaining_pairs = self._retry_pairs, self._remaining_pairs
+        fused = self._retry_after != "http-date"
 
         # Sync views get an async wrapper too: the check runs on the event
         # loop (a rejection never costs a thread hop), then the view runs in
@@ -1018,37 +1026,9 @@ class Limiter:
                             limiter._inject_headers(carrier, outcome)
                             break
                     else:
-                        lim, _, _, _, decision = outcome._data
-                        if limiter._retry_after is None:
-                            # _fast_items, inlined for the common settings.
-                            reset_time = decision.reset_time  # type: ignore[union-attr]
-                            cached = lim._reset_cache
-                            if cached[0] == reset_time and cached[1][0] is h_reset:
-                                reset_pair = cached[1]
-                            else:
-                                reset_pair = (h_reset, b"%d" % int(1 + reset_time))
-                                lim._reset_cache = (reset_time, reset_pair)
-                            delta = 1 + reset_time - time.time()
-                            seconds = _floor(delta) if delta >= 0 else int(delta)
-                            retry_pair = (
-                                retry_pairs[seconds]
-                                if 0 <= seconds < _TABLE_SIZE
-                                else None
-                            ) or (h_retry, b"%d" % seconds)
-                            remaining = decision.remaining  # type: ignore[union-attr]
-                            remaining_pair = (
-                                remaining_pairs[remaining]
-                                if 0 <= remaining < _TABLE_SIZE
-                                else None
-                            ) or (h_remaining, b"%d" % remaining)
-                            limit_pair = lim._limit_pair
-                            if limit_pair[0] is not h_limit:
-                                limit_pair = (h_limit, lim._amount_header)
-                                lim._limit_pair = limit_pair
-                            raw.append(limit_pair)
-                            raw.append(remaining_pair)
-                            raw.append(reset_pair)
-                            raw.append(retry_pair)
+                        found = outcome._data[4]
+                        if type(found) is tuple and fused:
+                            raw.extend(found[5])  # formatted by the core
                         else:
                             raw.extend(limiter._fast_items(outcome))
             return response
@@ -1165,17 +1145,29 @@ class Limiter:
         ``_rate_limit_exceeded_handler`` (with another handler the exception
         is raised here), or the failure for a websocket.
         """
-        found = self._endpoint_plan(conn, target)
-        if found is None:
-            return None
-        plan, state = found
-        single = plan.single
-        if single is None or self._storage_dead or self._request_filters:
+        scope = conn.scope
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        plan = self._deco_plans.get(target)
+        if (
+            plan is None
+            or plan.single is None
+            or _DONE in state
+            or self._storage_dead
+            or self._request_filters
+            or not self._auto_check
+        ):
+            found = self._endpoint_plan(conn, target)
+            if found is None:
+                return None
+            plan, state = found
             return self._outcome(conn, self._check(conn, plan, state), state)
-        # _begin and _decide_single, inlined: the hot path of the decorator.
+        # _endpoint_plan, _begin and _decide_single, inlined: the hot path.
+        single = plan.single
         state[_DONE] = True
         state[_BY] = self
-        endpoint_key = conn.scope.get("path") if self._url_keys else plan.endpoint_name
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
         if not endpoint_key:
             state[_VIEW] = None
             return None
@@ -1186,16 +1178,17 @@ class Limiter:
             if key:
                 prefix = self._key_prefix
                 name = single._static_scope or endpoint_key
-                decision = self._limiter.decide(
+                result = self._limiter.decide_headers(
                     single.limit,
                     f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
-                    cost=single.cost,  # type: ignore[arg-type]
-                    now=time.time(),
+                    single.cost,  # type: ignore[arg-type]
+                    time.time(),
+                    self._core_names,
                 )
                 view: ViewRateLimit = _new_object(ViewRateLimit)
-                view._data = (single, prefix, key, name, decision)
+                view._data = (single, prefix, key, name, result)
                 state[_VIEW] = view
-                if decision.allowed:
+                if result[0]:
                     return view
                 if self.logger.isEnabledFor(logging.DEBUG):
                     self._log_rejection(single, key, name)
@@ -1720,6 +1713,11 @@ class Limiter:
         """
         lim, _, _, _, decision = view._data
         assert decision is not None
+        if type(decision) is tuple:
+            if self._retry_after != "http-date":
+                return list(decision[5])
+            decision = view.decision
+            assert decision is not None
         reset_time = decision.reset_time
         cached = lim._reset_cache
         if cached[0] == reset_time and cached[1][0] is self._h_reset:

@@ -261,7 +261,7 @@ class SlowAPIASGIMiddleware:
                             merged = limiter._merge_headers(headers, view)
                             break
                     else:
-                        if type(view) is ViewRateLimit and view.decision is not None:
+                        if type(view) is ViewRateLimit and view._data[4] is not None:
                             merged = [*headers, *limiter._fast_items(view)]
                         else:
                             merged = limiter._merge_headers(headers, view)

@@ -25,6 +25,7 @@ from rapidlimit.util import get_remote_address
 from redis_server import RedisServer
 
 POLICIES = ["fail-open", "fail-closed", "fallback"]
+NAMES = _core.HeaderNames(b"x-limit", b"x-remaining", b"x-reset", b"retry-after")
 FAST = {
     "timeout": 0.15,
     "connect_timeout": 0.3,
@@ -66,17 +67,27 @@ def test_killed_and_restarted(
     outcomes: list[Any] = []
     for _ in range(4):
         start = time.monotonic()
-        # The RateLimiter path never raises: the policy answers.
-        decision = lim.decide_many([(item, "a", 1)])[0]
-        assert time.monotonic() - start < 0.4
-        outcomes.append((decision.allowed, store.last_status()))
+        # hit() answers by the policy (False when fail-closed); calls that
+        # return decisions raise RedisUnavailableError when fail-closed.
         try:
-            store.decide_many(lim, [(item, "b", 1)])
-            raised = False
+            decision = lim.decide_many([(item, "a", 1)])[0]
+            outcomes.append((decision.allowed, store.last_status()))
         except _core.RedisUnavailableError as exc:
-            raised = True
             assert exc.retry_after == 1.0
-        assert raised == (policy == "fail-closed")
+            outcomes.append((lim.hit(item, "a"), store.last_status()))
+        assert time.monotonic() - start < 0.8
+        for call in (
+            lambda: store.decide_many(lim, [(item, "b", 1)]),
+            lambda: lim.decide(item, "b"),
+            lambda: lim.decide_headers(item, "b", 1, time.time(), NAMES),
+        ):
+            try:
+                call()
+                raised = False
+            except _core.RedisUnavailableError as exc:
+                raised = True
+                assert exc.retry_after == 1.0
+            assert raised == (policy == "fail-closed")
     if policy == "fail-open":
         assert outcomes == [(True, "fail-open")] * 4
     elif policy == "fail-closed":
@@ -137,7 +148,7 @@ def test_slow_redis_times_out(server: RedisServer, policy: str) -> None:
     sleeper.start()
     time.sleep(0.05)
     start = time.monotonic()
-    lim.decide_many([(item, "a", 1)])
+    lim.hit(item, "a")  # never raises: answered by the policy
     took = time.monotonic() - start
     assert 0.1 < took < 0.35
     assert store.last_status() == policy
