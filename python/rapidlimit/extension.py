@@ -242,6 +242,8 @@ _RESPONSE_PARAM = "_rapidlimit_response"
 _TARGET_ATTR = "__rapidlimit_target__"
 
 _JSON = b"application/json"
+_NO_PEER = ("",)
+_LOCALHOST = "127.0.0.1"  # get_remote_address without a peer
 _RETRY_AFTER = b"retry-after"
 
 # Header values are mostly small numbers: format them once.
@@ -1173,8 +1175,11 @@ class Limiter:
             return None
         failed: Failure | None
         try:
-            func = single.key_func
-            key = func(conn) if single._key_takes_request else func()
+            if single._peer_key:  # get_remote_address, inlined
+                key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+            else:
+                func = single.key_func
+                key = func(conn) if single._key_takes_request else func()
             if key:
                 prefix = self._key_prefix
                 name = single._static_scope or endpoint_key
@@ -1264,6 +1269,13 @@ class Limiter:
         if self._storage_dead:
             return self._check_while_dead(conn, plan, state, endpoint_key)
         try:
+            single = plan.single
+            if single is not None:  # _evaluate's first step, one call less
+                failed = self._decide_single(
+                    conn, single, state, endpoint_key, self._limiter
+                )
+                if failed is not _SKIP:
+                    return failed  # type: ignore[no-any-return]
             return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
         except Exception as exc:
             return self._on_error(exc, conn, plan, state, endpoint_key)
@@ -1410,22 +1422,26 @@ class Limiter:
         The hot path: one key function call, one core call, one object.
         Returns ``_SKIP`` when the key is empty (the general path logs it).
         """
-        func = single.key_func
-        key = func(conn) if single._key_takes_request else func()
+        if single._peer_key:  # get_remote_address, inlined
+            key = (conn.scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+        else:
+            func = single.key_func
+            key = func(conn) if single._key_takes_request else func()
         if not key:
             return _SKIP
         prefix = self._key_prefix
         name = single._static_scope or endpoint_key
-        decision = limiter.decide(
+        result = limiter.decide_headers(
             single.limit,
             f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
-            cost=single.cost,  # type: ignore[arg-type]
-            now=time.time(),
+            single.cost,  # type: ignore[arg-type]
+            time.time(),
+            self._core_names,
         )
         view: ViewRateLimit = _new_object(ViewRateLimit)
-        view._data = (single, prefix, key, name, decision)
+        view._data = (single, prefix, key, name, result)
         state[_VIEW] = view
-        if decision.allowed:
+        if result[0]:
             return None
         if self.logger.isEnabledFor(logging.DEBUG):
             self._log_rejection(single, key, name)

@@ -110,7 +110,9 @@ def _request_factory() -> Callable[[Scope, Receive, Send], Request]:
     }
     try:
         sample = Request({"type": "http"})
-        known = set(vars(sample)) == expected and not hasattr(Request, "__slots__")
+        # (vars() succeeding means instances keep a __dict__: the
+        # collections.abc bases give Request an empty __slots__ only)
+        known = set(vars(sample)) == expected
     except Exception:  # pragma: no cover - a very different Starlette
         known = False
     if not known:  # pragma: no cover
@@ -258,14 +260,18 @@ class SlowAPIASGIMiddleware:
                     headers = message.get("headers") or ()
                     for pair in headers:
                         if pair[0] in names:
-                            merged = limiter._merge_headers(headers, view)
+                            message["headers"] = limiter._merge_headers(headers, view)
                             break
                     else:
                         if type(view) is ViewRateLimit and view._data[4] is not None:
-                            merged = [*headers, *limiter._fast_items(view)]
+                            items = limiter._fast_items(view)
                         else:
-                            merged = limiter._merge_headers(headers, view)
-                    message = {**message, "headers": merged}
+                            items = limiter._merge_headers((), view)
+                        # In place, as Starlette's own middlewares do.
+                        if type(headers) is list:
+                            headers.extend(items)
+                        else:
+                            message["headers"] = [*headers, *items]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

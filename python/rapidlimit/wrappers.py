@@ -17,6 +17,7 @@ from starlette.requests import HTTPConnection
 
 from rapidlimit import _core, parse_many
 from rapidlimit._core import RateLimitItem
+from rapidlimit.util import get_remote_address
 
 __all__ = ["Limit", "LimitGroup", "describe_item"]
 
@@ -105,6 +106,8 @@ class Limit:
         # Precomputed for the request path.
         self._exempt_when_takes_request = _exempt_takes_request(exempt_when)
         self._key_takes_request = takes_request(key_func)
+        # The usual key function, read inline on the hot path.
+        self._peer_key = key_func is get_remote_address
         self._methods_upper: frozenset[str] | None = (
             frozenset(m.upper() for m in methods) if methods else None
         )
