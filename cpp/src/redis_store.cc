@@ -1345,6 +1345,7 @@ class RedisStoreImpl final : public RedisStore {
     WindowState w;
     if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
       w = InterpretInspect(op->items[0], now, &op->values[1]);
+      tl_last_source = DecisionSource::kStore;
     } else {
       CountFailure(e, op, completed);
       if (e->fallback != nullptr) {
@@ -1371,6 +1372,7 @@ class RedisStoreImpl final : public RedisStore {
     int64_t count;
     if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
       count = InterpretIncr(op->items[0], now, &op->values[1], expiry_at);
+      tl_last_source = DecisionSource::kStore;
     } else {
       CountFailure(e, op, completed);
       switch (options_.on_error) {
@@ -1520,15 +1522,20 @@ class RedisStoreImpl final : public RedisStore {
     if (completed && op->result == Op::Result::kError) {
       e->Log(RedisLogLevel::kError, "redis script failed: " + op->error);
     }
+    // Raw calls (Incr, Inspect) report their source too: the limits
+    // adapter turns a fail-closed answer into an exception.
     switch (options_.on_error) {
       case RedisFailurePolicy::kFailOpen:
         Add(counters_.fail_open);
+        tl_last_source = DecisionSource::kFailOpen;
         break;
       case RedisFailurePolicy::kFailClosed:
         Add(counters_.fail_closed);
+        tl_last_source = DecisionSource::kFailClosed;
         break;
       case RedisFailurePolicy::kFallback:
         Add(counters_.fallback);
+        tl_last_source = DecisionSource::kFallback;
         break;
     }
   }
