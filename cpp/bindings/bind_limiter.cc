@@ -4,7 +4,9 @@
 #include <pybind11/stl.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -200,11 +202,22 @@ PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   return out;
 }
 
+// ------------------------------------------------------ decide_headers
+
+// Ready objects for the values [0, kCached), shared by every HeaderNames:
+// b"<v>" and int v (CPython itself only keeps the ints up to 256).
+constexpr int64_t kCached = 1024;
+PyObject* g_value_bytes[kCached] = {};
+PyObject* g_value_ints[kCached] = {};
+PyObject* g_zero_float = nullptr;  // retry_after of every allowed decision
+// Bumped by each BindLimiter: a thread cache filled by an earlier
+// interpreter (embedders may finalise and start again) is forgotten.
+uint64_t g_generation = 0;
+
 // The four rate-limit header names of a Limiter, with ready (name, value)
-// pairs for small values: most responses then only take references.
+// pairs for the values below kCached: most responses only take references.
 // Built whole at construction and never changed, so any thread may read it.
 struct HeaderNamesHandle {
-  static constexpr int64_t kCached = 256;
   enum Field { kLimit, kRemaining, kReset, kRetryAfter, kFields };
   py::object names[kFields];
   py::object pairs[kFields][kCached];  // kReset has none: it is an epoch
@@ -212,55 +225,126 @@ struct HeaderNamesHandle {
 
 PyTypeObject* g_names_type = nullptr;
 
-// The last reset pair this thread made: consecutive requests of a client
-// share their window's reset. The pair holds its name, so a name object
-// seen here cannot have been freed and reused for another name.
-thread_local PyObject* tl_reset_pair = nullptr;
-thread_local int64_t tl_reset_value = 0;
+// The last objects made for values beyond the tables: consecutive
+// requests share their limit and, per client, their window's reset (and a
+// rejected client its Retry-After). Trivial, so reading it needs no guard;
+// the few objects it holds are never released. With a GIL one cache is
+// enough (and cheaper than thread-local storage): only one thread runs
+// here at a time and each lookup takes its reference before anything that
+// could let another thread in. Free-threaded builds keep one per thread.
+struct ObjectCache {
+  uint64_t generation;
+  PyObject* pair[HeaderNamesHandle::kFields];  // strong; holds its name
+  int64_t pair_value[HeaderNamesHandle::kFields];
+  PyObject* limit;  // strong int
+  int64_t limit_value;
+  PyObject* reset_time;  // strong float
+  int64_t reset_nanos;
+};
+#ifdef Py_GIL_DISABLED
+thread_local ObjectCache g_cache;
+#else
+ObjectCache g_cache;
+#endif
 
-// A new reference to a (name, b"<value>") pair.
-PyObject* NewPair(const HeaderNamesHandle& h, int field, int64_t value) {
-  if (field != HeaderNamesHandle::kReset && value >= 0 &&
-      value < HeaderNamesHandle::kCached) {
-    PyObject* pair = h.pairs[field][value].ptr();
-    Py_INCREF(pair);
-    return pair;
+ObjectCache& Cache() {
+  ObjectCache& c = g_cache;
+  if (c.generation != g_generation) {
+    c = ObjectCache{};  // the old objects belonged to a finished interpreter
+    c.generation = g_generation;
   }
-  const bool reset = field == HeaderNamesHandle::kReset;
-  if (reset && tl_reset_pair != nullptr && tl_reset_value == value &&
-      PyTuple_GET_ITEM(tl_reset_pair, 0) == h.names[field].ptr()) {
-    Py_INCREF(tl_reset_pair);
-    return tl_reset_pair;
-  }
-  // Decimal digits by hand: snprintf cost more than the whole decision.
+  return c;
+}
+
+// Stores `obj` (a new strong reference) for `key` in a slot of the object
+// cache. The old object is released last: until then the cache is
+// consistent, whatever its release lets run.
+void Keep(PyObject** slot, int64_t* slot_key, PyObject* obj, int64_t key) {
+  PyObject* old = *slot;
+  Py_INCREF(obj);
+  *slot = obj;
+  *slot_key = key;
+  Py_XDECREF(old);
+}
+
+// "00" to "99".
+constexpr char kDigitPairs[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536"
+    "37383940414243444546474849505152535455565758596061626364656667686970717273"
+    "7475767778798081828384858687888990919293949596979899";
+
+// b"<value>" as a new bytes object. Digits by hand, two at a time:
+// snprintf cost more than the whole decision.
+PyObject* NewDecimal(int64_t value) {
   char digits[24];
   char* end = digits + sizeof(digits);
   char* p = end;
   uint64_t magnitude = value < 0 ? 0 - static_cast<uint64_t>(value)
                                  : static_cast<uint64_t>(value);
-  do {
-    *--p = static_cast<char>('0' + magnitude % 10);
-    magnitude /= 10;
-  } while (magnitude != 0);
+  while (magnitude >= 100) {
+    const uint64_t pair = magnitude % 100;
+    magnitude /= 100;
+    p -= 2;
+    std::memcpy(p, kDigitPairs + 2 * pair, 2);
+  }
+  if (magnitude >= 10) {
+    p -= 2;
+    std::memcpy(p, kDigitPairs + 2 * magnitude, 2);
+  } else {
+    *--p = static_cast<char>('0' + magnitude);
+  }
   if (value < 0) *--p = '-';
-  PyObject* bytes = PyBytes_FromStringAndSize(p, end - p);
-  if (bytes == nullptr) return nullptr;
+  return PyBytes_FromStringAndSize(p, end - p);
+}
+
+// A new reference to the pair (names[field], b"<value>").
+PyObject* NewPair(const HeaderNamesHandle& h, ObjectCache& cache, int field,
+                  int64_t value) {
+  if (value >= 0 && value < kCached && field != HeaderNamesHandle::kReset) {
+    PyObject* pair = h.pairs[field][value].ptr();
+    Py_INCREF(pair);
+    return pair;
+  }
   PyObject* name = h.names[field].ptr();
-  Py_INCREF(name);
+  // The cached pair holds its name, so a name seen here cannot have been
+  // freed and its address reused by another name.
+  PyObject* last = cache.pair[field];
+  if (last != nullptr && cache.pair_value[field] == value &&
+      PyTuple_GET_ITEM(last, 0) == name) {
+    Py_INCREF(last);
+    return last;
+  }
+  PyObject* bytes = NewDecimal(value);
+  if (bytes == nullptr) return nullptr;
   PyObject* pair = PyTuple_New(2);
   if (pair == nullptr) {
-    Py_DECREF(name);
     Py_DECREF(bytes);
     return nullptr;
   }
+  Py_INCREF(name);
   PyTuple_SET_ITEM(pair, 0, name);
   PyTuple_SET_ITEM(pair, 1, bytes);
-  if (reset) {
-    Py_XSETREF(tl_reset_pair, pair);  // never released: one per thread
-    Py_INCREF(pair);
-    tl_reset_value = value;
-  }
+  Keep(&cache.pair[field], &cache.pair_value[field], pair, value);
   return pair;
+}
+
+// A new reference to int(value).
+PyObject* NewInt(int64_t value) {
+  if (value >= 0 && value < kCached) {
+    PyObject* obj = g_value_ints[value];
+    Py_INCREF(obj);
+    return obj;
+  }
+  return PyLong_FromLongLong(value);
+}
+
+// retry_after in seconds, as Decision carries it.
+PyObject* NewRetryAfter(int64_t nanos) {
+  if (nanos == 0) {
+    Py_INCREF(g_zero_float);
+    return g_zero_float;
+  }
+  return PyFloat_FromDouble(static_cast<double>(nanos) / kNanosPerSecond);
 }
 
 // Python's int(x) for the header values: truncation toward zero, clamped
@@ -269,6 +353,66 @@ int64_t Truncate(double x) {
   if (!(x > -9.0e18)) return x != x ? 0 : INT64_MIN;
   if (x >= 9.0e18) return INT64_MAX;
   return static_cast<int64_t>(x);
+}
+
+// The int of a decision's limit: one item's amount, so usually the last.
+PyObject* NewLimit(ObjectCache& cache, int64_t value) {
+  if (value < kCached) return NewInt(value);
+  if (cache.limit != nullptr && cache.limit_value == value) {
+    Py_INCREF(cache.limit);
+    return cache.limit;
+  }
+  PyObject* obj = PyLong_FromLongLong(value);
+  if (obj == nullptr) return nullptr;
+  Keep(&cache.limit, &cache.limit_value, obj, value);
+  return obj;
+}
+
+// Fills the 6 slots of decide_headers' result `out` (a new tuple); false
+// with a Python error set (and some slots left empty) on failure.
+bool FillResult(const Decision& d, double now_seconds,
+                const HeaderNamesHandle& names, PyObject* out) {
+  ObjectCache& cache = Cache();
+  PyObject* allowed = d.allowed ? Py_True : Py_False;
+  Py_INCREF(allowed);
+  PyTuple_SET_ITEM(out, 0, allowed);
+  PyObject* limit = NewLimit(cache, d.limit);
+  if (limit == nullptr) return false;
+  PyTuple_SET_ITEM(out, 1, limit);
+  PyObject* remaining = NewInt(d.remaining);
+  if (remaining == nullptr) return false;
+  PyTuple_SET_ITEM(out, 2, remaining);
+  // The reset time: the same window's for consecutive requests.
+  double reset_time;
+  PyObject* reset_obj = cache.reset_time;
+  if (reset_obj != nullptr && cache.reset_nanos == d.reset_nanos) {
+    reset_time = PyFloat_AS_DOUBLE(reset_obj);
+    Py_INCREF(reset_obj);
+  } else {
+    reset_time = NanosToSeconds(d.reset_nanos);
+    reset_obj = PyFloat_FromDouble(reset_time);
+    if (reset_obj == nullptr) return false;
+    Keep(&cache.reset_time, &cache.reset_nanos, reset_obj, d.reset_nanos);
+  }
+  PyTuple_SET_ITEM(out, 3, reset_obj);
+  PyObject* retry_after = NewRetryAfter(d.retry_after_nanos);
+  if (retry_after == nullptr) return false;
+  PyTuple_SET_ITEM(out, 4, retry_after);
+
+  PyObject* headers = PyList_New(HeaderNamesHandle::kFields);
+  if (headers == nullptr) return false;
+  PyTuple_SET_ITEM(out, 5, headers);
+  // int(1 + reset_time) and int(1 + reset_time - now), in doubles.
+  const double reset_in = 1.0 + reset_time;
+  const int64_t values[HeaderNamesHandle::kFields] = {
+      d.limit, d.remaining, Truncate(reset_in),
+      Truncate(reset_in - now_seconds)};
+  for (int field = 0; field < HeaderNamesHandle::kFields; ++field) {
+    PyObject* pair = NewPair(names, cache, field, values[field]);
+    if (pair == nullptr) return false;
+    PyList_SET_ITEM(headers, field, pair);
+  }
+  return true;
 }
 
 // decide_headers(item, identity, cost, now, names)
@@ -292,11 +436,23 @@ PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
   if (names == nullptr) return nullptr;
   int64_t cost = 0;
   if (!CostFromPython(args[2], &cost)) return nullptr;
-  // The header formulas use the caller's float, as Python would.
-  const double now_seconds = PyFloat_AsDouble(args[3]);
-  if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
+  // The header formulas use the caller's float, as Python would; `now` is
+  // required (None is a TypeError here, not the system clock).
+  double now_seconds;
   int64_t now = 0;
-  if (!NowFromPython(args[3], &now)) return nullptr;
+  if (PyFloat_CheckExact(args[3])) {
+    now_seconds = PyFloat_AS_DOUBLE(args[3]);
+    // NowFromPython's check and conversion, without reading it again.
+    if (!std::isfinite(now_seconds) || std::fabs(now_seconds) > 9.0e9) {
+      PyErr_SetString(PyExc_ValueError, "now must be finite epoch seconds");
+      return nullptr;
+    }
+    now = SecondsToNanos(now_seconds);
+  } else {
+    now_seconds = PyFloat_AsDouble(args[3]);
+    if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
+    if (!NowFromPython(args[3], &now)) return nullptr;
+  }
   thread_local std::string key;
   if (!BuildKey(*item, args + 1, 1, &key)) return nullptr;
   if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
@@ -309,45 +465,11 @@ PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
   limiter->store->Decide(&r, 1, now, Mode::kHit, &d);
   if (RaiseIfFailClosed(d)) return nullptr;
 
-  const double reset_time = NanosToSeconds(d.reset_nanos);
-  const double reset_in = 1.0 + reset_time;
-  PyObject* headers = PyList_New(4);
-  if (headers == nullptr) return nullptr;
-  const int64_t values[4] = {d.limit, d.remaining, Truncate(reset_in),
-                             Truncate(reset_in - now_seconds)};
-  for (int field = 0; field < HeaderNamesHandle::kFields; ++field) {
-    PyObject* pair = NewPair(*names, field, values[field]);
-    if (pair == nullptr) {
-      Py_DECREF(headers);
-      return nullptr;
-    }
-    PyList_SET_ITEM(headers, field, pair);
-  }
   PyObject* out = PyTuple_New(6);
-  if (out == nullptr) {
-    Py_DECREF(headers);
+  if (out == nullptr) return nullptr;
+  if (!FillResult(d, now_seconds, *names, out)) {
+    Py_DECREF(out);  // empty slots are fine: tuples and lists skip them
     return nullptr;
-  }
-  PyObject* allowed = d.allowed ? Py_True : Py_False;
-  Py_INCREF(allowed);
-  PyTuple_SET_ITEM(out, 0, allowed);
-  PyTuple_SET_ITEM(out, 5, headers);
-  PyObject* fields[4] = {
-      PyLong_FromLongLong(d.limit), PyLong_FromLongLong(d.remaining),
-      PyFloat_FromDouble(reset_time),
-      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
-                         kNanosPerSecond)};
-  for (int i = 0; i < 4; ++i) {
-    if (fields[i] == nullptr) {
-      for (int j = i + 1; j < 4; ++j) Py_XDECREF(fields[j]);
-      for (int j = i; j < 4; ++j) {
-        Py_INCREF(Py_None);
-        PyTuple_SET_ITEM(out, j + 1, Py_None);
-      }
-      Py_DECREF(out);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(out, i + 1, fields[i]);
   }
   return out;
 }
@@ -370,7 +492,8 @@ PyMethodDef kFastMethods[] = {
          reinterpret_cast<void (*)()>(DecideSingle<Answer::kDecide>)),
      METH_FASTCALL | METH_KEYWORDS,
      "decide(item, *identifiers, cost=1, now=None) -> Decision\n\n"
-     "Like hit, returning the full decision."},
+     "Like hit, returning the full decision. Raises RedisUnavailableError "
+     "when a Redis storage answers by its fail-closed policy."},
     {"decide_headers",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideHeaders)),
      METH_FASTCALL | METH_KEYWORDS,
@@ -379,13 +502,14 @@ PyMethodDef kFastMethods[] = {
      "limit, remaining, reset_time, retry_after, headers): headers is a new "
      "list of the four (name, value) pairs of `names` (a HeaderNames), with "
      "the values int(1 + reset_time) and int(1 + reset_time - now) for reset "
-     "and retry-after."},
+     "and retry-after. Raises RedisUnavailableError like decide."},
     {"decide_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideMany)),
      METH_FASTCALL | METH_KEYWORDS,
      "decide_many(requests, now=None, test=False) -> list[Decision]\n\n"
      "Decides (item, identity, cost) requests in order, stopping at the "
-     "first rejection unless `test`."},
+     "first rejection unless `test`. Raises RedisUnavailableError when a "
+     "Redis storage answers by its fail-closed policy."},
     {nullptr, nullptr, 0, nullptr}};
 
 int64_t NowArg(const py::kwargs& kwargs) {
@@ -418,14 +542,15 @@ PyObject* MakeDecision(const Decision& d) {
   PyObject* allowed = d.allowed ? Py_True : Py_False;
   Py_INCREF(allowed);
   PyStructSequence_SetItem(out, 0, allowed);
-  PyStructSequence_SetItem(out, 1, PyLong_FromLongLong(d.limit));
-  PyStructSequence_SetItem(out, 2, PyLong_FromLongLong(d.remaining));
+  PyStructSequence_SetItem(out, 1, NewInt(d.limit));
+  PyStructSequence_SetItem(out, 2, NewInt(d.remaining));
   PyStructSequence_SetItem(out, 3,
                            PyFloat_FromDouble(NanosToSeconds(d.reset_nanos)));
-  PyStructSequence_SetItem(
-      out, 4,
-      PyFloat_FromDouble(static_cast<double>(d.retry_after_nanos) /
-                         kNanosPerSecond));
+  PyStructSequence_SetItem(out, 4, NewRetryAfter(d.retry_after_nanos));
+  if (PyErr_Occurred()) {  // an allocation failed: a slot is empty
+    Py_DECREF(out);
+    return nullptr;
+  }
   return out;
 }
 
@@ -458,7 +583,22 @@ void BindLimiter(py::module_& m) {
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
 
-  py::class_<HeaderNamesHandle> names_cls(m, "HeaderNames");
+  // Shared value objects, built once per interpreter.
+  ++g_generation;
+  for (int64_t v = 0; v < kCached; ++v) {
+    g_value_ints[v] = PyLong_FromLongLong(v);
+    g_value_bytes[v] = NewDecimal(v);
+    if (g_value_ints[v] == nullptr || g_value_bytes[v] == nullptr) {
+      throw py::error_already_set();
+    }
+  }
+  g_zero_float = PyFloat_FromDouble(0.0);
+  if (g_zero_float == nullptr) throw py::error_already_set();
+
+  py::class_<HeaderNamesHandle> names_cls(
+      m, "HeaderNames",
+      "The four rate-limit header names (bytes), with ready (name, value) "
+      "pairs for small values, for RateLimiter.decide_headers. Immutable.");
   names_cls
       .def(py::init([](py::bytes limit, py::bytes remaining, py::bytes reset,
                        py::bytes retry_after) {
@@ -466,11 +606,18 @@ void BindLimiter(py::module_& m) {
              const py::bytes given[HeaderNamesHandle::kFields] = {
                  limit, remaining, reset, retry_after};
              for (int f = 0; f < HeaderNamesHandle::kFields; ++f) {
-               h->names[f] = given[f];
+               // Plain bytes (a subclass is copied): headers for ASGI.
+               h->names[f] = PyBytes_CheckExact(given[f].ptr())
+                                 ? py::object(given[f])
+                                 : py::bytes(std::string(given[f]));
                if (f == HeaderNamesHandle::kReset) continue;
-               for (int64_t v = 0; v < HeaderNamesHandle::kCached; ++v) {
-                 h->pairs[f][v] =
-                     py::make_tuple(given[f], py::bytes(std::to_string(v)));
+               for (int64_t v = 0; v < kCached; ++v) {
+                 PyObject* pair =
+                     PyTuple_Pack(2, h->names[f].ptr(), g_value_bytes[v]);
+                 if (pair == nullptr) throw py::error_already_set();
+                 // Bytes only: nothing for the cycle collector to visit.
+                 PyObject_GC_UnTrack(pair);
+                 h->pairs[f][v] = py::reinterpret_steal<py::object>(pair);
                }
              }
              return h;
@@ -489,8 +636,13 @@ void BindLimiter(py::module_& m) {
                              [](const HeaderNamesHandle& h) {
                                return h.names[HeaderNamesHandle::kReset];
                              })
-      .def_property_readonly("retry_after", [](const HeaderNamesHandle& h) {
-        return h.names[HeaderNamesHandle::kRetryAfter];
+      .def_property_readonly("retry_after",
+                             [](const HeaderNamesHandle& h) {
+                               return h.names[HeaderNamesHandle::kRetryAfter];
+                             })
+      .def("__repr__", [](const HeaderNamesHandle& h) {
+        return py::str("HeaderNames({!r}, {!r}, {!r}, {!r})")
+            .format(h.names[0], h.names[1], h.names[2], h.names[3]);
       });
   g_names_type = reinterpret_cast<PyTypeObject*>(names_cls.ptr());
 

@@ -183,8 +183,11 @@ class RedisStorage(Storage):
         """The same as an awaitable that never blocks the running loop."""
 
 class HeaderNames:
-    """The four rate-limit header names (lower-case bytes) with ready
-    ``(name, value)`` pairs for small values; immutable."""
+    """The four rate-limit header names for ``RateLimiter.decide_headers``
+    (bytes, lower case for ASGI), built once per Limiter. Holds ready
+    ``(name, b"<value>")`` pairs for the values 0 to 1023 of the limit,
+    remaining and retry-after headers, so that most responses only take
+    references to existing tuples. Immutable; ``repr`` shows the names."""
 
     def __init__(
         self, limit: bytes, remaining: bytes, reset: bytes, retry_after: bytes
@@ -212,14 +215,19 @@ class RateLimiter:
         *identifiers: object,
         cost: int = 1,
         now: float | None = None,
-    ) -> bool: ...
+    ) -> bool:
+        """Consumes ``cost`` of the limit; True if it fit. Never raises for
+        a Redis outage: the storage's policy answers (False when
+        fail-closed)."""
     def test(
         self,
         item: RateLimitItem,
         *identifiers: object,
         cost: int = 1,
         now: float | None = None,
-    ) -> bool: ...
+    ) -> bool:
+        """Whether ``cost`` would fit now; consumes nothing. Answers by the
+        policy during a Redis outage, like ``hit``."""
     def decide(
         self,
         item: RateLimitItem,
@@ -228,8 +236,9 @@ class RateLimiter:
         now: float | None = None,
     ) -> Decision:
         """Like hit, returning the full decision. On a Redis storage whose
-        policy is fail-closed, raises RedisUnavailableError when Redis
-        cannot answer."""
+        policy is fail-closed, raises RedisUnavailableError (with
+        ``retry_after``) when Redis cannot answer, instead of returning a
+        rejection; fail-open and fallback answers are returned."""
     def decide_headers(
         self,
         item: RateLimitItem,
@@ -239,13 +248,24 @@ class RateLimiter:
         names: HeaderNames,
         /,
     ) -> tuple[bool, int, int, float, float, list[tuple[bytes, bytes]]]:
-        """``decide(item, identity, cost=cost, now=now)`` plus its headers:
-        ``(allowed, limit, remaining, reset_time, retry_after, headers)``,
-        where ``headers`` is a new list ``[(names.limit, b"<limit>"),
-        (names.remaining, b"<remaining>"), (names.reset,
-        b"<int(1 + reset_time)>"), (names.retry_after,
-        b"<int(1 + reset_time - now)>")]``. Raises RedisUnavailableError
-        like ``decide``."""
+        """``decide(item, identity, cost=cost, now=now)`` plus its headers,
+        in one call for the per-request hot path (positional arguments
+        only, all required; ``identity`` is keyed like ``decide_many``'s).
+
+        Returns ``(allowed, limit, remaining, reset_time, retry_after,
+        headers)``: the five fields of the Decision ``decide`` would return,
+        then a new list (the caller may change it) of four pairs::
+
+            [(names.limit, b"%d" % limit),
+             (names.remaining, b"%d" % remaining),
+             (names.reset, b"%d" % int(1 + reset_time)),
+             (names.retry_after, b"%d" % int(1 + reset_time - now))]
+
+        computed in doubles exactly as that Python would, with the ``now``
+        given. The pairs are shared immutable tuples where possible.
+        Raises RedisUnavailableError like ``decide``, TypeError for
+        arguments of the wrong type and ValueError for a negative or too
+        large ``cost`` or a ``now`` that is not finite epoch seconds."""
     def get_window_stats(
         self, item: RateLimitItem, *identifiers: object, now: float | None = None
     ) -> tuple[float, int]: ...

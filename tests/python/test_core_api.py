@@ -84,6 +84,18 @@ def test_decision_is_a_struct_sequence() -> None:
     assert isinstance(d.retry_after, float)
 
 
+@pytest.mark.parametrize("amount", [1, 256, 257, 1000, 1023, 1024, 1025, 10**9])
+def test_decision_values_around_the_core_caches(amount: int) -> None:
+    """Small ints and 0.0 come from caches in the core: plain values."""
+    limiter = FixedWindowRateLimiter(MemoryStorage())
+    d = limiter.decide(rapidlimit.parse(f"{amount}/minute"), "q", now=T0)
+    assert tuple(d) == (True, amount, amount - 1, T0 + 60, 0.0)
+    assert [type(v) for v in d] == [bool, int, int, float, float]
+    item = rapidlimit.parse(f"{amount}/minute")
+    rejected = limiter.decide(item, "q", cost=amount, now=T0 + 1)
+    assert tuple(rejected) == (False, amount, 0, T0 + 60, 59.0)
+
+
 def test_retry_after_is_sub_second() -> None:
     limiter = TokenBucketRateLimiter(MemoryStorage())
     item = rapidlimit.parse("10/second")

@@ -1,40 +1,62 @@
 """RateLimiter.decide_headers: the decision of decide() plus the four
 rate-limit headers, formatted by the core exactly as the slowapi layer's
-Python formulas would format them."""
+Python formulas would format them, on memory and Redis storages."""
 
 from __future__ import annotations
 
 import random
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from rapidlimit import parse
-from rapidlimit._core import HeaderNames
-from rapidlimit.storage import MemoryStorage
+from rapidlimit import _core, parse
+from rapidlimit._core import HeaderNames, RateLimiter
+from rapidlimit.storage import MemoryStorage, RedisStorage
 from rapidlimit.strategies import STRATEGIES
+from redis_server import RedisServer
 
 NAMES = HeaderNames(
     b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset", b"retry-after"
 )
 T0 = 1_700_000_000.0
+STRATEGY_NAMES = sorted(STRATEGIES)
 
 
 def expected_headers(
-    names: HeaderNames, decision: tuple[object, ...], now: float
+    names: HeaderNames, decision: tuple[Any, ...], now: float
 ) -> list[tuple[bytes, bytes]]:
+    """What the Python layer computed before the core did it."""
     _, limit, remaining, reset_time, _ = decision
     assert isinstance(reset_time, float)
     return [
-        (names.limit, b"%d" % limit),  # type: ignore[str-bytes-safe]
-        (names.remaining, b"%d" % remaining),  # type: ignore[str-bytes-safe]
+        (names.limit, b"%d" % limit),
+        (names.remaining, b"%d" % remaining),
         (names.reset, b"%d" % int(1 + reset_time)),
         (names.retry_after, b"%d" % int(1 + reset_time - now)),
     ]
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-@pytest.mark.parametrize("limit", ["5/7 seconds", "300/minute", "2/day"])
+def check(result: tuple[Any, ...], decision: Any, now: float) -> None:
+    assert type(result) is tuple and len(result) == 6
+    assert result[:5] == tuple(decision)
+    assert [type(v) for v in result[:5]] == [bool, int, int, float, float]
+    assert type(result[5]) is list
+    assert result[5] == expected_headers(NAMES, tuple(decision), now)
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize(
+    "limit", ["5/7 seconds", "300/minute", "2/day", "1500/3 seconds", "3/second"]
+)
 def test_same_as_decide_and_python_formulas(strategy: str, limit: str) -> None:
+    """Two limiters fed the same requests: decide() + the formulas on one,
+    decide_headers() on the other, allowed and rejected, with fractional
+    clocks and values on both sides of the cached tables (1024)."""
     plain = STRATEGIES[strategy](MemoryStorage())
     fused = STRATEGIES[strategy](MemoryStorage())
     item = parse(limit)
@@ -42,34 +64,91 @@ def test_same_as_decide_and_python_formulas(strategy: str, limit: str) -> None:
     now = T0 + 0.123456
     seen = set()
     for _ in range(2000):
-        now += rnd.choice([0.0, 1e-6, 0.37, 0.999999, 1.0, 2.5, 7.0])
+        now += rnd.choice([0.0, 1e-6, 1e-9, 0.37, 0.5, 0.999999, 1.0, 2.5, 7.0])
         key = f"k{rnd.randrange(3)}"
-        cost = rnd.choice([1, 1, 1, 2])
+        cost = rnd.choice([0, 1, 1, 1, 2])
         decision = plain.decide(item, key, cost=cost, now=now)
-        result = fused.decide_headers(item, key, cost, now, NAMES)
-        assert result[:5] == tuple(decision)
-        assert result[5] == expected_headers(NAMES, tuple(decision), now)
+        check(fused.decide_headers(item, key, cost, now, NAMES), decision, now)
         seen.add(decision.allowed)
-    if not limit.startswith("300"):
+    if not limit.startswith(("300", "1500")):
         assert seen == {True, False}
 
 
-def test_boundaries_of_the_truncation() -> None:
-    """int() truncates toward zero: reset times just below and above whole
-    seconds, and a `now` after the reset (negative Retry-After)."""
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_random_clocks_near_whole_seconds(strategy: str) -> None:
+    """int() truncates toward zero: reset times and clocks just below, on
+    and just above whole seconds, and clocks that run backwards (a large
+    Retry-After beyond the cached pairs)."""
+    plain = STRATEGIES[strategy](MemoryStorage())
+    fused = STRATEGIES[strategy](MemoryStorage())
+    rnd = random.Random(strategy)
+    items = [parse(t) for t in ("1/second", "2/3 seconds", "4/minute", "3/hour")]
+    for i in range(3000):
+        base = T0 + rnd.randrange(-5000, 5000)
+        now = base + rnd.choice(
+            [0.0, 1e-9, 2e-9, -1e-9, 0.5, 0.999999999, 1 - 1e-7, rnd.random()]
+        )
+        item = rnd.choice(items)
+        key = f"c{i % 7}"
+        cost = rnd.choice([0, 1, 1, 2])
+        decision = plain.decide(item, key, cost=cost, now=now)
+        check(fused.decide_headers(item, key, cost, now, NAMES), decision, now)
+
+
+def test_truncation_boundaries() -> None:
     lim = STRATEGIES["fixed-window"](MemoryStorage())
+    ref = STRATEGIES["fixed-window"](MemoryStorage())
     item = parse("1/second")
-    for offset in (0.0, 1e-9, 0.5, 0.999999999):
+    for offset in (0.0, 1e-9, 0.5, 0.999999999, -1e-9):
         now = T0 + offset
-        result = lim.decide_headers(item, f"b{offset}", 1, now, NAMES)
-        assert result[5] == expected_headers(NAMES, result[:5], now)
-        # The same decision formatted for a later clock reading.
-        later = now + 3.0
-        again = lim.decide_headers(item, f"b{offset}", 0, later, NAMES)
-        assert again[5] == expected_headers(NAMES, again[:5], later)
+        key = f"b{offset}"
+        check(
+            lim.decide_headers(item, key, 1, now, NAMES),
+            ref.decide(item, key, now=now),
+            now,
+        )
+        # The same window formatted for other clock readings.
+        for later in (now + 1e-9, now + 0.5, now + 0.999999999):
+            d = ref.decide(item, key, cost=0, now=later)
+            check(lim.decide_headers(item, key, 0, later, NAMES), d, later)
 
 
-def test_custom_names_and_fresh_lists() -> None:
+def test_integer_now_is_accepted() -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    ref = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("5/minute")
+    now = 1_700_000_123
+    check(
+        lim.decide_headers(item, "a", 1, now, NAMES),
+        ref.decide(item, "a", now=now),
+        now,
+    )
+
+
+def test_identity_is_built_like_decide_many() -> None:
+    """One identifier, keyed exactly like decide_many's identity (and like
+    decide's single identifier): both limiters share the same counter."""
+    storage = MemoryStorage()
+    lim = STRATEGIES["fixed-window"](storage)
+    item = parse("3/minute")
+    identities: list[Any] = ["1.2.3.4", 42, b"bytes-id", "ünï"]
+    for identity in identities:
+        lim.decide_headers(item, identity, 1, T0, NAMES)
+        (d,) = lim.decide_many([(item, identity, 1)], now=T0)
+        assert d.remaining == 1
+        assert lim.decide(item, identity, cost=0, now=T0).remaining == 1
+
+
+def test_charges_like_decide() -> None:
+    lim = STRATEGIES["moving-window"](MemoryStorage())
+    item = parse("3/minute")
+    assert lim.decide_headers(item, "a", 2, T0, NAMES)[:3] == (True, 3, 1)
+    assert lim.decide_headers(item, "a", 2, T0, NAMES)[:3] == (False, 3, 1)
+    assert lim.decide_headers(item, "a", 1, T0, NAMES)[:3] == (True, 3, 0)
+    assert not lim.test(item, "a", now=T0)
+
+
+def test_custom_names_cached_pairs_and_fresh_lists() -> None:
     names = HeaderNames(b"l", b"r", b"s", b"ra")
     assert (names.limit, names.remaining, names.reset, names.retry_after) == (
         b"l",
@@ -77,18 +156,97 @@ def test_custom_names_and_fresh_lists() -> None:
         b"s",
         b"ra",
     )
+    assert repr(names) == "HeaderNames(b'l', b'r', b's', b'ra')"
+
+    class Name(bytes):
+        pass
+
+    plain = HeaderNames(Name(b"l"), b"r", b"s", b"ra")
+    assert type(plain.limit) is bytes and plain.limit == b"l"
     lim = STRATEGIES["fixed-window"](MemoryStorage())
-    item = parse("100/hour")
+    item = parse("1000/hour")
     first = lim.decide_headers(item, "a", 1, T0, names)
-    second = lim.decide_headers(item, "a", 1, T0, names)
+    second = lim.decide_headers(item, "a", 0, T0, names)
     assert [n for n, _ in first[5]] == [b"l", b"r", b"s", b"ra"]
-    assert first[5] is not second[5]
-    first[5].append((b"x", b"y"))  # the caller owns the list
-    assert len(lim.decide_headers(item, "a", 1, T0, names)[5]) == 4
-    # Small values come from the name's table: the same pair object.
+    assert first[5][:2] == [(b"l", b"1000"), (b"r", b"999")]
+    # Values below 1024 come from the names' tables: the same pairs, and
+    # the name objects are the ones given.
     assert first[5][0] is second[5][0]
+    assert first[5][1] is second[5][1]
+    assert first[5][3] is second[5][3]
+    assert first[5][0][0] is names.limit
+    # ... but every call returns a new list the caller owns.
+    assert first[5] is not second[5]
+    first[5].append((b"x", b"y"))
+    first[5][0] = (b"z", b"z")
+    again = lim.decide_headers(item, "a", 0, T0, names)
+    assert len(again[5]) == 4
+    assert again[5][0] == (b"l", b"1000")
+    # Beyond the tables the values are formatted on the spot.
     big = parse("100000/hour")
-    assert lim.decide_headers(big, "a", 1, T0, names)[5][0] == (b"l", b"100000")
+    got = lim.decide_headers(big, "a", 1, T0, names)
+    assert got[5][:2] == [(b"l", b"100000"), (b"r", b"99999")]
+    assert lim.decide_headers(parse("1024/hour"), "a", 1, T0, names)[5][:2] == [
+        (b"l", b"1024"),
+        (b"r", b"1023"),
+    ]
+
+
+def test_names_of_other_headernames_are_never_mixed() -> None:
+    """Values beyond the tables are cached by the core too, per name."""
+    a = HeaderNames(b"a-l", b"a-r", b"a-s", b"a-ra")
+    b = HeaderNames(b"b-l", b"b-r", b"b-s", b"b-ra")
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("5000/hour")
+    for names in (a, b, a, b):
+        got = lim.decide_headers(item, "k", 0, T0, names)
+        assert [n for n, _ in got[5]] == [
+            names.limit,
+            names.remaining,
+            names.reset,
+            names.retry_after,
+        ]
+
+
+def test_no_reference_leaks() -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    small = parse("10/second")
+    big = parse("1000000/second")
+    pair = lim.decide_headers(small, "a", 0, T0, NAMES)[5][0]
+    watched = (pair, small, big, lim, NAMES, NAMES.limit, NAMES.remaining, NAMES.reset)
+
+    def run() -> list[int]:
+        for i in range(1000):
+            lim.decide_headers(small, "a", 1, T0 + i * 0.25, NAMES)
+            lim.decide_headers(small, "a", 1, T0 + i * 0.25, NAMES)  # rejected
+            lim.decide_headers(big, "a", 1, T0 + i * 0.25, NAMES)
+        return [sys.getrefcount(o) for o in watched]
+
+    first = run()  # leaves the core's caches in the state the second leaves
+    assert run() == first
+
+
+def test_threads_agree_with_the_formulas() -> None:
+    """Several threads on values beyond the tables: whatever the core
+    caches between calls, every result matches its own decision."""
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("1000000/hour")
+    errors: list[str] = []
+
+    def work(tid: int) -> None:
+        rnd = random.Random(tid)
+        for _ in range(3000):
+            now = T0 + rnd.random() * 5
+            got = lim.decide_headers(item, f"t{tid % 2}", 1, now, NAMES)
+            if got[5] != expected_headers(NAMES, got[:5], now):
+                errors.append(repr(got))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def test_bad_arguments() -> None:
@@ -97,12 +255,144 @@ def test_bad_arguments() -> None:
     with pytest.raises(TypeError):
         lim.decide_headers(item, "a", 1, T0)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
+        lim.decide_headers(item, "a", 1, T0, NAMES, None)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        lim.decide_headers(item, "a", 1, T0, names=NAMES)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
         lim.decide_headers("5/minute", "a", 1, T0, NAMES)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         lim.decide_headers(item, "a", 1, T0, object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        lim.decide_headers(item, "a", "1", T0, NAMES)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        lim.decide_headers(item, "a", 1, None, NAMES)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        lim.decide_headers(item, "a", 1, "now", NAMES)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         lim.decide_headers(item, "a", -1, T0, NAMES)
+    for bad_now in (float("nan"), float("inf"), 1e12):
+        with pytest.raises(ValueError):
+            lim.decide_headers(item, "a", 1, bad_now, NAMES)
+    with pytest.raises(UnicodeDecodeError):
+        lim.decide_headers(item, b"\xff", 1, T0, NAMES)
+    moving = STRATEGIES["moving-window"](MemoryStorage())
     with pytest.raises(ValueError):
-        lim.decide_headers(item, "a", 1, float("nan"), NAMES)
+        moving.decide_headers(parse("100000000/day"), "a", 1, T0, NAMES)
+    # Nothing was charged by the failed calls.
+    assert lim.decide(item, "a", cost=0, now=T0).remaining == 5
     with pytest.raises(TypeError):
         HeaderNames("limit", b"r", b"s", b"ra")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        HeaderNames(b"l", b"r", b"s")  # type: ignore[call-arg]
+    with pytest.raises(AttributeError):
+        NAMES.limit = b"x"  # type: ignore[misc]
+
+
+def test_subclass_that_skips_init_fails_clearly() -> None:
+    class Names(HeaderNames):
+        def __init__(self) -> None:  # skips HeaderNames.__init__
+            pass
+
+    with pytest.raises(TypeError, match="__init__"):
+        Names()
+
+
+# ------------------------------------------------------------------ Redis
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def unreachable(on_error: str) -> RedisStorage:
+    return RedisStorage(
+        f"redis://127.0.0.1:{closed_port()}/0",
+        on_error=on_error,
+        timeout=0.1,
+        connect_timeout=0.1,
+        fail_closed_retry_after=3,
+    )
+
+
+needs_redis = pytest.mark.skipif(
+    not _core.redis_available(), reason="built without hiredis"
+)
+
+
+@needs_redis
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_redis_same_as_memory(server: RedisServer, strategy: str) -> None:
+    server.client().flushall()
+    memory = STRATEGIES[strategy](MemoryStorage())
+    store = RedisStorage(server.uri)
+    redis = STRATEGIES[strategy](store)
+    item = parse("3/5 seconds")
+    now = T0 + 0.25
+    for i in range(40):
+        now += [0.0, 0.4, 1.0, 1.7][i % 4]
+        key = f"k{i % 2}"
+        expected = memory.decide_headers(item, key, 1, now, NAMES)
+        got = redis.decide_headers(item, key, 1, now, NAMES)
+        assert got == expected
+        check(got, got[:5], now)
+    store.close()
+
+
+@needs_redis
+def test_redis_fail_closed_raises(server: RedisServer) -> None:
+    lim = STRATEGIES["fixed-window"](unreachable("fail-closed"))
+    item = parse("5/minute")
+    calls: dict[str, Callable[[], object]] = {
+        "decide_headers": lambda: lim.decide_headers(item, "a", 1, time.time(), NAMES),
+        "decide": lambda: lim.decide(item, "a"),
+        "decide_many": lambda: lim.decide_many([(item, "a", 1)]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(_core.RedisUnavailableError) as info:
+            call()
+        assert info.value.retry_after == 3.0, name
+        assert isinstance(info.value, ConnectionError)
+    # hit/test answer by the policy instead.
+    assert lim.hit(item, "a") is False
+    assert lim.test(item, "a") is False
+    assert RedisStorage.last_status() == "fail-closed"
+
+
+@needs_redis
+def test_redis_fail_closed_after_the_server_dies(server: RedisServer) -> None:
+    srv = RedisServer()
+    srv.start()
+    try:
+        store = RedisStorage(srv.uri, on_error="fail-closed", timeout=0.15)
+        lim = STRATEGIES["fixed-window"](store)
+        item = parse("5/minute")
+        assert lim.decide_headers(item, "a", 1, T0, NAMES)[:3] == (True, 5, 4)
+        srv.kill()
+        with pytest.raises(_core.RedisUnavailableError):
+            lim.decide_headers(item, "a", 1, T0, NAMES)
+    finally:
+        srv.cleanup()
+
+
+@needs_redis
+@pytest.mark.parametrize("policy", ["fail-open", "fallback"])
+def test_redis_other_policies_answer(server: RedisServer, policy: str) -> None:
+    lim: RateLimiter = STRATEGIES["fixed-window"](unreachable(policy))
+    item = parse("5/minute")
+    got = lim.decide_headers(item, "a", 1, T0, NAMES)
+    assert got[0] is True
+    check(got, got[:5], T0)
+    assert lim.decide(item, "b", now=T0).allowed
+    assert lim.decide_many([(item, "c", 1)], now=T0)[0].allowed
+    assert RedisStorage.last_status() == policy
