@@ -1,23 +1,31 @@
 """rapidlimit+redis:// as a ``limits`` storage, against a real redis-server:
-the three ``limits`` strategies answer as ``limits``' own redis:// storage,
-an unchanged slowapi app shares its limits through Redis, the async class
-keeps the event loop free, and an outage follows slowapi's settings."""
+the three ``limits`` strategies answer as ``limits``' own redis:// storage
+(sync and ``limits.aio``), the async class keeps the event loop free, an
+unchanged slowapi app enforces and shares its limits through Redis, and an
+outage follows the storage's policy and slowapi's settings."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import limits
+import limits.aio.storage
 import limits.aio.strategies
+import limits.errors
 import limits.storage
 import limits.strategies
 import pytest
 import slowapi
 import slowapi.errors
+import slowapi.middleware
 import slowapi.util
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -25,13 +33,34 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import rapidlimit.contrib.limits  # noqa: F401  (registers the schemes)
+from conftest import FROZEN_EPOCH
+from rapidlimit import _core
+from rapidlimit.contrib.limits import AsyncRapidlimitStorage, RapidlimitStorage
 from redis_server import RedisServer
 
-STRATEGIES = {
+SYNC = {
     "fixed-window": limits.strategies.FixedWindowRateLimiter,
     "moving-window": limits.strategies.MovingWindowRateLimiter,
     "sliding-window-counter": limits.strategies.SlidingWindowCounterRateLimiter,
 }
+ASYNC = {
+    "fixed-window": limits.aio.strategies.FixedWindowRateLimiter,
+    "moving-window": limits.aio.strategies.MovingWindowRateLimiter,
+    "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
+}
+NAMES = sorted(SYNC)
+# 1 ms past a minute boundary: limits' redis:// starts its windows at the
+# first hit, limits' memory:// (and rapidlimit) at epoch multiples of the
+# window; from here both agree on the sliding window's reset too.
+T0 = FROZEN_EPOCH + 0.001
+# (clock step, cost) for "4/minute". limits' redis:// keeps fixed and
+# sliding windows with Redis TTLs on the real clock, so those two are
+# compared without clock steps; the moving window reads time.time() in both.
+STEPS = [(0, 1)] * 3 + [(0, 2), (0, 1), (0, 1)]
+MOVING_STEPS = [(0, 1), (5, 1), (5, 2), (5, 1), (40, 1), (6, 1), (10, 3), (30, 1)]
+
+
+# ---------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
@@ -48,51 +77,338 @@ def _flush(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("server").client().flushall()
 
 
-def ours(server: RedisServer, scheme: str = "rapidlimit+redis") -> Any:
-    return limits.storage.storage_from_string(f"{scheme}://127.0.0.1:{server.port}/0")
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A server of the test's own, which it may kill."""
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.cleanup()
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_same_answers_as_limits_redis(server: RedisServer, strategy: str) -> None:
-    item = limits.parse("4/minute")
-    mine = STRATEGIES[strategy](ours(server))
-    theirs = STRATEGIES[strategy](
-        limits.storage.storage_from_string(f"redis://127.0.0.1:{server.port}/1")
+class Clock:
+    """time.time() for the adapter, limits and slowapi alike."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    frozen = Clock(T0)
+    monkeypatch.setattr(time, "time", frozen)
+    return frozen
+
+
+def ours(srv: RedisServer, scheme: str = "rapidlimit+redis", **options: Any) -> Any:
+    return limits.storage.storage_from_string(
+        f"{scheme}://127.0.0.1:{srv.port}/0", **options
     )
-    for lim in (mine, theirs):
-        answers = [lim.hit(item, "a") for _ in range(6)]
-        assert answers == [True] * 4 + [False] * 2
-        assert lim.test(item, "b")
-        assert not lim.test(item, "a")
-        assert lim.get_window_stats(item, "a").remaining == 0
-        assert lim.get_window_stats(item, "b").remaining == 4
-        lim.clear(item, "a")
-        assert lim.hit(item, "a")
+
+
+def theirs(srv: RedisServer, scheme: str = "redis", **options: Any) -> Any:
+    """limits' own storage on another database of the same server."""
+    return limits.storage.storage_from_string(
+        f"{scheme}://127.0.0.1:{srv.port}/1", **options
+    )
+
+
+Answer = tuple[Any, ...]
+
+
+class ModuloWindow:
+    """Equal to a reset time up to whole windows, 0.1 s either way."""
+
+    def __init__(self, value: float, window: float) -> None:
+        self.value = value
+        self.window = window
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (int, float)):
+            return NotImplemented
+        d = (other - self.value) % self.window
+        return min(d, self.window - d) < 0.1
+
+    def __repr__(self) -> str:
+        return f"{self.value} (mod {self.window})"
+
+
+def approx_answers(answers: list[Answer], strategy: str = "") -> list[Any]:
+    """Reset times (the last field) may differ by the milliseconds Redis
+    TTLs lose on the real clock while the test runs. limits' redis://
+    sliding window computes its reset as (2 * window - elapsed) % window,
+    which right after the first hit is ~0 or ~window depending on whether a
+    millisecond has passed: those are compared up to whole windows."""
+
+    def reset(value: float) -> Any:
+        if strategy == "sliding-window-counter":
+            return ModuloWindow(value, 60)
+        return pytest.approx(value, abs=0.1)
+
+    return [(*a[:-1], reset(a[-1])) for a in answers]
+
+
+# ----------------------------------------------------- limits strategies
+
+
+def sync_sequence(
+    limiter: Any, clock: Clock, item: Any, steps: list[tuple[int, int]]
+) -> list[Answer]:
+    seen: list[Answer] = []
+    for step, cost in steps:
+        clock.tick(step)
+        hit = limiter.hit(item, "user", "scope", cost=cost)
+        test = limiter.test(item, "user", "scope")
+        stats = limiter.get_window_stats(item, "user", "scope")
+        seen.append((hit, test, stats.remaining, stats.reset_time))
+    limiter.clear(item, "user", "scope")
+    stats = limiter.get_window_stats(item, "user", "scope")
+    seen.append(("cleared", limiter.test(item, "user", "scope"), stats.remaining, 0))
+    assert limiter.hit(item, "user", "scope")
+    return seen
+
+
+@pytest.mark.parametrize("strategy", NAMES)
+def test_same_answers_as_limits_redis(
+    server: RedisServer, clock: Clock, strategy: str
+) -> None:
+    item = limits.parse("4/minute")
+    steps = MOVING_STEPS if strategy == "moving-window" else STEPS
+    mine = SYNC[strategy](ours(server))
+    reference = SYNC[strategy](theirs(server))
+    got = sync_sequence(mine, clock, item, steps)
+    clock.now = T0
+    expected = sync_sequence(reference, clock, item, steps)
+    assert got == approx_answers(expected, strategy)
+    admitted = [a[0] for a in got[:-1]]
+    remaining = [a[2] for a in got[:-1]]
+    if strategy == "fixed-window":  # rejected hits count too, as in limits
+        assert admitted == [True, True, True, False, False, False]
+        assert remaining == [3, 2, 1, 0, 0, 0]
+        assert got[0][3] == pytest.approx(T0 + 60, abs=0.01)
+    elif strategy == "sliding-window-counter":  # the last unit still fits
+        assert admitted == [True, True, True, False, True, False]
+        assert remaining == [3, 2, 1, 1, 0, 0]
+    else:
+        assert admitted == [True, True, True, False, False, True, True, False]
+    assert got[-1] == ("cleared", True, 4, 0)
+
+
+@pytest.mark.parametrize("strategy", NAMES)
+def test_window_rollover_as_limits_memory(
+    server: RedisServer, clock: Clock, strategy: str
+) -> None:
+    """Across window ends (which limits' redis:// only sees on the real
+    clock) the Redis store answers as limits' memory:// on a moved clock."""
+    item = limits.parse("3 per 10 seconds")
+    steps = [(0, 1)] * 4 + [(2.5, 1), (0, 1), (4.25, 1), (0, 1), (0, 1)]
+    steps += [(6.5, 1), (0, 1), (0, 1), (0, 1), (11.5, 1), (0, 2), (0, 1)]
+    results = []
+    for storage in (ours(server), limits.storage.storage_from_string("memory://")):
+        clock.now = float(FROZEN_EPOCH)
+        results.append(sync_sequence(SYNC[strategy](storage), clock, item, steps))
+    assert results[0] == results[1]
 
 
 def test_other_schemes_reach_the_same_counters(server: RedisServer) -> None:
+    item = limits.parse("5/minute")
+    path = server.unix_path
+    stores = [
+        ours(server),
+        ours(server, "rapidlimit+valkey"),
+        limits.storage.storage_from_string(f"rapidlimit+redis+unix://{path}"),
+        limits.storage.storage_from_string(f"rapidlimit+unix://{path}"),
+        limits.storage.storage_from_string(f"rapidlimit+valkey+unix://{path}"),
+    ]
+    answers = [
+        limits.strategies.FixedWindowRateLimiter(s).hit(item, "k") for s in stores
+    ]
+    assert answers == [True] * 5
+    assert not limits.strategies.FixedWindowRateLimiter(stores[3]).hit(item, "k")
+    for store in stores:
+        assert isinstance(store, RapidlimitStorage)
+        assert isinstance(store.native, _core.RedisStorage)
+        assert store.check()
+
+
+def test_scheme_errors_name_the_uri() -> None:
+    for scheme in ("rapidlimit+rediss", "rapidlimit+valkeys"):
+        uri = f"{scheme}://user:secret@127.0.0.1:6380/0"
+        with pytest.raises(ValueError, match="TLS") as info:
+            limits.storage.storage_from_string(uri)
+        assert "127.0.0.1:6380" in str(info.value)
+        assert "secret" not in str(info.value)
+    with pytest.raises(ValueError, match="rapidlimit\\+redis\\+sentinel"):
+        RapidlimitStorage("rapidlimit+redis+sentinel://127.0.0.1:26379")
+    with pytest.raises(ValueError, match="rapidlimit\\+nowhere"):  # not memory
+        RapidlimitStorage("rapidlimit+nowhere://127.0.0.1")
+    with pytest.raises(limits.errors.ConfigurationError):  # not registered
+        limits.storage.storage_from_string("rapidlimit+nowhere://127.0.0.1")
+    with pytest.raises(ValueError, match="colour"):
+        limits.storage.storage_from_string(
+            "rapidlimit+redis://127.0.0.1:1", colour="blue"
+        )
+
+
+def test_redis_py_style_options(server: RedisServer) -> None:
+    """What limits users pass in storage_options works: redis-py's timeouts
+    are RedisStorage's, key_prefix too; options without a meaning for this
+    client and limits' own flags are accepted."""
+    storage = ours(
+        server,
+        socket_timeout=0.1,
+        socket_connect_timeout=1,
+        retry_on_timeout=True,
+        health_check_interval=30,
+        max_connections=20,
+        decode_responses=True,
+        key_prefix="myapp:",
+        wrap_exceptions=True,
+        implementation="redispy",
+    )
+    assert storage.wrap_exceptions
+    lim = limits.strategies.FixedWindowRateLimiter(storage)
+    assert lim.hit(limits.parse("1/minute"), "k")
+    assert all(k.startswith("myapp:") for k in server.client().keys("*"))
+    assert server.client().keys("*")
+
+    # socket_timeout=0.1 bounds the wait: a slow Redis is an outage.
+    sleeper = threading.Thread(
+        target=server.client().execute_command, args=("DEBUG", "SLEEP", "0.5")
+    )
+    sleeper.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(limits.errors.StorageError) as info:
+        lim.hit(limits.parse("1/minute"), "other")
+    assert time.monotonic() - started < 0.35
+    assert isinstance(info.value.storage_error, _core.RedisUnavailableError)
+    sleeper.join()
+
+    slow = ours(server, socket_timeout=2)  # and from the URI's query string
+    fast = limits.storage.storage_from_string(
+        f"rapidlimit+redis://127.0.0.1:{server.port}/0?timeout=2&key_prefix=q:"
+    )
+    for store in (slow, fast):
+        assert limits.strategies.MovingWindowRateLimiter(store).hit(
+            limits.parse("1/minute"), "k"
+        )
+    assert server.client().keys("q:*")
+
+
+# ------------------------------------------------------------ limits.aio
+
+
+async def async_sequence(
+    limiter: Any, clock: Clock, item: Any, steps: list[tuple[int, int]]
+) -> list[Answer]:
+    seen: list[Answer] = []
+    for step, cost in steps:
+        clock.tick(step)
+        hit = await limiter.hit(item, "user", "scope", cost=cost)
+        test = await limiter.test(item, "user", "scope")
+        stats = await limiter.get_window_stats(item, "user", "scope")
+        seen.append((hit, test, stats.remaining, stats.reset_time))
+    await limiter.clear(item, "user", "scope")
+    stats = await limiter.get_window_stats(item, "user", "scope")
+    test = await limiter.test(item, "user", "scope")
+    seen.append(("cleared", test, stats.remaining, 0))
+    return seen
+
+
+@pytest.mark.parametrize("strategy", NAMES)
+def test_async_same_answers_as_limits_async_redis(
+    server: RedisServer, clock: Clock, strategy: str
+) -> None:
+    item = limits.parse("4/minute")
+    steps = MOVING_STEPS if strategy == "moving-window" else STEPS
+    mine = ours(server, "async+rapidlimit+redis")
+    assert isinstance(mine, AsyncRapidlimitStorage)
+    assert isinstance(mine, limits.aio.storage.Storage)
+    reference = theirs(server, "async+redis", implementation="redispy")
+
+    async def main() -> tuple[list[Answer], list[Answer]]:
+        got = await async_sequence(ASYNC[strategy](mine), clock, item, steps)
+        clock.now = T0
+        expected = await async_sequence(ASYNC[strategy](reference), clock, item, steps)
+        assert await mine.check()
+        assert await mine.reset() is not None
+        return got, expected
+
+    got, expected = asyncio.run(main())
+    assert got == approx_answers(expected, strategy)
+
+
+class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+class RefusingExecutor(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the memory store must not use the executor")
+
+
+def test_async_redis_calls_use_the_default_executor(server: RedisServer) -> None:
+    """Redis calls go through the loop's default executor (bounded threads,
+    none per call); concurrent hits are counted exactly."""
+    item = limits.parse("20/minute")
+    storage = ours(server, "async+rapidlimit+redis")
+    executor = CountingExecutor(max_workers=3)
+
+    async def main() -> list[bool]:
+        asyncio.get_running_loop().set_default_executor(executor)
+        lim = limits.aio.strategies.FixedWindowRateLimiter(storage)
+        threads_before = threading.active_count()
+        answers = await asyncio.gather(*(lim.hit(item, "k") for _ in range(50)))
+        assert threading.active_count() <= threads_before + 3
+        return list(answers)
+
+    answers = asyncio.run(main())
+    assert answers.count(True) == 20
+    assert executor.submitted == 50
+
+
+def test_async_memory_calls_stay_on_the_loop() -> None:
     item = limits.parse("2/minute")
-    first = limits.strategies.FixedWindowRateLimiter(ours(server))
-    unix = limits.storage.storage_from_string(
-        f"rapidlimit+redis+unix://{server.unix_path}"
-    )
-    second = limits.strategies.FixedWindowRateLimiter(unix)
-    assert first.hit(item, "k")
-    assert second.hit(item, "k")
-    assert not first.hit(item, "k")
-    assert unix.check()
+
+    async def main() -> list[bool]:
+        asyncio.get_running_loop().set_default_executor(RefusingExecutor())
+        storage = limits.storage.storage_from_string("async+rapidlimit+memory://")
+        answers = []
+        for strategy in NAMES:
+            lim = ASYNC[strategy](storage)
+            answers += [await lim.hit(item, strategy) for _ in range(3)]
+            await lim.get_window_stats(item, strategy)
+            await lim.clear(item, strategy)
+        assert await storage.check()
+        return answers
+
+    assert asyncio.run(main()) == [True, True, False] * 3
 
 
-def test_async_class_keeps_the_loop_free(server: RedisServer) -> None:
+@pytest.mark.parametrize("strategy", NAMES)
+def test_async_class_keeps_the_loop_free(server: RedisServer, strategy: str) -> None:
+    """While Redis is busy (DEBUG SLEEP 0.3 from another connection) an
+    awaited hit waits for it, and the loop keeps running other tasks."""
     item = limits.parse("10/minute")
-    storage = limits.storage.storage_from_string(
-        f"async+rapidlimit+redis://127.0.0.1:{server.port}/0", timeout=3.0
-    )
-    lim = limits.aio.strategies.MovingWindowRateLimiter(storage)
+    storage = ours(server, "async+rapidlimit+redis", timeout=3.0)
+    lim = ASYNC[strategy](storage)
     sleeper = server.client()
 
-    async def main() -> tuple[bool, int]:
-        assert await lim.hit(item, "a")  # warm
+    async def main() -> tuple[bool, float, int]:
+        assert await lim.hit(item, "a")  # connected and warm
         ticks = 0
         stop = False
 
@@ -103,76 +419,270 @@ def test_async_class_keeps_the_loop_free(server: RedisServer) -> None:
                 await asyncio.sleep(0.01)
 
         thread = threading.Thread(
-            target=sleeper.execute_command, args=("DEBUG", "SLEEP", "0.4")
+            target=sleeper.execute_command, args=("DEBUG", "SLEEP", "0.3")
         )
         thread.start()
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the server is now asleep
         task = asyncio.create_task(ticker())
+        started = time.monotonic()
         allowed = await lim.hit(item, "a")
+        waited = time.monotonic() - started
         stop = True
         await task
         thread.join()
-        return allowed, ticks
+        return allowed, waited, ticks
 
-    allowed, ticks = asyncio.run(main())
+    allowed, waited, ticks = asyncio.run(main())
     assert allowed
-    assert ticks >= 10
-    assert asyncio.run(storage.check())
+    assert waited >= 0.15  # the hit really waited for Redis
+    assert ticks >= 8  # ... and the loop kept ticking meanwhile
 
 
-def slowapi_app(server: RedisServer, **kwargs: Any) -> Starlette:
-    """An unchanged slowapi app; only storage_uri names our scheme."""
+# --------------------------------------------------------- unchanged slowapi
+
+
+def slowapi_app(
+    uri: str, strategy: str = "fixed-window", **kwargs: Any
+) -> tuple[FastAPI, Any]:
+    """An ordinary slowapi application; only storage_uri names our scheme.
+    /r has a decorator limit, /d the default limit through the middleware."""
     limiter = slowapi.Limiter(
         key_func=slowapi.util.get_remote_address,
-        storage_uri=f"rapidlimit+redis://127.0.0.1:{server.port}/0",
+        default_limits=["2/minute"],
+        storage_uri=uri,
+        strategy=strategy,
         **{"headers_enabled": True, **kwargs},
     )
-
-    @limiter.limit("3/minute")
-    async def view(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/r", view)])
+    app = FastAPI()
     app.state.limiter = limiter
     app.add_exception_handler(
         slowapi.errors.RateLimitExceeded,
         slowapi._rate_limit_exceeded_handler,  # type: ignore[arg-type]
     )
-    return app
+    app.add_middleware(slowapi.middleware.SlowAPIMiddleware)
+
+    @app.get("/r")
+    @limiter.limit("3/minute")
+    async def limited(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/d")
+    async def default(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("default")
+
+    return app, limiter
 
 
-def test_unchanged_slowapi_app_shares_limits(server: RedisServer) -> None:
-    one = TestClient(slowapi_app(server))
-    two = TestClient(slowapi_app(server))  # another instance, same Redis
-    codes = [one.get("/r").status_code, two.get("/r").status_code]
-    codes += [one.get("/r").status_code, two.get("/r").status_code]
-    assert codes == [200, 200, 200, 429]
-    response = one.get("/r")
-    assert response.status_code == 429
-    assert response.headers["x-ratelimit-limit"] == "3"
+HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
 
 
-def test_slowapi_in_memory_fallback_when_redis_is_down() -> None:
-    """The outage reaches slowapi as an exception (the storage's policy is
-    fail-closed), so its in_memory_fallback applies. (slowapi's
-    swallow_errors cannot be shown here: its decorator then reads the
-    missing request.state.view_rate_limit and fails by itself.)"""
-    srv = RedisServer()
-    srv.start()
-    try:
-        client = TestClient(
-            slowapi_app(
-                srv,
-                in_memory_fallback_enabled=True,
-                storage_options={"timeout": 0.15, "on_error": "fail-closed"},
-            ),
-            raise_server_exceptions=False,
+def run_requests(client: TestClient) -> list[Answer]:
+    """On a frozen clock: limits' redis:// fixed window reads the key's TTL
+    on the real clock and adds time.time()."""
+    seen: list[Answer] = []
+    for path in ["/r"] * 4 + ["/d"] * 3:
+        response = client.get(path)
+        headers = response.headers
+        seen.append(
+            (
+                path,
+                response.status_code,
+                headers["x-ratelimit-limit"],
+                headers["x-ratelimit-remaining"],
+                int(headers["retry-after"]),
+                float(headers["x-ratelimit-reset"]),
+            )
         )
-        assert client.get("/r").status_code == 200
-        srv.kill()
-        codes = [client.get("/r").status_code for _ in range(5)]
-        # counted afresh in slowapi's in-memory fallback: 3/minute
-        assert codes == [200, 200, 200, 429, 429]
-        assert not ours(srv).check()
-    finally:
-        srv.cleanup()
+    return seen
+
+
+@pytest.mark.parametrize("strategy", NAMES)
+def test_unchanged_slowapi_app_as_with_limits_redis(
+    server: RedisServer, clock: Clock, strategy: str
+) -> None:
+    app, limiter = slowapi_app(
+        f"rapidlimit+redis://127.0.0.1:{server.port}/0", strategy
+    )
+    assert isinstance(limiter._storage, RapidlimitStorage)
+    got = run_requests(TestClient(app))
+    reference, _ = slowapi_app(f"redis://127.0.0.1:{server.port}/1", strategy)
+    expected = run_requests(TestClient(reference))
+    assert [a[:4] for a in got] == [a[:4] for a in expected]
+    assert [a[1] for a in got] == [200, 200, 200, 429, 200, 200, 429]
+    assert [a[3] for a in got] == ["2", "1", "0", "0", "1", "0", "0"]
+    if strategy == "sliding-window-counter":
+        # Retry-After is whole seconds of that reset: up to whole windows.
+        for mine, ref in zip(got, expected):
+            assert mine[5] == ModuloWindow(ref[5], 60)
+            assert mine[4] % 60 in (ref[4] % 60, (ref[4] + 1) % 60, (ref[4] - 1) % 60)
+    else:
+        assert [a[:4] for a in got] == [a[:4] for a in expected]
+        assert [a[5] for a in got] == [pytest.approx(a[5], abs=0.1) for a in expected]
+        assert [a[4] for a in got] == [pytest.approx(a[4], abs=1) for a in expected]
+        # One minute from the first hit, on X-RateLimit-Reset's "1 +".
+        assert [a[5] for a in got] == [pytest.approx(T0 + 61, abs=0.01)] * 7
+        assert all(a[4] in (60, 61) for a in got)
+
+
+def test_two_slowapi_apps_share_limits_through_redis(server: RedisServer) -> None:
+    uri = f"rapidlimit+redis://127.0.0.1:{server.port}/0"
+    one = TestClient(slowapi_app(uri)[0])
+    two = TestClient(slowapi_app(uri)[0])  # another instance, same Redis
+    codes = [c.get("/r").status_code for c in (one, two, one, two, one)]
+    assert codes == [200, 200, 200, 429, 429]
+    assert [c.get("/d").status_code for c in (two, one, two)] == [200, 200, 429]
+    response = one.get("/d")
+    assert response.status_code == 429
+    assert response.headers["x-ratelimit-remaining"] == "0"
+    assert int(response.headers["retry-after"]) > 0
+
+
+# ------------------------------------------------------------------ outage
+
+
+def outage_app(srv: RedisServer, **kwargs: Any) -> TestClient:
+    app, _ = slowapi_app(
+        f"rapidlimit+redis://127.0.0.1:{srv.port}/0",
+        storage_options={"timeout": 0.1, **kwargs.pop("storage_options", {})},
+        **kwargs,
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def quiet_slowapi() -> Iterator[None]:
+    """slowapi logs the swallowed tracebacks."""
+    logger = logging.getLogger("slowapi")
+    was = logger.disabled
+    logger.disabled = True
+    yield
+    logger.disabled = was
+
+
+def test_outage_raises_for_limits_and_check_is_false(
+    own_server: RedisServer,
+) -> None:
+    plain = ours(own_server, timeout=0.1)
+    wrapped = ours(own_server, timeout=0.1, wrap_exceptions=True)
+    assert [plain.incr("k", 60), wrapped.incr("k", 60)] == [1, 2]
+    own_server.kill()
+    with pytest.raises(_core.RedisUnavailableError):
+        plain.incr("k", 60)
+    assert _core.RedisUnavailableError in plain.base_exceptions
+    for call in (
+        lambda s: s.incr("k", 60),
+        lambda s: s.get("k"),
+        lambda s: s.get_expiry("k"),
+        lambda s: s.acquire_entry("m", 5, 60),
+        lambda s: s.get_moving_window("m", 5, 60),
+        lambda s: s.acquire_sliding_window_entry("s", 5, 60),
+        lambda s: s.get_sliding_window("s", 60),
+    ):
+        with pytest.raises(limits.errors.StorageError):
+            call(wrapped)
+        # check() answers False, even right after a failed call
+        assert plain.check() is False
+        assert wrapped.check() is False
+    plain.clear("k")  # nothing to do, no exception
+    assert plain.reset() == 0
+
+    async def check_async() -> bool:
+        store = ours(own_server, "async+rapidlimit+redis", timeout=0.1)
+        with pytest.raises(_core.RedisUnavailableError):
+            await store.incr("k", 60)
+        result: bool = await store.check()
+        return result
+
+    assert asyncio.run(check_async()) is False
+
+    own_server.restart()
+    deadline = time.monotonic() + 5
+    while not plain.check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert plain.check()
+    assert plain.incr("k", 60) == 1  # the restarted server is empty
+
+
+def test_slowapi_swallow_errors_with_fail_open(
+    own_server: RedisServer, quiet_slowapi: None
+) -> None:
+    """swallow_errors=True: with the storage's fail-open policy every request
+    passes during the outage, with headers and without a 500."""
+    client = outage_app(
+        own_server, swallow_errors=True, storage_options={"on_error": "fail-open"}
+    )
+    assert client.get("/r").status_code == 200
+    own_server.kill()
+    responses = [client.get(path) for path in ["/r", "/d"] * 4]
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.headers["x-ratelimit-limit"] in ("2", "3") for r in responses)
+    assert not ours(own_server, timeout=0.1).check()
+
+
+def test_slowapi_swallow_errors_with_fallback_policy(
+    own_server: RedisServer, quiet_slowapi: None
+) -> None:
+    """on_error="fallback": the storage counts in process meanwhile."""
+    client = outage_app(
+        own_server, swallow_errors=True, storage_options={"on_error": "fallback"}
+    )
+    own_server.kill()
+    codes = [client.get("/r").status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+
+
+def test_slowapi_swallow_errors_fail_closed_as_with_limits_redis(
+    own_server: RedisServer, quiet_slowapi: None
+) -> None:
+    """With the default fail-closed policy the outage reaches slowapi as an
+    exception, exactly as limits' own redis:// does: the same status codes
+    (slowapi 0.1.10 answers 500 there itself: after swallowing the error it
+    reads request.state.view_rate_limit, which was never set)."""
+    mine = outage_app(own_server, swallow_errors=True)
+    app, _ = slowapi_app(
+        f"redis://127.0.0.1:{own_server.port}/1",
+        swallow_errors=True,
+        storage_options={"socket_timeout": 0.1},
+    )
+    reference = TestClient(app, raise_server_exceptions=False)
+    assert mine.get("/r").status_code == reference.get("/r").status_code == 200
+    own_server.kill()
+    paths = ["/r", "/d", "/r"]
+    assert [mine.get(p).status_code for p in paths] == [
+        reference.get(p).status_code for p in paths
+    ]
+
+
+def test_slowapi_in_memory_fallback_when_redis_is_down(
+    own_server: RedisServer, quiet_slowapi: None
+) -> None:
+    """The fail-closed outage reaches slowapi as an exception, so its
+    in_memory_fallback counts afresh in process (3/minute on /r)."""
+    client = outage_app(own_server, in_memory_fallback_enabled=True)
+    assert client.get("/r").status_code == 200
+    own_server.kill()
+    codes = [client.get("/r").status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    assert not ours(own_server, timeout=0.1).check()
+
+
+def test_starlette_app_without_middleware(server: RedisServer) -> None:
+    """The plainest slowapi setup: Starlette, a decorator, no middleware."""
+    limiter = slowapi.Limiter(
+        key_func=slowapi.util.get_remote_address,
+        storage_uri=f"rapidlimit+redis://127.0.0.1:{server.port}/0",
+        strategy="moving-window",
+    )
+
+    @limiter.limit("2/minute")
+    async def view(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", view)])
+    app.state.limiter = limiter
+    app.add_exception_handler(
+        slowapi.errors.RateLimitExceeded,
+        slowapi._rate_limit_exceeded_handler,  # type: ignore[arg-type]
+    )
+    client = TestClient(app)
+    assert [client.get("/").status_code for _ in range(3)] == [200, 200, 429]

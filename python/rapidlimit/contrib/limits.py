@@ -1,33 +1,57 @@
 """rapidlimit's native store as a storage of the ``limits`` package.
 
-Importing this module registers the ``rapidlimit+memory://`` scheme (and
-``async+rapidlimit+memory://`` for ``limits.aio``), so an unchanged slowapi
-application (or anything else built on ``limits``) can count in the C++
-store by changing one line::
+Importing this module registers ``rapidlimit+`` schemes with ``limits``, so
+an unchanged slowapi application (or anything else built on ``limits``) can
+count in the C++ store by changing one line::
 
-    import rapidlimit.contrib.limits  # noqa: F401  (registers the scheme)
+    import rapidlimit.contrib.limits  # noqa: F401  (registers the schemes)
 
     limiter = Limiter(key_func=get_remote_address,
                       storage_uri="rapidlimit+memory://")
+
+Schemes (each also as ``async+<scheme>://`` for ``limits.aio``):
+
+* ``rapidlimit+memory://`` -- the in-process store. URI query options
+  (``?max_keys=100000&shards=64``) and keyword options (slowapi's
+  ``storage_options``) go to :func:`rapidlimit.storage.storage_from_string`.
+* ``rapidlimit+redis://[[user]:password@]host:6379/0``,
+  ``rapidlimit+redis+unix:///path.sock``, ``rapidlimit+unix://``,
+  ``rapidlimit+valkey://``, ``rapidlimit+valkey+unix://`` -- counters kept
+  in Redis or Valkey by :class:`rapidlimit.storage.RedisStorage` (hiredis,
+  one script call per storage call, GIL released while waiting), shared by
+  every process and host that names the same server. Options come from the
+  query string or keywords and are RedisStorage's: ``timeout`` (or redis-py's
+  ``socket_timeout``), ``connect_timeout`` (``socket_connect_timeout``),
+  ``key_prefix``, ``on_error`` (``fail-closed``, ``fail-open``,
+  ``fallback``) ...; redis-py options without a meaning for this client
+  (``retry_on_timeout``, ``health_check_interval``, ``decode_responses``,
+  ``max_connections`` ...) are accepted and ignored, and limits' own
+  ``wrap_exceptions`` and ``implementation`` are handled here.
+  ``rapidlimit+rediss://`` and ``rapidlimit+valkeys://`` are registered too,
+  but this build has no TLS: they raise RedisStorage's ``ValueError`` naming
+  the URI.
 
 All three ``limits`` strategies work: fixed window (``incr``/``get``/
 ``get_expiry``), moving window (``acquire_entry``/``get_moving_window``) and
 sliding window counter (``acquire_sliding_window_entry``/
 ``get_sliding_window``/``clear_sliding_window``). Every call passes
-``time.time()`` to the store, so freezegun-style clocks work.
-URI query options (``?max_keys=100000&shards=64``) and keyword options
-(``storage_options``) go to :func:`rapidlimit.storage.storage_from_string`.
+``time.time()`` to the store, so freezegun-style clocks work, on Redis too.
 
-Redis: ``rapidlimit+redis://host:6379/0`` (also ``rapidlimit+redis+unix://``,
-``rapidlimit+unix://``, ``rapidlimit+valkey://`` and their ``async+``
-forms) keeps the counters in Redis through the native client (one script
-call per storage call, hiredis, GIL released while waiting). Options are
-RedisStorage's (``timeout``/``socket_timeout``, ``on_error`` ...). The
-``limits.aio`` class runs each Redis call in the loop's default executor, so
-the event loop never waits on Redis. A Redis outage surfaces as
-``RedisUnavailableError`` (one of ``base_exceptions``) when the storage's
-policy is fail-closed, so slowapi's ``swallow_errors`` and
-``in_memory_fallback`` apply.
+``limits.aio``: on the memory store the async class calls the store directly
+(it never blocks). On Redis each call runs in the event loop's default
+executor (``loop.run_in_executor(None, ...)``), so the loop keeps serving
+other tasks while Redis answers; no thread is started per call.
+
+Redis outage: with the storage's default policy, ``on_error="fail-closed"``,
+a call Redis cannot answer in time raises ``RedisUnavailableError`` (a
+``ConnectionError``, listed in ``base_exceptions``): ``limits`` wraps it in
+``StorageError`` when ``wrap_exceptions=True``, and slowapi's
+``in_memory_fallback`` applies. ``check()`` returns False then, it never
+raises. With ``on_error="fail-open"`` (admit) or ``"fallback"`` (count in
+process) the calls answer without raising, which is what an app using
+slowapi's ``swallow_errors`` wants: slowapi 0.1.10 itself answers 500 when a
+storage raises under ``swallow_errors``, with ``limits``' own ``redis://``
+as well. ``clear()`` and ``reset()`` during an outage do nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +60,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from limits.aio.storage import MovingWindowSupport as AsyncMovingWindowSupport
 from limits.aio.storage import SlidingWindowCounterSupport as AsyncSlidingSupport
@@ -54,24 +77,28 @@ T = TypeVar("T")
 _LIMITS_OPTIONS = frozenset({"wrap_exceptions", "implementation"})
 
 
+# Redis and Valkey schemes as limits names them, behind "rapidlimit+". The
+# TLS ones reach RedisStorage, whose ValueError names the URI (no TLS here).
 _REDIS_SCHEMES = [
     "rapidlimit+redis",
     "rapidlimit+redis+unix",
     "rapidlimit+unix",
     "rapidlimit+valkey",
+    "rapidlimit+valkey+unix",
+    "rapidlimit+rediss",
+    "rapidlimit+valkeys",
 ]
 
 
 def _native(uri: str | None, options: dict[str, Any]) -> _core.Storage:
+    """The native store for a ``[async+]rapidlimit+...://`` URI (memory when
+    none is given). Unknown schemes raise ValueError naming the URI; they are
+    never taken for the memory store."""
     source = uri or "rapidlimit+memory://"
-    parsed = urlparse(source)
-    scheme = parsed.scheme.removeprefix("async+")
-    if scheme not in _REDIS_SCHEMES:
-        scheme = "rapidlimit+memory"
-    # (urlunparse would drop the "//" of "scheme:///path")
-    native_uri = scheme + source[len(parsed.scheme) :]
+    if source.startswith("async+"):
+        source = source[len("async+") :]
     kept = {k: v for k, v in options.items() if k not in _LIMITS_OPTIONS}
-    return storage_from_string(native_uri, **kept)
+    return storage_from_string(source, **kept)
 
 
 # A Redis outage, as limits' wrap_exceptions and slowapi's swallow_errors /
@@ -82,7 +109,8 @@ _ERRORS = (RuntimeError, MemoryError, _core.RedisUnavailableError)
 def _checked(remote: bool, method: Callable[..., T], *args: Any) -> T:
     """``method(*args)``; on Redis, raises RedisUnavailableError when the
     answer came from the fail-closed policy (limits' storage calls return
-    counts, which cannot say so)."""
+    counts, which cannot say so). Only for the calls that record where their
+    answer came from (incr, get, get_expiry, acquire_*, get_*_window)."""
     result = method(*args)
     if remote and _core.RedisStorage.last_status() == "fail-closed":
         raise _core.RedisUnavailableError(
@@ -92,7 +120,8 @@ def _checked(remote: bool, method: Callable[..., T], *args: Any) -> T:
 
 
 class RapidlimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
-    """A ``limits`` storage backed by ``rapidlimit._core.MemoryStorage``."""
+    """A ``limits`` storage backed by rapidlimit's native ``MemoryStorage``
+    or ``RedisStorage`` (the latter waits with the GIL released)."""
 
     STORAGE_SCHEME = ["rapidlimit+memory", *_REDIS_SCHEMES]
 
@@ -123,17 +152,14 @@ class RapidlimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         return self._call(self.native.get_expiry, key, time.time())
 
     def check(self) -> bool:
-        return self._call(
-            self.native.check,
-        )
+        # RedisStorage.check() PINGs: False, never an exception, when down.
+        return self.native.check()
 
     def reset(self) -> int | None:
-        return self._call(
-            self.native.reset,
-        )
+        return self.native.reset()
 
     def clear(self, key: str) -> None:
-        self._call(self.native.clear, key)
+        self.native.clear(key)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self._call(
@@ -163,7 +189,7 @@ class RapidlimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
         return self._call(self.native.get_sliding_window, key, expiry, time.time())
 
     def clear_sliding_window(self, key: str, expiry: int) -> None:
-        self._call(self.native.clear_sliding_window, key, expiry)
+        self.native.clear_sliding_window(key, expiry)
 
     def __len__(self) -> int:
         return len(self.native)
@@ -172,7 +198,8 @@ class RapidlimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
 class AsyncRapidlimitStorage(
     AsyncStorage, AsyncMovingWindowSupport, AsyncSlidingSupport
 ):
-    """The same store for ``limits.aio`` (the calls never block)."""
+    """The same store for ``limits.aio``: memory calls answer at once, Redis
+    calls wait in the loop's default executor, never on the loop."""
 
     STORAGE_SCHEME = [
         "async+rapidlimit+memory",
@@ -194,12 +221,18 @@ class AsyncRapidlimitStorage(
         return _ERRORS
 
     async def _run(self, method: Callable[..., T], *args: Any) -> T:
-        """The memory store answers at once; a Redis call waits (GIL
-        released) in the loop's default executor, not on the loop."""
+        """A counting call: raises RedisUnavailableError for a fail-closed
+        answer (read on the executor thread that made the call)."""
         if not self._remote:
             return method(*args)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, _checked, True, method, *args)
+
+    async def _run_plain(self, method: Callable[..., T], *args: Any) -> T:
+        """check/reset/clear: no fail-closed answer to turn into an error."""
+        if not self._remote:
+            return method(*args)
+        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         return await self._run(self.native.incr, key, expiry, amount, time.time())
@@ -211,13 +244,13 @@ class AsyncRapidlimitStorage(
         return await self._run(self.native.get_expiry, key, time.time())
 
     async def check(self) -> bool:
-        return await self._run(self.native.check)
+        return await self._run_plain(self.native.check)
 
     async def reset(self) -> int | None:
-        return await self._run(self.native.reset)
+        return await self._run_plain(self.native.reset)
 
     async def clear(self, key: str) -> None:
-        await self._run(self.native.clear, key)
+        await self._run_plain(self.native.clear, key)
 
     async def acquire_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
@@ -251,4 +284,4 @@ class AsyncRapidlimitStorage(
         return await self._run(self.native.get_sliding_window, key, expiry, time.time())
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
-        await self._run(self.native.clear_sliding_window, key, expiry)
+        await self._run_plain(self.native.clear_sliding_window, key, expiry)
