@@ -11,6 +11,11 @@ CPU 0; this process moves itself to the last CPU for the section.
   request/response exchange), commands executed (INFO commandstats, commands
   run inside scripts included) and Redis CPU (``used_cpu_user + used_cpu_sys``,
   and the commandstats ``usec``).
+* Redis time per decision of rapidlimit's script (commandstats ``usec`` of
+  EVALSHA, which includes the commands the script runs), fixed window and
+  token bucket, one decision at a time and 64 concurrent, next to the floor
+  of any script on the same server: an EVALSHA that only returns, and one
+  that runs a GET and a SET (redis-py, sequential and pipelined).
 * Decisions/s at 1, 16 and 64 concurrent requests on one event loop: at
   the limiter (rapidlimit's awaitable decision against the blocking
   ``limits`` call slowapi makes), through the whole app, and from threads.
@@ -308,6 +313,127 @@ def concurrency(
     )
 
 
+_SCRIPT_CMDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+
+
+def _script_usec(client: Any) -> tuple[float, float]:
+    """(calls, usec) of script commands since the last CONFIG RESETSTAT;
+    a script's usec includes the commands it runs."""
+    calls = usec = 0.0
+    for name, st in client.info("commandstats").items():
+        if name.removeprefix("cmdstat_") in _SCRIPT_CMDS:
+            calls += float(st["calls"])
+            usec += float(st["usec"])
+    return calls, usec
+
+
+def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
+    """Redis time per decision of rapidlimit's script against the floor of
+    any Lua script on this server. Issue target: <= 5 µs per decision for
+    fixed window and token bucket."""
+    n = cfg.pick(400, 4000)
+    reps = cfg.pick(2, 5)
+    client = rs.client()
+    floors = {
+        "nop": client.script_load("return 0"),
+        "get_set": client.script_load(
+            "local v = redis.call('GET', KEYS[1]) "
+            "redis.call('SET', KEYS[1], 'x', 'KEEPTTL') return 0"
+        ),
+    }
+
+    def floor(sha: str, pipelined: bool) -> Callable[[], float]:
+        def once() -> float:
+            client.config_resetstat()
+            if pipelined:
+                for _ in range(n // 64):
+                    pipe = client.pipeline(transaction=False)
+                    for i in range(64):
+                        pipe.evalsha(sha, 1, f"floor-{i}")
+                    pipe.execute()
+            else:
+                for i in range(n // 64 * 64):
+                    client.evalsha(sha, 1, f"floor-{i % 64}")
+            calls, usec = _script_usec(client)
+            return usec / calls
+
+        return once
+
+    variants: dict[str, Callable[[], float]] = {
+        f"floor.{name}.{mode}": floor(sha, mode == "c64")
+        for name, sha in floors.items()
+        for mode in ("c1", "c64")
+    }
+    loop = asyncio.new_event_loop()
+    if rapid:
+        import rapidlimit
+        import rapidlimit.storage
+
+        storage = rapidlimit.storage.storage_from_string(rs.rapid_uri)
+        item = rapidlimit.parse(LIMIT)
+
+        def rapid_cost(strategy: str, c: int) -> Callable[[], float]:
+            async def worker(idx: int, count: int) -> None:
+                for i in range(count):
+                    got = await storage.decide_many_async(
+                        strategy, [(item, KEYS[(idx * 7 + i) % 1000], 1)]
+                    )
+                    if not got[-1].allowed:
+                        raise BrokenBenchmark(f"{strategy}: rejected")
+
+            async def run_all() -> None:
+                await asyncio.gather(*(worker(i, n // c) for i in range(c)))
+
+            def once() -> float:
+                client.config_resetstat()
+                loop.run_until_complete(run_all())
+                calls, usec = _script_usec(client)
+                if calls != n // c * c:
+                    raise BrokenBenchmark(
+                        f"{strategy} x{c}: {calls:.0f} script calls for "
+                        f"{n // c * c} decisions"
+                    )
+                return usec / calls
+
+            return once
+
+        for strategy in ("fixed-window", "token-bucket"):
+            for c in (1, 64):
+                variants[f"rapidlimit.{strategy}.c{c}"] = rapid_cost(strategy, c)
+    try:
+        for fn in variants.values():
+            fn()  # warm-up: scripts loaded, keys created
+        samples = interleaved(variants, reps)
+    finally:
+        loop.close()
+    for c, how in (("c1", "one at a time"), ("c64", "64 in flight")):
+        res.add(
+            f"script_usec.floor.nop.{c}",
+            f"empty script (EVALSHA return 0), {how}",
+            "µs",
+            samples[f"floor.nop.{c}"],
+        )
+        res.add(
+            f"script_usec.floor.get_set.{c}",
+            f"script with one GET and one SET, {how}",
+            "µs",
+            samples[f"floor.get_set.{c}"],
+        )
+        if rapid:
+            for strategy in ("fixed-window", "token-bucket"):
+                res.add(
+                    f"script_usec.rapidlimit.{strategy}.{c}",
+                    f"rapidlimit {strategy} decision script, {how}",
+                    "µs",
+                    samples[f"rapidlimit.{strategy}.{c}"],
+                )
+    res.log(
+        "script time: INFO commandstats usec per EVALSHA (the commands a "
+        "script runs are inside its time; the per-command rows of the "
+        "request figures above count them a second time)"
+    )
+
+
 def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
     """Decisions/s with C requests in flight on one event loop, at the
     limiter: rapidlimit's awaitable ``decide_many_async`` against the
@@ -501,6 +627,7 @@ def run(cfg: Config, res: SectionResult) -> None:
             res.skip(f"rapidlimit request-level Redis figures: {web}")
         latency(cfg, res, rs, rapid)
         per_request(cfg, res, rs, packages)
+        script_cost(cfg, res, rs, rapid)
         decisions(cfg, res, rs, rapid)
         concurrency(cfg, res, rs, packages)
         if not cfg.quick:

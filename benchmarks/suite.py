@@ -200,6 +200,30 @@ TARGETS = [
         ">=",
         10,
     ),
+    Target(
+        "Redis: hit latency <= 1.2x a bare PING (raw socket)",
+        ["redis.latency.rapidlimit_over_ping"],
+        "<=",
+        1.2,
+    ),
+    Target(
+        "Redis: <= 5 µs Redis time per decision, one at a time (commandstats)",
+        [
+            "redis.script_usec.rapidlimit.fixed-window.c1",
+            "redis.script_usec.rapidlimit.token-bucket.c1",
+        ],
+        "<=",
+        5,
+    ),
+    Target(
+        "Redis: <= 5 µs Redis time per decision, 64 in flight (commandstats)",
+        [
+            "redis.script_usec.rapidlimit.fixed-window.c64",
+            "redis.script_usec.rapidlimit.token-bucket.c64",
+        ],
+        "<=",
+        5,
+    ),
 ]
 
 

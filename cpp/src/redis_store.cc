@@ -378,6 +378,10 @@ class Lane {
   std::string out_;
   size_t out_off_ = 0;
   std::deque<Op*> inflight_;
+  // Commands await replies; written by the I/O thread, read by Submit
+  // (a stale value only moves a wake-up).
+  std::atomic<bool> busy_{false};
+  static constexpr size_t kEagerBatch = 32;
   std::atomic<int> state_{kDown};
   int64_t next_retry_ = 0;  // I/O thread only (and Start)
   int64_t backoff_ = 0;
@@ -528,9 +532,14 @@ bool Lane::Submit(Op* op, bool defer) {
     op->refs.fetch_add(1, std::memory_order_relaxed);
     // The I/O thread is woken when the queue becomes non-empty; deferred
     // ops leave that to Flush.
-    wake = !defer && !woken_;
-    woken_ = woken_ || wake;
     queue_.push_back(op);
+    // A deferred op still wakes the I/O thread when Redis has nothing to
+    // do (so it starts at once) or when a full batch is waiting (so Redis
+    // works on it while the event loop prepares the next): this overlap,
+    // not a delay, is what keeps both Redis and the loop busy.
+    wake = !woken_ && (!defer || queue_.size() >= kEagerBatch ||
+                       !busy_.load(std::memory_order_relaxed));
+    woken_ = woken_ || wake;
   }
   if (wake) Wake();
   return true;
@@ -972,6 +981,7 @@ void Lane::Run() {
           Add(engine_->counters->timeouts);
           BreakLocked("no reply within the timeout", &failed);
         }
+        busy_.store(!inflight_.empty(), std::memory_order_relaxed);
         if (state_.load(std::memory_order_relaxed) == kUp) {
           if (!inflight_.empty()) {
             wait_fd = fd_;

@@ -7,11 +7,39 @@ from collections.abc import Iterator
 
 import pytest
 
+from redis_server import RedisServer
+
 # The far future: limits' memory storage expires keys from a timer thread
 # that freezegun leaves on the real clock, so frozen dates must lie ahead of
 # it for slowapi to count correctly under a frozen clock.
 FROZEN = "2100-01-01 00:00:00"
 FROZEN_EPOCH = 4102444800
+
+
+def _started_redis() -> Iterator[RedisServer]:
+    srv = RedisServer()  # skips the test when redis-server is not installed
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    """A redis-server shared by a module's tests, emptied before each test
+    (see _flush_redis); tests that kill or restart it take own_server."""
+    yield from _started_redis()
+
+
+@pytest.fixture
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server for one test, which may kill or restart it."""
+    yield from _started_redis()
+
+
+@pytest.fixture(autouse=True)
+def _flush_redis(request: pytest.FixtureRequest) -> None:
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").client().flushall()
 
 
 @pytest.fixture(autouse=True)

@@ -63,20 +63,6 @@ MOVING_STEPS = [(0, 1), (5, 1), (5, 2), (5, 1), (40, 1), (6, 1), (10, 3), (30, 1
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
-
-
-@pytest.fixture(autouse=True)
-def _flush(request: pytest.FixtureRequest) -> None:
-    if "server" in request.fixturenames:
-        request.getfixturevalue("server").client().flushall()
-
-
 @pytest.fixture
 def own_server() -> Iterator[RedisServer]:
     """A server of the test's own, which it may kill."""

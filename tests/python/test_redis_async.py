@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,17 +17,9 @@ from redis_server import RedisServer
 T0 = 1_700_000_000.5
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
-
-
 @pytest.fixture(autouse=True)
-def _flush(server: RedisServer) -> None:
-    server.client().flushall()
+def _uses_server(server: RedisServer) -> None:
+    """Every test here needs the server (emptied by conftest)."""
 
 
 async def test_async_matches_sync(server: RedisServer) -> None:

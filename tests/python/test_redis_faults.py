@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,11 +34,9 @@ FAST = {
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
+def server(own_server: RedisServer) -> RedisServer:
+    """Tests here kill and restart Redis: a server of their own."""
+    return own_server
 
 
 def wait_recovered(store: RedisStorage, limit: float = 5.0) -> bool:

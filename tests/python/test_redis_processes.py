@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 from fastapi import FastAPI
@@ -26,17 +25,9 @@ from rapidlimit.util import get_remote_address
 from redis_server import RedisServer
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
-
-
 @pytest.fixture(autouse=True)
-def _flush(server: RedisServer) -> None:
-    server.client().flushall()
+def _uses_server(server: RedisServer) -> None:
+    """Every test here needs the server (emptied by conftest)."""
 
 
 HAMMER = textwrap.dedent(

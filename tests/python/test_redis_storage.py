@@ -38,20 +38,6 @@ ALLOWED_COMMANDS = {
 STRATEGY_NAMES = sorted(STRATEGIES)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
-
-
-@pytest.fixture(autouse=True)
-def _flush(request: pytest.FixtureRequest) -> None:
-    if "server" in request.fixturenames:
-        request.getfixturevalue("server").client().flushall()
-
-
 @pytest.fixture(params=["memory", "redis"])
 def storage(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Each semantics test runs once per store."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -37,11 +36,9 @@ PATHS = ["decorator", "middleware", "asgi-middleware", "depends"]
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.cleanup()
+def server(own_server: RedisServer) -> RedisServer:
+    """Tests here kill and restart Redis: a server of their own."""
+    return own_server
 
 
 def make_app(

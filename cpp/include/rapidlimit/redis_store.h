@@ -140,10 +140,12 @@ class RedisStore : public Store {
   virtual std::string RedisKey(Strategy strategy,
                                std::string_view key) const = 0;
 
-  // DecideAsync without waking the I/O thread: the command waits in the
-  // queue until Flush() (or the I/O thread's next wake-up). An event loop
-  // calls Flush() once per iteration, so that everything its tasks asked
-  // for in that iteration goes out in one write.
+  // DecideAsync that may leave the command in the queue until Flush() (or
+  // the I/O thread's next wake-up), so that what an event loop's tasks ask
+  // for in one iteration goes out in few writes; the loop calls Flush()
+  // once per iteration. The I/O thread is still woken at once when no
+  // reply is awaited or when 32 commands are waiting, so that Redis never
+  // idles while work is queued.
   virtual void DecideAsyncDeferred(const Request* requests, size_t n,
                                    int64_t now_nanos, Mode mode,
                                    DecideCallback done, void* context) = 0;
