@@ -530,13 +530,12 @@ bool Lane::Submit(Op* op, bool defer) {
     std::lock_guard<std::mutex> lock(q_mu_);
     if (!accepting_) return false;
     op->refs.fetch_add(1, std::memory_order_relaxed);
-    // The I/O thread is woken when the queue becomes non-empty; deferred
-    // ops leave that to Flush.
     queue_.push_back(op);
-    // A deferred op still wakes the I/O thread when Redis has nothing to
-    // do (so it starts at once) or when a full batch is waiting (so Redis
+    // One wake-up per batch: woken_ stays set until the I/O thread takes
+    // the queue. A deferred op is left for Flush unless Redis has nothing
+    // to do (then it starts at once) or a full batch waits (then Redis
     // works on it while the event loop prepares the next): this overlap,
-    // not a delay, is what keeps both Redis and the loop busy.
+    // not a delay, keeps both Redis and the loop busy.
     wake = !woken_ && (!defer || queue_.size() >= kEagerBatch ||
                        !busy_.load(std::memory_order_relaxed));
     woken_ = woken_ || wake;
