@@ -727,6 +727,7 @@ void BindRedis(py::module_& m) {
         py::dict d;
         d["decisions"] = s.decisions;
         d["calls"] = s.calls;
+        d["scripts"] = s.scripts;
         d["writes"] = s.writes;
         d["inline_calls"] = s.inline_calls;
         d["cache_hits"] = s.cache_hits;

@@ -87,7 +87,7 @@ struct Counters {
   std::atomic<uint64_t> decisions{0}, calls{0}, writes{0}, inline_calls{0},
       cache_hits{0}, fail_open{0}, fail_closed{0}, fallback{0}, timeouts{0},
       errors{0}, disconnects{0}, reconnects{0}, script_reloads{0},
-      mismatches{0};
+      mismatches{0}, scripts{0};
 };
 
 inline void Add(std::atomic<uint64_t>& c, uint64_t v = 1) {
@@ -132,13 +132,19 @@ struct Op {
   Kind kind;
   std::atomic<int> refs{1};
 
-  // Scripts: everything after the script reference (numkeys, keys, argv),
-  // `argc` values. Raw commands: the whole frame.
+  // Raw commands: the whole frame. Scripts: the request's keys as RESP
+  // bulk strings and its block of the script's argument, so that several
+  // requests can share one script command.
   std::string args;
-  uint32_t argc = 0;
+  std::string keys;
+  uint32_t nkeys = 0;
+  std::string block;
   bool as_eval = false;  // send the body (after NOSCRIPT)
   bool sent = false;     // counted in the stats
   int64_t deadline = 0;  // MonoNanos
+  // In flight: the ops answered by one reply are consecutive in the lane's
+  // queue; the first holds their number, the others 0.
+  uint32_t group = 1;
 
   // The batch (scripts).
   std::vector<Item> items;
@@ -353,10 +359,14 @@ class Lane {
   bool Connect();
   bool Handshake(int fd, redisReader* reader, int64_t deadline,
                  std::string* error);
-  void AppendLocked(Op* op);
+  void AppendLocked(Op* op) { AppendGroupLocked(&op, 1); }
+  // Sends ops[0..k) as one command: a raw op alone, script ops as one
+  // script call.
+  void AppendGroupLocked(Op* const* ops, size_t k);
   bool FlushLocked(std::vector<Op*>* failed);
   bool ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed);
-  bool HandleReply(Op* op, const redisReply* r);
+  // Stores `r` in ops[0..k); true to send them again (as EVAL).
+  bool HandleReply(Op* const* ops, size_t k, const redisReply* r);
   void BreakLocked(const std::string& why, std::vector<Op*>* failed);
   void StopAccepting(std::vector<Op*>* failed);
   void Wake();
@@ -378,10 +388,15 @@ class Lane {
   std::string out_;
   size_t out_off_ = 0;
   std::deque<Op*> inflight_;
+  std::vector<Op*> group_;             // ReadLocked's scratch
+  std::vector<int64_t> reply_values_;  // HandleReply's scratch
   // Commands await replies; written by the I/O thread, read by Submit
   // (a stale value only moves a wake-up).
   std::atomic<bool> busy_{false};
   static constexpr size_t kEagerBatch = 32;
+  // Requests sharing one script command at most: bounds the script's run
+  // (Redis serves nobody else meanwhile) and its reply.
+  static constexpr size_t kMaxGroup = 32;
   std::atomic<int> state_{kDown};
   int64_t next_retry_ = 0;  // I/O thread only (and Start)
   int64_t backoff_ = 0;
@@ -613,23 +628,43 @@ void Lane::StopAccepting(std::vector<Op*>* failed) {
   Wake();  // the I/O thread reconnects
 }
 
-void Lane::AppendLocked(Op* op) {
-  if (op->kind == Op::Kind::kScript) {
-    Resp resp(&out_);
-    resp.Array(op->argc + 2);
-    if (op->as_eval || engine_->use_eval.load(std::memory_order_relaxed)) {
-      op->as_eval = true;
-      resp.Bulk("EVAL");
-      resp.Bulk(ScriptBody());
-    } else {
-      resp.Bulk("EVALSHA");
-      resp.Bulk(ScriptSha1());
-    }
+void Lane::AppendGroupLocked(Op* const* ops, size_t k) {
+  if (ops[0]->kind == Op::Kind::kRaw) {
+    ops[0]->group = 1;
+    out_.append(ops[0]->args);
+    inflight_.push_back(ops[0]);
+    return;
+  }
+  size_t nkeys = 0, block = 0;
+  bool as_eval = engine_->use_eval.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < k; ++i) {
+    nkeys += ops[i]->nkeys;
+    block += ops[i]->block.size();
+    as_eval = as_eval || ops[i]->as_eval;
+  }
+  Resp resp(&out_);
+  resp.Array(nkeys + 4);
+  if (as_eval) {
+    resp.Bulk("EVAL");
+    resp.Bulk(ScriptBody());
+  } else {
+    resp.Bulk("EVALSHA");
+    resp.Bulk(ScriptSha1());
+  }
+  resp.Int(static_cast<int64_t>(nkeys));
+  for (size_t i = 0; i < k; ++i) out_.append(ops[i]->keys);
+  resp.BeginBulk(block);
+  for (size_t i = 0; i < k; ++i) out_.append(ops[i]->block);
+  resp.EndBulk();
+  Add(engine_->counters->scripts);
+  for (size_t i = 0; i < k; ++i) {
+    Op* op = ops[i];
+    op->as_eval = as_eval;
     if (!op->sent) Add(engine_->counters->calls);
     op->sent = true;
+    op->group = i == 0 ? static_cast<uint32_t>(k) : 0;
+    inflight_.push_back(op);
   }
-  out_.append(op->args);
-  inflight_.push_back(op);
 }
 
 bool Lane::FlushLocked(std::vector<Op*>* failed) {
@@ -685,75 +720,88 @@ bool Lane::ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed) {
       return false;
     }
     if (reply == nullptr) break;
-    if (inflight_.empty()) {
+    if (inflight_.empty() || inflight_.front()->group == 0 ||
+        inflight_.front()->group > inflight_.size()) {
       freeReplyObject(reply);
       BreakLocked("unexpected reply", failed);
       return false;
     }
-    Op* op = inflight_.front();
-    inflight_.pop_front();
-    const bool resend = HandleReply(op, static_cast<redisReply*>(reply));
+    group_.assign(inflight_.begin(),
+                  inflight_.begin() + inflight_.front()->group);
+    inflight_.erase(inflight_.begin(), inflight_.begin() + group_.size());
+    const bool resend = HandleReply(group_.data(), group_.size(),
+                                    static_cast<redisReply*>(reply));
     freeReplyObject(reply);
     if (resend) {
-      AppendLocked(op);
+      AppendGroupLocked(group_.data(), group_.size());
       resent = true;
     } else {
-      completed->push_back(op);
+      completed->insert(completed->end(), group_.begin(), group_.end());
     }
   }
   return !resent || FlushLocked(failed);
 }
 
-bool Lane::HandleReply(Op* op, const redisReply* r) {
-  if (op->kind == Op::Kind::kRaw) {
-    op->raw = CopyReply(r);
-    op->result = Op::Result::kOk;
+bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
+  if (ops[0]->kind == Op::Kind::kRaw) {
+    ops[0]->raw = CopyReply(r);
+    ops[0]->result = Op::Result::kOk;
     return false;
   }
+  const auto fail = [&](std::string_view why) {
+    Add(engine_->counters->errors);
+    for (size_t i = 0; i < k; ++i) {
+      ops[i]->result = Op::Result::kError;
+      ops[i]->error.assign(why);
+    }
+    return false;
+  };
   if (r->type == REDIS_REPLY_ERROR) {
     const std::string_view msg(r->str, r->len);
-    if (!op->as_eval && msg.rfind("NOSCRIPT", 0) == 0) {
+    if (!ops[0]->as_eval && msg.rfind("NOSCRIPT", 0) == 0) {
       // Redis restarted or SCRIPT FLUSH: EVAL sends the body and caches
       // it again, so the next calls are back to EVALSHA.
       Add(engine_->counters->script_reloads);
-      op->as_eval = true;
+      for (size_t i = 0; i < k; ++i) ops[i]->as_eval = true;
       return true;
     }
-    if (!op->as_eval && (msg.find("unknown command") != std::string::npos ||
-                         msg.rfind("NOPERM", 0) == 0)) {
+    if (!ops[0]->as_eval && (msg.find("unknown command") != std::string::npos ||
+                             msg.rfind("NOPERM", 0) == 0)) {
       if (!engine_->use_eval.exchange(true)) {
         engine_->Log(RedisLogLevel::kWarning,
                      "EVALSHA refused (" + std::string(msg) +
                          "); sending scripts with EVAL");
       }
-      op->as_eval = true;
+      for (size_t i = 0; i < k; ++i) ops[i]->as_eval = true;
       return true;
     }
-    Add(engine_->counters->errors);
-    op->result = Op::Result::kError;
-    op->error.assign(msg);
-    return false;
+    // The script stopped for all requests of the call (none of its writes
+    // was undone, as with any Redis script): each gets the failure policy.
+    return fail(msg);
   }
   const size_t count = r->type == REDIS_REPLY_STRING ? r->len / 8 : 0;
-  bool ok = count >= 1 && r->len % 8 == 0;
-  if (ok) {
-    op->values.resize(count);
-    ok = ReadDoubles(r->str, count, op->values.data());
+  if (count == 0 || r->len % 8 != 0) return fail("unexpected script reply");
+  reply_values_.resize(count);
+  if (!ReadDoubles(r->str, count, reply_values_.data())) {
+    return fail("unexpected script reply");
   }
-  if (ok) {
-    const int64_t processed = op->values[0];
-    ok = processed >= 0 &&
-         processed <= static_cast<int64_t>(op->items.size()) &&
-         op->values.size() ==
-             1 + static_cast<size_t>(processed) * kValuesPerItem;
+  // A block per request: processed, then kValuesPerItem per processed.
+  size_t pos = 0;
+  for (size_t i = 0; i < k; ++i) {
+    Op* op = ops[i];
+    if (pos >= count) return fail("unexpected script reply");
+    const int64_t processed = reply_values_[pos];
+    if (processed < 0 || processed > static_cast<int64_t>(op->items.size())) {
+      return fail("unexpected script reply");
+    }
+    const size_t need = 1 + static_cast<size_t>(processed) * kValuesPerItem;
+    if (pos + need > count) return fail("unexpected script reply");
+    op->values.assign(reply_values_.begin() + pos,
+                      reply_values_.begin() + pos + need);
+    pos += need;
   }
-  if (!ok) {
-    Add(engine_->counters->errors);
-    op->result = Op::Result::kError;
-    op->error = "unexpected script reply";
-    return false;
-  }
-  op->result = Op::Result::kOk;
+  if (pos != count) return fail("unexpected script reply");
+  for (size_t i = 0; i < k; ++i) ops[i]->result = Op::Result::kOk;
   return false;
 }
 
@@ -961,15 +1009,27 @@ void Lane::Run() {
         state_.store(kClosed, std::memory_order_release);  // silences Break
         if (fd_ >= 0) BreakLocked("store closed", &failed);
       } else if (state_.load(std::memory_order_relaxed) == kUp) {
-        for (Op* op : batch) {
+        for (size_t i = 0; i < batch.size();) {
+          Op* op = batch[i];
           // A command that missed its deadline in the queue (it raced a
           // reconnect) is failed here rather than sent.
           if (op->deadline <= now) {
             Add(engine_->counters->timeouts);
             failed.push_back(op);
-          } else {
-            AppendLocked(op);
+            ++i;
+            continue;
           }
+          // Script requests queued together share one script command.
+          size_t j = i + 1;
+          if (op->kind == Op::Kind::kScript) {
+            while (j < batch.size() && j - i < kMaxGroup &&
+                   batch[j]->kind == Op::Kind::kScript &&
+                   batch[j]->deadline > now) {
+              ++j;
+            }
+          }
+          AppendGroupLocked(&batch[i], j - i);
+          i = j;
         }
         batch.clear();
         // Read only what poll reported: a speculative recv() would cost a
@@ -1089,20 +1149,19 @@ Op* Engine::NewScriptOp(const Request* requests, size_t n, int64_t now,
     it.cost = r.cost;
     it.key.assign(r.key);
   }
-  Resp resp(&op->args);
-  resp.Int(static_cast<int64_t>(n));
+  Resp resp(&op->keys);
   for (size_t i = 0; i < n; ++i) {
     AppendKey(requests[i].strategy, requests[i].key, &resp);
   }
-  resp.BeginBulk(sizeof(double) * (kFixedArgs + kValuesPerItem * n));
-  AppendDouble(mode == Mode::kTest ? 1 : 0, &op->args);
-  AppendDouble(FloorDivNanos(now, kNanosPerSecond), &op->args);
-  AppendDouble(now - FloorDivNanos(now, kNanosPerSecond) * kNanosPerSecond,
-               &op->args);
-  AppendDouble(slack_ms, &op->args);
-  for (const Item& it : op->items) AppendItemArgs(it, now, &op->args);
-  resp.EndBulk();
-  op->argc = static_cast<uint32_t>(1 + n + 1);
+  op->nkeys = static_cast<uint32_t>(n);
+  std::string& b = op->block;
+  b.reserve(sizeof(double) * (kFixedArgs + kValuesPerItem * n));
+  AppendDouble(mode == Mode::kTest ? 1 : 0, &b);
+  AppendDouble(FloorDivNanos(now, kNanosPerSecond), &b);
+  AppendDouble(now - FloorDivNanos(now, kNanosPerSecond) * kNanosPerSecond, &b);
+  AppendDouble(slack_ms, &b);
+  AppendDouble(static_cast<int64_t>(n), &b);
+  for (const Item& it : op->items) AppendItemArgs(it, now, &b);
   return op;
 }
 
@@ -1487,6 +1546,7 @@ class RedisStoreImpl final : public RedisStore {
     s.reconnects = get(counters_.reconnects);
     s.script_reloads = get(counters_.script_reloads);
     s.mismatches = get(counters_.mismatches);
+    s.scripts = get(counters_.scripts);
     return s;
   }
 

@@ -514,6 +514,152 @@ TEST_F(RedisStoreTest, AsyncDecisionsArePipelined) {
   EXPECT_EQ(s.fail_closed, 0u);
 }
 
+// One request's answer, filled by its completion.
+struct Slot {
+  AsyncWait* wait = nullptr;
+  std::vector<Decision> decisions;
+  size_t first_reject = 0;
+};
+
+void SlotDone(void* ctx, const Decision* d, size_t written,
+              size_t first_reject) {
+  auto* slot = static_cast<Slot*>(ctx);
+  slot->decisions.assign(d, d + written);
+  slot->first_reject = first_reject;
+  std::lock_guard<std::mutex> lock(slot->wait->mu);
+  if (--slot->wait->pending == 0) slot->wait->cv.notify_all();
+}
+
+TEST_F(RedisStoreTest, RequestsQueuedTogetherShareScriptCallsWithSameAnswers) {
+  // Requests queued at once leave in shared script calls (several requests,
+  // several limits each, hits and tests, on overlapping keys); every answer
+  // must be the one the memory store gives for the same sequence.
+  RedisStoreOptions o = Options();
+  o.command_timeout_nanos = 5 * kSec;
+  o.blocked_cache = false;
+  auto store = Make(o);
+  auto memory = NewMemoryStore();
+  const std::vector<Limit> limits = {L("3 per second"), L("5 per 2 seconds"),
+                                     L("4 per 10 seconds", 2),
+                                     L("10000 per hour")};
+  const std::vector<Strategy> strategies = {
+      Strategy::kFixedWindow, Strategy::kMovingWindow,
+      Strategy::kSlidingWindowCounter, Strategy::kTokenBucket};
+  std::mt19937_64 rng(7);
+  const int kRequests = 600;
+  std::vector<std::vector<std::string>> keys(kRequests);
+  std::vector<std::vector<Request>> reqs(kRequests);
+  std::vector<Mode> modes(kRequests);
+  std::vector<int64_t> times(kRequests);
+  std::vector<Slot> slots(kRequests);
+  AsyncWait w;
+  w.pending = kRequests;
+  int64_t now = kT0;
+  for (int r = 0; r < kRequests; ++r) {
+    now += static_cast<int64_t>(rng() % (150 * kMs));
+    times[r] = now;
+    modes[r] = rng() % 8 == 0 ? Mode::kTest : Mode::kHit;
+    const size_t n = 1 + rng() % 3;
+    keys[r].resize(n);
+    reqs[r].resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t li = rng() % limits.size();
+      keys[r][i] =
+          "LIMITER/c" + std::to_string(rng() % 3) + "/" + std::to_string(li);
+      reqs[r][i] = {strategies[rng() % strategies.size()], &limits[li],
+                    keys[r][i], static_cast<int64_t>(rng() % 4 == 0 ? 2 : 1)};
+    }
+    slots[r].wait = &w;
+    store->DecideAsyncDeferred(reqs[r].data(), n, now, modes[r], &SlotDone,
+                               &slots[r]);
+  }
+  store->Flush();
+  {
+    std::unique_lock<std::mutex> lock(w.mu);
+    ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(30),
+                              [&] { return w.pending == 0; }));
+  }
+  for (int r = 0; r < kRequests; ++r) {
+    const size_t n = reqs[r].size();
+    std::vector<Decision> want(n);
+    const size_t first =
+        memory->Decide(reqs[r].data(), n, times[r], modes[r], want.data());
+    const std::string ctx = "request " + std::to_string(r);
+    ASSERT_EQ(slots[r].first_reject, first) << ctx;
+    const size_t written =
+        (modes[r] == Mode::kHit && first < n) ? first + 1 : n;
+    ASSERT_EQ(slots[r].decisions.size(), written) << ctx;
+    for (size_t i = 0; i < written; ++i) {
+      ExpectSame(want[i], slots[r].decisions[i],
+                 ctx + " limit " + std::to_string(i));
+      EXPECT_EQ(slots[r].decisions[i].source, DecisionSource::kStore) << ctx;
+    }
+    if (HasFailure()) return;
+  }
+  const RedisStoreStats s = store->Stats();
+  EXPECT_EQ(s.calls, static_cast<uint64_t>(kRequests));
+  EXPECT_LT(s.scripts, s.calls / 4);  // shared calls, not one per request
+  EXPECT_EQ(s.mismatches, 0u);
+  EXPECT_EQ(s.errors, 0u);
+}
+
+TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.command_timeout_nanos = 5 * kSec;
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const Limit l = L("1 per minute");
+  // A key of the wrong type makes the script's GET fail.
+  ASSERT_TRUE(
+      server_
+          .Command({"LPUSH",
+                    store->RedisKey(Strategy::kFixedWindow, "LIMITER/bad"),
+                    "x"})
+          .ok());
+  const Decision alone =
+      Hit(*store, Strategy::kFixedWindow, l, "LIMITER/bad", kT0);
+  EXPECT_TRUE(alone.allowed);
+  EXPECT_EQ(alone.source, DecisionSource::kFailOpen);
+  EXPECT_EQ(store->Stats().errors, 1u);
+
+  // Queued together with good requests, the failing one takes its whole
+  // script call with it: each request gets the policy, none an error.
+  const int kRequests = 40;
+  std::vector<std::string> keys(kRequests);
+  std::vector<Request> reqs(kRequests);
+  std::vector<Slot> slots(kRequests);
+  AsyncWait w;
+  w.pending = kRequests;
+  for (int r = 0; r < kRequests; ++r) {
+    keys[r] =
+        r == kRequests / 2 ? "LIMITER/bad" : "LIMITER/ok" + std::to_string(r);
+    reqs[r] = {Strategy::kFixedWindow, &l, keys[r], 1};
+    slots[r].wait = &w;
+    store->DecideAsyncDeferred(&reqs[r], 1, kT0, Mode::kHit, &SlotDone,
+                               &slots[r]);
+  }
+  store->Flush();
+  {
+    std::unique_lock<std::mutex> lock(w.mu);
+    ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(30),
+                              [&] { return w.pending == 0; }));
+  }
+  int policy = 0;
+  for (int r = 0; r < kRequests; ++r) {
+    ASSERT_EQ(slots[r].decisions.size(), 1u);
+    const Decision& d = slots[r].decisions[0];
+    EXPECT_TRUE(d.allowed) << r;  // 1 per minute, each key once
+    if (d.source == DecisionSource::kFailOpen) ++policy;
+  }
+  EXPECT_EQ(slots[kRequests / 2].decisions[0].source,
+            DecisionSource::kFailOpen);
+  const RedisStoreStats s = store->Stats();
+  EXPECT_LT(s.scripts, s.calls);  // some requests did share calls
+  EXPECT_GT(policy, 1);           // the bad request's call-mates
+  EXPECT_LT(policy, kRequests);   // but not the requests of other calls
+  EXPECT_EQ(s.errors, 2u);        // one per failed script call
+}
+
 TEST_F(RedisStoreTest, DeferredDecisionStartsAtOnceWhenRedisIsIdle) {
   RedisStoreOptions o = Options();
   o.command_timeout_nanos = 2 * kSec;

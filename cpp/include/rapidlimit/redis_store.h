@@ -109,7 +109,9 @@ bool RedisStoreAvailable();
 
 struct RedisStoreStats {
   uint64_t decisions = 0;       // requests decided (a batch counts each)
-  uint64_t calls = 0;           // script calls sent to Redis
+  uint64_t calls = 0;           // requests' script calls sent to Redis
+  uint64_t scripts = 0;         // script commands (several calls may share
+                                // one when requests wait together)
   uint64_t writes = 0;          // socket writes carrying commands (batches)
   uint64_t inline_calls = 0;    // calls done on the caller's thread
   uint64_t cache_hits = 0;      // requests answered by the blocked-key cache

@@ -1,12 +1,15 @@
--- rapidlimit: decides all limits of one request in one atomic call.
+-- rapidlimit: decides all limits of one or more requests in one atomic
+-- call.
 --
--- Mirrors rapidlimit::Store::Decide of the memory store: requests in
--- order; in hit mode each is charged and the call stops at the first
--- rejection; in test mode nothing is written and every request is
--- evaluated. The script only decides admission and updates state; it
--- returns each key's state as found, from which the C++ side recomputes
--- the full decision (remaining, reset, retry-after) with the very code
--- the memory store runs.
+-- Mirrors rapidlimit::Store::Decide of the memory store, request by
+-- request in order: in hit mode each limit is charged and the request
+-- stops at its first rejection; in test mode nothing is written and every
+-- limit is evaluated. Several requests share one call when the client has
+-- several waiting (auto-pipelining): the script's fixed cost is paid once.
+-- The script only decides admission and updates state; it returns each
+-- key's state as found, from which the C++ side recomputes the full
+-- decision (remaining, reset, retry-after) with the very code the memory
+-- store runs.
 --
 -- Time is the caller's, as two integers (epoch seconds, nanoseconds) so
 -- that it stays exact in Lua's doubles; stored times are (s, ns) pairs.
@@ -15,9 +18,10 @@
 -- renewed (generously) only when the state would outlive it; other writes
 -- keep the TTL (SET KEEPTTL, Redis >= 6.0), which costs Redis less.
 --
--- One argument, little-endian doubles (integers, exact below 2^53): mode
--- (0 hit, 1 test), now_s, now_ns, TTL slack in ms, then 7 per request i
--- (KEYS[i]): code, cost, p1 .. p5
+-- One argument, little-endian doubles (integers, exact below 2^53), a
+-- block per request: mode (0 hit, 1 test), now_s, now_ns, TTL slack in ms,
+-- n (its number of limits), then 7 per limit, whose keys are the request's
+-- n KEYS in order: code, cost, p1 .. p5
 --   0 fixed window    p1 amount, (p2, p3) period as (s, ns)
 --   1 moving window   p1 amount, p2 period_s
 --   2 sliding window  p1 amount, p2 window index, p3 period_ns,
@@ -26,8 +30,8 @@
 --                     (p4, p5) = burst * period / amount as ns + fraction
 --                     in units of 1/amount ns
 --   4 incr            like 0, never rejects (limits' Storage.incr)
--- Returns little-endian doubles: processed, then 7 per processed request:
---   allowed, fresh, x1 .. x5, the x's per strategy:
+-- Returns little-endian doubles, a block per request: processed, then 7
+-- per processed limit: allowed, fresh, x1 .. x5, the x's per strategy:
 --   fixed: count, expiry_s, expiry_ns      token: tat_s, tat_ns, tat_frac
 --   sliding: window, current, previous
 --   moving: blocker_s, blocker_ns, in_window, oldest_s, oldest_ns
@@ -35,275 +39,288 @@
 local pack = struct.pack
 local unpack = struct.unpack
 local args = ARGV[1]
--- The header and the first request in one call (most batches have one).
-local mode, now_s, now_ns, slack, c1, k1, q1, q2, q3, q4, q5 =
-    unpack('<ddddddddddd', args)
-local test = mode == 1
+local nargs = #args
 local floor = math.floor
 local call = redis.call
 local E9 = 1000000000
+-- The current request's header, read by the helpers below as upvalues.
+local mode, now_s, now_ns, slack, test
 -- Every EVALSHA runs this body afresh, so the hot paths are written
 -- inline: a closure defined up here would be allocated on every call.
 -- Helpers that only some strategies need are created on first use.
 local moving, mul_lt
 
 local out = {}
-local processed = 0
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local code, cost, p1, p2, p3, p4, p5 = c1, k1, q1, q2, q3, q4, q5
-  if i > 1 then
-    code, cost, p1, p2, p3, p4, p5 =
-        unpack('<ddddddd', args, 33 + (i - 1) * 56)
-  end
-  local ok = false
-  local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
-  if code == 0 or code == 4 then
-    -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
-    -- p1 amount, (p2, p3) period as (s, ns).
-    local v = call('GET', key)
-    if v then
-      x1, x2, x3 = unpack('<ddd', v)
-      if x2 > now_s or (x2 == now_s and x3 > now_ns) then fresh = 0 end
+local nout = 0
+local ki = 0    -- KEYS consumed by earlier requests
+local pos = 1   -- this request's block in args
+while pos < nargs do
+  -- The header and the first limit in one unpack (most requests have one).
+  local nk, c1, k1, q1, q2, q3, q4, q5
+  mode, now_s, now_ns, slack, nk, c1, k1, q1, q2, q3, q4, q5 =
+      unpack('<dddddddddddd', args, pos)
+  test = mode == 1
+  local first = pos + 40  -- the first limit's 7 values
+  pos = first + nk * 56
+  nout = nout + 1
+  local head = nout  -- the request's processed count goes here
+  local processed = 0
+  for i = 1, nk do
+    local key = KEYS[ki + i]
+    local code, cost, p1, p2, p3, p4, p5 = c1, k1, q1, q2, q3, q4, q5
+    if i > 1 then
+      code, cost, p1, p2, p3, p4, p5 =
+          unpack('<ddddddd', args, first + (i - 1) * 56)
     end
-    local c = cost
-    if fresh == 0 then c = x1 + cost end
-    if test then
-      ok = c <= p1
-    else
-      if c == cost or fresh == 1 then
-        -- A new window: the key lives until its end, plus slack.
-        local xs, xn = now_s + p2, now_ns + p3
-        if xn >= E9 then xs, xn = xs + 1, xn - E9 end
-        local ms = floor(((xs - now_s) * E9 + (xn - now_ns)) / 1000000) + 1
-        call('SET', key, pack('<ddd', c, xs, xn), 'PX', ms + slack)
-      else
-        -- Same window, same expiry: the TTL set at its start still holds.
-        call('SET', key, pack('<ddd', c, x2, x3), 'KEEPTTL')
-      end
-      ok = code == 4 or c <= p1
-    end
-  elseif code == 3 then
-    -- Token bucket (GCRA): pack(tat_s, tat_ns, tat_frac, horizon_s), the
-    -- theoretical arrival time being tat_s * 1e9 + tat_ns + tat_frac /
-    -- amount. p1 amount; (p2, p3) = cost * period / amount and (p4, p5) =
-    -- burst * period / amount, as ns + fraction in 1/amount ns.
-    if p1 > 0 then
+    local ok = false
+    local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
+    if code == 0 or code == 4 then
+      -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
+      -- p1 amount, (p2, p3) period as (s, ns).
       local v = call('GET', key)
-      local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
+      if v then
+        x1, x2, x3 = unpack('<ddd', v)
+        if x2 > now_s or (x2 == now_s and x3 > now_ns) then fresh = 0 end
+      end
+      local c = cost
+      if fresh == 0 then c = x1 + cost end
+      if test then
+        ok = c <= p1
+      else
+        if c == cost or fresh == 1 then
+          -- A new window: the key lives until its end, plus slack.
+          local xs, xn = now_s + p2, now_ns + p3
+          if xn >= E9 then xs, xn = xs + 1, xn - E9 end
+          local ms = floor(((xs - now_s) * E9 + (xn - now_ns)) / 1000000) + 1
+          call('SET', key, pack('<ddd', c, xs, xn), 'PX', ms + slack)
+        else
+          -- Same window, same expiry: the TTL set at its start still holds.
+          call('SET', key, pack('<ddd', c, x2, x3), 'KEEPTTL')
+        end
+        ok = code == 4 or c <= p1
+      end
+    elseif code == 3 then
+      -- Token bucket (GCRA): pack(tat_s, tat_ns, tat_frac, horizon_s), the
+      -- theoretical arrival time being tat_s * 1e9 + tat_ns + tat_frac /
+      -- amount. p1 amount; (p2, p3) = cost * period / amount and (p4, p5) =
+      -- burst * period / amount, as ns + fraction in 1/amount ns.
+      if p1 > 0 then
+        local v = call('GET', key)
+        local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
+        if v then
+          x1, x2, x3, hs = unpack('<dddd', v)
+          if x1 > now_s or (x1 == now_s and x2 > now_ns) then
+            fresh = 0
+            an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
+            if af >= p1 then an, af = an + 1, af - p1 end
+          end
+        end
+        local k_ns = p4
+        ok = an < k_ns or (an == k_ns and af <= p5)
+        if ok and not test and an > 0 then
+          local t = now_ns + an
+          local s = floor(t / E9)
+          t = t - s * E9
+          if t < 0 then
+            s, t = s - 1, t + E9
+          elseif t >= E9 then
+            s, t = s + 1, t - E9
+          end
+          s = now_s + s
+          if s < hs then
+            call('SET', key, pack('<dddd', s, t, af, hs), 'KEEPTTL')
+          else
+            -- Room for the bucket to fill twice (at least 2 s): renewed at
+            -- most once per capacity.
+            local room = 2 * k_ns
+            if room < 2 * E9 then room = 2 * E9 end
+            local ms = floor((an + room) / 1000000) + 1
+            call('SET', key, pack('<dddd', s, t, af, now_s + floor(ms / 1000)),
+                 'PX', ms + slack)
+          end
+        end
+      end
+    elseif code == 2 then
+      -- Sliding window counter: pack(window, current, previous, horizon_s).
+      -- p1 amount, p2 window index, p3 period, p4 period - (now mod period),
+      -- p5 period in ms.
+      local v = call('GET', key)
+      local hs = 0
       if v then
         x1, x2, x3, hs = unpack('<dddd', v)
-        if x1 > now_s or (x1 == now_s and x2 > now_ns) then
-          fresh = 0
-          an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
-          if af >= p1 then an, af = an + 1, af - p1 end
+        if x1 + 2 > p2 then fresh = 0 end
+      end
+      local c, p = x2, x3
+      if fresh == 1 or x1 > p2 or x1 < p2 - 1 then
+        c, p = 0, 0
+      elseif x1 == p2 - 1 then
+        c, p = 0, c
+      end
+      local pttl = p4
+      ok = cost <= p1
+      if ok then
+        local room = p1 - c - cost
+        if room < 0 then
+          ok = false
+        elseif p > 0 then
+          -- floor(p * pttl / period) <= room, exactly.
+          if not mul_lt then
+            mul_lt = function(a, b, cc, d)
+              local x, y = a * b, cc * d
+              if x < 9007199254740992 and y < 9007199254740992 then
+                return x < y
+              end
+              local B = 16777216
+              local function mul(u, w)
+                local u1 = floor(u / B)
+                local u2 = floor(u1 / B)
+                local w1 = floor(w / B)
+                local w2 = floor(w1 / B)
+                local u0, w0 = u - u1 * B, w - w1 * B
+                u1, w1 = u1 - u2 * B, w1 - w2 * B
+                local r = {u0 * w0, u0 * w1 + u1 * w0,
+                           u0 * w2 + u1 * w1 + u2 * w0, u1 * w2 + u2 * w1,
+                           u2 * w2}
+                for k = 1, 4 do
+                  local carry = floor(r[k] / B)
+                  r[k] = r[k] - carry * B
+                  r[k + 1] = r[k + 1] + carry
+                end
+                return r
+              end
+              local pa, pb = mul(a, b), mul(cc, d)
+              for k = 5, 1, -1 do
+                if pa[k] ~= pb[k] then return pa[k] < pb[k] end
+              end
+              return false
+            end
+          end
+          ok = mul_lt(p, pttl, room + 1, p3)
         end
       end
-      local k_ns = p4
-      ok = an < k_ns or (an == k_ns and af <= p5)
-      if ok and not test and an > 0 then
-        local t = now_ns + an
-        local s = floor(t / E9)
-        t = t - s * E9
-        if t < 0 then
-          s, t = s - 1, t + E9
-        elseif t >= E9 then
-          s, t = s + 1, t - E9
-        end
-        s = now_s + s
-        if s < hs then
-          call('SET', key, pack('<dddd', s, t, af, hs), 'KEEPTTL')
+      if not test then
+        if ok then c = c + cost end
+        -- The state is void from the start of window p2 + 2, which is
+        -- pttl + period from now.
+        local end_ms = floor(pttl / 1000000) + p5 + 1
+        if now_s + floor(end_ms / 1000) + 1 < hs then
+          call('SET', key, pack('<dddd', p2, c, p, hs), 'KEEPTTL')
         else
-          -- Room for the bucket to fill twice (at least 2 s): renewed at
-          -- most once per capacity.
-          local room = 2 * k_ns
-          if room < 2 * E9 then room = 2 * E9 end
-          local ms = floor((an + room) / 1000000) + 1
-          call('SET', key, pack('<dddd', s, t, af, now_s + floor(ms / 1000)),
+          local spare = p5  -- a window (at least 2 s) to spare
+          if spare < 2000 then spare = 2000 end
+          local ms = end_ms + spare
+          call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
                'PX', ms + slack)
         end
       end
-    end
-  elseif code == 2 then
-    -- Sliding window counter: pack(window, current, previous, horizon_s).
-    -- p1 amount, p2 window index, p3 period, p4 period - (now mod period),
-    -- p5 period in ms.
-    local v = call('GET', key)
-    local hs = 0
-    if v then
-      x1, x2, x3, hs = unpack('<dddd', v)
-      if x1 + 2 > p2 then fresh = 0 end
-    end
-    local c, p = x2, x3
-    if fresh == 1 or x1 > p2 or x1 < p2 - 1 then
-      c, p = 0, 0
-    elseif x1 == p2 - 1 then
-      c, p = 0, c
-    end
-    local pttl = p4
-    ok = cost <= p1
-    if ok then
-      local room = p1 - c - cost
-      if room < 0 then
-        ok = false
-      elseif p > 0 then
-        -- floor(p * pttl / period) <= room, exactly.
-        if not mul_lt then
-          mul_lt = function(a, b, cc, d)
-            local x, y = a * b, cc * d
-            if x < 9007199254740992 and y < 9007199254740992 then
-              return x < y
-            end
-            local B = 16777216
-            local function mul(u, w)
-              local u1 = floor(u / B)
-              local u2 = floor(u1 / B)
-              local w1 = floor(w / B)
-              local w2 = floor(w1 / B)
-              local u0, w0 = u - u1 * B, w - w1 * B
-              u1, w1 = u1 - u2 * B, w1 - w2 * B
-              local r = {u0 * w0, u0 * w1 + u1 * w0,
-                         u0 * w2 + u1 * w1 + u2 * w0, u1 * w2 + u2 * w1,
-                         u2 * w2}
-              for k = 1, 4 do
-                local carry = floor(r[k] / B)
-                r[k] = r[k] - carry * B
-                r[k + 1] = r[k + 1] + carry
-              end
-              return r
-            end
-            local pa, pb = mul(a, b), mul(cc, d)
-            for k = 5, 1, -1 do
-              if pa[k] ~= pb[k] then return pa[k] < pb[k] end
-            end
-            return false
+    elseif code == 1 then
+      -- Moving window: p1 amount, p2 period in seconds.
+      if not moving then
+        -- A ring of the newest `amount` admission times in one string: a
+        -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
+        -- horizon_s) and 8-byte entries pack(s - base_s, ns). The log is
+        -- void from its expiry on (last admission + period + 1 ns, as in
+        -- memory). Reads touch O(log amount) entries.
+        local HDR = 56
+        local function entry(k, base, head, cap, idx)
+          local off = HDR + ((head + idx) % cap) * 8
+          local rs, rn = unpack('<i4I4', call('GETRANGE', k, off, off + 7))
+          return base + rs, rn
+        end
+        -- a > b for (s, ns) pairs.
+        local function later(as, an, bs, bn)
+          return as > bs or (as == bs and an > bn)
+        end
+        moving = function(k, cst, amount, ps)
+          local h = call('GETRANGE', k, 0, HDR - 1)
+          local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
+          local fr = 1
+          if #h == HDR then
+            base, head, size, cap, xs, xn, hs = unpack('<ddddddd', h)
+            if later(xs, xn, now_s, now_ns) then fr = 0 end
           end
-        end
-        ok = mul_lt(p, pttl, room + 1, p3)
-      end
-    end
-    if not test then
-      if ok then c = c + cost end
-      -- The state is void from the start of window p2 + 2, which is
-      -- pttl + period from now.
-      local end_ms = floor(pttl / 1000000) + p5 + 1
-      if now_s + floor(end_ms / 1000) + 1 < hs then
-        call('SET', key, pack('<dddd', p2, c, p, hs), 'KEEPTTL')
-      else
-        local spare = p5  -- a window (at least 2 s) to spare
-        if spare < 2000 then spare = 2000 end
-        local ms = end_ms + spare
-        call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
-             'PX', ms + slack)
-      end
-    end
-  elseif code == 1 then
-    -- Moving window: p1 amount, p2 period in seconds.
-    if not moving then
-      -- A ring of the newest `amount` admission times in one string: a
-      -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
-      -- horizon_s) and 8-byte entries pack(s - base_s, ns). The log is
-      -- void from its expiry on (last admission + period + 1 ns, as in
-      -- memory). Reads touch O(log amount) entries.
-      local HDR = 56
-      local function entry(k, base, head, cap, idx)
-        local off = HDR + ((head + idx) % cap) * 8
-        local rs, rn = unpack('<i4I4', call('GETRANGE', k, off, off + 7))
-        return base + rs, rn
-      end
-      -- a > b for (s, ns) pairs.
-      local function later(as, an, bs, bn)
-        return as > bs or (as == bs and an > bn)
-      end
-      moving = function(k, cst, amount, ps)
-        local h = call('GETRANGE', k, 0, HDR - 1)
-        local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
-        local fr = 1
-        if #h == HDR then
-          base, head, size, cap, xs, xn, hs = unpack('<ddddddd', h)
-          if later(xs, xn, now_s, now_ns) then fr = 0 end
-        end
-        local ss, sn = now_s - ps, now_ns  -- since = now - period
-        local stored = size
-        if fr == 1 then size, head = 0, 0 end
-        local allowed = cst <= amount
-        local bs, bn = 0, 0
-        if allowed and amount - cst < size then
-          bs, bn = entry(k, base, head, cap, size - 1 - (amount - cst))
-          allowed = later(ss, sn, bs, bn)  -- blocker < since
-        end
-        if not test then
-          if allowed and cst > 0 then
-            if size == 0 then
-              base = now_s
-            elseif cap ~= amount then
-              -- The limit changed for this key: keep the newest entries.
-              local keep = size
-              if keep > amount then keep = amount end
-              local parts = {}
-              for idx = size - keep, size - 1 do
-                local es, en = entry(k, base, head, cap, idx)
-                parts[#parts + 1] = pack('<i4I4', es - base, en)
-              end
-              call('SET', k, pack('<ddddddd', base, 0, keep, amount, xs, xn,
-                                  0) .. table.concat(parts))
-              head, size, hs = 0, keep, 0
-            end
-            cap = amount
-            local e = pack('<i4I4', now_s - base, now_ns)
-            if cst >= cap then
-              head, size = 0, cap
-              call('SETRANGE', k, HDR, string.rep(e, cap))
-            else
-              local tail = (head + size) % cap
-              local first = cap - tail
-              if first > cst then first = cst end
-              call('SETRANGE', k, HDR + tail * 8, string.rep(e, first))
-              if cst > first then
-                call('SETRANGE', k, HDR, string.rep(e, cst - first))
-              end
-              size = size + cst
-              if size > cap then
-                head, size = (head + size - cap) % cap, cap
-              end
-            end
-            xs, xn = now_s + ps, now_ns + 1
-            if xn >= E9 then xs, xn = xs + 1, xn - E9 end
-            if xs + 1 >= hs then
-              -- Room for two periods (at least 4 s): renewed at most about
-              -- once per period.
-              local room = 2 * ps
-              if room < 4 then room = 4 end
-              hs = now_s + room
-              call('PEXPIRE', k, room * 1000 + 1 + slack)
-            end
-            call('SETRANGE', k, 0,
-                 pack('<ddddddd', base, head, size, cap, xs, xn, hs))
-          elseif fr == 1 and stored > 0 then
-            call('DEL', k)  -- the memory store clears a stale log
+          local ss, sn = now_s - ps, now_ns  -- since = now - period
+          local stored = size
+          if fr == 1 then size, head = 0, 0 end
+          local allowed = cst <= amount
+          local bs, bn = 0, 0
+          if allowed and amount - cst < size then
+            bs, bn = entry(k, base, head, cap, size - 1 - (amount - cst))
+            allowed = later(ss, sn, bs, bn)  -- blocker < since
           end
+          if not test then
+            if allowed and cst > 0 then
+              if size == 0 then
+                base = now_s
+              elseif cap ~= amount then
+                -- The limit changed for this key: keep the newest entries.
+                local keep = size
+                if keep > amount then keep = amount end
+                local parts = {}
+                for idx = size - keep, size - 1 do
+                  local es, en = entry(k, base, head, cap, idx)
+                  parts[#parts + 1] = pack('<i4I4', es - base, en)
+                end
+                call('SET', k, pack('<ddddddd', base, 0, keep, amount, xs, xn,
+                                    0) .. table.concat(parts))
+                head, size, hs = 0, keep, 0
+              end
+              cap = amount
+              local e = pack('<i4I4', now_s - base, now_ns)
+              if cst >= cap then
+                head, size = 0, cap
+                call('SETRANGE', k, HDR, string.rep(e, cap))
+              else
+                local tail = (head + size) % cap
+                local first = cap - tail
+                if first > cst then first = cst end
+                call('SETRANGE', k, HDR + tail * 8, string.rep(e, first))
+                if cst > first then
+                  call('SETRANGE', k, HDR, string.rep(e, cst - first))
+                end
+                size = size + cst
+                if size > cap then
+                  head, size = (head + size - cap) % cap, cap
+                end
+              end
+              xs, xn = now_s + ps, now_ns + 1
+              if xn >= E9 then xs, xn = xs + 1, xn - E9 end
+              if xs + 1 >= hs then
+                -- Room for two periods (at least 4 s): renewed at most about
+                -- once per period.
+                local room = 2 * ps
+                if room < 4 then room = 4 end
+                hs = now_s + room
+                call('PEXPIRE', k, room * 1000 + 1 + slack)
+              end
+              call('SETRANGE', k, 0,
+                   pack('<ddddddd', base, head, size, cap, xs, xn, hs))
+            elseif fr == 1 and stored > 0 then
+              call('DEL', k)  -- the memory store clears a stale log
+            end
+          end
+          -- Entries strictly inside the window, by the memory store's search.
+          local lo, hi = 0, size
+          while lo < hi do
+            local mid = lo + floor((hi - lo) / 2)
+            local ms, mn = entry(k, base, head, cap, mid)
+            if later(ms, mn, ss, sn) then hi = mid else lo = mid + 1 end
+          end
+          local os, on = now_s, now_ns
+          if lo < size then os, on = entry(k, base, head, cap, lo) end
+          return allowed, fr, bs, bn, size - lo, os, on
         end
-        -- Entries strictly inside the window, by the memory store's search.
-        local lo, hi = 0, size
-        while lo < hi do
-          local mid = lo + floor((hi - lo) / 2)
-          local ms, mn = entry(k, base, head, cap, mid)
-          if later(ms, mn, ss, sn) then hi = mid else lo = mid + 1 end
-        end
-        local os, on = now_s, now_ns
-        if lo < size then os, on = entry(k, base, head, cap, lo) end
-        return allowed, fr, bs, bn, size - lo, os, on
       end
+      ok, fresh, x1, x2, x3, x4, x5 = moving(key, cost, p1, p2)
     end
-    ok, fresh, x1, x2, x3, x4, x5 = moving(key, cost, p1, p2)
+    local allowed = 0
+    if ok then allowed = 1 end
+    nout = nout + 1
+    out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
+    processed = i
+    if not ok and not test then break end
   end
-  local allowed = 0
-  if ok then allowed = 1 end
-  if #KEYS == 1 then
-    return pack('<dddddddd', 1, allowed, fresh, x1, x2, x3, x4, x5)
-  end
-  out[i] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
-  processed = i
-  if not ok and not test then break end
+  out[head] = pack('<d', processed)
+  ki = ki + nk
 end
-return pack('<d', processed) .. table.concat(out)
+return table.concat(out)
