@@ -315,12 +315,17 @@ while pos < nargs do
     end
     local allowed = 0
     if ok then allowed = 1 end
-    nout = nout + 1
-    out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
-    processed = i
-    if not ok and not test then break end
+    if nk == 1 then
+      -- The common request: its whole block in one pack.
+      out[head] = pack('<dddddddd', 1, allowed, fresh, x1, x2, x3, x4, x5)
+    else
+      nout = nout + 1
+      out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
+      processed = i
+      if not ok and not test then break end
+    end
   end
-  out[head] = pack('<d', processed)
+  if nk ~= 1 then out[head] = pack('<d', processed) end
   ki = ki + nk
 end
 return table.concat(out)
