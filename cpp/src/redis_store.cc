@@ -1019,7 +1019,9 @@ void Lane::Run() {
             ++i;
             continue;
           }
-          // Script requests queued together share one script command.
+          // Script requests queued together share one script command
+          // (their keys may lie in different slots: Redis Cluster, not
+          // supported yet, will need a group per slot).
           size_t j = i + 1;
           if (op->kind == Op::Kind::kScript) {
             while (j < batch.size() && j - i < kMaxGroup &&
