@@ -39,24 +39,59 @@ except ImportError:  # pragma: no cover - depends on the FastAPI version
 _CACHE_SIZE = 4096
 
 
-# id(routes) -> (routes, its length, the flattened routes)
-_flattened: dict[int, tuple[Sequence[BaseRoute], int, Sequence[Any]]] = {}
+# (router, its _routes_version): FastAPI >= 0.137 serves the routes added
+# to a router after include_router, and bumps the version when it does.
+_Watch = tuple[tuple[Any, int], ...]
+
+# id(routes) -> (routes, its length, the included routers' versions, the
+# flattened routes)
+_flattened: dict[int, tuple[Sequence[BaseRoute], int, _Watch, Sequence[Any]]] = {}
+
+
+def _included_routers(routes: Sequence[Any]) -> _Watch:
+    """The routers included in ``routes`` at any depth, with their versions."""
+    found: dict[int, tuple[Any, int]] = {}
+    pending = [routes]
+    while pending:
+        for route in pending.pop():
+            if type(route).__name__ != "_IncludedRouter":
+                continue
+            router = getattr(route, "original_router", None)
+            if router is None or id(router) in found:
+                continue
+            found[id(router)] = (router, getattr(router, "_routes_version", 0))
+            pending.append(router.routes)
+    return tuple(found.values())
+
+
+def _changed(watch: _Watch) -> bool:
+    for router, version in watch:  # per request: no generator
+        if getattr(router, "_routes_version", 0) != version:
+            return True
+    return False
 
 
 def _flatten(routes: Sequence[BaseRoute]) -> Sequence[Any]:
     """``routes`` with FastAPI's included routers expanded into their routes
-    (cached while the list keeps its length)."""
+    (cached while the list keeps its length and no included router gets new
+    routes)."""
     if _iter_route_contexts is None:
         return routes
     cached = _flattened.get(id(routes))
-    if cached is not None and cached[0] is routes and cached[1] == len(routes):
-        return cached[2]
+    if (
+        cached is not None
+        and cached[0] is routes
+        and cached[1] == len(routes)
+        and not _changed(cached[2])
+    ):
+        return cached[3]
     flat: Sequence[Any] = routes
-    if any(type(route).__name__ == "_IncludedRouter" for route in routes):
+    watch = _included_routers(routes)
+    if watch:
         flat = list(_iter_route_contexts(routes))
     if len(_flattened) > 256:
         _flattened.clear()
-    _flattened[id(routes)] = (routes, len(routes), flat)
+    _flattened[id(routes)] = (routes, len(routes), watch, flat)
     return flat
 
 
@@ -162,6 +197,7 @@ class SlowAPIASGIMiddleware:
         self._routes_app: Any = _MISSING
         self._routes: Sequence[BaseRoute] | None = None
         self._routes_len = -1
+        self._routers: _Watch = ()  # included routers, checked per request
         self._endpoints: dict[tuple[Any, ...], Any] = {}
         # app.state and its dict (starlette's State keeps values in _state).
         self._state_object: Any = _MISSING
@@ -176,9 +212,14 @@ class SlowAPIASGIMiddleware:
         if routes is None:
             return None
         endpoints = self._endpoints
-        if len(routes) != self._routes_len:
+        if len(routes) != self._routes_len or (
+            self._routers and _changed(self._routers)
+        ):
             endpoints.clear()
             self._routes_len = len(routes)
+            self._routers = (
+                _included_routers(routes) if _iter_route_contexts is not None else ()
+            )
         key = (
             scope["type"],
             scope.get("method"),

@@ -274,6 +274,46 @@ def test_fastapi_include_router(middleware: type, make_client: Any) -> None:
     assert codes(client, "/v1/outer/free", 3) == [200, 200, 200]
 
 
+def test_routes_added_to_an_included_router_later(
+    middleware: type, make_client: Any
+) -> None:
+    """FastAPI >= 0.137 serves routes added to a router after include_router
+    (at any depth); the middleware's route caches must see them too."""
+    import fastapi.routing
+
+    if not hasattr(fastapi.routing, "iter_route_contexts"):
+        pytest.skip("this FastAPI serves only the routes present at inclusion")
+    limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    app.add_middleware(middleware)
+    inner = APIRouter(prefix="/inner")
+    outer = APIRouter(prefix="/outer")
+
+    @outer.get("/a")
+    async def a() -> dict[str, int]:
+        return {"a": 1}
+
+    outer.include_router(inner)
+    app.include_router(outer)
+    client = make_client(app)
+    assert codes(client, "/outer/a", 2) == [200, 429]
+    assert codes(client, "/outer/b", 1) == [404]  # cached as no endpoint
+    assert codes(client, "/outer/inner/c", 1) == [404]
+
+    @outer.get("/b")
+    async def b() -> dict[str, int]:
+        return {"b": 1}
+
+    @inner.get("/c")
+    async def c() -> dict[str, int]:
+        return {"c": 1}
+
+    assert codes(client, "/outer/b", 2) == [200, 429]
+    assert codes(client, "/outer/inner/c", 2) == [200, 429]
+
+
 def test_starlette_mounts(middleware: type, make_client: Any) -> None:
     limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
     sub_limited = limiter.limit("2/minute")(text_view("sub"))
