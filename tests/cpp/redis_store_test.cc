@@ -69,6 +69,16 @@ class RedisStoreTest : public ::testing::Test {
     return store;
   }
 
+  // A store whose connection is up and script loaded (one hit of `l`
+  // done), with a timeout that a loaded machine does not reach.
+  std::unique_ptr<RedisStore> MakeConnected(const Limit& l) {
+    RedisStoreOptions o = Options();
+    o.command_timeout_nanos = 2 * kSec;
+    auto store = Make(o);
+    EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+    return store;
+  }
+
   static Decision Hit(Store& s, Strategy strategy, const Limit& l,
                       const std::string& key, int64_t now, int64_t cost = 1) {
     Request r{strategy, &l, key, cost};
@@ -661,11 +671,8 @@ TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
 }
 
 TEST_F(RedisStoreTest, DeferredDecisionStartsAtOnceWhenRedisIsIdle) {
-  RedisStoreOptions o = Options();
-  o.command_timeout_nanos = 2 * kSec;
-  auto store = Make(o);
   const Limit l = L("1000 per minute");
-  ASSERT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+  auto store = MakeConnected(l);
   AsyncWait w;
   w.pending = 1;
   Request r{Strategy::kFixedWindow, &l, "LIMITER/idle", 1};
@@ -682,11 +689,8 @@ TEST_F(RedisStoreTest, DeferredDecisionStartsAtOnceWhenRedisIsIdle) {
 }
 
 TEST_F(RedisStoreTest, DeferredDecisionsLeaveInBatches) {
-  RedisStoreOptions o = Options();
-  o.command_timeout_nanos = 2 * kSec;
-  auto store = Make(o);
   const Limit l = L("1000 per minute");
-  ASSERT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+  auto store = MakeConnected(l);
   const RedisStoreStats before = store->Stats();
   AsyncWait w;
   const int kOps = 200;

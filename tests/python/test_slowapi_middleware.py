@@ -240,10 +240,7 @@ def test_third_party_middleware_calling_check_request_limit(make_client: Any) ->
 def test_fastapi_include_router(middleware: type, make_client: Any) -> None:
     # slowapi issue #281: routes of included routers went unlimited.
     limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
-    app = FastAPI()
-    app.state.limiter = limiter
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
-    app.add_middleware(middleware)
+    app: Any = make_app("fastapi", limiter, middleware, [])
     inner = APIRouter(prefix="/inner")
     outer = APIRouter(prefix="/outer")
 
@@ -284,10 +281,7 @@ def test_routes_added_to_an_included_router_later(
     if not hasattr(fastapi.routing, "iter_route_contexts"):
         pytest.skip("this FastAPI serves only the routes present at inclusion")
     limiter = Limiter(key_func=get_remote_address, default_limits=["1/minute"])
-    app = FastAPI()
-    app.state.limiter = limiter
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
-    app.add_middleware(middleware)
+    app: Any = make_app("fastapi", limiter, middleware, [])
     inner = APIRouter(prefix="/inner")
     outer = APIRouter(prefix="/outer")
 
