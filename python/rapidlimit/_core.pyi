@@ -159,7 +159,12 @@ class RedisStorage(Storage):
         """Round trip of a PING in seconds; raises RedisUnavailableError."""
     def close(self) -> None:
         """Stops the I/O thread; later calls get the failure policy."""
-    def stats(self) -> dict[str, int]: ...
+    def stats(self) -> dict[str, int]:
+        """Counters since creation: decisions, calls (requests' script
+        calls), scripts (script commands: requests waiting together share
+        one), writes, inline_calls, cache_hits, fail_open, fail_closed,
+        fallback, timeouts, errors, disconnects, reconnects, script_reloads,
+        mismatches (must stay 0)."""
     @staticmethod
     def last_status() -> str:
         """Where the calling thread's last decision on a Redis storage came
