@@ -58,7 +58,7 @@ std::string_view ScriptBody();
 std::string_view ScriptSha1();
 
 // The script's argument and reply are arrays of little-endian doubles.
-constexpr int kValuesPerItem = 7;  // per request, in the argument and reply
+constexpr int kValuesPerItem = 7;  // per limit, in the argument and reply
 constexpr int kFixedArgs = 5;  // per request: mode, now_s, now_ns, slack_ms, n
 
 // Appends `v` as a little-endian double (exact for |v| < 2^53).

@@ -132,12 +132,11 @@ struct Op {
   Kind kind;
   std::atomic<int> refs{1};
 
-  // Raw commands: the whole frame. Scripts: the request's keys as RESP
-  // bulk strings and its block of the script's argument, so that several
-  // requests can share one script command.
+  // Raw commands: the whole frame. Scripts: the request's keys (one per
+  // item) as RESP bulk strings and its block of the script's argument, so
+  // that several requests can share one script command.
   std::string args;
   std::string keys;
-  uint32_t nkeys = 0;
   std::string block;
   bool as_eval = false;  // send the body (after NOSCRIPT)
   bool sent = false;     // counted in the stats
@@ -638,7 +637,7 @@ void Lane::AppendGroupLocked(Op* const* ops, size_t k) {
   size_t nkeys = 0, block = 0;
   bool as_eval = engine_->use_eval.load(std::memory_order_relaxed);
   for (size_t i = 0; i < k; ++i) {
-    nkeys += ops[i]->nkeys;
+    nkeys += ops[i]->items.size();
     block += ops[i]->block.size();
     as_eval = as_eval || ops[i]->as_eval;
   }
@@ -1155,7 +1154,6 @@ Op* Engine::NewScriptOp(const Request* requests, size_t n, int64_t now,
   for (size_t i = 0; i < n; ++i) {
     AppendKey(requests[i].strategy, requests[i].key, &resp);
   }
-  op->nkeys = static_cast<uint32_t>(n);
   std::string& b = op->block;
   b.reserve(sizeof(double) * (kFixedArgs + kValuesPerItem * n));
   AppendDouble(mode == Mode::kTest ? 1 : 0, &b);
