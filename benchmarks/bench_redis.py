@@ -28,7 +28,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from apps import Driver, Variant, check_statuses, make_app, prime
@@ -313,6 +313,19 @@ def concurrency(
     )
 
 
+async def _in_flight(one: Callable[[str], Awaitable[bool]], c: int, per: int) -> int:
+    """C tasks on the running loop, each deciding ``per`` keys of KEYS in
+    turn through ``one``; returns how many decisions allowed."""
+
+    async def worker(idx: int) -> int:
+        ok = 0
+        for i in range(per):
+            ok += await one(KEYS[(idx * 7 + i) % 1000])
+        return ok
+
+    return sum(await asyncio.gather(*(worker(i) for i in range(c))))
+
+
 _SCRIPT_CMDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -374,22 +387,19 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
         item = rapidlimit.parse(LIMIT)
 
         def rapid_cost(strategy: str, c: int) -> Callable[[], float]:
-            async def worker(idx: int, count: int) -> None:
-                for i in range(count):
-                    got = await storage.decide_many_async(
-                        strategy, [(item, KEYS[(idx * 7 + i) % 1000], 1)]
-                    )
-                    if not got[-1].allowed:
-                        raise BrokenBenchmark(f"{strategy}: rejected")
-
-            async def run_all() -> None:
-                await asyncio.gather(*(worker(i, n // c) for i in range(c)))
+            async def one(key: str) -> bool:
+                got = await storage.decide_many_async(strategy, [(item, key, 1)])
+                return bool(got[-1].allowed)
 
             def once() -> float:
                 client.config_resetstat()
-                loop.run_until_complete(run_all())
-                calls, usec = _script_usec(client)
                 decided = n // c * c
+                allowed = loop.run_until_complete(_in_flight(one, c, n // c))
+                if allowed != decided:
+                    raise BrokenBenchmark(
+                        f"{strategy} x{c}: {decided - allowed} rejected"
+                    )
+                calls, usec = _script_usec(client)
                 # Requests waiting together share a script call.
                 if not 0 < calls <= decided or (c == 1 and calls != decided):
                     raise BrokenBenchmark(
@@ -464,7 +474,7 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
     async def slowapi_one(key: str) -> bool:
         return bool(lim.hit(litem, key))
 
-    deciders: dict[str, Callable[[str], Any]] = {"slowapi": slowapi_one}
+    deciders: dict[str, Callable[[str], Awaitable[bool]]] = {"slowapi": slowapi_one}
     if rapid:
         import rapidlimit
         import rapidlimit.storage
@@ -485,20 +495,11 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
     def sampler(lib: str, c: int) -> Callable[[], float]:
         one = deciders[lib]
 
-        async def worker(idx: int, count: int) -> int:
-            ok = 0
-            for i in range(count):
-                ok += await one(KEYS[(idx * 7 + i) % 1000])
-            return ok
-
-        async def run_all(per: int) -> list[int]:
-            return list(await asyncio.gather(*(worker(i, per) for i in range(c))))
-
         def once() -> float:
             per = n // c
-            coro = run_all(per)
+            coro = _in_flight(one, c, per)
             start = time.perf_counter_ns()
-            allowed = sum(loop.run_until_complete(coro))
+            allowed = loop.run_until_complete(coro)
             elapsed = time.perf_counter_ns() - start
             if allowed != per * c:
                 raise BrokenBenchmark(f"{lib} x{c}: {per * c - allowed} rejected")
