@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -14,6 +16,26 @@ from redis_server import RedisServer
 # it for slowapi to count correctly under a frozen clock.
 FROZEN = "2100-01-01 00:00:00"
 FROZEN_EPOCH = 4102444800
+
+
+class Ticker:
+    """A task counting its turns on the running event loop, one every
+    ``interval`` seconds: how much the loop ran other tasks meanwhile."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.ticks = 0
+        self._interval = interval
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(self._interval)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 def _started_redis() -> Iterator[RedisServer]:

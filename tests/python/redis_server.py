@@ -1,8 +1,9 @@
 """Test helper: a throwaway ``redis-server`` from PATH on 127.0.0.1 at a free
 port, without persistence, stopped afterwards.
 
-Test modules define their own fixture around :class:`RedisServer`; a test
-skips only when ``redis-server`` cannot be found.
+The ``server`` and ``own_server`` fixtures (tests/python/conftest.py) wrap
+:class:`RedisServer`; a test skips only when ``redis-server`` cannot be
+found.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -133,6 +135,16 @@ class RedisServer:
 
     def restart(self) -> None:
         self.start(self.port)
+
+    def sleep_in_background(self, seconds: float) -> threading.Thread:
+        """Holds the server for ``seconds`` (DEBUG SLEEP, sent from a new
+        thread on a connection of its own); the caller joins the thread."""
+        thread = threading.Thread(
+            target=self.client().execute_command,
+            args=("DEBUG", "SLEEP", str(seconds)),
+        )
+        thread.start()
+        return thread
 
     def client(self) -> Any:
         import redis

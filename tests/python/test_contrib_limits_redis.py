@@ -33,7 +33,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import rapidlimit.contrib.limits  # noqa: F401  (registers the schemes)
-from conftest import FROZEN_EPOCH
+from conftest import FROZEN_EPOCH, Ticker
 from rapidlimit import _core
 from rapidlimit.contrib.limits import AsyncRapidlimitStorage, RapidlimitStorage
 from redis_server import RedisServer
@@ -265,10 +265,7 @@ def test_redis_py_style_options(server: RedisServer) -> None:
     assert server.client().keys("*")
 
     # socket_timeout=0.1 bounds the wait: a slow Redis is an outage.
-    sleeper = threading.Thread(
-        target=server.client().execute_command, args=("DEBUG", "SLEEP", "0.5")
-    )
-    sleeper.start()
+    sleeper = server.sleep_in_background(0.5)
     time.sleep(0.05)
     started = time.monotonic()
     with pytest.raises(limits.errors.StorageError) as info:
@@ -391,32 +388,18 @@ def test_async_class_keeps_the_loop_free(server: RedisServer, strategy: str) -> 
     item = limits.parse("10/minute")
     storage = ours(server, "async+rapidlimit+redis", timeout=3.0)
     lim = ASYNC[strategy](storage)
-    sleeper = server.client()
 
     async def main() -> tuple[bool, float, int]:
         assert await lim.hit(item, "a")  # connected and warm
-        ticks = 0
-        stop = False
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while not stop:
-                ticks += 1
-                await asyncio.sleep(0.01)
-
-        thread = threading.Thread(
-            target=sleeper.execute_command, args=("DEBUG", "SLEEP", "0.3")
-        )
-        thread.start()
+        thread = server.sleep_in_background(0.3)
         await asyncio.sleep(0.05)  # the server is now asleep
-        task = asyncio.create_task(ticker())
+        ticker = Ticker()
         started = time.monotonic()
         allowed = await lim.hit(item, "a")
         waited = time.monotonic() - started
-        stop = True
-        await task
+        await ticker.stop()
         thread.join()
-        return allowed, waited, ticks
+        return allowed, waited, ticker.ticks
 
     allowed, waited, ticks = asyncio.run(main())
     assert allowed

@@ -4,11 +4,11 @@ exact under concurrency, answered in process for blocked keys."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 
+from conftest import Ticker
 from rapidlimit import _core, parse
 from rapidlimit.storage import RedisStorage
 from rapidlimit.strategies import STRATEGIES
@@ -69,30 +69,19 @@ async def test_loop_keeps_serving_while_redis_is_slow(server: RedisServer) -> No
     store = RedisStorage(server.uri, timeout=0.2, on_error="fail-open")
     item = parse("10/second")
     assert (await store.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    tick_task = asyncio.create_task(ticker())
-    sleeper = threading.Thread(
-        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.6")
-    )
-    sleeper.start()
+    ticker = Ticker(0.005)
+    sleeper = server.sleep_in_background(0.6)
     await asyncio.sleep(0.05)
     start = time.monotonic()
-    before = ticks
+    before = ticker.ticks
     decisions = await store.decide_many_async("fixed-window", [(item, "a", 1)])
     waited = time.monotonic() - start
-    during = ticks - before
+    during = ticker.ticks - before
     assert decisions[0].allowed  # fail-open
     assert 0.15 < waited < 0.45  # the timeout, not the 0.6 s sleep
     assert during >= 10  # the loop ran other tasks meanwhile
     assert store.stats()["timeouts"] >= 1
-    tick_task.cancel()
+    await ticker.stop()
     await asyncio.to_thread(sleeper.join)
     store.close()
 
@@ -102,10 +91,7 @@ async def test_fail_closed_raises_with_retry_after(server: RedisServer) -> None:
         server.uri, timeout=0.1, on_error="fail-closed", fail_closed_retry_after=7
     )
     item = parse("10/second")
-    sleeper = threading.Thread(
-        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.4")
-    )
-    sleeper.start()
+    sleeper = server.sleep_in_background(0.4)
     await asyncio.sleep(0.05)
     with pytest.raises(_core.RedisUnavailableError) as info:
         await store.decide_many_async("token-bucket", [(item, "a", 1)])

@@ -133,16 +133,11 @@ async def test_killed_and_restarted_async(server: RedisServer, policy: str) -> N
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_slow_redis_times_out(server: RedisServer, policy: str) -> None:
-    import threading
-
     store = RedisStorage(server.uri, on_error=policy, **FAST)
     lim = STRATEGIES["moving-window"](store)
     item = parse("10/second")
     assert lim.hit(item, "a")
-    sleeper = threading.Thread(
-        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.5")
-    )
-    sleeper.start()
+    sleeper = server.sleep_in_background(0.5)
     time.sleep(0.05)
     start = time.monotonic()
     lim.hit(item, "a")  # never raises: answered by the policy

@@ -316,11 +316,8 @@ def test_sync_wait_releases_the_gil(server: RedisServer) -> None:
         while not stop.is_set():
             ticks += 1
 
-    sleeper = threading.Thread(
-        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.3")
-    )
     spinner = threading.Thread(target=spin)
-    sleeper.start()
+    sleeper = server.sleep_in_background(0.3)
     time.sleep(0.05)
     spinner.start()
     start = time.monotonic()

@@ -9,7 +9,6 @@ Never a 500."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ from fastapi import Depends, FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
+from conftest import Ticker
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
 from rapidlimit.errors import RateLimitExceeded
 from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
@@ -154,35 +154,21 @@ def test_event_loop_keeps_serving_while_redis_is_slow(
     decision, the unlimited one and a ticker run meanwhile."""
     limiter = limiter_for(server, path, storage_options={"timeout": 3.0})
     app = make_app(limiter, path, limit="100/minute")
-    sleeper = server.client()
 
     async def main() -> tuple[int, int, float, int]:
         async with client_for(app) as client:
             assert (await client.get("/r")).status_code == 200  # warm
-            ticks = 0
-            stop = False
-
-            async def ticker() -> None:
-                nonlocal ticks
-                while not stop:
-                    ticks += 1
-                    await asyncio.sleep(0.01)
-
-            thread = threading.Thread(
-                target=sleeper.execute_command, args=("DEBUG", "SLEEP", "0.4")
-            )
-            thread.start()
+            thread = server.sleep_in_background(0.4)
             await asyncio.sleep(0.05)  # Redis is now asleep
-            tick_task = asyncio.create_task(ticker())
+            ticker = Ticker()
             start = time.monotonic()
             limited = asyncio.create_task(client.get("/r"))
             free = await client.get("/free")
             free_after = time.monotonic() - start
             response = await limited
-            stop = True
-            await tick_task
+            await ticker.stop()
             thread.join()
-            return response.status_code, free.status_code, free_after, ticks
+            return response.status_code, free.status_code, free_after, ticker.ticks
 
     limited_code, free_code, free_after, ticks = asyncio.run(main())
     assert limited_code == 200
