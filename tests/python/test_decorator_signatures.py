@@ -1,0 +1,215 @@
+"""The decorator's wrapper keeps every endpoint signature working.
+
+The wrapper is generated per endpoint with the endpoint's own parameters
+(or ``*args, **kwargs`` for signatures it cannot copy); these tests pin that
+arguments, defaults, keyword-only and positional-only parameters, parameter
+names that the wrapper's body also uses, and stacked decorators reach the
+endpoint unchanged, and that the limit and its headers still apply.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request, Response
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from conftest import rate_headers
+from rapidlimit import Limiter, _rate_limit_exceeded_handler
+from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.util import get_remote_address
+
+KINDS = ["async", "sync"]
+
+
+def fastapi_app(limiter: Limiter) -> FastAPI:
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    return app
+
+
+def limiter(**kwargs: Any) -> Limiter:
+    return Limiter(key_func=get_remote_address, headers_enabled=True, **kwargs)
+
+
+def make(kind: str, source: str) -> Any:
+    """An endpoint from source text: the same body as a sync or async def."""
+    namespace: dict[str, Any] = {"Request": Request, "Response": Response}
+    prefix = "async def" if kind == "async" else "def"
+    exec(source.replace("DEF", prefix), namespace)
+    return namespace["view"]
+
+
+def exhaust(client: Any, url: str, allowed: int) -> None:
+    for remaining in range(allowed - 1, -1, -1):
+        r = client.get(url)
+        assert r.status_code == 200, r.text
+        assert rate_headers(r)["x-ratelimit-remaining"] == str(remaining)
+    r = client.get(url)
+    assert r.status_code == 429
+    assert r.json() == {"error": f"Rate limit exceeded: {allowed} per 1 minute"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_defaults_and_keyword_only_parameters(kind: str, make_client: Any) -> None:
+    lim = limiter()
+    app = fastapi_app(lim)
+    view = make(
+        kind,
+        "DEF view(request: Request, a: int, b: str = 'bee', *, c: int = 7,"
+        " d: float = 0.5):\n"
+        "    return {'a': a, 'b': b, 'c': c, 'd': d}\n",
+    )
+    app.get("/v")(lim.limit("3/minute")(view))
+    client = make_client(app)
+    r = client.get("/v?a=1")
+    assert r.json() == {"a": 1, "b": "bee", "c": 7, "d": 0.5}
+    assert rate_headers(r)["x-ratelimit-limit"] == "3"
+    r = client.get("/v?a=2&b=x&c=3&d=1.5")
+    assert r.json() == {"a": 2, "b": "x", "c": 3, "d": 1.5}
+    assert client.get("/v?a=3").status_code == 200
+    assert client.get("/v?a=4").status_code == 429
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_named_like_the_wrappers_locals(kind: str, make_client: Any) -> None:
+    # Names the wrapper's body uses for its own values must not leak into
+    # or out of the endpoint's parameters; a keyword-only ``func`` must not
+    # collide with run_in_threadpool's own parameter (sync views).
+    lim = limiter()
+    app = fastapi_app(lim)
+    view = make(
+        kind,
+        "DEF view(request: Request, response: Response, limiter: str = 'L',"
+        " conn: str = 'C', outcome: str = 'O', *, func: str = 'F',"
+        " wrapper: str = 'W', args: str = 'A', kwargs: str = 'K'):\n"
+        "    response.headers['x-seen'] = 'yes'\n"
+        "    return [limiter, func, conn, outcome, wrapper, args, kwargs]\n",
+    )
+    app.get("/v")(lim.limit("2/minute")(view))
+    client = make_client(app)
+    r = client.get("/v?limiter=1&conn=2&kwargs=3&func=4")
+    assert r.json() == ["1", "4", "2", "O", "W", "A", "3"]
+    assert r.headers["x-seen"] == "yes"
+    assert rate_headers(r)["x-ratelimit-remaining"] == "1"
+    assert client.get("/v").status_code == 200
+    assert client.get("/v").status_code == 429
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_endpoint_without_request_or_response(kind: str, make_client: Any) -> None:
+    lim = limiter()
+    app = fastapi_app(lim)
+    view = make(kind, "DEF view(item_id: int, q: str = ''):\n    return [item_id, q]\n")
+    wrapped = lim.limit("2/minute")(view)
+    # The hidden parameters are keyword-only and stay out of the schema.
+    hidden = [p for p in inspect.signature(wrapped).parameters if p.startswith("_")]
+    assert all(
+        inspect.signature(wrapped).parameters[p].kind == inspect.Parameter.KEYWORD_ONLY
+        for p in hidden
+    )
+    app.get("/items/{item_id}")(wrapped)
+    client = make_client(app)
+    r = client.get("/items/5?q=z")
+    assert r.json() == [5, "z"]
+    assert rate_headers(r)["x-ratelimit-limit"] == "2"
+    schema = client.get("/openapi.json").json()
+    params = schema["paths"]["/items/{item_id}"]["get"]["parameters"]
+    assert sorted(p["name"] for p in params) == ["item_id", "q"]
+    # slowapi's default key_style "url": each path has its own count.
+    assert rate_headers(client.get("/items/5"))["x-ratelimit-remaining"] == "0"
+    assert client.get("/items/5").status_code == 429
+    exhaust(client, "/items/6", 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_var_keyword_and_positional_only_endpoints(kind: str) -> None:
+    # Signatures the wrapper cannot copy keep working through *args/**kwargs.
+    from starlette.testclient import TestClient
+
+    lim = limiter()
+    varkw = make(
+        kind,
+        "DEF view(request, **extra):\n"
+        "    return __import__('starlette.responses').responses.JSONResponse("
+        "sorted(extra))\n",
+    )
+    posonly = make(
+        kind,
+        "DEF view(request, /):\n"
+        "    return __import__('starlette.responses').responses.JSONResponse("
+        "request.url.path)\n",
+    )
+    app = Starlette(
+        routes=[
+            Route("/kw", lim.limit("2/minute")(varkw)),
+            Route("/pos", lim.limit("2/minute")(posonly)),
+        ]
+    )
+    app.state.limiter = lim
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    client = TestClient(app)
+    assert client.get("/kw").json() == []
+    assert client.get("/pos").json() == "/pos"
+    assert client.get("/pos").status_code == 200
+    assert client.get("/pos").status_code == 429
+    assert client.get("/kw").status_code == 200
+    assert client.get("/kw").status_code == 429
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_called_directly_with_positional_and_keyword_arguments(kind: str) -> None:
+    # Outside a request (no connection among the arguments) the wrapper
+    # just calls the view, with the arguments as given.
+    import asyncio
+
+    lim = limiter()
+    view = make(kind, "DEF view(a, b=2, *, c=3):\n    return (a, b, c)\n")
+    wrapped = lim.limit("1/minute")(view)
+    assert asyncio.run(wrapped(1)) == (1, 2, 3)
+    assert asyncio.run(wrapped(1, 5, c=6)) == (1, 5, 6)
+    assert asyncio.run(wrapped(a=9, c=0)) == (9, 2, 0)
+    with pytest.raises(TypeError):
+        asyncio.run(wrapped())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stacked_limits_on_a_starlette_view(kind: str) -> None:
+    from starlette.testclient import TestClient
+
+    lim = limiter()
+    view = make(
+        kind,
+        "DEF view(request):\n"
+        "    from starlette.responses import PlainTextResponse\n"
+        "    return PlainTextResponse('ok')\n",
+    )
+    wrapped = lim.limit("3/minute")(lim.limit("2/minute")(view))
+    app = Starlette(routes=[Route("/s", wrapped)])
+    app.state.limiter = lim
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    client = TestClient(app)
+    assert client.get("/s").status_code == 200
+    assert client.get("/s").status_code == 200
+    r = client.get("/s")
+    assert r.status_code == 429
+    assert r.json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
+
+
+def test_returned_response_keeps_its_own_headers(make_client: Any) -> None:
+    lim = limiter()
+    app = fastapi_app(lim)
+
+    @app.get("/r")
+    @lim.limit("5/minute")
+    async def view(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True}, headers={"x-app": "1"})
+
+    r = make_client(app).get("/r")
+    assert r.headers["x-app"] == "1"
+    assert rate_headers(r)["x-ratelimit-remaining"] == "4"
