@@ -2,6 +2,7 @@
 // raw METH_FASTCALL methods: pybind11's generic dispatch costs more than
 // the whole in-memory decision, and these are called once per request.
 #include <pybind11/stl.h>
+#include <structmember.h>
 
 #include <climits>
 #include <cmath>
@@ -221,6 +222,10 @@ struct HeaderNamesHandle {
   enum Field { kLimit, kRemaining, kReset, kRetryAfter, kFields };
   py::object names[kFields];
   py::object pairs[kFields][kCached];  // kReset has none: it is an epoch
+  // decide_view's class and the offset of its `_data` slot; null when
+  // HeaderNames was made without one.
+  py::object view_type;
+  Py_ssize_t view_data_offset = 0;
 };
 
 PyTypeObject* g_names_type = nullptr;
@@ -415,6 +420,55 @@ bool FillResult(const Decision& d, double now_seconds,
   return true;
 }
 
+// decide_headers' work for the key of `ids`: the result tuple, or null with
+// a Python error set.
+PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
+                            PyObject* const* ids, size_t n_ids,
+                            PyObject* cost_obj, PyObject* now_obj,
+                            const HeaderNamesHandle& names) {
+  auto* item = static_cast<ItemHandle*>(
+      UnwrapFast(item_obj, g_item_type, "RateLimitItem"));
+  if (item == nullptr) return nullptr;
+  int64_t cost = 0;
+  if (!CostFromPython(cost_obj, &cost)) return nullptr;
+  // The header formulas use the caller's float, as Python would; `now` is
+  // required (None is a TypeError here, not the system clock).
+  double now_seconds;
+  int64_t now = 0;
+  if (PyFloat_CheckExact(now_obj)) {
+    now_seconds = PyFloat_AS_DOUBLE(now_obj);
+    // NowFromPython's check and conversion, without reading it again.
+    if (!std::isfinite(now_seconds) || std::fabs(now_seconds) > 9.0e9) {
+      PyErr_SetString(PyExc_ValueError, "now must be finite epoch seconds");
+      return nullptr;
+    }
+    now = SecondsToNanos(now_seconds);
+  } else {
+    now_seconds = PyFloat_AsDouble(now_obj);
+    if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
+    if (!NowFromPython(now_obj, &now)) return nullptr;
+  }
+  thread_local std::string key;
+  if (!BuildKey(*item, ids, n_ids, &key)) return nullptr;
+  if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
+  Request r;
+  r.strategy = limiter->strategy;
+  r.limit = &item->limit;
+  r.key = key;
+  r.cost = cost;
+  Decision d;
+  limiter->store->Decide(&r, 1, now, Mode::kHit, &d);
+  if (RaiseIfFailClosed(d)) return nullptr;
+
+  PyObject* out = PyTuple_New(6);
+  if (out == nullptr) return nullptr;
+  if (!FillResult(d, now_seconds, names, out)) {
+    Py_DECREF(out);  // empty slots are fine: tuples and lists skip them
+    return nullptr;
+  }
+  return out;
+}
+
 // decide_headers(item, identity, cost, now, names)
 //   -> (allowed, limit, remaining, reset_time, retry_after, headers)
 PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
@@ -428,50 +482,72 @@ PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
   }
   auto* limiter = SelfHandle(self);
   if (limiter == nullptr) return nullptr;
-  auto* item = static_cast<ItemHandle*>(
-      UnwrapFast(args[0], g_item_type, "RateLimitItem"));
-  if (item == nullptr) return nullptr;
   auto* names = static_cast<HeaderNamesHandle*>(
       UnwrapFast(args[4], g_names_type, "HeaderNames"));
   if (names == nullptr) return nullptr;
-  int64_t cost = 0;
-  if (!CostFromPython(args[2], &cost)) return nullptr;
-  // The header formulas use the caller's float, as Python would; `now` is
-  // required (None is a TypeError here, not the system clock).
-  double now_seconds;
-  int64_t now = 0;
-  if (PyFloat_CheckExact(args[3])) {
-    now_seconds = PyFloat_AS_DOUBLE(args[3]);
-    // NowFromPython's check and conversion, without reading it again.
-    if (!std::isfinite(now_seconds) || std::fabs(now_seconds) > 9.0e9) {
-      PyErr_SetString(PyExc_ValueError, "now must be finite epoch seconds");
-      return nullptr;
-    }
-    now = SecondsToNanos(now_seconds);
-  } else {
-    now_seconds = PyFloat_AsDouble(args[3]);
-    if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
-    if (!NowFromPython(args[3], &now)) return nullptr;
-  }
-  thread_local std::string key;
-  if (!BuildKey(*item, args + 1, 1, &key)) return nullptr;
-  if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
-  Request r;
-  r.strategy = limiter->strategy;
-  r.limit = &item->limit;
-  r.key = key;
-  r.cost = cost;
-  Decision d;
-  limiter->store->Decide(&r, 1, now, Mode::kHit, &d);
-  if (RaiseIfFailClosed(d)) return nullptr;
+  return DecideWithHeaders(limiter, args[0], args + 1, 1, args[2], args[3],
+                           *names);
+}
 
-  PyObject* out = PyTuple_New(6);
-  if (out == nullptr) return nullptr;
-  if (!FillResult(d, now_seconds, *names, out)) {
-    Py_DECREF(out);  // empty slots are fine: tuples and lists skip them
+// decide_view(item, key, scope, cost, now, names, limit, prefix) -> view
+//
+// decide_headers for the identity "prefix/key/scope" ("key/scope" when
+// prefix is empty), returned inside a new instance of names' view class
+// whose `_data` slot holds (limit, prefix, key, scope, result): the
+// decorator's per-request object, made here because building it in Python
+// cost more than the decision.
+PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
+                     PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 8 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_view(item, key, scope, cost, now, names, limit, "
+                    "prefix) takes exactly 8 positional arguments");
     return nullptr;
   }
-  return out;
+  auto* limiter = SelfHandle(self);
+  if (limiter == nullptr) return nullptr;
+  auto* names = static_cast<HeaderNamesHandle*>(
+      UnwrapFast(args[5], g_names_type, "HeaderNames"));
+  if (names == nullptr) return nullptr;
+  if (!names->view_type) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_view needs HeaderNames made with a view class");
+    return nullptr;
+  }
+  PyObject* key = args[1];
+  PyObject* scope = args[2];
+  PyObject* prefix = args[7];
+  const int has_prefix = PyObject_IsTrue(prefix);
+  if (has_prefix < 0) return nullptr;
+  PyObject* const with_prefix[3] = {prefix, key, scope};
+  PyObject* const result =
+      has_prefix ? DecideWithHeaders(limiter, args[0], with_prefix, 3, args[3],
+                                     args[4], *names)
+                 : DecideWithHeaders(limiter, args[0], with_prefix + 1, 2,
+                                     args[3], args[4], *names);
+  if (result == nullptr) return nullptr;
+  PyObject* data = PyTuple_New(5);
+  if (data == nullptr) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  PyObject* const parts[4] = {args[6], prefix, key, scope};
+  for (int i = 0; i < 4; ++i) {
+    Py_INCREF(parts[i]);
+    PyTuple_SET_ITEM(data, i, parts[i]);
+  }
+  PyTuple_SET_ITEM(data, 4, result);
+  auto* type = reinterpret_cast<PyTypeObject*>(names->view_type.ptr());
+  PyObject* view = type->tp_alloc(type, 0);
+  if (view == nullptr) {
+    Py_DECREF(data);
+    return nullptr;
+  }
+  // The slot of a fresh object is empty: it takes our reference.
+  *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(view) +
+                                names->view_data_offset) = data;
+  return view;
 }
 
 PyMethodDef kFastMethods[] = {
@@ -503,6 +579,15 @@ PyMethodDef kFastMethods[] = {
      "list of the four (name, value) pairs of `names` (a HeaderNames), with "
      "the values int(1 + reset_time) and int(1 + reset_time - now) for reset "
      "and retry-after. Raises RedisUnavailableError like decide."},
+    {"decide_view",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideView)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "decide_view(item, key, scope, cost, now, names, limit, prefix) -> "
+     "view\n\n"
+     "decide_headers(item, identity, cost, now, names) with identity "
+     "'prefix/key/scope' ('key/scope' when prefix is empty; key and scope "
+     "are str), returned in a new instance of names.view_type whose _data "
+     "slot is (limit, prefix, key, scope, result)."},
     {"decide_many",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideMany)),
      METH_FASTCALL | METH_KEYWORDS,
@@ -570,6 +655,26 @@ bool CostFromPython(PyObject* obj, int64_t* cost) {
   return true;
 }
 
+// The offset of the `_data` slot of `view_type`, a class whose instances
+// decide_view makes without calling it: it must be a plain class with
+// `__slots__` holding `_data` and no __init__ work that would be skipped.
+Py_ssize_t ViewDataOffset(const py::object& view_type) {
+  if (!PyType_Check(view_type.ptr())) {
+    throw py::type_error("view_type must be a class");
+  }
+  auto* type = reinterpret_cast<PyTypeObject*>(view_type.ptr());
+  PyObject* descr = PyDict_GetItemString(type->tp_dict, "_data");  // borrowed
+  if (descr == nullptr || !PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
+    throw py::type_error("view_type must declare __slots__ = ('_data',)");
+  }
+  const PyMemberDef* member =
+      reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
+  if (member->type != T_OBJECT_EX || (member->flags & READONLY) != 0) {
+    throw py::type_error("view_type's _data must be a writable slot");
+  }
+  return member->offset;
+}
+
 void BindLimiter(py::module_& m) {
   g_decision_type = PyStructSequence_NewType(&kDecisionDesc);
   if (g_decision_type == nullptr) throw py::error_already_set();
@@ -601,8 +706,12 @@ void BindLimiter(py::module_& m) {
       "pairs for small values, for RateLimiter.decide_headers. Immutable.");
   names_cls
       .def(py::init([](py::bytes limit, py::bytes remaining, py::bytes reset,
-                       py::bytes retry_after) {
+                       py::bytes retry_after, py::object view_type) {
              auto h = std::make_unique<HeaderNamesHandle>();
+             if (!view_type.is_none()) {
+               h->view_data_offset = ViewDataOffset(view_type);
+               h->view_type = view_type;
+             }
              const py::bytes given[HeaderNamesHandle::kFields] = {
                  limit, remaining, reset, retry_after};
              for (int f = 0; f < HeaderNamesHandle::kFields; ++f) {
@@ -623,7 +732,7 @@ void BindLimiter(py::module_& m) {
              return h;
            }),
            py::arg("limit"), py::arg("remaining"), py::arg("reset"),
-           py::arg("retry_after"))
+           py::arg("retry_after"), py::arg("view_type") = py::none())
       .def_property_readonly("limit",
                              [](const HeaderNamesHandle& h) {
                                return h.names[HeaderNamesHandle::kLimit];
@@ -639,6 +748,10 @@ void BindLimiter(py::module_& m) {
       .def_property_readonly("retry_after",
                              [](const HeaderNamesHandle& h) {
                                return h.names[HeaderNamesHandle::kRetryAfter];
+                             })
+      .def_property_readonly("view_type",
+                             [](const HeaderNamesHandle& h) {
+                               return h.view_type ? h.view_type : py::none();
                              })
       .def("__repr__", [](const HeaderNamesHandle& h) {
         return py::str("HeaderNames({!r}, {!r}, {!r}, {!r})")

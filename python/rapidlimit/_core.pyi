@@ -195,8 +195,18 @@ class HeaderNames:
     references to existing tuples. Immutable; ``repr`` shows the names."""
 
     def __init__(
-        self, limit: bytes, remaining: bytes, reset: bytes, retry_after: bytes
-    ) -> None: ...
+        self,
+        limit: bytes,
+        remaining: bytes,
+        reset: bytes,
+        retry_after: bytes,
+        view_type: type | None = None,
+    ) -> None:
+        """``view_type``, for ``RateLimiter.decide_view``: a class with
+        ``__slots__ = ("_data",)`` whose instances are made without calling
+        it (TypeError otherwise)."""
+    @property
+    def view_type(self) -> type | None: ...
     @property
     def limit(self) -> bytes: ...
     @property
@@ -271,6 +281,24 @@ class RateLimiter:
         Raises RedisUnavailableError like ``decide``, TypeError for
         arguments of the wrong type and ValueError for a negative or too
         large ``cost`` or a ``now`` that is not finite epoch seconds."""
+    def decide_view(
+        self,
+        item: RateLimitItem,
+        key: str,
+        scope: str,
+        cost: int,
+        now: float,
+        names: HeaderNames,
+        limit: object,
+        prefix: str,
+        /,
+    ) -> Any:
+        """``decide_headers(item, identity, cost, now, names)`` for the
+        identity ``f"{prefix}/{key}/{scope}"`` (``f"{key}/{scope}"`` when
+        ``prefix`` is empty), returned in a new instance of
+        ``names.view_type`` whose ``_data`` slot holds ``(limit, prefix,
+        key, scope, result)``: the decorator's ``view_rate_limit`` made in
+        the same call. TypeError when ``names`` has no view type."""
     def get_window_stats(
         self, item: RateLimitItem, *identifiers: object, now: float | None = None
     ) -> tuple[float, int]: ...

@@ -914,7 +914,11 @@ class Limiter:
         )
         # The core formats the headers with the decision (seconds only).
         self._core_names = HeaderNames(
-            self._h_limit, self._h_remaining, self._h_reset, self._h_retry
+            self._h_limit,
+            self._h_remaining,
+            self._h_reset,
+            self._h_retry,
+            ViewRateLimit,
         )
         self._header_names_and_retry = self._header_names | {_RETRY_AFTER}
         # (name, value) pairs for small numbers, shared by limiters.
@@ -1285,19 +1289,21 @@ class Limiter:
                 func = single.key_func
                 key = func(conn) if single._key_takes_request else func()
             if key:
-                prefix = self._key_prefix
+                if key.__class__ is not str:  # keyed as f"{key}" elsewhere
+                    key = f"{key}"
                 name = single._static_scope or endpoint_key
-                result = self._limiter.decide_headers(
+                view: ViewRateLimit = self._limiter.decide_view(
                     single.limit,
-                    f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
+                    key,
+                    name,
                     single.cost,  # type: ignore[arg-type]
                     time.time(),
                     self._core_names,
+                    single,
+                    self._key_prefix,
                 )
-                view: ViewRateLimit = _new_object(ViewRateLimit)
-                view._data = (single, prefix, key, name, result)
                 state[_VIEW] = view
-                if result[0]:
+                if view._data[4][0]:
                     return view
                 if self.logger.isEnabledFor(logging.DEBUG):
                     self._log_rejection(single, key, name)
@@ -1533,19 +1539,21 @@ class Limiter:
             key = func(conn) if single._key_takes_request else func()
         if not key:
             return _SKIP
-        prefix = self._key_prefix
+        if key.__class__ is not str:  # keyed as f"{key}" elsewhere
+            key = f"{key}"
         name = single._static_scope or endpoint_key
-        result = limiter.decide_headers(
+        view: ViewRateLimit = limiter.decide_view(
             single.limit,
-            f"{prefix}/{key}/{name}" if prefix else f"{key}/{name}",
+            key,
+            name,
             single.cost,  # type: ignore[arg-type]
             time.time(),
             self._core_names,
+            single,
+            self._key_prefix,
         )
-        view: ViewRateLimit = _new_object(ViewRateLimit)
-        view._data = (single, prefix, key, name, result)
         state[_VIEW] = view
-        if result[0]:
+        if view._data[4][0]:
             return None
         if self.logger.isEnabledFor(logging.DEBUG):
             self._log_rejection(single, key, name)

@@ -226,6 +226,88 @@ def test_no_reference_leaks() -> None:
     assert run() == first
 
 
+class _View:
+    __slots__ = ("_data",)
+
+
+VIEW_NAMES = HeaderNames(
+    b"x-ratelimit-limit",
+    b"x-ratelimit-remaining",
+    b"x-ratelimit-reset",
+    b"retry-after",
+    _View,
+)
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("prefix", ["", "svc"])
+def test_decide_view_is_decide_headers_in_a_view(strategy: str, prefix: str) -> None:
+    ours = STRATEGIES[strategy](MemoryStorage())
+    reference = STRATEGIES[strategy](MemoryStorage())
+    item = parse("3/10 seconds")
+    marker = object()
+    for i in range(12):
+        now = T0 + i * 0.75
+        for key, scope in (("1.2.3.4", "/a"), ("1.2.3.4", "/b"), ("5.6.7.8", "/a")):
+            view = ours.decide_view(
+                item, key, scope, 1, now, VIEW_NAMES, marker, prefix
+            )
+            assert type(view) is _View
+            identity = f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}"
+            expected = reference.decide_headers(item, identity, 1, now, NAMES)
+            lim, got_prefix, got_key, got_scope, result = view._data
+            assert (lim, got_prefix, got_key, got_scope) == (marker, prefix, key, scope)
+            assert result == expected
+    # The same storage key as decide_headers with the joined identity.
+    later = T0 + 100
+    view = ours.decide_view(item, "k", "s", 2, later, VIEW_NAMES, None, prefix)
+    identity = f"{prefix}/k/s" if prefix else "k/s"
+    assert ours.decide_headers(item, identity, 0, later, NAMES)[2] == 1
+
+
+def test_decide_view_needs_a_view_class() -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("3/second")
+    assert NAMES.view_type is None and VIEW_NAMES.view_type is _View
+    with pytest.raises(TypeError, match="view class"):
+        lim.decide_view(item, "k", "s", 1, T0, NAMES, None, "")
+    with pytest.raises(TypeError, match="8 positional"):
+        lim.decide_view(item, "k", "s", 1, T0, VIEW_NAMES, None)
+
+    class NoSlots:
+        pass
+
+    class ReadOnly:
+        _data = property(lambda self: None)
+
+    for bad in (NoSlots, ReadOnly, 5):
+        with pytest.raises(TypeError, match="view_type"):
+            HeaderNames(b"a", b"b", b"c", b"d", bad)  # type: ignore[arg-type]
+    # Errors of the decision itself come out before any view is made.
+    with pytest.raises(ValueError, match="cost"):
+        lim.decide_view(item, "k", "s", -1, T0, VIEW_NAMES, None, "")
+    with pytest.raises(TypeError):
+        lim.decide_view(None, "k", "s", 1, T0, VIEW_NAMES, None, "")  # type: ignore[arg-type]
+
+
+def test_decide_view_keeps_no_extra_references() -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("10/second")
+    marker, key, scope, prefix = object(), "client", "/route", "p"
+    watched = (marker, key, scope, prefix, item, _View, VIEW_NAMES)
+
+    def run() -> list[int]:
+        for i in range(500):
+            view = lim.decide_view(
+                item, key, scope, 1, T0 + i * 0.25, VIEW_NAMES, marker, prefix
+            )
+            del view
+        return [sys.getrefcount(o) for o in watched]
+
+    first = run()
+    assert run() == first
+
+
 def test_threads_agree_with_the_formulas() -> None:
     """Several threads on values beyond the tables: whatever the core
     caches between calls, every result matches its own decision."""

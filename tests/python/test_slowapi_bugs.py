@@ -159,7 +159,7 @@ class _Broken:
     def decide_many(self, *args: Any, **kwargs: Any) -> Any:
         raise ConnectionError("down")
 
-    hit = decide = decide_headers = get_window_stats = decide_many
+    hit = decide = decide_headers = decide_view = get_window_stats = decide_many
 
 
 def _error_app(

@@ -709,7 +709,7 @@ class FailingLimiter:
         self.calls += 1
         raise ConnectionError("storage is down")
 
-    decide = decide_headers = decide_many
+    decide = decide_headers = decide_view = decide_many
 
 
 def test_storage_error_swallowed_lets_requests_through(
