@@ -541,6 +541,44 @@ def _parse_options(name: str, value: str) -> dict[str, Any]:
     )
 
 
+def _request_factory() -> Callable[[Scope, Receive, Send], Request]:
+    """``Request(scope, receive, send)``, without the constructor's call
+    overhead when this Starlette's Request is known to hold exactly what
+    the shortcut sets (checked here, once); the constructor otherwise."""
+    expected = {
+        "scope",
+        "_receive",
+        "_send",
+        "_stream_consumed",
+        "_is_disconnected",
+        "_form",
+    }
+    try:
+        sample = Request({"type": "http"})
+        # (vars() succeeding means instances keep a __dict__: the
+        # collections.abc bases give Request an empty __slots__ only)
+        known = set(vars(sample)) == expected
+    except Exception:  # pragma: no cover - a very different Starlette
+        known = False
+    if not known:  # pragma: no cover
+        return Request
+
+    def make(scope: Scope, receive: Receive, send: Send) -> Request:
+        request: Request = _new_object(Request)
+        request.scope = scope
+        request._receive = receive
+        request._send = send
+        request._stream_consumed = False
+        request._is_disconnected = False
+        request._form = None
+        return request
+
+    return make
+
+
+_make_request = _request_factory()
+
+
 def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     for value in (*args, *kwargs.values()):
         if isinstance(value, HTTPConnection):
@@ -1339,7 +1377,7 @@ class Limiter:
 
     def _begin(
         self,
-        conn: HTTPConnection,
+        scope: Scope,
         state: dict[str, Any],
         plan: _Plan,
         endpoint_name: str | None,
@@ -1351,7 +1389,7 @@ class Limiter:
         if self._request_filters and any(fn() for fn in self._request_filters):
             return None
         if self._url_keys:
-            endpoint_key = conn.scope.get("path") or ""
+            endpoint_key = scope.get("path") or ""
         elif endpoint_name is not None:
             endpoint_key = endpoint_name
         else:
@@ -1373,7 +1411,7 @@ class Limiter:
         Returns the failed limit (or :class:`_Unavailable`), or None when
         the request may go on.
         """
-        endpoint_key = self._begin(conn, state, plan, endpoint_name)
+        endpoint_key = self._begin(conn.scope, state, plan, endpoint_name)
         if endpoint_key is None:
             return None
         if self._storage_dead:
@@ -1382,12 +1420,37 @@ class Limiter:
             single = plan.single
             if single is not None:  # _evaluate's first step, one call less
                 failed = self._decide_single(
-                    conn, single, state, endpoint_key, self._limiter
+                    conn.scope, conn, single, state, endpoint_key, self._limiter
                 )
                 if failed is not _SKIP:
                     return failed  # type: ignore[no-any-return]
             return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
         except Exception as exc:
+            return self._on_error(exc, conn, plan, state, endpoint_key)
+
+    def _check_http(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        plan: _Plan,
+        state: dict[str, Any],
+    ) -> Failure | None:
+        """:meth:`_check` for the middlewares' HTTP requests: for one limit
+        keyed by the peer's address no ``Request`` is made (building one
+        cost about a third of the check), unless an error needs it."""
+        single = plan.single
+        if single is None or not single._peer_key or self._storage_dead:
+            return self._check(_make_request(scope, receive, send), plan, state)
+        endpoint_key = self._begin(scope, state, plan, None)
+        if endpoint_key is None:
+            return None
+        try:
+            return self._decide_single(  # type: ignore[no-any-return]
+                scope, None, single, state, endpoint_key, self._limiter
+            )
+        except Exception as exc:
+            conn = _make_request(scope, receive, send)
             return self._on_error(exc, conn, plan, state, endpoint_key)
 
     async def _check_async(
@@ -1399,7 +1462,7 @@ class Limiter:
     ) -> Failure | None:
         """:meth:`_check` for a Redis storage: the event loop keeps running
         while Redis answers."""
-        endpoint_key = self._begin(conn, state, plan, endpoint_name)
+        endpoint_key = self._begin(conn.scope, state, plan, endpoint_name)
         if endpoint_key is None:
             return None
         if self._storage_dead:
@@ -1521,7 +1584,8 @@ class Limiter:
 
     def _decide_single(
         self,
-        conn: HTTPConnection,
+        scope: Scope,
+        conn: HTTPConnection | None,
         single: Limit,
         state: dict[str, Any],
         endpoint_key: str,
@@ -1531,9 +1595,10 @@ class Limiter:
 
         The hot path: one key function call, one core call, one object.
         Returns ``_SKIP`` when the key is empty (the general path logs it).
+        ``conn`` may be None when the key is the peer's address.
         """
         if single._peer_key:  # get_remote_address, inlined
-            key = (conn.scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+            key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
         else:
             func = single.key_func
             key = func(conn) if single._key_takes_request else func()
@@ -1569,7 +1634,7 @@ class Limiter:
     ) -> Limit | None:
         if plan.single is not None:
             failed = self._decide_single(
-                conn, plan.single, state, endpoint_key, limiter
+                conn.scope, conn, plan.single, state, endpoint_key, limiter
             )
             if failed is not _SKIP:
                 return failed  # type: ignore[no-any-return]

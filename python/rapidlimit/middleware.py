@@ -21,12 +21,17 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from rapidlimit.extension import _HEADERS_BY, _VIEW, Limiter, ViewRateLimit
+from rapidlimit.extension import (
+    _HEADERS_BY,
+    _VIEW,
+    Limiter,
+    ViewRateLimit,
+    _make_request,
+)
 
 __all__ = ["SlowAPIASGIMiddleware", "SlowAPIMiddleware", "find_endpoint"]
 
@@ -128,45 +133,6 @@ def find_endpoint(
 
 
 _MISSING = object()
-_new_object = object.__new__
-
-
-def _request_factory() -> Callable[[Scope, Receive, Send], Request]:
-    """``Request(scope, receive, send)``, without the constructor's call
-    overhead when this Starlette's Request is known to hold exactly what
-    the shortcut sets (checked here, once); the constructor otherwise."""
-    expected = {
-        "scope",
-        "_receive",
-        "_send",
-        "_stream_consumed",
-        "_is_disconnected",
-        "_form",
-    }
-    try:
-        sample = Request({"type": "http"})
-        # (vars() succeeding means instances keep a __dict__: the
-        # collections.abc bases give Request an empty __slots__ only)
-        known = set(vars(sample)) == expected
-    except Exception:  # pragma: no cover - a very different Starlette
-        known = False
-    if not known:  # pragma: no cover
-        return Request
-
-    def make(scope: Scope, receive: Receive, send: Send) -> Request:
-        request: Request = _new_object(Request)
-        request.scope = scope
-        request._receive = receive
-        request._send = send
-        request._stream_consumed = False
-        request._is_disconnected = False
-        request._form = None
-        return request
-
-    return make
-
-
-_make_request = _request_factory()
 
 
 def _app_limiter(app: Any) -> Any:
@@ -274,14 +240,16 @@ class SlowAPIASGIMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        if kind == "http":
-            conn: Any = _make_request(scope, receive, send)
-        else:
-            conn = WebSocket(scope, receive, send)
         if limiter._remote:
+            if kind == "http":
+                conn: Any = _make_request(scope, receive, send)
+            else:
+                conn = WebSocket(scope, receive, send)
             failed = await limiter._check_async(conn, plan, state)
+        elif kind == "http":
+            failed = limiter._check_http(scope, receive, send, plan, state)
         else:
-            failed = limiter._check(conn, plan, state)
+            failed = limiter._check(WebSocket(scope, receive, send), plan, state)
         if failed is not None:
             if kind == "http":
                 await limiter._send_rejection(scope, receive, send, failed, state)
