@@ -116,9 +116,11 @@ Correctness
   before being accepted.
 * ``Limiter.depends()`` gives a FastAPI dependency
   (``Depends(limiter.depends("5/minute"))``) for routes that should not take
-  a ``request`` parameter (#23, #177). The middleware cannot see
-  dependencies: a route limited this way still gets the default and
-  application limits, checked in a second core call.
+  a ``request`` parameter (#23, #177). A route limited this way still
+  gets the default and application limits; under a middleware, which finds
+  the ``depends()`` dependencies of the matched route (route, router and
+  nested ones), all of them are checked in one core call (one Redis round
+  trip), the dependency's limits after the defaults.
 * ``get_ipaddr`` reads the real ``X-Forwarded-For`` header and returns its
   first address (slowapi read a header named ``X_FORWARDED_FOR`` and
   returned all of it). ``rapidlimit.util.trusted_proxy_key_func`` reads
@@ -236,6 +238,12 @@ _VIEW = "view_rate_limit"
 _DONE = "_rate_limiting_complete"
 _BY = "_rapidlimit_by"  # the Limiter that checked the request
 _HEADERS_BY = "_rapidlimit_headers"  # "mw": the middleware adds them; "done"
+
+# (Limiter, the route's depends() dependencies) when a middleware checked
+# their limits with the route's.
+_DEPENDENCIES_BY = "_rapidlimit_dependencies"
+# On the function Limiter.depends() returns: (Limiter, LimitGroup).
+_DEPENDS_ATTR = "__rapidlimit_depends__"
 
 _REQUEST_PARAM = "_rapidlimit_connection"
 _RESPONSE_PARAM = "_rapidlimit_response"
@@ -365,7 +373,11 @@ class _Plan:
     """Everything needed to check one endpoint, worked out once.
 
     When no limit involved is a callable, ``static`` is the whole ordered
-    list (application, route, defaults) and the request path just reads it.
+    list (application, route, defaults, then the route's ``depends()``
+    limits) and the request path just reads it. The ``depends()`` limits
+    (``tail_groups``, seen by the middlewares on the matched route) come
+    last and never replace the defaults, as when the dependency checked
+    them itself after the middleware.
     """
 
     __slots__ = (
@@ -378,6 +390,7 @@ class _Plan:
         "route_static",
         "single",
         "static",
+        "tail_groups",
     )
 
     def __init__(
@@ -389,6 +402,7 @@ class _Plan:
         route_static: Sequence[Limit] = (),
         route_dynamic: Sequence[LimitGroup] = (),
         default_groups: Sequence[LimitGroup] = (),
+        tail_groups: Sequence[LimitGroup] = (),
     ) -> None:
         self.exempt = exempt
         self.endpoint_name = endpoint_name
@@ -396,8 +410,10 @@ class _Plan:
         self.route_static = tuple(route_static)
         self.route_dynamic = tuple(route_dynamic)
         self.default_groups = tuple(default_groups)
+        self.tail_groups = tuple(tail_groups)
         self.dynamic = bool(self.route_dynamic) or any(
-            group.is_dynamic for group in (*self.head_groups, *self.default_groups)
+            group.is_dynamic
+            for group in (*self.head_groups, *self.default_groups, *self.tail_groups)
         )
         static: list[Limit] = []
         if not self.dynamic:
@@ -407,6 +423,8 @@ class _Plan:
             if all(not lim.override_defaults for lim in self.route_static):
                 for group in self.default_groups:
                     static.extend(group.limits_for(None))
+            for group in self.tail_groups:
+                static.extend(group.limits_for(None))
         self.static: tuple[Limit, ...] = tuple(static)
         self.single: Limit | None = (
             static[0] if len(static) == 1 and static[0]._simple else None
@@ -1259,6 +1277,30 @@ class Limiter:
                 self._endpoint_plans[endpoint] = plan
         return plan
 
+    def _plan_with_dependencies(self, endpoint: Any, dependencies: Any) -> _Plan:
+        """Middleware plan for an endpoint whose route has ``depends()``
+        dependencies ((dependency, limiter, group) triples): this limiter's
+        are checked in the same core call, after the defaults."""
+        key = (endpoint, dependencies)
+        plan = self._endpoint_plans.get(key)
+        if plan is None:
+            base = self._plan_for_endpoint(endpoint)
+            groups = [group for _, owner, group in dependencies if owner is self]
+            if base.exempt or not groups:
+                plan = base
+            else:
+                plan = _Plan(
+                    endpoint_name=base.endpoint_name,
+                    head_groups=base.head_groups,
+                    route_static=base.route_static,
+                    route_dynamic=base.route_dynamic,
+                    default_groups=base.default_groups,
+                    tail_groups=groups,
+                )
+            with contextlib.suppress(TypeError):  # unhashable endpoint
+                self._endpoint_plans[key] = plan
+        return plan
+
     # ------------------------------------------------------------------
     # checking
 
@@ -1580,6 +1622,8 @@ class Limiter:
             not lim.override_defaults for lim in dynamic
         ):
             limits.extend(self._load(conn, plan.default_groups, plan))
+        if plan.tail_groups:
+            limits.extend(self._load(conn, plan.tail_groups, plan))
         return limits
 
     def _decide_single(
@@ -2074,7 +2118,8 @@ class Limiter:
         apart. Over the limit, it raises :class:`RateLimitExceeded`. Headers
         are added when the endpoint returns a plain value (FastAPI merges
         them) or when a middleware is installed. Default limits still apply
-        to the route (the middleware cannot see dependencies).
+        to the route; a middleware checks this limit with them, in the same
+        core call, and the dependency then lets the request through.
         """
         try:
             group = LimitGroup(
@@ -2105,6 +2150,12 @@ class Limiter:
             state = scope_.get("state")
             if state is None:
                 state = scope_["state"] = {}
+            covered = state.get(_DEPENDENCIES_BY)
+            if covered is not None and covered[0] is limiter:
+                for found in covered[1]:
+                    if found[0] is rate_limit_dependency:
+                        return  # a middleware checked it with the route
+
             endpoint = scope_.get("endpoint")
             name = _func_name(endpoint) if endpoint is not None else ""
             failed: Failure | None
@@ -2119,6 +2170,7 @@ class Limiter:
                 if view is not None:
                     limiter._inject_headers(response, view)
 
+        setattr(rate_limit_dependency, _DEPENDS_ATTR, (limiter, group))
         rate_limit_dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
                 inspect.Parameter(

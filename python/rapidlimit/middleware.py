@@ -26,6 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from rapidlimit.extension import (
+    _DEPENDENCIES_BY,
+    _DEPENDS_ATTR,
     _HEADERS_BY,
     _VIEW,
     Limiter,
@@ -109,6 +111,14 @@ def find_endpoint(
     route took part (the result then depends on more than method and path).
     Only full matches count, as in Starlette: a 404 or 405 has no endpoint.
     """
+    _, endpoint, cacheable = _find_route(routes, scope, _depth)
+    return endpoint, cacheable
+
+
+def _find_route(
+    routes: Sequence[BaseRoute], scope: Scope, _depth: int = 0
+) -> tuple[Any, Any, bool]:
+    """:func:`find_endpoint`, also returning the matched route."""
     cacheable = True
     for route in _flatten(routes):
         if getattr(route, "host", None) is not None:
@@ -122,14 +132,34 @@ def find_endpoint(
         sub_routes = getattr(route, "routes", None)
         if sub_routes is not None:  # Mount or Host
             if not sub_routes or _depth > 16:
-                return None, cacheable
-            endpoint, sub_cacheable = find_endpoint(
+                return None, None, cacheable
+            found, endpoint, sub_cacheable = _find_route(
                 sub_routes, {**scope, **child}, _depth + 1
             )
-            return endpoint, cacheable and sub_cacheable
+            return found, endpoint, cacheable and sub_cacheable
         endpoint = child.get("endpoint") or getattr(route, "endpoint", None)
-        return endpoint, cacheable
-    return None, cacheable
+        return route, endpoint, cacheable
+    return None, None, cacheable
+
+
+def _route_dependencies(route: Any) -> tuple[tuple[Any, Any, Any], ...]:
+    """The ``Limiter.depends()`` dependencies of a FastAPI route, at any
+    depth, as (dependency, limiter, limit group), in FastAPI's order."""
+    found: list[tuple[Any, Any, Any]] = []
+    seen: set[int] = set()
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is None or id(dependant) in seen:
+            continue
+        seen.add(id(dependant))
+        call = getattr(dependant, "call", None)
+        marker = getattr(call, _DEPENDS_ATTR, None)
+        if marker is not None and all(call is not f[0] for f in found):
+            found.append((call, *marker))
+        # Reversed onto a stack: visited in declaration order.
+        pending.extend(reversed(getattr(dependant, "dependencies", None) or ()))
+    return tuple(found)
 
 
 _MISSING = object()
@@ -164,19 +194,20 @@ class SlowAPIASGIMiddleware:
         self._routes: Sequence[BaseRoute] | None = None
         self._routes_len = -1
         self._routers: _Watch = ()  # included routers, checked per request
-        self._endpoints: dict[tuple[Any, ...], Any] = {}
+        self._endpoints: dict[tuple[Any, ...], tuple[Any, Any]] = {}
         # app.state and its dict (starlette's State keeps values in _state).
         self._state_object: Any = _MISSING
         self._state_values: dict[str, Any] | None = None
 
-    def _endpoint(self, app: Any, scope: Scope) -> Any:
+    def _endpoint(self, app: Any, scope: Scope) -> tuple[Any, Any]:
+        """(endpoint or None, the route's depends() dependencies)."""
         if app is not self._routes_app:
             self._routes_app = app
             self._routes = getattr(app, "routes", None)
             self._routes_len = -1
         routes = self._routes
         if routes is None:
-            return None
+            return None, ()
         endpoints = self._endpoints
         if len(routes) != self._routes_len or (
             self._routers and _changed(self._routers)
@@ -192,14 +223,15 @@ class SlowAPIASGIMiddleware:
             scope.get("root_path", ""),
             scope["path"],
         )
-        endpoint = endpoints.get(key, _MISSING)
-        if endpoint is _MISSING:
-            endpoint, cacheable = find_endpoint(routes, scope)
+        found = endpoints.get(key)
+        if found is None:
+            route, endpoint, cacheable = _find_route(routes, scope)
+            found = (endpoint, _route_dependencies(route) if route else ())
             if cacheable:
                 if len(endpoints) >= _CACHE_SIZE:
                     endpoints.clear()
-                endpoints[key] = endpoint
-        return endpoint
+                endpoints[key] = found
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -221,11 +253,15 @@ class SlowAPIASGIMiddleware:
         if limiter is None or not limiter.enabled or not limiter._auto_check:
             await self.app(scope, receive, send)
             return
-        endpoint = self._endpoint(app, scope)
+        endpoint, dependencies = self._endpoint(app, scope)
         if endpoint is None:
             await self.app(scope, receive, send)
             return
-        plan = limiter._endpoint_plans.get(endpoint)
+        plan = (
+            limiter._plan_with_dependencies(endpoint, dependencies)
+            if dependencies
+            else limiter._endpoint_plans.get(endpoint)
+        )
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
         if plan.exempt:
@@ -240,6 +276,9 @@ class SlowAPIASGIMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        if plan.tail_groups:
+            # Checked here: the dependencies let the request through.
+            state[_DEPENDENCIES_BY] = (limiter, dependencies)
         if limiter._remote:
             if kind == "http":
                 conn: Any = _make_request(scope, receive, send)
