@@ -145,8 +145,11 @@ class Driver:
             self.last_headers = message.get("headers", [])
 
     async def one(self) -> None:
+        # As uvicorn builds it: fresh headers and a copy of the (empty)
+        # lifespan state, which Starlette's request.state then uses.
         scope = dict(_SCOPE)
         scope["headers"] = list(_HEADERS)
+        scope["state"] = {}
         await self.app(scope, self._receive, self._send)
 
     async def run(self, n: int, concurrency: int = 1) -> None:
