@@ -52,6 +52,18 @@ LimiterHandle* SelfHandle(PyObject* self) {
   return static_cast<LimiterHandle*>(value);
 }
 
+// The key of one request for item.key_for(*ids): a fingerprint for a
+// store that takes them (the memory store: no key string is built), else
+// the key's bytes, valid until the thread's next call here.
+bool SetKey(const LimiterHandle& limiter, const ItemHandle& item,
+            PyObject* const* ids, size_t n, Request* r) {
+  if (limiter.fingerprints) return FingerprintKey(item, ids, n, r);
+  thread_local std::string key;
+  if (!BuildKey(item, ids, n, &key)) return false;
+  r->key = key;
+  return true;
+}
+
 enum class Answer { kHit, kTest, kDecide };
 
 // hit/test/decide(item, *identifiers, cost=1, now=None)
@@ -85,17 +97,15 @@ PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
       }
     }
   }
-  thread_local std::string key;
-  if (!BuildKey(*item, args + 1, static_cast<size_t>(nargs - 1), &key)) {
+  Request r;
+  if (!SetKey(*limiter, *item, args + 1, static_cast<size_t>(nargs - 1), &r)) {
     return nullptr;
   }
   int64_t now = 0;
   if (!NowFromPython(now_obj, &now)) return nullptr;
-  Request r;
   if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
   r.strategy = limiter->strategy;
   r.limit = &item->limit;
-  r.key = key;
   r.cost = cost;
   Decision d;
   limiter->store->Decide(
@@ -167,19 +177,31 @@ PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
         UnwrapFast(PyTuple_GET_ITEM(entry, 0), g_item_type, "RateLimitItem"));
     int64_t cost = 0;
     PyObject* identity = PyTuple_GET_ITEM(entry, 1);
-    if (item == nullptr || !CostFromPython(PyTuple_GET_ITEM(entry, 2), &cost) ||
-        !BuildKey(*item, &identity, 1, &keys[i])) {
+    Request& r = requests[i];
+    r = Request{};
+    if (item == nullptr || !CostFromPython(PyTuple_GET_ITEM(entry, 2), &cost)) {
       Py_DECREF(seq);
       return nullptr;
+    }
+    if (limiter->fingerprints) {
+      if (!FingerprintKey(*item, &identity, 1, &r)) {
+        Py_DECREF(seq);
+        return nullptr;
+      }
+    } else {
+      if (!BuildKey(*item, &identity, 1, &keys[i])) {
+        Py_DECREF(seq);
+        return nullptr;
+      }
+      r.key = keys[i];
     }
     if (!CheckStrategyLimit(limiter->strategy, item->limit)) {
       Py_DECREF(seq);
       return nullptr;
     }
-    requests[i].strategy = limiter->strategy;
-    requests[i].limit = &item->limit;
-    requests[i].key = keys[i];
-    requests[i].cost = cost;
+    r.strategy = limiter->strategy;
+    r.limit = &item->limit;
+    r.cost = cost;
   }
   const size_t first_reject =
       limiter->store->Decide(requests.data(), static_cast<size_t>(n), now,
@@ -453,13 +475,11 @@ PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
     if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
     if (!NowFromPython(args[3], &now)) return nullptr;
   }
-  thread_local std::string key;
-  if (!BuildKey(*item, args + 1, 1, &key)) return nullptr;
-  if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
   Request r;
+  if (!SetKey(*limiter, *item, args + 1, 1, &r)) return nullptr;
+  if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
   r.strategy = limiter->strategy;
   r.limit = &item->limit;
-  r.key = key;
   r.cost = cost;
   Decision d;
   limiter->store->Decide(&r, 1, now, Mode::kHit, &d);
@@ -668,6 +688,7 @@ void BindLimiter(py::module_& m) {
             h.store = handle.store;
             h.storage = std::move(storage);
             h.strategy = *parsed;
+            h.fingerprints = h.store->AcceptsFingerprints();
             return h;
           }),
           py::arg("storage"), py::arg("strategy"))

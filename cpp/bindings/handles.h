@@ -9,6 +9,7 @@
 
 #include "rapidlimit/limit.h"
 #include "rapidlimit/store.h"
+#include "siphash.h"
 
 namespace rapidlimit::bindings {
 
@@ -19,10 +20,14 @@ struct ItemHandle {
   explicit ItemHandle(Limit l) : limit(std::move(l)) {
     key_prefix = limit.namespace_ + "/";
     limit.AppendKeySuffix(&key_suffix);
+    prefix_hasher.Update(key_prefix.data(), key_prefix.size());
   }
   Limit limit;
   std::string key_prefix;  // "LIMITER/"
   std::string key_suffix;  // "/5/1/minute"
+  // The memory store's key hash, having absorbed key_prefix: every key of
+  // this item starts with it, so each hit resumes from here.
+  internal::SipHasher13 prefix_hasher{internal::ProcessSipKey()};
 };
 
 // Base of every Python-visible storage.
@@ -40,6 +45,7 @@ struct LimiterHandle {
   std::shared_ptr<Store> store;
   py::object storage;  // keeps the Python storage object alive and visible
   Strategy strategy = Strategy::kFixedWindow;
+  bool fingerprints = false;  // store->AcceptsFingerprints(), read once
 };
 
 // The C++ object behind a pybind11 instance of a bound type, fast: the
@@ -58,6 +64,12 @@ bool AppendIdentifier(PyObject* obj, std::string* out);
 // Writes item.key_for(*ids) into `out` (cleared first).
 bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,
               std::string* out);
+
+// Sets r->fingerprint to the memory store's fingerprint of
+// item.key_for(*ids), without building the key when the identifiers are
+// str, and r->has_fingerprint. False with a Python error set on failure.
+bool FingerprintKey(const ItemHandle& item, PyObject* const* ids, size_t n,
+                    Request* r);
 
 // A new rapidlimit._core.Decision, or null with a Python error set.
 PyObject* MakeDecision(const Decision& d);
