@@ -12,7 +12,7 @@
 
 namespace rapidlimit::bindings {
 
-void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what) {
+void* UnwrapSlow(PyObject* obj, PyTypeObject* type, const char* what) {
   if (!PyObject_TypeCheck(obj, type)) {
     PyErr_Format(PyExc_TypeError, "expected %s, got %.200s", what,
                  Py_TYPE(obj)->tp_name);

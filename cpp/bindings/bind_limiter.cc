@@ -52,16 +52,23 @@ LimiterHandle* SelfHandle(PyObject* self) {
   return static_cast<LimiterHandle*>(value);
 }
 
-// The key of one request for item.key_for(*ids): a fingerprint for a
-// store that takes them (the memory store: no key string is built), else
-// the key's bytes, valid until the thread's next call here.
-bool SetKey(const LimiterHandle& limiter, const ItemHandle& item,
-            PyObject* const* ids, size_t n, Request* r) {
-  if (limiter.fingerprints) return FingerprintKey(item, ids, n, r);
+// The key's bytes for a store that takes no fingerprints, valid until the
+// thread's next call here.
+bool SetKeyBytes(const ItemHandle& item, PyObject* const* ids, size_t n,
+                 Request* r) {
   thread_local std::string key;
   if (!BuildKey(item, ids, n, &key)) return false;
   r->key = key;
   return true;
+}
+
+// The key of one request for item.key_for(*ids): a fingerprint for a
+// store that takes them (the memory store: no key string is built), else
+// the key's bytes. Inline: a call here cost a sixth of the fingerprint.
+inline bool SetKey(const LimiterHandle& limiter, const ItemHandle& item,
+                   PyObject* const* ids, size_t n, Request* r) {
+  return limiter.fingerprints ? FingerprintKey(item, ids, n, r)
+                              : SetKeyBytes(item, ids, n, r);
 }
 
 enum class Answer { kHit, kTest, kDecide };

@@ -52,7 +52,17 @@ struct LimiterHandle {
 // hot path cannot afford pybind11's general caster. `type` must be the
 // bound type; instances of Python subclasses are accepted. Returns null
 // (with a Python error set) when `obj` is not one or is not initialised.
-void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what);
+void* UnwrapSlow(PyObject* obj, PyTypeObject* type, const char* what);
+inline void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what) {
+  // Inline for the usual case, an initialised instance of exactly `type`.
+  if (Py_TYPE(obj) == type) {
+    auto* inst = reinterpret_cast<py::detail::instance*>(obj);
+    if (inst->simple_layout && inst->simple_value_holder[0] != nullptr) {
+      return inst->simple_value_holder[0];
+    }
+  }
+  return UnwrapSlow(obj, type, what);
+}
 
 // Epoch nanoseconds from an optional `now` in seconds (None: system clock).
 // Returns false with a Python error set on a bad value.
