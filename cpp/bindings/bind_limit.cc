@@ -8,10 +8,11 @@
 #include "handles.h"
 #include "rapidlimit/algorithms.h"
 #include "rapidlimit/clock.h"
+#include "rapidlimit/memory_store.h"
 
 namespace rapidlimit::bindings {
 
-void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what) {
+void* UnwrapSlow(PyObject* obj, PyTypeObject* type, const char* what) {
   if (!PyObject_TypeCheck(obj, type)) {
     PyErr_Format(PyExc_TypeError, "expected %s, got %.200s", what,
                  Py_TYPE(obj)->tp_name);
@@ -128,6 +129,51 @@ general:
   // between parts.
   const std::string_view suffix = item.key_suffix;
   out->append(n == 0 ? suffix.substr(1) : suffix);
+  return true;
+}
+
+namespace {
+
+// The UTF-8 bytes of a str, without a call for the usual ASCII case.
+const char* StrUtf8(PyObject* str, Py_ssize_t* len) {
+  if (PyUnicode_IS_COMPACT_ASCII(str)) {
+    *len = PyUnicode_GET_LENGTH(str);
+    return static_cast<const char*>(PyUnicode_DATA(str));
+  }
+  return PyUnicode_AsUTF8AndSize(str, len);
+}
+
+}  // namespace
+
+bool FingerprintKey(const ItemHandle& item, PyObject* const* ids, size_t n,
+                    Request* r) {
+  // The same bytes as BuildKey, fed to the hash piece by piece.
+  internal::SipHasher13 hasher = item.prefix_hasher;
+  for (size_t i = 0; i < n; ++i) {
+    if (!PyUnicode_Check(ids[i])) {
+      // Rare (bytes, ints, objects): build the key and hash it whole.
+      thread_local std::string key;
+      if (!BuildKey(item, ids, n, &key)) return false;
+      r->fingerprint = MemoryKeyFingerprint(key);
+      r->has_fingerprint = true;
+      return true;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    Py_ssize_t len = 0;
+    const char* data = StrUtf8(ids[i], &len);
+    if (data == nullptr) return false;
+    if (i > 0) hasher.Update("/", 1);
+    hasher.Update(data, static_cast<size_t>(len));
+  }
+  // The suffix starts with its own separator, which `limits` only writes
+  // between parts.
+  const std::string_view suffix = item.key_suffix;
+  const std::string_view tail = n == 0 ? suffix.substr(1) : suffix;
+  hasher.Update(tail.data(), tail.size());
+  const internal::Hash128 h = hasher.Finish();
+  r->fingerprint = KeyFingerprint{h.lo, h.hi};
+  r->has_fingerprint = true;
   return true;
 }
 

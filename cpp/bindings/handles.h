@@ -9,6 +9,7 @@
 
 #include "rapidlimit/limit.h"
 #include "rapidlimit/store.h"
+#include "siphash.h"
 
 namespace rapidlimit::bindings {
 
@@ -19,10 +20,14 @@ struct ItemHandle {
   explicit ItemHandle(Limit l) : limit(std::move(l)) {
     key_prefix = limit.namespace_ + "/";
     limit.AppendKeySuffix(&key_suffix);
+    prefix_hasher.Update(key_prefix.data(), key_prefix.size());
   }
   Limit limit;
   std::string key_prefix;  // "LIMITER/"
   std::string key_suffix;  // "/5/1/minute"
+  // The memory store's key hash, having absorbed key_prefix: every key of
+  // this item starts with it, so each hit resumes from here.
+  internal::SipHasher13 prefix_hasher{internal::ProcessSipKey()};
 };
 
 // Base of every Python-visible storage.
@@ -40,13 +45,24 @@ struct LimiterHandle {
   std::shared_ptr<Store> store;
   py::object storage;  // keeps the Python storage object alive and visible
   Strategy strategy = Strategy::kFixedWindow;
+  bool fingerprints = false;  // store->AcceptsFingerprints(), read once
 };
 
 // The C++ object behind a pybind11 instance of a bound type, fast: the
 // hot path cannot afford pybind11's general caster. `type` must be the
 // bound type; instances of Python subclasses are accepted. Returns null
 // (with a Python error set) when `obj` is not one or is not initialised.
-void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what);
+void* UnwrapSlow(PyObject* obj, PyTypeObject* type, const char* what);
+inline void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what) {
+  // Inline for the usual case, an initialised instance of exactly `type`.
+  if (Py_TYPE(obj) == type) {
+    auto* inst = reinterpret_cast<py::detail::instance*>(obj);
+    if (inst->simple_layout && inst->simple_value_holder[0] != nullptr) {
+      return inst->simple_value_holder[0];
+    }
+  }
+  return UnwrapSlow(obj, type, what);
+}
 
 // Epoch nanoseconds from an optional `now` in seconds (None: system clock).
 // Returns false with a Python error set on a bad value.
@@ -58,6 +74,12 @@ bool AppendIdentifier(PyObject* obj, std::string* out);
 // Writes item.key_for(*ids) into `out` (cleared first).
 bool BuildKey(const ItemHandle& item, PyObject* const* ids, size_t n,
               std::string* out);
+
+// Sets r->fingerprint to the memory store's fingerprint of
+// item.key_for(*ids), without building the key when the identifiers are
+// str, and r->has_fingerprint. False with a Python error set on failure.
+bool FingerprintKey(const ItemHandle& item, PyObject* const* ids, size_t n,
+                    Request* r);
 
 // A new rapidlimit._core.Decision, or null with a Python error set.
 PyObject* MakeDecision(const Decision& d);

@@ -17,9 +17,7 @@ int64_t Saturate(i128 v) {
   return static_cast<int64_t>(v);
 }
 
-int64_t SatAdd(int64_t a, int64_t b) {
-  return Saturate(static_cast<i128>(a) + b);
-}
+using internal::SatAdd;
 
 // Floor division for a non-negative numerator and positive denominator is
 // plain division; time before the epoch still needs a true floor.
@@ -91,36 +89,8 @@ int64_t MovingLog::CountSince(int64_t since, int64_t* oldest) const {
 }
 
 // ------------------------------------------------------------- Fixed window
-
-int64_t IncrCounter(int64_t amount, int64_t period, int64_t now, bool fresh,
-                    CounterState* state) {
-  const int64_t count = SatAdd(fresh ? 0 : state->value, amount);
-  // `limits` (re)starts the window whenever the counter equals the amount
-  // just added, which is the first hit of a window.
-  if (count == amount || fresh) state->expiry_nanos = SatAdd(now, period);
-  state->value = count;
-  return count;
-}
-
-Decision ApplyFixedWindow(const Limit& limit, int64_t cost, int64_t now,
-                          bool charge, bool fresh, CounterState* state) {
-  const int64_t period = limit.PeriodNanos();
-  int64_t count = fresh ? 0 : state->value;
-  int64_t expiry = fresh ? SatAdd(now, period) : state->expiry_nanos;
-  Decision d;
-  d.limit = limit.amount;
-  if (charge) {
-    count = IncrCounter(cost, period, now, fresh, state);
-    expiry = state->expiry_nanos;
-    d.allowed = count <= limit.amount;
-  } else {
-    d.allowed = SatAdd(count, cost) <= limit.amount;
-  }
-  d.remaining = std::max<int64_t>(0, limit.amount - count);
-  d.reset_nanos = expiry;
-  d.retry_after_nanos = d.allowed ? 0 : std::max<int64_t>(0, expiry - now);
-  return d;
-}
+//
+// IncrCounter and ApplyFixedWindow are inline in algorithms.h.
 
 WindowState InspectFixedWindow(const Limit&, int64_t now, bool fresh,
                                const CounterState& state) {

@@ -29,11 +29,20 @@ struct KeyHash {
   uint32_t shard_bits;
 };
 
+inline KeyHash HashOf(uint64_t lo, uint64_t hi) {
+  return KeyHash{lo == 0 ? 1 : lo, static_cast<uint32_t>(hi),
+                 static_cast<uint32_t>(hi >> 32)};
+}
+
 inline KeyHash HashKey(std::string_view key) {
   const Hash128 h = internal::SipHash13_128(internal::ProcessSipKey(),
                                             key.data(), key.size());
-  return KeyHash{h.lo == 0 ? 1 : h.lo, static_cast<uint32_t>(h.hi),
-                 static_cast<uint32_t>(h.hi >> 32)};
+  return HashOf(h.lo, h.hi);
+}
+
+inline KeyHash HashKey(const Request& r) {
+  if (r.has_fingerprint) return HashOf(r.fingerprint.lo, r.fingerprint.hi);
+  return HashKey(r.key);
 }
 
 // Per-payload clean-up: only moving-window logs own memory.
@@ -282,8 +291,7 @@ class MemoryStore final : public Store {
     const bool charge = mode == Mode::kHit;
     size_t first_reject = n;
     for (size_t i = 0; i < n; ++i) {
-      const Request& r = requests[i];
-      out[i] = DecideOne(r, now_nanos, charge);
+      DecideOne(requests[i], now_nanos, charge, &out[i]);
       if (!out[i].allowed && first_reject == n) {
         first_reject = i;
         if (charge) break;
@@ -293,7 +301,7 @@ class MemoryStore final : public Store {
   }
 
   WindowState Inspect(const Request& r, int64_t now) override {
-    const KeyHash k = HashKey(r.key);
+    const KeyHash k = HashKey(r);
     Shard& shard = ShardFor(k);
     std::lock_guard<SpinLock> lock(shard.mu);
     switch (r.strategy) {
@@ -373,6 +381,8 @@ class MemoryStore final : public Store {
     return total;
   }
 
+  bool AcceptsFingerprints() const override { return true; }
+
   size_t HeapBytes() const {
     size_t total = sizeof(*this) + (shard_mask_ + 1) * sizeof(Shard);
     for (size_t i = 0; i <= shard_mask_; ++i) {
@@ -393,53 +403,63 @@ class MemoryStore final : public Store {
     return shards_[k.shard_bits & shard_mask_];
   }
 
-  Decision DecideOne(const Request& r, int64_t now, bool charge) {
-    const KeyHash k = HashKey(r.key);
+  // Writes the decision into `out` rather than returning it: a returned
+  // Decision was built on the stack and copied in wider loads than the
+  // stores that wrote it, which stalled on store forwarding. DecideIn
+  // constructs it in place (a prvalue initializing *out is the callee's
+  // result object) for the same reason: `*out = apply(...)` copies too.
+  void DecideOne(const Request& r, int64_t now, bool charge, Decision* out) {
+    const KeyHash k = HashKey(r);
     Shard& shard = ShardFor(k);
     std::lock_guard<SpinLock> lock(shard.mu);
     const Limit& limit = *r.limit;
     switch (r.strategy) {
       case Strategy::kFixedWindow:
-        return DecideIn(shard, shard.fixed, k, now, charge,
-                        [&](bool fresh, CounterState* p) {
-                          return ApplyFixedWindow(limit, r.cost, now, charge,
-                                                  fresh, p);
-                        });
+        DecideIn(shard, shard.fixed, k, now, charge, out,
+                 [&](bool fresh, CounterState* p) {
+                   return ApplyFixedWindow(limit, r.cost, now, charge, fresh,
+                                           p);
+                 });
+        return;
       case Strategy::kTokenBucket:
-        return DecideIn(shard, shard.token, k, now, charge,
-                        [&](bool fresh, CounterState* p) {
-                          return ApplyTokenBucket(limit, r.cost, now, charge,
-                                                  fresh, p);
-                        });
+        DecideIn(shard, shard.token, k, now, charge, out,
+                 [&](bool fresh, CounterState* p) {
+                   return ApplyTokenBucket(limit, r.cost, now, charge, fresh,
+                                           p);
+                 });
+        return;
       case Strategy::kSlidingWindowCounter:
-        return DecideIn(shard, shard.sliding, k, now, charge,
-                        [&](bool fresh, SlidingState* p) {
-                          return ApplySlidingWindow(limit, r.cost, now, charge,
-                                                    fresh, p);
-                        });
+        DecideIn(shard, shard.sliding, k, now, charge, out,
+                 [&](bool fresh, SlidingState* p) {
+                   return ApplySlidingWindow(limit, r.cost, now, charge, fresh,
+                                             p);
+                 });
+        return;
       case Strategy::kMovingWindow:
-        return DecideIn(shard, shard.moving, k, now, charge,
-                        [&](bool fresh, MovingState* p) {
-                          return ApplyMovingWindow(limit, r.cost, now, charge,
-                                                   fresh, p);
-                        });
+        DecideIn(shard, shard.moving, k, now, charge, out,
+                 [&](bool fresh, MovingState* p) {
+                   return ApplyMovingWindow(limit, r.cost, now, charge, fresh,
+                                            p);
+                 });
+        return;
     }
-    return {};
+    *out = Decision{};
   }
 
   template <class P, class Apply>
-  Decision DecideIn(Shard& shard, Table<P>& table, const KeyHash& k,
-                    int64_t now, bool charge, Apply apply) {
+  void DecideIn(Shard& shard, Table<P>& table, const KeyHash& k, int64_t now,
+                bool charge, Decision* out, Apply apply) {
     Slot<P>* slot = table.Find(k);
     if (slot != nullptr) {
       const bool fresh = slot->payload.expiry_nanos <= now;
       if (charge) slot->stamp = Stamp(now);
-      return apply(fresh, &slot->payload);
+      new (out) Decision(apply(fresh, &slot->payload));
+      return;
     }
     // Unknown key: decide on a scratch state and keep it only if it holds
     // something, so tests and refused requests never take a slot.
     P scratch{};
-    const Decision d = apply(true, &scratch);
+    new (out) Decision(apply(true, &scratch));
     if (charge && scratch.expiry_nanos > now) {
       Slot<P>* fresh_slot = InsertSlot(shard, table, k, now);
       fresh_slot->payload = scratch;
@@ -447,7 +467,6 @@ class MemoryStore final : public Store {
     } else {
       DestroyPayload(scratch);
     }
-    return d;
   }
 
   template <class P, class Inspector>
@@ -551,6 +570,12 @@ class MemoryStore final : public Store {
 
 std::unique_ptr<Store> NewMemoryStore(const MemoryStoreOptions& options) {
   return std::make_unique<MemoryStore>(options);
+}
+
+KeyFingerprint MemoryKeyFingerprint(std::string_view key) {
+  const Hash128 h = internal::SipHash13_128(internal::ProcessSipKey(),
+                                            key.data(), key.size());
+  return KeyFingerprint{h.lo, h.hi};
 }
 
 size_t MemoryStoreBytes(const Store& store) {

@@ -204,6 +204,39 @@ TEST_P(PerStrategy, KeysAreBytesAndStrategiesAreSeparate) {
   }
 }
 
+TEST_P(PerStrategy, AFingerprintStandsForItsKey) {
+  auto store = NewMemoryStore();
+  ASSERT_TRUE(store->AcceptsFingerprints());
+  const Limit l = MakeLimit(2, 1, Granularity::kHour);
+  Request by_print = Req(GetParam(), l, "");
+  by_print.has_fingerprint = true;
+  by_print.fingerprint = MemoryKeyFingerprint("LIMITER/a/2/1/hour");
+  Decision d;
+  store->Decide(&by_print, 1, kT0, Mode::kHit, &d);
+  EXPECT_TRUE(d.allowed);
+  // The same key by its bytes shares the state; the empty key does not.
+  EXPECT_EQ(Count(*store, GetParam(), l, "LIMITER/a/2/1/hour", kT0), 1);
+  EXPECT_EQ(Count(*store, GetParam(), l, "", kT0), 0);
+  EXPECT_TRUE(Hit(*store, GetParam(), l, "LIMITER/a/2/1/hour", kT0).allowed);
+  store->Decide(&by_print, 1, kT0, Mode::kHit, &d);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(store->Inspect(by_print, kT0).count,
+            Count(*store, GetParam(), l, "LIMITER/a/2/1/hour", kT0));
+  EXPECT_TRUE(store->Clear(GetParam(), "LIMITER/a/2/1/hour"));
+  store->Decide(&by_print, 1, kT0, Mode::kTest, &d);
+  EXPECT_TRUE(d.allowed);
+}
+
+TEST(MemoryStoreTest, FingerprintsAreKeyedPerProcessAndDiffer) {
+  const KeyFingerprint a = MemoryKeyFingerprint("a");
+  const KeyFingerprint a2 = MemoryKeyFingerprint(std::string("a"));
+  const KeyFingerprint b = MemoryKeyFingerprint("b");
+  EXPECT_EQ(a.lo, a2.lo);
+  EXPECT_EQ(a.hi, a2.hi);
+  EXPECT_NE(a.lo, b.lo);
+  EXPECT_NE(a.hi, b.hi);
+}
+
 // ------------------------------------------------------- Inspect and stats
 
 TEST(MemoryStoreTest, InspectReportsEachStrategysState) {

@@ -5,7 +5,9 @@
 #ifndef RAPIDLIMIT_ALGORITHMS_H_
 #define RAPIDLIMIT_ALGORITHMS_H_
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "rapidlimit/limit.h"
 #include "rapidlimit/store.h"
@@ -61,18 +63,62 @@ struct MovingState {
   MovingLog* log = nullptr;  // owned by the store's slot
 };
 
+namespace internal {
+
+// a + b, clamped to [-INT64_MAX, INT64_MAX].
+inline int64_t SatAdd(int64_t a, int64_t b) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  const __int128 v = static_cast<__int128>(a) + b;
+  if (v > kMax) return kMax;
+  if (v < -kMax) return -kMax;
+  return static_cast<int64_t>(v);
+}
+
+}  // namespace internal
+
 // `limits`' counter primitive (Storage.incr): adds `amount`, (re)starting
 // the `period`-long window when the counter equals what was just added.
 // Returns the new count.
-int64_t IncrCounter(int64_t amount, int64_t period, int64_t now, bool fresh,
-                    CounterState* state);
+inline int64_t IncrCounter(int64_t amount, int64_t period, int64_t now,
+                           bool fresh, CounterState* state) {
+  const int64_t count = internal::SatAdd(fresh ? 0 : state->value, amount);
+  // `limits` (re)starts the window whenever the counter equals the amount
+  // just added, which is the first hit of a window.
+  if (count == amount || fresh) {
+    state->expiry_nanos = internal::SatAdd(now, period);
+  }
+  state->value = count;
+  return count;
+}
 
 // Each Apply* evaluates one request at `now`. With `charge` it updates the
 // state when the request is admitted (and, for the fixed window, also when
 // it is not). `fresh` tells that the state is new or expired and must be
 // treated as empty. The returned Decision is complete.
-Decision ApplyFixedWindow(const Limit& limit, int64_t cost, int64_t now,
-                          bool charge, bool fresh, CounterState* state);
+//
+// The fixed window is inline, with IncrCounter: it is the commonest
+// decision and only a few dozen instructions, which a call and its
+// register spills would make half as many again.
+inline Decision ApplyFixedWindow(const Limit& limit, int64_t cost, int64_t now,
+                                 bool charge, bool fresh, CounterState* state) {
+  const int64_t period = limit.PeriodNanos();
+  int64_t count = fresh ? 0 : state->value;
+  int64_t expiry = fresh ? internal::SatAdd(now, period) : state->expiry_nanos;
+  Decision d;
+  d.limit = limit.amount;
+  if (charge) {
+    count = IncrCounter(cost, period, now, fresh, state);
+    expiry = state->expiry_nanos;
+    d.allowed = count <= limit.amount;
+  } else {
+    d.allowed = internal::SatAdd(count, cost) <= limit.amount;
+  }
+  d.remaining = std::max<int64_t>(0, limit.amount - count);
+  d.reset_nanos = expiry;
+  d.retry_after_nanos = d.allowed ? 0 : std::max<int64_t>(0, expiry - now);
+  return d;
+}
+
 Decision ApplyTokenBucket(const Limit& limit, int64_t cost, int64_t now,
                           bool charge, bool fresh, CounterState* state);
 Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t now,

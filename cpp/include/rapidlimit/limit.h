@@ -26,8 +26,9 @@ enum class Granularity : uint8_t {
 std::string_view GranularityName(Granularity g);
 // Length of one unit in seconds. Inline: every decision needs it.
 inline int64_t GranularitySeconds(Granularity g) {
-  constexpr int64_t kSeconds[] = {1,      60,          3600,
-                                  86'400, 30 * 86'400, 360 * 86'400};
+  // Static: a plain local array was rebuilt on the stack at every call.
+  static constexpr int64_t kSeconds[] = {1,      60,          3600,
+                                         86'400, 30 * 86'400, 360 * 86'400};
   return kSeconds[static_cast<uint8_t>(g)];
 }
 

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string_view>
 
 #include "rapidlimit/store.h"
 
@@ -25,7 +26,13 @@ struct MemoryStoreOptions {
 // fixed-window key costs the same few dozen bytes however long it is. Two
 // keys share state only if those 96 bits collide (about n^2 / 2^97 for n
 // keys under a per-process random seed). Thread-safe, one lock per shard.
+// Its Decide and Inspect accept fingerprints (Request::has_fingerprint).
 std::unique_ptr<Store> NewMemoryStore(const MemoryStoreOptions& options = {});
+
+// The fingerprint a memory store identifies `key` by: SipHash-1-3 (128-bit
+// output) under the per-process key, so the same in every memory store of
+// the process and in no other process.
+KeyFingerprint MemoryKeyFingerprint(std::string_view key);
 
 // Approximate heap bytes held by a memory store's tables (for benchmarks).
 size_t MemoryStoreBytes(const Store& store);

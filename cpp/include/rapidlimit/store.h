@@ -34,6 +34,13 @@ std::string_view StrategyName(Strategy s);
 // Inverse of StrategyName; nullopt for an unknown name.
 std::optional<Strategy> StrategyFromName(std::string_view name);
 
+// A 128-bit keyed hash of a key's bytes: how the memory store identifies
+// keys (MemoryKeyFingerprint in memory_store.h).
+struct KeyFingerprint {
+  uint64_t lo = 0;
+  uint64_t hi = 0;
+};
+
 // One question to a store: may `key` spend `cost` of `limit` now?
 // `limit` and the bytes of `key` are borrowed for the duration of the call.
 struct Request {
@@ -41,6 +48,12 @@ struct Request {
   const Limit* limit = nullptr;
   std::string_view key;
   int64_t cost = 1;
+  // Only for a store whose AcceptsFingerprints() is true: when set, it
+  // reads `fingerprint` (which must be the key's) instead of hashing
+  // `key`, which may then be empty. Lets a caller that assembles keys from
+  // parts hash the parts and never build the key.
+  bool has_fingerprint = false;
+  KeyFingerprint fingerprint;
 };
 
 // Where a decision came from. The memory store always answers kStore; a
@@ -131,6 +144,10 @@ class Store {
 
   // Number of live keys (expired keys may be counted until swept).
   virtual size_t Size() const = 0;
+
+  // Whether Decide and Inspect honour Request::has_fingerprint. Constant
+  // for a store's lifetime.
+  virtual bool AcceptsFingerprints() const { return false; }
 };
 
 inline void Store::DecideAsync(const Request* requests, size_t n,
