@@ -6,26 +6,9 @@
 namespace rapidlimit::internal {
 namespace {
 
-inline uint64_t Rotl(uint64_t x, int b) { return (x << b) | (x >> (64 - b)); }
-
 struct State {
   uint64_t v0, v1, v2, v3;
-  inline void Round() {
-    v0 += v1;
-    v1 = Rotl(v1, 13);
-    v1 ^= v0;
-    v0 = Rotl(v0, 32);
-    v2 += v3;
-    v3 = Rotl(v3, 16);
-    v3 ^= v2;
-    v0 += v3;
-    v3 = Rotl(v3, 21);
-    v3 ^= v0;
-    v2 += v1;
-    v1 = Rotl(v1, 17);
-    v1 ^= v2;
-    v2 = Rotl(v2, 32);
-  }
+  void Round() { SipRound(v0, v1, v2, v3); }
 };
 
 inline uint64_t Load64(const unsigned char* p) {

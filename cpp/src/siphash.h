@@ -24,6 +24,28 @@ Hash128 SipHash13_128(const SipKey& key, const void* data, size_t len);
 // A per-process random key, drawn once.
 const SipKey& ProcessSipKey();
 
+// The SipRound of both implementations below.
+[[gnu::always_inline]] inline void SipRound(uint64_t& v0, uint64_t& v1,
+                                            uint64_t& v2, uint64_t& v3) {
+  const auto rotl = [](uint64_t x, int b) {
+    return (x << b) | (x >> (64 - b));
+  };
+  v0 += v1;
+  v1 = rotl(v1, 13);
+  v1 ^= v0;
+  v0 = rotl(v0, 32);
+  v2 += v3;
+  v3 = rotl(v3, 16);
+  v3 ^= v2;
+  v0 += v3;
+  v3 = rotl(v3, 21);
+  v3 ^= v0;
+  v2 += v1;
+  v1 = rotl(v1, 17);
+  v1 ^= v2;
+  v2 = rotl(v2, 32);
+}
+
 // SipHash13_128 fed in pieces: Update() with the bytes in order, then
 // Finish(). The result is SipHash13_128 of the concatenation however the
 // bytes are split, so a caller that assembles a key from parts need not
@@ -72,10 +94,6 @@ class SipHasher13 {
   }
 
  private:
-  [[gnu::always_inline]] static uint64_t Rotl(uint64_t x, int b) {
-    return (x << b) | (x >> (64 - b));
-  }
-
   static uint64_t Load64(const unsigned char* p) {
     uint64_t v;
     std::memcpy(&v, p, 8);
@@ -102,22 +120,7 @@ class SipHasher13 {
            (static_cast<uint64_t>(p[n - 1]) << (8 * (n - 1)));
   }
 
-  [[gnu::always_inline]] void Round() {
-    v0_ += v1_;
-    v1_ = Rotl(v1_, 13);
-    v1_ ^= v0_;
-    v0_ = Rotl(v0_, 32);
-    v2_ += v3_;
-    v3_ = Rotl(v3_, 16);
-    v3_ ^= v2_;
-    v0_ += v3_;
-    v3_ = Rotl(v3_, 21);
-    v3_ ^= v0_;
-    v2_ += v1_;
-    v1_ = Rotl(v1_, 17);
-    v1_ ^= v2_;
-    v2_ = Rotl(v2_, 32);
-  }
+  [[gnu::always_inline]] void Round() { SipRound(v0_, v1_, v2_, v3_); }
 
   // One message word, c = 1 round.
   [[gnu::always_inline]] void Compress(uint64_t m) {
