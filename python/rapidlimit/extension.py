@@ -38,7 +38,12 @@ Speed
 * A decorated sync view gets an async wrapper: the check runs on the event
   loop, then the view runs in the thread pool exactly as Starlette or
   FastAPI would run it. A rejected request never takes a thread. (Calling a
-  decorated sync function directly therefore returns a coroutine.)
+  decorated sync function directly therefore returns a coroutine.) The
+  wrapper is compiled per view with the view's own parameters, so FastAPI's
+  keyword call binds straight to them (tracebacks show its frame as
+  ``<rapidlimit wrapper of module.view>``); views with ``*args``,
+  ``**kwargs`` or positional-only parameters get a ``*args, **kwargs``
+  wrapper.
 
 Correctness
 
