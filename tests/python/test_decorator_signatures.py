@@ -33,6 +33,13 @@ def fastapi_app(limiter: Limiter) -> FastAPI:
     return app
 
 
+def starlette_app(limiter: Limiter, routes: list[Route]) -> Starlette:
+    app = Starlette(routes=routes)
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    return app
+
+
 def limiter(**kwargs: Any) -> Limiter:
     return Limiter(key_func=get_remote_address, headers_enabled=True, **kwargs)
 
@@ -145,14 +152,13 @@ def test_var_keyword_and_positional_only_endpoints(kind: str) -> None:
         "    return __import__('starlette.responses').responses.JSONResponse("
         "request.url.path)\n",
     )
-    app = Starlette(
-        routes=[
+    app = starlette_app(
+        lim,
+        [
             Route("/kw", lim.limit("2/minute")(varkw)),
             Route("/pos", lim.limit("2/minute")(posonly)),
-        ]
+        ],
     )
-    app.state.limiter = lim
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
     client = TestClient(app)
     assert client.get("/kw").json() == []
     assert client.get("/pos").json() == "/pos"
@@ -190,10 +196,7 @@ def test_stacked_limits_on_a_starlette_view(kind: str) -> None:
         "    return PlainTextResponse('ok')\n",
     )
     wrapped = lim.limit("3/minute")(lim.limit("2/minute")(view))
-    app = Starlette(routes=[Route("/s", wrapped)])
-    app.state.limiter = lim
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
-    client = TestClient(app)
+    client = TestClient(starlette_app(lim, [Route("/s", wrapped)]))
     assert client.get("/s").status_code == 200
     assert client.get("/s").status_code == 200
     r = client.get("/s")
