@@ -318,6 +318,14 @@ TEST_F(RedisStoreTest, KeysOutliveTheirStateBySlack) {
       EXPECT_GE(pttl.integer + 50, (end - now) / kMs + slack_ms)
           << StrategyName(s) << " step " << step;
       EXPECT_LT(pttl.integer, 3 * 60'000 + 10'000) << StrategyName(s);
+      if (s != Strategy::kMovingWindow) {
+        // Writes within a window rewrite the leading values in place: the
+        // layout (3 or 4 doubles) must not change.
+        const testing::Reply len =
+            server_.Command({"STRLEN", store->RedisKey(s, key)});
+        EXPECT_EQ(len.integer, s == Strategy::kFixedWindow ? 24 : 32)
+            << StrategyName(s) << " step " << step;
+      }
     }
     if (HasFailure()) return;
   }
@@ -339,15 +347,16 @@ TEST_F(RedisStoreTest, OneCommandPerDecisionWithSeveralLimits) {
     EXPECT_EQ(store->Decide(reqs, 3, kT0 + i * kMs, Mode::kHit, out), 3u);
     EXPECT_EQ(out[2].remaining, 10000 - 1 - i / 3);
   }
-  // commandstats also counts the commands scripts run (get, set, ...):
-  // the client's own commands are the EVALSHAs, one per decision.
+  // commandstats also counts the commands scripts run (get, set,
+  // setrange): the client's own commands are the EVALSHAs, one per
+  // decision.
   const auto calls = server_.CommandCalls();
   EXPECT_EQ(calls.at("evalsha"), 25);
   EXPECT_EQ(calls.count("eval"), 0u);
   EXPECT_EQ(calls.at("get"), 75);  // 3 limits per script call
   for (const auto& [name, count] : calls) {
     EXPECT_TRUE(name == "evalsha" || name == "get" || name == "set" ||
-                name == "config|resetstat")
+                name == "setrange" || name == "config|resetstat")
         << name << " " << count;
   }
 }

@@ -24,12 +24,13 @@ from rapidlimit.util import get_remote_address
 from redis_server import RedisServer
 
 T0 = 1_700_000_000.25
-# What the store may send (EVALSHA; GET/SET run inside the script) plus
-# what the test's own redis-py probe sends.
+# What the store may send (EVALSHA; GET/SET/SETRANGE run inside the
+# script) plus what the test's own redis-py probe sends.
 ALLOWED_COMMANDS = {
     "evalsha",
     "get",
     "set",
+    "setrange",
     "config|resetstat",
     "hello",
     "info",

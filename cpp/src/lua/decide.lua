@@ -16,7 +16,8 @@
 -- Redis TTLs only collect garbage: each value also records a horizon, a
 -- caller-time second before which Redis keeps the key, and the TTL is
 -- renewed (generously) only when the state would outlive it; other writes
--- keep the TTL (SET KEEPTTL, Redis >= 6.0), which costs Redis less.
+-- rewrite the changed leading values in place (SETRANGE keeps the TTL and
+-- the rest of the value), which costs Redis less than a SET.
 --
 -- One argument, little-endian doubles (integers, exact below 2^53), a
 -- block per request: mode (0 hit, 1 test), now_s, now_ns, TTL slack in ms,
@@ -35,6 +36,8 @@
 --   fixed: count, expiry_s, expiry_ns      token: tat_s, tat_ns, tat_frac
 --   sliding: window, current, previous
 --   moving: blocker_s, blocker_ns, in_window, oldest_s, oldest_ns
+-- x's past a strategy's list carry no meaning (the stored horizon may
+-- stand there).
 
 local pack = struct.pack
 local unpack = struct.unpack
@@ -43,6 +46,22 @@ local nargs = #args
 local floor = math.floor
 local call = redis.call
 local E9 = 1000000000
+-- Reply pieces as string constants (free: literals live in the compiled
+-- script): the found state goes back as the very bytes GET returned, since
+-- struct.pack costs Redis more per decision than the GET itself.
+-- (allowed, fresh) as doubles, A<allowed>F<fresh>, and with processed = 1
+-- first (a request with one limit), P1A<allowed>F<fresh>.
+local A0F0 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
+local A1F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0'
+local A0F1 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\240?'
+local A1F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?'
+local P1A0F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
+local P1A1F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0'
+local P1A0F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0\0\0\0\0\0\0\240?'
+local P1A1F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?'
+-- Pads a found value of 3 or 4 doubles to the reply's 5 x's.
+local PAD3 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
+local PAD4 = '\0\0\0\0\0\0\0\0'
 -- The current request's header, read by the helpers below as upvalues.
 local mode, now_s, now_ns, slack, test
 -- Every EVALSHA runs this body afresh, so the hot paths are written
@@ -74,12 +93,14 @@ while pos < nargs do
     end
     local ok = false
     local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
+    local raw  -- the value GET found, when its leading doubles are x1 .. x3
     if code == 0 or code == 4 then
       -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
       -- p1 amount, (p2, p3) period as (s, ns).
       local v = call('GET', key)
       if v then
         x1, x2, x3 = unpack('<ddd', v)
+        raw = v
         if x2 > now_s or (x2 == now_s and x3 > now_ns) then fresh = 0 end
       end
       local c = cost
@@ -94,8 +115,10 @@ while pos < nargs do
           local ms = floor(((xs - now_s) * E9 + (xn - now_ns)) / 1000000) + 1
           call('SET', key, pack('<ddd', c, xs, xn), 'PX', ms + slack)
         else
-          -- Same window, same expiry: the TTL set at its start still holds.
-          call('SET', key, pack('<ddd', c, x2, x3), 'KEEPTTL')
+          -- Same window: only the count changes. SETRANGE rewrites it in
+          -- place and keeps the TTL; it answers with an integer where SET
+          -- answers with a status that Redis turns into a Lua table.
+          call('SETRANGE', key, '0', pack('<d', c))
         end
         ok = code == 4 or c <= p1
       end
@@ -109,6 +132,7 @@ while pos < nargs do
         local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
         if v then
           x1, x2, x3, hs = unpack('<dddd', v)
+          raw = v
           if x1 > now_s or (x1 == now_s and x2 > now_ns) then
             fresh = 0
             an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
@@ -128,7 +152,7 @@ while pos < nargs do
           end
           s = now_s + s
           if s < hs then
-            call('SET', key, pack('<dddd', s, t, af, hs), 'KEEPTTL')
+            call('SETRANGE', key, '0', pack('<ddd', s, t, af))  -- hs kept
           else
             -- Room for the bucket to fill twice (at least 2 s): renewed at
             -- most once per capacity.
@@ -148,6 +172,7 @@ while pos < nargs do
       local hs = 0
       if v then
         x1, x2, x3, hs = unpack('<dddd', v)
+        raw = v
         if x1 + 2 > p2 then fresh = 0 end
       end
       local c, p = x2, x3
@@ -204,7 +229,7 @@ while pos < nargs do
         -- pttl + period from now.
         local end_ms = floor(pttl / 1000000) + p5 + 1
         if now_s + floor(end_ms / 1000) + 1 < hs then
-          call('SET', key, pack('<dddd', p2, c, p, hs), 'KEEPTTL')
+          call('SETRANGE', key, '0', pack('<ddd', p2, c, p))  -- hs kept
         else
           local spare = p5  -- a window (at least 2 s) to spare
           if spare < 2000 then spare = 2000 end
@@ -315,12 +340,41 @@ while pos < nargs do
     end
     local allowed = 0
     if ok then allowed = 1 end
+    local pad
+    if raw then
+      local n = #raw
+      if n == 24 then pad = PAD3 elseif n == 32 then pad = PAD4 end
+    end
     if nk == 1 then
-      -- The common request: its whole block in one pack.
-      out[head] = pack('<dddddddd', 1, allowed, fresh, x1, x2, x3, x4, x5)
+      -- The common request: its whole block at once.
+      if pad then
+        local f
+        if ok then
+          if fresh == 1 then f = P1A1F1 else f = P1A1F0 end
+        elseif fresh == 1 then
+          f = P1A0F1
+        else
+          f = P1A0F0
+        end
+        out[head] = f .. raw .. pad
+      else
+        out[head] = pack('<dddddddd', 1, allowed, fresh, x1, x2, x3, x4, x5)
+      end
     else
       nout = nout + 1
-      out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
+      if pad then
+        local f
+        if ok then
+          if fresh == 1 then f = A1F1 else f = A1F0 end
+        elseif fresh == 1 then
+          f = A0F1
+        else
+          f = A0F0
+        end
+        out[nout] = f .. raw .. pad
+      else
+        out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
+      end
       processed = i
       if not ok and not test then break end
     end
@@ -328,4 +382,5 @@ while pos < nargs do
   if nk ~= 1 then out[head] = pack('<d', processed) end
   ki = ki + nk
 end
+if nout == 1 then return out[1] end
 return table.concat(out)
