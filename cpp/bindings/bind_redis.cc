@@ -327,7 +327,6 @@ struct LoopBridge {
     // Pending futures here can only be released with the GIL, which the
     // last owner may not hold: they are leaked (the loop is gone anyway).
   }
-  void Push(Pending* p);
 };
 
 struct Pending {
@@ -339,22 +338,48 @@ struct Pending {
 
 thread_local Pending* tl_submitting = nullptr;
 
-void LoopBridge::Push(Pending* p) {
+// Inside a run of completions (RedisStoreOptions::completions_begin/end):
+// the bridges owed a wake-up, signalled once at the end of the run. An
+// event loop woken at the first of several replies read together would
+// preempt the I/O thread on a shared CPU, resume one task, and send its
+// next request alone: batches would shrink to one request each way.
+thread_local int tl_run_depth = 0;
+thread_local std::vector<std::shared_ptr<LoopBridge>> tl_owed;
+
+void Signal(int efd) {
+  const uint64_t one = 1;
+  while (write(efd, &one, sizeof(one)) < 0 && errno == EINTR) {
+  }
+}
+
+void CompletionsBegin() { ++tl_run_depth; }
+
+void CompletionsEnd() {
+  if (--tl_run_depth > 0) return;
+  for (const auto& bridge : tl_owed) Signal(bridge->efd);
+  tl_owed.clear();
+}
+
+// Queues `p` on `bridge` (which `p` holds: the loop may take and delete
+// `p` as soon as it is queued, so the caller keeps its own reference).
+void PushDone(const std::shared_ptr<LoopBridge>& bridge, Pending* p) {
+  LoopBridge* const b = bridge.get();
   bool wake = false;
   {
-    std::lock_guard<std::mutex> lock(mu);
-    if (dead) return;  // leaked, see above
-    done.push_back(p);
-    if (!signaled) {
-      signaled = true;
+    std::lock_guard<std::mutex> lock(b->mu);
+    if (b->dead) return;  // leaked, see LoopBridge
+    b->done.push_back(p);
+    if (!b->signaled) {
+      b->signaled = true;
       wake = true;
     }
   }
-  if (wake) {
-    const uint64_t one = 1;
-    while (write(efd, &one, sizeof(one)) < 0 && errno == EINTR) {
-    }
+  if (!wake) return;
+  if (tl_run_depth > 0) {
+    tl_owed.push_back(bridge);
+    return;
   }
+  Signal(b->efd);
 }
 
 void OnAsyncDone(void* context, const Decision* d, size_t written, size_t) {
@@ -365,7 +390,7 @@ void OnAsyncDone(void* context, const Decision* d, size_t written, size_t) {
     return;
   }
   std::shared_ptr<LoopBridge> bridge = p->bridge;
-  bridge->Push(p);
+  PushDone(bridge, p);
 }
 
 // Sets the future's result (or exception); a cancelled future is skipped.
@@ -656,6 +681,8 @@ void BindRedis(py::module_& m) {
             }
             o.before_blocking = &ReleaseGil;
             o.after_blocking = &ReacquireGil;
+            o.completions_begin = &CompletionsBegin;
+            o.completions_end = &CompletionsEnd;
             o.log = &QueueLog;
             std::unique_ptr<RedisStore> store;
             {

@@ -679,22 +679,32 @@ TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
   EXPECT_EQ(s.errors, 2u);        // one per failed script call
 }
 
-TEST_F(RedisStoreTest, DeferredDecisionStartsAtOnceWhenRedisIsIdle) {
+TEST_F(RedisStoreTest, DeferredDecisionsWaitForFlushAndShareOneScript) {
   const Limit l = L("1000 per minute");
   auto store = MakeConnected(l);
+  const RedisStoreStats before = store->Stats();
   AsyncWait w;
-  w.pending = 1;
-  Request r{Strategy::kFixedWindow, &l, "LIMITER/idle", 1};
+  const int kOps = 5;
+  w.pending = kOps;
+  // Redis is idle: still nothing leaves before Flush (an early start of
+  // the first would split the batch, and the split would persist).
+  for (int i = 0; i < kOps; ++i) {
+    const std::string key = "LIMITER/idle" + std::to_string(i);
+    Request r{Strategy::kFixedWindow, &l, key, 1};
+    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  }
   const auto start = std::chrono::steady_clock::now();
-  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
-  // No Flush: with nothing in flight the I/O thread is woken at once, not
-  // by its periodic wake-up a second later.
+  store->Flush();
   std::unique_lock<std::mutex> lock(w.mu);
   ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(10),
                             [&] { return w.pending == 0; }));
+  // Flush wakes the I/O thread at once, not its periodic wake-up.
   EXPECT_LT(std::chrono::steady_clock::now() - start,
             std::chrono::milliseconds(900));
-  EXPECT_EQ(w.allowed, 1);
+  EXPECT_EQ(w.allowed, kOps);
+  const RedisStoreStats after = store->Stats();
+  EXPECT_EQ(after.writes - before.writes, 1u);
+  EXPECT_EQ(after.scripts - before.scripts, 1u);
 }
 
 TEST_F(RedisStoreTest, DeferredDecisionsLeaveInBatches) {
@@ -716,8 +726,8 @@ TEST_F(RedisStoreTest, DeferredDecisionsLeaveInBatches) {
   EXPECT_EQ(w.allowed, kOps);
   const RedisStoreStats after = store->Stats();
   EXPECT_EQ(after.calls - before.calls, static_cast<uint64_t>(kOps));
-  // A write whenever Redis was idle, then one per 32 queued commands (the
-  // race with replies adds a few): far fewer writes than commands.
+  // A write per 32 queued commands, then one at Flush (the race with
+  // replies adds a few): far fewer writes than commands.
   EXPECT_LE(after.writes - before.writes, static_cast<uint64_t>(kOps / 4));
 }
 

@@ -75,6 +75,15 @@ struct RedisStoreOptions {
   void* (*before_blocking)() = nullptr;
   void (*after_blocking)(void* token) = nullptr;
 
+  // Bracket each run of DecideAsync callbacks that one pass over the
+  // replies produces (on the thread running them, usually an I/O thread),
+  // so that callbacks can leave their wake-ups to the end of the run and
+  // wake a waiting thread once for all its replies rather than once per
+  // reply. Both may be null; callbacks run outside a bracket too (a
+  // request that fails when submitted).
+  void (*completions_begin)() = nullptr;
+  void (*completions_end)() = nullptr;
+
   // Connection events and errors; called from any thread, must not block
   // or call back into the store. Null: silent.
   std::function<void(RedisLogLevel, const std::string&)> log;
@@ -142,12 +151,12 @@ class RedisStore : public Store {
   virtual std::string RedisKey(Strategy strategy,
                                std::string_view key) const = 0;
 
-  // DecideAsync that may leave the command in the queue until Flush() (or
+  // DecideAsync that leaves the command in the queue until Flush() (or
   // the I/O thread's next wake-up), so that what an event loop's tasks ask
-  // for in one iteration goes out in few writes; the loop calls Flush()
-  // once per iteration. The I/O thread is still woken at once when no
-  // reply is awaited or when 32 commands are waiting, so that Redis never
-  // idles while work is queued.
+  // for in one iteration goes out in one script call; the loop calls
+  // Flush() once per iteration. The I/O thread is still woken at once
+  // when 32 commands are waiting, so that Redis works on them while the
+  // loop prepares more.
   virtual void DecideAsyncDeferred(const Request* requests, size_t n,
                                    int64_t now_nanos, Mode mode,
                                    DecideCallback done, void* context) = 0;
