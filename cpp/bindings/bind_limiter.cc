@@ -449,6 +449,28 @@ bool FillResult(const Decision& d, double now_seconds,
   return true;
 }
 
+}  // namespace
+
+bool ViewNowFromPython(PyObject* now_obj, double* seconds, int64_t* nanos) {
+  // The header formulas use the caller's float, as Python would; `now` is
+  // required (None is a TypeError here, not the system clock).
+  if (PyFloat_CheckExact(now_obj)) {
+    *seconds = PyFloat_AS_DOUBLE(now_obj);
+    // NowFromPython's check and conversion, without reading it again.
+    if (!std::isfinite(*seconds) || std::fabs(*seconds) > 9.0e9) {
+      PyErr_SetString(PyExc_ValueError, "now must be finite epoch seconds");
+      return false;
+    }
+    *nanos = SecondsToNanos(*seconds);
+    return true;
+  }
+  *seconds = PyFloat_AsDouble(now_obj);
+  if (*seconds == -1.0 && PyErr_Occurred()) return false;
+  return NowFromPython(now_obj, nanos);
+}
+
+namespace {
+
 // decide_headers' work for the key of `ids`: the result tuple, or null with
 // a Python error set.
 PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
@@ -460,23 +482,9 @@ PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
   if (item == nullptr) return nullptr;
   int64_t cost = 0;
   if (!CostFromPython(cost_obj, &cost)) return nullptr;
-  // The header formulas use the caller's float, as Python would; `now` is
-  // required (None is a TypeError here, not the system clock).
   double now_seconds;
   int64_t now = 0;
-  if (PyFloat_CheckExact(now_obj)) {
-    now_seconds = PyFloat_AS_DOUBLE(now_obj);
-    // NowFromPython's check and conversion, without reading it again.
-    if (!std::isfinite(now_seconds) || std::fabs(now_seconds) > 9.0e9) {
-      PyErr_SetString(PyExc_ValueError, "now must be finite epoch seconds");
-      return nullptr;
-    }
-    now = SecondsToNanos(now_seconds);
-  } else {
-    now_seconds = PyFloat_AsDouble(now_obj);
-    if (now_seconds == -1.0 && PyErr_Occurred()) return nullptr;
-    if (!NowFromPython(now_obj, &now)) return nullptr;
-  }
+  if (!ViewNowFromPython(now_obj, &now_seconds, &now)) return nullptr;
   Request r;
   if (!SetKey(*limiter, *item, ids, n_ids, &r)) return nullptr;
   if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
@@ -516,6 +524,49 @@ PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
                            *names);
 }
 
+// A new instance of `names`' view class whose `_data` slot holds (limit,
+// prefix, key, scope, result); steals `result`. Null with a Python error
+// set.
+PyObject* WrapView(const HeaderNamesHandle& names, PyObject* result,
+                   PyObject* limit, PyObject* prefix, PyObject* key,
+                   PyObject* scope) {
+  PyObject* data = PyTuple_New(5);
+  if (data == nullptr) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  PyObject* const parts[4] = {limit, prefix, key, scope};
+  for (int i = 0; i < 4; ++i) {
+    Py_INCREF(parts[i]);
+    PyTuple_SET_ITEM(data, i, parts[i]);
+  }
+  PyTuple_SET_ITEM(data, 4, result);
+  auto* type = reinterpret_cast<PyTypeObject*>(names.view_type.ptr());
+  PyObject* view = type->tp_alloc(type, 0);
+  if (view == nullptr) {
+    Py_DECREF(data);
+    return nullptr;
+  }
+  // The slot of a fresh object is empty: it takes our reference.
+  *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(view) +
+                                names.view_data_offset) = data;
+  return view;
+}
+
+// The HeaderNames of `obj` when it has a view class; null with TypeError
+// set otherwise.
+const HeaderNamesHandle* ViewNames(PyObject* obj, const char* caller) {
+  auto* names = static_cast<HeaderNamesHandle*>(
+      UnwrapFast(obj, g_names_type, "HeaderNames"));
+  if (names == nullptr) return nullptr;
+  if (!names->view_type) {
+    PyErr_Format(PyExc_TypeError, "%s needs HeaderNames made with a view class",
+                 caller);
+    return nullptr;
+  }
+  return names;
+}
+
 // decide_view(item, key, scope, cost, now, names, limit, prefix) -> view
 //
 // decide_headers for the identity "prefix/key/scope" ("key/scope" when
@@ -534,14 +585,8 @@ PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   }
   auto* limiter = SelfHandle(self);
   if (limiter == nullptr) return nullptr;
-  auto* names = static_cast<HeaderNamesHandle*>(
-      UnwrapFast(args[5], g_names_type, "HeaderNames"));
+  const HeaderNamesHandle* names = ViewNames(args[5], "decide_view");
   if (names == nullptr) return nullptr;
-  if (!names->view_type) {
-    PyErr_SetString(PyExc_TypeError,
-                    "decide_view needs HeaderNames made with a view class");
-    return nullptr;
-  }
   PyObject* key = args[1];
   PyObject* scope = args[2];
   PyObject* prefix = args[7];
@@ -554,27 +599,7 @@ PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                  : DecideWithHeaders(limiter, args[0], with_prefix + 1, 2,
                                      args[3], args[4], *names);
   if (result == nullptr) return nullptr;
-  PyObject* data = PyTuple_New(5);
-  if (data == nullptr) {
-    Py_DECREF(result);
-    return nullptr;
-  }
-  PyObject* const parts[4] = {args[6], prefix, key, scope};
-  for (int i = 0; i < 4; ++i) {
-    Py_INCREF(parts[i]);
-    PyTuple_SET_ITEM(data, i, parts[i]);
-  }
-  PyTuple_SET_ITEM(data, 4, result);
-  auto* type = reinterpret_cast<PyTypeObject*>(names->view_type.ptr());
-  PyObject* view = type->tp_alloc(type, 0);
-  if (view == nullptr) {
-    Py_DECREF(data);
-    return nullptr;
-  }
-  // The slot of a fresh object is empty: it takes our reference.
-  *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(view) +
-                                names->view_data_offset) = data;
-  return view;
+  return WrapView(*names, result, args[6], prefix, key, scope);
 }
 
 PyMethodDef kFastMethods[] = {
@@ -647,6 +672,24 @@ std::string KeyFromArgs(const ItemHandle& item, const py::args& ids) {
 }
 
 }  // namespace
+
+bool ViewNamesReady(PyObject* names) {
+  return ViewNames(names, "decide_view_async") != nullptr;
+}
+
+PyObject* NewDecisionView(const Decision& d, double now_seconds,
+                          PyObject* names_obj, PyObject* limit,
+                          PyObject* prefix, PyObject* key, PyObject* scope) {
+  const HeaderNamesHandle* names = ViewNames(names_obj, "decide_view_async");
+  if (names == nullptr) return nullptr;
+  PyObject* result = PyTuple_New(6);
+  if (result == nullptr) return nullptr;
+  if (!FillResult(d, now_seconds, *names, result)) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  return WrapView(*names, result, limit, prefix, key, scope);
+}
 
 PyObject* MakeDecision(const Decision& d) {
   PyObject* out = PyStructSequence_New(g_decision_type);

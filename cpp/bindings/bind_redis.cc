@@ -334,6 +334,15 @@ struct Pending {
   PyObject* future = nullptr;  // strong
   std::vector<Decision> decisions;
   bool inline_done = false;
+  // decide_view_async: the view's parts (names, limit, prefix, key,
+  // scope; strong) and its clock, made into the view on the loop thread.
+  PyObject* view[5] = {};
+  double now_seconds = 0;
+
+  // Deleted with the GIL held (see LoopBridge for the other case).
+  ~Pending() {
+    for (PyObject* part : view) Py_XDECREF(part);
+  }
 };
 
 thread_local Pending* tl_submitting = nullptr;
@@ -393,11 +402,28 @@ void OnAsyncDone(void* context, const Decision* d, size_t written, size_t) {
   PushDone(bridge, p);
 }
 
+// decide_view_async's result: the view, or the fail-closed exception.
+PyObject* BuildView(const Pending* p, bool* is_error) {
+  if (p->decisions.size() != 1) {
+    PyErr_SetString(PyExc_RuntimeError, "no decision");
+    return nullptr;
+  }
+  const Decision& d = p->decisions[0];
+  if (d.source == DecisionSource::kFailClosed) {
+    *is_error = true;
+    return MakeUnavailable(d);
+  }
+  return NewDecisionView(d, p->now_seconds, p->view[0], p->view[1], p->view[2],
+                         p->view[3], p->view[4]);
+}
+
 // Sets the future's result (or exception); a cancelled future is skipped.
 void Resolve(Pending* p) {
   bool is_error = false;
   PyObject* result =
-      BuildResult(p->decisions.data(), p->decisions.size(), &is_error);
+      p->view[0] != nullptr
+          ? BuildView(p, &is_error)
+          : BuildResult(p->decisions.data(), p->decisions.size(), &is_error);
   if (result == nullptr) {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
@@ -518,15 +544,11 @@ std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
   return bridge;
 }
 
-// decide_many_async(strategy, requests, now=None, test=False)
-//     -> asyncio.Future[list[Decision]]
-PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
-                          Py_ssize_t nargsf, PyObject* kwnames) {
-  FlushLogs();
-  Call call;
-  if (!ParseCall(self, args, nargsf, kwnames, "decide_many_async", &call)) {
-    return nullptr;
-  }
+// Queues `requests` for `p` (new, owned from here on) and returns the
+// future the loop's reader completes; null with a Python error set.
+PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
+                 int64_t now, Mode mode, Pending* p) {
+  std::unique_ptr<Pending> owned(p);
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
   if (loop == nullptr) return nullptr;
   std::shared_ptr<LoopBridge> bridge;
@@ -540,10 +562,7 @@ PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
   py::object loop_ref = py::reinterpret_steal<py::object>(loop);
   PyObject* future = PyObject_CallMethodNoArgs(loop, g_str_create_future);
   if (future == nullptr) return nullptr;
-  auto* p = new Pending;
   p->bridge = std::move(bridge);
-  p->future = future;
-  Py_INCREF(future);  // one for the caller, one for the completion
   // Queued without waking the I/O thread; one callback at the end of this
   // loop iteration wakes it, so that all the commands the loop's tasks
   // issue in one iteration leave in one write.
@@ -552,20 +571,19 @@ PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
     PyObject* rc = PyObject_CallMethodOneArg(loop, g_str_call_soon,
                                              b->flush_callback.ptr());
     if (rc == nullptr) {
-      Py_DECREF(p->future);
-      delete p;
       Py_DECREF(future);
       return nullptr;
     }
     Py_DECREF(rc);
   }
-  if (b->to_flush.empty() || b->to_flush.back() != call.storage->store) {
-    b->to_flush.push_back(call.storage->store);
+  if (b->to_flush.empty() || b->to_flush.back() != storage->store) {
+    b->to_flush.push_back(storage->store);
   }
+  p->future = future;
+  Py_INCREF(future);  // one for the caller, one for the completion
+  owned.release();
   tl_submitting = p;
-  call.storage->redis->DecideAsyncDeferred(
-      call.requests->data(), call.requests->size(), call.now,
-      call.test ? Mode::kTest : Mode::kHit, &OnAsyncDone, p);
+  storage->redis->DecideAsyncDeferred(requests, n, now, mode, &OnAsyncDone, p);
   tl_submitting = nullptr;
   if (p->inline_done) {
     // Answered without Redis (blocked-key cache, or Redis down): the
@@ -575,6 +593,74 @@ PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
     delete p;
   }
   return future;
+}
+
+// decide_many_async(strategy, requests, now=None, test=False)
+//     -> asyncio.Future[list[Decision]]
+PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
+                          Py_ssize_t nargsf, PyObject* kwnames) {
+  FlushLogs();
+  Call call;
+  if (!ParseCall(self, args, nargsf, kwnames, "decide_many_async", &call)) {
+    return nullptr;
+  }
+  return Submit(call.storage, call.requests->data(), call.requests->size(),
+                call.now, call.test ? Mode::kTest : Mode::kHit, new Pending);
+}
+
+// decide_view_async(strategy, item, key, scope, cost, now, names, limit,
+//                   prefix) -> asyncio.Future[view]
+PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
+                          Py_ssize_t nargsf, PyObject* kwnames) {
+  FlushLogs();
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 9 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_view_async(strategy, item, key, scope, cost, now, "
+                    "names, limit, prefix) takes exactly 9 positional "
+                    "arguments");
+    return nullptr;
+  }
+  auto* storage = static_cast<RedisStorageHandle*>(
+      UnwrapFast(self, g_redis_type, "RedisStorage"));
+  if (storage == nullptr) return nullptr;
+  Strategy strategy;
+  if (!StrategyFromPython(args[0], &strategy)) return nullptr;
+  auto* item = static_cast<ItemHandle*>(
+      UnwrapFast(args[1], g_item_type, "RateLimitItem"));
+  if (item == nullptr) return nullptr;
+  int64_t cost = 0;
+  double now_seconds = 0;
+  int64_t now = 0;
+  if (!CostFromPython(args[4], &cost) ||
+      !ViewNowFromPython(args[5], &now_seconds, &now) ||
+      !ViewNamesReady(args[6]) || !CheckStrategyLimit(strategy, item->limit)) {
+    return nullptr;
+  }
+  PyObject* key = args[2];
+  PyObject* scope = args[3];
+  PyObject* prefix = args[8];
+  const int has_prefix = PyObject_IsTrue(prefix);
+  if (has_prefix < 0) return nullptr;
+  PyObject* const ids[3] = {prefix, key, scope};
+  thread_local std::string key_text;
+  if (!BuildKey(*item, has_prefix ? ids : ids + 1, has_prefix ? 3 : 2,
+                &key_text)) {
+    return nullptr;
+  }
+  Request r;
+  r.strategy = strategy;
+  r.limit = &item->limit;
+  r.key = key_text;
+  r.cost = cost;
+  auto* p = new Pending;
+  PyObject* const parts[5] = {args[6], args[7], prefix, key, scope};
+  for (int i = 0; i < 5; ++i) {
+    Py_INCREF(parts[i]);
+    p->view[i] = parts[i];
+  }
+  p->now_seconds = now_seconds;
+  return Submit(storage, &r, 1, now, Mode::kHit, p);
 }
 
 #endif  // RAPIDLIMIT_HAVE_HIREDIS
@@ -615,6 +701,15 @@ PyMethodDef kFastMethods[] = {
      "asyncio.Future[list[Decision]]\n\n"
      "The same, without blocking the running event loop: the future is "
      "completed from the loop (eventfd + add_reader) when Redis answers."},
+    {"decide_view_async",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(DecideViewAsync)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "decide_view_async(strategy, item, key, scope, cost, now, names, "
+     "limit, prefix) -> asyncio.Future[view]\n\n"
+     "RateLimiter.decide_view on this storage, awaitable like "
+     "decide_many_async. Raises RedisUnavailableError (through the future) "
+     "when Redis cannot answer and the policy is fail-closed."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 

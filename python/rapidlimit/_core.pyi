@@ -186,6 +186,24 @@ class RedisStorage(Storage):
         test: bool = False,
     ) -> asyncio.Future[list[Decision]]:
         """The same as an awaitable that never blocks the running loop."""
+    def decide_view_async(
+        self,
+        strategy: str | RateLimiter,
+        item: RateLimitItem,
+        key: str,
+        scope: str,
+        cost: int,
+        now: float,
+        names: HeaderNames,
+        limit: object,
+        prefix: str,
+        /,
+    ) -> asyncio.Future[Any]:
+        """``RateLimiter.decide_view`` on this storage, as an awaitable like
+        :meth:`decide_many_async`: resolves to the view (``names.view_type``
+        with ``_data`` = ``(limit, prefix, key, scope, result)``), or raises
+        ``RedisUnavailableError`` when Redis cannot answer and the policy is
+        fail-closed. TypeError when ``names`` has no view type."""
 
 class HeaderNames:
     """The four rate-limit header names for ``RateLimiter.decide_headers``

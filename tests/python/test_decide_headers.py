@@ -4,6 +4,7 @@ Python formulas would format them, on memory and Redis storages."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import sys
@@ -478,3 +479,117 @@ def test_redis_other_policies_answer(server: RedisServer, policy: str) -> None:
     assert lim.decide(item, "b", now=T0).allowed
     assert lim.decide_many([(item, "c", 1)], now=T0)[0].allowed
     assert RedisStorage.last_status() == policy
+
+
+# ------------------------------------------------- RedisStorage.decide_view_async
+
+
+@needs_redis
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("prefix", ["", "svc"])
+def test_redis_decide_view_async_same_as_memory_decide_view(
+    server: RedisServer, strategy: str, prefix: str
+) -> None:
+    server.client().flushall()
+    memory = STRATEGIES[strategy](MemoryStorage())
+    store = RedisStorage(server.uri)
+    lim = STRATEGIES[strategy](store)
+    item = parse("3/5 seconds")
+    marker = object()
+
+    async def run() -> None:
+        now = T0 + 0.25
+        for i in range(30):
+            now += [0.0, 0.4, 1.0, 1.7][i % 4]
+            key, scope = f"10.0.0.{i % 2}", "/r"
+            expected = memory.decide_view(
+                item, key, scope, 1, now, VIEW_NAMES, marker, prefix
+            )
+            got = await store.decide_view_async(
+                lim, item, key, scope, 1, now, VIEW_NAMES, marker, prefix
+            )
+            assert type(got) is _View
+            assert got._data[:4] == (marker, prefix, key, scope)
+            assert got._data[4] == expected._data[4], i
+        # Several awaited together share one script call, each its own view.
+        views = await asyncio.gather(
+            *(
+                store.decide_view_async(
+                    lim, item, f"c{j}", "/g", 1, now, VIEW_NAMES, j, prefix
+                )
+                for j in range(8)
+            )
+        )
+        assert [v._data[0] for v in views] == list(range(8))
+        assert all(v._data[4][:3] == (True, 3, 2) for v in views)
+
+    asyncio.run(run())
+    store.close()
+
+
+@needs_redis
+def test_redis_decide_view_async_arguments_and_fail_closed(server: RedisServer) -> None:
+    store = RedisStorage(server.uri)
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("5/minute")
+
+    async def run() -> None:
+        with pytest.raises(TypeError, match="view class"):
+            await store.decide_view_async(lim, item, "k", "s", 1, T0, NAMES, None, "")
+        with pytest.raises(TypeError, match="9 positional"):
+            await store.decide_view_async(lim, item, "k", "s", 1, T0, VIEW_NAMES, None)  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match="cost"):
+            await store.decide_view_async(
+                lim, item, "k", "s", -1, T0, VIEW_NAMES, None, ""
+            )
+        with pytest.raises(TypeError):
+            await store.decide_view_async(
+                lim,
+                item,
+                "k",
+                "s",
+                1,
+                None,
+                VIEW_NAMES,
+                None,
+                "",  # type: ignore[arg-type]
+            )
+        dead = unreachable("fail-closed")
+        with pytest.raises(_core.RedisUnavailableError) as info:
+            await dead.decide_view_async(
+                "fixed-window", item, "k", "s", 1, T0, VIEW_NAMES, None, ""
+            )
+        assert info.value.retry_after == 3.0
+        dead.close()
+        open_ = unreachable("fail-open")
+        view = await open_.decide_view_async(
+            "fixed-window", item, "k", "s", 1, T0, VIEW_NAMES, None, ""
+        )
+        assert view._data[4][0] is True
+        open_.close()
+
+    asyncio.run(run())
+    store.close()
+
+
+@needs_redis
+def test_redis_decide_view_async_keeps_no_extra_references(server: RedisServer) -> None:
+    store = RedisStorage(server.uri)
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("1000000/minute")
+    marker, key, scope, prefix = object(), "client-ref", "/route", "p"
+    watched = (marker, key, scope, prefix, item, _View, VIEW_NAMES)
+
+    async def run() -> list[int]:
+        for _ in range(300):
+            view = await store.decide_view_async(
+                lim, item, key, scope, 1, T0, VIEW_NAMES, marker, prefix
+            )
+            del view
+        return [sys.getrefcount(o) for o in watched]
+
+    asyncio.run(run())  # warm-up: caches filled
+    before = asyncio.run(run())
+    after = asyncio.run(run())
+    assert after == before
+    store.close()
