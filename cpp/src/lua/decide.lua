@@ -49,16 +49,13 @@ local E9 = 1000000000
 -- Reply pieces as string constants (free: literals live in the compiled
 -- script): the found state goes back as the very bytes GET returned, since
 -- struct.pack costs Redis more per decision than the GET itself.
--- (allowed, fresh) as doubles, A<allowed>F<fresh>, and with processed = 1
--- first (a request with one limit), P1A<allowed>F<fresh>.
+-- 1.0 (a request's processed count, when it has one limit), and
+-- (allowed, fresh) as doubles, A<allowed>F<fresh>.
+local ONE = '\0\0\0\0\0\0\240?'
 local A0F0 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
 local A1F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0'
 local A0F1 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\240?'
 local A1F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?'
-local P1A0F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
-local P1A1F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0'
-local P1A0F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0\0\0\0\0\0\0\240?'
-local P1A1F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?'
 -- Pads a found value of 3 or 4 doubles to the reply's 5 x's.
 local PAD3 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
 local PAD4 = '\0\0\0\0\0\0\0\0'
@@ -340,38 +337,29 @@ while pos < nargs do
     end
     local allowed = 0
     if ok then allowed = 1 end
-    local pad
+    local pad, flags
     if raw then
       local n = #raw
       if n == 24 then pad = PAD3 elseif n == 32 then pad = PAD4 end
+      if ok then
+        if fresh == 1 then flags = A1F1 else flags = A1F0 end
+      elseif fresh == 1 then
+        flags = A0F1
+      else
+        flags = A0F0
+      end
     end
     if nk == 1 then
       -- The common request: its whole block at once.
       if pad then
-        local f
-        if ok then
-          if fresh == 1 then f = P1A1F1 else f = P1A1F0 end
-        elseif fresh == 1 then
-          f = P1A0F1
-        else
-          f = P1A0F0
-        end
-        out[head] = f .. raw .. pad
+        out[head] = ONE .. flags .. raw .. pad
       else
         out[head] = pack('<dddddddd', 1, allowed, fresh, x1, x2, x3, x4, x5)
       end
     else
       nout = nout + 1
       if pad then
-        local f
-        if ok then
-          if fresh == 1 then f = A1F1 else f = A1F0 end
-        elseif fresh == 1 then
-          f = A0F1
-        else
-          f = A0F0
-        end
-        out[nout] = f .. raw .. pad
+        out[nout] = flags .. raw .. pad
       else
         out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
       end
