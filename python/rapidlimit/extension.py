@@ -618,30 +618,97 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # Sync views get an async wrapper too: the check runs on the event loop (a
 # rejection never costs a thread hop), then the view runs in the thread pool
 # as Starlette and FastAPI would run it.
+#
+# The usual request (one simple limit, in-memory storage, not checked yet)
+# is checked inline: a method call and its attribute reads cost as much as
+# the core's decision. ``_rl_slot[0]`` holds the route's plan while that
+# shortcut applies to it (Limiter._invalidate empties it); every other case,
+# and anything unusual met before the first state write (no state, empty
+# path), goes through Limiter._check_in_endpoint.
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
     # isinstance against HTTPConnection (an ABC) is slow: try the usual
     # classes first.
-    if _rl_conn.__class__ not in _rl_types and not isinstance(
+    if type(_rl_conn) not in _rl_types and not isinstance(
         _rl_conn, _rl_HTTPConnection
     ):
         _rl_conn = _rl_find({values})
     if _rl_conn is None or not _rl_limiter.enabled:
         return await {call}
-    if _rl_limiter._remote:
-        _rl_outcome = await _rl_limiter._check_in_endpoint_async(
-            _rl_conn, _rl_target
+    _rl_plan = _rl_slot[0]
+    _rl_scope = _rl_conn.scope
+    _rl_state = _rl_scope.get("state")
+    _rl_headers = None
+    if (
+        _rl_plan is None
+        or _rl_state is None
+        or _rl_DONE in _rl_state
+        or _rl_limiter._storage_dead
+        or _rl_limiter._request_filters
+        or not _rl_limiter._auto_check
+        or not (
+            _rl_ekey := _rl_scope.get("path") if _rl_url else _rl_plan.endpoint_name
         )
+    ):
+        if _rl_limiter._remote:
+            _rl_view = await _rl_limiter._check_in_endpoint_async(
+                _rl_conn, _rl_target
+            )
+        else:
+            _rl_view = _rl_limiter._check_in_endpoint(_rl_conn, _rl_target)
     else:
-        _rl_outcome = _rl_limiter._check_in_endpoint(_rl_conn, _rl_target)
-    if _rl_outcome is not None and type(_rl_outcome) is not _rl_View:
+        _rl_single = _rl_plan.single
+        _rl_state[_rl_DONE] = True
+        _rl_state[_rl_BY] = _rl_limiter
+        _rl_view = None
+        try:
+            if _rl_single._peer_key:  # get_remote_address, inlined
+                _rl_key = (_rl_scope.get("client") or _rl_NO_PEER)[0] or _rl_LOCALHOST
+            elif _rl_single._key_takes_request:
+                _rl_key = _rl_single.key_func(_rl_conn)
+            else:
+                _rl_key = _rl_single.key_func()
+            if _rl_key:
+                if _rl_key.__class__ is not str:  # keyed as f"{{key}}" elsewhere
+                    _rl_key = f"{{_rl_key}}"
+                _rl_name = _rl_single._static_scope or _rl_ekey
+                _rl_view = _rl_limiter._limiter.decide_view(
+                    _rl_single.limit,
+                    _rl_key,
+                    _rl_name,
+                    _rl_single.cost,
+                    _rl_time(),
+                    _rl_core_names,
+                    _rl_single,
+                    _rl_limiter._key_prefix,
+                )
+                _rl_state[_rl_VIEW] = _rl_view
+                _rl_result = _rl_view._data[4]
+                if _rl_result[0]:
+                    _rl_failed = None
+                    if _rl_fused:
+                        _rl_headers = _rl_result[5]  # formatted by the core
+                else:
+                    _rl_failed = _rl_limiter._rejected(_rl_single, _rl_key, _rl_name)
+            else:
+                _rl_failed = _rl_limiter._evaluate(
+                    _rl_conn, _rl_plan, _rl_state, _rl_ekey, _rl_limiter._limiter
+                )
+        except Exception as _rl_exc:
+            _rl_view = None
+            _rl_failed = _rl_limiter._on_error(
+                _rl_exc, _rl_conn, _rl_plan, _rl_state, _rl_ekey
+            )
+        if _rl_failed is not None or _rl_view is None:
+            _rl_view = _rl_limiter._outcome(_rl_conn, _rl_failed, _rl_state)
+    if _rl_view is not None and type(_rl_view) is not _rl_View:
         if _rl_conn.scope["type"] == "websocket":
-            await _rl_limiter._reject_websocket(_rl_conn, _rl_outcome)
+            await _rl_limiter._reject_websocket(_rl_conn, _rl_view)
             return None
-        return _rl_outcome  # the 429
+        return _rl_view  # the 429
     _rl_response = await {call}
-    if _rl_outcome is not None and _rl_limiter._headers_enabled:
+    if _rl_view is not None and _rl_limiter._headers_enabled:
         # On the returned response, or on the ``response`` parameter that
         # FastAPI merges into it.
         if isinstance(_rl_response, _rl_Response):
@@ -652,14 +719,12 @@ async def wrapper({params}):
             _rl_raw = _rl_carrier.raw_headers
             for _rl_pair in _rl_raw:  # usually content-length, content-type
                 if _rl_pair[0] in _rl_names:
-                    _rl_limiter._inject_headers(_rl_carrier, _rl_outcome)
+                    _rl_limiter._inject_headers(_rl_carrier, _rl_view)
                     break
             else:
-                _rl_found = _rl_outcome._data[4]
-                if type(_rl_found) is tuple and _rl_fused:
-                    _rl_raw.extend(_rl_found[5])  # formatted by the core
-                else:
-                    _rl_raw.extend(_rl_limiter._fast_items(_rl_outcome))
+                if _rl_headers is None:
+                    _rl_headers = _rl_limiter._fast_items(_rl_view)
+                _rl_raw.extend(_rl_headers)
     return _rl_response
 """
 
@@ -747,8 +812,17 @@ def _build_wrapper(
         "_rl_func": func,
         "_rl_limiter": limiter,
         "_rl_target": target,
+        "_rl_slot": limiter._fast_slot(target),
         "_rl_names": limiter._header_names_and_retry,
         "_rl_fused": limiter._retry_after != "http-date",
+        "_rl_url": limiter._url_keys,
+        "_rl_core_names": limiter._core_names,
+        "_rl_time": time.time,
+        "_rl_DONE": _DONE,
+        "_rl_BY": _BY,
+        "_rl_VIEW": _VIEW,
+        "_rl_NO_PEER": _NO_PEER,
+        "_rl_LOCALHOST": _LOCALHOST,
         "_rl_threadpool": run_in_threadpool,
         "_rl_partial": functools.partial,
         "_rl_Response": Response,
@@ -925,6 +999,9 @@ class Limiter:
         self._plans: dict[tuple[Any, bool], _Plan] = {}
         self._endpoint_plans: dict[Any, _Plan] = {}  # middleware, per endpoint
         self._deco_plans: dict[Any, _Plan] = {}  # decorators, per function
+        # Per decorated function: [its plan while the wrappers' inline check
+        # applies to it, else None] (see _WRAPPER_TEMPLATE).
+        self._fast_slots: dict[Any, list[_Plan | None]] = {}
 
     # ------------------------------------------------------------------
     # configuration helpers
@@ -1097,6 +1174,16 @@ class Limiter:
         self._plans.clear()
         self._endpoint_plans.clear()
         self._deco_plans.clear()
+        for slot in self._fast_slots.values():
+            slot[0] = None
+
+    def _fast_slot(self, target: Any) -> list[_Plan | None]:
+        """The wrappers' cell for ``target``'s plan (shared by the wrappers of
+        one function: stacked decorators)."""
+        try:
+            return self._fast_slots.setdefault(target, [None])
+        except TypeError:  # unhashable: never filled, always the full check
+            return [None]
 
     def _limit_decorator(
         self,
@@ -1326,6 +1413,10 @@ class Limiter:
         if plan is None:
             plan = self._plan(target, False)
             self._deco_plans[target] = plan
+            if plan.single is not None and not self._remote:
+                slot = self._fast_slots.get(target)
+                if slot is not None:
+                    slot[0] = plan
         if plan.exempt:
             return None
         return plan, state
@@ -1415,6 +1506,12 @@ class Limiter:
         if conn.scope["type"] == "websocket":
             return failed
         return self._rejection_response(conn, failed, state)
+
+    def _rejected(self, lim: Limit, key: Any, scope: str) -> Limit:
+        """The wrappers' inline check found ``lim`` exceeded."""
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self._log_rejection(lim, key, scope)
+        return lim
 
     def _log_rejection(self, lim: Limit, key: Any, scope: str) -> None:
         # DEBUG, not WARNING: a flood of rejections must stay cheap.
