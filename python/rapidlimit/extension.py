@@ -178,6 +178,7 @@ from rapidlimit._core import (
     RedisStorage,
     RedisUnavailableError,
     Storage,
+    decide_scope,
 )
 from rapidlimit.errors import (
     ConfigurationError,
@@ -619,12 +620,14 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # rejection never costs a thread hop), then the view runs in the thread pool
 # as Starlette and FastAPI would run it.
 #
-# The usual request (one simple limit, in-memory storage, not checked yet)
-# is checked inline: a method call and its attribute reads cost as much as
-# the core's decision. ``_rl_slot[0]`` holds the route's plan while that
-# shortcut applies to it (Limiter._invalidate empties it); every other case,
-# and anything unusual met before the first state write (no state, empty
-# path), goes through Limiter._check_in_endpoint.
+# The usual request (one simple limit keyed by get_remote_address, in-memory
+# storage, not checked yet) is checked by one core call, _core.decide_scope,
+# from the scope: the same work in Python cost as much as the decision.
+# ``_rl_slot[0]`` holds what that call needs about the route (see
+# Limiter._fast_spec) while it applies (Limiter._invalidate empties it).
+# decide_scope returns None, having changed nothing, for anything unusual
+# (a request checked already, an odd peer, a stand-in core), and
+# every such request goes through Limiter._check_in_endpoint.
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
@@ -636,72 +639,45 @@ async def wrapper({params}):
         _rl_conn = _rl_find({values})
     if _rl_conn is None or not _rl_limiter.enabled:
         return await {call}
-    _rl_plan = _rl_slot[0]
-    _rl_scope = _rl_conn.scope
-    _rl_state = _rl_scope.get("state")
-    _rl_headers = None
+    _rl_spec = _rl_slot[0]
     if (
-        _rl_plan is None
-        or _rl_state is None
-        or _rl_DONE in _rl_state
+        _rl_spec is None
         or _rl_limiter._storage_dead
         or _rl_limiter._request_filters
         or not _rl_limiter._auto_check
-        or not (
-            _rl_ekey := _rl_scope.get("path") if _rl_url else _rl_plan.endpoint_name
-        )
     ):
+        _rl_view = None
+    else:
+        try:
+            _rl_view = _rl_decide(
+                _rl_limiter._limiter,
+                _rl_conn.scope,
+                _rl_spec,
+                _rl_clock.time(),  # looked up per call: clocks patch it
+                _rl_limiter._key_prefix,
+                _rl_limiter,
+            )
+        except Exception as _rl_exc:
+            _rl_view = _rl_limiter._failed_in_endpoint(_rl_exc, _rl_conn, _rl_spec[0])
+    _rl_headers = None
+    if type(_rl_view) is _rl_View:
+        _rl_result = _rl_view._data[4]
+        if _rl_result[0]:
+            if _rl_fused:
+                _rl_headers = _rl_result[5]  # formatted by the core
+        else:
+            _rl_view = _rl_limiter._rejected_in_endpoint(_rl_conn, _rl_view)
+    elif _rl_view is None:  # not for decide_scope: the general path
         if _rl_limiter._remote:
             _rl_view = await _rl_limiter._check_in_endpoint_async(
                 _rl_conn, _rl_target
             )
         else:
             _rl_view = _rl_limiter._check_in_endpoint(_rl_conn, _rl_target)
-    else:
-        _rl_single = _rl_plan.single
-        _rl_state[_rl_DONE] = True
-        _rl_state[_rl_BY] = _rl_limiter
-        _rl_view = None
-        try:
-            if _rl_single._peer_key:  # get_remote_address, inlined
-                _rl_key = (_rl_scope.get("client") or _rl_NO_PEER)[0] or _rl_LOCALHOST
-            elif _rl_single._key_takes_request:
-                _rl_key = _rl_single.key_func(_rl_conn)
-            else:
-                _rl_key = _rl_single.key_func()
-            if _rl_key:
-                if _rl_key.__class__ is not str:  # keyed as f"{{key}}" elsewhere
-                    _rl_key = f"{{_rl_key}}"
-                _rl_name = _rl_single._static_scope or _rl_ekey
-                _rl_view = _rl_limiter._limiter.decide_view(
-                    _rl_single.limit,
-                    _rl_key,
-                    _rl_name,
-                    _rl_single.cost,
-                    _rl_time(),
-                    _rl_core_names,
-                    _rl_single,
-                    _rl_limiter._key_prefix,
-                )
-                _rl_state[_rl_VIEW] = _rl_view
-                _rl_result = _rl_view._data[4]
-                if _rl_result[0]:
-                    _rl_failed = None
-                    if _rl_fused:
-                        _rl_headers = _rl_result[5]  # formatted by the core
-                else:
-                    _rl_failed = _rl_limiter._rejected(_rl_single, _rl_key, _rl_name)
-            else:
-                _rl_failed = _rl_limiter._evaluate(
-                    _rl_conn, _rl_plan, _rl_state, _rl_ekey, _rl_limiter._limiter
-                )
-        except Exception as _rl_exc:
-            _rl_view = None
-            _rl_failed = _rl_limiter._on_error(
-                _rl_exc, _rl_conn, _rl_plan, _rl_state, _rl_ekey
-            )
-        if _rl_failed is not None or _rl_view is None:
-            _rl_view = _rl_limiter._outcome(_rl_conn, _rl_failed, _rl_state)
+    else:  # the storage failed: (what _on_error returned,)
+        _rl_view = _rl_limiter._outcome(
+            _rl_conn, _rl_view[0], _rl_conn.scope["state"]
+        )
     if _rl_view is not None and type(_rl_view) is not _rl_View:
         if _rl_conn.scope["type"] == "websocket":
             await _rl_limiter._reject_websocket(_rl_conn, _rl_view)
@@ -815,14 +791,8 @@ def _build_wrapper(
         "_rl_slot": limiter._fast_slot(target),
         "_rl_names": limiter._header_names_and_retry,
         "_rl_fused": limiter._retry_after != "http-date",
-        "_rl_url": limiter._url_keys,
-        "_rl_core_names": limiter._core_names,
-        "_rl_time": time.time,
-        "_rl_DONE": _DONE,
-        "_rl_BY": _BY,
-        "_rl_VIEW": _VIEW,
-        "_rl_NO_PEER": _NO_PEER,
-        "_rl_LOCALHOST": _LOCALHOST,
+        "_rl_decide": decide_scope,
+        "_rl_clock": time,
         "_rl_threadpool": run_in_threadpool,
         "_rl_partial": functools.partial,
         "_rl_Response": Response,
@@ -999,9 +969,9 @@ class Limiter:
         self._plans: dict[tuple[Any, bool], _Plan] = {}
         self._endpoint_plans: dict[Any, _Plan] = {}  # middleware, per endpoint
         self._deco_plans: dict[Any, _Plan] = {}  # decorators, per function
-        # Per decorated function: [its plan while the wrappers' inline check
-        # applies to it, else None] (see _WRAPPER_TEMPLATE).
-        self._fast_slots: dict[Any, list[_Plan | None]] = {}
+        # Per decorated function: [its _fast_spec while the wrappers' single
+        # core call applies to it, else None] (see _WRAPPER_TEMPLATE).
+        self._fast_slots: dict[Any, list[tuple[Any, ...] | None]] = {}
 
     # ------------------------------------------------------------------
     # configuration helpers
@@ -1177,7 +1147,7 @@ class Limiter:
         for slot in self._fast_slots.values():
             slot[0] = None
 
-    def _fast_slot(self, target: Any) -> list[_Plan | None]:
+    def _fast_slot(self, target: Any) -> list[tuple[Any, ...] | None]:
         """The wrappers' cell for ``target``'s plan (shared by the wrappers of
         one function: stacked decorators)."""
         try:
@@ -1413,13 +1383,52 @@ class Limiter:
         if plan is None:
             plan = self._plan(target, False)
             self._deco_plans[target] = plan
-            if plan.single is not None and not self._remote:
-                slot = self._fast_slots.get(target)
-                if slot is not None:
-                    slot[0] = plan
+            slot = self._fast_slots.get(target)
+            if slot is not None:
+                slot[0] = self._fast_spec(plan)
         if plan.exempt:
             return None
         return plan, state
+
+    def _fast_spec(self, plan: _Plan) -> tuple[Any, ...] | None:
+        """decide_scope's ``spec`` for a decorator plan, or None when the
+        wrappers must use the general path for it."""
+        single = plan.single
+        if single is None or not single._peer_key or self._remote:
+            return None
+        if not self._url_keys and not plan.endpoint_name:
+            return None
+        return (
+            plan,
+            single,
+            single.limit,
+            single.cost,
+            self._core_names,
+            single._static_scope or None,
+            None if self._url_keys else plan.endpoint_name,
+            _DONE,
+            _BY,
+            _VIEW,
+        )
+
+    def _failed_in_endpoint(
+        self, exc: Exception, conn: HTTPConnection, plan: _Plan
+    ) -> tuple[Failure | None]:
+        """:meth:`_on_error` for an error of decide_scope (raised once the
+        request was marked as checked)."""
+        scope = conn.scope
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        return (self._on_error(exc, conn, plan, state, endpoint_key or ""),)
+
+    def _rejected_in_endpoint(self, conn: HTTPConnection, view: ViewRateLimit) -> Any:
+        """:meth:`_outcome` for a request decide_scope rejected."""
+        lim, _, key, name, _ = view._data
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self._log_rejection(lim, key, name)
+        return self._outcome(conn, lim, conn.scope["state"])
 
     def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
         """The decorator's check.
@@ -1506,12 +1515,6 @@ class Limiter:
         if conn.scope["type"] == "websocket":
             return failed
         return self._rejection_response(conn, failed, state)
-
-    def _rejected(self, lim: Limit, key: Any, scope: str) -> Limit:
-        """The wrappers' inline check found ``lim`` exceeded."""
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self._log_rejection(lim, key, scope)
-        return lim
 
     def _log_rejection(self, lim: Limit, key: Any, scope: str) -> None:
         # DEBUG, not WARNING: a flood of rejections must stay cheap.
