@@ -625,9 +625,10 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # from the scope: the same work in Python cost as much as the decision.
 # ``_rl_slot[0]`` holds what that call needs about the route (see
 # Limiter._fast_spec) while it applies (Limiter._invalidate empties it).
-# decide_scope returns None, having changed nothing, for anything unusual
-# (a request checked already, an odd peer, a stand-in core), and
-# every such request goes through Limiter._check_in_endpoint.
+# decide_scope returns None, having changed nothing but a missing
+# scope["state"], for anything unusual (a request checked already, an odd
+# peer, a stand-in core), and every such request goes through
+# Limiter._check_in_endpoint.
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
@@ -1148,7 +1149,7 @@ class Limiter:
             slot[0] = None
 
     def _fast_slot(self, target: Any) -> list[tuple[Any, ...] | None]:
-        """The wrappers' cell for ``target``'s plan (shared by the wrappers of
+        """The wrappers' cell for ``target``'s spec (shared by the wrappers of
         one function: stacked decorators)."""
         try:
             return self._fast_slots.setdefault(target, [None])
