@@ -26,6 +26,12 @@ PyTypeObject* g_decision_type = nullptr;
 PyObject* g_str_cost = nullptr;
 PyObject* g_str_now = nullptr;
 PyObject* g_str_test = nullptr;
+// The ASGI scope's keys read by decide_scope, and get_remote_address's
+// address for a request without a peer.
+PyObject* g_str_state = nullptr;
+PyObject* g_str_path = nullptr;
+PyObject* g_str_client = nullptr;
+PyObject* g_str_localhost = nullptr;
 
 PyStructSequence_Field kDecisionFields[] = {
     {"allowed", "whether the request may proceed"},
@@ -524,10 +530,10 @@ PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
                            *names);
 }
 
-// A new instance of `names`' view class whose `_data` slot holds (limit,
-// prefix, key, scope, result); steals `result`. Null with a Python error
-// set.
-PyObject* WrapView(const HeaderNamesHandle& names, PyObject* result,
+// A new instance of names' view class whose `_data` slot holds (limit,
+// prefix, key, scope, result); takes the reference to `result`. Null with
+// a Python error set.
+PyObject* MakeView(const HeaderNamesHandle& names, PyObject* result,
                    PyObject* limit, PyObject* prefix, PyObject* key,
                    PyObject* scope) {
   PyObject* data = PyTuple_New(5);
@@ -599,8 +605,145 @@ PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                  : DecideWithHeaders(limiter, args[0], with_prefix + 1, 2,
                                      args[3], args[4], *names);
   if (result == nullptr) return nullptr;
-  return WrapView(*names, result, args[6], prefix, key, scope);
+  return MakeView(*names, result, args[6], prefix, key, scope);
 }
+
+// decide_scope(core, scope, spec, now, prefix, by) -> view | None
+//
+// The decorator's whole check of one simple limit keyed by the peer's
+// address (get_remote_address), from the ASGI scope: what the wrapper did
+// in Python in about as many instructions as the decision. `spec` is
+// (plan, limit, item, cost, names, scope_name, endpoint_name, done_key,
+// by_key, view_key), built once per route; scope_name is the limit's
+// static scope or None, endpoint_name None to key by the request path.
+// Marks scope["state"] (made if missing) as checked by `by` (done_key:
+// True, by_key: by), decides, stores the view under view_key and returns
+// it. Returns None, having changed nothing else, whenever anything is
+// unusual (a state that is not a dict, a request checked already, an empty
+// path, a peer that is not a str, a `core` that is not a RateLimiter): the
+// caller's general path then handles the request. Errors of the decision itself
+// are raised after the state was marked, as the general path would have it.
+PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
+                      Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 6 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_scope(core, scope, spec, now, prefix, by) takes "
+                    "exactly 6 positional arguments");
+    return nullptr;
+  }
+  PyObject* const core = args[0];
+  PyObject* const scope = args[1];
+  PyObject* const spec = args[2];
+  if (!PyObject_TypeCheck(core, g_limiter_type) || !PyDict_CheckExact(scope) ||
+      !PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 10) {
+    Py_RETURN_NONE;
+  }
+  PyObject* const limit = PyTuple_GET_ITEM(spec, 1);
+  PyObject* const item = PyTuple_GET_ITEM(spec, 2);
+  PyObject* const cost = PyTuple_GET_ITEM(spec, 3);
+  PyObject* const names_obj = PyTuple_GET_ITEM(spec, 4);
+  PyObject* const scope_name = PyTuple_GET_ITEM(spec, 5);
+  PyObject* const endpoint_name = PyTuple_GET_ITEM(spec, 6);
+  PyObject* const done_key = PyTuple_GET_ITEM(spec, 7);
+  PyObject* const by_key = PyTuple_GET_ITEM(spec, 8);
+  PyObject* const view_key = PyTuple_GET_ITEM(spec, 9);
+  if (Py_TYPE(names_obj) != g_names_type) Py_RETURN_NONE;
+  auto* names = static_cast<HeaderNamesHandle*>(
+      UnwrapFast(names_obj, g_names_type, "HeaderNames"));
+  if (names == nullptr) return nullptr;
+  if (!names->view_type) Py_RETURN_NONE;
+
+  // Everything that could send the request to the general path first:
+  // nothing is written until the decision is certain to be made here.
+  PyObject* state = PyDict_GetItemWithError(scope, g_str_state);
+  if (state == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+    // As the general path would: scope["state"] = {} (some clients, such
+    // as httpx's ASGITransport, send none).
+    PyObject* fresh = PyDict_New();
+    if (fresh == nullptr) return nullptr;
+    const int rc = PyDict_SetItem(scope, g_str_state, fresh);
+    Py_DECREF(fresh);  // the scope holds it
+    if (rc != 0) return nullptr;
+    state = fresh;
+  } else if (!PyDict_CheckExact(state)) {
+    Py_RETURN_NONE;
+  }
+  const int done = PyDict_Contains(state, done_key);
+  if (done < 0) return nullptr;
+  if (done != 0) Py_RETURN_NONE;
+  PyObject* endpoint_key = endpoint_name;
+  if (endpoint_key == Py_None) {
+    endpoint_key = PyDict_GetItemWithError(scope, g_str_path);
+    if (endpoint_key == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NONE;
+    }
+    if (!PyUnicode_CheckExact(endpoint_key) ||
+        PyUnicode_GET_LENGTH(endpoint_key) == 0) {
+      Py_RETURN_NONE;
+    }
+  }
+  // (scope.get("client") or ("",))[0] or "127.0.0.1"
+  PyObject* key = g_str_localhost;
+  PyObject* const client = PyDict_GetItemWithError(scope, g_str_client);
+  if (client == nullptr) {
+    if (PyErr_Occurred()) return nullptr;
+  } else if (PyTuple_CheckExact(client)) {
+    if (PyTuple_GET_SIZE(client) > 0) {
+      PyObject* const host = PyTuple_GET_ITEM(client, 0);
+      if (PyUnicode_CheckExact(host)) {
+        if (PyUnicode_GET_LENGTH(host) > 0) key = host;
+      } else if (host != Py_None) {
+        Py_RETURN_NONE;  // keyed as f"{host}": the general path's business
+      }
+    }
+  } else if (client != Py_None) {
+    Py_RETURN_NONE;
+  }
+  PyObject* const name = scope_name == Py_None ? endpoint_key : scope_name;
+  PyObject* const prefix = args[4];
+  const int has_prefix = PyObject_IsTrue(prefix);
+  if (has_prefix < 0) return nullptr;
+  auto* limiter = SelfHandle(core);
+  if (limiter == nullptr) return nullptr;
+
+  // References of our own: the writes below may run arbitrary code
+  // (__eq__ of a key already in the state) that could drop the scope's.
+  Py_INCREF(state);
+  Py_INCREF(key);
+  Py_INCREF(name);
+  PyObject* view = nullptr;
+  if (PyDict_SetItem(state, done_key, Py_True) == 0 &&
+      PyDict_SetItem(state, by_key, args[5]) == 0) {
+    PyObject* const with_prefix[3] = {prefix, key, name};
+    PyObject* const result =
+        has_prefix ? DecideWithHeaders(limiter, item, with_prefix, 3, cost,
+                                       args[3], *names)
+                   : DecideWithHeaders(limiter, item, with_prefix + 1, 2, cost,
+                                       args[3], *names);
+    if (result != nullptr) {
+      view = MakeView(*names, result, limit, prefix, key, name);
+      if (view != nullptr && PyDict_SetItem(state, view_key, view) != 0) {
+        Py_CLEAR(view);
+      }
+    }
+  }
+  Py_DECREF(name);
+  Py_DECREF(key);
+  Py_DECREF(state);
+  return view;
+}
+
+PyMethodDef kDecideScopeDef = {
+    "decide_scope",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideScope)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "decide_scope(core, scope, spec, now, prefix, by) -> view | None\n\n"
+    "The decorator's check of one simple limit keyed by the peer's address, "
+    "straight from the ASGI scope (see rapidlimit.extension). None when the "
+    "request needs the general path; nothing was changed then."};
 
 PyMethodDef kFastMethods[] = {
     {"hit",
@@ -688,7 +831,7 @@ PyObject* NewDecisionView(const Decision& d, double now_seconds,
     Py_DECREF(result);
     return nullptr;
   }
-  return WrapView(*names, result, limit, prefix, key, scope);
+  return MakeView(*names, result, limit, prefix, key, scope);
 }
 
 PyObject* MakeDecision(const Decision& d) {
@@ -755,6 +898,10 @@ void BindLimiter(py::module_& m) {
   g_str_cost = PyUnicode_InternFromString("cost");
   g_str_now = PyUnicode_InternFromString("now");
   g_str_test = PyUnicode_InternFromString("test");
+  g_str_state = PyUnicode_InternFromString("state");
+  g_str_path = PyUnicode_InternFromString("path");
+  g_str_client = PyUnicode_InternFromString("client");
+  g_str_localhost = PyUnicode_InternFromString("127.0.0.1");
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
 
@@ -888,6 +1035,10 @@ void BindLimiter(py::module_& m) {
     Py_DECREF(descr);
     if (rc != 0) throw py::error_already_set();
   }
+  PyObject* decide_scope =
+      PyCFunction_NewEx(&kDecideScopeDef, nullptr, m.attr("__name__").ptr());
+  if (decide_scope == nullptr) throw py::error_already_set();
+  m.add_object("decide_scope", py::reinterpret_steal<py::object>(decide_scope));
 }
 
 }  // namespace rapidlimit::bindings

@@ -337,3 +337,30 @@ class RateLimiter:
         On a Redis storage whose policy is fail-closed, raises
         RedisUnavailableError when Redis cannot answer.
         """
+
+def decide_scope(
+    core: object,
+    scope: dict[str, Any],
+    spec: tuple[Any, ...],
+    now: float,
+    prefix: str,
+    by: object,
+    /,
+) -> Any:
+    """The decorator's check of one simple limit keyed by the peer's address,
+    from the ASGI ``scope``.
+
+    ``spec`` is ``(plan, limit, item, cost, names, scope_name,
+    endpoint_name, done_key, by_key, view_key)``: ``scope_name`` is the
+    limit's static scope or None (the endpoint key is used),
+    ``endpoint_name`` the endpoint key or None to use ``scope["path"]``.
+    Sets ``state[done_key] = True`` and ``state[by_key] = by`` in
+    ``scope["state"]``, then ``core.decide_view(item, key, name, cost, now,
+    names, limit, prefix)`` for the key ``scope["client"][0]`` (or
+    ``"127.0.0.1"``), stores the view under ``view_key`` and returns it
+    (``scope["state"]`` is made if missing). Returns None, having changed
+    nothing else, when the request needs the caller's general path:
+    ``core`` is not a RateLimiter, a state that is not a dict,
+    ``done_key`` already in the state, an empty path, a peer address that
+    is not a str. Errors of the decision are raised after the state was
+    marked."""

@@ -178,6 +178,7 @@ from rapidlimit._core import (
     RedisStorage,
     RedisUnavailableError,
     Storage,
+    decide_scope,
 )
 from rapidlimit.errors import (
     ConfigurationError,
@@ -618,30 +619,73 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # Sync views get an async wrapper too: the check runs on the event loop (a
 # rejection never costs a thread hop), then the view runs in the thread pool
 # as Starlette and FastAPI would run it.
+#
+# The usual request (one simple limit keyed by get_remote_address, in-memory
+# storage, not checked yet) is checked by one core call, _core.decide_scope,
+# from the scope: the same work in Python cost as much as the decision.
+# ``_rl_slot[0]`` holds what that call needs about the route (see
+# Limiter._fast_spec) while it applies (Limiter._invalidate empties it).
+# decide_scope returns None, having changed nothing but a missing
+# scope["state"], for anything unusual (a request checked already, an odd
+# peer, a stand-in core), and every such request goes through
+# Limiter._check_in_endpoint.
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
     # isinstance against HTTPConnection (an ABC) is slow: try the usual
     # classes first.
-    if _rl_conn.__class__ not in _rl_types and not isinstance(
+    if type(_rl_conn) not in _rl_types and not isinstance(
         _rl_conn, _rl_HTTPConnection
     ):
         _rl_conn = _rl_find({values})
     if _rl_conn is None or not _rl_limiter.enabled:
         return await {call}
-    if _rl_limiter._remote:
-        _rl_outcome = await _rl_limiter._check_in_endpoint_async(
-            _rl_conn, _rl_target
-        )
+    _rl_spec = _rl_slot[0]
+    if (
+        _rl_spec is None
+        or _rl_limiter._storage_dead
+        or _rl_limiter._request_filters
+        or not _rl_limiter._auto_check
+    ):
+        _rl_view = None
     else:
-        _rl_outcome = _rl_limiter._check_in_endpoint(_rl_conn, _rl_target)
-    if _rl_outcome is not None and type(_rl_outcome) is not _rl_View:
+        try:
+            _rl_view = _rl_decide(
+                _rl_limiter._limiter,
+                _rl_conn.scope,
+                _rl_spec,
+                _rl_clock.time(),  # looked up per call: clocks patch it
+                _rl_limiter._key_prefix,
+                _rl_limiter,
+            )
+        except Exception as _rl_exc:
+            _rl_view = _rl_limiter._failed_in_endpoint(_rl_exc, _rl_conn, _rl_spec[0])
+    _rl_headers = None
+    if type(_rl_view) is _rl_View:
+        _rl_result = _rl_view._data[4]
+        if _rl_result[0]:
+            if _rl_fused:
+                _rl_headers = _rl_result[5]  # formatted by the core
+        else:
+            _rl_view = _rl_limiter._rejected_in_endpoint(_rl_conn, _rl_view)
+    elif _rl_view is None:  # not for decide_scope: the general path
+        if _rl_limiter._remote:
+            _rl_view = await _rl_limiter._check_in_endpoint_async(
+                _rl_conn, _rl_target
+            )
+        else:
+            _rl_view = _rl_limiter._check_in_endpoint(_rl_conn, _rl_target)
+    else:  # the storage failed: (what _on_error returned,)
+        _rl_view = _rl_limiter._outcome(
+            _rl_conn, _rl_view[0], _rl_conn.scope["state"]
+        )
+    if _rl_view is not None and type(_rl_view) is not _rl_View:
         if _rl_conn.scope["type"] == "websocket":
-            await _rl_limiter._reject_websocket(_rl_conn, _rl_outcome)
+            await _rl_limiter._reject_websocket(_rl_conn, _rl_view)
             return None
-        return _rl_outcome  # the 429
+        return _rl_view  # the 429
     _rl_response = await {call}
-    if _rl_outcome is not None and _rl_limiter._headers_enabled:
+    if _rl_view is not None and _rl_limiter._headers_enabled:
         # On the returned response, or on the ``response`` parameter that
         # FastAPI merges into it.
         if isinstance(_rl_response, _rl_Response):
@@ -652,14 +696,16 @@ async def wrapper({params}):
             _rl_raw = _rl_carrier.raw_headers
             for _rl_pair in _rl_raw:  # usually content-length, content-type
                 if _rl_pair[0] in _rl_names:
-                    _rl_limiter._inject_headers(_rl_carrier, _rl_outcome)
+                    _rl_limiter._inject_headers(_rl_carrier, _rl_view)
                     break
             else:
-                _rl_found = _rl_outcome._data[4]
-                if type(_rl_found) is tuple and _rl_fused:
-                    _rl_raw.extend(_rl_found[5])  # formatted by the core
-                else:
-                    _rl_raw.extend(_rl_limiter._fast_items(_rl_outcome))
+                if _rl_headers is None:  # the general path's view
+                    _rl_found = _rl_view._data[4]
+                    if type(_rl_found) is tuple and _rl_fused:
+                        _rl_headers = _rl_found[5]  # formatted by the core
+                    else:
+                        _rl_headers = _rl_limiter._fast_items(_rl_view)
+                _rl_raw.extend(_rl_headers)
     return _rl_response
 """
 
@@ -747,8 +793,11 @@ def _build_wrapper(
         "_rl_func": func,
         "_rl_limiter": limiter,
         "_rl_target": target,
+        "_rl_slot": limiter._fast_slot(target),
         "_rl_names": limiter._header_names_and_retry,
         "_rl_fused": limiter._retry_after != "http-date",
+        "_rl_decide": decide_scope,
+        "_rl_clock": time,
         "_rl_threadpool": run_in_threadpool,
         "_rl_partial": functools.partial,
         "_rl_Response": Response,
@@ -925,6 +974,9 @@ class Limiter:
         self._plans: dict[tuple[Any, bool], _Plan] = {}
         self._endpoint_plans: dict[Any, _Plan] = {}  # middleware, per endpoint
         self._deco_plans: dict[Any, _Plan] = {}  # decorators, per function
+        # Per decorated function: [its _fast_spec while the wrappers' single
+        # core call applies to it, else None] (see _WRAPPER_TEMPLATE).
+        self._fast_slots: dict[Any, list[tuple[Any, ...] | None]] = {}
 
     # ------------------------------------------------------------------
     # configuration helpers
@@ -1097,6 +1149,16 @@ class Limiter:
         self._plans.clear()
         self._endpoint_plans.clear()
         self._deco_plans.clear()
+        for slot in self._fast_slots.values():
+            slot[0] = None
+
+    def _fast_slot(self, target: Any) -> list[tuple[Any, ...] | None]:
+        """The wrappers' cell for ``target``'s spec (shared by the wrappers of
+        one function: stacked decorators)."""
+        try:
+            return self._fast_slots.setdefault(target, [None])
+        except TypeError:  # unhashable: never filled, always the full check
+            return [None]
 
     def _limit_decorator(
         self,
@@ -1326,9 +1388,52 @@ class Limiter:
         if plan is None:
             plan = self._plan(target, False)
             self._deco_plans[target] = plan
+            slot = self._fast_slots.get(target)
+            if slot is not None:
+                slot[0] = self._fast_spec(plan)
         if plan.exempt:
             return None
         return plan, state
+
+    def _fast_spec(self, plan: _Plan) -> tuple[Any, ...] | None:
+        """decide_scope's ``spec`` for a decorator plan, or None when the
+        wrappers must use the general path for it."""
+        single = plan.single
+        if single is None or not single._peer_key or self._remote:
+            return None
+        if not self._url_keys and not plan.endpoint_name:
+            return None
+        return (
+            plan,
+            single,
+            single.limit,
+            single.cost,
+            self._core_names,
+            single._static_scope or None,
+            None if self._url_keys else plan.endpoint_name,
+            _DONE,
+            _BY,
+            _VIEW,
+        )
+
+    def _failed_in_endpoint(
+        self, exc: Exception, conn: HTTPConnection, plan: _Plan
+    ) -> tuple[Failure | None]:
+        """:meth:`_on_error` for an error of decide_scope (raised once the
+        request was marked as checked)."""
+        scope = conn.scope
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        return (self._on_error(exc, conn, plan, state, endpoint_key or ""),)
+
+    def _rejected_in_endpoint(self, conn: HTTPConnection, view: ViewRateLimit) -> Any:
+        """:meth:`_outcome` for a request decide_scope rejected."""
+        lim, _, key, name, _ = view._data
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self._log_rejection(lim, key, name)
+        return self._outcome(conn, lim, conn.scope["state"])
 
     def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
         """The decorator's check.

@@ -187,3 +187,21 @@ def test_a_patched_time_function_is_used(monkeypatch: pytest.MonkeyPatch) -> Non
     assert client.get("/x").status_code == 429  # type: ignore[attr-defined]
     now["t"] += 60
     assert client.get("/x").status_code == 200  # type: ignore[attr-defined]
+
+
+def test_a_clock_patched_after_the_first_requests_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The decorator's wrapper must not keep the time.time it saw first.
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+    client = AsyncClientAdapter(_app(limiter, "async", None))
+    client.get("/p")
+    client.get("/x")  # builds the route's plan: later requests take the shortcut
+    now = {"t": 1_000_000.0}
+    monkeypatch.setattr(time, "time", lambda: now["t"])
+    limiter.reset()
+    assert client.get("/x").headers["x-ratelimit-reset"] == "1000061"  # type: ignore[attr-defined]
+    client.get("/x")
+    assert client.get("/x").status_code == 429  # type: ignore[attr-defined]
+    now["t"] += 60
+    assert client.get("/x").status_code == 200  # type: ignore[attr-defined]
