@@ -65,6 +65,29 @@ async def test_64_concurrent_requests_exact_and_pipelined(server: RedisServer) -
     store.close()
 
 
+async def test_batches_persist_across_waves_of_awaits(server: RedisServer) -> None:
+    """64 tasks, each awaiting one decision after another: the replies read
+    together resume their tasks in one loop turn and the tasks' next
+    decisions leave together. Batches used to decay to about one decision
+    per script (the first of a turn sent alone, its reply alone)."""
+    store = RedisStorage(server.uri, timeout=2.0)
+    item = parse("1000000/hour")
+
+    async def task(i: int) -> None:
+        for j in range(25):
+            await store.decide_many_async(
+                "fixed-window", [(item, f"t{i}", 1)], now=T0 + j * 1e-3
+            )
+
+    await asyncio.gather(*(task(i) for i in range(64)))
+    stats = store.stats()
+    assert stats["decisions"] == 64 * 25
+    # 16 to 32 per script here; under 8 when a lone decision is started at
+    # once, about 1.3 before replies read together woke the loop once.
+    assert stats["decisions"] >= 10 * stats["scripts"], stats
+    store.close()
+
+
 async def test_loop_keeps_serving_while_redis_is_slow(server: RedisServer) -> None:
     store = RedisStorage(server.uri, timeout=0.2, on_error="fail-open")
     item = parse("10/second")
