@@ -158,20 +158,22 @@ bool FingerprintKey(const ItemHandle& item, PyObject* const* ids, size_t n,
       r->has_fingerprint = true;
       return true;
     }
-  }
-  for (size_t i = 0; i < n; ++i) {
     Py_ssize_t len = 0;
     const char* data = StrUtf8(ids[i], &len);
     if (data == nullptr) return false;
     if (i > 0) hasher.Update("/", 1);
     hasher.Update(data, static_cast<size_t>(len));
   }
-  // The suffix starts with its own separator, which `limits` only writes
-  // between parts.
-  const std::string_view suffix = item.key_suffix;
-  const std::string_view tail = n == 0 ? suffix.substr(1) : suffix;
-  hasher.Update(tail.data(), tail.size());
-  const internal::Hash128 h = hasher.Finish();
+  internal::Hash128 h;
+  if (n != 0) {
+    h = hasher.FinishWith(item.suffix_words);
+  } else {
+    // The suffix starts with its own separator, which `limits` only writes
+    // between parts.
+    const std::string_view tail = std::string_view(item.key_suffix).substr(1);
+    hasher.Update(tail.data(), tail.size());
+    h = hasher.Finish();
+  }
   r->fingerprint = KeyFingerprint{h.lo, h.hi};
   r->has_fingerprint = true;
   return true;

@@ -21,6 +21,7 @@ struct ItemHandle {
     key_prefix = limit.namespace_ + "/";
     limit.AppendKeySuffix(&key_suffix);
     prefix_hasher.Update(key_prefix.data(), key_prefix.size());
+    suffix_words = internal::SipSuffix(key_suffix.data(), key_suffix.size());
   }
   Limit limit;
   std::string key_prefix;  // "LIMITER/"
@@ -28,6 +29,8 @@ struct ItemHandle {
   // The memory store's key hash, having absorbed key_prefix: every key of
   // this item starts with it, so each hit resumes from here.
   internal::SipHasher13 prefix_hasher{internal::ProcessSipKey()};
+  // key_suffix, which ends every key with identifiers, ready to hash.
+  internal::SipSuffix suffix_words;
 };
 
 // Base of every Python-visible storage.
