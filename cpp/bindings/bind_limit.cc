@@ -32,11 +32,7 @@ void* UnwrapSlow(PyObject* obj, PyTypeObject* type, const char* what) {
   return value;
 }
 
-bool NowFromPython(PyObject* now, int64_t* out) {
-  if (now == nullptr || now == Py_None) {
-    *out = SystemClock()->NowNanos();
-    return true;
-  }
+bool NowFromSeconds(PyObject* now, int64_t* out) {
   const double seconds = PyFloat_AsDouble(now);
   if (seconds == -1.0 && PyErr_Occurred()) return false;
   if (!std::isfinite(seconds) || std::fabs(seconds) > 9.0e9) {
@@ -74,11 +70,7 @@ bool AppendIdentifier(PyObject* obj, std::string* out) {
   return data != nullptr;
 }
 
-bool CheckStrategyLimit(Strategy strategy, const Limit& limit) {
-  if (strategy != Strategy::kMovingWindow ||
-      limit.amount <= kMaxMovingWindowAmount) {
-    return true;
-  }
+bool RaiseMovingWindowTooLarge(const Limit& limit) {
   const std::string text = limit.ToString();
   PyErr_Format(PyExc_ValueError,
                "moving-window limit '%s' is too large: the moving window "

@@ -122,7 +122,10 @@ PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
     if (RaiseIfFailClosed(d)) return nullptr;
     return MakeDecision(d);
   } else {
-    return PyBool_FromLong(d.allowed);
+    // Not PyBool_FromLong: a call into libpython for one reference.
+    PyObject* result = d.allowed ? Py_True : Py_False;
+    Py_INCREF(result);
+    return result;
   }
 }
 
