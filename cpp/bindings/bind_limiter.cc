@@ -65,9 +65,12 @@ bool SetKeyBytes(const ItemHandle& item, PyObject* const* ids, size_t n,
 
 // The key of one request for item.key_for(*ids): a fingerprint for a
 // store that takes them (the memory store: no key string is built), else
-// the key's bytes. Inline: a call here cost a sixth of the fingerprint.
-inline bool SetKey(const LimiterHandle& limiter, const ItemHandle& item,
-                   PyObject* const* ids, size_t n, Request* r) {
+// the key's bytes. Always inline: GCC kept it out of line once it hashed,
+// and the call and its register saves cost 4% of the hit's instructions.
+[[gnu::always_inline]] inline bool SetKey(const LimiterHandle& limiter,
+                                          const ItemHandle& item,
+                                          PyObject* const* ids, size_t n,
+                                          Request* r) {
   if (!limiter.fingerprints) return SetKeyBytes(item, ids, n, r);
   // FingerprintKey's usual case, one ASCII str (its bytes are its UTF-8),
   // here without its call and its loop over identifiers, a twelfth of its
