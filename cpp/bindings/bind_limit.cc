@@ -32,11 +32,7 @@ void* UnwrapSlow(PyObject* obj, PyTypeObject* type, const char* what) {
   return value;
 }
 
-bool NowFromPython(PyObject* now, int64_t* out) {
-  if (now == nullptr || now == Py_None) {
-    *out = SystemClock()->NowNanos();
-    return true;
-  }
+bool NowFromSeconds(PyObject* now, int64_t* out) {
   const double seconds = PyFloat_AsDouble(now);
   if (seconds == -1.0 && PyErr_Occurred()) return false;
   if (!std::isfinite(seconds) || std::fabs(seconds) > 9.0e9) {
@@ -74,11 +70,7 @@ bool AppendIdentifier(PyObject* obj, std::string* out) {
   return data != nullptr;
 }
 
-bool CheckStrategyLimit(Strategy strategy, const Limit& limit) {
-  if (strategy != Strategy::kMovingWindow ||
-      limit.amount <= kMaxMovingWindowAmount) {
-    return true;
-  }
+bool RaiseMovingWindowTooLarge(const Limit& limit) {
   const std::string text = limit.ToString();
   PyErr_Format(PyExc_ValueError,
                "moving-window limit '%s' is too large: the moving window "
@@ -158,20 +150,22 @@ bool FingerprintKey(const ItemHandle& item, PyObject* const* ids, size_t n,
       r->has_fingerprint = true;
       return true;
     }
-  }
-  for (size_t i = 0; i < n; ++i) {
     Py_ssize_t len = 0;
     const char* data = StrUtf8(ids[i], &len);
     if (data == nullptr) return false;
     if (i > 0) hasher.Update("/", 1);
     hasher.Update(data, static_cast<size_t>(len));
   }
-  // The suffix starts with its own separator, which `limits` only writes
-  // between parts.
-  const std::string_view suffix = item.key_suffix;
-  const std::string_view tail = n == 0 ? suffix.substr(1) : suffix;
-  hasher.Update(tail.data(), tail.size());
-  const internal::Hash128 h = hasher.Finish();
+  internal::Hash128 h;
+  if (n != 0) {
+    h = hasher.FinishWith(item.suffix_words);
+  } else {
+    // The suffix starts with its own separator, which `limits` only writes
+    // between parts.
+    const std::string_view tail = std::string_view(item.key_suffix).substr(1);
+    hasher.Update(tail.data(), tail.size());
+    h = hasher.Finish();
+  }
   r->fingerprint = KeyFingerprint{h.lo, h.hi};
   r->has_fingerprint = true;
   return true;

@@ -71,11 +71,26 @@ bool SetKeyBytes(const ItemHandle& item, PyObject* const* ids, size_t n,
 
 // The key of one request for item.key_for(*ids): a fingerprint for a
 // store that takes them (the memory store: no key string is built), else
-// the key's bytes. Inline: a call here cost a sixth of the fingerprint.
-inline bool SetKey(const LimiterHandle& limiter, const ItemHandle& item,
-                   PyObject* const* ids, size_t n, Request* r) {
-  return limiter.fingerprints ? FingerprintKey(item, ids, n, r)
-                              : SetKeyBytes(item, ids, n, r);
+// the key's bytes. Always inline: GCC kept it out of line once it hashed,
+// and the call and its register saves cost 4% of the hit's instructions.
+[[gnu::always_inline]] inline bool SetKey(const LimiterHandle& limiter,
+                                          const ItemHandle& item,
+                                          PyObject* const* ids, size_t n,
+                                          Request* r) {
+  if (!limiter.fingerprints) return SetKeyBytes(item, ids, n, r);
+  // FingerprintKey's usual case, one ASCII str (its bytes are its UTF-8),
+  // here without its call and its loop over identifiers, a twelfth of its
+  // cost.
+  if (n == 1 && PyUnicode_Check(ids[0]) && PyUnicode_IS_COMPACT_ASCII(ids[0])) {
+    internal::SipHasher13 hasher = item.prefix_hasher;
+    hasher.Update(PyUnicode_DATA(ids[0]),
+                  static_cast<size_t>(PyUnicode_GET_LENGTH(ids[0])));
+    const internal::Hash128 h = hasher.FinishWith(item.suffix_words);
+    r->fingerprint = KeyFingerprint{h.lo, h.hi};
+    r->has_fingerprint = true;
+    return true;
+  }
+  return FingerprintKey(item, ids, n, r);
 }
 
 enum class Answer { kHit, kTest, kDecide };
@@ -128,7 +143,10 @@ PyObject* DecideSingle(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
     if (RaiseIfFailClosed(d)) return nullptr;
     return MakeDecision(d);
   } else {
-    return PyBool_FromLong(d.allowed);
+    // Not PyBool_FromLong: a call into libpython for one reference.
+    PyObject* result = d.allowed ? Py_True : Py_False;
+    Py_INCREF(result);
+    return result;
   }
 }
 

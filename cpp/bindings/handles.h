@@ -7,6 +7,8 @@
 #include <memory>
 #include <string>
 
+#include "rapidlimit/algorithms.h"
+#include "rapidlimit/clock.h"
 #include "rapidlimit/limit.h"
 #include "rapidlimit/store.h"
 #include "siphash.h"
@@ -21,6 +23,7 @@ struct ItemHandle {
     key_prefix = limit.namespace_ + "/";
     limit.AppendKeySuffix(&key_suffix);
     prefix_hasher.Update(key_prefix.data(), key_prefix.size());
+    suffix_words = internal::SipSuffix(key_suffix.data(), key_suffix.size());
   }
   Limit limit;
   std::string key_prefix;  // "LIMITER/"
@@ -28,6 +31,8 @@ struct ItemHandle {
   // The memory store's key hash, having absorbed key_prefix: every key of
   // this item starts with it, so each hit resumes from here.
   internal::SipHasher13 prefix_hasher{internal::ProcessSipKey()};
+  // key_suffix, which ends every key with identifiers, ready to hash.
+  internal::SipSuffix suffix_words;
 };
 
 // Base of every Python-visible storage.
@@ -64,9 +69,19 @@ inline void* UnwrapFast(PyObject* obj, PyTypeObject* type, const char* what) {
   return UnwrapSlow(obj, type, what);
 }
 
+// Epoch nanoseconds from `now` in seconds. Returns false with a Python
+// error set on a bad value.
+bool NowFromSeconds(PyObject* now, int64_t* out);
 // Epoch nanoseconds from an optional `now` in seconds (None: system clock).
-// Returns false with a Python error set on a bad value.
-bool NowFromPython(PyObject* now, int64_t* out);
+// Returns false with a Python error set on a bad value. Inline: most calls
+// take the system clock, and the call cost half as much as the read.
+inline bool NowFromPython(PyObject* now, int64_t* out) {
+  if (now == nullptr || now == Py_None) {
+    *out = SystemNowNanos();
+    return true;
+  }
+  return NowFromSeconds(now, out);
+}
 
 // Appends str(obj) (bytes are decoded as UTF-8, like limits' safe_string).
 bool AppendIdentifier(PyObject* obj, std::string* out);
@@ -92,8 +107,16 @@ bool CostFromPython(PyObject* obj, int64_t* cost);
 // store's fail-closed policy: callers that return decisions raise instead.
 bool RaiseIfFailClosed(const Decision& d);
 
-// False, with ValueError set, for a limit `strategy` cannot hold.
-bool CheckStrategyLimit(Strategy strategy, const Limit& limit);
+// Sets ValueError for a moving-window limit above kMaxMovingWindowAmount;
+// returns false.
+bool RaiseMovingWindowTooLarge(const Limit& limit);
+// False, with ValueError set, for a limit `strategy` cannot hold. Inline:
+// every decision checks, and only the moving window can fail.
+inline bool CheckStrategyLimit(Strategy strategy, const Limit& limit) {
+  return strategy != Strategy::kMovingWindow ||
+         limit.amount <= kMaxMovingWindowAmount ||
+         RaiseMovingWindowTooLarge(limit);
+}
 
 // RateLimiter.decide_view's parts, for the Redis storage's awaitable
 // form. ViewNamesReady: `names` is a HeaderNames made with a view class

@@ -32,15 +32,12 @@ class TscClock {
   static constexpr int64_t kCalibrateNanos = 20'000'000;  // 20 ms
   static constexpr int kRateBits = 32;
 
-  TscClock() : usable_(Detect()) {
-    if (usable_) {
-      origin_tsc_ = __rdtsc();
-      origin_ns_ = RealtimeNanos();
-    }
-  }
+  // Constant: a global needs no guard on each read, as a function-local
+  // static would. Whether the TSC is usable is decided at the first read.
+  constexpr TscClock() = default;
 
   int64_t Now() {
-    if (!usable_) return RealtimeNanos();
+    if (mode_.load(std::memory_order_relaxed) != kTsc) return NowWithoutTsc();
     const uint64_t tsc = __rdtsc();
     const uint64_t seq = seq_.load(std::memory_order_acquire);
     const uint64_t anchor_tsc = anchor_tsc_.load(std::memory_order_relaxed);
@@ -84,14 +81,30 @@ class TscClock {
     return ok;
   }
 
+  // The first read decides (racing threads all decide the same); later
+  // ones only come here when the TSC is not usable.
+  // Out of line: inlined, their register saves burdened every read.
+  [[gnu::noinline, gnu::cold]] int64_t NowWithoutTsc() {
+    Mode mode = mode_.load(std::memory_order_relaxed);
+    if (mode == kUndecided) {
+      mode = Detect() ? kTsc : kRealtime;
+      mode_.store(mode, std::memory_order_relaxed);
+    }
+    return mode == kTsc ? Resync() : RealtimeNanos();
+  }
+
   // Reads the real clock and, if no other thread is doing so, re-anchors.
-  int64_t Resync() {
+  [[gnu::noinline, gnu::cold]] int64_t Resync() {
     const int64_t ns = RealtimeNanos();
     const uint64_t tsc = __rdtsc();
     uint64_t seq = seq_.load(std::memory_order_relaxed);
     if ((seq & 1) != 0 || !seq_.compare_exchange_strong(
                               seq, seq + 1, std::memory_order_acquire)) {
       return ns;  // another thread is re-anchoring
+    }
+    if (origin_ns_ == 0) {  // the first anchor
+      origin_tsc_ = tsc;
+      origin_ns_ = ns;
     }
     // The rate comes from the longest span seen, so it only gets better.
     const int64_t span_ns = ns - origin_ns_;
@@ -117,7 +130,10 @@ class TscClock {
     return ns;
   }
 
-  const bool usable_;
+  enum Mode : uint8_t { kUndecided, kTsc, kRealtime };
+  std::atomic<Mode> mode_{kUndecided};
+  // Where calibration started; written by the first Resync, and only ever
+  // read by the thread holding the odd seq_.
   uint64_t origin_tsc_ = 0;
   int64_t origin_ns_ = 0;
   std::atomic<uint64_t> seq_{0};  // odd while the anchor is being written
@@ -129,22 +145,20 @@ class TscClock {
   std::atomic<uint64_t> max_ticks_{0};
 };
 
-class RealtimeClock final : public Clock {
- public:
-  int64_t NowNanos() const override { return tsc_.Now(); }
+constinit TscClock g_tsc;
 
- private:
-  mutable TscClock tsc_;
-};
+int64_t ReadSystemClock() { return g_tsc.Now(); }
 
 #else
 
-class RealtimeClock final : public Clock {
- public:
-  int64_t NowNanos() const override { return RealtimeNanos(); }
-};
+int64_t ReadSystemClock() { return RealtimeNanos(); }
 
 #endif
+
+class RealtimeClock final : public Clock {
+ public:
+  int64_t NowNanos() const override { return ReadSystemClock(); }
+};
 
 }  // namespace
 
@@ -152,6 +166,8 @@ const Clock* SystemClock() {
   static const RealtimeClock clock;
   return &clock;
 }
+
+int64_t SystemNowNanos() { return ReadSystemClock(); }
 
 int64_t SecondsToNanos(double seconds) {
   const double whole = std::floor(seconds);

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace rapidlimit::internal {
 
@@ -46,6 +47,41 @@ const SipKey& ProcessSipKey();
   v2 = rotl(v2, 32);
 }
 
+// The constant last bytes of a family of messages (a limit's key suffix),
+// split in advance into SipHash message words for each of the 8 byte
+// offsets at which they can start: the bytes before them vary in length,
+// and assembling the words byte by byte at every hash cost more than the
+// rounds they feed. Immutable once built, so any thread may read it.
+class SipSuffix {
+ public:
+  SipSuffix() : SipSuffix(nullptr, 0) {}
+  SipSuffix(const void* data, size_t len)
+      : len_(len), stride_(len / 8 + 2), words_(8 * stride_, 0) {
+    const auto* in = static_cast<const unsigned char*>(data);
+    for (size_t offset = 0; offset < 8; ++offset) {
+      uint64_t* w = &words_[offset * stride_];
+      for (size_t i = 0; i < len; ++i) {
+        const size_t pos = offset + i;
+        w[pos / 8] |= static_cast<uint64_t>(in[i]) << (8 * (pos % 8));
+      }
+    }
+  }
+
+  size_t size() const { return len_; }
+
+  // The suffix's words when it starts `offset` (< 8) bytes into a word:
+  // (offset + size()) / 8 complete words, then the last, partial one (0
+  // when there is none). Word 0 leaves its low `offset` bytes zero.
+  const uint64_t* WordsAt(size_t offset) const {
+    return &words_[offset * stride_];
+  }
+
+ private:
+  size_t len_;
+  size_t stride_;  // room for the (7 + len) / 8 + 1 words of any offset
+  std::vector<uint64_t> words_;
+};
+
 // SipHash13_128 fed in pieces: Update() with the bytes in order, then
 // Finish(). The result is SipHash13_128 of the concatenation however the
 // bytes are split, so a caller that assembles a key from parts need not
@@ -74,8 +110,33 @@ class SipHasher13 {
       in += take;
       len -= take;
     }
+    if (len < 8) {
+      tail_ = LoadPartial(in, len);
+      return;
+    }
+    const unsigned char* const end = in + len;
     for (; len >= 8; in += 8, len -= 8) Compress(Load64(in));
-    tail_ = LoadPartial(in, len);
+    // At least 8 bytes were left, so the last ones come in one load
+    // ending at the piece's end, shifted down: no byte-wise assembly.
+    tail_ = len == 0 ? 0 : Load64(end - 8) >> (64 - 8 * len);
+  }
+
+  // Update(suffix's bytes) then Finish(), with the suffix's words already
+  // assembled: FinishWith(SipSuffix(p, n)) == Update(p, n), Finish().
+  [[gnu::always_inline]] Hash128 FinishWith(const SipSuffix& suffix) const {
+    SipHasher13 s = *this;
+    const size_t offset = s.len_ & 7;
+    const uint64_t* w = suffix.WordsAt(offset);
+    const size_t full = (offset + suffix.size()) / 8;
+    // The pending bytes occupy the low `offset` bytes, where w[0] has none.
+    uint64_t m = s.tail_ | w[0];
+    for (size_t k = 0; k < full; ++k) {
+      s.Compress(m);
+      m = w[k + 1];
+    }
+    s.len_ += suffix.size();
+    s.tail_ = m;
+    return s.Finish();
   }
 
   [[gnu::always_inline]] Hash128 Finish() const {

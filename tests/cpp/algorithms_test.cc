@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -170,6 +172,26 @@ TEST(IncrCounterTest, MatchesLimitsIncr) {
 }
 
 // ------------------------------------------------------------ Moving window
+
+TEST(SatAddTest, ClampsToPlusOrMinusInt64Max) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  EXPECT_EQ(internal::SatAdd(2, 3), 5);
+  EXPECT_EQ(internal::SatAdd(-2, 3), 1);
+  EXPECT_EQ(internal::SatAdd(kMax - 1, 1), kMax);
+  EXPECT_EQ(internal::SatAdd(kMax, 1), kMax);
+  EXPECT_EQ(internal::SatAdd(kMax, kMax), kMax);
+  EXPECT_EQ(internal::SatAdd(1, kMax), kMax);
+  EXPECT_EQ(internal::SatAdd(kMax, kMin), -1);
+  // The lower bound is -INT64_MAX, not INT64_MIN: negation stays exact.
+  EXPECT_EQ(internal::SatAdd(-kMax, 0), -kMax);
+  EXPECT_EQ(internal::SatAdd(-kMax, -1), -kMax);
+  EXPECT_EQ(internal::SatAdd(kMin, 0), -kMax);
+  EXPECT_EQ(internal::SatAdd(kMin, 1), -kMax);
+  EXPECT_EQ(internal::SatAdd(kMin, 2), kMin + 2);
+  EXPECT_EQ(internal::SatAdd(kMin, kMin), -kMax);
+  EXPECT_EQ(internal::SatAdd(-1, kMin), -kMax);
+}
 
 TEST(MovingWindowTest, AdmitsAmountThenRejectsWithoutTrace) {
   const Limit l = MakeLimit(3, 10);

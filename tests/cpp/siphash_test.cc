@@ -68,6 +68,31 @@ TEST(SipHasher13Test, ByteAtATimeAndResumedCopiesMatch) {
   }
 }
 
+TEST(SipHasher13Test, FinishWithASuffixMatchesUpdatingWithIt) {
+  // Every offset at which the suffix can start, suffixes of up to five
+  // words, and an input whose length byte wraps.
+  for (size_t head : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{9},
+                      size_t{13}, size_t{16}, size_t{23}, size_t{290}}) {
+    for (size_t n = 0; n <= 40; ++n) {
+      SCOPED_TRACE(std::to_string(head) + " + " + std::to_string(n));
+      const std::string in = Bytes(head + n);
+      const SipSuffix suffix(in.data() + head, n);
+      EXPECT_EQ(suffix.size(), n);
+      SipHasher13 h(kKey);
+      h.Update(in.data(), head);
+      ExpectSame(h.FinishWith(suffix),
+                 SipHash13_128(kKey, in.data(), in.size()));
+      // The state is not consumed: the suffix can end the next key too.
+      h.Update("x", 1);
+      SipHasher13 updated = h;
+      updated.Update(in.data() + head, n);
+      ExpectSame(h.FinishWith(suffix), updated.Finish());
+    }
+  }
+  ExpectSame(SipHasher13(kKey).FinishWith(SipSuffix()),
+             SipHash13_128(kKey, "", 0));
+}
+
 TEST(SipHasher13Test, FinishDoesNotConsumeTheState) {
   SipHasher13 h(kKey);
   h.Update("abc", 3);

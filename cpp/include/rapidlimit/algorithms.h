@@ -65,13 +65,15 @@ struct MovingState {
 
 namespace internal {
 
-// a + b, clamped to [-INT64_MAX, INT64_MAX].
+// a + b, clamped to [-INT64_MAX, INT64_MAX]. The overflow flag rather than
+// a 128-bit sum: each fixed-window hit adds twice, and the wide compares
+// cost more than the rest of the addition.
 inline int64_t SatAdd(int64_t a, int64_t b) {
   constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
-  const __int128 v = static_cast<__int128>(a) + b;
-  if (v > kMax) return kMax;
-  if (v < -kMax) return -kMax;
-  return static_cast<int64_t>(v);
+  int64_t sum;
+  // Only operands of one sign overflow, so a's sign tells which way.
+  if (__builtin_add_overflow(a, b, &sum)) return a < 0 ? -kMax : kMax;
+  return sum < -kMax ? -kMax : sum;
 }
 
 }  // namespace internal
