@@ -638,7 +638,9 @@ async def wrapper({params}):
         _rl_conn, _rl_HTTPConnection
     ):
         _rl_conn = _rl_find({values})
-    if _rl_conn is None or not _rl_limiter.enabled:
+        if _rl_conn is None:
+            return await {call}
+    if not _rl_limiter.enabled:
         return await {call}
     _rl_spec = _rl_slot[0]
     if (
