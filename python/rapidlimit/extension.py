@@ -638,7 +638,9 @@ async def wrapper({params}):
         _rl_conn, _rl_HTTPConnection
     ):
         _rl_conn = _rl_find({values})
-    if _rl_conn is None or not _rl_limiter.enabled:
+        if _rl_conn is None:
+            return await {call}
+    if not _rl_limiter.enabled:
         return await {call}
     _rl_spec = _rl_slot[0]
     if (
@@ -660,6 +662,15 @@ async def wrapper({params}):
             )
         except Exception as _rl_exc:
             _rl_view = _rl_limiter._failed_in_endpoint(_rl_exc, _rl_conn, _rl_spec[0])
+        if type(_rl_view) is _rl_View:
+            _rl_result = _rl_view._data[4]
+            if {fused}_rl_result[0]:
+                # The usual request, allowed, its headers formatted by the
+                # core: every test below is the general path's too.
+                _rl_response = await {call}
+                if _rl_limiter._headers_enabled:
+                    {merge_fast}
+                return _rl_response
     _rl_headers = None
     if type(_rl_view) is _rl_View:
         _rl_result = _rl_view._data[4]
@@ -686,28 +697,34 @@ async def wrapper({params}):
         return _rl_view  # the 429
     _rl_response = await {call}
     if _rl_view is not None and _rl_limiter._headers_enabled:
-        # On the returned response, or on the ``response`` parameter that
-        # FastAPI merges into it.
-        if isinstance(_rl_response, _rl_Response):
-            _rl_carrier = _rl_response
-        else:
-            _rl_carrier = _rl_resp
-        if isinstance(_rl_carrier, _rl_Response):
-            _rl_raw = _rl_carrier.raw_headers
-            for _rl_pair in _rl_raw:  # usually content-length, content-type
-                if _rl_pair[0] in _rl_names:
-                    _rl_limiter._inject_headers(_rl_carrier, _rl_view)
-                    break
-            else:
-                if _rl_headers is None:  # the general path's view
-                    _rl_found = _rl_view._data[4]
-                    if type(_rl_found) is tuple and _rl_fused:
-                        _rl_headers = _rl_found[5]  # formatted by the core
-                    else:
-                        _rl_headers = _rl_limiter._fast_items(_rl_view)
-                _rl_raw.extend(_rl_headers)
+        {merge}
     return _rl_response
 """
+
+# Adds the headers of ``_rl_view`` (``_rl_headers`` when not None) to the
+# response returned, or else to the ``response`` parameter that FastAPI
+# merges into it; _inject_headers when the response has rate-limit headers
+# of its own already.
+_MERGE_TEMPLATE = """\
+if isinstance(_rl_response, _rl_Response):
+    _rl_carrier = _rl_response
+else:
+    _rl_carrier = _rl_resp
+if isinstance(_rl_carrier, _rl_Response):
+    _rl_raw = _rl_carrier.raw_headers
+    for _rl_pair in _rl_raw:  # usually content-length, content-type
+        if _rl_pair[0] in _rl_names:
+            _rl_limiter._inject_headers(_rl_carrier, _rl_view)
+            break
+    else:
+        _rl_raw.extend({headers})
+"""
+
+
+def _indented(block: str, spaces: int) -> str:
+    """``block`` for a place indented by ``spaces``, its first line's
+    indentation excluded (the template has it)."""
+    return ("\n" + " " * spaces).join(block.rstrip("\n").split("\n"))
 
 
 def _build_wrapper(
@@ -786,8 +803,20 @@ def _build_wrapper(
         call = f"_rl_threadpool(_rl_func{', ' if call_args else ''}{call_args})"
     else:  # a keyword ``func`` would collide with run_in_threadpool's own
         call = f"_rl_threadpool(_rl_partial(_rl_func, {call_args}))"
+    fused = limiter._retry_after != "http-date"
+    # (_fast_items for the general path's view)
+    general_headers = (
+        "_rl_headers if _rl_headers is not None else _rl_limiter._fast_items(_rl_view)"
+    )
     source = _WRAPPER_TEMPLATE.format(
-        params=", ".join(decl), bind="\n".join(bind), values=values, call=call
+        params=", ".join(decl),
+        bind="\n".join(bind),
+        values=values,
+        call=call,
+        # The http-date Retry-After is formatted here: no fast branch.
+        fused="" if fused else "False and ",
+        merge_fast=_indented(_MERGE_TEMPLATE.format(headers="_rl_result[5]"), 20),
+        merge=_indented(_MERGE_TEMPLATE.format(headers=general_headers), 8),
     )
     namespace: dict[str, Any] = {
         "_rl_func": func,
@@ -795,7 +824,7 @@ def _build_wrapper(
         "_rl_target": target,
         "_rl_slot": limiter._fast_slot(target),
         "_rl_names": limiter._header_names_and_retry,
-        "_rl_fused": limiter._retry_after != "http-date",
+        "_rl_fused": fused,
         "_rl_decide": decide_scope,
         "_rl_clock": time,
         "_rl_threadpool": run_in_threadpool,
