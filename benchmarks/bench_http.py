@@ -1,11 +1,14 @@
 """3. End to end over HTTP: uvicorn (one worker) loaded by wrk.
 
 The server is pinned to the last CPU and wrk (and Redis) to CPU 0, so client
-and server do not fight over a core. Each variant gets a fresh server, a
-short untimed warm-up load, then the timed load; the status codes of every
-response are counted (wrk_report.lua) and must all be 200 (allowed traffic)
-or all 429 (rejected traffic). Ratios are taken against the no-limiter app
-measured in the same repetition.
+and server do not fight over a core. Each variant gets a fresh server and a
+short untimed warm-up load; its timed load runs between two loads of the
+no-limiter server of the same endpoint kind, which stays up (idle in between)
+for the whole section. The status codes of every response are counted
+(wrk_report.lua) and must all be 200 (allowed traffic) or all 429 (rejected
+traffic). Besides req/s, the server's CPU time per request (user + system, all
+threads, from /proc) is recorded: less sensitive than throughput to other
+tenants of a virtual machine.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from common import (
 
 TITLE = "3. End to end over HTTP (uvicorn, 1 worker, wrk; server and client pinned)"
 
-BASE_EVERY = 3  # variants between two runs of the no-limiter app
 WRK_HINT = (
     "wrk is not installed: run scripts/install-deps.sh --bench "
     "(or: sudo apt-get install wrk)"
@@ -80,9 +82,27 @@ def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Va
                             endpoint=ep,
                         )
                     )
+        if not cfg.quick:
+            # Headers off is the default of slowapi and rapidlimit; the
+            # end-to-end targets are checked with headers on and off.
+            for storage in storages:
+                for pkg in packages:
+                    if storage == "redis" and not redis_ok.get(pkg):
+                        continue
+                    if pkg != "rapidlimit" and (storage, ep) != ("memory", "async"):
+                        continue
+                    out.append(
+                        Variant(
+                            pkg,
+                            "decorator",
+                            False,
+                            "allowed",
+                            storage_uri="redis" if storage == "redis" else "memory://",
+                            endpoint=ep,
+                        )
+                    )
         if ep == "async" and not cfg.quick:
             for pkg in packages:
-                out.append(Variant(pkg, "decorator", False, "allowed", endpoint=ep))
                 out.append(Variant(pkg, "middleware", True, "allowed", endpoint=ep))
                 out.append(
                     Variant(pkg, "asgi-middleware", True, "allowed", endpoint=ep)
@@ -110,7 +130,7 @@ def vlabel(v: Variant) -> str:
 
 
 @contextlib.contextmanager
-def server(v: Variant) -> Iterator[int]:
+def server(v: Variant) -> Iterator[tuple[int, int]]:
     """A uvicorn server for the variant, pinned to the server CPU. Its stderr
     goes to a file, not a pipe: slowapi logs a warning per rejected request
     and a full pipe would stall the server."""
@@ -133,7 +153,8 @@ def server(v: Variant) -> Iterator[int]:
                 raise BrokenBenchmark(
                     f"{vlabel(v)}: server did not start: {tail}"
                 ) from None
-            yield port
+            # taskset execs the server, so this pid is the server's own.
+            yield port, proc.pid
         finally:
             terminate(proc)
 
@@ -196,13 +217,30 @@ def wrk(port: int, seconds: float, connections: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(
+    v: Variant, cfg: Config, connections: int, stack: contextlib.ExitStack
+) -> tuple[int, int]:
+    """Starts, probes and warms up the variant's server; returns port, pid."""
+    port, pid = stack.enter_context(server(v))
+    probe(v, port)
+    wrk(port, cfg.pick(1, 2), connections)  # warm-up, not counted
+    return port, pid
+
+
 def measure(
-    v: Variant, cfg: Config, seconds: float, connections: int
+    v: Variant, port: int, pid: int, seconds: float, connections: int
 ) -> dict[str, float]:
-    with server(v) as port:
-        probe(v, port)
-        wrk(port, cfg.pick(1, 2), connections)  # warm-up, not counted
-        r = wrk(port, seconds, connections)
+    """One timed wrk load; adds req/s and the server's CPU µs per request."""
+    cpu0 = cpu_seconds(pid)
+    r = wrk(port, seconds, connections)
+    cpu = cpu_seconds(pid) - cpu0
     statuses = {k: n for k, n in r.items() if k.startswith("status_")}
     want = f"status_{v.expected_status}"
     total = sum(statuses.values())
@@ -212,6 +250,7 @@ def measure(
             f"{ {k[7:]: int(n) for k, n in statuses.items()} }"
         )
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["cpu_us"] = cpu * 1e6 / r["requests"]
     return r
 
 
@@ -222,7 +261,7 @@ def run(cfg: Config, res: SectionResult) -> None:
         raise BrokenBenchmark(WRK_HINT)
     if cpu_count() < 2:
         res.log("only one CPU: server and wrk are not pinned apart")
-    seconds = float(os.environ.get("BENCH_HTTP_SECONDS", cfg.pick(2, 8)))
+    seconds = float(os.environ.get("BENCH_HTTP_SECONDS", cfg.pick(2, 5)))
     reps = int(os.environ.get("BENCH_HTTP_REPS", cfg.pick(1, 3)))
     connections = int(os.environ.get("BENCH_HTTP_CONNECTIONS", 16))
 
@@ -265,32 +304,44 @@ def run(cfg: Config, res: SectionResult) -> None:
             ]
 
         results: dict[str, list[dict[str, float]]] = {vkey(v): [] for v in variants}
-        # The no-limiter baseline of the same endpoint kind is measured again
-        # every BASE_EVERY variants, and each variant's ratio uses the latest
-        # one: a ratio never spans more than a few runs, even on a machine
-        # whose load drifts.
+        # The no-limiter server of each endpoint kind stays up all section
+        # (idle between its loads) and is loaded right before and right after
+        # every limited variant: each ratio compares runs seconds apart, so
+        # the drift of a shared machine hits both sides alike.
         paired: dict[str, list[float]] = {vkey(v): [] for v in variants}
+        paired_cpu: dict[str, list[float]] = {vkey(v): [] for v in variants}
         baselines = {v.endpoint: v for v in variants if v.package == "none"}
+        base_srv = {
+            ep: start(b, cfg, connections, stack) for ep, b in baselines.items()
+        }
         limited = [v for v in variants if v.package != "none"]
+
+        def base_run(ep: str) -> dict[str, float]:
+            b = measure(baselines[ep], *base_srv[ep], seconds, connections)
+            results[vkey(baselines[ep])].append(b)
+            return b
+
         started = time.monotonic()
         for rep in range(reps):
-            since: dict[str, int] = {ep: BASE_EVERY for ep in baselines}
-            last: dict[str, float] = {}
+            # The run just before, if it was this endpoint kind's baseline.
+            before: tuple[str, dict[str, float]] | None = None
             # Rotate the order: the same order each time would favour the
             # first variants on a machine that heats up.
             shift = rep % len(limited) if limited else 0
             for v in limited[shift:] + limited[:shift]:
                 ep = v.endpoint
-                if since[ep] >= BASE_EVERY:
-                    b = measure(baselines[ep], cfg, seconds, connections)
-                    results[vkey(baselines[ep])].append(b)
-                    last[ep], since[ep] = b["rps"], 0
-                results[vkey(v)].append(measure(v, cfg, seconds, connections))
-                paired[vkey(v)].append(last[ep])
-                since[ep] += 1
+                with contextlib.ExitStack() as vs:
+                    port, pid = start(v, cfg, connections, vs)
+                    b0 = before[1] if before and before[0] == ep else base_run(ep)
+                    r = measure(v, port, pid, seconds, connections)
+                results[vkey(v)].append(r)
+                b1 = base_run(ep)
+                before = (ep, b1)
+                paired[vkey(v)].append((b0["rps"] + b1["rps"]) / 2)
+                paired_cpu[vkey(v)].append((b0["cpu_us"] + b1["cpu_us"]) / 2)
         res.log(
-            f"{reps} repetition(s) x {len(limited)} variants (+ a no-limiter "
-            f"run every {BASE_EVERY}), {seconds:g} s each, "
+            f"{reps} repetition(s) x {len(limited)} variants, each between two "
+            f"runs of the no-limiter server; {seconds:g} s per run, "
             f"wrk -t1 -c{connections}; server CPU {server_cpu()}, wrk and Redis "
             f"CPU {client_cpu()}; {time.monotonic() - started:.0f} s"
         )
@@ -317,6 +368,12 @@ def run(cfg: Config, res: SectionResult) -> None:
             res.log(
                 f"{vlabel(v)}: {int(errors)} socket errors/timeouts reported by wrk"
             )
+        res.add(
+            f"{k}.cpu",
+            f"{vlabel(v)}: server CPU per request",
+            "µs",
+            [r["cpu_us"] for r in runs],
+        )
         if v.package != "none":
             res.ratio(
                 f"{k}.vs_none",
@@ -324,7 +381,15 @@ def run(cfg: Config, res: SectionResult) -> None:
                 rps,
                 paired[k],
                 better="higher",
-                note="against the closest no-limiter run of the same repetition",
+                note="against the mean of the no-limiter runs just before and after",
+            )
+            res.ratio(
+                f"{k}.cpu_vs_none",
+                f"{vlabel(v)}: server CPU per request / no limiter",
+                [r["cpu_us"] for r in runs],
+                paired_cpu[k],
+                better="lower",
+                note="user + system time of the server process, all threads",
             )
     # Reject path against allowed path, same package/storage/endpoint.
     for k, v in by_key.items():
