@@ -39,6 +39,10 @@ def main() -> None:
         port=a.port,
         workers=1,
         log_level="warning",
+        # Named, not "auto": installing uvicorn[standard] (uvloop, httptools)
+        # must not change the server of earlier runs under the same figures.
+        http="h11",
+        loop="asyncio",
         access_log=False,
     )
 

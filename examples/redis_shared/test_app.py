@@ -19,7 +19,9 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 from redis_server import RedisServer, free_port  # noqa: E402
 
 
-def start_instance(name: str, redis_uri: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_instance(
+    name: str, redis_uri: str, server: list[str]
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(os.environ, REDIS_URL=redis_uri, INSTANCE=name)
     proc = subprocess.Popen(
@@ -34,6 +36,7 @@ def start_instance(name: str, redis_uri: str) -> tuple[subprocess.Popen[bytes], 
             str(port),
             "--log-level",
             "warning",
+            *server,
         ],
         cwd=ROOT,
         env=env,
@@ -59,8 +62,14 @@ def cluster() -> Iterator[tuple[RedisServer, list[str]]]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         urls = []
-        for name in ("a", "b"):
-            proc, url = start_instance(name, redis.uri)
+        # a: plain uvicorn (asyncio, h11); b: uvicorn[standard]'s uvloop and
+        # httptools, as `pip install "fastapi[standard]"` gives.
+        servers = {
+            "a": ["--loop", "asyncio", "--http", "h11"],
+            "b": ["--loop", "uvloop", "--http", "httptools"],
+        }
+        for name, server in servers.items():
+            proc, url = start_instance(name, redis.uri, server)
             procs.append(proc)
             urls.append(url)
         yield redis, urls
