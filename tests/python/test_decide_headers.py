@@ -725,6 +725,23 @@ def test_merge_headers_appends_or_falls_back() -> None:
     assert calls == [(own, view), (odd, view)]
     assert dated_calls == [(other, view)]
     assert b"retry-after" not in dict(other.raw_headers)
+
+    # isinstance, not the type: an object claiming the Response class (a
+    # proxy) carries them; a list returned does not.
+    class Proxy:
+        def __init__(self) -> None:
+            self.raw_headers: list[tuple[bytes, bytes]] = []
+
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            return Response
+
+    proxy = Proxy()
+    _core.merge_headers(proxy, None, view, spec)
+    assert proxy.raw_headers == pairs
+    listed = Response()
+    _core.merge_headers([1], listed, view, spec)
+    assert listed.raw_headers[-4:] == pairs
     # Headers off: untouched.
     off, off_calls = _scope_spec(lim, item, headers=False)
     untouched = PlainTextResponse("x")
