@@ -505,7 +505,20 @@ PyObject* g_str_time = nullptr;
 // time.time(): epoch seconds as Python computes them, and nanoseconds as
 // decide_view derives them from those seconds. Calls a replaced time.time.
 bool NowFromTimeModule(double* seconds, int64_t* nanos) {
+#if PY_VERSION_HEX < 0x030C0000
+  // A dict's version tag changes with every write to it: while the time
+  // module's keeps the one it had when time.time was last seen to be the
+  // builtin, it still is, without the lookup (a tenth of the decision).
+  static uint64_t builtin_seen_at = 0;
+  const uint64_t version =
+      reinterpret_cast<PyDictObject*>(g_time_dict)->ma_version_tag;
+  PyObject* func = version == builtin_seen_at
+                       ? g_time_time
+                       : PyDict_GetItemWithError(g_time_dict, g_str_time);
+  if (func == g_time_time) builtin_seen_at = version;
+#else
   PyObject* func = PyDict_GetItemWithError(g_time_dict, g_str_time);
+#endif
   if (func == g_time_time) {
     timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);

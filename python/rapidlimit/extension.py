@@ -656,7 +656,7 @@ _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
     _rl_spec = _rl_slot[0]
-    if _rl_spec is not None and type(_rl_conn) in _rl_types:
+    if _rl_spec is not None and type(_rl_conn) is _rl_Request:
         try:
             _rl_view = _rl_decide(_rl_conn.scope, _rl_spec)
         except Exception as _rl_exc:
@@ -829,6 +829,7 @@ def _build_wrapper(
         "_rl_Response": Response,
         "_rl_find": _find_connection,
         "_rl_types": _CONNECTION_TYPES,
+        "_rl_Request": Request,  # (a websocket takes the general path)
         "_rl_HTTPConnection": HTTPConnection,
         "_rl_View": ViewRateLimit,
         "_rl_VIEW": _VIEW,
