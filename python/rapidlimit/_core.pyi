@@ -280,19 +280,19 @@ class RateLimiter:
         now: float,
         names: HeaderNames,
         /,
-    ) -> tuple[bool, int, int, float, float, list[tuple[bytes, bytes]]]:
+    ) -> tuple[bool, int, int, float, float, tuple[tuple[bytes, bytes], ...]]:
         """``decide(item, identity, cost=cost, now=now)`` plus its headers,
         in one call for the per-request hot path (positional arguments
         only, all required; ``identity`` is keyed like ``decide_many``'s).
 
         Returns ``(allowed, limit, remaining, reset_time, retry_after,
         headers)``: the five fields of the Decision ``decide`` would return,
-        then a new list (the caller may change it) of four pairs::
+        then a tuple of four pairs::
 
-            [(names.limit, b"%d" % limit),
+            ((names.limit, b"%d" % limit),
              (names.remaining, b"%d" % remaining),
              (names.reset, b"%d" % int(1 + reset_time)),
-             (names.retry_after, b"%d" % int(1 + reset_time - now))]
+             (names.retry_after, b"%d" % int(1 + reset_time - now)))
 
         computed in doubles exactly as that Python would, with the ``now``
         given. The pairs are shared immutable tuples where possible.

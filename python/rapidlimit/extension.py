@@ -284,7 +284,7 @@ class ViewRateLimit:
     # One slot holding (Limit, prefix, key, scope, Decision): built per
     # request, so it is made with a single assignment (see _make_view). The
     # decorator's fast path stores the tuple of RateLimiter.decide_headers
-    # in place of the Decision: its last item is the ready header list.
+    # in place of the Decision: its last item holds the ready header pairs.
     __slots__ = ("_data",)
 
     _data: tuple[Limit, str, Any, str, Any]
