@@ -688,6 +688,8 @@ def test_decide_scope_rejection_and_errors(monkeypatch: pytest.MonkeyPatch) -> N
     assert scope["state"] == {"done": True, "by": "by-marker"}
     with pytest.raises(TypeError, match="2 positional"):
         _core.decide_scope(scope)  # type: ignore[call-arg]
+    # Not a spec (another layout): the general path's.
+    assert _core.decide_scope(_http_scope(), spec[:-1]) is None
 
 
 def test_merge_headers_appends_or_falls_back() -> None:
@@ -739,6 +741,8 @@ def test_merge_headers_appends_or_falls_back() -> None:
     listed = Response()
     _core.merge_headers([1], listed, view, spec)
     assert tuple(listed.raw_headers[-4:]) == pairs
+    with pytest.raises(TypeError, match="spec"):
+        _core.merge_headers(returned, None, view, spec[:-1])
     # Headers off: untouched.
     off, off_calls = _scope_spec(lim, item, headers=False)
     untouched = PlainTextResponse("x")
