@@ -526,13 +526,15 @@ bool NowFromTimeModule(double* seconds, int64_t* nanos) {
     clock_gettime(CLOCK_REALTIME, &ts);
     const int64_t t = static_cast<int64_t>(ts.tv_sec) * kNanosPerSecond +
                       static_cast<int64_t>(ts.tv_nsec);
-    // _PyTime_AsSecondsDouble's rounding, for the same float.
+    // _PyTime_AsSecondsDouble's rounding, for the same float: the
+    // conversion to double rounded before the division (volatile, as
+    // there).
     volatile double d;
     if (t % kNanosPerSecond == 0) {
       d = static_cast<double>(t / kNanosPerSecond);
     } else {
       d = static_cast<double>(t);
-      d /= 1e9;
+      d = d / 1e9;
     }
     *seconds = d;
     *nanos = SecondsToNanos(*seconds);
