@@ -18,9 +18,9 @@ Speed
 
 * Limit strings, the signatures of key functions and other callables, and
   the list of limits of each route are worked out once (at decoration, or on
-  the first request of a route), never per request. A request makes one call
-  into the core, which returns everything the headers need: no second
-  storage round trip for the headers, nor a third in the 429 handler.
+  the first request of a route), never per request. A request is decided by
+  one call into the core, which returns everything the headers need: no
+  second storage round trip for the headers, nor a third in the 429 handler.
 * Both middlewares are pure ASGI (``SlowAPIMiddleware`` is no longer a
   ``BaseHTTPMiddleware``). They add the headers to ``http.response.start`` as
   it passes and forward every other message untouched, so streaming
