@@ -32,6 +32,7 @@ PyObject* g_str_state = nullptr;
 PyObject* g_str_path = nullptr;
 PyObject* g_str_client = nullptr;
 PyObject* g_str_localhost = nullptr;
+PyObject* g_str_raw_headers = nullptr;
 
 PyStructSequence_Field kDecisionFields[] = {
     {"allowed", "whether the request may proceed"},
@@ -457,7 +458,9 @@ bool FillResult(const Decision& d, double now_seconds,
   if (retry_after == nullptr) return false;
   PyTuple_SET_ITEM(out, 4, retry_after);
 
-  PyObject* headers = PyList_New(HeaderNamesHandle::kFields);
+  // A tuple, not a list: one allocation less per request (they are read,
+  // copied or appended to a response's headers, never changed).
+  PyObject* headers = PyTuple_New(HeaderNamesHandle::kFields);
   if (headers == nullptr) return false;
   PyTuple_SET_ITEM(out, 5, headers);
   // int(1 + reset_time) and int(1 + reset_time - now), in doubles.
@@ -468,7 +471,7 @@ bool FillResult(const Decision& d, double now_seconds,
   for (int field = 0; field < HeaderNamesHandle::kFields; ++field) {
     PyObject* pair = NewPair(names, cache, field, values[field]);
     if (pair == nullptr) return false;
-    PyList_SET_ITEM(headers, field, pair);
+    PyTuple_SET_ITEM(headers, field, pair);
   }
   return true;
 }
@@ -495,8 +498,66 @@ bool ViewNowFromPython(PyObject* now_obj, double* seconds, int64_t* nanos) {
 
 namespace {
 
+// time.time as the module holds it now, and the builtin it was at import:
+// the clock is read here while nobody has replaced it (freezegun...).
+PyObject* g_time_dict = nullptr;
+PyObject* g_time_time = nullptr;
+PyObject* g_str_time = nullptr;
+
+// time.time(): epoch seconds as Python computes them, and nanoseconds as
+// decide_view derives them from those seconds. Calls a replaced time.time.
+bool NowFromTimeModule(double* seconds, int64_t* nanos) {
+#if PY_VERSION_HEX < 0x030C0000
+  // A dict's version tag changes with every write to it: while the time
+  // module's keeps the one it had when time.time was last seen to be the
+  // builtin, it still is, without the lookup (a tenth of the decision).
+  static uint64_t builtin_seen_at = 0;
+  const uint64_t version =
+      reinterpret_cast<PyDictObject*>(g_time_dict)->ma_version_tag;
+  PyObject* func = version == builtin_seen_at
+                       ? g_time_time
+                       : PyDict_GetItemWithError(g_time_dict, g_str_time);
+  if (func == g_time_time) builtin_seen_at = version;
+#else
+  PyObject* func = PyDict_GetItemWithError(g_time_dict, g_str_time);
+#endif
+  if (func == g_time_time) {
+    timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    const int64_t t = static_cast<int64_t>(ts.tv_sec) * kNanosPerSecond +
+                      static_cast<int64_t>(ts.tv_nsec);
+    // _PyTime_AsSecondsDouble's rounding, for the same float: the
+    // conversion to double rounded before the division (volatile, as
+    // there).
+    volatile double d;
+    if (t % kNanosPerSecond == 0) {
+      d = static_cast<double>(t / kNanosPerSecond);
+    } else {
+      d = static_cast<double>(t);
+      d = d / 1e9;
+    }
+    *seconds = d;
+    *nanos = SecondsToNanos(*seconds);
+    return true;
+  }
+  if (func == nullptr) {
+    if (!PyErr_Occurred()) {
+      PyErr_SetString(PyExc_AttributeError,
+                      "module 'time' has no attribute 'time'");
+    }
+    return false;
+  }
+  Py_INCREF(func);
+  PyObject* now = PyObject_CallNoArgs(func);
+  Py_DECREF(func);
+  if (now == nullptr) return false;
+  const bool ok = ViewNowFromPython(now, seconds, nanos);
+  Py_DECREF(now);
+  return ok;
+}
+
 // decide_headers' work for the key of `ids`: the result tuple, or null with
-// a Python error set.
+// a Python error set. `now_obj` null: time.time() (NowFromTimeModule).
 PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
                             PyObject* const* ids, size_t n_ids,
                             PyObject* cost_obj, PyObject* now_obj,
@@ -508,7 +569,10 @@ PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
   if (!CostFromPython(cost_obj, &cost)) return nullptr;
   double now_seconds;
   int64_t now = 0;
-  if (!ViewNowFromPython(now_obj, &now_seconds, &now)) return nullptr;
+  if (now_obj == nullptr ? !NowFromTimeModule(&now_seconds, &now)
+                         : !ViewNowFromPython(now_obj, &now_seconds, &now)) {
+    return nullptr;
+  }
   Request r;
   if (!SetKey(*limiter, *item, ids, n_ids, &r)) return nullptr;
   if (!CheckStrategyLimit(limiter->strategy, item->limit)) return nullptr;
@@ -626,46 +690,80 @@ PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   return MakeView(*names, result, args[6], prefix, key, scope);
 }
 
-// decide_scope(core, scope, spec, now, prefix, by) -> view | None
+// decide_scope's `spec`, built once per route (Limiter._fast_spec): the
+// route's limit, the state keys, and the limiter's settings whose change
+// empties the route's slot, so none is read per request.
+enum SpecField : Py_ssize_t {
+  kSpecPlan,
+  kSpecLimit,
+  kSpecItem,
+  kSpecCost,
+  kSpecNames,
+  kSpecScopeName,
+  kSpecEndpointName,
+  kSpecDoneKey,
+  kSpecByKey,
+  kSpecViewKey,
+  kSpecCore,
+  kSpecPrefix,
+  kSpecBy,
+  kSpecFilters,
+  kSpecResponseType,
+  kSpecMergeNames,
+  kSpecHeaders,
+  kSpecFused,
+  kSpecMergeFallback,
+  kSpecFields
+};
+
+// decide_scope(scope, spec) -> view | False | None
 //
 // The decorator's whole check of one simple limit keyed by the peer's
 // address (get_remote_address), from the ASGI scope: what the wrapper did
 // in Python in about as many instructions as the decision. `spec` is
-// (plan, limit, item, cost, names, scope_name, endpoint_name, done_key,
-// by_key, view_key), built once per route; scope_name is the limit's
-// static scope or None, endpoint_name None to key by the request path.
-// Marks scope["state"] (made if missing) as checked by `by` (done_key:
-// True, by_key: by), decides, stores the view under view_key and returns
-// it. Returns None, having changed nothing else, whenever anything is
-// unusual (a state that is not a dict, a request checked already, an empty
-// path, a peer that is not a str, a `core` that is not a RateLimiter): the
-// caller's general path then handles the request. Errors of the decision itself
-// are raised after the state was marked, as the general path would have it.
+// Limiter._fast_spec's tuple (SpecField); scope_name is the limit's static
+// scope or None, endpoint_name None to key by the request path. Reads
+// time.time, marks scope["state"] (made if missing) as checked by `by`
+// (done_key: True, by_key: by), decides, stores the view under view_key
+// and returns it when the request is allowed, False when it is rejected.
+// Returns None, having changed nothing else, whenever anything is unusual
+// (a state that is not a dict, a request checked already, an empty path,
+// a peer that is not a str, request filters, a `core` that is not a
+// RateLimiter): the caller's general path then handles the request.
+// Errors of the decision itself are raised after the state was marked, as
+// the general path would have it.
 PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
                       Py_ssize_t nargsf, PyObject* kwnames) {
   const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 6 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+  if (nargs != 2 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
     PyErr_SetString(PyExc_TypeError,
-                    "decide_scope(core, scope, spec, now, prefix, by) takes "
-                    "exactly 6 positional arguments");
+                    "decide_scope(scope, spec) takes exactly 2 positional "
+                    "arguments");
     return nullptr;
   }
-  PyObject* const core = args[0];
-  PyObject* const scope = args[1];
-  PyObject* const spec = args[2];
-  if (!PyObject_TypeCheck(core, g_limiter_type) || !PyDict_CheckExact(scope) ||
-      !PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 10) {
+  PyObject* const scope = args[0];
+  PyObject* const spec = args[1];
+  if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(spec) ||
+      PyTuple_GET_SIZE(spec) != kSpecFields) {
     Py_RETURN_NONE;
   }
-  PyObject* const limit = PyTuple_GET_ITEM(spec, 1);
-  PyObject* const item = PyTuple_GET_ITEM(spec, 2);
-  PyObject* const cost = PyTuple_GET_ITEM(spec, 3);
-  PyObject* const names_obj = PyTuple_GET_ITEM(spec, 4);
-  PyObject* const scope_name = PyTuple_GET_ITEM(spec, 5);
-  PyObject* const endpoint_name = PyTuple_GET_ITEM(spec, 6);
-  PyObject* const done_key = PyTuple_GET_ITEM(spec, 7);
-  PyObject* const by_key = PyTuple_GET_ITEM(spec, 8);
-  PyObject* const view_key = PyTuple_GET_ITEM(spec, 9);
+  PyObject* const core = PyTuple_GET_ITEM(spec, kSpecCore);
+  PyObject* const filters = PyTuple_GET_ITEM(spec, kSpecFilters);
+  if (!PyObject_TypeCheck(core, g_limiter_type) ||
+      !PyList_CheckExact(filters) || PyList_GET_SIZE(filters) != 0) {
+    Py_RETURN_NONE;
+  }
+  PyObject* const limit = PyTuple_GET_ITEM(spec, kSpecLimit);
+  PyObject* const item = PyTuple_GET_ITEM(spec, kSpecItem);
+  PyObject* const cost = PyTuple_GET_ITEM(spec, kSpecCost);
+  PyObject* const names_obj = PyTuple_GET_ITEM(spec, kSpecNames);
+  PyObject* const scope_name = PyTuple_GET_ITEM(spec, kSpecScopeName);
+  PyObject* const endpoint_name = PyTuple_GET_ITEM(spec, kSpecEndpointName);
+  PyObject* const done_key = PyTuple_GET_ITEM(spec, kSpecDoneKey);
+  PyObject* const by_key = PyTuple_GET_ITEM(spec, kSpecByKey);
+  PyObject* const view_key = PyTuple_GET_ITEM(spec, kSpecViewKey);
+  PyObject* const prefix = PyTuple_GET_ITEM(spec, kSpecPrefix);
+  PyObject* const by = PyTuple_GET_ITEM(spec, kSpecBy);
   if (Py_TYPE(names_obj) != g_names_type) Py_RETURN_NONE;
   auto* names = static_cast<HeaderNamesHandle*>(
       UnwrapFast(names_obj, g_names_type, "HeaderNames"));
@@ -688,9 +786,6 @@ PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
   } else if (!PyDict_CheckExact(state)) {
     Py_RETURN_NONE;
   }
-  const int done = PyDict_Contains(state, done_key);
-  if (done < 0) return nullptr;
-  if (done != 0) Py_RETURN_NONE;
   PyObject* endpoint_key = endpoint_name;
   if (endpoint_key == Py_None) {
     endpoint_key = PyDict_GetItemWithError(scope, g_str_path);
@@ -721,8 +816,9 @@ PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
     Py_RETURN_NONE;
   }
   PyObject* const name = scope_name == Py_None ? endpoint_key : scope_name;
-  PyObject* const prefix = args[4];
-  const int has_prefix = PyObject_IsTrue(prefix);
+  const int has_prefix = PyUnicode_CheckExact(prefix)
+                             ? PyUnicode_GET_LENGTH(prefix) != 0
+                             : PyObject_IsTrue(prefix);
   if (has_prefix < 0) return nullptr;
   auto* limiter = SelfHandle(core);
   if (limiter == nullptr) return nullptr;
@@ -733,15 +829,24 @@ PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
   Py_INCREF(key);
   Py_INCREF(name);
   PyObject* view = nullptr;
-  if (PyDict_SetItem(state, done_key, Py_True) == 0 &&
-      PyDict_SetItem(state, by_key, args[5]) == 0) {
+  PyObject* allowed = nullptr;
+  // state.setdefault(done_key, True): one lookup both tests whether the
+  // request was checked already (then the state keeps its size and nothing
+  // was written) and marks it.
+  const Py_ssize_t size = PyDict_GET_SIZE(state);
+  PyObject* const marked = PyDict_SetDefault(state, done_key, Py_True);
+  const bool checked_before =
+      marked != nullptr && PyDict_GET_SIZE(state) == size;
+  if (marked != nullptr && !checked_before &&
+      PyDict_SetItem(state, by_key, by) == 0) {
     PyObject* const with_prefix[3] = {prefix, key, name};
     PyObject* const result =
         has_prefix ? DecideWithHeaders(limiter, item, with_prefix, 3, cost,
-                                       args[3], *names)
+                                       nullptr, *names)
                    : DecideWithHeaders(limiter, item, with_prefix + 1, 2, cost,
-                                       args[3], *names);
+                                       nullptr, *names);
     if (result != nullptr) {
+      allowed = PyTuple_GET_ITEM(result, 0);
       view = MakeView(*names, result, limit, prefix, key, name);
       if (view != nullptr && PyDict_SetItem(state, view_key, view) != 0) {
         Py_CLEAR(view);
@@ -751,16 +856,156 @@ PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
   Py_DECREF(name);
   Py_DECREF(key);
   Py_DECREF(state);
+  if (checked_before) Py_RETURN_NONE;
+  if (view != nullptr && allowed != Py_True) {
+    // The state holds the view: the caller's rejection path reads it there.
+    Py_DECREF(view);
+    Py_RETURN_FALSE;
+  }
   return view;
 }
+
+// isinstance(obj, type), without its __class__ lookup for the objects an
+// endpoint usually returns or FastAPI passes (a dict, None...): builtins
+// whose __class__ is their type.
+int IsInstance(PyObject* obj, PyObject* type) {
+  if (PyType_CheckExact(type)) {
+    if (PyObject_TypeCheck(obj, reinterpret_cast<PyTypeObject*>(type))) {
+      return 1;
+    }
+    if (obj == Py_None || PyDict_CheckExact(obj) || PyList_CheckExact(obj) ||
+        PyTuple_CheckExact(obj) || PyUnicode_CheckExact(obj) ||
+        PyBytes_CheckExact(obj) || PyLong_CheckExact(obj)) {
+      return 0;
+    }
+  }
+  return PyObject_IsInstance(obj, type);
+}
+
+// merge_headers(returned, response, view, spec) -> None
+//
+// The decorator's headers for a request decide_scope allowed, after the
+// endpoint ran: when spec's headers are on, view's formatted rate-limit
+// headers are appended to the raw headers of the Response the endpoint
+// returned, else of its `response` parameter (FastAPI merges that one),
+// if either is a spec response_type. Anything else (headers of those names
+// there already, an HTTP-date Retry-After, an odd view or header list)
+// goes to spec's merge_fallback(carrier, view), in Python.
+PyObject* MergeHeaders(PyObject* /*module*/, PyObject* const* args,
+                       Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 4 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "merge_headers(returned, response, view, spec) takes "
+                    "exactly 4 positional arguments");
+    return nullptr;
+  }
+  PyObject* const spec = args[3];
+  if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != kSpecFields) {
+    PyErr_SetString(PyExc_TypeError, "merge_headers: spec is not a route spec");
+    return nullptr;
+  }
+  if (PyTuple_GET_ITEM(spec, kSpecHeaders) != Py_True) Py_RETURN_NONE;
+  PyObject* const response_type = PyTuple_GET_ITEM(spec, kSpecResponseType);
+  PyObject* carrier = args[0];
+  int is_response = IsInstance(carrier, response_type);
+  if (is_response < 0) return nullptr;
+  if (is_response == 0) {
+    carrier = args[1];
+    is_response = IsInstance(carrier, response_type);
+    if (is_response < 0) return nullptr;
+    if (is_response == 0) Py_RETURN_NONE;
+  }
+  PyObject* const view = args[2];
+  PyObject* headers = nullptr;  // borrowed: view's formatted pairs
+  PyObject* const names_obj = PyTuple_GET_ITEM(spec, kSpecNames);
+  if (PyTuple_GET_ITEM(spec, kSpecFused) == Py_True &&
+      Py_TYPE(names_obj) == g_names_type) {
+    const auto* names = static_cast<HeaderNamesHandle*>(
+        UnwrapFast(names_obj, g_names_type, "HeaderNames"));
+    if (names == nullptr) return nullptr;
+    if (names->view_type &&
+        reinterpret_cast<PyObject*>(Py_TYPE(view)) == names->view_type.ptr()) {
+      PyObject* const data = *reinterpret_cast<PyObject**>(
+          reinterpret_cast<char*>(view) + names->view_data_offset);
+      if (data != nullptr && PyTuple_CheckExact(data) &&
+          PyTuple_GET_SIZE(data) == 5) {
+        PyObject* const result = PyTuple_GET_ITEM(data, 4);
+        if (PyTuple_CheckExact(result) && PyTuple_GET_SIZE(result) == 6 &&
+            PyTuple_CheckExact(PyTuple_GET_ITEM(result, 5))) {
+          headers = PyTuple_GET_ITEM(result, 5);
+        }
+      }
+    }
+  }
+  PyObject* raw = nullptr;
+  if (headers != nullptr) {
+    raw = PyObject_GetAttr(carrier, g_str_raw_headers);
+    if (raw == nullptr) return nullptr;
+    if (PyList_CheckExact(raw)) {
+      PyObject* const merge_names = PyTuple_GET_ITEM(spec, kSpecMergeNames);
+      // (a loop by index: a set lookup can run code that edits the list)
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raw); ++i) {
+        PyObject* const pair = PyList_GET_ITEM(raw, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) < 1) {
+          headers = nullptr;
+          break;
+        }
+        PyObject* const name = PyTuple_GET_ITEM(pair, 0);
+        Py_INCREF(pair);
+        const int found = PySet_Contains(merge_names, name);
+        Py_DECREF(pair);
+        if (found < 0) {
+          Py_DECREF(raw);
+          return nullptr;
+        }
+        if (found != 0) {  // the fallback replaces them
+          headers = nullptr;
+          break;
+        }
+      }
+    } else {
+      headers = nullptr;
+    }
+  }
+  if (headers != nullptr) {
+    // Appended one by one: cheaper than a slice assignment for four, and
+    // the first append makes room for four.
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(headers); ++i) {
+      if (PyList_Append(raw, PyTuple_GET_ITEM(headers, i)) != 0) {
+        Py_DECREF(raw);
+        return nullptr;
+      }
+    }
+    Py_DECREF(raw);
+    Py_RETURN_NONE;
+  }
+  Py_XDECREF(raw);
+  PyObject* const fallback = PyTuple_GET_ITEM(spec, kSpecMergeFallback);
+  PyObject* const call_args[2] = {carrier, view};
+  PyObject* const out = PyObject_Vectorcall(fallback, call_args, 2, nullptr);
+  if (out == nullptr) return nullptr;
+  Py_DECREF(out);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef kMergeHeadersDef = {
+    "merge_headers",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(MergeHeaders)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "merge_headers(returned, response, view, spec) -> None\n\n"
+    "The decorator's rate-limit headers for a request decide_scope allowed, "
+    "added to the response the endpoint returned or to its `response` "
+    "parameter (see rapidlimit.extension)."};
 
 PyMethodDef kDecideScopeDef = {
     "decide_scope",
     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideScope)),
     METH_FASTCALL | METH_KEYWORDS,
-    "decide_scope(core, scope, spec, now, prefix, by) -> view | None\n\n"
+    "decide_scope(scope, spec) -> view | False | None\n\n"
     "The decorator's check of one simple limit keyed by the peer's address, "
-    "straight from the ASGI scope (see rapidlimit.extension). None when the "
+    "straight from the ASGI scope (see rapidlimit.extension): the view when "
+    "the request is allowed, False when it is rejected. None when the "
     "request needs the general path; nothing was changed then."};
 
 PyMethodDef kFastMethods[] = {
@@ -788,8 +1033,8 @@ PyMethodDef kFastMethods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "decide_headers(item, identity, cost, now, names) -> tuple\n\n"
      "Like decide(item, identity, cost=cost, now=now), returning (allowed, "
-     "limit, remaining, reset_time, retry_after, headers): headers is a new "
-     "list of the four (name, value) pairs of `names` (a HeaderNames), with "
+     "limit, remaining, reset_time, retry_after, headers): headers is a "
+     "tuple of the four (name, value) pairs of `names` (a HeaderNames), with "
      "the values int(1 + reset_time) and int(1 + reset_time - now) for reset "
      "and retry-after. Raises RedisUnavailableError like decide."},
     {"decide_view",
@@ -920,6 +1165,23 @@ void BindLimiter(py::module_& m) {
   g_str_path = PyUnicode_InternFromString("path");
   g_str_client = PyUnicode_InternFromString("client");
   g_str_localhost = PyUnicode_InternFromString("127.0.0.1");
+  g_str_raw_headers = PyUnicode_InternFromString("raw_headers");
+  g_str_time = PyUnicode_InternFromString("time");
+  {
+    PyObject* time_module = PyImport_ImportModule("time");
+    if (time_module == nullptr) throw py::error_already_set();
+    g_time_dict = PyModule_GetDict(time_module);  // borrowed
+    Py_INCREF(g_time_dict);
+    g_time_time = PyDict_GetItemWithError(g_time_dict, g_str_time);
+    Py_DECREF(time_module);
+    if (g_time_time == nullptr) {
+      if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ImportError, "time.time is missing");
+      }
+      throw py::error_already_set();
+    }
+    Py_INCREF(g_time_time);
+  }
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
 
@@ -1057,6 +1319,11 @@ void BindLimiter(py::module_& m) {
       PyCFunction_NewEx(&kDecideScopeDef, nullptr, m.attr("__name__").ptr());
   if (decide_scope == nullptr) throw py::error_already_set();
   m.add_object("decide_scope", py::reinterpret_steal<py::object>(decide_scope));
+  PyObject* merge_headers =
+      PyCFunction_NewEx(&kMergeHeadersDef, nullptr, m.attr("__name__").ptr());
+  if (merge_headers == nullptr) throw py::error_already_set();
+  m.add_object("merge_headers",
+               py::reinterpret_steal<py::object>(merge_headers));
 }
 
 }  // namespace rapidlimit::bindings

@@ -280,19 +280,19 @@ class RateLimiter:
         now: float,
         names: HeaderNames,
         /,
-    ) -> tuple[bool, int, int, float, float, list[tuple[bytes, bytes]]]:
+    ) -> tuple[bool, int, int, float, float, tuple[tuple[bytes, bytes], ...]]:
         """``decide(item, identity, cost=cost, now=now)`` plus its headers,
         in one call for the per-request hot path (positional arguments
         only, all required; ``identity`` is keyed like ``decide_many``'s).
 
         Returns ``(allowed, limit, remaining, reset_time, retry_after,
         headers)``: the five fields of the Decision ``decide`` would return,
-        then a new list (the caller may change it) of four pairs::
+        then a tuple of four pairs::
 
-            [(names.limit, b"%d" % limit),
+            ((names.limit, b"%d" % limit),
              (names.remaining, b"%d" % remaining),
              (names.reset, b"%d" % int(1 + reset_time)),
-             (names.retry_after, b"%d" % int(1 + reset_time - now))]
+             (names.retry_after, b"%d" % int(1 + reset_time - now)))
 
         computed in doubles exactly as that Python would, with the ``now``
         given. The pairs are shared immutable tuples where possible.
@@ -338,29 +338,35 @@ class RateLimiter:
         RedisUnavailableError when Redis cannot answer.
         """
 
-def decide_scope(
-    core: object,
-    scope: dict[str, Any],
-    spec: tuple[Any, ...],
-    now: float,
-    prefix: str,
-    by: object,
-    /,
-) -> Any:
+def decide_scope(scope: dict[str, Any], spec: tuple[Any, ...], /) -> Any:
     """The decorator's check of one simple limit keyed by the peer's address,
     from the ASGI ``scope``.
 
     ``spec`` is ``(plan, limit, item, cost, names, scope_name,
-    endpoint_name, done_key, by_key, view_key)``: ``scope_name`` is the
-    limit's static scope or None (the endpoint key is used),
-    ``endpoint_name`` the endpoint key or None to use ``scope["path"]``.
-    Sets ``state[done_key] = True`` and ``state[by_key] = by`` in
-    ``scope["state"]``, then ``core.decide_view(item, key, name, cost, now,
-    names, limit, prefix)`` for the key ``scope["client"][0]`` (or
-    ``"127.0.0.1"``), stores the view under ``view_key`` and returns it
-    (``scope["state"]`` is made if missing). Returns None, having changed
-    nothing else, when the request needs the caller's general path:
-    ``core`` is not a RateLimiter, a state that is not a dict,
-    ``done_key`` already in the state, an empty path, a peer address that
-    is not a str. Errors of the decision are raised after the state was
-    marked."""
+    endpoint_name, done_key, by_key, view_key, core, prefix, by, filters,
+    response_type, merge_names, headers, fused, merge_fallback)`` (see
+    ``Limiter._fast_spec``): ``scope_name`` is the limit's static scope or
+    None (the endpoint key is used), ``endpoint_name`` the endpoint key or
+    None to use ``scope["path"]``. Sets ``state[done_key] = True`` and
+    ``state[by_key] = by`` in ``scope["state"]``, then ``core.decide_view(
+    item, key, name, cost, time.time(), names, limit, prefix)`` for the key
+    ``scope["client"][0]`` (or ``"127.0.0.1"``), and stores the view under
+    ``view_key``. Returns the view when the request is allowed, False when
+    it is rejected (``scope["state"]`` is made if missing). ``time.time``
+    is looked up on every call; while it is the builtin, the clock is read
+    without making a float. Returns None, having changed nothing else, when
+    the request needs the caller's general path: ``core`` is not a
+    RateLimiter, ``filters`` is not an empty list, a state that is not a
+    dict, ``done_key`` already in the state, an empty path, a peer address
+    that is not a str. Errors of the decision are raised after the state
+    was marked."""
+
+def merge_headers(
+    returned: object, response: object, view: Any, spec: tuple[Any, ...], /
+) -> None:
+    """The rate-limit headers of ``view`` (a request ``decide_scope``
+    allowed) for the response: when ``spec``'s ``headers`` is True, added
+    to the raw headers of ``returned`` if it is a ``response_type``, else of
+    ``response`` if that is one. The core's formatted pairs are appended
+    when ``fused`` is True and no header named in ``merge_names`` is there
+    yet; anything else is ``merge_fallback(carrier, view)``'s."""

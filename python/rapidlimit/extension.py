@@ -18,9 +18,9 @@ Speed
 
 * Limit strings, the signatures of key functions and other callables, and
   the list of limits of each route are worked out once (at decoration, or on
-  the first request of a route), never per request. A request makes one call
-  into the core, which returns everything the headers need: no second
-  storage round trip for the headers, nor a third in the 429 handler.
+  the first request of a route), never per request. A request is decided by
+  one call into the core, which returns everything the headers need: no
+  second storage round trip for the headers, nor a third in the 429 handler.
 * Both middlewares are pure ASGI (``SlowAPIMiddleware`` is no longer a
   ``BaseHTTPMiddleware``). They add the headers to ``http.response.start`` as
   it passes and forward every other message untouched, so streaming
@@ -179,6 +179,7 @@ from rapidlimit._core import (
     RedisUnavailableError,
     Storage,
     decide_scope,
+    merge_headers,
 )
 from rapidlimit.errors import (
     ConfigurationError,
@@ -283,7 +284,7 @@ class ViewRateLimit:
     # One slot holding (Limit, prefix, key, scope, Decision): built per
     # request, so it is made with a single assignment (see _make_view). The
     # decorator's fast path stores the tuple of RateLimiter.decide_headers
-    # in place of the Decision: its last item is the ready header list.
+    # in place of the Decision: its last item holds the ready header pairs.
     __slots__ = ("_data",)
 
     _data: tuple[Limit, str, Any, str, Any]
@@ -450,6 +451,25 @@ class _Registration:
 
 
 _EXEMPT_PLAN = _Plan(exempt=True)
+
+# The Limiter attributes Limiter._fast_spec reads: setting one empties the
+# wrappers' specs (Limiter.__setattr__).
+_SPEC_INPUTS = frozenset(
+    (
+        "enabled",
+        "_storage_dead",
+        "_auto_check",
+        "_request_filters",
+        "_headers_enabled",
+        "_retry_after",
+        "_remote",
+        "_url_keys",
+        "_limiter",
+        "_key_prefix",
+        "_core_names",
+        "_header_names_and_retry",
+    )
+)
 
 
 def _func_name(func: Any) -> str:
@@ -622,70 +642,54 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 #
 # The usual request (one simple limit keyed by get_remote_address, in-memory
 # storage, not checked yet) is checked by one core call, _core.decide_scope,
-# from the scope: the same work in Python cost as much as the decision.
-# ``_rl_slot[0]`` holds what that call needs about the route (see
-# Limiter._fast_spec) while it applies (Limiter._invalidate empties it).
-# decide_scope returns None, having changed nothing but a missing
-# scope["state"], for anything unusual (a request checked already, an odd
-# peer, a stand-in core), and every such request goes through
-# Limiter._check_in_endpoint.
+# from the scope, and its headers added by another, _core.merge_headers: the
+# same work in Python cost as much as the decision. ``_rl_slot[0]`` holds
+# what those calls need about the route and the limiter (see
+# Limiter._fast_spec) while they apply: Limiter._invalidate empties it, also
+# when a setting they depend on changes (Limiter.__setattr__), so no flag is
+# read per request. decide_scope returns the view of an allowed request,
+# False for a rejected one (its view is in the state), or None, having
+# changed nothing but a missing scope["state"], for anything unusual (a
+# request checked already, an odd peer, request filters, a stand-in core):
+# every such request goes through Limiter._check_in_endpoint.
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
-    # isinstance against HTTPConnection (an ABC) is slow: try the usual
-    # classes first.
-    if type(_rl_conn) not in _rl_types and not isinstance(
-        _rl_conn, _rl_HTTPConnection
-    ):
-        _rl_conn = _rl_find({values})
-        if _rl_conn is None:
-            return await {call}
-    if not _rl_limiter.enabled:
-        return await {call}
     _rl_spec = _rl_slot[0]
-    if (
-        _rl_spec is None
-        or _rl_limiter._storage_dead
-        or _rl_limiter._request_filters
-        or not _rl_limiter._auto_check
-    ):
-        _rl_view = None
-    else:
+    if _rl_spec is not None and type(_rl_conn) is _rl_Request:
         try:
-            _rl_view = _rl_decide(
-                _rl_limiter._limiter,
-                _rl_conn.scope,
-                _rl_spec,
-                _rl_clock.time(),  # looked up per call: clocks patch it
-                _rl_limiter._key_prefix,
-                _rl_limiter,
-            )
+            _rl_view = _rl_decide(_rl_conn.scope, _rl_spec)
         except Exception as _rl_exc:
             _rl_view = _rl_limiter._failed_in_endpoint(_rl_exc, _rl_conn, _rl_spec[0])
         if type(_rl_view) is _rl_View:
-            _rl_result = _rl_view._data[4]
-            if {fused}_rl_result[0]:
-                # The usual request, allowed, its headers formatted by the
-                # core: every test below is the general path's too.
-                _rl_response = await {call}
-                if _rl_limiter._headers_enabled:
-                    {merge_fast}
-                return _rl_response
-    _rl_headers = None
-    if type(_rl_view) is _rl_View:
-        _rl_result = _rl_view._data[4]
-        if _rl_result[0]:
-            if _rl_fused:
-                _rl_headers = _rl_result[5]  # formatted by the core
-        else:
-            _rl_view = _rl_limiter._rejected_in_endpoint(_rl_conn, _rl_view)
-    elif _rl_view is None:  # not for decide_scope: the general path
+            # The usual request, allowed: every test below is the general
+            # path's.
+            _rl_response = await {call}
+            _rl_merge(_rl_response, _rl_resp, _rl_view, _rl_spec)
+            return _rl_response
+    else:
+        # isinstance against HTTPConnection (an ABC) is slow: try the usual
+        # classes first.
+        if type(_rl_conn) not in _rl_types and not isinstance(
+            _rl_conn, _rl_HTTPConnection
+        ):
+            _rl_conn = _rl_find({values})
+            if _rl_conn is None:
+                return await {call}
+        if not _rl_limiter.enabled:
+            return await {call}
+        _rl_view = None
+    if _rl_view is None:  # not for decide_scope: the general path
         if _rl_limiter._remote:
             _rl_view = await _rl_limiter._check_in_endpoint_async(
                 _rl_conn, _rl_target
             )
         else:
             _rl_view = _rl_limiter._check_in_endpoint(_rl_conn, _rl_target)
+    elif _rl_view is False:  # rejected by decide_scope
+        _rl_view = _rl_limiter._rejected_in_endpoint(
+            _rl_conn, _rl_conn.scope["state"][_rl_VIEW]
+        )
     else:  # the storage failed: (what _on_error returned,)
         _rl_view = _rl_limiter._outcome(
             _rl_conn, _rl_view[0], _rl_conn.scope["state"]
@@ -803,20 +807,14 @@ def _build_wrapper(
         call = f"_rl_threadpool(_rl_func{', ' if call_args else ''}{call_args})"
     else:  # a keyword ``func`` would collide with run_in_threadpool's own
         call = f"_rl_threadpool(_rl_partial(_rl_func, {call_args}))"
-    fused = limiter._retry_after != "http-date"
-    # (_fast_items for the general path's view)
-    general_headers = (
-        "_rl_headers if _rl_headers is not None else _rl_limiter._fast_items(_rl_view)"
-    )
     source = _WRAPPER_TEMPLATE.format(
         params=", ".join(decl),
         bind="\n".join(bind),
         values=values,
         call=call,
-        # The http-date Retry-After is formatted here: no fast branch.
-        fused="" if fused else "False and ",
-        merge_fast=_indented(_MERGE_TEMPLATE.format(headers="_rl_result[5]"), 20),
-        merge=_indented(_MERGE_TEMPLATE.format(headers=general_headers), 8),
+        merge=_indented(
+            _MERGE_TEMPLATE.format(headers="_rl_limiter._fast_items(_rl_view)"), 8
+        ),
     )
     namespace: dict[str, Any] = {
         "_rl_func": func,
@@ -824,16 +822,17 @@ def _build_wrapper(
         "_rl_target": target,
         "_rl_slot": limiter._fast_slot(target),
         "_rl_names": limiter._header_names_and_retry,
-        "_rl_fused": fused,
         "_rl_decide": decide_scope,
-        "_rl_clock": time,
+        "_rl_merge": merge_headers,
         "_rl_threadpool": run_in_threadpool,
         "_rl_partial": functools.partial,
         "_rl_Response": Response,
         "_rl_find": _find_connection,
         "_rl_types": _CONNECTION_TYPES,
+        "_rl_Request": Request,  # (a websocket takes the general path)
         "_rl_HTTPConnection": HTTPConnection,
         "_rl_View": ViewRateLimit,
+        "_rl_VIEW": _VIEW,
         "_rl_d": defaults,
     }
     filename = f"<rapidlimit wrapper of {_func_name(func)}>"
@@ -1174,6 +1173,12 @@ class Limiter:
             self._registry[target] = reg
         return reg
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        # The wrappers' specs hold these: they are worked out again.
+        if name in _SPEC_INPUTS and "_fast_slots" in self.__dict__:
+            self._invalidate()
+
     def _invalidate(self) -> None:
         self._plans.clear()
         self._endpoint_plans.clear()
@@ -1425,10 +1430,19 @@ class Limiter:
         return plan, state
 
     def _fast_spec(self, plan: _Plan) -> tuple[Any, ...] | None:
-        """decide_scope's ``spec`` for a decorator plan, or None when the
-        wrappers must use the general path for it."""
+        """decide_scope's and merge_headers' ``spec`` for a decorator plan,
+        or None when the wrappers must use the general path for it. It holds
+        the settings the wrappers would otherwise read per request: a change
+        to any of them (_SPEC_INPUTS) empties the slots."""
         single = plan.single
-        if single is None or not single._peer_key or self._remote:
+        if (
+            single is None
+            or not single._peer_key
+            or self._remote
+            or not self.enabled
+            or self._storage_dead
+            or not self._auto_check
+        ):
             return None
         if not self._url_keys and not plan.endpoint_name:
             return None
@@ -1443,7 +1457,25 @@ class Limiter:
             _DONE,
             _BY,
             _VIEW,
+            self._limiter,
+            self._key_prefix,
+            self,
+            self._request_filters,  # decide_scope: a general path unless empty
+            Response,
+            self._header_names_and_retry,
+            bool(self._headers_enabled),
+            self._retry_after != "http-date",  # the core's Retry-After applies
+            self._merge_into,
         )
+
+    def _merge_into(self, carrier: Response, view: ViewRateLimit) -> None:
+        """merge_headers' general case: ``_MERGE_TEMPLATE`` for a response."""
+        raw = carrier.raw_headers
+        for pair in raw:
+            if pair[0] in self._header_names_and_retry:
+                self._inject_headers(carrier, view)
+                return
+        raw.extend(self._fast_items(view))
 
     def _failed_in_endpoint(
         self, exc: Exception, conn: HTTPConnection, plan: _Plan

@@ -30,23 +30,23 @@ STRATEGY_NAMES = sorted(STRATEGIES)
 
 def expected_headers(
     names: HeaderNames, decision: tuple[Any, ...], now: float
-) -> list[tuple[bytes, bytes]]:
+) -> tuple[tuple[bytes, bytes], ...]:
     """What the Python layer computed before the core did it."""
     _, limit, remaining, reset_time, _ = decision
     assert isinstance(reset_time, float)
-    return [
+    return (
         (names.limit, b"%d" % limit),
         (names.remaining, b"%d" % remaining),
         (names.reset, b"%d" % int(1 + reset_time)),
         (names.retry_after, b"%d" % int(1 + reset_time - now)),
-    ]
+    )
 
 
 def check(result: tuple[Any, ...], decision: Any, now: float) -> None:
     assert type(result) is tuple and len(result) == 6
     assert result[:5] == tuple(decision)
     assert [type(v) for v in result[:5]] == [bool, int, int, float, float]
-    assert type(result[5]) is list
+    assert type(result[5]) is tuple
     assert result[5] == expected_headers(NAMES, tuple(decision), now)
 
 
@@ -169,28 +169,25 @@ def test_custom_names_cached_pairs_and_fresh_lists() -> None:
     first = lim.decide_headers(item, "a", 1, T0, names)
     second = lim.decide_headers(item, "a", 0, T0, names)
     assert [n for n, _ in first[5]] == [b"l", b"r", b"s", b"ra"]
-    assert first[5][:2] == [(b"l", b"1000"), (b"r", b"999")]
+    assert first[5][:2] == ((b"l", b"1000"), (b"r", b"999"))
     # Values below 1024 come from the names' tables: the same pairs, and
     # the name objects are the ones given.
     assert first[5][0] is second[5][0]
     assert first[5][1] is second[5][1]
     assert first[5][3] is second[5][3]
     assert first[5][0][0] is names.limit
-    # ... but every call returns a new list the caller owns.
+    # ... in a tuple of their own per call (read, copied or appended to a
+    # response's headers: never changed).
     assert first[5] is not second[5]
-    first[5].append((b"x", b"y"))
-    first[5][0] = (b"z", b"z")
-    again = lim.decide_headers(item, "a", 0, T0, names)
-    assert len(again[5]) == 4
-    assert again[5][0] == (b"l", b"1000")
+    assert type(first[5]) is tuple and len(first[5]) == 4
     # Beyond the tables the values are formatted on the spot.
     big = parse("100000/hour")
     got = lim.decide_headers(big, "a", 1, T0, names)
-    assert got[5][:2] == [(b"l", b"100000"), (b"r", b"99999")]
-    assert lim.decide_headers(parse("1024/hour"), "a", 1, T0, names)[5][:2] == [
+    assert got[5][:2] == ((b"l", b"100000"), (b"r", b"99999"))
+    assert lim.decide_headers(parse("1024/hour"), "a", 1, T0, names)[5][:2] == (
         (b"l", b"1024"),
         (b"r", b"1023"),
-    ]
+    )
 
 
 def test_names_of_other_headernames_are_never_mixed() -> None:
@@ -593,3 +590,162 @@ def test_redis_decide_view_async_keeps_no_extra_references(server: RedisServer) 
     after = asyncio.run(run())
     assert after == before
     store.close()
+
+
+# --------------------------------------------------------------------------
+# decide_scope and merge_headers: the decorator's usual request
+
+
+def _scope_spec(
+    lim: RateLimiter, item: Any, **changes: Any
+) -> tuple[tuple[Any, ...], list[Any]]:
+    """A spec as Limiter._fast_spec lays it out, and the fallback's calls."""
+    from starlette.responses import Response
+
+    calls: list[Any] = []
+    fields: dict[str, Any] = {
+        "plan": None,
+        "limit": "limit-marker",
+        "item": item,
+        "cost": 1,
+        "names": VIEW_NAMES,
+        "scope_name": None,
+        "endpoint_name": None,
+        "done_key": "done",
+        "by_key": "by",
+        "view_key": "view",
+        "core": lim,
+        "prefix": "",
+        "by": "by-marker",
+        "filters": [],
+        "response_type": Response,
+        "merge_names": frozenset((b"x-ratelimit-limit", b"retry-after")),
+        "headers": True,
+        "fused": True,
+        "merge_fallback": lambda carrier, view: calls.append((carrier, view)),
+    }
+    fields.update(changes)
+    return tuple(fields.values()), calls
+
+
+def _http_scope(client: Any = ("10.0.0.1", 5000)) -> dict[str, Any]:
+    return {"type": "http", "path": "/p", "client": client}
+
+
+def test_decide_scope_reads_time_time_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    reference = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("2/minute")
+    spec, _ = _scope_spec(lim, item)
+    for now in (T0, T0 + 0.5, T0 + 61.25):
+        # A replaced time.time is looked up on every call and used.
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        scope = _http_scope()
+        view = _core.decide_scope(scope, spec)
+        assert type(view) is _View
+        assert scope["state"] == {"done": True, "by": "by-marker", "view": view}
+        expected = reference.decide_headers(item, "10.0.0.1//p", 1, now, NAMES)
+        assert view._data == ("limit-marker", "", "10.0.0.1", "/p", expected)
+    monkeypatch.undo()
+    # The builtin clock: the same float time.time() gives.
+    before = time.time()
+    view = _core.decide_scope(_http_scope(("10.0.0.2", 1)), spec)
+    after = time.time()
+    retry = int(view._data[4][5][3][1])
+    reset = view._data[4][3]
+    assert int(1 + reset - after) <= retry <= int(1 + reset - before)
+
+
+def test_decide_scope_rejection_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("1/minute")
+    spec, _ = _scope_spec(lim, item)
+    assert type(_core.decide_scope(_http_scope(), spec)) is _View
+    scope = _http_scope()
+    # Rejected: False, the view in the state.
+    assert _core.decide_scope(scope, spec) is False
+    assert scope["state"]["view"]._data[4][0] is False
+    # Checked already, a filter, or a client that is not a str: the general
+    # path's, nothing written.
+    assert _core.decide_scope(scope, spec) is None
+    filtered, _ = _scope_spec(lim, item, filters=[lambda: True])
+    for odd_scope, odd_spec in (
+        (_http_scope(), filtered),
+        (_http_scope((7, 1)), spec),
+    ):
+        assert _core.decide_scope(odd_scope, odd_spec) is None
+        assert odd_scope.get("state", {}) == {}
+
+    # A failing time.time is raised once the request is marked checked, as
+    # the general path has it.
+    def broken() -> float:
+        raise RuntimeError("clock")
+
+    monkeypatch.setattr(time, "time", broken)
+    scope = _http_scope(("10.9.9.9", 1))
+    with pytest.raises(RuntimeError, match="clock"):
+        _core.decide_scope(scope, spec)
+    assert scope["state"] == {"done": True, "by": "by-marker"}
+    with pytest.raises(TypeError, match="2 positional"):
+        _core.decide_scope(scope)  # type: ignore[call-arg]
+    # Not a spec (another layout): the general path's.
+    assert _core.decide_scope(_http_scope(), spec[:-1]) is None
+
+
+def test_merge_headers_appends_or_falls_back() -> None:
+    from starlette.responses import PlainTextResponse, Response
+
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("5/minute")
+    spec, calls = _scope_spec(lim, item)
+    view = _core.decide_scope(_http_scope(), spec)
+    pairs = view._data[4][5]
+    # The returned Response gets them; else the `response` parameter.
+    returned = PlainTextResponse("x")
+    parameter = Response()
+    _core.merge_headers(returned, parameter, view, spec)
+    assert tuple(returned.raw_headers[-4:]) == pairs
+    assert not any(p in parameter.raw_headers for p in pairs)
+    plain = Response()
+    _core.merge_headers({"a": 1}, plain, view, spec)
+    assert tuple(plain.raw_headers[-4:]) == pairs
+    _core.merge_headers({"a": 1}, None, view, spec)  # nothing to carry them
+    assert calls == []
+    # A header of those names there already, an odd pair, an HTTP-date
+    # Retry-After: the fallback's.
+    own = PlainTextResponse("x", headers={"Retry-After": "5"})
+    _core.merge_headers(own, None, view, spec)
+    odd = Response()
+    odd.raw_headers.append([b"x-other", b"1"])  # type: ignore[arg-type]
+    _core.merge_headers(odd, None, view, spec)
+    dated, dated_calls = _scope_spec(lim, item, fused=False)
+    other = Response()
+    _core.merge_headers(other, None, view, dated)
+    assert calls == [(own, view), (odd, view)]
+    assert dated_calls == [(other, view)]
+    assert b"retry-after" not in dict(other.raw_headers)
+
+    # isinstance, not the type: an object claiming the Response class (a
+    # proxy) carries them; a list returned does not.
+    class Proxy:
+        def __init__(self) -> None:
+            self.raw_headers: list[tuple[bytes, bytes]] = []
+
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            return Response
+
+    proxy = Proxy()
+    _core.merge_headers(proxy, None, view, spec)
+    assert tuple(proxy.raw_headers) == pairs
+    listed = Response()
+    _core.merge_headers([1], listed, view, spec)
+    assert tuple(listed.raw_headers[-4:]) == pairs
+    with pytest.raises(TypeError, match="spec"):
+        _core.merge_headers(returned, None, view, spec[:-1])
+    # Headers off: untouched.
+    off, off_calls = _scope_spec(lim, item, headers=False)
+    untouched = PlainTextResponse("x")
+    before = list(untouched.raw_headers)
+    _core.merge_headers(untouched, None, view, off)
+    assert untouched.raw_headers == before and off_calls == []

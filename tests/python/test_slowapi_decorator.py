@@ -520,6 +520,37 @@ def test_enabled_can_be_toggled(
     assert statuses(client, "/x", 2) == [200, 429]
 
 
+def test_settings_changed_between_requests_apply(
+    framework: str, kind: str, make_client: Any
+) -> None:
+    # The wrappers keep the limiter's settings with the route (the spec of
+    # Limiter._fast_spec) once the first request made it: a later change
+    # must still apply.
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+    view = limiter.limit("3/minute")(endpoint(kind))
+    client = make_client(build(framework, limiter, [("/x", view)]))
+    assert rate_headers(client.get("/x"))["x-ratelimit-remaining"] == "2"
+    limiter._headers_enabled = False
+    response = client.get("/x")
+    assert response.status_code == 200
+    assert rate_headers(response) == {}
+    limiter._headers_enabled = True
+    limiter.enabled = False
+    assert statuses(client, "/x", 3) == [200, 200, 200]  # not counted
+    limiter.enabled = True
+    assert rate_headers(client.get("/x"))["x-ratelimit-remaining"] == "0"
+    assert statuses(client, "/x", 1) == [429]
+    limiter._key_prefix = "other"  # other counters
+    assert rate_headers(client.get("/x"))["x-ratelimit-remaining"] == "2"
+    # A filter added in place (no attribute set): requests go unlimited.
+    limiter._request_filters.append(lambda: True)
+    responses = [client.get("/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert rate_headers(responses[0]) == {}
+    limiter._request_filters.clear()
+    assert statuses(client, "/x", 3) == [200, 200, 429]
+
+
 def test_auto_check_off_never_fails(
     framework: str, kind: str, middleware: type | None, make_client: Any
 ) -> None:
@@ -633,6 +664,51 @@ def test_fastapi_response_parameter_gets_headers(kind: str, make_client: Any) ->
     schema = client.get("/openapi.json").json()
     params = schema["paths"]["/norequest"]["get"]["parameters"]
     assert [p["name"] for p in params] == ["q"]
+
+
+@pytest.mark.parametrize("retry_after", [None, "http-date"])
+def test_fastapi_endpoint_headers_of_its_own(
+    retry_after: str | None, make_client: Any
+) -> None:
+    # Rate-limit headers the endpoint set itself (on its `response` parameter
+    # or the Response it returns) are replaced, not repeated; an HTTP-date
+    # Retry-After is formatted in Python.
+    limiter = Limiter(
+        key_func=get_remote_address, headers_enabled=True, retry_after=retry_after
+    )
+    app = FastAPI()
+    app.state.limiter = limiter
+
+    @app.get("/param")
+    @limiter.limit("5/minute")
+    async def param(request: Request, response: Response) -> dict[str, int]:
+        response.headers["X-RateLimit-Limit"] = "999"
+        return {"a": 1}
+
+    @app.get("/returned")
+    @limiter.limit("5/minute")
+    async def returned(request: Request) -> Response:
+        return PlainTextResponse("r", headers={"Retry-After": "3600"})
+
+    @app.get("/plain")
+    @limiter.limit("5/minute")
+    async def plain(request: Request, response: Response) -> dict[str, int]:
+        return {"p": 1}
+
+    client = make_client(app)
+    for path in ("/param", "/returned", "/plain"):
+        response = client.get(path)
+        assert response.status_code == 200
+        limits = [v for k, v in response.headers.items() if k == "x-ratelimit-limit"]
+        assert limits == ["5"], path
+        assert len(response.headers.get_list("retry-after")) == 1, path
+        retry = response.headers["retry-after"]
+        if retry_after == "http-date":
+            assert retry.endswith("GMT") or retry.endswith("-0000"), path
+        elif path == "/returned":
+            assert int(retry) >= 3599  # the later of the two, as slowapi
+        else:
+            assert 0 <= int(retry) <= 61
 
 
 def test_fastapi_depends(make_client: Any) -> None:
