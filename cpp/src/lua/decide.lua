@@ -51,7 +51,6 @@ local floor = math.floor
 local call = redis.call
 local E9 = 1000000000
 local keys = KEYS
-local char = string.char
 -- The current request's header, read by the helpers below as upvalues.
 local now_s, now_ns, slack, test
 -- Every EVALSHA runs this body afresh, so the hot paths are written
@@ -59,7 +58,10 @@ local now_s, now_ns, slack, test
 -- Helpers that only some strategies need are created on first use.
 local moving, mul_lt
 
-local out = {}
+-- The reply's pieces; a call for one request with one limit (88 bytes of
+-- argument) answers without them in the common case.
+local out
+if nargs > 88 then out = {} end
 local nout = 0
 local ki = 0    -- KEYS consumed by earlier requests
 local pos = 1   -- this request's block in args
@@ -148,6 +150,7 @@ while pos < nargs do
       end
     end
   end
+  if not out then out = {} end
   for i = 1, todo do
     local key = keys[k0 + i]
     local at = first + (i - 1) * 56  -- this limit's values
@@ -450,7 +453,7 @@ while pos < nargs do
       if ok then f = f + 1 end
       if last then f = f + 4 end
       if n == 24 or n == 32 then
-        out[nout + 1] = char(f + n - 16)  -- 3 or 4 doubles
+        out[nout + 1] = string.char(f + n - 16)  -- 3 or 4 doubles
         out[nout + 2] = raw
         nout = nout + 2
       else
