@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "rapidlimit/algorithms.h"
 #include "rapidlimit/clock.h"
@@ -57,15 +58,35 @@ class Resp {
 std::string_view ScriptBody();
 std::string_view ScriptSha1();
 
-// The script's argument and reply are arrays of little-endian doubles.
+// The script's argument is an array of little-endian doubles.
 constexpr int kValuesPerItem = 7;  // per limit, in the argument and reply
-constexpr int kFixedArgs = 5;  // per request: mode, now_s, now_ns, slack_ms, n
+// Per request: n (-n in test mode), now_s, now_ns, then n limits, then
+// slack_ms.
+constexpr int kFixedArgs = 4;
 
 // Appends `v` as a little-endian double (exact for |v| < 2^53).
 void AppendDouble(int64_t v, std::string* out);
 // Reads `n` little-endian doubles from `data` as integers; false if one is
 // not finite.
 bool ReadDoubles(const char* data, size_t n, int64_t* out);
+
+// The script's reply is, per request, a flag byte per processed limit
+// followed by that limit's state as little-endian doubles: the value the
+// script found as it was stored (3 or 4 doubles: creating no string costs
+// Redis least) or x1 .. x5 packed. Every request has a limit.
+constexpr uint8_t kReplyAllowed = 1;
+constexpr uint8_t kReplyFresh = 2;
+constexpr uint8_t kReplyLast = 4;  // the request's last processed limit
+constexpr uint8_t kReplyKindMask = 24;
+constexpr uint8_t kReplyPacked = 0;
+constexpr uint8_t kReplyFound3 = 8;
+constexpr uint8_t kReplyFound4 = 16;
+// Reads one request's block at `*pos` of `reply` into `values` (processed,
+// then kValuesPerItem per processed limit: allowed, fresh, x1 .. x5) and
+// moves `*pos` past it; false if the block is malformed or has more than
+// `items` limits.
+bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
+                    std::vector<int64_t>* values);
 
 // One limit of a batch, owned by the batch.
 struct Item {

@@ -81,6 +81,45 @@ bool ReadDoubles(const char* data, size_t n, int64_t* out) {
   return true;
 }
 
+bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
+                    std::vector<int64_t>* values) {
+  values->assign(1, 0);
+  size_t at = *pos;
+  for (size_t processed = 1;; ++processed) {
+    if (processed > items || at >= reply.size()) return false;
+    const auto flags = static_cast<uint8_t>(reply[at++]);
+    size_t n = 0;
+    switch (flags & kReplyKindMask) {
+      case kReplyPacked:
+        n = 5;
+        break;
+      case kReplyFound3:
+        n = 3;
+        break;
+      case kReplyFound4:
+        n = 4;
+        break;
+      default:
+        return false;
+    }
+    if (flags & ~(kReplyKindMask | kReplyAllowed | kReplyFresh | kReplyLast)) {
+      return false;
+    }
+    if (reply.size() - at < n * sizeof(double)) return false;
+    int64_t v[kValuesPerItem] = {};
+    v[0] = (flags & kReplyAllowed) != 0;
+    v[1] = (flags & kReplyFresh) != 0;
+    if (!ReadDoubles(reply.data() + at, n, v + 2)) return false;
+    at += n * sizeof(double);
+    values->insert(values->end(), v, v + kValuesPerItem);
+    if (flags & kReplyLast) {
+      (*values)[0] = static_cast<int64_t>(processed);
+      *pos = at;
+      return true;
+    }
+  }
+}
+
 void AppendItemArgs(const Item& item, int64_t now, std::string* out) {
   const Limit& l = item.limit;
   const int64_t cost = item.cost;

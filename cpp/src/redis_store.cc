@@ -387,8 +387,7 @@ class Lane {
   std::string out_;
   size_t out_off_ = 0;
   std::deque<Op*> inflight_;
-  std::vector<Op*> group_;             // ReadLocked's scratch
-  std::vector<int64_t> reply_values_;  // HandleReply's scratch
+  std::vector<Op*> group_;  // ReadLocked's scratch
   static constexpr size_t kEagerBatch = 32;
   // Requests sharing one script command at most: bounds the script's run
   // (Redis serves nobody else meanwhile) and its reply.
@@ -783,28 +782,15 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
     // was undone, as with any Redis script): each gets the failure policy.
     return fail(msg);
   }
-  const size_t count = r->type == REDIS_REPLY_STRING ? r->len / 8 : 0;
-  if (count == 0 || r->len % 8 != 0) return fail("unexpected script reply");
-  reply_values_.resize(count);
-  if (!ReadDoubles(r->str, count, reply_values_.data())) {
-    return fail("unexpected script reply");
-  }
-  // A block per request: processed, then kValuesPerItem per processed.
+  if (r->type != REDIS_REPLY_STRING) return fail("unexpected script reply");
+  const std::string_view reply(r->str, r->len);
   size_t pos = 0;
   for (size_t i = 0; i < k; ++i) {
-    Op* op = ops[i];
-    if (pos >= count) return fail("unexpected script reply");
-    const int64_t processed = reply_values_[pos];
-    if (processed < 0 || processed > static_cast<int64_t>(op->items.size())) {
+    if (!ReadReplyBlock(reply, &pos, ops[i]->items.size(), &ops[i]->values)) {
       return fail("unexpected script reply");
     }
-    const size_t need = 1 + static_cast<size_t>(processed) * kValuesPerItem;
-    if (pos + need > count) return fail("unexpected script reply");
-    op->values.assign(reply_values_.begin() + pos,
-                      reply_values_.begin() + pos + need);
-    pos += need;
   }
-  if (pos != count) return fail("unexpected script reply");
+  if (pos != reply.size()) return fail("unexpected script reply");
   for (size_t i = 0; i < k; ++i) ops[i]->result = Op::Result::kOk;
   return false;
 }
@@ -1160,12 +1146,12 @@ Op* Engine::NewScriptOp(const Request* requests, size_t n, int64_t now,
   }
   std::string& b = op->block;
   b.reserve(sizeof(double) * (kFixedArgs + kValuesPerItem * n));
-  AppendDouble(mode == Mode::kTest ? 1 : 0, &b);
+  const auto count = static_cast<int64_t>(n);
+  AppendDouble(mode == Mode::kTest ? -count : count, &b);
   AppendDouble(FloorDivNanos(now, kNanosPerSecond), &b);
   AppendDouble(now - FloorDivNanos(now, kNanosPerSecond) * kNanosPerSecond, &b);
-  AppendDouble(slack_ms, &b);
-  AppendDouble(static_cast<int64_t>(n), &b);
   for (const Item& it : op->items) AppendItemArgs(it, now, &b);
+  AppendDouble(slack_ms, &b);
   return op;
 }
 

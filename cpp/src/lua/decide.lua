@@ -20,9 +20,9 @@
 -- the rest of the value), which costs Redis less than a SET.
 --
 -- One argument, little-endian doubles (integers, exact below 2^53), a
--- block per request: mode (0 hit, 1 test), now_s, now_ns, TTL slack in ms,
--- n (its number of limits), then 7 per limit, whose keys are the request's
--- n KEYS in order: code, cost, p1 .. p5
+-- block per request: n (its number of limits, at least 1; -n in test
+-- mode), now_s, now_ns, then 7 per limit, whose keys are the request's n
+-- KEYS in order: code, cost, p1 .. p5
 --   0 fixed window    p1 amount, (p2, p3) period as (s, ns)
 --   1 moving window   p1 amount, p2 period_s
 --   2 sliding window  p1 amount, p2 window index, p3 period_ns,
@@ -31,13 +31,17 @@
 --                     (p4, p5) = burst * period / amount as ns + fraction
 --                     in units of 1/amount ns
 --   4 incr            like 0, never rejects (limits' Storage.incr)
--- Returns little-endian doubles, a block per request: processed, then 7
--- per processed limit: allowed, fresh, x1 .. x5, the x's per strategy:
+-- and last the TTL slack in ms.
+-- Returns one string, per processed limit of each request a flag byte
+-- (1 allowed, 2 fresh, 4 the request's last processed limit; 8: 3
+-- doubles follow, 16: 4 doubles follow, neither: 5) and then x1 .. x5 (or
+-- their first 3 or 4) as little-endian doubles, per strategy:
 --   fixed: count, expiry_s, expiry_ns      token: tat_s, tat_ns, tat_frac
 --   sliding: window, current, previous
 --   moving: blocker_s, blocker_ns, in_window, oldest_s, oldest_ns
 -- x's past a strategy's list carry no meaning (the stored horizon may
--- stand there).
+-- stand there). Every Lua string Redis makes is hashed byte by byte, so
+-- the argument and the reply are kept short.
 
 local pack = struct.pack
 local unpack = struct.unpack
@@ -46,55 +50,120 @@ local nargs = #args
 local floor = math.floor
 local call = redis.call
 local E9 = 1000000000
--- Reply pieces as string constants (free: literals live in the compiled
--- script): the found state goes back as the very bytes GET returned, since
--- struct.pack costs Redis more per decision than the GET itself.
--- 1.0 (a request's processed count, when it has one limit), and
--- (allowed, fresh) as doubles, A<allowed>F<fresh>.
-local ONE = '\0\0\0\0\0\0\240?'
-local A0F0 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
-local A1F0 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\0\0'
-local A0F1 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\240?'
-local A1F1 = '\0\0\0\0\0\0\240?\0\0\0\0\0\0\240?'
--- Pads a found value of 3 or 4 doubles to the reply's 5 x's.
-local PAD3 = '\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0'
-local PAD4 = '\0\0\0\0\0\0\0\0'
+local keys = KEYS
 -- The current request's header, read by the helpers below as upvalues.
-local mode, now_s, now_ns, slack, test
+local now_s, now_ns, slack, test
 -- Every EVALSHA runs this body afresh, so the hot paths are written
 -- inline: a closure defined up here would be allocated on every call.
 -- Helpers that only some strategies need are created on first use.
 local moving, mul_lt
 
-local out = {}
+-- The reply's pieces; a call for one request with one limit (88 bytes of
+-- argument) answers without them in the common case.
+local out
+if nargs > 88 then out = {} end
 local nout = 0
 local ki = 0    -- KEYS consumed by earlier requests
 local pos = 1   -- this request's block in args
 while pos < nargs do
-  -- The header and the first limit in one unpack (most requests have one).
-  local nk, c1, k1, q1, q2, q3, q4, q5
-  mode, now_s, now_ns, slack, nk, c1, k1, q1, q2, q3, q4, q5 =
-      unpack('<dddddddddddd', args, pos)
-  test = mode == 1
-  local first = pos + 40  -- the first limit's 7 values
-  pos = first + nk * 56
-  nout = nout + 1
-  local head = nout  -- the request's processed count goes here
-  local processed = 0
-  for i = 1, nk do
-    local key = KEYS[ki + i]
-    local code, cost, p1, p2, p3, p4, p5 = c1, k1, q1, q2, q3, q4, q5
-    if i > 1 then
-      code, cost, p1, p2, p3, p4, p5 =
-          unpack('<ddddddd', args, first + (i - 1) * 56)
+  -- The header and what every limit needs of the first limit in one
+  -- unpack (most requests have one); each value unpacked costs Redis about
+  -- as much as a few lines of Lua, so the rest is read where it is used.
+  local nk, c1, k1, a1
+  nk, now_s, now_ns, c1, k1, a1 = unpack('<dddddd', args, pos)
+  test = nk < 0
+  if test then nk = -nk end
+  local first = pos + 24  -- the first limit's 7 values
+  pos = first + nk * 56 + 8
+  local at_slack = pos - 8
+  local k0, todo = ki, nk
+  ki = ki + nk
+  local fetched, v0 = false, nil
+  if c1 == 0 and nk == 1 and not test then
+    -- A fixed-window hit alone in its request, in the current window: the
+    -- commonest decision, in fewer steps than the loop below takes (which
+    -- handles the other cases with the value read here).
+    local key = keys[ki]
+    v0 = call('GET', key)
+    fetched = true
+    if v0 and #v0 == 24 then
+      local x1, x2, x3 = unpack('<ddd', v0)
+      if x1 ~= 0 and (x2 > now_s or (x2 == now_s and x3 > now_ns)) then
+        local c = x1 + k1
+        call('SETRANGE', key, '0', pack('<d', c))
+        local f = '\12'  -- the flags of the loop's reply below
+        if c <= a1 then f = '\13' end
+        if nout == 0 and pos >= nargs then return f .. v0 end
+        out[nout + 1] = f
+        out[nout + 2] = v0
+        nout = nout + 2
+        todo = 0
+      end
     end
+  elseif c1 == 3 and nk == 1 and not test and a1 > 0 then
+    -- Likewise a token-bucket hit that keeps the key's TTL.
+    local key = keys[ki]
+    v0 = call('GET', key)
+    fetched = true
+    if v0 and #v0 == 32 then
+      local x1, x2, x3, hs = unpack('<dddd', v0)
+      local p2, p3, p4, p5 = unpack('<dddd', args, first + 24)
+      local an, af = p2, p3
+      local live = x1 > now_s or (x1 == now_s and x2 > now_ns)
+      if live then
+        an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
+        if af >= a1 then an, af = an + 1, af - a1 end
+      end
+      local ok = an < p4 or (an == p4 and af <= p5)
+      local done = true
+      if ok and an > 0 then
+        local t = now_ns + an
+        local sec = t / E9
+        sec = sec - sec % 1
+        t = t - sec * E9
+        if t < 0 then
+          sec, t = sec - 1, t + E9
+        elseif t >= E9 then
+          sec, t = sec + 1, t - E9
+        end
+        sec = now_s + sec
+        if sec < hs then
+          call('SETRANGE', key, '0', pack('<ddd', sec, t, af))
+        else
+          done = false  -- the loop renews the TTL
+        end
+      end
+      if done then
+        local f  -- the flags of the loop's reply below
+        if ok then
+          if live then f = '\21' else f = '\23' end
+        elseif live then
+          f = '\20'
+        else
+          f = '\22'
+        end
+        if nout == 0 and pos >= nargs then return f .. v0 end
+        out[nout + 1] = f
+        out[nout + 2] = v0
+        nout = nout + 2
+        todo = 0
+      end
+    end
+  end
+  if not out then out = {} end
+  for i = 1, todo do
+    local key = keys[k0 + i]
+    local at = first + (i - 1) * 56  -- this limit's values
+    local code, cost, p1 = c1, k1, a1
+    if i > 1 then code, cost, p1 = unpack('<ddd', args, at) end
     local ok = false
     local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
     local raw  -- the value GET found, when its leading doubles are x1 .. x3
     if code == 0 or code == 4 then
       -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
       -- p1 amount, (p2, p3) period as (s, ns).
-      local v = call('GET', key)
+      local v = v0
+      if not fetched then v = call('GET', key) end
       if v then
         x1, x2, x3 = unpack('<ddd', v)
         raw = v
@@ -107,6 +176,8 @@ while pos < nargs do
       else
         if c == cost or fresh == 1 then
           -- A new window: the key lives until its end, plus slack.
+          local p2, p3 = unpack('<dd', args, at + 24)
+          slack = unpack('<d', args, at_slack)
           local xs, xn = now_s + p2, now_ns + p3
           if xn >= E9 then xs, xn = xs + 1, xn - E9 end
           local ms = floor(((xs - now_s) * E9 + (xn - now_ns)) / 1000000) + 1
@@ -125,7 +196,9 @@ while pos < nargs do
       -- amount. p1 amount; (p2, p3) = cost * period / amount and (p4, p5) =
       -- burst * period / amount, as ns + fraction in 1/amount ns.
       if p1 > 0 then
-        local v = call('GET', key)
+        local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
+        local v = v0
+        if not fetched then v = call('GET', key) end
         local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
         if v then
           x1, x2, x3, hs = unpack('<dddd', v)
@@ -140,7 +213,8 @@ while pos < nargs do
         ok = an < k_ns or (an == k_ns and af <= p5)
         if ok and not test and an > 0 then
           local t = now_ns + an
-          local s = floor(t / E9)
+          local s = t / E9
+          s = s - s % 1  -- floor without a function call
           t = t - s * E9
           if t < 0 then
             s, t = s - 1, t + E9
@@ -156,6 +230,7 @@ while pos < nargs do
             local room = 2 * k_ns
             if room < 2 * E9 then room = 2 * E9 end
             local ms = floor((an + room) / 1000000) + 1
+            slack = unpack('<d', args, at_slack)
             call('SET', key, pack('<dddd', s, t, af, now_s + floor(ms / 1000)),
                  'PX', ms + slack)
           end
@@ -165,6 +240,7 @@ while pos < nargs do
       -- Sliding window counter: pack(window, current, previous, horizon_s).
       -- p1 amount, p2 window index, p3 period, p4 period - (now mod period),
       -- p5 period in ms.
+      local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
       local v = call('GET', key)
       local hs = 0
       if v then
@@ -231,6 +307,7 @@ while pos < nargs do
           local spare = p5  -- a window (at least 2 s) to spare
           if spare < 2000 then spare = 2000 end
           local ms = end_ms + spare
+          slack = unpack('<d', args, at_slack)
           call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
                'PX', ms + slack)
         end
@@ -333,42 +410,60 @@ while pos < nargs do
           return allowed, fr, bs, bn, size - lo, os, on
         end
       end
-      ok, fresh, x1, x2, x3, x4, x5 = moving(key, cost, p1, p2)
+      slack = unpack('<d', args, at_slack)
+      ok, fresh, x1, x2, x3, x4, x5 =
+          moving(key, cost, p1, (unpack('<d', args, at + 24)))
     end
-    local allowed = 0
-    if ok then allowed = 1 end
-    local pad, flags
-    if raw then
-      local n = #raw
-      if n == 24 then pad = PAD3 elseif n == 32 then pad = PAD4 end
-      if ok then
-        if fresh == 1 then flags = A1F1 else flags = A1F0 end
-      elseif fresh == 1 then
-        flags = A0F1
-      else
-        flags = A0F0
-      end
-    end
+    -- The reply (see the header): the flag byte is a literal in the
+    -- common case, and the found value goes back as the very bytes GET
+    -- returned, since struct.pack costs Redis more than the GET itself.
+    local n = raw and #raw
     if nk == 1 then
-      -- The common request: its whole block at once.
-      if pad then
-        out[head] = ONE .. flags .. raw .. pad
+      if n == 24 or n == 32 then
+        local f
+        if n == 24 then
+          if ok then
+            if fresh == 1 then f = '\15' else f = '\13' end
+          elseif fresh == 1 then
+            f = '\14'
+          else
+            f = '\12'
+          end
+        elseif ok then
+          if fresh == 1 then f = '\23' else f = '\21' end
+        elseif fresh == 1 then
+          f = '\22'
+        else
+          f = '\20'
+        end
+        -- A call for one request answers without the table.
+        if nout == 0 and pos >= nargs then return f .. raw end
+        out[nout + 1] = f
+        out[nout + 2] = raw
+        nout = nout + 2
       else
-        out[head] = pack('<dddddddd', 1, allowed, fresh, x1, x2, x3, x4, x5)
+        local f = 4 + 2 * fresh
+        if ok then f = f + 1 end
+        nout = nout + 1
+        out[nout] = pack('<Bddddd', f, x1, x2, x3, x4, x5)
       end
     else
-      nout = nout + 1
-      if pad then
-        out[nout] = flags .. raw .. pad
+      local last = i == nk or (not ok and not test)
+      local f = 2 * fresh
+      if ok then f = f + 1 end
+      if last then f = f + 4 end
+      if n == 24 or n == 32 then
+        out[nout + 1] = string.char(f + n - 16)  -- 3 or 4 doubles
+        out[nout + 2] = raw
+        nout = nout + 2
       else
-        out[nout] = pack('<ddddddd', allowed, fresh, x1, x2, x3, x4, x5)
+        nout = nout + 1
+        out[nout] = pack('<Bddddd', f, x1, x2, x3, x4, x5)
       end
-      processed = i
-      if not ok and not test then break end
+      if last then break end
     end
   end
-  if nk ~= 1 then out[head] = pack('<d', processed) end
-  ki = ki + nk
 end
+if nout == 2 then return out[1] .. out[2] end
 if nout == 1 then return out[1] end
 return table.concat(out)

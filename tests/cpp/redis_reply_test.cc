@@ -1,0 +1,66 @@
+// The decision script's reply format, read without a server: a flag byte
+// per processed limit, then 3, 4 or 5 doubles.
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "redis_internal.h"
+
+namespace rapidlimit::redis {
+namespace {
+
+std::string Block(uint8_t flags, std::vector<int64_t> doubles) {
+  std::string out(1, static_cast<char>(flags));
+  for (int64_t v : doubles) AppendDouble(v, &out);
+  return out;
+}
+
+TEST(RedisReply, FoundValuesAndPackedValues) {
+  // Two requests: one limit (found value of 3 doubles), then two limits
+  // (found value of 4 doubles, then x1 .. x5 packed).
+  const std::string reply =
+      Block(kReplyAllowed | kReplyLast | kReplyFound3, {5, 1700000060, 7}) +
+      Block(kReplyFresh | kReplyFound4, {1, 2, 3, 99}) +
+      Block(kReplyLast | kReplyPacked, {10, 11, 12, 13, 14});
+  size_t pos = 0;
+  std::vector<int64_t> v;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, &v));
+  EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 0, 5, 1700000060, 7, 0, 0}));
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 2, &v));
+  EXPECT_EQ(v, (std::vector<int64_t>{2, 0, 1, 1, 2, 3, 99, 0, 0, 0, 10, 11, 12,
+                                     13, 14}));
+  EXPECT_EQ(pos, reply.size());
+}
+
+TEST(RedisReply, MalformedBlocksAreRejected) {
+  std::vector<int64_t> v;
+  size_t pos = 0;
+  EXPECT_FALSE(ReadReplyBlock("", &pos, 1, &v));
+  // Truncated doubles.
+  std::string cut = Block(kReplyLast | kReplyFound3, {1, 2, 3});
+  cut.pop_back();
+  pos = 0;
+  EXPECT_FALSE(ReadReplyBlock(cut, &pos, 1, &v));
+  // An unknown kind and unknown flag bits.
+  pos = 0;
+  EXPECT_FALSE(ReadReplyBlock(Block(kReplyLast | 24, {1, 2, 3}), &pos, 1, &v));
+  pos = 0;
+  EXPECT_FALSE(ReadReplyBlock(Block(kReplyLast | kReplyFound3 | 32, {1, 2, 3}),
+                              &pos, 1, &v));
+  // More limits than the request has: no last flag within `items`.
+  const std::string two = Block(kReplyFound3, {1, 2, 3}) +
+                          Block(kReplyLast | kReplyFound3, {1, 2, 3});
+  pos = 0;
+  EXPECT_FALSE(ReadReplyBlock(two, &pos, 1, &v));
+  pos = 0;
+  EXPECT_TRUE(ReadReplyBlock(two, &pos, 2, &v));
+}
+
+}  // namespace
+}  // namespace rapidlimit::redis
+
+#endif  // RAPIDLIMIT_HAVE_HIREDIS
