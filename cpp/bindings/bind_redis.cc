@@ -325,8 +325,13 @@ struct Waiter {
   PyObject* cancel_msg;          // strong or null
   PyObject* callbacks;           // list of (fn, context) or null
   PyObject* weakrefs;
+  // The decorator's check (decide_view_async with its five extra
+  // arguments): state, view key, limiter, connection, plan; strong, set
+  // until the answer is finished (see Finish).
+  PyObject* finish[5];
   enum State : char { kPending, kDone, kCancelled } state;
   bool blocking;  // _asyncio_future_blocking
+  bool allowed;   // the decision, when finish is set
 };
 
 PyTypeObject* g_waiter_type = nullptr;
@@ -335,6 +340,7 @@ PyObject* g_invalid_state = nullptr;
 PyObject* g_str_call_exception_handler = nullptr;
 PyObject* g_str_context = nullptr;
 PyObject* g_context_kwnames = nullptr;  // ("context",)
+PyObject* g_str_finish_endpoint = nullptr;
 
 Waiter* NewWaiter(PyObject* loop) {
   auto* w = PyObject_GC_New(Waiter, g_waiter_type);
@@ -346,8 +352,10 @@ Waiter* NewWaiter(PyObject* loop) {
   w->cancel_msg = nullptr;
   w->callbacks = nullptr;
   w->weakrefs = nullptr;
+  for (PyObject*& part : w->finish) part = nullptr;
   w->state = Waiter::kPending;
   w->blocking = false;
+  w->allowed = false;
   PyObject_GC_Track(w);
   return w;
 }
@@ -359,6 +367,7 @@ int WaiterTraverse(PyObject* self, visitproc visit, void* arg) {
   Py_VISIT(w->exception);
   Py_VISIT(w->cancel_msg);
   Py_VISIT(w->callbacks);
+  for (PyObject* part : w->finish) Py_VISIT(part);
   return 0;
 }
 
@@ -369,6 +378,7 @@ int WaiterClear(PyObject* self) {
   Py_CLEAR(w->exception);
   Py_CLEAR(w->cancel_msg);
   Py_CLEAR(w->callbacks);
+  for (PyObject*& part : w->finish) Py_CLEAR(part);
   return 0;
 }
 
@@ -481,6 +491,65 @@ bool WaiterComplete(Waiter* w, PyObject* value, bool is_error) {
   return true;
 }
 
+// The decorator's check, once its answer is in (called by whichever of
+// result() and the await comes first, so in the awaiting task's context):
+// the view goes into state[view key]; an allowed view is the result, and
+// anything else (a rejection, an error of the storage) is what
+// limiter._finish_endpoint(view, exc, conn, plan) returns or raises.
+void Finish(Waiter* w) {
+  if (w->finish[0] == nullptr || w->state != Waiter::kDone) return;
+  PyObject* parts[5];
+  for (int i = 0; i < 5; ++i) {
+    parts[i] = w->finish[i];
+    w->finish[i] = nullptr;
+  }
+  PyObject* view = Py_None;
+  PyObject* exc = Py_None;
+  PyObject* out = nullptr;
+  bool done = false;
+  if (w->exception == nullptr) {
+    view = w->result;
+    if (PyDict_SetItem(parts[0], parts[1], view) < 0) {
+      out = nullptr;
+      done = true;
+    } else if (w->allowed) {
+      done = true;
+      out = view;
+      Py_INCREF(out);
+    }
+  } else if (PyObject_TypeCheck(w->exception, reinterpret_cast<PyTypeObject*>(
+                                                  PyExc_Exception))) {
+    exc = w->exception;
+  } else {  // a BaseException is raised as it is
+    for (PyObject* part : parts) Py_DECREF(part);
+    return;
+  }
+  if (!done) {
+    Py_INCREF(view);
+    Py_INCREF(exc);
+    PyObject* const args[5] = {parts[2], view, exc, parts[3], parts[4]};
+    out =
+        PyObject_VectorcallMethod(g_str_finish_endpoint, args,
+                                  5 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+    Py_DECREF(view);
+    Py_DECREF(exc);
+  }
+  for (PyObject* part : parts) Py_DECREF(part);
+  if (out == nullptr) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != nullptr && value != nullptr) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    Py_CLEAR(w->result);
+    Py_XSETREF(w->exception, value);
+  } else {
+    Py_CLEAR(w->exception);
+    Py_XSETREF(w->result, out);
+  }
+}
+
 PyObject* MakeCancelledError(Waiter* w) {
   return w->cancel_msg != nullptr
              ? PyObject_CallOneArg(g_cancelled_error, w->cancel_msg)
@@ -508,6 +577,7 @@ PyObject* WaiterIterNext(PyObject* self) {
     Py_INCREF(self);
     return self;  // to the Task, which adds its wake-up
   }
+  Finish(w);
   if (w->state == Waiter::kCancelled || w->exception != nullptr) {
     RaiseFailure(w);
     return nullptr;
@@ -534,6 +604,7 @@ PyObject* WaiterResult(PyObject* self, PyObject*) {
     PyErr_SetString(g_invalid_state, "Result is not ready.");
     return nullptr;
   }
+  Finish(w);
   if (w->state == Waiter::kCancelled || w->exception != nullptr) {
     RaiseFailure(w);
     return nullptr;
@@ -549,6 +620,7 @@ PyObject* WaiterException(PyObject* self, PyObject*) {
     PyErr_SetString(g_invalid_state, "Exception is not set.");
     return nullptr;
   }
+  Finish(w);
   if (w->state == Waiter::kCancelled) {
     RaiseFailure(w);
     return nullptr;
@@ -883,6 +955,8 @@ void Resolve(Pending* p, bool direct, PyObject** fatal) {
   }
   if (p->waiter) {
     auto* w = reinterpret_cast<Waiter*>(p->future);
+    w->allowed =
+        !is_error && p->decisions.size() == 1 && p->decisions[0].allowed;
     if (WaiterComplete(w, result, is_error)) RunCallbacks(w, direct, fatal);
     return;
   }
@@ -1005,9 +1079,11 @@ std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
 
 // Queues `requests` for `p` (new, owned from here on) and returns the
 // future the loop's reader completes; null with a Python error set.
-// With `waiter`, a Waiter instead of an asyncio.Future.
+// With `waiter`, a Waiter instead of an asyncio.Future, given `finish`
+// (five objects, see Waiter) when not null.
 PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
-                 int64_t now, Mode mode, Pending* p, bool waiter) {
+                 int64_t now, Mode mode, Pending* p, bool waiter,
+                 PyObject* const* finish = nullptr) {
   std::unique_ptr<Pending> owned(p);
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
   if (loop == nullptr) return nullptr;
@@ -1025,6 +1101,13 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
                          : PyObject_CallMethodNoArgs(loop, g_str_create_future);
   if (future == nullptr) return nullptr;
   p->waiter = waiter;
+  if (finish != nullptr) {
+    auto* w = reinterpret_cast<Waiter*>(future);
+    for (int i = 0; i < 5; ++i) {
+      Py_INCREF(finish[i]);
+      w->finish[i] = finish[i];
+    }
+  }
   p->bridge = std::move(bridge);
   // Queued without waking the I/O thread; one callback at the end of this
   // loop iteration wakes it, so that all the commands the loop's tasks
@@ -1078,11 +1161,16 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
                           Py_ssize_t nargsf, PyObject* kwnames) {
   FlushLogs();
   const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 9 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+  if ((nargs != 9 && nargs != 14) ||
+      (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
     PyErr_SetString(PyExc_TypeError,
                     "decide_view_async(strategy, item, key, scope, cost, now, "
-                    "names, limit, prefix) takes exactly 9 positional "
-                    "arguments");
+                    "names, limit, prefix[, state, view_key, limiter, conn, "
+                    "plan]) takes 9 or 14 positional arguments");
+    return nullptr;
+  }
+  if (nargs == 14 && !PyDict_Check(args[9])) {
+    PyErr_SetString(PyExc_TypeError, "state must be a dict");
     return nullptr;
   }
   auto* storage = static_cast<RedisStorageHandle*>(
@@ -1124,7 +1212,8 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
     p->view[i] = parts[i];
   }
   p->now_seconds = now_seconds;
-  return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true);
+  return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true,
+                nargs == 14 ? args + 9 : nullptr);
 }
 
 #endif  // RAPIDLIMIT_HAVE_HIREDIS
@@ -1170,10 +1259,15 @@ PyMethodDef kFastMethods[] = {
          reinterpret_cast<void (*)()>(DecideViewAsync)),
      METH_FASTCALL | METH_KEYWORDS,
      "decide_view_async(strategy, item, key, scope, cost, now, names, "
-     "limit, prefix) -> asyncio.Future[view]\n\n"
+     "limit, prefix[, state, view_key, limiter, conn, plan]) -> "
+     "RedisWaiter[view]\n\n"
      "RateLimiter.decide_view on this storage, awaitable like "
-     "decide_many_async. Raises RedisUnavailableError (through the future) "
-     "when Redis cannot answer and the policy is fail-closed."},
+     "decide_many_async (a future-like RedisWaiter). Raises "
+     "RedisUnavailableError (through the waiter) when Redis cannot answer "
+     "and the policy is fail-closed. With the five extra arguments (the "
+     "decorator's check), the view is stored as state[view_key] and an "
+     "allowed view is the result; a rejection or an error gives what "
+     "limiter._finish_endpoint(view, exc, conn, plan) returns or raises."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 
@@ -1205,6 +1299,7 @@ void BindRedis(py::module_& m) {
       PyUnicode_InternFromString("call_exception_handler");
   g_str_context = PyUnicode_InternFromString("context");
   g_context_kwnames = PyTuple_Pack(1, g_str_context);
+  g_str_finish_endpoint = PyUnicode_InternFromString("_finish_endpoint");
   {
     py::module_ asyncio = py::module_::import("asyncio");
     g_cancelled_error =
