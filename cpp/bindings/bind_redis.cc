@@ -323,7 +323,11 @@ struct Waiter {
   PyObject* result;              // strong, once done
   PyObject* exception;           // strong, once failed
   PyObject* cancel_msg;          // strong or null
-  PyObject* callbacks;           // list of (fn, context) or null
+  // The first callback (usually the only one: the awaiting task's
+  // wake-up) kept inline, the others in a list of (fn, context).
+  PyObject* first_fn;
+  PyObject* first_context;
+  PyObject* callbacks;
   PyObject* weakrefs;
   // The decorator's check (decide_view_async with its five extra
   // arguments): state, view key, limiter, connection, plan; strong, set
@@ -350,6 +354,8 @@ Waiter* NewWaiter(PyObject* loop) {
   w->result = nullptr;
   w->exception = nullptr;
   w->cancel_msg = nullptr;
+  w->first_fn = nullptr;
+  w->first_context = nullptr;
   w->callbacks = nullptr;
   w->weakrefs = nullptr;
   for (PyObject*& part : w->finish) part = nullptr;
@@ -366,6 +372,8 @@ int WaiterTraverse(PyObject* self, visitproc visit, void* arg) {
   Py_VISIT(w->result);
   Py_VISIT(w->exception);
   Py_VISIT(w->cancel_msg);
+  Py_VISIT(w->first_fn);
+  Py_VISIT(w->first_context);
   Py_VISIT(w->callbacks);
   for (PyObject* part : w->finish) Py_VISIT(part);
   return 0;
@@ -377,6 +385,8 @@ int WaiterClear(PyObject* self) {
   Py_CLEAR(w->result);
   Py_CLEAR(w->exception);
   Py_CLEAR(w->cancel_msg);
+  Py_CLEAR(w->first_fn);
+  Py_CLEAR(w->first_context);
   Py_CLEAR(w->callbacks);
   for (PyObject*& part : w->finish) Py_CLEAR(part);
   return 0;
@@ -433,44 +443,56 @@ void ReportCallbackError(Waiter* w, PyObject* fn) {
 // is no longer pending. A KeyboardInterrupt or SystemExit of a callback is
 // kept in *fatal (the first one; new reference) for the caller to re-raise
 // once every waiter is complete, as the loop would.
-void RunCallbacks(Waiter* w, bool direct, PyObject** fatal) {
-  PyObject* callbacks = w->callbacks;
-  if (callbacks == nullptr) return;
-  w->callbacks = nullptr;
-  const Py_ssize_t n = PyList_GET_SIZE(callbacks);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* entry = PyList_GET_ITEM(callbacks, i);
-    PyObject* fn = PyTuple_GET_ITEM(entry, 0);
-    PyObject* context = PyTuple_GET_ITEM(entry, 1);
-    // A context entered already (the caller's own) cannot be entered
-    // again: that callback waits for the next turn of the loop.
-    if (!direct || PyContext_Enter(context) < 0) {
-      PyErr_Clear();
-      if (!CallSoon(w, fn, context)) ReportCallbackError(w, fn);
-      continue;
-    }
-    PyObject* rc = PyObject_CallOneArg(fn, reinterpret_cast<PyObject*>(w));
-    if (rc == nullptr) {
-      if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) ||
-          PyErr_ExceptionMatches(PyExc_SystemExit)) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb != nullptr) PyException_SetTraceback(value, tb);
-        Py_XDECREF(type);
-        Py_XDECREF(tb);
-        if (*fatal == nullptr) {
-          *fatal = value;
-        } else {
-          Py_XDECREF(value);
-        }
+void RunCallback(Waiter* w, PyObject* fn, PyObject* context, bool direct,
+                 PyObject** fatal) {
+  // A context entered already (the caller's own) cannot be entered
+  // again: that callback waits for the next turn of the loop.
+  if (!direct || PyContext_Enter(context) < 0) {
+    PyErr_Clear();
+    if (!CallSoon(w, fn, context)) ReportCallbackError(w, fn);
+    return;
+  }
+  PyObject* rc = PyObject_CallOneArg(fn, reinterpret_cast<PyObject*>(w));
+  if (rc == nullptr) {
+    if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) ||
+        PyErr_ExceptionMatches(PyExc_SystemExit)) {
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyErr_NormalizeException(&type, &value, &tb);
+      if (tb != nullptr) PyException_SetTraceback(value, tb);
+      Py_XDECREF(type);
+      Py_XDECREF(tb);
+      if (*fatal == nullptr) {
+        *fatal = value;
       } else {
-        ReportCallbackError(w, fn);
+        Py_XDECREF(value);
       }
     } else {
-      Py_DECREF(rc);
+      ReportCallbackError(w, fn);
     }
-    if (PyContext_Exit(context) < 0) PyErr_Clear();
+  } else {
+    Py_DECREF(rc);
+  }
+  if (PyContext_Exit(context) < 0) PyErr_Clear();
+}
+
+void RunCallbacks(Waiter* w, bool direct, PyObject** fatal) {
+  PyObject* fn = w->first_fn;
+  PyObject* context = w->first_context;
+  PyObject* callbacks = w->callbacks;
+  w->first_fn = nullptr;
+  w->first_context = nullptr;
+  w->callbacks = nullptr;
+  if (fn != nullptr) {
+    RunCallback(w, fn, context, direct, fatal);
+    Py_DECREF(fn);
+    Py_DECREF(context);
+  }
+  if (callbacks == nullptr) return;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(callbacks); ++i) {
+    PyObject* entry = PyList_GET_ITEM(callbacks, i);
+    RunCallback(w, PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1),
+                direct, fatal);
   }
   Py_DECREF(callbacks);
 }
@@ -703,6 +725,13 @@ PyObject* WaiterAddDoneCallback(PyObject* self, PyObject* const* args,
     if (!CallSoon(w, fn, context)) return nullptr;
     Py_RETURN_NONE;
   }
+  if (w->first_fn == nullptr && w->callbacks == nullptr) {
+    Py_INCREF(fn);
+    Py_INCREF(context);
+    w->first_fn = fn;
+    w->first_context = context;
+    Py_RETURN_NONE;
+  }
   PyObject* entry = PyTuple_Pack(2, fn, context);
   if (entry == nullptr) return nullptr;
   if (w->callbacks == nullptr) {
@@ -720,10 +749,19 @@ PyObject* WaiterAddDoneCallback(PyObject* self, PyObject* const* args,
 
 PyObject* WaiterRemoveDoneCallback(PyObject* self, PyObject* fn) {
   auto* w = reinterpret_cast<Waiter*>(self);
-  if (w->callbacks == nullptr) return PyLong_FromLong(0);
+  long removed = 0;
+  if (w->first_fn != nullptr) {
+    const int same = PyObject_RichCompareBool(w->first_fn, fn, Py_EQ);
+    if (same < 0) return nullptr;
+    if (same == 1) {
+      Py_CLEAR(w->first_fn);
+      Py_CLEAR(w->first_context);
+      removed = 1;
+    }
+  }
+  if (w->callbacks == nullptr) return PyLong_FromLong(removed);
   PyObject* kept = PyList_New(0);
   if (kept == nullptr) return nullptr;
-  long removed = 0;
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->callbacks); ++i) {
     PyObject* entry = PyList_GET_ITEM(w->callbacks, i);
     const int same =
@@ -1038,9 +1076,33 @@ PyObject* OnLoopCollected(PyObject*, PyObject* ref) {
 PyMethodDef kOnLoopCollected = {"_rapidlimit_loop_collected", OnLoopCollected,
                                 METH_O, nullptr};
 
+std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop);
+
 // The bridge for `loop`, created (and registered with add_reader) on first
 // use. Called with the GIL, on the loop's thread.
 std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
+  // The last loop's bridge, without the global lock and the map: one loop per
+  // thread is the usual case. A weak pointer, so that the thread's exit
+  // never destroys a bridge (that needs the GIL).
+  thread_local PyObject* tl_loop = nullptr;
+  thread_local std::weak_ptr<LoopBridge> tl_bridge;
+  if (loop == tl_loop) {
+    std::shared_ptr<LoopBridge> last = tl_bridge.lock();
+    if (last != nullptr) {
+      // A bridge outlives its loop while answers are in flight: a new
+      // loop at the collected one's address must not take it (its weak
+      // reference may be gone too).
+      std::lock_guard<std::mutex> lock(last->mu);
+      if (!last->dead) return last;
+    }
+  }
+  std::shared_ptr<LoopBridge> found = BridgeForSlow(loop);
+  tl_loop = loop;
+  tl_bridge = found;
+  return found;
+}
+
+std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
   std::vector<PyObject*> dead;
   {
     std::lock_guard<std::mutex> lock(g_bridges_mu);
