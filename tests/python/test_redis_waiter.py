@@ -86,11 +86,15 @@ def test_task_context_and_callbacks(server: RedisServer) -> None:
     async def one(name: str) -> str:
         var.set(name)
         await _ask(store, name)
-        return var.get()  # resumed in its own context
+        assert var.get() == name  # resumed in its own context...
+        var.set(name + "!")
+        await asyncio.sleep(0)
+        return var.get()  # ...not in a copy of it
 
     async def run() -> None:
         names = [f"t{i}" for i in range(20)]
-        assert await asyncio.gather(*(one(n) for n in names)) == names
+        got = await asyncio.gather(*(one(n) for n in names))
+        assert got == [n + "!" for n in names]
         seen: list[Any] = []
         ctx = contextvars.copy_context()
         ctx.run(var.set, "from-callback")
