@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -306,6 +307,560 @@ PyObject* DecideManySync(PyObject* self, PyObject* const* args,
 
 #ifdef RAPIDLIMIT_HAVE_HIREDIS
 
+// ---------------------------------------------------------------- Waiter
+//
+// What decide_view_async returns: a future-like awaitable (asyncio.isfuture
+// is true; the Task protocol and the Future methods asyncio's helpers use)
+// that Drain completes by calling the waiting task's wake-up itself, in the
+// task's context. An asyncio.Future would schedule that wake-up through
+// loop.call_soon, a Handle and one more turn of the loop, all in Python,
+// for every request: several microseconds each on the hot path. Callbacks
+// added to an already finished waiter, and those of a cancelled one, still
+// go through call_soon as asyncio's own would.
+
+struct Waiter {
+  PyObject_HEAD PyObject* loop;  // strong
+  PyObject* result;              // strong, once done
+  PyObject* exception;           // strong, once failed
+  PyObject* cancel_msg;          // strong or null
+  // The first callback (usually the only one: the awaiting task's
+  // wake-up) kept inline, the others in a list of (fn, context).
+  PyObject* first_fn;
+  PyObject* first_context;
+  PyObject* callbacks;
+  PyObject* weakrefs;
+  // The decorator's check (decide_view_async with its five extra
+  // arguments): state, view key, limiter, connection, plan; strong, set
+  // until the answer is finished (see Finish).
+  PyObject* finish[5];
+  enum State : char { kPending, kDone, kCancelled } state;
+  bool blocking;  // _asyncio_future_blocking
+  bool allowed;   // the decision, when finish is set
+};
+
+PyTypeObject* g_waiter_type = nullptr;
+PyObject* g_cancelled_error = nullptr;
+PyObject* g_invalid_state = nullptr;
+PyObject* g_str_call_exception_handler = nullptr;
+PyObject* g_str_context = nullptr;
+PyObject* g_context_kwnames = nullptr;  // ("context",)
+PyObject* g_str_finish_endpoint = nullptr;
+
+Waiter* NewWaiter(PyObject* loop) {
+  auto* w = PyObject_GC_New(Waiter, g_waiter_type);
+  if (w == nullptr) return nullptr;
+  Py_INCREF(loop);
+  w->loop = loop;
+  w->result = nullptr;
+  w->exception = nullptr;
+  w->cancel_msg = nullptr;
+  w->first_fn = nullptr;
+  w->first_context = nullptr;
+  w->callbacks = nullptr;
+  w->weakrefs = nullptr;
+  for (PyObject*& part : w->finish) part = nullptr;
+  w->state = Waiter::kPending;
+  w->blocking = false;
+  w->allowed = false;
+  PyObject_GC_Track(w);
+  return w;
+}
+
+int WaiterTraverse(PyObject* self, visitproc visit, void* arg) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  Py_VISIT(w->loop);
+  Py_VISIT(w->result);
+  Py_VISIT(w->exception);
+  Py_VISIT(w->cancel_msg);
+  Py_VISIT(w->first_fn);
+  Py_VISIT(w->first_context);
+  Py_VISIT(w->callbacks);
+  for (PyObject* part : w->finish) Py_VISIT(part);
+  return 0;
+}
+
+int WaiterClear(PyObject* self) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  Py_CLEAR(w->loop);
+  Py_CLEAR(w->result);
+  Py_CLEAR(w->exception);
+  Py_CLEAR(w->cancel_msg);
+  Py_CLEAR(w->first_fn);
+  Py_CLEAR(w->first_context);
+  Py_CLEAR(w->callbacks);
+  for (PyObject*& part : w->finish) Py_CLEAR(part);
+  return 0;
+}
+
+void WaiterDealloc(PyObject* self) {
+  PyObject_GC_UnTrack(self);
+  if (reinterpret_cast<Waiter*>(self)->weakrefs != nullptr) {
+    PyObject_ClearWeakRefs(self);
+  }
+  WaiterClear(self);
+  PyObject_GC_Del(self);
+}
+
+// loop.call_soon(fn, waiter, context=context).
+bool CallSoon(Waiter* w, PyObject* fn, PyObject* context) {
+  PyObject* meth = PyObject_GetAttr(w->loop, g_str_call_soon);
+  if (meth == nullptr) return false;
+  PyObject* const args[3] = {fn, reinterpret_cast<PyObject*>(w), context};
+  const bool with_context = context != nullptr && context != Py_None;
+  PyObject* rc = PyObject_Vectorcall(
+      meth, args, 2, with_context ? g_context_kwnames : nullptr);
+  Py_DECREF(meth);
+  if (rc == nullptr) return false;
+  Py_DECREF(rc);
+  return true;
+}
+
+// Reports a callback's exception as Handle._run would: to the loop's
+// exception handler.
+void ReportCallbackError(Waiter* w, PyObject* fn) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb != nullptr && value != nullptr) PyException_SetTraceback(value, tb);
+  PyObject* context =
+      Py_BuildValue("{s:s,s:O,s:O,s:O}", "message",
+                    "Exception in callback of a rapidlimit RedisStorage waiter",
+                    "exception", value != nullptr ? value : Py_None, "future",
+                    reinterpret_cast<PyObject*>(w), "callback", fn);
+  PyObject* rc = context == nullptr
+                     ? nullptr
+                     : PyObject_CallMethodOneArg(
+                           w->loop, g_str_call_exception_handler, context);
+  if (rc == nullptr) PyErr_WriteUnraisable(reinterpret_cast<PyObject*>(w));
+  Py_XDECREF(rc);
+  Py_XDECREF(context);
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+}
+
+// Runs (or, with `direct` false, schedules) the waiter's callbacks once it
+// is no longer pending. A KeyboardInterrupt or SystemExit of a callback is
+// kept in *fatal (the first one; new reference) for the caller to re-raise
+// once every waiter is complete, as the loop would.
+void RunCallback(Waiter* w, PyObject* fn, PyObject* context, bool direct,
+                 PyObject** fatal) {
+  // A context entered already (the caller's own) cannot be entered
+  // again: that callback waits for the next turn of the loop.
+  if (!direct || PyContext_Enter(context) < 0) {
+    PyErr_Clear();
+    if (!CallSoon(w, fn, context)) ReportCallbackError(w, fn);
+    return;
+  }
+  PyObject* rc = PyObject_CallOneArg(fn, reinterpret_cast<PyObject*>(w));
+  if (rc == nullptr) {
+    if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) ||
+        PyErr_ExceptionMatches(PyExc_SystemExit)) {
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyErr_NormalizeException(&type, &value, &tb);
+      if (tb != nullptr) PyException_SetTraceback(value, tb);
+      Py_XDECREF(type);
+      Py_XDECREF(tb);
+      if (*fatal == nullptr) {
+        *fatal = value;
+      } else {
+        Py_XDECREF(value);
+      }
+    } else {
+      ReportCallbackError(w, fn);
+    }
+  } else {
+    Py_DECREF(rc);
+  }
+  if (PyContext_Exit(context) < 0) PyErr_Clear();
+}
+
+void RunCallbacks(Waiter* w, bool direct, PyObject** fatal) {
+  PyObject* fn = w->first_fn;
+  PyObject* context = w->first_context;
+  PyObject* callbacks = w->callbacks;
+  w->first_fn = nullptr;
+  w->first_context = nullptr;
+  w->callbacks = nullptr;
+  if (fn != nullptr) {
+    RunCallback(w, fn, context, direct, fatal);
+    Py_DECREF(fn);
+    Py_DECREF(context);
+  }
+  if (callbacks == nullptr) return;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(callbacks); ++i) {
+    PyObject* entry = PyList_GET_ITEM(callbacks, i);
+    RunCallback(w, PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1),
+                direct, fatal);
+  }
+  Py_DECREF(callbacks);
+}
+
+// Completes a pending waiter with `value` (a result, or an exception when
+// `is_error`); steals `value`. Returns false when it was cancelled.
+bool WaiterComplete(Waiter* w, PyObject* value, bool is_error) {
+  if (w->state != Waiter::kPending) {
+    Py_XDECREF(value);
+    return false;
+  }
+  w->state = Waiter::kDone;
+  if (is_error) {
+    w->exception = value;
+  } else {
+    w->result = value;
+  }
+  return true;
+}
+
+// The decorator's check, once its answer is in (called by whichever of
+// result() and the await comes first, so in the awaiting task's context):
+// the view goes into state[view key]; an allowed view is the result, and
+// anything else (a rejection, an error of the storage) is what
+// limiter._finish_endpoint(view, exc, conn, plan) returns or raises.
+void Finish(Waiter* w) {
+  if (w->finish[0] == nullptr || w->state != Waiter::kDone) return;
+  PyObject* parts[5];
+  for (int i = 0; i < 5; ++i) {
+    parts[i] = w->finish[i];
+    w->finish[i] = nullptr;
+  }
+  PyObject* view = Py_None;
+  PyObject* exc = Py_None;
+  PyObject* out = nullptr;
+  bool done = false;
+  if (w->exception == nullptr) {
+    view = w->result;
+    if (PyDict_SetItem(parts[0], parts[1], view) < 0) {
+      out = nullptr;
+      done = true;
+    } else if (w->allowed) {
+      done = true;
+      out = view;
+      Py_INCREF(out);
+    }
+  } else if (PyObject_TypeCheck(w->exception, reinterpret_cast<PyTypeObject*>(
+                                                  PyExc_Exception))) {
+    exc = w->exception;
+  } else {  // a BaseException is raised as it is
+    for (PyObject* part : parts) Py_DECREF(part);
+    return;
+  }
+  if (!done) {
+    Py_INCREF(view);
+    Py_INCREF(exc);
+    PyObject* const args[5] = {parts[2], view, exc, parts[3], parts[4]};
+    out =
+        PyObject_VectorcallMethod(g_str_finish_endpoint, args,
+                                  5 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+    Py_DECREF(view);
+    Py_DECREF(exc);
+  }
+  for (PyObject* part : parts) Py_DECREF(part);
+  if (out == nullptr) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != nullptr && value != nullptr) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    Py_CLEAR(w->result);
+    Py_XSETREF(w->exception, value);
+  } else {
+    Py_CLEAR(w->exception);
+    Py_XSETREF(w->result, out);
+  }
+}
+
+PyObject* MakeCancelledError(Waiter* w) {
+  return w->cancel_msg != nullptr
+             ? PyObject_CallOneArg(g_cancelled_error, w->cancel_msg)
+             : PyObject_CallNoArgs(g_cancelled_error);
+}
+
+// Raises what awaiting a finished waiter raises; false if it is pending.
+void RaiseFailure(Waiter* w) {
+  if (w->state == Waiter::kCancelled) {
+    PyObject* exc = MakeCancelledError(w);
+    if (exc != nullptr) {
+      PyErr_SetObject(g_cancelled_error, exc);
+      Py_DECREF(exc);
+    }
+    return;
+  }
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(w->exception)),
+                  w->exception);
+}
+
+PyObject* WaiterIterNext(PyObject* self) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  if (w->state == Waiter::kPending) {
+    w->blocking = true;
+    Py_INCREF(self);
+    return self;  // to the Task, which adds its wake-up
+  }
+  Finish(w);
+  if (w->state == Waiter::kCancelled || w->exception != nullptr) {
+    RaiseFailure(w);
+    return nullptr;
+  }
+  PyObject* result = w->result != nullptr ? w->result : Py_None;
+  if (result == Py_None) return nullptr;  // StopIteration(None)
+  // StopIteration(result) built explicitly: PyErr_SetObject would unpack
+  // a tuple result into arguments.
+  PyObject* stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+  if (stop == nullptr) return nullptr;
+  PyErr_SetObject(PyExc_StopIteration, stop);
+  Py_DECREF(stop);
+  return nullptr;
+}
+
+PyObject* WaiterAwait(PyObject* self) {
+  Py_INCREF(self);
+  return self;
+}
+
+PyObject* WaiterResult(PyObject* self, PyObject*) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  if (w->state == Waiter::kPending) {
+    PyErr_SetString(g_invalid_state, "Result is not ready.");
+    return nullptr;
+  }
+  Finish(w);
+  if (w->state == Waiter::kCancelled || w->exception != nullptr) {
+    RaiseFailure(w);
+    return nullptr;
+  }
+  PyObject* result = w->result != nullptr ? w->result : Py_None;
+  Py_INCREF(result);
+  return result;
+}
+
+PyObject* WaiterException(PyObject* self, PyObject*) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  if (w->state == Waiter::kPending) {
+    PyErr_SetString(g_invalid_state, "Exception is not set.");
+    return nullptr;
+  }
+  Finish(w);
+  if (w->state == Waiter::kCancelled) {
+    RaiseFailure(w);
+    return nullptr;
+  }
+  PyObject* exc = w->exception != nullptr ? w->exception : Py_None;
+  Py_INCREF(exc);
+  return exc;
+}
+
+PyObject* WaiterDone(PyObject* self, PyObject*) {
+  return PyBool_FromLong(reinterpret_cast<Waiter*>(self)->state !=
+                         Waiter::kPending);
+}
+
+PyObject* WaiterCancelled(PyObject* self, PyObject*) {
+  return PyBool_FromLong(reinterpret_cast<Waiter*>(self)->state ==
+                         Waiter::kCancelled);
+}
+
+PyObject* WaiterGetLoop(PyObject* self, PyObject*) {
+  PyObject* loop = reinterpret_cast<Waiter*>(self)->loop;
+  Py_INCREF(loop);
+  return loop;
+}
+
+PyObject* WaiterMakeCancelledError(PyObject* self, PyObject*) {
+  return MakeCancelledError(reinterpret_cast<Waiter*>(self));
+}
+
+PyObject* WaiterCancel(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* kwlist[] = {"msg", nullptr};
+  PyObject* msg = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:cancel",
+                                   const_cast<char**>(kwlist), &msg)) {
+    return nullptr;
+  }
+  auto* w = reinterpret_cast<Waiter*>(self);
+  if (w->state != Waiter::kPending) Py_RETURN_FALSE;
+  w->state = Waiter::kCancelled;
+  if (msg != Py_None) {
+    Py_INCREF(msg);
+    w->cancel_msg = msg;
+  }
+  // The request stays queued; Drain finds the waiter cancelled and drops
+  // its answer, as set_result on a cancelled future would fail.
+  PyObject* fatal = nullptr;
+  RunCallbacks(w, /*direct=*/false, &fatal);
+  Py_RETURN_TRUE;
+}
+
+PyObject* WaiterAddDoneCallback(PyObject* self, PyObject* const* args,
+                                Py_ssize_t nargsf, PyObject* kwnames) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  PyObject* context = nullptr;
+  if (kwnames != nullptr) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); ++i) {
+      PyObject* kw = PyTuple_GET_ITEM(kwnames, i);
+      if (!KeywordIs(kw, g_str_context)) {
+        PyErr_Format(PyExc_TypeError, "unexpected keyword argument '%U'", kw);
+        return nullptr;
+      }
+      context = args[nargs + i];
+    }
+  }
+  if (nargs != 1) {
+    PyErr_SetString(PyExc_TypeError,
+                    "add_done_callback(fn, *, context=None) takes one "
+                    "positional argument");
+    return nullptr;
+  }
+  PyObject* fn = args[0];
+  py::object own_context;
+  if (context == nullptr || context == Py_None) {
+    context = PyContext_CopyCurrent();
+    if (context == nullptr) return nullptr;
+    own_context = py::reinterpret_steal<py::object>(context);
+  }
+  if (w->state != Waiter::kPending) {
+    if (!CallSoon(w, fn, context)) return nullptr;
+    Py_RETURN_NONE;
+  }
+  if (w->first_fn == nullptr && w->callbacks == nullptr) {
+    Py_INCREF(fn);
+    Py_INCREF(context);
+    w->first_fn = fn;
+    w->first_context = context;
+    Py_RETURN_NONE;
+  }
+  PyObject* entry = PyTuple_Pack(2, fn, context);
+  if (entry == nullptr) return nullptr;
+  if (w->callbacks == nullptr) {
+    w->callbacks = PyList_New(0);
+    if (w->callbacks == nullptr) {
+      Py_DECREF(entry);
+      return nullptr;
+    }
+  }
+  const int rc = PyList_Append(w->callbacks, entry);
+  Py_DECREF(entry);
+  if (rc < 0) return nullptr;
+  Py_RETURN_NONE;
+}
+
+PyObject* WaiterRemoveDoneCallback(PyObject* self, PyObject* fn) {
+  auto* w = reinterpret_cast<Waiter*>(self);
+  long removed = 0;
+  if (w->first_fn != nullptr) {
+    const int same = PyObject_RichCompareBool(w->first_fn, fn, Py_EQ);
+    if (same < 0) return nullptr;
+    if (same == 1) {
+      Py_CLEAR(w->first_fn);
+      Py_CLEAR(w->first_context);
+      removed = 1;
+    }
+  }
+  if (w->callbacks == nullptr) return PyLong_FromLong(removed);
+  PyObject* kept = PyList_New(0);
+  if (kept == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w->callbacks); ++i) {
+    PyObject* entry = PyList_GET_ITEM(w->callbacks, i);
+    const int same =
+        PyObject_RichCompareBool(PyTuple_GET_ITEM(entry, 0), fn, Py_EQ);
+    if (same < 0 || (same == 0 && PyList_Append(kept, entry) < 0)) {
+      Py_DECREF(kept);
+      return nullptr;
+    }
+    removed += same;
+  }
+  Py_SETREF(w->callbacks, kept);
+  return PyLong_FromLong(removed);
+}
+
+PyObject* WaiterGetBlocking(PyObject* self, void*) {
+  return PyBool_FromLong(reinterpret_cast<Waiter*>(self)->blocking);
+}
+
+int WaiterSetBlocking(PyObject* self, PyObject* value, void*) {
+  if (value == nullptr) {
+    PyErr_SetString(PyExc_AttributeError, "cannot delete attribute");
+    return -1;
+  }
+  const int truth = PyObject_IsTrue(value);
+  if (truth < 0) return -1;
+  reinterpret_cast<Waiter*>(self)->blocking = truth == 1;
+  return 0;
+}
+
+PyObject* WaiterGetLoopAttr(PyObject* self, void*) {
+  return WaiterGetLoop(self, nullptr);
+}
+
+PyObject* WaiterGetCancelMessage(PyObject* self, void*) {
+  PyObject* msg = reinterpret_cast<Waiter*>(self)->cancel_msg;
+  if (msg == nullptr) msg = Py_None;
+  Py_INCREF(msg);
+  return msg;
+}
+
+PyObject* WaiterRepr(PyObject* self) {
+  const auto state = reinterpret_cast<Waiter*>(self)->state;
+  return PyUnicode_FromFormat("<RedisWaiter %s>",
+                              state == Waiter::kPending ? "pending"
+                              : state == Waiter::kDone  ? "finished"
+                                                        : "cancelled");
+}
+
+PyMethodDef kWaiterMethods[] = {
+    {"result", WaiterResult, METH_NOARGS, nullptr},
+    {"exception", WaiterException, METH_NOARGS, nullptr},
+    {"done", WaiterDone, METH_NOARGS, nullptr},
+    {"cancelled", WaiterCancelled, METH_NOARGS, nullptr},
+    {"get_loop", WaiterGetLoop, METH_NOARGS, nullptr},
+    {"_make_cancelled_error", WaiterMakeCancelledError, METH_NOARGS, nullptr},
+    {"cancel",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(WaiterCancel)),
+     METH_VARARGS | METH_KEYWORDS, nullptr},
+    {"add_done_callback",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(WaiterAddDoneCallback)),
+     METH_FASTCALL | METH_KEYWORDS, nullptr},
+    {"remove_done_callback", WaiterRemoveDoneCallback, METH_O, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyGetSetDef kWaiterGetSet[] = {
+    {"_asyncio_future_blocking", WaiterGetBlocking, WaiterSetBlocking, nullptr,
+     nullptr},
+    {"_loop", WaiterGetLoopAttr, nullptr, nullptr, nullptr},
+    {"_cancel_message", WaiterGetCancelMessage, nullptr, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+PyAsyncMethods kWaiterAsync = {WaiterAwait, nullptr, nullptr};
+
+PyTypeObject* MakeWaiterType() {
+  static PyTypeObject type = [] {
+    PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
+    t.tp_name = "rapidlimit._core.RedisWaiter";
+    t.tp_doc =
+        "An awaitable RedisStorage answer: asyncio.isfuture() is true and it "
+        "has the Future methods asyncio's helpers use.";
+    t.tp_basicsize = sizeof(Waiter);
+    t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+    t.tp_dealloc = WaiterDealloc;
+    t.tp_traverse = WaiterTraverse;
+    t.tp_clear = WaiterClear;
+    t.tp_repr = WaiterRepr;
+    t.tp_as_async = &kWaiterAsync;
+    t.tp_iter = WaiterAwait;
+    t.tp_iternext = WaiterIterNext;
+    t.tp_methods = kWaiterMethods;
+    t.tp_getset = kWaiterGetSet;
+    t.tp_weaklistoffset = offsetof(Waiter, weakrefs);
+    return t;
+  }();
+  if (PyType_Ready(&type) < 0) throw py::error_already_set();
+  return &type;
+}
+
 struct Pending;
 
 // Completions for one event loop: the I/O thread appends and writes the
@@ -331,7 +886,8 @@ struct LoopBridge {
 
 struct Pending {
   std::shared_ptr<LoopBridge> bridge;
-  PyObject* future = nullptr;  // strong
+  PyObject* future = nullptr;  // strong: an asyncio.Future or a Waiter
+  bool waiter = false;         // `future` is a Waiter
   std::vector<Decision> decisions;
   bool inline_done = false;
   // decide_view_async: the view's parts (names, limit, prefix, key,
@@ -418,7 +974,9 @@ PyObject* BuildView(const Pending* p, bool* is_error) {
 }
 
 // Sets the future's result (or exception); a cancelled future is skipped.
-void Resolve(Pending* p) {
+// A waiter's callbacks (the awaiting task's wake-up) run here when
+// `direct`; see Waiter for `fatal`.
+void Resolve(Pending* p, bool direct, PyObject** fatal) {
   bool is_error = false;
   PyObject* result =
       p->view[0] != nullptr
@@ -432,6 +990,13 @@ void Resolve(Pending* p) {
     is_error = true;
     Py_XDECREF(type);
     Py_XDECREF(tb);
+  }
+  if (p->waiter) {
+    auto* w = reinterpret_cast<Waiter*>(p->future);
+    w->allowed =
+        !is_error && p->decisions.size() == 1 && p->decisions[0].allowed;
+    if (WaiterComplete(w, result, is_error)) RunCallbacks(w, direct, fatal);
+    return;
   }
   PyObject* rc = PyObject_CallMethodOneArg(
       p->future, is_error ? g_str_set_exception : g_str_set_result, result);
@@ -453,12 +1018,18 @@ void Drain(LoopBridge* bridge) {
     items.swap(bridge->done);
     bridge->signaled = false;
   }
+  PyObject* fatal = nullptr;
   for (Pending* p : items) {
-    Resolve(p);
+    Resolve(p, /*direct=*/true, &fatal);
     Py_DECREF(p->future);
     delete p;
   }
   FlushLogs();
+  if (fatal != nullptr) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(fatal)), fatal);
+    Py_DECREF(fatal);
+    throw py::error_already_set();
+  }
 }
 
 std::mutex g_bridges_mu;
@@ -505,9 +1076,33 @@ PyObject* OnLoopCollected(PyObject*, PyObject* ref) {
 PyMethodDef kOnLoopCollected = {"_rapidlimit_loop_collected", OnLoopCollected,
                                 METH_O, nullptr};
 
+std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop);
+
 // The bridge for `loop`, created (and registered with add_reader) on first
 // use. Called with the GIL, on the loop's thread.
 std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
+  // The last loop's bridge, without the global lock and the map: one loop per
+  // thread is the usual case. A weak pointer, so that the thread's exit
+  // never destroys a bridge (that needs the GIL).
+  thread_local PyObject* tl_loop = nullptr;
+  thread_local std::weak_ptr<LoopBridge> tl_bridge;
+  if (loop == tl_loop) {
+    std::shared_ptr<LoopBridge> last = tl_bridge.lock();
+    if (last != nullptr) {
+      // A bridge outlives its loop while answers are in flight: a new
+      // loop at the collected one's address must not take it (its weak
+      // reference may be gone too).
+      std::lock_guard<std::mutex> lock(last->mu);
+      if (!last->dead) return last;
+    }
+  }
+  std::shared_ptr<LoopBridge> found = BridgeForSlow(loop);
+  tl_loop = loop;
+  tl_bridge = found;
+  return found;
+}
+
+std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
   std::vector<PyObject*> dead;
   {
     std::lock_guard<std::mutex> lock(g_bridges_mu);
@@ -546,8 +1141,11 @@ std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
 
 // Queues `requests` for `p` (new, owned from here on) and returns the
 // future the loop's reader completes; null with a Python error set.
+// With `waiter`, a Waiter instead of an asyncio.Future, given `finish`
+// (five objects, see Waiter) when not null.
 PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
-                 int64_t now, Mode mode, Pending* p) {
+                 int64_t now, Mode mode, Pending* p, bool waiter,
+                 PyObject* const* finish = nullptr) {
   std::unique_ptr<Pending> owned(p);
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
   if (loop == nullptr) return nullptr;
@@ -560,8 +1158,18 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
     return nullptr;
   }
   py::object loop_ref = py::reinterpret_steal<py::object>(loop);
-  PyObject* future = PyObject_CallMethodNoArgs(loop, g_str_create_future);
+  PyObject* future = waiter
+                         ? reinterpret_cast<PyObject*>(NewWaiter(loop))
+                         : PyObject_CallMethodNoArgs(loop, g_str_create_future);
   if (future == nullptr) return nullptr;
+  p->waiter = waiter;
+  if (finish != nullptr) {
+    auto* w = reinterpret_cast<Waiter*>(future);
+    for (int i = 0; i < 5; ++i) {
+      Py_INCREF(finish[i]);
+      w->finish[i] = finish[i];
+    }
+  }
   p->bridge = std::move(bridge);
   // Queued without waking the I/O thread; one callback at the end of this
   // loop iteration wakes it, so that all the commands the loop's tasks
@@ -588,7 +1196,7 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
   if (p->inline_done) {
     // Answered without Redis (blocked-key cache, or Redis down): the
     // future is done before the caller awaits it.
-    Resolve(p);
+    Resolve(p, /*direct=*/false, nullptr);
     Py_DECREF(p->future);
     delete p;
   }
@@ -605,7 +1213,8 @@ PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
     return nullptr;
   }
   return Submit(call.storage, call.requests->data(), call.requests->size(),
-                call.now, call.test ? Mode::kTest : Mode::kHit, new Pending);
+                call.now, call.test ? Mode::kTest : Mode::kHit, new Pending,
+                /*waiter=*/false);
 }
 
 // decide_view_async(strategy, item, key, scope, cost, now, names, limit,
@@ -614,11 +1223,16 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
                           Py_ssize_t nargsf, PyObject* kwnames) {
   FlushLogs();
   const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 9 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+  if ((nargs != 9 && nargs != 14) ||
+      (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
     PyErr_SetString(PyExc_TypeError,
                     "decide_view_async(strategy, item, key, scope, cost, now, "
-                    "names, limit, prefix) takes exactly 9 positional "
-                    "arguments");
+                    "names, limit, prefix[, state, view_key, limiter, conn, "
+                    "plan]) takes 9 or 14 positional arguments");
+    return nullptr;
+  }
+  if (nargs == 14 && !PyDict_Check(args[9])) {
+    PyErr_SetString(PyExc_TypeError, "state must be a dict");
     return nullptr;
   }
   auto* storage = static_cast<RedisStorageHandle*>(
@@ -660,7 +1274,8 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
     p->view[i] = parts[i];
   }
   p->now_seconds = now_seconds;
-  return Submit(storage, &r, 1, now, Mode::kHit, p);
+  return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true,
+                nargs == 14 ? args + 9 : nullptr);
 }
 
 #endif  // RAPIDLIMIT_HAVE_HIREDIS
@@ -706,10 +1321,15 @@ PyMethodDef kFastMethods[] = {
          reinterpret_cast<void (*)()>(DecideViewAsync)),
      METH_FASTCALL | METH_KEYWORDS,
      "decide_view_async(strategy, item, key, scope, cost, now, names, "
-     "limit, prefix) -> asyncio.Future[view]\n\n"
+     "limit, prefix[, state, view_key, limiter, conn, plan]) -> "
+     "RedisWaiter[view]\n\n"
      "RateLimiter.decide_view on this storage, awaitable like "
-     "decide_many_async. Raises RedisUnavailableError (through the future) "
-     "when Redis cannot answer and the policy is fail-closed."},
+     "decide_many_async (a future-like RedisWaiter). Raises "
+     "RedisUnavailableError (through the waiter) when Redis cannot answer "
+     "and the policy is fail-closed. With the five extra arguments (the "
+     "decorator's check), the view is stored as state[view_key] and an "
+     "allowed view is the result; a rejection or an error gives what "
+     "limiter._finish_endpoint(view, exc, conn, plan) returns or raises."},
 #endif
     {nullptr, nullptr, 0, nullptr}};
 
@@ -736,6 +1356,24 @@ void BindRedis(py::module_& m) {
   g_str_set_exception = PyUnicode_InternFromString("set_exception");
   g_str_create_future = PyUnicode_InternFromString("create_future");
   g_str_call_soon = PyUnicode_InternFromString("call_soon");
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+  g_str_call_exception_handler =
+      PyUnicode_InternFromString("call_exception_handler");
+  g_str_context = PyUnicode_InternFromString("context");
+  g_context_kwnames = PyTuple_Pack(1, g_str_context);
+  g_str_finish_endpoint = PyUnicode_InternFromString("_finish_endpoint");
+  {
+    py::module_ asyncio = py::module_::import("asyncio");
+    g_cancelled_error =
+        py::object(asyncio.attr("CancelledError")).release().ptr();
+    g_invalid_state =
+        py::object(asyncio.attr("InvalidStateError")).release().ptr();
+  }
+  g_waiter_type = MakeWaiterType();
+  Py_INCREF(g_waiter_type);
+  m.add_object("RedisWaiter", py::reinterpret_borrow<py::object>(
+                                  reinterpret_cast<PyObject*>(g_waiter_type)));
+#endif
   g_get_running_loop =
       py::object(py::module_::import("asyncio").attr("get_running_loop"))
           .release()

@@ -5,8 +5,10 @@ is omitted the core reads the system clock.
 """
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, Generic, TypeVar, overload
+
+_T = TypeVar("_T")
 
 __version__: str
 
@@ -186,6 +188,7 @@ class RedisStorage(Storage):
         test: bool = False,
     ) -> asyncio.Future[list[Decision]]:
         """The same as an awaitable that never blocks the running loop."""
+    @overload
     def decide_view_async(
         self,
         strategy: str | RateLimiter,
@@ -198,12 +201,57 @@ class RedisStorage(Storage):
         limit: object,
         prefix: str,
         /,
-    ) -> asyncio.Future[Any]:
+    ) -> RedisWaiter[Any]: ...
+    @overload
+    def decide_view_async(
+        self,
+        strategy: str | RateLimiter,
+        item: RateLimitItem,
+        key: str,
+        scope: str,
+        cost: int,
+        now: float,
+        names: HeaderNames,
+        limit: object,
+        prefix: str,
+        state: dict[Any, Any],
+        view_key: object,
+        limiter: object,
+        conn: object,
+        plan: object,
+        /,
+    ) -> RedisWaiter[Any]:
         """``RateLimiter.decide_view`` on this storage, as an awaitable like
         :meth:`decide_many_async`: resolves to the view (``names.view_type``
         with ``_data`` = ``(limit, prefix, key, scope, result)``), or raises
         ``RedisUnavailableError`` when Redis cannot answer and the policy is
-        fail-closed. TypeError when ``names`` has no view type."""
+        fail-closed. TypeError when ``names`` has no view type.
+
+        With ``state`` ... ``plan`` (the decorator's check), the view is
+        stored as ``state[view_key]`` and an allowed view is the result;
+        otherwise the result is what ``limiter._finish_endpoint(view, exc,
+        conn, plan)`` returns or raises (view None for a storage error)."""
+
+class RedisWaiter(Generic[_T]):
+    """What ``RedisStorage.decide_view_async`` returns: awaitable, and
+    future-like (``asyncio.isfuture`` is true) for asyncio's helpers. The
+    event loop's reader wakes the awaiting task directly."""
+
+    _asyncio_future_blocking: bool
+    def __await__(self) -> Generator[Any, None, _T]: ...
+    def __iter__(self) -> Generator[Any, None, _T]: ...
+    def result(self) -> _T: ...
+    def exception(self) -> BaseException | None: ...
+    def done(self) -> bool: ...
+    def cancelled(self) -> bool: ...
+    def cancel(self, msg: Any | None = None) -> bool: ...
+    def get_loop(self) -> asyncio.AbstractEventLoop: ...
+    def add_done_callback(
+        self, fn: Callable[[RedisWaiter[_T]], object], /, *, context: Any = None
+    ) -> None: ...
+    def remove_done_callback(
+        self, fn: Callable[[RedisWaiter[_T]], object], /
+    ) -> int: ...
 
 class HeaderNames:
     """The four rate-limit header names for ``RateLimiter.decide_headers``

@@ -156,7 +156,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Literal, TypeVar, Union, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -621,6 +621,11 @@ def _request_factory() -> Callable[[Scope, Receive, Send], Request]:
 
 
 _make_request = _request_factory()
+
+
+async def _ready(value: Any) -> Any:
+    """An awaitable of ``value``."""
+    return value
 
 
 def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1565,8 +1570,94 @@ class Limiter:
             failed = self._on_error(exc, conn, plan, state, endpoint_key)
         return self._outcome(conn, failed, state)
 
-    async def _check_in_endpoint_async(self, conn: HTTPConnection, target: Any) -> Any:
-        """:meth:`_check_in_endpoint` for a Redis storage (non-blocking)."""
+    def _check_in_endpoint_async(
+        self, conn: HTTPConnection, target: Any
+    ) -> Awaitable[Any]:
+        """:meth:`_check_in_endpoint` for a Redis storage (non-blocking): an
+        awaitable of what that returns.
+
+        The usual request is the storage's waiter itself, which finishes
+        the check when awaited (see :meth:`_finish_endpoint`): a coroutine
+        here would be one more frame for the event loop to suspend and
+        resume per request, and the check's last steps run in C++.
+        """
+        scope = conn.scope
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        plan = self._deco_plans.get(target)
+        if (
+            plan is None
+            or plan.single is None
+            or _DONE in state
+            or self._storage_dead
+            or self._request_filters
+            or not self._auto_check
+        ):
+            return self._check_in_endpoint_general(conn, target)
+        single = plan.single
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        if not endpoint_key or not single._peer_key:
+            return self._check_in_endpoint_general(conn, target)
+        key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST  # get_remote_address
+        if key.__class__ is not str:
+            return self._check_in_endpoint_general(conn, target)
+        state[_DONE] = True
+        state[_BY] = self
+        storage: RedisStorage = self._storage  # type: ignore[assignment]
+        try:
+            return storage.decide_view_async(
+                self._limiter,
+                single.limit,
+                key,
+                single._static_scope or endpoint_key,
+                single.cost,  # type: ignore[arg-type]
+                time.time(),
+                self._core_names,
+                single,
+                self._key_prefix,
+                state,
+                _VIEW,
+                self,
+                conn,
+                plan,
+            )
+        except Exception as exc:
+            failed = self._on_error(exc, conn, plan, state, endpoint_key)
+        return _ready(self._outcome(conn, failed, state))
+
+    def _finish_endpoint(
+        self,
+        view: ViewRateLimit | None,
+        exc: Exception | None,
+        conn: HTTPConnection,
+        plan: _Plan,
+    ) -> Any:
+        """The end of :meth:`_check_in_endpoint_async`'s check for anything
+        but an allowed request: ``view`` was rejected (and is the state's
+        view already), or the storage raised ``exc``."""
+        scope = conn.scope
+        state = scope["state"]
+        single = plan.single
+        assert single is not None
+        failed: Failure | None
+        try:
+            if exc is not None:
+                raise exc
+            assert view is not None
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self._log_rejection(single, view._data[2], view._data[3])
+            failed = single
+        except Exception as error:
+            endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+            failed = self._on_error(error, conn, plan, state, endpoint_key or "")
+        return self._outcome(conn, failed, state)
+
+    async def _check_in_endpoint_general(
+        self, conn: HTTPConnection, target: Any
+    ) -> Any:
+        """:meth:`_check_in_endpoint_async` for the requests it does not
+        hand to the storage's waiter directly."""
         scope = conn.scope
         state = scope.get("state")
         if state is None:
