@@ -1595,17 +1595,27 @@ class Limiter:
             or not self._auto_check
         ):
             return self._check_in_endpoint_general(conn, target)
+        # _check_in_endpoint's hot path, the decision handed to the storage's
+        # waiter: the view and its headers come from the core.
         single = plan.single
-        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
-        if not endpoint_key or not single._peer_key:
-            return self._check_in_endpoint_general(conn, target)
-        key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST  # get_remote_address
-        if key.__class__ is not str:
-            return self._check_in_endpoint_general(conn, target)
         state[_DONE] = True
         state[_BY] = self
-        storage: RedisStorage = self._storage  # type: ignore[assignment]
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        if not endpoint_key:
+            state[_VIEW] = None
+            return _ready(None)
+        failed: Failure | None
         try:
+            if single._peer_key:  # get_remote_address, inlined
+                key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+            else:
+                func = single.key_func
+                key = func(conn) if single._key_takes_request else func()
+            if not key:  # the general path logs it
+                return self._checked_async(conn, plan, state)
+            if key.__class__ is not str:  # keyed as f"{key}" elsewhere
+                key = f"{key}"
+            storage: RedisStorage = self._storage  # type: ignore[assignment]
             return storage.decide_view_async(
                 self._limiter,
                 single.limit,
@@ -1656,71 +1666,18 @@ class Limiter:
     async def _check_in_endpoint_general(
         self, conn: HTTPConnection, target: Any
     ) -> Any:
-        """:meth:`_check_in_endpoint_async` for the requests it does not
-        hand to the storage's waiter directly."""
-        scope = conn.scope
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        plan = self._deco_plans.get(target)
-        if (
-            plan is None
-            or plan.single is None
-            or _DONE in state
-            or self._storage_dead
-            or self._request_filters
-            or not self._auto_check
-        ):
-            found = self._endpoint_plan(conn, target)
-            if found is None:
-                return None
-            plan, state = found
-            return self._outcome(
-                conn, await self._check_async(conn, plan, state), state
-            )
-        # The same hot path as _check_in_endpoint's, awaiting the storage's
-        # decide_view_async: the view and its headers come from the core.
-        single = plan.single
-        state[_DONE] = True
-        state[_BY] = self
-        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
-        if not endpoint_key:
-            state[_VIEW] = None
+        """:meth:`_check_in_endpoint_async` for the requests that are not its
+        usual one (checked already, no single limit, request filters...)."""
+        found = self._endpoint_plan(conn, target)
+        if found is None:
             return None
-        try:
-            if single._peer_key:  # get_remote_address, inlined
-                key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
-            else:
-                func = single.key_func
-                key = func(conn) if single._key_takes_request else func()
-            if not key:  # the general path logs it
-                return self._outcome(
-                    conn, await self._check_async(conn, plan, state), state
-                )
-            if key.__class__ is not str:  # keyed as f"{key}" elsewhere
-                key = f"{key}"
-            name = single._static_scope or endpoint_key
-            storage = cast(RedisStorage, self._storage)
-            view: ViewRateLimit = await storage.decide_view_async(
-                self._limiter,
-                single.limit,
-                key,
-                name,
-                single.cost,  # type: ignore[arg-type]
-                time.time(),
-                self._core_names,
-                single,
-                self._key_prefix,
-            )
-            state[_VIEW] = view
-            if view._data[4][0]:
-                return view
-            if self.logger.isEnabledFor(logging.DEBUG):
-                self._log_rejection(single, key, name)
-            failed: Failure | None = single
-        except Exception as exc:
-            failed = self._on_error(exc, conn, plan, state, endpoint_key)
-        return self._outcome(conn, failed, state)
+        plan, state = found
+        return await self._checked_async(conn, plan, state)
+
+    async def _checked_async(
+        self, conn: HTTPConnection, plan: _Plan, state: dict[str, Any]
+    ) -> Any:
+        return self._outcome(conn, await self._check_async(conn, plan, state), state)
 
     def _outcome(
         self, conn: HTTPConnection, failed: Failure | None, state: dict[str, Any]
