@@ -37,6 +37,9 @@ class Variant:
     storage_uri: str = "memory://"
     endpoint: str = "async"  # "async" or "sync"
     key_prefix: str = ""
+    # bench_http: a no-limiter server started and measured exactly as a
+    # limited variant is (the method's own A/A check).
+    control: bool = False
 
     @property
     def limit(self) -> str:

@@ -5,7 +5,9 @@ CPU 0; this process moves itself to the last CPU for the section.
 
 * Latency of one fixed-window hit (``limits`` + redis-py/hiredis against
   rapidlimit), sequential, next to a bare PING (raw socket and redis-py)
-  measured in the same repetition.
+  measured in the same repetition, and to the raw-socket EVALSHA of an empty
+  script and of a GET + SET script: the floor of any decision a Lua script
+  makes, against the PING.
 * Per request through the app (decorator, in-process driver, one request at
   a time): round trips (Redis ``total_reads_processed``: one read event per
   request/response exchange), commands executed (INFO commandstats, commands
@@ -79,6 +81,24 @@ class RawPing:
         self.sock.close()
 
 
+class RawScript(RawPing):
+    """EVALSHA of a script that returns 0, over a plain socket: what any
+    decision made by a Lua script costs beyond a PING (the script's run,
+    without Python or the client's work)."""
+
+    def __init__(self, port: int, sha: str, key: str) -> None:
+        super().__init__(port)
+        parts = [b"EVALSHA", sha.encode(), b"1", key.encode()]
+        self.cmd = f"*{len(parts)}\r\n".encode() + b"".join(
+            b"$%d\r\n%s\r\n" % (len(p), p) for p in parts
+        )
+
+    def call(self) -> None:
+        self.sock.sendall(self.cmd)
+        if self.sock.recv(64) != b":0\r\n":
+            raise BrokenBenchmark("raw EVALSHA: unexpected reply")
+
+
 def _per_op(fn: Callable[[], Any], n: int) -> Callable[[], float]:
     def once() -> float:
         start = time.perf_counter_ns()
@@ -116,9 +136,13 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
     lim = limits.strategies.FixedWindowRateLimiter(
         limits.storage.storage_from_string(rs.uri)
     )
+    nop = RawScript(rs.port, client.script_load("return 0"), "floor")
+    get_set = RawScript(rs.port, client.script_load(_GET_SET), "floor")
     variants: dict[str, Callable[[], float]] = {
         "ping_raw": _per_op(raw.ping, n),
         "ping_redispy": _per_op(client.ping, n),
+        "nop_raw": _per_op(nop.call, n),
+        "get_set_raw": _per_op(get_set.call, n),
         "limits": _per_hit(lim, limits.parse(LIMIT), n),
     }
     if rapid:
@@ -134,8 +158,17 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
     for fn in variants.values():  # warm-up: connections, script loading
         fn()
     samples = interleaved(variants, reps)
-    raw.close()
+    for conn in (raw, nop, get_set):
+        conn.close()
     res.add("latency.ping_raw", "bare PING, raw socket", "µs", samples["ping_raw"])
+    for name, what in (("nop", "an empty script"), ("get_set", "a GET + SET script")):
+        res.ratio(
+            f"latency.{name}_over_ping",
+            f"EVALSHA of {what}, raw socket / raw PING (floor of any script)",
+            samples[f"{name}_raw"],
+            samples["ping_raw"],
+            better="lower",
+        )
     res.add(
         "latency.ping_redispy", "bare PING, redis-py", "µs", samples["ping_redispy"]
     )
@@ -326,6 +359,12 @@ async def _in_flight(one: Callable[[str], Awaitable[bool]], c: int, per: int) ->
     return sum(await asyncio.gather(*(worker(i) for i in range(c))))
 
 
+# The floor of a script that reads and writes one key.
+_GET_SET = (
+    "local v = redis.call('GET', KEYS[1]) "
+    "redis.call('SET', KEYS[1], 'x', 'KEEPTTL') return 0"
+)
+
 _SCRIPT_CMDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -349,10 +388,7 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
     client = rs.client()
     floors = {
         "nop": client.script_load("return 0"),
-        "get_set": client.script_load(
-            "local v = redis.call('GET', KEYS[1]) "
-            "redis.call('SET', KEYS[1], 'x', 'KEEPTTL') return 0"
-        ),
+        "get_set": client.script_load(_GET_SET),
     }
 
     def floor(sha: str, pipelined: bool) -> Callable[[], float]:

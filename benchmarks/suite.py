@@ -286,6 +286,12 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "asgi.speedup.decorator.headers.rejected",
     ),
     (
+        "HTTP req/s, a fresh no-limiter server vs no limiter (control)",
+        "http.async.none.control.vs_none",
+        "",
+        "",
+    ),
+    (
         "HTTP req/s vs no limiter, memory, allowed, headers off (default)",
         _HTTP0.format("rapidlimit", "memory", "allowed"),
         _HTTP0.format("slowapi", "memory", "allowed"),
@@ -354,6 +360,18 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "redis.decisions.rapidlimit.c64",
         "redis.decisions.slowapi.c64",
         "redis.decisions.speedup.c64",
+    ),
+    (
+        "Redis hit latency / bare PING",
+        "redis.latency.rapidlimit_over_ping",
+        "redis.latency.limits_over_ping",
+        "",
+    ),
+    (
+        "Redis: an empty script's EVALSHA / bare PING (floor of any script)",
+        "redis.latency.nop_over_ping",
+        "",
+        "",
     ),
     (
         "bytes per key, 1,000,000 keys (RSS)",
