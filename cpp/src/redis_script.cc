@@ -82,8 +82,8 @@ bool ReadDoubles(const char* data, size_t n, int64_t* out) {
 }
 
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
-                    int64_t now, std::vector<int64_t>* values) {
-  if (*pos == 0 && items >= 1 &&
+                    int64_t now, bool alone, std::vector<int64_t>* values) {
+  if (alone && items == 1 &&
       (reply.size() == 3 * sizeof(double) ||
        reply.size() == 4 * sizeof(double))) {
     // A call's only request, its one limit allowed on a value found: the
@@ -117,8 +117,9 @@ bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
       case kReplyFound4:
         n = 4;
         break;
-      default:
-        return false;
+      default:  // kReplyNone: the values of a fresh state mean nothing
+        if (!(flags & kReplyFresh)) return false;
+        break;
     }
     if (flags & ~(kReplyKindMask | kReplyAllowed | kReplyFresh | kReplyLast)) {
       return false;

@@ -28,12 +28,35 @@ TEST(RedisReply, FoundValuesAndPackedValues) {
       Block(kReplyLast | kReplyPacked, {10, 11, 12, 13, 14});
   size_t pos = 0;
   std::vector<int64_t> v;
-  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, &v));
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v));
   EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 0, 5, 1700000060, 7, 0, 0}));
-  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 2, 0, &v));
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 2, 0, false, &v));
   EXPECT_EQ(v, (std::vector<int64_t>{2, 0, 1, 1, 2, 3, 99, 0, 0, 0, 10, 11, 12,
                                      13, 14}));
   EXPECT_EQ(pos, reply.size());
+}
+
+TEST(RedisReply, FreshStateWithoutValues) {
+  const std::string reply =
+      Block(kReplyAllowed | kReplyFresh | kReplyLast | kReplyNone, {}) +
+      Block(kReplyFresh | kReplyLast | kReplyNone, {});
+  size_t pos = 0;
+  std::vector<int64_t> v;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v));
+  EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 1, 0, 0, 0, 0, 0}));
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v));
+  EXPECT_EQ(v, (std::vector<int64_t>{1, 0, 1, 0, 0, 0, 0, 0}));
+  EXPECT_EQ(pos, reply.size());
+  // 24 such blocks are as long as a bare value (below), which only a call
+  // with one request may answer.
+  const std::string many(24, static_cast<char>(kReplyAllowed | kReplyFresh |
+                                               kReplyLast | kReplyNone));
+  pos = 0;
+  for (int i = 0; i < 24; ++i) {
+    ASSERT_TRUE(ReadReplyBlock(many, &pos, 1, 0, false, &v));
+    EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 1, 0, 0, 0, 0, 0}));
+  }
+  EXPECT_EQ(pos, many.size());
 }
 
 TEST(RedisReply, BareFoundValueIsAllowedAndLast) {
@@ -54,7 +77,7 @@ TEST(RedisReply, BareFoundValueIsAllowedAndLast) {
     for (int64_t x : c.found) AppendDouble(x, &reply);
     size_t pos = 0;
     std::vector<int64_t> v;
-    ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, now, &v));
+    ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, now, true, &v));
     std::vector<int64_t> want = {1, 1, c.fresh};
     want.insert(want.end(), c.found.begin(), c.found.end());
     want.resize(1 + kValuesPerItem);
@@ -66,26 +89,26 @@ TEST(RedisReply, BareFoundValueIsAllowedAndLast) {
 TEST(RedisReply, MalformedBlocksAreRejected) {
   std::vector<int64_t> v;
   size_t pos = 0;
-  EXPECT_FALSE(ReadReplyBlock("", &pos, 1, 0, &v));
-  // Truncated doubles (by two bytes: 24 bytes are a bare value).
+  EXPECT_FALSE(ReadReplyBlock("", &pos, 1, 0, false, &v));
+  // Truncated doubles.
   std::string cut = Block(kReplyLast | kReplyFound3, {1, 2, 3});
-  cut.resize(cut.size() - 2);
+  cut.pop_back();
   pos = 0;
-  EXPECT_FALSE(ReadReplyBlock(cut, &pos, 1, 0, &v));
-  // An unknown kind and unknown flag bits.
+  EXPECT_FALSE(ReadReplyBlock(cut, &pos, 1, 0, false, &v));
+  // No values for a state that is not fresh, and unknown flag bits.
   pos = 0;
-  EXPECT_FALSE(
-      ReadReplyBlock(Block(kReplyLast | 24, {1, 2, 3}), &pos, 1, 0, &v));
+  EXPECT_FALSE(ReadReplyBlock(Block(kReplyLast | kReplyNone, {1, 2, 3}), &pos,
+                              1, 0, false, &v));
   pos = 0;
   EXPECT_FALSE(ReadReplyBlock(Block(kReplyLast | kReplyFound3 | 32, {1, 2, 3}),
-                              &pos, 1, 0, &v));
+                              &pos, 1, 0, false, &v));
   // More limits than the request has: no last flag within `items`.
   const std::string two = Block(kReplyFound3, {1, 2, 3}) +
                           Block(kReplyLast | kReplyFound3, {1, 2, 3});
   pos = 0;
-  EXPECT_FALSE(ReadReplyBlock(two, &pos, 1, 0, &v));
+  EXPECT_FALSE(ReadReplyBlock(two, &pos, 1, 0, false, &v));
   pos = 0;
-  EXPECT_TRUE(ReadReplyBlock(two, &pos, 2, 0, &v));
+  EXPECT_TRUE(ReadReplyBlock(two, &pos, 2, 0, false, &v));
 }
 
 }  // namespace

@@ -34,8 +34,9 @@
 -- and last the TTL slack in ms.
 -- Returns one string, per processed limit of each request a flag byte
 -- (1 allowed, 2 fresh, 4 the request's last processed limit; 8: 3
--- doubles follow, 16: 4 doubles follow, neither: 5) and then x1 .. x5 (or
--- their first 3 or 4) as little-endian doubles, per strategy:
+-- doubles follow, 16: 4 doubles follow, 24: none, only with 2, neither:
+-- 5) and then x1 .. x5 (or their first 3 or 4) as little-endian doubles,
+-- per strategy:
 --   fixed: count, expiry_s, expiry_ns      token: tat_s, tat_ns, tat_frac
 --   sliding: window, current, previous
 --   moving: blocker_s, blocker_ns, in_window, oldest_s, oldest_ns
@@ -144,19 +145,29 @@ while pos < nargs do
         pos = first + 64
         ki = ki + 1
         nk = 0
-        local f  -- the flags of the loop's reply below
-        if ok then
-          if nout == 0 and pos >= nargs then return v0 end
-          if live then f = '\21' else f = '\23' end
-        elseif live then
-          f = '\20'
+        if live then
+          local f = '\20'  -- the flags of the loop's reply below
+          if ok then
+            if nout == 0 and pos >= nargs then return v0 end
+            f = '\21'
+          end
+          if nout == 0 and pos >= nargs then return f .. v0 end
+          out[nout + 1] = f
+          out[nout + 2] = v0
+          nout = nout + 2
         else
-          f = '\22'
+          -- A full bucket (fresh): its TAT means nothing to the caller, so
+          -- the flags say no values follow (24), which keeps 32 bytes out
+          -- of the batch's reply string.
+          local f = '\30'
+          if ok then
+            if nout == 0 and pos >= nargs then return v0 end
+            f = '\31'
+          end
+          if nout == 0 and pos >= nargs then return f end
+          nout = nout + 1
+          out[nout] = f
         end
-        if nout == 0 and pos >= nargs then return f .. v0 end
-        out[nout + 1] = f
-        out[nout + 2] = v0
-        nout = nout + 2
       end
     end
   end
