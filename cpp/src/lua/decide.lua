@@ -43,9 +43,10 @@
 -- x's past a strategy's list carry no meaning (the stored horizon may
 -- stand there). A call for one request whose one limit, a fixed window
 -- or token bucket, was allowed on a value found returns that value alone
--- (24 or 32 bytes, a length no other reply has): flags 1 and 4 go without
--- saying, 8 or 16 by the length, 2 (fresh) by comparing the value's
--- expiry or TAT with now, and Redis makes no new string for the reply.
+-- (24 or 32 bytes, a length no single block has): flags 1 and 4 go
+-- without saying, 8 or 16 by the length, 2 (fresh) by comparing the
+-- value's expiry or TAT with now, and Redis makes no new string for the
+-- reply.
 -- Every Lua string Redis makes is hashed byte by byte, so the argument
 -- and the reply are kept short.
 
