@@ -81,12 +81,17 @@ constexpr uint8_t kReplyKindMask = 24;
 constexpr uint8_t kReplyPacked = 0;
 constexpr uint8_t kReplyFound3 = 8;
 constexpr uint8_t kReplyFound4 = 16;
+constexpr uint8_t kReplyNone = 24;  // no values: fresh only
+// When the call has one request (`alone`) with one limit, a reply of
+// exactly 3 or 4 doubles (which no single block is) is its block without
+// the flag byte: a fixed window or token bucket allowed on a value found;
+// whether that value was fresh follows from `now` (the request's time).
 // Reads one request's block at `*pos` of `reply` into `values` (processed,
 // then kValuesPerItem per processed limit: allowed, fresh, x1 .. x5) and
 // moves `*pos` past it; false if the block is malformed or has more than
 // `items` limits.
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
-                    std::vector<int64_t>* values);
+                    int64_t now, bool alone, std::vector<int64_t>* values);
 
 // One limit of a batch, owned by the batch.
 struct Item {

@@ -82,7 +82,25 @@ bool ReadDoubles(const char* data, size_t n, int64_t* out) {
 }
 
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
-                    std::vector<int64_t>* values) {
+                    int64_t now, bool alone, std::vector<int64_t>* values) {
+  if (alone && items == 1 &&
+      (reply.size() == 3 * sizeof(double) ||
+       reply.size() == 4 * sizeof(double))) {
+    // A call's only request, its one limit allowed on a value found: the
+    // value alone, which spares Redis making a string of the reply (see
+    // redis_internal.h). The state is fresh when its expiry (fixed window:
+    // count, expiry_s, expiry_ns) or TAT (token bucket: tat_s, tat_ns,
+    // ...) has passed, as the script tests it.
+    const size_t n = reply.size() / sizeof(double);
+    int64_t v[kValuesPerItem] = {1, 0};
+    if (!ReadDoubles(reply.data(), n, v + 2)) return false;
+    const int64_t end = n == 3 ? JoinTime(v[3], v[4]) : JoinTime(v[2], v[3]);
+    v[1] = end <= now;
+    values->assign(1, 1);
+    values->insert(values->end(), v, v + kValuesPerItem);
+    *pos = reply.size();
+    return true;
+  }
   values->assign(1, 0);
   size_t at = *pos;
   for (size_t processed = 1;; ++processed) {
@@ -99,8 +117,9 @@ bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
       case kReplyFound4:
         n = 4;
         break;
-      default:
-        return false;
+      default:  // kReplyNone: the values of a fresh state mean nothing
+        if (!(flags & kReplyFresh)) return false;
+        break;
     }
     if (flags & ~(kReplyKindMask | kReplyAllowed | kReplyFresh | kReplyLast)) {
       return false;

@@ -786,7 +786,8 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
   const std::string_view reply(r->str, r->len);
   size_t pos = 0;
   for (size_t i = 0; i < k; ++i) {
-    if (!ReadReplyBlock(reply, &pos, ops[i]->items.size(), &ops[i]->values)) {
+    if (!ReadReplyBlock(reply, &pos, ops[i]->items.size(), ops[i]->now, k == 1,
+                        &ops[i]->values)) {
       return fail("unexpected script reply");
     }
   }

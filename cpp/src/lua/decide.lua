@@ -34,14 +34,21 @@
 -- and last the TTL slack in ms.
 -- Returns one string, per processed limit of each request a flag byte
 -- (1 allowed, 2 fresh, 4 the request's last processed limit; 8: 3
--- doubles follow, 16: 4 doubles follow, neither: 5) and then x1 .. x5 (or
--- their first 3 or 4) as little-endian doubles, per strategy:
+-- doubles follow, 16: 4 doubles follow, 24: none, only with 2, neither:
+-- 5) and then x1 .. x5 (or their first 3 or 4) as little-endian doubles,
+-- per strategy:
 --   fixed: count, expiry_s, expiry_ns      token: tat_s, tat_ns, tat_frac
 --   sliding: window, current, previous
 --   moving: blocker_s, blocker_ns, in_window, oldest_s, oldest_ns
 -- x's past a strategy's list carry no meaning (the stored horizon may
--- stand there). Every Lua string Redis makes is hashed byte by byte, so
--- the argument and the reply are kept short.
+-- stand there). A call for one request whose one limit, a fixed window
+-- or token bucket, was allowed on a value found returns that value alone
+-- (24 or 32 bytes, a length no single block has): flags 1 and 4 go
+-- without saying, 8 or 16 by the length, 2 (fresh) by comparing the
+-- value's expiry or TAT with now, and Redis makes no new string for the
+-- reply.
+-- Every Lua string Redis makes is hashed byte by byte, so the argument
+-- and the reply are kept short.
 
 local pack = struct.pack
 local unpack = struct.unpack
@@ -71,40 +78,42 @@ while pos < nargs do
   -- as much as a few lines of Lua, so the rest is read where it is used.
   local nk, c1, k1, a1
   nk, now_s, now_ns, c1, k1, a1 = unpack('<dddddd', args, pos)
-  test = nk < 0
-  if test then nk = -nk end
   local first = pos + 24  -- the first limit's 7 values
-  pos = first + nk * 56 + 8
-  local at_slack = pos - 8
-  local k0, todo = ki, nk
-  ki = ki + nk
-  local fetched, v0 = false, nil
-  if c1 == 0 and nk == 1 and not test then
+  -- What a fast path below read of the key, for the loop when the fast
+  -- path leaves the decision to it: nil if nothing, else GET's reply (a
+  -- string, or false for a missing key). The fast paths take one limit
+  -- in hit mode (nk is -n in test mode) and set up no more than they use;
+  -- a decision they make sets nk to 0, which skips the loop's set-up.
+  local v0
+  if nk == 1 and c1 == 0 then
     -- A fixed-window hit alone in its request, in the current window: the
     -- commonest decision, in fewer steps than the loop below takes (which
     -- handles the other cases with the value read here).
-    local key = keys[ki]
+    local key = keys[ki + 1]
     v0 = call('GET', key)
-    fetched = true
     if v0 and #v0 == 24 then
       local x1, x2, x3 = unpack('<ddd', v0)
       if x1 ~= 0 and (x2 > now_s or (x2 == now_s and x3 > now_ns)) then
         local c = x1 + k1
         call('SETRANGE', key, '0', pack('<d', c))
+        pos = first + 64
+        ki = ki + 1
+        nk = 0
         local f = '\12'  -- the flags of the loop's reply below
-        if c <= a1 then f = '\13' end
+        if c <= a1 then
+          if nout == 0 and pos >= nargs then return v0 end
+          f = '\13'
+        end
         if nout == 0 and pos >= nargs then return f .. v0 end
         out[nout + 1] = f
         out[nout + 2] = v0
         nout = nout + 2
-        todo = 0
       end
     end
-  elseif c1 == 3 and nk == 1 and not test and a1 > 0 then
+  elseif nk == 1 and c1 == 3 and a1 > 0 then
     -- Likewise a token-bucket hit that keeps the key's TTL.
-    local key = keys[ki]
+    local key = keys[ki + 1]
     v0 = call('GET', key)
-    fetched = true
     if v0 and #v0 == 32 then
       local x1, x2, x3, hs = unpack('<dddd', v0)
       local p2, p3, p4, p5 = unpack('<dddd', args, first + 24)
@@ -134,333 +143,357 @@ while pos < nargs do
         end
       end
       if done then
-        local f  -- the flags of the loop's reply below
-        if ok then
-          if live then f = '\21' else f = '\23' end
-        elseif live then
-          f = '\20'
+        pos = first + 64
+        ki = ki + 1
+        nk = 0
+        if live then
+          local f = '\20'  -- the flags of the loop's reply below
+          if ok then
+            if nout == 0 and pos >= nargs then return v0 end
+            f = '\21'
+          end
+          if nout == 0 and pos >= nargs then return f .. v0 end
+          out[nout + 1] = f
+          out[nout + 2] = v0
+          nout = nout + 2
         else
-          f = '\22'
+          -- A full bucket (fresh): its TAT means nothing to the caller, so
+          -- the flags say no values follow (24), which keeps 32 bytes out
+          -- of the batch's reply string.
+          local f = '\30'
+          if ok then
+            if nout == 0 and pos >= nargs then return v0 end
+            f = '\31'
+          end
+          if nout == 0 and pos >= nargs then return f end
+          nout = nout + 1
+          out[nout] = f
         end
-        if nout == 0 and pos >= nargs then return f .. v0 end
-        out[nout + 1] = f
-        out[nout + 2] = v0
-        nout = nout + 2
-        todo = 0
       end
     end
   end
-  if not out then out = {} end
-  for i = 1, todo do
-    local key = keys[k0 + i]
-    local at = first + (i - 1) * 56  -- this limit's values
-    local code, cost, p1 = c1, k1, a1
-    if i > 1 then code, cost, p1 = unpack('<ddd', args, at) end
-    local ok = false
-    local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
-    local raw  -- the value GET found, when its leading doubles are x1 .. x3
-    if code == 0 or code == 4 then
-      -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
-      -- p1 amount, (p2, p3) period as (s, ns).
-      local v = v0
-      if not fetched then v = call('GET', key) end
-      if v then
-        x1, x2, x3 = unpack('<ddd', v)
-        raw = v
-        if x2 > now_s or (x2 == now_s and x3 > now_ns) then fresh = 0 end
-      end
-      local c = cost
-      if fresh == 0 then c = x1 + cost end
-      if test then
-        ok = c <= p1
-      else
-        if c == cost or fresh == 1 then
-          -- A new window: the key lives until its end, plus slack.
-          local p2, p3 = unpack('<dd', args, at + 24)
-          slack = unpack('<d', args, at_slack)
-          local xs, xn = now_s + p2, now_ns + p3
-          if xn >= E9 then xs, xn = xs + 1, xn - E9 end
-          local ms = floor(((xs - now_s) * E9 + (xn - now_ns)) / 1000000) + 1
-          call('SET', key, pack('<ddd', c, xs, xn), 'PX', ms + slack)
-        else
-          -- Same window: only the count changes. SETRANGE rewrites it in
-          -- place and keeps the TTL; it answers with an integer where SET
-          -- answers with a status that Redis turns into a Lua table.
-          call('SETRANGE', key, '0', pack('<d', c))
-        end
-        ok = code == 4 or c <= p1
-      end
-    elseif code == 3 then
-      -- Token bucket (GCRA): pack(tat_s, tat_ns, tat_frac, horizon_s), the
-      -- theoretical arrival time being tat_s * 1e9 + tat_ns + tat_frac /
-      -- amount. p1 amount; (p2, p3) = cost * period / amount and (p4, p5) =
-      -- burst * period / amount, as ns + fraction in 1/amount ns.
-      if p1 > 0 then
-        local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
+  if nk ~= 0 then  -- not decided above
+    test = nk < 0
+    if test then nk = -nk end
+    pos = first + nk * 56 + 8
+    local at_slack = pos - 8
+    local k0 = ki
+    ki = ki + nk
+    if not out then out = {} end
+    for i = 1, nk do
+      local key = keys[k0 + i]
+      local at = first + (i - 1) * 56  -- this limit's values
+      local code, cost, p1 = c1, k1, a1
+      if i > 1 then code, cost, p1 = unpack('<ddd', args, at) end
+      local ok = false
+      local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
+      local raw  -- the value GET found, when its leading doubles are x1 .. x3
+      if code == 0 or code == 4 then
+        -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
+        -- p1 amount, (p2, p3) period as (s, ns).
         local v = v0
-        if not fetched then v = call('GET', key) end
-        local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
+        if v0 == nil then v = call('GET', key) end
+        if v then
+          x1, x2, x3 = unpack('<ddd', v)
+          raw = v
+          if x2 > now_s or (x2 == now_s and x3 > now_ns) then fresh = 0 end
+        end
+        local c = cost
+        if fresh == 0 then c = x1 + cost end
+        if test then
+          ok = c <= p1
+        else
+          if c == cost or fresh == 1 then
+            -- A new window: the key lives until its end, plus slack.
+            local p2, p3 = unpack('<dd', args, at + 24)
+            slack = unpack('<d', args, at_slack)
+            local xs, xn = now_s + p2, now_ns + p3
+            if xn >= E9 then xs, xn = xs + 1, xn - E9 end
+            local ms = floor(((xs - now_s) * E9 + (xn - now_ns)) / 1000000) + 1
+            call('SET', key, pack('<ddd', c, xs, xn), 'PX', ms + slack)
+          else
+            -- Same window: only the count changes. SETRANGE rewrites it in
+            -- place and keeps the TTL; it answers with an integer where SET
+            -- answers with a status that Redis turns into a Lua table.
+            call('SETRANGE', key, '0', pack('<d', c))
+          end
+          ok = code == 4 or c <= p1
+        end
+      elseif code == 3 then
+        -- Token bucket (GCRA): pack(tat_s, tat_ns, tat_frac, horizon_s), the
+        -- theoretical arrival time being tat_s * 1e9 + tat_ns + tat_frac /
+        -- amount. p1 amount; (p2, p3) = cost * period / amount and (p4, p5) =
+        -- burst * period / amount, as ns + fraction in 1/amount ns.
+        if p1 > 0 then
+          local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
+          local v = v0
+          if v0 == nil then v = call('GET', key) end
+          local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
+          if v then
+            x1, x2, x3, hs = unpack('<dddd', v)
+            raw = v
+            if x1 > now_s or (x1 == now_s and x2 > now_ns) then
+              fresh = 0
+              an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
+              if af >= p1 then an, af = an + 1, af - p1 end
+            end
+          end
+          local k_ns = p4
+          ok = an < k_ns or (an == k_ns and af <= p5)
+          if ok and not test and an > 0 then
+            local t = now_ns + an
+            local s = t / E9
+            s = s - s % 1  -- floor without a function call
+            t = t - s * E9
+            if t < 0 then
+              s, t = s - 1, t + E9
+            elseif t >= E9 then
+              s, t = s + 1, t - E9
+            end
+            s = now_s + s
+            if s < hs then
+              call('SETRANGE', key, '0', pack('<ddd', s, t, af))  -- hs kept
+            else
+              -- Room for the bucket to fill twice (at least 2 s): renewed at
+              -- most once per capacity.
+              local room = 2 * k_ns
+              if room < 2 * E9 then room = 2 * E9 end
+              local ms = floor((an + room) / 1000000) + 1
+              slack = unpack('<d', args, at_slack)
+              call('SET', key,
+                   pack('<dddd', s, t, af, now_s + floor(ms / 1000)),
+                   'PX', ms + slack)
+            end
+          end
+        end
+      elseif code == 2 then
+        -- Sliding window counter: pack(window, current, previous, horizon_s).
+        -- p1 amount, p2 window index, p3 period, p4 period - (now mod period),
+        -- p5 period in ms.
+        local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
+        local v = call('GET', key)
+        local hs = 0
         if v then
           x1, x2, x3, hs = unpack('<dddd', v)
           raw = v
-          if x1 > now_s or (x1 == now_s and x2 > now_ns) then
-            fresh = 0
-            an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
-            if af >= p1 then an, af = an + 1, af - p1 end
+          if x1 + 2 > p2 then fresh = 0 end
+        end
+        local c, p = x2, x3
+        if fresh == 1 or x1 > p2 or x1 < p2 - 1 then
+          c, p = 0, 0
+        elseif x1 == p2 - 1 then
+          c, p = 0, c
+        end
+        local pttl = p4
+        ok = cost <= p1
+        if ok then
+          local room = p1 - c - cost
+          if room < 0 then
+            ok = false
+          elseif p > 0 then
+            -- floor(p * pttl / period) <= room, exactly.
+            if not mul_lt then
+              mul_lt = function(a, b, cc, d)
+                local x, y = a * b, cc * d
+                if x < 9007199254740992 and y < 9007199254740992 then
+                  return x < y
+                end
+                local B = 16777216
+                local function mul(u, w)
+                  local u1 = floor(u / B)
+                  local u2 = floor(u1 / B)
+                  local w1 = floor(w / B)
+                  local w2 = floor(w1 / B)
+                  local u0, w0 = u - u1 * B, w - w1 * B
+                  u1, w1 = u1 - u2 * B, w1 - w2 * B
+                  local r = {u0 * w0, u0 * w1 + u1 * w0,
+                             u0 * w2 + u1 * w1 + u2 * w0, u1 * w2 + u2 * w1,
+                             u2 * w2}
+                  for k = 1, 4 do
+                    local carry = floor(r[k] / B)
+                    r[k] = r[k] - carry * B
+                    r[k + 1] = r[k + 1] + carry
+                  end
+                  return r
+                end
+                local pa, pb = mul(a, b), mul(cc, d)
+                for k = 5, 1, -1 do
+                  if pa[k] ~= pb[k] then return pa[k] < pb[k] end
+                end
+                return false
+              end
+            end
+            ok = mul_lt(p, pttl, room + 1, p3)
           end
         end
-        local k_ns = p4
-        ok = an < k_ns or (an == k_ns and af <= p5)
-        if ok and not test and an > 0 then
-          local t = now_ns + an
-          local s = t / E9
-          s = s - s % 1  -- floor without a function call
-          t = t - s * E9
-          if t < 0 then
-            s, t = s - 1, t + E9
-          elseif t >= E9 then
-            s, t = s + 1, t - E9
-          end
-          s = now_s + s
-          if s < hs then
-            call('SETRANGE', key, '0', pack('<ddd', s, t, af))  -- hs kept
+        if not test then
+          if ok then c = c + cost end
+          -- The state is void from the start of window p2 + 2, which is
+          -- pttl + period from now.
+          local end_ms = floor(pttl / 1000000) + p5 + 1
+          if now_s + floor(end_ms / 1000) + 1 < hs then
+            call('SETRANGE', key, '0', pack('<ddd', p2, c, p))  -- hs kept
           else
-            -- Room for the bucket to fill twice (at least 2 s): renewed at
-            -- most once per capacity.
-            local room = 2 * k_ns
-            if room < 2 * E9 then room = 2 * E9 end
-            local ms = floor((an + room) / 1000000) + 1
+            local spare = p5  -- a window (at least 2 s) to spare
+            if spare < 2000 then spare = 2000 end
+            local ms = end_ms + spare
             slack = unpack('<d', args, at_slack)
-            call('SET', key, pack('<dddd', s, t, af, now_s + floor(ms / 1000)),
+            call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
                  'PX', ms + slack)
           end
         end
-      end
-    elseif code == 2 then
-      -- Sliding window counter: pack(window, current, previous, horizon_s).
-      -- p1 amount, p2 window index, p3 period, p4 period - (now mod period),
-      -- p5 period in ms.
-      local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
-      local v = call('GET', key)
-      local hs = 0
-      if v then
-        x1, x2, x3, hs = unpack('<dddd', v)
-        raw = v
-        if x1 + 2 > p2 then fresh = 0 end
-      end
-      local c, p = x2, x3
-      if fresh == 1 or x1 > p2 or x1 < p2 - 1 then
-        c, p = 0, 0
-      elseif x1 == p2 - 1 then
-        c, p = 0, c
-      end
-      local pttl = p4
-      ok = cost <= p1
-      if ok then
-        local room = p1 - c - cost
-        if room < 0 then
-          ok = false
-        elseif p > 0 then
-          -- floor(p * pttl / period) <= room, exactly.
-          if not mul_lt then
-            mul_lt = function(a, b, cc, d)
-              local x, y = a * b, cc * d
-              if x < 9007199254740992 and y < 9007199254740992 then
-                return x < y
-              end
-              local B = 16777216
-              local function mul(u, w)
-                local u1 = floor(u / B)
-                local u2 = floor(u1 / B)
-                local w1 = floor(w / B)
-                local w2 = floor(w1 / B)
-                local u0, w0 = u - u1 * B, w - w1 * B
-                u1, w1 = u1 - u2 * B, w1 - w2 * B
-                local r = {u0 * w0, u0 * w1 + u1 * w0,
-                           u0 * w2 + u1 * w1 + u2 * w0, u1 * w2 + u2 * w1,
-                           u2 * w2}
-                for k = 1, 4 do
-                  local carry = floor(r[k] / B)
-                  r[k] = r[k] - carry * B
-                  r[k + 1] = r[k + 1] + carry
-                end
-                return r
-              end
-              local pa, pb = mul(a, b), mul(cc, d)
-              for k = 5, 1, -1 do
-                if pa[k] ~= pb[k] then return pa[k] < pb[k] end
-              end
-              return false
+      elseif code == 1 then
+        -- Moving window: p1 amount, p2 period in seconds.
+        if not moving then
+          -- A ring of the newest `amount` admission times in one string: a
+          -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
+          -- horizon_s) and 8-byte entries pack(s - base_s, ns). The log is
+          -- void from its expiry on (last admission + period + 1 ns, as in
+          -- memory). Reads touch O(log amount) entries.
+          local HDR = 56
+          local function entry(k, base, head, cap, idx)
+            local off = HDR + ((head + idx) % cap) * 8
+            local rs, rn = unpack('<i4I4', call('GETRANGE', k, off, off + 7))
+            return base + rs, rn
+          end
+          -- a > b for (s, ns) pairs.
+          local function later(as, an, bs, bn)
+            return as > bs or (as == bs and an > bn)
+          end
+          moving = function(k, cst, amount, ps)
+            local h = call('GETRANGE', k, 0, HDR - 1)
+            local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
+            local fr = 1
+            if #h == HDR then
+              base, head, size, cap, xs, xn, hs = unpack('<ddddddd', h)
+              if later(xs, xn, now_s, now_ns) then fr = 0 end
             end
-          end
-          ok = mul_lt(p, pttl, room + 1, p3)
-        end
-      end
-      if not test then
-        if ok then c = c + cost end
-        -- The state is void from the start of window p2 + 2, which is
-        -- pttl + period from now.
-        local end_ms = floor(pttl / 1000000) + p5 + 1
-        if now_s + floor(end_ms / 1000) + 1 < hs then
-          call('SETRANGE', key, '0', pack('<ddd', p2, c, p))  -- hs kept
-        else
-          local spare = p5  -- a window (at least 2 s) to spare
-          if spare < 2000 then spare = 2000 end
-          local ms = end_ms + spare
-          slack = unpack('<d', args, at_slack)
-          call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
-               'PX', ms + slack)
-        end
-      end
-    elseif code == 1 then
-      -- Moving window: p1 amount, p2 period in seconds.
-      if not moving then
-        -- A ring of the newest `amount` admission times in one string: a
-        -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
-        -- horizon_s) and 8-byte entries pack(s - base_s, ns). The log is
-        -- void from its expiry on (last admission + period + 1 ns, as in
-        -- memory). Reads touch O(log amount) entries.
-        local HDR = 56
-        local function entry(k, base, head, cap, idx)
-          local off = HDR + ((head + idx) % cap) * 8
-          local rs, rn = unpack('<i4I4', call('GETRANGE', k, off, off + 7))
-          return base + rs, rn
-        end
-        -- a > b for (s, ns) pairs.
-        local function later(as, an, bs, bn)
-          return as > bs or (as == bs and an > bn)
-        end
-        moving = function(k, cst, amount, ps)
-          local h = call('GETRANGE', k, 0, HDR - 1)
-          local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
-          local fr = 1
-          if #h == HDR then
-            base, head, size, cap, xs, xn, hs = unpack('<ddddddd', h)
-            if later(xs, xn, now_s, now_ns) then fr = 0 end
-          end
-          local ss, sn = now_s - ps, now_ns  -- since = now - period
-          local stored = size
-          if fr == 1 then size, head = 0, 0 end
-          local allowed = cst <= amount
-          local bs, bn = 0, 0
-          if allowed and amount - cst < size then
-            bs, bn = entry(k, base, head, cap, size - 1 - (amount - cst))
-            allowed = later(ss, sn, bs, bn)  -- blocker < since
-          end
-          if not test then
-            if allowed and cst > 0 then
-              if size == 0 then
-                base = now_s
-              elseif cap ~= amount then
-                -- The limit changed for this key: keep the newest entries.
-                local keep = size
-                if keep > amount then keep = amount end
-                local parts = {}
-                for idx = size - keep, size - 1 do
-                  local es, en = entry(k, base, head, cap, idx)
-                  parts[#parts + 1] = pack('<i4I4', es - base, en)
-                end
-                call('SET', k, pack('<ddddddd', base, 0, keep, amount, xs, xn,
-                                    0) .. table.concat(parts))
-                head, size, hs = 0, keep, 0
-              end
-              cap = amount
-              local e = pack('<i4I4', now_s - base, now_ns)
-              if cst >= cap then
-                head, size = 0, cap
-                call('SETRANGE', k, HDR, string.rep(e, cap))
-              else
-                local tail = (head + size) % cap
-                local first = cap - tail
-                if first > cst then first = cst end
-                call('SETRANGE', k, HDR + tail * 8, string.rep(e, first))
-                if cst > first then
-                  call('SETRANGE', k, HDR, string.rep(e, cst - first))
-                end
-                size = size + cst
-                if size > cap then
-                  head, size = (head + size - cap) % cap, cap
-                end
-              end
-              xs, xn = now_s + ps, now_ns + 1
-              if xn >= E9 then xs, xn = xs + 1, xn - E9 end
-              if xs + 1 >= hs then
-                -- Room for two periods (at least 4 s): renewed at most about
-                -- once per period.
-                local room = 2 * ps
-                if room < 4 then room = 4 end
-                hs = now_s + room
-                call('PEXPIRE', k, room * 1000 + 1 + slack)
-              end
-              call('SETRANGE', k, 0,
-                   pack('<ddddddd', base, head, size, cap, xs, xn, hs))
-            elseif fr == 1 and stored > 0 then
-              call('DEL', k)  -- the memory store clears a stale log
+            local ss, sn = now_s - ps, now_ns  -- since = now - period
+            local stored = size
+            if fr == 1 then size, head = 0, 0 end
+            local allowed = cst <= amount
+            local bs, bn = 0, 0
+            if allowed and amount - cst < size then
+              bs, bn = entry(k, base, head, cap, size - 1 - (amount - cst))
+              allowed = later(ss, sn, bs, bn)  -- blocker < since
             end
+            if not test then
+              if allowed and cst > 0 then
+                if size == 0 then
+                  base = now_s
+                elseif cap ~= amount then
+                  -- The limit changed for this key: keep the newest entries.
+                  local keep = size
+                  if keep > amount then keep = amount end
+                  local parts = {}
+                  for idx = size - keep, size - 1 do
+                    local es, en = entry(k, base, head, cap, idx)
+                    parts[#parts + 1] = pack('<i4I4', es - base, en)
+                  end
+                  call('SET', k, pack('<ddddddd', base, 0, keep, amount, xs, xn,
+                                      0) .. table.concat(parts))
+                  head, size, hs = 0, keep, 0
+                end
+                cap = amount
+                local e = pack('<i4I4', now_s - base, now_ns)
+                if cst >= cap then
+                  head, size = 0, cap
+                  call('SETRANGE', k, HDR, string.rep(e, cap))
+                else
+                  local tail = (head + size) % cap
+                  local first = cap - tail
+                  if first > cst then first = cst end
+                  call('SETRANGE', k, HDR + tail * 8, string.rep(e, first))
+                  if cst > first then
+                    call('SETRANGE', k, HDR, string.rep(e, cst - first))
+                  end
+                  size = size + cst
+                  if size > cap then
+                    head, size = (head + size - cap) % cap, cap
+                  end
+                end
+                xs, xn = now_s + ps, now_ns + 1
+                if xn >= E9 then xs, xn = xs + 1, xn - E9 end
+                if xs + 1 >= hs then
+                  -- Room for two periods (at least 4 s): renewed at most about
+                  -- once per period.
+                  local room = 2 * ps
+                  if room < 4 then room = 4 end
+                  hs = now_s + room
+                  call('PEXPIRE', k, room * 1000 + 1 + slack)
+                end
+                call('SETRANGE', k, 0,
+                     pack('<ddddddd', base, head, size, cap, xs, xn, hs))
+              elseif fr == 1 and stored > 0 then
+                call('DEL', k)  -- the memory store clears a stale log
+              end
+            end
+            -- Entries strictly inside the window, by the memory store's search.
+            local lo, hi = 0, size
+            while lo < hi do
+              local mid = lo + floor((hi - lo) / 2)
+              local ms, mn = entry(k, base, head, cap, mid)
+              if later(ms, mn, ss, sn) then hi = mid else lo = mid + 1 end
+            end
+            local os, on = now_s, now_ns
+            if lo < size then os, on = entry(k, base, head, cap, lo) end
+            return allowed, fr, bs, bn, size - lo, os, on
           end
-          -- Entries strictly inside the window, by the memory store's search.
-          local lo, hi = 0, size
-          while lo < hi do
-            local mid = lo + floor((hi - lo) / 2)
-            local ms, mn = entry(k, base, head, cap, mid)
-            if later(ms, mn, ss, sn) then hi = mid else lo = mid + 1 end
-          end
-          local os, on = now_s, now_ns
-          if lo < size then os, on = entry(k, base, head, cap, lo) end
-          return allowed, fr, bs, bn, size - lo, os, on
         end
+        slack = unpack('<d', args, at_slack)
+        ok, fresh, x1, x2, x3, x4, x5 =
+            moving(key, cost, p1, (unpack('<d', args, at + 24)))
       end
-      slack = unpack('<d', args, at_slack)
-      ok, fresh, x1, x2, x3, x4, x5 =
-          moving(key, cost, p1, (unpack('<d', args, at + 24)))
-    end
-    -- The reply (see the header): the flag byte is a literal in the
-    -- common case, and the found value goes back as the very bytes GET
-    -- returned, since struct.pack costs Redis more than the GET itself.
-    local n = raw and #raw
-    if nk == 1 then
-      if n == 24 or n == 32 then
-        local f
-        if n == 24 then
-          if ok then
-            if fresh == 1 then f = '\15' else f = '\13' end
+      -- The reply (see the header): the flag byte is a literal in the
+      -- common case, and the found value goes back as the very bytes GET
+      -- returned, since struct.pack costs Redis more than the GET itself.
+      local n = raw and #raw
+      if nk == 1 then
+        if n == 24 or n == 32 then
+          local f
+          if n == 24 then
+            if ok then
+              if fresh == 1 then f = '\15' else f = '\13' end
+              if code == 0 and nout == 0 and pos >= nargs then return raw end
+            elseif fresh == 1 then
+              f = '\14'
+            else
+              f = '\12'
+            end
+          elseif ok then
+            if fresh == 1 then f = '\23' else f = '\21' end
+            if code == 3 and nout == 0 and pos >= nargs then return raw end
           elseif fresh == 1 then
-            f = '\14'
+            f = '\22'
           else
-            f = '\12'
+            f = '\20'
           end
-        elseif ok then
-          if fresh == 1 then f = '\23' else f = '\21' end
-        elseif fresh == 1 then
-          f = '\22'
+          -- A call for one request answers without the table.
+          if nout == 0 and pos >= nargs then return f .. raw end
+          out[nout + 1] = f
+          out[nout + 2] = raw
+          nout = nout + 2
         else
-          f = '\20'
+          local f = 4 + 2 * fresh
+          if ok then f = f + 1 end
+          nout = nout + 1
+          out[nout] = pack('<Bddddd', f, x1, x2, x3, x4, x5)
         end
-        -- A call for one request answers without the table.
-        if nout == 0 and pos >= nargs then return f .. raw end
-        out[nout + 1] = f
-        out[nout + 2] = raw
-        nout = nout + 2
       else
-        local f = 4 + 2 * fresh
+        local last = i == nk or (not ok and not test)
+        local f = 2 * fresh
         if ok then f = f + 1 end
-        nout = nout + 1
-        out[nout] = pack('<Bddddd', f, x1, x2, x3, x4, x5)
+        if last then f = f + 4 end
+        if n == 24 or n == 32 then
+          out[nout + 1] = string.char(f + n - 16)  -- 3 or 4 doubles
+          out[nout + 2] = raw
+          nout = nout + 2
+        else
+          nout = nout + 1
+          out[nout] = pack('<Bddddd', f, x1, x2, x3, x4, x5)
+        end
+        if last then break end
       end
-    else
-      local last = i == nk or (not ok and not test)
-      local f = 2 * fresh
-      if ok then f = f + 1 end
-      if last then f = f + 4 end
-      if n == 24 or n == 32 then
-        out[nout + 1] = string.char(f + n - 16)  -- 3 or 4 doubles
-        out[nout + 2] = raw
-        nout = nout + 2
-      else
-        nout = nout + 1
-        out[nout] = pack('<Bddddd', f, x1, x2, x3, x4, x5)
-      end
-      if last then break end
     end
   end
 end
