@@ -3,7 +3,7 @@
 # in the same run. Prints medians (min - max), ratios and targets, and writes
 # JSON under benchmarks/results/.
 #
-#   benchmarks/run.sh                  full run (about 40 minutes on 2 cores)
+#   benchmarks/run.sh                  full run (about 45 minutes on 2 cores)
 #   benchmarks/run.sh --quick          CI mode, under two minutes
 #   benchmarks/run.sh --only core asgi sections: core asgi http redis memory callgrind
 #   benchmarks/run.sh --json out.json --markdown out.md
