@@ -136,7 +136,7 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
     lim = limits.strategies.FixedWindowRateLimiter(
         limits.storage.storage_from_string(rs.uri)
     )
-    nop = RawScript(rs.port, client.script_load("return 0"), "floor")
+    nop = RawScript(rs.port, client.script_load(_NOP), "floor")
     get_set = RawScript(rs.port, client.script_load(_GET_SET), "floor")
     variants: dict[str, Callable[[], float]] = {
         "ping_raw": _per_op(raw.ping, n),
@@ -359,7 +359,8 @@ async def _in_flight(one: Callable[[str], Awaitable[bool]], c: int, per: int) ->
     return sum(await asyncio.gather(*(worker(i) for i in range(c))))
 
 
-# The floor of a script that reads and writes one key.
+# The floors of any script, and of one that reads and writes one key.
+_NOP = "return 0"
 _GET_SET = (
     "local v = redis.call('GET', KEYS[1]) "
     "redis.call('SET', KEYS[1], 'x', 'KEEPTTL') return 0"
@@ -387,7 +388,7 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
     reps = cfg.pick(2, 5)
     client = rs.client()
     floors = {
-        "nop": client.script_load("return 0"),
+        "nop": client.script_load(_NOP),
         "get_set": client.script_load(_GET_SET),
     }
 
