@@ -1120,8 +1120,23 @@ bool KeywordIs(PyObject* name, PyObject* interned) {
 }
 
 bool CostFromPython(PyObject* obj, int64_t* cost) {
-  const long long v = PyLong_AsLongLong(obj);
-  if (v == -1 && PyErr_Occurred()) return false;
+  long long v;
+  if (PyFloat_Check(obj)) {
+    // Counts are whole hits: 2.0 (say, from a cost computed by division) is
+    // 2, and a fraction is refused rather than silently rounded either way.
+    const double d = PyFloat_AS_DOUBLE(obj);
+    if (!(d >= 0 && d <= static_cast<double>(kMaxAmount)) ||
+        d != static_cast<double>(static_cast<long long>(d))) {
+      PyErr_Format(PyExc_ValueError,
+                   "cost must be a whole number between 0 and %lld, got %R",
+                   static_cast<long long>(kMaxAmount), obj);
+      return false;
+    }
+    v = static_cast<long long>(d);
+  } else {
+    v = PyLong_AsLongLong(obj);
+    if (v == -1 && PyErr_Occurred()) return false;
+  }
   if (v < 0 || v > kMaxAmount) {
     PyErr_Format(PyExc_ValueError, "cost must be between 0 and %lld, got %lld",
                  static_cast<long long>(kMaxAmount), v);

@@ -113,7 +113,17 @@ Correctness
 * The decorator also accepts FastAPI endpoints without a ``request``
   parameter (a hidden ``HTTPConnection`` parameter is added; it stays out of
   the OpenAPI schema), Starlette views whose request parameter has another
-  name, ``HTTPEndpoint`` methods, and websocket endpoints.
+  name, ``HTTPEndpoint`` methods, and websocket endpoints. A ``request`` (or
+  ``response``) parameter annotated with another class, such as ``request:
+  str``, is the endpoint's own (a query parameter for FastAPI): the hidden
+  parameters are added and the limit and headers apply (slowapi raised on
+  every request).
+* Costs are whole numbers of hits: a float with no fraction (``2.0``) counts
+  as that integer; a fraction (``1.5``) or a negative cost raises
+  ``ConfigurationError`` at decoration, and a cost callable returning one
+  raises ``ValueError`` naming the value when the request is checked (a 500
+  unless ``swallow_errors``). slowapi handed any cost to ``limits``, whose
+  memory storage counted fractions and whose Redis storage refused them.
 * WebSocket connections are limited by the middlewares (default and
   application limits) and by the decorator. A rejected handshake gets an
   HTTP 429 with the JSON body when the server supports the
@@ -158,7 +168,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from email.utils import formatdate, parsedate_to_datetime
-from typing import Any, Literal, TypeVar, Union, cast
+from typing import Any, Literal, TypeVar, Union, cast, get_type_hints
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -189,7 +199,13 @@ from rapidlimit.errors import (
 )
 from rapidlimit.storage import _is_redis_scheme, storage_from_string
 from rapidlimit.strategies import STRATEGIES
-from rapidlimit.wrappers import CostType, Limit, LimitGroup, StrOrCallableStr
+from rapidlimit.wrappers import (
+    CostType,
+    Limit,
+    LimitGroup,
+    StrOrCallableStr,
+    whole_cost,
+)
 
 __all__ = [
     "HEADERS",
@@ -626,6 +642,32 @@ _make_request = _request_factory()
 async def _ready(value: Any) -> Any:
     """An awaitable of ``value``."""
     return value
+
+
+def _annotations(func: Any) -> dict[str, Any]:
+    """``func``'s resolved annotations, or none if they cannot be resolved."""
+    try:
+        return get_type_hints(func)
+    except Exception:  # forward references, odd callables: names decide
+        return {}
+
+
+def _foreign(hints: dict[str, Any], param: inspect.Parameter, kind: type) -> bool:
+    """Whether ``param`` is annotated with a class other than ``kind``."""
+    ann = hints.get(param.name, param.annotation)
+    return (
+        isinstance(ann, type)
+        and ann is not inspect.Parameter.empty
+        and not issubclass(ann, kind)
+    )
+
+
+def _configured_cost(cost: CostType | float) -> CostType:
+    """:func:`whole_cost` at decoration: a bad cost is a ConfigurationError."""
+    try:
+        return whole_cost(cost)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"invalid cost {cost!r}: {exc}") from exc
 
 
 def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -1215,6 +1257,7 @@ class Limiter:
         if shared and not scope:
             raise ConfigurationError("shared_limit needs a scope")
         group_scope = scope if shared else None
+        cost = _configured_cost(cost)
         try:
             group = LimitGroup(
                 limit_value,
@@ -1263,16 +1306,24 @@ class Limiter:
             inspect.Parameter.POSITIONAL_ONLY,
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
         )
+        hints = _annotations(func) if params else {}
         for index, param in enumerate(params):
-            if conn_name is None and param.name in (
-                "request",
-                "websocket",
-                _REQUEST_PARAM,
+            # A ``request`` or ``response`` annotated with another class (a
+            # query parameter, say) is the endpoint's own: FastAPI injects
+            # nothing there, so the wrapper asks for hidden ones instead.
+            if (
+                conn_name is None
+                and param.name in ("request", "websocket", _REQUEST_PARAM)
+                and not _foreign(hints, param, HTTPConnection)
             ):
                 conn_name = param.name
                 if param.kind in positional:
                     conn_index = index
-            elif response_name is None and param.name in ("response", _RESPONSE_PARAM):
+            elif (
+                response_name is None
+                and param.name in ("response", _RESPONSE_PARAM)
+                and not _foreign(hints, param, Response)
+            ):
                 response_name = param.name
             elif param.kind == inspect.Parameter.VAR_KEYWORD:
                 has_var_kw = True
@@ -2398,6 +2449,7 @@ class Limiter:
         to the route; a middleware checks this limit with them, in the same
         core call, and the dependency then lets the request through.
         """
+        cost = _configured_cost(cost)
         try:
             group = LimitGroup(
                 limit_value,

@@ -19,7 +19,7 @@ from rapidlimit import _core, parse_many
 from rapidlimit._core import RateLimitItem
 from rapidlimit.util import get_remote_address
 
-__all__ = ["Limit", "LimitGroup", "describe_item"]
+__all__ = ["Limit", "LimitGroup", "describe_item", "whole_cost"]
 
 StrOrCallableStr = Union[str, Callable[..., str]]
 CostType = Union[int, Callable[..., int]]
@@ -28,6 +28,32 @@ _POSITIONAL = (
     inspect.Parameter.POSITIONAL_ONLY,
     inspect.Parameter.POSITIONAL_OR_KEYWORD,
 )
+
+
+def whole_cost(cost: CostType | float) -> CostType:
+    """``cost`` as given for a callable, else as the whole number of hits it
+    must be (``2.0`` is 2). Raises ``ValueError`` for a fraction or a
+    negative number, ``TypeError`` for anything else.
+
+    slowapi hands costs to ``limits``, whose memory storage counts fractions
+    and whose Redis storage refuses them; rapidlimit counts whole hits
+    everywhere and says so where the cost is given rather than per request.
+    A callable's result is checked the same way when it is used.
+    """
+    if callable(cost):
+        return cost
+    if isinstance(cost, float):
+        if not cost.is_integer():
+            raise ValueError(f"cost must be a whole number, got {cost!r}")
+        cost = int(cost)
+    elif not isinstance(cost, int):
+        raise TypeError(
+            "cost must be a whole number or a callable returning one, "
+            f"not {type(cost).__name__}"
+        )
+    if cost < 0:
+        raise ValueError(f"cost must not be negative, got {cost!r}")
+    return cost
 
 
 def describe_item(item: RateLimitItem) -> str:
@@ -100,7 +126,7 @@ class Limit:
         self.methods = [m.lower() for m in methods] if methods else methods
         self.error_message = error_message
         self.exempt_when = exempt_when
-        self.cost = cost
+        self.cost = whole_cost(cost)
         self.override_defaults = override_defaults
         self._raw_scope = scope
         # Precomputed for the request path.
@@ -213,7 +239,7 @@ class LimitGroup:
         self.methods = [m.lower() for m in methods] if methods else methods
         self.error_message = error_message
         self.exempt_when = exempt_when
-        self.cost = cost
+        self.cost = whole_cost(cost)
         self.override_defaults = override_defaults
         self.request: HTTPConnection | None = None
         self._static: tuple[Limit, ...] | None = None

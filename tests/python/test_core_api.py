@@ -7,6 +7,7 @@ clock itself is under test.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -129,12 +130,34 @@ def test_cost_out_of_range_is_a_value_error(limiter: RateLimiter, bad: int) -> N
         limiter.decide_many([(item, "k", bad)], now=T0)
 
 
-@pytest.mark.parametrize("bad", [1.5, "1", None, [1]])
+@pytest.mark.parametrize("bad", ["1", None, [1]])
 def test_cost_must_be_an_integer(limiter: RateLimiter, bad: object) -> None:
     item = rapidlimit.parse("5/minute")
     for method in (limiter.hit, limiter.test, limiter.decide):
         with pytest.raises(TypeError):
             method(item, "k", cost=bad, now=T0)
+    assert limiter.get_window_stats(item, "k", now=T0).remaining == 5
+
+
+def test_a_whole_float_cost_is_its_integer(limiter: RateLimiter) -> None:
+    # A cost worked out by division (n / 2.0) counts as the whole number it is.
+    item = rapidlimit.parse("5/minute")
+    assert limiter.hit(item, "k", cost=2.0, now=T0)
+    assert limiter.decide(item, "k", cost=3.0, now=T0).remaining == 0
+    assert not limiter.hit(item, "k", cost=1.0, now=T0)
+    assert limiter.decide_many([(item, "other", 4.0)], now=T0)[0].remaining == 1
+
+
+@pytest.mark.parametrize("bad", [1.5, 0.1, -1.0, float("nan"), float("inf"), 1e16])
+def test_a_fractional_or_out_of_range_float_cost_is_a_value_error(
+    limiter: RateLimiter, bad: float
+) -> None:
+    item = rapidlimit.parse("5/minute")
+    for method in (limiter.hit, limiter.test, limiter.decide):
+        with pytest.raises(ValueError, match="whole number"):
+            method(item, "k", cost=bad, now=T0)
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        limiter.decide_many([(item, "k", bad)], now=T0)
     assert limiter.get_window_stats(item, "k", now=T0).remaining == 5
 
 

@@ -169,6 +169,37 @@ def test_var_keyword_and_positional_only_endpoints(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("future", [False, True])
+def test_request_and_response_parameters_of_other_types(
+    kind: str, future: bool, make_client: Any
+) -> None:
+    # Named request and response but annotated otherwise (here query
+    # parameters), they are the endpoint's own: FastAPI injects neither, so
+    # the wrapper takes hidden ones and the limit and headers still apply
+    # (slowapi raised on every request). String annotations are resolved.
+    lim = limiter()
+    app = fastapi_app(lim)
+    view = make(
+        kind,
+        ("from __future__ import annotations\n" if future else "")
+        + "DEF view(request: str, response: str = 'none'):\n"
+        "    return [request, response]\n",
+    )
+    app.get("/v")(lim.limit("2/minute")(view))
+    client = make_client(app)
+    r = client.get("/v?request=a&response=b")
+    assert r.json() == ["a", "b"]
+    assert rate_headers(r)["x-ratelimit-remaining"] == "1"
+    r = client.get("/v?request=c")
+    assert r.json() == ["c", "none"]
+    assert rate_headers(r)["x-ratelimit-remaining"] == "0"
+    assert client.get("/v?request=d").status_code == 429
+    schema = client.get("/openapi.json").json()
+    params = schema["paths"]["/v"]["get"]["parameters"]
+    assert sorted(p["name"] for p in params) == ["request", "response"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_called_directly_with_positional_and_keyword_arguments(kind: str) -> None:
     # Outside a request (no connection among the arguments) the wrapper
     # just calls the view, with the arguments as given.
