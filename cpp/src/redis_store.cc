@@ -367,6 +367,10 @@ class Lane {
   // Stores `r` in ops[0..k); true to send them again (as EVAL).
   bool HandleReply(Op* const* ops, size_t k, const redisReply* r);
   void BreakLocked(const std::string& why, std::vector<Op*>* failed);
+  // After Redis hung up on the idle connection `fd` (its `timeout`
+  // setting, CLIENT KILL, a restart): reconnects at once, keeping the
+  // queue, so that the next request does not find the connection dead.
+  void ReconnectIdle(int fd, std::vector<Op*>* failed);
   void StopAccepting(std::vector<Op*>* failed);
   void Wake();
   void Finish(std::vector<Op*>* completed, std::vector<Op*>* failed);
@@ -396,7 +400,6 @@ class Lane {
   int64_t next_retry_ = 0;  // I/O thread only (and Start)
   int64_t backoff_ = 0;
   // Written by whoever breaks or makes the connection.
-  std::atomic<bool> ever_up_{false};
   std::atomic<bool> reported_down_{false};
 
   std::thread thread_;
@@ -817,6 +820,32 @@ void Lane::BreakLocked(const std::string& why, std::vector<Op*>* failed) {
   }
 }
 
+void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
+  {
+    std::lock_guard<std::mutex> lock(conn_mu_);
+    // A caller running inline may have met the hang-up first (and broken
+    // the connection), or may be using the connection right now.
+    if (fd_ != fd || state_.load(std::memory_order_relaxed) != kUp ||
+        !inflight_.empty()) {
+      return;
+    }
+    close(fd_);
+    fd_ = -1;
+    redisReaderFree(reader_);
+    reader_ = nullptr;
+    out_.clear();
+    out_off_ = 0;
+    Add(engine_->counters->disconnects);
+    // Not an outage yet: requests queue meanwhile, and only a failed
+    // reconnect applies the policy and is reported.
+    state_.store(kDown, std::memory_order_release);
+  }
+  engine_->Log(RedisLogLevel::kDebug, "redis at " + engine_->Endpoint() +
+                                          " closed the idle connection; "
+                                          "reconnecting");
+  if (!Connect()) StopAccepting(failed);
+}
+
 bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
                      std::string* error) {
   const RedisStoreOptions& o = engine_->options;
@@ -966,7 +995,7 @@ bool Lane::Connect() {
   }
   backoff_ = o.reconnect_min_nanos;
   Add(engine_->counters->reconnects);
-  if (reported_down_ || ever_up_) {
+  if (reported_down_) {
     engine_->Log(RedisLogLevel::kInfo,
                  "redis at " + engine_->Endpoint() + " is back");
   } else {
@@ -974,14 +1003,19 @@ bool Lane::Connect() {
                  "connected to redis at " + engine_->Endpoint());
   }
   reported_down_ = false;
-  ever_up_ = true;
   return true;
 }
 
 void Lane::Run() {
   std::vector<Op*> batch, completed, failed;
   bool readable = false;
+  int hung_up = -1;  // the idle connection poll saw Redis close
   for (;;) {
+    if (hung_up >= 0) {
+      ReconnectIdle(hung_up, &failed);
+      hung_up = -1;
+      Finish(&completed, &failed);
+    }
     bool stopping;
     {
       std::lock_guard<std::mutex> lock(q_mu_);
@@ -1034,10 +1068,15 @@ void Lane::Run() {
           BreakLocked("no reply within the timeout", &failed);
         }
         if (state_.load(std::memory_order_relaxed) == kUp) {
+          wait_fd = fd_;
           if (!inflight_.empty()) {
-            wait_fd = fd_;
             wait_events = POLLIN | (out_off_ < out_.size() ? POLLOUT : 0);
             wake_at = std::min(wake_at, inflight_.front()->deadline);
+          } else {
+            // Idle: only a hang-up wakes us (TryInline's replies must not:
+            // their caller reads them), so that a connection Redis closed
+            // is replaced before the next request needs it.
+            wait_events = POLLRDHUP;
           }
         } else {
           broke = true;
@@ -1065,6 +1104,11 @@ void Lane::Run() {
     const int rc = poll(fds, wait_fd >= 0 ? 2 : 1, ms);
     readable = rc > 0 && wait_fd >= 0 &&
                (fds[1].revents & (POLLIN | POLLERR | POLLHUP)) != 0;
+    if (rc > 0 && wait_fd >= 0 && wait_events == POLLRDHUP &&
+        (fds[1].revents & (POLLRDHUP | POLLERR | POLLHUP)) != 0) {
+      readable = false;
+      hung_up = wait_fd;
+    }
     if (rc > 0 && (fds[0].revents & POLLIN)) {
       uint64_t value;
       while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {

@@ -220,9 +220,6 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 LimitSpec = Union[str, Callable[..., str]]
 
-logging.getLogger("rapidlimit").addHandler(logging.NullHandler())
-
-
 class C:
     """Names of the settings read from the environment or the ``.env`` file."""
 
@@ -1862,7 +1859,8 @@ class Limiter:
         unavailable = isinstance(exc, RedisUnavailableError)
         if unavailable and not self._in_memory_fallback_enabled:
             # The storage's own policy is fail-closed: refuse with a 503.
-            self.logger.warning("Rate limit storage unavailable: %s", exc)
+            # The outage itself is reported once (rapidlimit.redis, WARNING).
+            self.logger.debug("Rate limit storage unavailable: %s", exc)
             return _Unavailable(getattr(exc, "retry_after", 1.0))
         if self._in_memory_fallback_enabled and not self._storage_dead:
             self.logger.warning(

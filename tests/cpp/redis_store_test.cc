@@ -8,6 +8,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -818,6 +820,70 @@ TEST_P(RedisFaultTest, KilledAndRestarted) {
   EXPECT_EQ(d.source, DecisionSource::kStore);
   EXPECT_GE(store->Stats().disconnects, 1u);
   EXPECT_GE(store->Stats().reconnects, 2u);
+}
+
+// Redis closes idle connections by itself (its `timeout` setting, which
+// managed services set, or CLIENT KILL): the store notices without a
+// request and reconnects, so the next request is answered by Redis instead
+// of meeting a dead connection and getting the failure policy.
+class RedisIdleCloseTest : public RedisStoreTest {
+ protected:
+  // Waits (without sending anything) until the store has reconnected
+  // more than `before` times.
+  static bool WaitReconnected(RedisStore& s, uint64_t before) {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (s.Stats().reconnects > before) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return false;
+  }
+
+  void ExpectAnsweredByRedisAfterIdleClose(
+      const std::function<void()>& close_idle) {
+    for (const bool sync_first : {true, false}) {
+      auto store = Make(Options(RedisFailurePolicy::kFailClosed));
+      const Limit l = L("5 per minute");
+      const std::string key = sync_first ? "sync" : "async";
+      EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, key, kT0).remaining, 4);
+      const RedisStoreStats before = store->Stats();
+      close_idle();
+      ASSERT_TRUE(WaitReconnected(*store, before.reconnects));
+      Decision d;
+      if (sync_first) {
+        d = Hit(*store, Strategy::kFixedWindow, l, key, kT0 + 1);
+      } else {  // the I/O thread's path (asyncio's)
+        Request r{Strategy::kFixedWindow, &l, key, 1};
+        std::promise<Decision> done;
+        store->DecideAsync(
+            &r, 1, kT0 + 1, Mode::kHit,
+            [](void* ctx, const Decision* got, size_t, size_t) {
+              static_cast<std::promise<Decision>*>(ctx)->set_value(got[0]);
+            },
+            &done);
+        d = done.get_future().get();
+      }
+      EXPECT_EQ(d.source, DecisionSource::kStore) << key;
+      EXPECT_EQ(d.remaining, 3) << key;  // counted once, nothing lost
+      const RedisStoreStats after = store->Stats();
+      EXPECT_EQ(after.disconnects, before.disconnects + 1) << key;
+      EXPECT_EQ(after.fail_closed, 0u) << key;
+    }
+  }
+};
+
+TEST_F(RedisIdleCloseTest, ClientKill) {
+  ExpectAnsweredByRedisAfterIdleClose([this] {
+    const auto r = server_.Command({"CLIENT", "KILL", "TYPE", "normal"});
+    EXPECT_EQ(r.integer, 1);  // the store's connection (not this one)
+  });
+}
+
+TEST_F(RedisIdleCloseTest, RedisTimeoutSetting) {
+  ASSERT_EQ(server_.Command({"CONFIG", "SET", "timeout", "1"}).str, "OK");
+  // Redis drops a client idle for more than a second on its next check.
+  ExpectAnsweredByRedisAfterIdleClose([] {});
 }
 
 TEST_P(RedisFaultTest, SlowRedisTimesOut) {
