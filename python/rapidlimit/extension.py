@@ -58,10 +58,14 @@ Correctness
   limited, as in slowapi. With a middleware, a ``@limit`` placed above
   ``@app.get`` (which slowapi silently ignored) is applied too.
 * With a middleware, application limits apply to every routed request,
-  decorated routes included (slowapi skipped decorated routes), and a
-  route's decorator limits, dynamic limits, defaults and the application
-  limits are checked in one pass; a dynamic route is no longer checked once
-  with the defaults in the middleware and again in the decorator.
+  decorated routes included (slowapi skipped decorated routes). As in
+  slowapi, the middleware leaves a decorated route to its decorator, so the
+  route is checked after FastAPI has resolved its dependencies (a key
+  function may read what they set; a request they refuse, 401 or 422, uses
+  up no quota) and its 429 passes back through the middlewares inside the
+  limiter's (CORS); the decorator checks the application limits with the
+  route's limits and defaults, in one pass (one core call, one Redis round
+  trip).
 * A callable ``shared_limit`` scope works (#163): it is called with the
   request when it has a ``request`` parameter, else with the endpoint key
   (the path, or ``module.name`` with ``key_style="endpoint"``).
@@ -101,7 +105,10 @@ Correctness
 * ``X-RateLimit-Reset`` is an integer epoch, ``int(1 + reset)`` (slowapi on
   ``limits`` >= 4 prints the float, e.g. ``1700000061.25``). The same
   formulas (also for ``Retry-After``) are used for ``token-bucket``, where
-  the reset is when the bucket is full again.
+  the reset is when the bucket is full again. ``Retry-After`` is
+  ``int(1 + reset - now)`` with the request's own time: slowapi reads the
+  clock again after the hit, so on the request that opens a window it says
+  60 where rapidlimit says 61 (under a frozen clock both say 61).
 * Rate-limit headers are added once per response (no duplicates from
   ``SlowAPIMiddleware``, stacked decorators or dynamic routes). An endpoint
   with ``headers_enabled`` that returns a plain value without a ``response:
@@ -220,6 +227,7 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 LimitSpec = Union[str, Callable[..., str]]
 
+
 class C:
     """Names of the settings read from the environment or the ``.env`` file."""
 
@@ -262,6 +270,10 @@ _HEADERS_BY = "_rapidlimit_headers"  # "mw": the middleware adds them; "done"
 # (Limiter, the route's depends() dependencies) when a middleware checked
 # their limits with the route's.
 _DEPENDENCIES_BY = "_rapidlimit_dependencies"
+# The Limiter whose middleware left a decorated route's application limits
+# to the decorator (the request's _DONE is then False, which sends the
+# decorator to its general path).
+_OWED = "_rapidlimit_application_owed"
 # On the function Limiter.depends() returns: (Limiter, LimitGroup).
 _DEPENDS_ATTR = "__rapidlimit_depends__"
 
@@ -398,10 +410,17 @@ class _Plan:
     (``tail_groups``, seen by the middlewares on the matched route) come
     last and never replace the defaults, as when the dependency checked
     them itself after the middleware.
+
+    ``deferred``: a middleware's plan for a decorated endpoint, which holds
+    only the application limits; the decorator checks the rest once
+    FastAPI has resolved the endpoint's dependencies (as in slowapi, whose
+    middleware leaves decorated routes to the decorator), so the request
+    is not marked as checked.
     """
 
     __slots__ = (
         "default_groups",
+        "deferred",
         "dynamic",
         "endpoint_name",
         "exempt",
@@ -423,8 +442,10 @@ class _Plan:
         route_dynamic: Sequence[LimitGroup] = (),
         default_groups: Sequence[LimitGroup] = (),
         tail_groups: Sequence[LimitGroup] = (),
+        deferred: bool = False,
     ) -> None:
         self.exempt = exempt
+        self.deferred = deferred
         self.endpoint_name = endpoint_name
         self.head_groups = tuple(head_groups)
         self.route_static = tuple(route_static)
@@ -657,6 +678,21 @@ def _foreign(hints: dict[str, Any], param: inspect.Parameter, kind: type) -> boo
         and ann is not inspect.Parameter.empty
         and not issubclass(ann, kind)
     )
+
+
+def _leave_to_decorator(state: dict[str, Any]) -> None:
+    """After a deferred plan's check (of the application limits alone):
+    the decorator checks the route's limits."""
+    state.pop(_DONE, None)
+    state.pop(_BY, None)
+
+
+def _owe_application_limits(state: dict[str, Any], limiter: Limiter) -> None:
+    """A middleware's deferred plan: the decorator checks the application
+    limits with the route's, unless the request was checked already."""
+    if not (state.get(_DONE) and state.get(_BY, limiter) is limiter):
+        state[_DONE] = False
+        state[_OWED] = limiter
 
 
 def _configured_cost(cost: CostType | float) -> CostType:
@@ -1043,7 +1079,7 @@ class Limiter:
         self._route_limits: dict[str, list[Limit]] = {}
         self._dynamic_route_limits: dict[str, list[LimitGroup]] = {}
         self._exempt_routes: set[str] = set()
-        self._plans: dict[tuple[Any, bool], _Plan] = {}
+        self._plans: dict[tuple[Any, bool, bool], _Plan] = {}
         self._endpoint_plans: dict[Any, _Plan] = {}  # middleware, per endpoint
         self._deco_plans: dict[Any, _Plan] = {}  # decorators, per function
         # Per decorated function: [its _fast_spec while the wrappers' single
@@ -1380,9 +1416,10 @@ class Limiter:
     # ------------------------------------------------------------------
     # plans
 
-    def _plan(self, target: Any, in_middleware: bool) -> _Plan:
-        """The plan for a registered function (or an unregistered one)."""
-        key = (target, in_middleware)
+    def _plan(self, target: Any, in_middleware: bool, defer: bool = False) -> _Plan:
+        """The plan for a registered function (or an unregistered one);
+        ``defer``: deferred (see _Plan) when the function is decorated."""
+        key = (target, in_middleware, defer)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -1394,13 +1431,20 @@ class Limiter:
                 name = reg.name
             else:
                 name = _func_name(target) if target is not None else ""
-            plan = _Plan(
-                endpoint_name=name,
-                head_groups=self._application_limits if in_middleware else (),
-                route_static=reg.static if reg is not None else (),
-                route_dynamic=reg.dynamic if reg is not None else (),
-                default_groups=self._default_limits,
-            )
+            if defer and reg is not None and (reg.static or reg.dynamic):
+                plan = _Plan(
+                    endpoint_name=name,
+                    head_groups=self._application_limits,
+                    deferred=True,
+                )
+            else:
+                plan = _Plan(
+                    endpoint_name=name,
+                    head_groups=self._application_limits if in_middleware else (),
+                    route_static=reg.static if reg is not None else (),
+                    route_dynamic=reg.dynamic if reg is not None else (),
+                    default_groups=self._default_limits,
+                )
         self._plans[key] = plan
         return plan
 
@@ -1419,12 +1463,14 @@ class Limiter:
         return endpoint
 
     def _plan_for_endpoint(self, endpoint: Any) -> _Plan:
-        """Middleware plan for a routed endpoint (cached per endpoint)."""
+        """Middleware plan for a routed endpoint (cached per endpoint):
+        deferred when the route calls a decorator's wrapper, not when it
+        calls the bare function (``@limit`` above ``@app.get``)."""
         plan = self._endpoint_plans.get(endpoint)
         if plan is None:
             try:
                 target = self._target_of(endpoint)
-                plan = self._plan(target, True)
+                plan = self._plan(target, True, target is not endpoint)
             except TypeError:  # unhashable endpoint
                 plan = self._plan(None, True)
             with contextlib.suppress(TypeError):
@@ -1440,7 +1486,8 @@ class Limiter:
         if plan is None:
             base = self._plan_for_endpoint(endpoint)
             groups = [group for _, owner, group in dependencies if owner is self]
-            if base.exempt or not groups:
+            # (A decorated endpoint's dependencies check their own limits.)
+            if base.exempt or base.deferred or not groups:
                 plan = base
             else:
                 plan = _Plan(
@@ -1471,6 +1518,12 @@ class Limiter:
             return None  # checked already (middleware, stacked decorator)
         if not self._auto_check:
             return None
+        if state.get(_OWED) is self:
+            # A middleware left this request to the decorator: its
+            # application limits are checked here, in the same core call.
+            del state[_OWED]
+            plan = self._plan(target, True)
+            return None if plan.exempt else (plan, state)
         plan = self._deco_plans.get(target)
         if plan is None:
             plan = self._plan(target, False)
@@ -2139,6 +2192,8 @@ class Limiter:
         failed = self._check(request, plan, state)
         if failed is not None:
             raise self._exception(failed)
+        if plan.deferred:
+            _leave_to_decorator(state)
 
     def _exception(self, failed: Failure) -> HTTPException:
         if type(failed) is _Unavailable:

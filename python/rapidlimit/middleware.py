@@ -33,6 +33,7 @@ from rapidlimit.extension import (
     Limiter,
     ViewRateLimit,
     _make_request,
+    _owe_application_limits,
 )
 
 __all__ = ["SlowAPIASGIMiddleware", "SlowAPIMiddleware", "find_endpoint"]
@@ -265,6 +266,11 @@ class SlowAPIASGIMiddleware:
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
         if plan.exempt:
+            await self.app(scope, receive, send)
+            return
+        if plan.deferred:  # the decorator checks it, after the dependencies
+            if plan.head_groups:
+                _owe_application_limits(scope.setdefault("state", {}), limiter)
             await self.app(scope, receive, send)
             return
         state = scope.get("state")

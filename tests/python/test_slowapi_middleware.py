@@ -138,6 +138,113 @@ def test_application_then_route_then_default_order(
     assert rate_headers(responses[0])["x-ratelimit-limit"] == "100"
 
 
+# --------------------------------------------------------------------------
+# decorated routes: the decorator checks them, after FastAPI's dependencies
+
+
+def _user_app(middleware: type, limiter: Limiter, **app_kwargs: Any) -> FastAPI:
+    """A FastAPI app whose limited route depends on an auth dependency that
+    sets ``request.state.user`` (which the key function may read)."""
+    from fastapi import Depends, Header, HTTPException
+
+    async def current_user(request: Request, x_user: str | None = Header(None)) -> str:
+        if x_user is None:
+            raise HTTPException(401, "no user")
+        request.state.user = x_user
+        return x_user
+
+    app = FastAPI(**app_kwargs)
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+
+    @app.get("/me")
+    @limiter.limit("2/minute")
+    async def me(
+        request: Request, user: str = Depends(current_user), n: int = 0
+    ) -> dict[str, Any]:
+        return {"user": user}
+
+    app.add_middleware(middleware)
+    return app
+
+
+def test_a_decorated_route_is_checked_after_its_dependencies(
+    middleware: type, make_client: Any
+) -> None:
+    # As in slowapi, whose middleware leaves decorated routes to the
+    # decorator: the key function sees what the dependencies set, and
+    # requests the app refuses (401, 422) use up nobody's quota.
+    limiter = Limiter(
+        key_func=lambda request: getattr(request.state, "user", "nobody"),
+        headers_enabled=True,
+    )
+    client = make_client(_user_app(middleware, limiter))
+    assert client.get("/me").status_code == 401
+    assert client.get("/me").status_code == 401
+    assert client.get("/me?n=x", headers={"x-user": "alice"}).status_code == 422
+    statuses = [
+        client.get("/me", headers={"x-user": user}).status_code
+        for user in ("alice", "alice", "bob", "alice", "bob", "bob")
+    ]
+    assert statuses == [200, 200, 200, 429, 200, 429]
+    r = client.get("/me", headers={"x-user": "carol"})
+    assert rate_headers(r)["x-ratelimit-remaining"] == "1"
+
+
+def test_a_429_of_a_decorated_route_passes_through_inner_middleware(
+    middleware: type, make_client: Any
+) -> None:
+    # The decorator answers inside the app, so a CORS middleware added
+    # before the limiter's (inner to it) still sees the 429.
+    from fastapi.middleware.cors import CORSMiddleware
+
+    limiter = Limiter(key_func=get_remote_address, application_limits=["100/minute"])
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+
+    @app.get("/x")
+    @limiter.limit("1/minute")
+    async def x(request: Request) -> dict[str, int]:
+        return {"ok": 1}
+
+    app.add_middleware(CORSMiddleware, allow_origins=["https://a.example"])
+    app.add_middleware(middleware)
+    client = make_client(app)
+    origin = {"origin": "https://a.example"}
+    assert client.get("/x", headers=origin).status_code == 200
+    r = client.get("/x", headers=origin)
+    assert r.status_code == 429
+    assert r.headers["access-control-allow-origin"] == "https://a.example"
+    # The application limit was charged once per request, with the route's.
+    assert limiter._storage.get(_key(client, "global", 100, "minute")) == 2
+
+
+def test_a_status_429_handler_answers_for_a_decorated_route(
+    middleware: type, make_client: Any
+) -> None:
+    from fastapi.responses import JSONResponse
+
+    limiter = Limiter(key_func=get_remote_address)
+    app = FastAPI()
+    app.state.limiter = limiter
+
+    async def by_status(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"by": "status"}, status_code=429)
+
+    app.add_exception_handler(429, by_status)
+
+    @app.get("/x")
+    @limiter.limit("1/minute")
+    async def x(request: Request) -> dict[str, int]:
+        return {"ok": 1}
+
+    app.add_middleware(middleware)
+    client = make_client(app)
+    assert client.get("/x").status_code == 200
+    assert client.get("/x").json() == {"by": "status"}
+
+
 def _key(client: Any, scope: str, amount: int, granularity: str) -> str:
     from conftest import AsyncClientAdapter
 

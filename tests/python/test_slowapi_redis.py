@@ -197,6 +197,46 @@ def test_one_command_per_request_async(server: RedisServer) -> None:
     assert calls["evalsha"] == 5
 
 
+@pytest.mark.parametrize("middleware", [SlowAPIMiddleware, SlowAPIASGIMiddleware])
+def test_middleware_and_decorator_one_command_after_the_dependencies(
+    server: RedisServer, middleware: type
+) -> None:
+    """A decorated route under a middleware is checked by its decorator,
+    after FastAPI's dependencies (the key reads what one set), with the
+    application limits in the same single EVALSHA."""
+    limiter = Limiter(
+        key_func=lambda request: request.state.user,
+        application_limits=["100/minute"],
+        storage_uri=server.uri,
+    )
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+
+    def user(request: Request, u: str = "anon") -> str:
+        request.state.user = u
+        return u
+
+    @app.get("/me")
+    @limiter.limit("2/minute")
+    async def me(request: Request, who: str = Depends(user)) -> dict[str, str]:
+        return {"who": who}
+
+    app.add_middleware(middleware)
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            await client.get("/me?u=warm")  # connection, script cache
+            server.reset_stats()
+            return [
+                (await client.get(f"/me?u={u}")).status_code
+                for u in ("a", "a", "b", "a", "b")
+            ]
+
+    assert asyncio.run(main()) == [200, 200, 200, 429, 200]
+    assert server.command_calls()["evalsha"] == 5
+
+
 @pytest.mark.parametrize("sync", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 def test_redis_down_gives_503_by_default(
