@@ -28,6 +28,36 @@ from rapidlimit.contrib.limits import AsyncRapidlimitStorage, RapidlimitStorage
 STRATEGIES = ["fixed-window", "moving-window", "sliding-window-counter"]
 
 
+def test_sliding_windows_are_timestamped_like_limits_memory_storage() -> None:
+    # limits (and its tests) tell clock-aligned sliding windows apart by
+    # this class; ours are, so a burst that straddles an aligned boundary
+    # is judged as limits' memory storage judges it.
+    from limits.storage.base import TimestampedSlidingWindow
+
+    item = limits.parse("4 per 2 seconds")
+    results = {}
+    for uri in ("memory://", "rapidlimit+memory://", "async+rapidlimit+memory://"):
+        storage = storage_from_string(uri)
+        assert isinstance(storage, TimestampedSlidingWindow) or uri == "memory://"
+        with freeze_time("2026-01-01 00:00:01.5") as clock:
+            if uri.startswith("async"):
+                aio = limits.aio.strategies.SlidingWindowCounterRateLimiter(storage)
+
+                async def burst(aio: Any = aio) -> list[bool]:
+                    out = [await aio.hit(item, "k") for _ in range(4)]
+                    clock.tick(0.61)
+                    return [*out, await aio.hit(item, "k")]
+
+                results[uri] = asyncio.run(burst())
+            else:
+                sync = limits.strategies.SlidingWindowCounterRateLimiter(storage)
+                out = [sync.hit(item, "k") for _ in range(4)]
+                clock.tick(0.61)
+                results[uri] = [*out, sync.hit(item, "k")]
+    assert results["memory://"] == [True, True, True, True, True]
+    assert len(set(map(tuple, results.values()))) == 1, results
+
+
 def test_scheme_is_registered() -> None:
     storage = storage_from_string("rapidlimit+memory://")
     assert isinstance(storage, RapidlimitStorage)

@@ -36,6 +36,15 @@ All three ``limits`` strategies work: fixed window (``incr``/``get``/
 sliding window counter (``acquire_sliding_window_entry``/
 ``get_sliding_window``/``clear_sliding_window``). Every call passes
 ``time.time()`` to the store, so freezegun-style clocks work, on Redis too.
+Sliding windows are aligned to the clock (multiples of the period), as in
+``limits``' memory storage (a ``TimestampedSlidingWindow``), on Redis too;
+``limits``' own Redis storage starts them at the first hit instead.
+
+On Redis, a key rejected until time T is answered in process until T
+without a Redis command (the blocked-key cache): a ``clear()`` or
+``reset()`` made by another process reaches this one's ``hit()`` only then
+(``test()`` and ``get_window_stats()`` read Redis and see it at once).
+``?blocked_cache=false`` asks Redis every time.
 
 ``limits.aio``: on the memory store the async class calls the store directly
 (it never blocks). On Redis each call runs in the event loop's default
@@ -65,6 +74,7 @@ from limits.aio.storage import MovingWindowSupport as AsyncMovingWindowSupport
 from limits.aio.storage import SlidingWindowCounterSupport as AsyncSlidingSupport
 from limits.aio.storage import Storage as AsyncStorage
 from limits.storage import MovingWindowSupport, SlidingWindowCounterSupport, Storage
+from limits.storage.base import TimestampedSlidingWindow
 
 from rapidlimit import _core
 from rapidlimit.storage import storage_from_string
@@ -119,7 +129,9 @@ def _checked(remote: bool, method: Callable[..., T], *args: Any) -> T:
     return result
 
 
-class RapidlimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSupport):
+class RapidlimitStorage(
+    Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
+):
     """A ``limits`` storage backed by rapidlimit's native ``MemoryStorage``
     or ``RedisStorage`` (the latter waits with the GIL released)."""
 
@@ -196,7 +208,10 @@ class RapidlimitStorage(Storage, MovingWindowSupport, SlidingWindowCounterSuppor
 
 
 class AsyncRapidlimitStorage(
-    AsyncStorage, AsyncMovingWindowSupport, AsyncSlidingSupport
+    AsyncStorage,
+    AsyncMovingWindowSupport,
+    AsyncSlidingSupport,
+    TimestampedSlidingWindow,
 ):
     """The same store for ``limits.aio``: memory calls answer at once, Redis
     calls wait in the loop's default executor, never on the loop."""
