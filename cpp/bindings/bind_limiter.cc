@@ -427,6 +427,8 @@ PyObject* NewLimit(ObjectCache& cache, int64_t value) {
   return obj;
 }
 
+bool NowFromTimeModule(double* seconds, int64_t* nanos);
+
 // Fills the 6 slots of decide_headers' result `out` (a new tuple); false
 // with a Python error set (and some slots left empty) on failure.
 bool FillResult(const Decision& d, double now_seconds,
@@ -465,9 +467,24 @@ bool FillResult(const Decision& d, double now_seconds,
   PyTuple_SET_ITEM(out, 5, headers);
   // int(1 + reset_time) and int(1 + reset_time - now), in doubles.
   const double reset_in = 1.0 + reset_time;
+  double retry_in = reset_in - now_seconds;
+  // slowapi reads the clock again for Retry-After, after the hit: on a
+  // request that opens a window (the reset a whole period away) the real
+  // clock has moved on and the whole seconds are one fewer (60, not 61),
+  // while a frozen clock gives the same reading (61). So does time.time()
+  // read again here, only then (elsewhere a microsecond changes nothing)
+  // and only when `now` was that clock's reading (not a caller's own time).
+  if (std::fabs(retry_in - std::nearbyint(retry_in)) < 1e-6) {
+    double later;
+    int64_t later_nanos;
+    if (!NowFromTimeModule(&later, &later_nanos)) {
+      PyErr_Clear();  // a broken replacement clock: the request's time
+    } else if (later >= now_seconds && later - now_seconds < 0.5) {
+      retry_in = reset_in - later;
+    }
+  }
   const int64_t values[HeaderNamesHandle::kFields] = {
-      d.limit, d.remaining, Truncate(reset_in),
-      Truncate(reset_in - now_seconds)};
+      d.limit, d.remaining, Truncate(reset_in), Truncate(retry_in)};
   for (int field = 0; field < HeaderNamesHandle::kFields; ++field) {
     PyObject* pair = NewPair(names, cache, field, values[field]);
     if (pair == nullptr) return false;

@@ -106,9 +106,9 @@ Correctness
   ``limits`` >= 4 prints the float, e.g. ``1700000061.25``). The same
   formulas (also for ``Retry-After``) are used for ``token-bucket``, where
   the reset is when the bucket is full again. ``Retry-After`` is
-  ``int(1 + reset - now)`` with the request's own time: slowapi reads the
-  clock again after the hit, so on the request that opens a window it says
-  60 where rapidlimit says 61 (under a frozen clock both say 61).
+  ``int(1 + reset - now)`` with ``now`` read after the hit, as in slowapi
+  (60 on the request that opens a one-minute window; 61 under a frozen
+  clock).
 * Rate-limit headers are added once per response (no duplicates from
   ``SlowAPIMiddleware``, stacked decorators or dynamic routes). An endpoint
   with ``headers_enabled`` that returns a plain value without a ``response:

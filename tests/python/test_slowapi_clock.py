@@ -81,6 +81,23 @@ def test_fixed_window_headers_follow_the_clock(kind: str, middleware: Any) -> No
         assert rate_headers(fourth)["retry-after"] == "61"
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("middleware", [None, SlowAPIMiddleware, SlowAPIASGIMiddleware])
+def test_retry_after_of_a_window_opened_by_the_request(
+    kind: str, middleware: Any
+) -> None:
+    # slowapi reads the clock again after the hit: with a running clock a
+    # minute's window opened by this very request shows 60 (the clock moved
+    # on), with a frozen one 61 (1 + reset - now); rapidlimit follows both.
+    limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+    client = AsyncClientAdapter(_app(limiter, kind, middleware))
+    assert rate_headers(client.get("/x"))["retry-after"] == "60"
+    limiter.reset()
+    with freeze_time(FROZEN, real_asyncio=True):
+        assert rate_headers(client.get("/x"))["retry-after"] == "61"
+        assert rate_headers(client.get("/x"))["retry-after"] == "61"
+
+
 def test_http_date_retry_after() -> None:
     limiter = Limiter(
         key_func=get_remote_address, headers_enabled=True, retry_after="http-date"
