@@ -17,12 +17,6 @@ namespace {
 
 using internal::Hash128;
 
-// Coarse recency stamp: 2^24 ns (~17 ms) ticks in 32 bits wrap after about
-// two years; ages are compared modulo 2^32, so only relative order matters.
-inline uint32_t Stamp(int64_t now) {
-  return static_cast<uint32_t>(static_cast<uint64_t>(now) >> 24);
-}
-
 struct KeyHash {
   uint64_t h1;  // never 0: 0 marks an empty slot
   uint32_t h2;
@@ -263,6 +257,13 @@ struct alignas(64) Shard {
   // This shard's share of max_keys. (Test fix: the shares sum to exactly
   // max_keys; one rounded-up share per shard let the total exceed it.)
   size_t cap = 1;
+  // Recency: each charge stamps its key with the next count, so eviction
+  // finds the least recently used keys exactly (a coarse time stamp tied
+  // every key charged within one tick, and a flood of new keys could then
+  // evict the hottest one). Ages are taken modulo 2^32; only after four
+  // billion charges on one shard between evictions could an idle key look
+  // recent, which only reorders eviction.
+  uint32_t tick = 0;
 
   size_t Size() const {
     return fixed.size() + token.size() + sliding.size() + moving.size();
@@ -333,7 +334,7 @@ class MemoryStore final : public Store {
     Slot<CounterState>* slot = shard.fixed.Find(k);
     const bool fresh = slot == nullptr || slot->payload.expiry_nanos <= now;
     if (slot == nullptr) slot = InsertSlot(shard, shard.fixed, k, now);
-    slot->stamp = Stamp(now);
+    slot->stamp = ++shard.tick;
     const int64_t count =
         IncrCounter(amount, expiry_nanos, now, fresh, &slot->payload);
     if (expiry_at != nullptr) *expiry_at = slot->payload.expiry_nanos;
@@ -452,7 +453,7 @@ class MemoryStore final : public Store {
     Slot<P>* slot = table.Find(k);
     if (slot != nullptr) {
       const bool fresh = slot->payload.expiry_nanos <= now;
-      if (charge) slot->stamp = Stamp(now);
+      if (charge) slot->stamp = ++shard.tick;
       new (out) Decision(apply(fresh, &slot->payload));
       return;
     }
@@ -463,7 +464,7 @@ class MemoryStore final : public Store {
     if (charge && scratch.expiry_nanos > now) {
       Slot<P>* fresh_slot = InsertSlot(shard, table, k, now);
       fresh_slot->payload = scratch;
-      fresh_slot->stamp = Stamp(now);
+      fresh_slot->stamp = ++shard.tick;
     } else {
       DestroyPayload(scratch);
     }
@@ -518,8 +519,8 @@ class MemoryStore final : public Store {
     const size_t target = std::max<size_t>(1, shard.cap / 16);
     if (shard.Size() + target <= shard.cap) return;
     const size_t need = shard.Size() + target - shard.cap;
-    // Ages relative to now survive stamp wrap-around.
-    const uint32_t now_stamp = Stamp(now);
+    // Ages relative to the shard's count survive its wrap-around.
+    const uint32_t now_stamp = shard.tick;
     std::vector<uint32_t> ages;
     ages.reserve(shard.Size());
     auto collect = [&](const auto& s) { ages.push_back(now_stamp - s.stamp); };

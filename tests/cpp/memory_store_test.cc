@@ -501,7 +501,7 @@ TEST(MemoryStoreEvictionTest, LiveKeysGoLeastRecentlyUsedFirst) {
   auto key = [](int i) { return "k" + std::to_string(i); };
   auto hit = [&](Strategy s, int i) {
     const bool ok = Hit(*store, s, l, key(i), clock.NowNanos()).allowed;
-    clock.Advance(20 * kMs);  // stamps have ~17 ms granularity
+    clock.Advance(20 * kMs);
     return ok;
   };
   auto alive = [&](Strategy s, int i) {
@@ -538,6 +538,23 @@ TEST(MemoryStoreEvictionTest, LiveKeysGoLeastRecentlyUsedFirst) {
   EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, key(1), clock.NowNanos())
                 .remaining,
             99);
+}
+
+// Recency is the order of charges, not of time: keys charged at the same
+// instant (a flood arrives faster than any clock tick) still leave oldest
+// first, so a flood of new keys cannot evict a key hit between them.
+TEST(MemoryStoreEvictionTest, AHotKeySurvivesAFloodAtOneInstant) {
+  auto store = SingleShard(16);
+  const Limit l = MakeLimit(10, 1, Granularity::kMinute);
+  int admitted = 0;
+  for (int i = 0; i < 2000; ++i) {
+    admitted += Hit(*store, Strategy::kFixedWindow, l, "victim", kT0).allowed;
+    Hit(*store, Strategy::kFixedWindow, l, "flood" + std::to_string(i), kT0);
+  }
+  EXPECT_EQ(admitted, 10);
+  // The flood's keys themselves go oldest first.
+  EXPECT_EQ(Count(*store, Strategy::kFixedWindow, l, "flood1999", kT0), 1);
+  EXPECT_EQ(Count(*store, Strategy::kFixedWindow, l, "flood1000", kT0), 0);
 }
 
 // Larger shards evict a batch (a sixteenth of the cap) at once, still the
