@@ -51,6 +51,12 @@ if __name__ == "__main__":
     if "--serve" in sys.argv:
         import uvicorn
 
-        uvicorn.run(app)
+        # --port N for a port other than uvicorn's 8000 (the test uses one).
+        port = (
+            int(sys.argv[sys.argv.index("--port") + 1])
+            if "--port" in sys.argv
+            else 8000
+        )
+        uvicorn.run(app, port=port)
     else:
         demo()

@@ -1,4 +1,10 @@
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
+from pathlib import Path
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -17,3 +23,34 @@ def test_quickstart() -> None:
     ok = client.get("/mars")
     assert ok.json() == {"key": "value"}
     assert ok.headers["x-ratelimit-remaining"] == "4"
+
+
+def test_quickstart_serves_as_the_readme_runs_it() -> None:
+    # `python3 examples/quickstart.py --serve`: the script's folder comes
+    # first on sys.path, so no example may shadow a library uvicorn imports
+    # (an examples/websockets package once did).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).parent
+    proc = subprocess.Popen(
+        [sys.executable, str(here / "quickstart.py"), "--serve", "--port", str(port)],
+        cwd=here.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/home") as r:
+                    assert r.status == 200
+                    assert r.headers["x-ratelimit-limit"] == "5"
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1058,9 +1058,12 @@ class Limiter:
             options.update(_parse_options(C.STORAGE_OPTIONS, env_options))
         self._storage_options = options
         self._storage_uri = storage_uri or self._setting(C.STORAGE_URL, "memory://")
-        self._storage: Storage = storage_from_string(
-            self._storage_uri, **self._redis_policy(self._storage_uri, options)
-        )
+        try:
+            self._storage: Storage = storage_from_string(
+                self._storage_uri, **self._redis_policy(self._storage_uri, options)
+            )
+        except (TypeError, ValueError) as exc:  # each names the URI
+            raise ConfigurationError(str(exc)) from exc
         self._limiter: RateLimiter = STRATEGIES[strategy_name](self._storage)
         # A Redis storage is asked without blocking the event loop.
         self._remote = isinstance(self._storage, RedisStorage)
@@ -1100,8 +1103,8 @@ class Limiter:
         limiter switches to them itself), ``swallow_errors`` lets requests
         through ("fail-open"), and otherwise requests get a 503 with
         ``Retry-After`` ("fail-closed")."""
-        if not _is_redis_scheme(urlsplit(uri).scheme):
-            return options
+        if not isinstance(uri, str) or not _is_redis_scheme(urlsplit(uri).scheme):
+            return options  # (storage_from_string explains a bad uri)
         if "on_error" in options or "on_error" in dict(parse_qsl(urlsplit(uri).query)):
             return options
         if self._in_memory_fallback_enabled and not self._in_memory_fallback:

@@ -50,11 +50,16 @@ def storage_from_string(uri: str, **options: Any) -> Storage:
     (``fail-open``, ``fail-closed``, ``fallback``), ``blocked_cache`` and
     more (see ``RedisStorage``).
     """
+    if not isinstance(uri, str):
+        raise TypeError(f"a storage uri is a string such as 'memory://', not {uri!r}")
     parsed = urlparse(uri)
     if parsed.scheme and _is_redis_scheme(parsed.scheme):
         return RedisStorage(uri, **options)
     if not parsed.scheme or parsed.scheme not in _MEMORY_SCHEMES:
-        raise ValueError(f"unsupported storage uri {uri!r}: expected memory://")
+        raise ValueError(
+            f"unsupported storage uri {uri!r}: expected memory://, "
+            "redis://host:port/db, redis+unix:///path or valkey://"
+        )
     merged: dict[str, Any] = dict(parse_qsl(parsed.query))
     merged.update(options)
     kwargs: dict[str, int] = {}

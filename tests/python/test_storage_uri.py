@@ -86,6 +86,22 @@ def test_unsupported_schemes_name_the_uri(uri: str) -> None:
     assert repr(uri) in str(info.value)
 
 
+@pytest.mark.parametrize("uri", [123, None, b"memory://", "redis//localhost:6379"])
+def test_a_limiter_with_a_bad_uri_fails_at_construction_naming_it(uri: object) -> None:
+    from rapidlimit import Limiter
+    from rapidlimit.errors import ConfigurationError
+    from rapidlimit.util import get_remote_address
+
+    if uri is None:  # None is the default (memory://), not an error
+        assert Limiter(key_func=get_remote_address, storage_uri=uri)
+        return
+    with pytest.raises(ConfigurationError) as info:
+        Limiter(key_func=get_remote_address, storage_uri=uri)  # type: ignore[arg-type]
+    assert repr(uri) in str(info.value)
+    if isinstance(uri, str):  # the schemes that would work
+        assert "redis://" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("uri", "options", "message"),
     [
