@@ -125,16 +125,24 @@ Decision ApplyTokenBucket(const Limit& limit, int64_t cost, int64_t now,
     used = (static_cast<i128>(state->expiry_nanos) - now) * a + state->value;
     if (used < 0) used = 0;
   }
+  // A clock behind the one that charged the bucket can find `used` above
+  // the capacity. The bucket is then empty, no emptier: a cost of 0 takes
+  // nothing and is always allowed, a positive cost is rejected (as GCRA
+  // rejects it), `remaining` is 0, and the reset and the retry-after stay
+  // true to the TAT as stored, from the caller's `now`. Only an admitted
+  // positive cost moves the TAT (a cost of 0 would at most restate it, or
+  // pull a TAT from the past up to `now`, which a later clock that is
+  // behind would take for a charge).
   const i128 after = used + static_cast<i128>(cost) * period;
-  d.allowed = after <= capacity;
+  d.allowed = cost == 0 || after <= capacity;
   i128 level = used;
-  if (d.allowed && charge) {
+  if (d.allowed && charge && cost > 0) {
     level = after;
     const i128 tat_scaled = static_cast<i128>(now) * a + after;
     state->expiry_nanos = Saturate(tat_scaled / a);
     state->value = static_cast<int64_t>(tat_scaled % a);
   }
-  d.remaining = Saturate((capacity - level) / period);
+  d.remaining = level >= capacity ? 0 : Saturate((capacity - level) / period);
   d.reset_nanos = SatAdd(now, Saturate((level + a - 1) / a));
   if (!d.allowed) {
     // A cost above the burst can never fit; one period is the honest wait.
@@ -154,7 +162,8 @@ WindowState InspectTokenBucket(const Limit& limit, int64_t now, bool fresh,
   i128 used = (static_cast<i128>(state.expiry_nanos) - now) * a + state.value;
   if (used <= 0) return w;
   const i128 p = limit.PeriodNanos();
-  w.count = Saturate((used + p - 1) / p);
+  // At most the burst: a clock behind the one that charged can see more.
+  w.count = std::min(Saturate((used + p - 1) / p), limit.EffectiveBurst());
   w.time_nanos = SatAdd(now, Saturate((used + a - 1) / a));
   return w;
 }

@@ -780,6 +780,53 @@ TEST(TokenBucketTest, SubSecondRetryTimes) {
   EXPECT_EQ(d.retry_after_nanos, 270 * kMs);
 }
 
+TEST(TokenBucketTest, ClockBehindFindsTheBucketEmptyNeverBelow) {
+  // Another instance, 500 ms ahead, emptied the bucket: seen from here the
+  // TAT is 1.5 s away, more than the 1 s capacity.
+  const Limit l = MakeLimit(10, 1);
+  CounterCell c;
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(c.Bucket(l, 1, kT0 + 500 * kMs, true).allowed);
+  }
+  const CounterState before = c.state;
+  Decision d = c.Bucket(l, 1, kT0, true);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, kT0 + 1500 * kMs);  // the TAT, absolute
+  // From this caller's clock: the TAT less the capacity, plus one token.
+  EXPECT_EQ(d.retry_after_nanos, 600 * kMs);
+  // A cost of 0 takes nothing: allowed, and the state is unchanged.
+  d = c.Bucket(l, 0, kT0, true);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, kT0 + 1500 * kMs);
+  EXPECT_TRUE(c.Bucket(l, 0, kT0, false).allowed);
+  EXPECT_EQ(c.state.expiry_nanos, before.expiry_nanos);
+  EXPECT_EQ(c.state.value, before.value);
+  const WindowState w = InspectTokenBucket(l, kT0, false, c.state);
+  EXPECT_EQ(w.count, 10);
+  EXPECT_EQ(w.time_nanos, kT0 + 1500 * kMs);
+  EXPECT_EQ(StatsFromState(Strategy::kTokenBucket, l, w, kT0).remaining, 0);
+  // Once this clock reaches TAT - capacity + one token, one fits.
+  EXPECT_FALSE(c.Bucket(l, 1, kT0 + 600 * kMs - 1, false).allowed);
+  EXPECT_TRUE(c.Bucket(l, 1, kT0 + 600 * kMs, false).allowed);
+}
+
+TEST(TokenBucketTest, CostZeroDoesNotMoveAnOldTatToNow) {
+  // An idle bucket's TAT is in the past; a cost of 0 must leave it there,
+  // or a clock a little behind would take it for a charge.
+  const Limit l = MakeLimit(10, 1);
+  CounterCell c;
+  ASSERT_TRUE(c.Bucket(l, 1, kT0, true).allowed);  // TAT kT0 + 100 ms
+  const CounterState before = c.state;
+  EXPECT_TRUE(c.Bucket(l, 0, kT0 + kSec, true).allowed);
+  EXPECT_EQ(c.state.expiry_nanos, before.expiry_nanos);
+  EXPECT_EQ(c.state.value, before.value);
+  const Decision d = c.Bucket(l, 10, kT0 + 900 * kMs, true);
+  EXPECT_TRUE(d.allowed);  // the full burst: nothing in use
+  EXPECT_EQ(d.remaining, 0);
+}
+
 TEST(TokenBucketTest, AmountZeroAllowsNothing) {
   CounterCell c;
   const Limit l = MakeLimit(0, 1, Granularity::kMinute);

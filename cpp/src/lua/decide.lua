@@ -123,9 +123,12 @@ while pos < nargs do
         an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
         if af >= a1 then an, af = an + 1, af - a1 end
       end
-      local ok = an < p4 or (an == p4 and af <= p5)
+      -- A cost of 0 takes nothing: always allowed, nothing written (the
+      -- bucket may look more than empty to a clock behind the one that
+      -- charged it).
+      local ok = k1 == 0 or an < p4 or (an == p4 and af <= p5)
       local done = true
-      if ok and an > 0 then
+      if ok and k1 > 0 then
         local t = now_ns + an
         local sec = t / E9
         sec = sec - sec % 1
@@ -239,8 +242,9 @@ while pos < nargs do
             end
           end
           local k_ns = p4
-          ok = an < k_ns or (an == k_ns and af <= p5)
-          if ok and not test and an > 0 then
+          -- A cost of 0 is always allowed and writes nothing (see above).
+          ok = cost == 0 or an < k_ns or (an == k_ns and af <= p5)
+          if ok and not test and cost > 0 then
             local t = now_ns + an
             local s = t / E9
             s = s - s % 1  -- floor without a function call
