@@ -207,11 +207,22 @@ int64_t SlidingReset(const SlidingState& s, int64_t now, int64_t period) {
   return SatAdd(now, static_cast<int64_t>(best));
 }
 
+// A clock behind the newest window a key has counts in (another instance
+// ahead, or a step back of the clock) counts in that window, as if at its
+// start: nothing counted is lost, and the previous window weighs fully.
+int64_t EffectiveNow(const SlidingState& s, bool fresh, int64_t now,
+                     int64_t period) {
+  if (fresh || FloorDiv(now, period) >= s.window) return now;
+  return Saturate(static_cast<i128>(s.window) * period);
+}
+
 }  // namespace
 
-Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t now,
+Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t real_now,
                             bool charge, bool fresh, SlidingState* state) {
   const int64_t period = limit.PeriodNanos();
+  const int64_t now = EffectiveNow(*state, fresh, real_now, period);
+  const int64_t behind = now - real_now;  // > 0 for a clock behind
   const int64_t window = FloorDiv(now, period);
   SlidingState s = Roll(*state, fresh, window);
   const int64_t into = FloorMod(now, period);
@@ -263,20 +274,26 @@ Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t now,
         d.retry_after_nanos = Saturate(to_next + (period - ttl_fit));
       }
     }
+    // A duration from the caller's clock.
+    d.retry_after_nanos = SatAdd(d.retry_after_nanos, behind);
   }
   return d;
 }
 
-WindowState InspectSlidingWindow(const Limit& limit, int64_t now, bool fresh,
-                                 const SlidingState& state) {
+WindowState InspectSlidingWindow(const Limit& limit, int64_t real_now,
+                                 bool fresh, const SlidingState& state) {
   const int64_t period = limit.PeriodNanos();
+  // As ApplySlidingWindow: a clock behind counts at the newest window's
+  // start. previous_ttl is the weight's (full there), current_ttl a
+  // duration from the caller's clock.
+  const int64_t now = EffectiveNow(state, fresh, real_now, period);
   const SlidingState s = Roll(state, fresh, FloorDiv(now, period));
   const int64_t into = FloorMod(now, period);
   WindowState w;
   w.count = s.current;
   w.previous_count = s.previous;
   w.previous_ttl_nanos = s.previous == 0 ? 0 : period - into;
-  w.current_ttl_nanos = 2 * period - into;
+  w.current_ttl_nanos = SatAdd(2 * period - into, now - real_now);
   w.time_nanos = SlidingReset(s, now, period);
   return w;
 }

@@ -610,6 +610,66 @@ TEST(SlidingWindowTest, RejectedHitsAddNothingButRollTheWindow) {
   EXPECT_EQ(c.state.expiry_nanos, w0 + 3 * kSec);
 }
 
+TEST(SlidingWindowTest, ClockBehindCountsInTheNewestWindowAtItsStart) {
+  const Limit l = MakeLimit(3, 10);
+  const int64_t w1 = WindowStart(kT0, 10 * kSec) + 10 * kSec;
+  const int64_t w2 = w1 + 10 * kSec;
+  SlidingCell c;
+  ASSERT_TRUE(c.Apply(l, 2, w1 + 100 * kMs, true).allowed);
+  // An instance ahead opens the next window: weight floor(2 * 9.95 / 10).
+  ASSERT_TRUE(c.Apply(l, 1, w2 + 50 * kMs, true).allowed);
+  ASSERT_EQ(c.state.window, w2 / (10 * kSec));
+  // One 100 ms behind, still in the first window: it counts in the
+  // newest one at its start (2 + 1 in use), not in an emptied one.
+  Decision d = c.Apply(l, 1, w2 - 100 * kMs, true);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, w2);
+  // One ns into the newest window, from this caller's clock.
+  EXPECT_EQ(d.retry_after_nanos, 100 * kMs + 1);
+  EXPECT_EQ(c.state.window, w2 / (10 * kSec));
+  EXPECT_EQ(c.state.current, 1);
+  EXPECT_EQ(c.state.previous, 2);
+  EXPECT_EQ(c.state.expiry_nanos, w2 + 20 * kSec);
+  const int64_t retry = d.retry_after_nanos;
+  d = c.Apply(l, 0, w2 - 100 * kMs, true);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(c.state.current, 1);
+  EXPECT_EQ(c.state.previous, 2);
+  const WindowState w = c.Inspect(l, w2 - 100 * kMs);
+  EXPECT_EQ(w.count, 1);
+  EXPECT_EQ(w.previous_count, 2);
+  EXPECT_EQ(w.previous_ttl_nanos, 10 * kSec);
+  EXPECT_EQ(w.current_ttl_nanos, 20 * kSec + 100 * kMs);
+  EXPECT_EQ(w.time_nanos, w2);
+  EXPECT_EQ(
+      StatsFromState(Strategy::kSlidingWindowCounter, l, w, w2 - 100 * kMs)
+          .remaining,
+      0);
+  EXPECT_FALSE(c.Apply(l, 1, w2 - 100 * kMs + retry - 1, false).allowed);
+  EXPECT_TRUE(c.Apply(l, 1, w2 - 100 * kMs + retry, false).allowed);
+}
+
+TEST(SlidingWindowTest, ClockGoingBackLosesNoCounts) {
+  // Two clocks 2 s apart around a window boundary, alternating: the one
+  // behind counts in the newest window, so the hits of both add up. The
+  // first hit (alone in its window) weighs 0 after 1 s of the next window
+  // for the clock ahead: 4 admitted, as `limits` admits on one clock.
+  const Limit l = MakeLimit(3, 10);
+  const int64_t b = WindowStart(kT0, 10 * kSec) + 10 * kSec;
+  SlidingCell c;
+  int admitted = 0;
+  for (int i = 0; i < 10; ++i) {
+    const int64_t now = b + (i % 2 == 0 ? -kSec : kSec) + i * kMs;
+    admitted += c.Apply(l, 1, now, true).allowed;
+  }
+  EXPECT_EQ(admitted, 4);
+  EXPECT_EQ(c.state.window, b / (10 * kSec));
+  EXPECT_EQ(c.state.current, 3);
+  EXPECT_EQ(c.state.previous, 1);
+}
+
 // ------------------------------------------------------------- Token bucket
 
 TEST(TokenBucketTest, SevenPerThreeSecondsIsExact) {

@@ -282,13 +282,17 @@ while pos < nargs do
           raw = v
           if x1 + 2 > p2 then fresh = 0 end
         end
+        -- w: the window counted in, pttl: the previous window's weight
+        -- time. A clock behind the newest window the key has counts in
+        -- counts in that window, as at its start (nothing is lost).
+        local w, pttl = p2, p4
+        if fresh == 0 and x1 > p2 then w, pttl = x1, p3 end
         local c, p = x2, x3
-        if fresh == 1 or x1 > p2 or x1 < p2 - 1 then
+        if fresh == 1 or x1 < w - 1 then
           c, p = 0, 0
-        elseif x1 == p2 - 1 then
+        elseif x1 == w - 1 then
           c, p = 0, c
         end
-        local pttl = p4
         ok = cost <= p1
         if ok then
           local room = p1 - c - cost
@@ -332,17 +336,17 @@ while pos < nargs do
         end
         if not test then
           if ok then c = c + cost end
-          -- The state is void from the start of window p2 + 2, which is
-          -- pttl + period from now.
-          local end_ms = floor(pttl / 1000000) + p5 + 1
+          -- The state is void from the start of window w + 2, which is
+          -- (w - p2) periods + p4 + period from now.
+          local end_ms = floor(((w - p2) * p3 + p4) / 1000000) + p5 + 1
           if now_s + floor(end_ms / 1000) + 1 < hs then
-            call('SETRANGE', key, '0', pack('<ddd', p2, c, p))  -- hs kept
+            call('SETRANGE', key, '0', pack('<ddd', w, c, p))  -- hs kept
           else
             local spare = p5  -- a window (at least 2 s) to spare
             if spare < 2000 then spare = 2000 end
             local ms = end_ms + spare
             slack = unpack('<d', args, at_slack)
-            call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
+            call('SET', key, pack('<dddd', w, c, p, now_s + floor(ms / 1000)),
                  'PX', ms + slack)
           end
         end
