@@ -319,9 +319,13 @@ Decision ApplyMovingWindow(const Limit& limit, int64_t cost, int64_t now,
   if (d.allowed && charge && cost > 0) {
     if (state->log == nullptr) state->log = new MovingLog();
     log = state->log;
-    log->Push(now, cost, limit.amount);
+    // A clock behind the newest entry (an instance behind the others, or a
+    // step back) records at that entry's time: the log stays in order and
+    // its expiry never moves back, so no entry is dropped early.
+    const int64_t t = log->size() > 0 ? std::max(now, log->NewestAt(0)) : now;
+    log->Push(t, cost, limit.amount);
     // Void once the newest entry has left the window.
-    state->expiry_nanos = SatAdd(now, period + 1);
+    state->expiry_nanos = SatAdd(t, period + 1);
   }
   // Stats count strictly inside the window, as `limits` does.
   int64_t oldest = now;

@@ -391,6 +391,28 @@ TEST(MovingWindowTest, MatchesAnUnboundedLogOnRandomTraffic) {
 
 // ---------------------------------------------------------------- MovingLog
 
+TEST(MovingWindowTest, ClockBehindRecordsAtTheNewestEntry) {
+  const Limit l = MakeLimit(2, 10);
+  MovingCell c;
+  // An instance 300 ms ahead, then one behind it.
+  ASSERT_TRUE(c.Apply(l, 1, kT0 + 300 * kMs, true).allowed);
+  Decision d = c.Apply(l, 1, kT0, true);
+  ASSERT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, kT0 + 300 * kMs + 10 * kSec);
+  // The log stays in order and its expiry does not move back.
+  EXPECT_EQ(c.state.expiry_nanos, kT0 + 300 * kMs + 10 * kSec + 1);
+  const WindowState w = c.Inspect(l, kT0);
+  EXPECT_EQ(w.count, 2);
+  EXPECT_EQ(w.time_nanos, kT0 + 300 * kMs);
+  // Both hits stay in the window until the later one leaves it: the log
+  // was not taken for void at kT0 + 10 s + 1.
+  d = c.Apply(l, 1, kT0 + 10 * kSec + 100 * kMs, true);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.retry_after_nanos, 200 * kMs + 1);
+  EXPECT_TRUE(c.Apply(l, 2, kT0 + 10 * kSec + 300 * kMs + 1, false).allowed);
+}
+
 TEST(MovingLogTest, RingKeepsTheNewestEntries) {
   MovingLog log;
   EXPECT_EQ(log.size(), 0);

@@ -403,7 +403,15 @@ while pos < nargs do
                   head, size, hs = 0, keep, 0
                 end
                 cap = amount
-                local e = pack('<i4I4', now_s - base, now_ns)
+                -- A clock behind the newest entry records at that entry's
+                -- time (as the memory store): the log stays in order and
+                -- its expiry never moves back.
+                local es, en = now_s, now_ns
+                if size > 0 then
+                  local ls, ln = entry(k, base, head, cap, size - 1)
+                  if later(ls, ln, es, en) then es, en = ls, ln end
+                end
+                local e = pack('<i4I4', es - base, en)
                 if cst >= cap then
                   head, size = 0, cap
                   call('SETRANGE', k, HDR, string.rep(e, cap))
@@ -420,15 +428,17 @@ while pos < nargs do
                     head, size = (head + size - cap) % cap, cap
                   end
                 end
-                xs, xn = now_s + ps, now_ns + 1
+                xs, xn = es + ps, en + 1
                 if xn >= E9 then xs, xn = xs + 1, xn - E9 end
                 if xs + 1 >= hs then
                   -- Room for two periods (at least 4 s): renewed at most about
                   -- once per period.
                   local room = 2 * ps
                   if room < 4 then room = 4 end
-                  hs = now_s + room
-                  call('PEXPIRE', k, room * 1000 + 1 + slack)
+                  -- From the newest entry (later than now for a clock
+                  -- behind).
+                  hs = es + room
+                  call('PEXPIRE', k, (hs - now_s) * 1000 + 1 + slack)
                 end
                 call('SETRANGE', k, 0,
                      pack('<ddddddd', base, head, size, cap, xs, xn, hs))
