@@ -408,8 +408,14 @@ while pos < nargs do
                 -- its expiry never moves back.
                 local es, en = now_s, now_ns
                 if size > 0 then
-                  local ls, ln = entry(k, base, head, cap, size - 1)
-                  if later(ls, ln, es, en) then es, en = ls, ln end
+                  -- (xs, xn) is the newest entry's time + period + 1 ns: a
+                  -- clock not behind it needs no GETRANGE to know.
+                  local ts, tn = now_s + ps, now_ns + 1
+                  if tn >= E9 then ts, tn = ts + 1, tn - E9 end
+                  if later(xs, xn, ts, tn) then
+                    local ls, ln = entry(k, base, head, cap, size - 1)
+                    if later(ls, ln, es, en) then es, en = ls, ln end
+                  end
                 end
                 local e = pack('<i4I4', es - base, en)
                 if cst >= cap then
