@@ -125,16 +125,24 @@ Decision ApplyTokenBucket(const Limit& limit, int64_t cost, int64_t now,
     used = (static_cast<i128>(state->expiry_nanos) - now) * a + state->value;
     if (used < 0) used = 0;
   }
+  // A clock behind the one that charged the bucket can find `used` above
+  // the capacity. The bucket is then empty, no emptier: a cost of 0 takes
+  // nothing and is always allowed, a positive cost is rejected (as GCRA
+  // rejects it), `remaining` is 0, and the reset and the retry-after stay
+  // true to the TAT as stored, from the caller's `now`. Only an admitted
+  // positive cost moves the TAT (a cost of 0 would at most restate it, or
+  // pull a TAT from the past up to `now`, which a later clock that is
+  // behind would take for a charge).
   const i128 after = used + static_cast<i128>(cost) * period;
-  d.allowed = after <= capacity;
+  d.allowed = cost == 0 || after <= capacity;
   i128 level = used;
-  if (d.allowed && charge) {
+  if (d.allowed && charge && cost > 0) {
     level = after;
     const i128 tat_scaled = static_cast<i128>(now) * a + after;
     state->expiry_nanos = Saturate(tat_scaled / a);
     state->value = static_cast<int64_t>(tat_scaled % a);
   }
-  d.remaining = Saturate((capacity - level) / period);
+  d.remaining = level >= capacity ? 0 : Saturate((capacity - level) / period);
   d.reset_nanos = SatAdd(now, Saturate((level + a - 1) / a));
   if (!d.allowed) {
     // A cost above the burst can never fit; one period is the honest wait.
@@ -154,7 +162,8 @@ WindowState InspectTokenBucket(const Limit& limit, int64_t now, bool fresh,
   i128 used = (static_cast<i128>(state.expiry_nanos) - now) * a + state.value;
   if (used <= 0) return w;
   const i128 p = limit.PeriodNanos();
-  w.count = Saturate((used + p - 1) / p);
+  // At most the burst: a clock behind the one that charged can see more.
+  w.count = std::min(Saturate((used + p - 1) / p), limit.EffectiveBurst());
   w.time_nanos = SatAdd(now, Saturate((used + a - 1) / a));
   return w;
 }
@@ -198,11 +207,22 @@ int64_t SlidingReset(const SlidingState& s, int64_t now, int64_t period) {
   return SatAdd(now, static_cast<int64_t>(best));
 }
 
+// A clock behind the newest window a key has counts in (another instance
+// ahead, or a step back of the clock) counts in that window, as if at its
+// start: nothing counted is lost, and the previous window weighs fully.
+int64_t EffectiveNow(const SlidingState& s, bool fresh, int64_t now,
+                     int64_t period) {
+  if (fresh || FloorDiv(now, period) >= s.window) return now;
+  return Saturate(static_cast<i128>(s.window) * period);
+}
+
 }  // namespace
 
-Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t now,
+Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t real_now,
                             bool charge, bool fresh, SlidingState* state) {
   const int64_t period = limit.PeriodNanos();
+  const int64_t now = EffectiveNow(*state, fresh, real_now, period);
+  const int64_t behind = now - real_now;  // > 0 for a clock behind
   const int64_t window = FloorDiv(now, period);
   SlidingState s = Roll(*state, fresh, window);
   const int64_t into = FloorMod(now, period);
@@ -254,20 +274,26 @@ Decision ApplySlidingWindow(const Limit& limit, int64_t cost, int64_t now,
         d.retry_after_nanos = Saturate(to_next + (period - ttl_fit));
       }
     }
+    // A duration from the caller's clock.
+    d.retry_after_nanos = SatAdd(d.retry_after_nanos, behind);
   }
   return d;
 }
 
-WindowState InspectSlidingWindow(const Limit& limit, int64_t now, bool fresh,
-                                 const SlidingState& state) {
+WindowState InspectSlidingWindow(const Limit& limit, int64_t real_now,
+                                 bool fresh, const SlidingState& state) {
   const int64_t period = limit.PeriodNanos();
+  // As ApplySlidingWindow: a clock behind counts at the newest window's
+  // start. previous_ttl is the weight's (full there), current_ttl a
+  // duration from the caller's clock.
+  const int64_t now = EffectiveNow(state, fresh, real_now, period);
   const SlidingState s = Roll(state, fresh, FloorDiv(now, period));
   const int64_t into = FloorMod(now, period);
   WindowState w;
   w.count = s.current;
   w.previous_count = s.previous;
   w.previous_ttl_nanos = s.previous == 0 ? 0 : period - into;
-  w.current_ttl_nanos = 2 * period - into;
+  w.current_ttl_nanos = SatAdd(2 * period - into, now - real_now);
   w.time_nanos = SlidingReset(s, now, period);
   return w;
 }
@@ -293,9 +319,13 @@ Decision ApplyMovingWindow(const Limit& limit, int64_t cost, int64_t now,
   if (d.allowed && charge && cost > 0) {
     if (state->log == nullptr) state->log = new MovingLog();
     log = state->log;
-    log->Push(now, cost, limit.amount);
+    // A clock behind the newest entry (an instance behind the others, or a
+    // step back) records at that entry's time: the log stays in order and
+    // its expiry never moves back, so no entry is dropped early.
+    const int64_t t = log->size() > 0 ? std::max(now, log->NewestAt(0)) : now;
+    log->Push(t, cost, limit.amount);
     // Void once the newest entry has left the window.
-    state->expiry_nanos = SatAdd(now, period + 1);
+    state->expiry_nanos = SatAdd(t, period + 1);
   }
   // Stats count strictly inside the window, as `limits` does.
   int64_t oldest = now;

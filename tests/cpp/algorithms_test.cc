@@ -391,6 +391,28 @@ TEST(MovingWindowTest, MatchesAnUnboundedLogOnRandomTraffic) {
 
 // ---------------------------------------------------------------- MovingLog
 
+TEST(MovingWindowTest, ClockBehindRecordsAtTheNewestEntry) {
+  const Limit l = MakeLimit(2, 10);
+  MovingCell c;
+  // An instance 300 ms ahead, then one behind it.
+  ASSERT_TRUE(c.Apply(l, 1, kT0 + 300 * kMs, true).allowed);
+  Decision d = c.Apply(l, 1, kT0, true);
+  ASSERT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, kT0 + 300 * kMs + 10 * kSec);
+  // The log stays in order and its expiry does not move back.
+  EXPECT_EQ(c.state.expiry_nanos, kT0 + 300 * kMs + 10 * kSec + 1);
+  const WindowState w = c.Inspect(l, kT0);
+  EXPECT_EQ(w.count, 2);
+  EXPECT_EQ(w.time_nanos, kT0 + 300 * kMs);
+  // Both hits stay in the window until the later one leaves it: the log
+  // was not taken for void at kT0 + 10 s + 1.
+  d = c.Apply(l, 1, kT0 + 10 * kSec + 100 * kMs, true);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.retry_after_nanos, 200 * kMs + 1);
+  EXPECT_TRUE(c.Apply(l, 2, kT0 + 10 * kSec + 300 * kMs + 1, false).allowed);
+}
+
 TEST(MovingLogTest, RingKeepsTheNewestEntries) {
   MovingLog log;
   EXPECT_EQ(log.size(), 0);
@@ -610,6 +632,66 @@ TEST(SlidingWindowTest, RejectedHitsAddNothingButRollTheWindow) {
   EXPECT_EQ(c.state.expiry_nanos, w0 + 3 * kSec);
 }
 
+TEST(SlidingWindowTest, ClockBehindCountsInTheNewestWindowAtItsStart) {
+  const Limit l = MakeLimit(3, 10);
+  const int64_t w1 = WindowStart(kT0, 10 * kSec) + 10 * kSec;
+  const int64_t w2 = w1 + 10 * kSec;
+  SlidingCell c;
+  ASSERT_TRUE(c.Apply(l, 2, w1 + 100 * kMs, true).allowed);
+  // An instance ahead opens the next window: weight floor(2 * 9.95 / 10).
+  ASSERT_TRUE(c.Apply(l, 1, w2 + 50 * kMs, true).allowed);
+  ASSERT_EQ(c.state.window, w2 / (10 * kSec));
+  // One 100 ms behind, still in the first window: it counts in the
+  // newest one at its start (2 + 1 in use), not in an emptied one.
+  Decision d = c.Apply(l, 1, w2 - 100 * kMs, true);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, w2);
+  // One ns into the newest window, from this caller's clock.
+  EXPECT_EQ(d.retry_after_nanos, 100 * kMs + 1);
+  EXPECT_EQ(c.state.window, w2 / (10 * kSec));
+  EXPECT_EQ(c.state.current, 1);
+  EXPECT_EQ(c.state.previous, 2);
+  EXPECT_EQ(c.state.expiry_nanos, w2 + 20 * kSec);
+  const int64_t retry = d.retry_after_nanos;
+  d = c.Apply(l, 0, w2 - 100 * kMs, true);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(c.state.current, 1);
+  EXPECT_EQ(c.state.previous, 2);
+  const WindowState w = c.Inspect(l, w2 - 100 * kMs);
+  EXPECT_EQ(w.count, 1);
+  EXPECT_EQ(w.previous_count, 2);
+  EXPECT_EQ(w.previous_ttl_nanos, 10 * kSec);
+  EXPECT_EQ(w.current_ttl_nanos, 20 * kSec + 100 * kMs);
+  EXPECT_EQ(w.time_nanos, w2);
+  EXPECT_EQ(
+      StatsFromState(Strategy::kSlidingWindowCounter, l, w, w2 - 100 * kMs)
+          .remaining,
+      0);
+  EXPECT_FALSE(c.Apply(l, 1, w2 - 100 * kMs + retry - 1, false).allowed);
+  EXPECT_TRUE(c.Apply(l, 1, w2 - 100 * kMs + retry, false).allowed);
+}
+
+TEST(SlidingWindowTest, ClockGoingBackLosesNoCounts) {
+  // Two clocks 2 s apart around a window boundary, alternating: the one
+  // behind counts in the newest window, so the hits of both add up. The
+  // first hit (alone in its window) weighs 0 after 1 s of the next window
+  // for the clock ahead: 4 admitted, as `limits` admits on one clock.
+  const Limit l = MakeLimit(3, 10);
+  const int64_t b = WindowStart(kT0, 10 * kSec) + 10 * kSec;
+  SlidingCell c;
+  int admitted = 0;
+  for (int i = 0; i < 10; ++i) {
+    const int64_t now = b + (i % 2 == 0 ? -kSec : kSec) + i * kMs;
+    admitted += c.Apply(l, 1, now, true).allowed;
+  }
+  EXPECT_EQ(admitted, 4);
+  EXPECT_EQ(c.state.window, b / (10 * kSec));
+  EXPECT_EQ(c.state.current, 3);
+  EXPECT_EQ(c.state.previous, 1);
+}
+
 // ------------------------------------------------------------- Token bucket
 
 TEST(TokenBucketTest, SevenPerThreeSecondsIsExact) {
@@ -778,6 +860,53 @@ TEST(TokenBucketTest, SubSecondRetryTimes) {
   EXPECT_EQ(d.retry_after_nanos, 70 * kMs);
   d = c.Bucket(l, 3, kT0 + 30 * kMs, true);
   EXPECT_EQ(d.retry_after_nanos, 270 * kMs);
+}
+
+TEST(TokenBucketTest, ClockBehindFindsTheBucketEmptyNeverBelow) {
+  // Another instance, 500 ms ahead, emptied the bucket: seen from here the
+  // TAT is 1.5 s away, more than the 1 s capacity.
+  const Limit l = MakeLimit(10, 1);
+  CounterCell c;
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(c.Bucket(l, 1, kT0 + 500 * kMs, true).allowed);
+  }
+  const CounterState before = c.state;
+  Decision d = c.Bucket(l, 1, kT0, true);
+  EXPECT_FALSE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, kT0 + 1500 * kMs);  // the TAT, absolute
+  // From this caller's clock: the TAT less the capacity, plus one token.
+  EXPECT_EQ(d.retry_after_nanos, 600 * kMs);
+  // A cost of 0 takes nothing: allowed, and the state is unchanged.
+  d = c.Bucket(l, 0, kT0, true);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.remaining, 0);
+  EXPECT_EQ(d.reset_nanos, kT0 + 1500 * kMs);
+  EXPECT_TRUE(c.Bucket(l, 0, kT0, false).allowed);
+  EXPECT_EQ(c.state.expiry_nanos, before.expiry_nanos);
+  EXPECT_EQ(c.state.value, before.value);
+  const WindowState w = InspectTokenBucket(l, kT0, false, c.state);
+  EXPECT_EQ(w.count, 10);
+  EXPECT_EQ(w.time_nanos, kT0 + 1500 * kMs);
+  EXPECT_EQ(StatsFromState(Strategy::kTokenBucket, l, w, kT0).remaining, 0);
+  // Once this clock reaches TAT - capacity + one token, one fits.
+  EXPECT_FALSE(c.Bucket(l, 1, kT0 + 600 * kMs - 1, false).allowed);
+  EXPECT_TRUE(c.Bucket(l, 1, kT0 + 600 * kMs, false).allowed);
+}
+
+TEST(TokenBucketTest, CostZeroDoesNotMoveAnOldTatToNow) {
+  // An idle bucket's TAT is in the past; a cost of 0 must leave it there,
+  // or a clock a little behind would take it for a charge.
+  const Limit l = MakeLimit(10, 1);
+  CounterCell c;
+  ASSERT_TRUE(c.Bucket(l, 1, kT0, true).allowed);  // TAT kT0 + 100 ms
+  const CounterState before = c.state;
+  EXPECT_TRUE(c.Bucket(l, 0, kT0 + kSec, true).allowed);
+  EXPECT_EQ(c.state.expiry_nanos, before.expiry_nanos);
+  EXPECT_EQ(c.state.value, before.value);
+  const Decision d = c.Bucket(l, 10, kT0 + 900 * kMs, true);
+  EXPECT_TRUE(d.allowed);  // the full burst: nothing in use
+  EXPECT_EQ(d.remaining, 0);
 }
 
 TEST(TokenBucketTest, AmountZeroAllowsNothing) {

@@ -123,9 +123,12 @@ while pos < nargs do
         an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
         if af >= a1 then an, af = an + 1, af - a1 end
       end
-      local ok = an < p4 or (an == p4 and af <= p5)
+      -- A cost of 0 takes nothing: always allowed, nothing written (the
+      -- bucket may look more than empty to a clock behind the one that
+      -- charged it).
+      local ok = k1 == 0 or an < p4 or (an == p4 and af <= p5)
       local done = true
-      if ok and an > 0 then
+      if ok and k1 > 0 then
         local t = now_ns + an
         local sec = t / E9
         sec = sec - sec % 1
@@ -239,8 +242,9 @@ while pos < nargs do
             end
           end
           local k_ns = p4
-          ok = an < k_ns or (an == k_ns and af <= p5)
-          if ok and not test and an > 0 then
+          -- A cost of 0 is always allowed and writes nothing (see above).
+          ok = cost == 0 or an < k_ns or (an == k_ns and af <= p5)
+          if ok and not test and cost > 0 then
             local t = now_ns + an
             local s = t / E9
             s = s - s % 1  -- floor without a function call
@@ -278,13 +282,17 @@ while pos < nargs do
           raw = v
           if x1 + 2 > p2 then fresh = 0 end
         end
+        -- w: the window counted in, pttl: the previous window's weight
+        -- time. A clock behind the newest window the key has counts in
+        -- counts in that window, as at its start (nothing is lost).
+        local w, pttl = p2, p4
+        if fresh == 0 and x1 > p2 then w, pttl = x1, p3 end
         local c, p = x2, x3
-        if fresh == 1 or x1 > p2 or x1 < p2 - 1 then
+        if fresh == 1 or x1 < w - 1 then
           c, p = 0, 0
-        elseif x1 == p2 - 1 then
+        elseif x1 == w - 1 then
           c, p = 0, c
         end
-        local pttl = p4
         ok = cost <= p1
         if ok then
           local room = p1 - c - cost
@@ -328,17 +336,17 @@ while pos < nargs do
         end
         if not test then
           if ok then c = c + cost end
-          -- The state is void from the start of window p2 + 2, which is
-          -- pttl + period from now.
-          local end_ms = floor(pttl / 1000000) + p5 + 1
+          -- The state is void from the start of window w + 2, which is
+          -- (w - p2) periods + p4 + period from now.
+          local end_ms = floor(((w - p2) * p3 + p4) / 1000000) + p5 + 1
           if now_s + floor(end_ms / 1000) + 1 < hs then
-            call('SETRANGE', key, '0', pack('<ddd', p2, c, p))  -- hs kept
+            call('SETRANGE', key, '0', pack('<ddd', w, c, p))  -- hs kept
           else
             local spare = p5  -- a window (at least 2 s) to spare
             if spare < 2000 then spare = 2000 end
             local ms = end_ms + spare
             slack = unpack('<d', args, at_slack)
-            call('SET', key, pack('<dddd', p2, c, p, now_s + floor(ms / 1000)),
+            call('SET', key, pack('<dddd', w, c, p, now_s + floor(ms / 1000)),
                  'PX', ms + slack)
           end
         end
@@ -395,7 +403,21 @@ while pos < nargs do
                   head, size, hs = 0, keep, 0
                 end
                 cap = amount
-                local e = pack('<i4I4', now_s - base, now_ns)
+                -- A clock behind the newest entry records at that entry's
+                -- time (as the memory store): the log stays in order and
+                -- its expiry never moves back.
+                local es, en = now_s, now_ns
+                if size > 0 then
+                  -- (xs, xn) is the newest entry's time + period + 1 ns: a
+                  -- clock not behind it needs no GETRANGE to know.
+                  local ts, tn = now_s + ps, now_ns + 1
+                  if tn >= E9 then ts, tn = ts + 1, tn - E9 end
+                  if later(xs, xn, ts, tn) then
+                    local ls, ln = entry(k, base, head, cap, size - 1)
+                    if later(ls, ln, es, en) then es, en = ls, ln end
+                  end
+                end
+                local e = pack('<i4I4', es - base, en)
                 if cst >= cap then
                   head, size = 0, cap
                   call('SETRANGE', k, HDR, string.rep(e, cap))
@@ -412,15 +434,17 @@ while pos < nargs do
                     head, size = (head + size - cap) % cap, cap
                   end
                 end
-                xs, xn = now_s + ps, now_ns + 1
+                xs, xn = es + ps, en + 1
                 if xn >= E9 then xs, xn = xs + 1, xn - E9 end
                 if xs + 1 >= hs then
                   -- Room for two periods (at least 4 s): renewed at most about
                   -- once per period.
                   local room = 2 * ps
                   if room < 4 then room = 4 end
-                  hs = now_s + room
-                  call('PEXPIRE', k, room * 1000 + 1 + slack)
+                  -- From the newest entry (later than now for a clock
+                  -- behind).
+                  hs = es + room
+                  call('PEXPIRE', k, (hs - now_s) * 1000 + 1 + slack)
                 end
                 call('SETRANGE', k, 0,
                      pack('<ddddddd', base, head, size, cap, xs, xn, hs))
