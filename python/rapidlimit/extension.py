@@ -159,7 +159,9 @@ Correctness
   still set (and honoured) once a request was checked.
 * Headers never touch the storage, so a storage failure can no longer break
   a response after its endpoint ran. ``in_memory_fallback`` works as in
-  slowapi (same exponential back-off before retrying the main storage).
+  slowapi (same exponential back-off before retrying the main storage),
+  except on Redis, whose engine reconnects by itself: the limiter goes back
+  to Redis as soon as it is connected again.
 """
 
 from __future__ import annotations
@@ -1949,7 +1951,14 @@ class Limiter:
         endpoint_key: str,
     ) -> Failure | None:
         try:
-            recovered = self._should_check_backend() and self._storage.check()
+            if self._remote:
+                # The Redis engine reconnects by itself, with a backoff of
+                # its own: back to Redis as soon as it is up (a read, not a
+                # PING on the event loop; slowapi's timer of up to 32 s
+                # would keep counting in memory long after).
+                recovered = bool(getattr(self._storage, "connected", False))
+            else:
+                recovered = self._should_check_backend() and self._storage.check()
         except Exception:
             recovered = False
         if recovered:

@@ -321,6 +321,40 @@ def test_in_memory_fallback_limits_apply_while_down(server: RedisServer) -> None
     assert asyncio.run(main()) == [200, 429, 429]
 
 
+def test_in_memory_fallback_switches_back_when_redis_returns(
+    server: RedisServer,
+) -> None:
+    # Back to Redis as soon as the engine has reconnected, not after
+    # slowapi's back-off timer (1, 2, 4 ... 32 s between checks).
+    limiter = limiter_for(
+        server, "decorator", storage_options=FAST, in_memory_fallback=["1/minute"]
+    )
+    app = make_app(limiter, "decorator", limit="100/minute")
+    storage = limiter._storage
+
+    async def main() -> list[str]:
+        remaining = []
+        async with client_for(app) as client:
+            r = await client.get("/r")
+            remaining.append(r.headers["x-ratelimit-remaining"])
+            server.kill()
+            for _ in range(2):  # the fallback limit: 1/minute
+                r = await client.get("/r")
+                remaining.append(str(r.status_code))
+            server.restart()
+            deadline = time.monotonic() + 5
+            while not storage.connected and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
+            for _ in range(2):
+                r = await client.get("/r")
+                remaining.append(r.headers["x-ratelimit-remaining"])
+        return remaining
+
+    # 99 on Redis; 200 then 429 in memory; then Redis again (a fresh
+    # server: its count starts over).
+    assert asyncio.run(main()) == ["99", "200", "429", "99", "98"]
+
+
 def test_explicit_policy_wins(server: RedisServer) -> None:
     limiter = Limiter(
         key_func=get_remote_address,
