@@ -82,8 +82,9 @@ Correctness
   without limits -> the same limits in memory, otherwise fail-closed), and
   fail-closed answers 503 with ``Retry-After`` (raised as
   :class:`~rapidlimit.errors.RateLimitStorageUnavailable` where slowapi
-  raises), never 500. Async paths await the decision without blocking the
-  event loop (slowapi issue #3).
+  raises), never 500. Fail-open lets requests through with the headers of
+  a fresh window (the count is unknown meanwhile). Async paths await the
+  decision without blocking the event loop (slowapi issue #3).
 * ``_rate_limit_exceeded_handler`` finds the limiter on the exception when
   ``app.state.limiter`` is missing, and never fails for want of
   ``request.state.view_rate_limit``.
