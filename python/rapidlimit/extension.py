@@ -830,8 +830,21 @@ def _build_wrapper(
     """The decorator's wrapper of ``func`` (see _WRAPPER_TEMPLATE)."""
     pok = inspect.Parameter.POSITIONAL_OR_KEYWORD
     kw_only = inspect.Parameter.KEYWORD_ONLY
-    explicit = has_signature and all(
-        p.kind in (pok, kw_only) and not p.name.startswith("_rl_") for p in params
+    # The signature seen through ``__wrapped__`` or ``__signature__`` (a
+    # decorator of the app's below ours) is not the callable's own: such a
+    # ``*args, **kwargs`` wrapper gets its arguments exactly as they came
+    # (FastAPI's by keyword, Starlette's request by position), as slowapi
+    # forwards them. Our own wrappers (stacked limits) take the explicit
+    # call.
+    own_signature = getattr(func, _TARGET_ATTR, None) is not None or not (
+        hasattr(func, "__wrapped__") or "__signature__" in getattr(func, "__dict__", {})
+    )
+    explicit = (
+        has_signature
+        and own_signature
+        and all(
+            p.kind in (pok, kw_only) and not p.name.startswith("_rl_") for p in params
+        )
     )
     defaults: list[Any] = []
     if explicit:

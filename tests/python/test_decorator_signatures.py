@@ -199,6 +199,56 @@ def test_request_and_response_parameters_of_other_types(
     assert sorted(p["name"] for p in params) == ["request", "response"]
 
 
+def test_an_app_decorator_below_gets_its_arguments_as_they_came(
+    make_client: Any,
+) -> None:
+    # A functools.wraps decorator of the app's, under @limit: FastAPI calls
+    # by keyword and the decorator reads kwargs; Starlette passes the
+    # request by position and the decorator reads args[0]. The limit's
+    # wrapper forwards them unchanged, as slowapi does.
+    import functools
+
+    seen: list[tuple[int, list[str]]] = []
+
+    def needs_token(func: Any) -> Any:
+        @functools.wraps(func)
+        async def inner(*args: Any, **kwargs: Any) -> Any:
+            seen.append((len(args), sorted(kwargs)))
+            request = kwargs["request"] if kwargs else args[0]
+            if request.headers.get("x-token") != "ok":
+                return JSONResponse({"detail": "no"}, status_code=401)
+            return await func(*args, **kwargs)
+
+        return inner
+
+    lim = limiter()
+    app = fastapi_app(lim)
+
+    @app.get("/f")
+    @lim.limit("2/minute")
+    @needs_token
+    async def f(request: Request, q: int = 1) -> dict[str, int]:
+        return {"q": q}
+
+    async def s(request: Any) -> Any:
+        return JSONResponse({"ok": True})
+
+    star = starlette_app(lim, [Route("/s", lim.limit("2/minute")(needs_token(s)))])
+    for client, path, by_keyword in (
+        (make_client(app), "/f?q=3", True),
+        (make_client(star), "/s", False),
+    ):
+        seen.clear()
+        assert client.get(path).status_code == 401
+        ok = {"x-token": "ok"}
+        statuses = [client.get(path, headers=ok).status_code for _ in range(2)]
+        assert statuses == [200, 429]  # the 401 counted too, as in slowapi
+        if by_keyword:
+            assert seen[0] == (0, ["q", "request"])
+        else:
+            assert seen[0] == (1, [])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_called_directly_with_positional_and_keyword_arguments(kind: str) -> None:
     # Outside a request (no connection among the arguments) the wrapper
