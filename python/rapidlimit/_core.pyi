@@ -6,7 +6,7 @@ is omitted the core reads the system clock.
 
 import asyncio
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
 _T = TypeVar("_T")
 
@@ -38,11 +38,13 @@ class RateLimitItem:
     @property
     def burst(self) -> int:
         """Token bucket burst size; 0 means ``amount``."""
-    def with_burst(self, burst: int) -> RateLimitItem: ...
+    def with_burst(self, burst: int, /) -> RateLimitItem: ...
     def get_expiry(self) -> int:
         """Window length in seconds."""
     def key_for(self, *identifiers: object) -> str: ...
     def __eq__(self, other: object) -> bool: ...
+    def __lt__(self, other: RateLimitItem) -> bool:
+        """Orders as ``limits`` orders items (by period)."""
     def __hash__(self) -> int: ...
 
 def parse(text: str) -> RateLimitItem:
@@ -53,7 +55,7 @@ def parse_many(text: str) -> list[RateLimitItem]:
 
 def granularity_seconds(name: str) -> int: ...
 
-class Decision:
+class Decision(tuple[bool, int, int, float, float]):
     """Everything a response needs about one limit after one request.
 
     A struct sequence: it also unpacks and indexes as the 5-tuple
@@ -61,9 +63,14 @@ class Decision:
     ``Decision(sequence_of_5)`` builds one.
     """
 
-    def __init__(self, fields: Sequence[object]) -> None: ...
-    def __getitem__(self, index: int) -> Any: ...
-    def __len__(self) -> int: ...
+    __match_args__: Final = (
+        "allowed",
+        "limit",
+        "remaining",
+        "reset_time",
+        "retry_after",
+    )
+    def __new__(cls, fields: Sequence[object], /) -> Decision: ...
     @property
     def allowed(self) -> bool: ...
     @property
@@ -175,6 +182,7 @@ class RedisStorage(Storage):
         self,
         strategy: str | RateLimiter,
         requests: Sequence[tuple[RateLimitItem, str, int]],
+        /,
         now: float | None = None,
         test: bool = False,
     ) -> list[Decision]:
@@ -184,6 +192,7 @@ class RedisStorage(Storage):
         self,
         strategy: str | RateLimiter,
         requests: Sequence[tuple[RateLimitItem, str, int]],
+        /,
         now: float | None = None,
         test: bool = False,
     ) -> asyncio.Future[list[Decision]]:
@@ -293,6 +302,7 @@ class RateLimiter:
     def hit(
         self,
         item: RateLimitItem,
+        /,
         *identifiers: object,
         cost: int = 1,
         now: float | None = None,
@@ -303,6 +313,7 @@ class RateLimiter:
     def test(
         self,
         item: RateLimitItem,
+        /,
         *identifiers: object,
         cost: int = 1,
         now: float | None = None,
@@ -312,6 +323,7 @@ class RateLimiter:
     def decide(
         self,
         item: RateLimitItem,
+        /,
         *identifiers: object,
         cost: int = 1,
         now: float | None = None,
@@ -366,12 +378,13 @@ class RateLimiter:
         key, scope, result)``: the decorator's ``view_rate_limit`` made in
         the same call. TypeError when ``names`` has no view type."""
     def get_window_stats(
-        self, item: RateLimitItem, *identifiers: object, now: float | None = None
+        self, item: RateLimitItem, /, *identifiers: object, now: float | None = None
     ) -> tuple[float, int]: ...
-    def clear(self, item: RateLimitItem, *identifiers: object) -> None: ...
+    def clear(self, item: RateLimitItem, /, *identifiers: object) -> None: ...
     def decide_many(
         self,
         requests: Sequence[tuple[RateLimitItem, str, int]],
+        /,
         now: float | None = None,
         test: bool = False,
     ) -> list[Decision]:
