@@ -156,7 +156,9 @@ Correctness
 * ``request.state.view_rate_limit`` is a :class:`ViewRateLimit`: it indexes,
   unpacks and compares as slowapi's ``(limit, [prefix, key, scope])`` pair
   and also carries the core's decision; its ``limit`` is a
-  ``rapidlimit.RateLimitItem``. ``request.state._rate_limiting_complete`` is
+  ``rapidlimit.RateLimitItem`` and its key the key function's value as a
+  string (the storage key it names; slowapi kept e.g. an ``int`` as it came).
+  ``request.state._rate_limiting_complete`` is
   still set (and honoured) once a request was checked.
 * Headers never touch the storage, so a storage failure can no longer break
   a response after its endpoint ran. ``in_memory_fallback`` works as in
