@@ -341,8 +341,8 @@ def rapidlimit_web_available() -> str:
             SlowAPIMiddleware,
         )
         from rapidlimit.util import get_remote_address  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-        return f"rapidlimit's slowapi layer not available yet ({exc!r})"
+    except Exception as exc:  # the package under test is broken, not absent
+        raise BrokenBenchmark(f"rapidlimit's slowapi layer: {exc!r}") from exc
     return ""
 
 
@@ -354,7 +354,9 @@ def rapidlimit_redis_available(uri: str) -> str:
         storage = storage_from_string(uri)
         check = getattr(storage, "check", None)
         if check is not None and not check():
-            return f"rapidlimit Redis storage check() failed for {uri}"
-    except Exception as exc:  # noqa: BLE001
-        return f"rapidlimit Redis backend not available yet ({exc!r})"
+            raise BrokenBenchmark(f"rapidlimit Redis storage check() failed for {uri}")
+    except BrokenBenchmark:
+        raise
+    except Exception as exc:  # the package under test is broken, not absent
+        raise BrokenBenchmark(f"rapidlimit Redis backend: {exc!r}") from exc
     return ""
