@@ -366,6 +366,8 @@ class Lane {
   bool ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed);
   // Stores `r` in ops[0..k); true to send them again (as EVAL).
   bool HandleReply(Op* const* ops, size_t k, const redisReply* r);
+  // Closes the socket and drops its reader and unsent output.
+  void CloseLocked();
   void BreakLocked(const std::string& why, std::vector<Op*>* failed);
   // After Redis hung up on the idle connection `fd` (its `timeout`
   // setting, CLIENT KILL, a restart): reconnects at once, keeping the
@@ -799,13 +801,17 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
   return false;
 }
 
-void Lane::BreakLocked(const std::string& why, std::vector<Op*>* failed) {
+void Lane::CloseLocked() {
   if (fd_ >= 0) close(fd_);
   fd_ = -1;
   if (reader_ != nullptr) redisReaderFree(reader_);
   reader_ = nullptr;
   out_.clear();
   out_off_ = 0;
+}
+
+void Lane::BreakLocked(const std::string& why, std::vector<Op*>* failed) {
+  CloseLocked();
   failed->insert(failed->end(), inflight_.begin(), inflight_.end());
   inflight_.clear();
   if (state_.load(std::memory_order_relaxed) == kUp) {
@@ -829,12 +835,7 @@ void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
         !inflight_.empty()) {
       return;
     }
-    close(fd_);
-    fd_ = -1;
-    redisReaderFree(reader_);
-    reader_ = nullptr;
-    out_.clear();
-    out_off_ = 0;
+    CloseLocked();
     Add(engine_->counters->disconnects);
     // Not an outage yet: requests queue meanwhile, and only a failed
     // reconnect applies the policy and is reported.
