@@ -44,10 +44,12 @@ git ls-files -co --exclude-standard -- 'cpp/*.h' 'cpp/*.cc' 'tests/cpp/*.h' \
 step "pytest"
 # The source package lives under python/, which is not on sys.path here:
 # the tests import the installed wheel, as users do.
-"$venv/bin/python" -m pytest -q -p no:cacheprovider
+# pytest-timeout fails a hung test; the outer bound also covers the exit
+# (a child process that never ends would otherwise hold it for hours).
+timeout -k 30 1800 "$venv/bin/python" -m pytest -q -p no:cacheprovider
 
 if [[ -x benchmarks/run.sh ]]; then
   step "benchmarks (quick mode)"
-  PYTHON="$venv/bin/python" benchmarks/run.sh --quick
+  PYTHON="$venv/bin/python" timeout -k 30 1800 benchmarks/run.sh --quick
 fi
 step "done"

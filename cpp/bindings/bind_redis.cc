@@ -3,6 +3,7 @@
 // decide_many_async (an asyncio future, completed without ever blocking
 // the event loop: the store's I/O thread signals an eventfd that the loop
 // watches with add_reader). Blocking waits release the GIL.
+#include <pthread.h>
 #include <pybind11/stl.h>
 #include <unistd.h>
 
@@ -71,6 +72,21 @@ void QueueLog(RedisLogLevel level, const std::string& message) {
   std::lock_guard<std::mutex> lock(g_log_mu);
   if (g_log_queue.size() < 1000) g_log_queue.emplace_back(level, message);
   g_log_pending.store(true, std::memory_order_release);
+}
+
+// A fork while an I/O thread holds g_log_mu would leave the child's copy
+// locked forever (the thread does not exist there), and the child's first
+// log line (its new connection) would hang it: gunicorn --preload workers,
+// multiprocessing. The forking thread takes the lock around fork(), so the
+// child gets it free and the queue whole; the records queued so far are
+// the parent's to forward, not the child's.
+void RegisterLogAtFork() {
+  pthread_atfork([] { g_log_mu.lock(); }, [] { g_log_mu.unlock(); },
+                 [] {
+                   g_log_queue.clear();
+                   g_log_pending.store(false, std::memory_order_relaxed);
+                   g_log_mu.unlock();
+                 });
 }
 
 void FlushLogs() {
@@ -1346,6 +1362,7 @@ bool RaiseIfFailClosed(const Decision& d) {
 }
 
 void BindRedis(py::module_& m) {
+  RegisterLogAtFork();
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
   g_limiter_type =

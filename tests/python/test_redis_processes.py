@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -126,13 +128,24 @@ def test_forked_workers_get_their_own_connection(server: RedisServer) -> None:
     assert lim.hit(item, "forked")  # the parent's connection is up
     ctx = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[object] = ctx.Queue()
-    workers = [ctx.Process(target=_child_hits, args=(store, queue)) for _ in range(2)]
+    # Daemons, killed if still there: a hung child must fail this test, not
+    # hold the interpreter's exit (multiprocessing joins other children).
+    workers = [
+        ctx.Process(target=_child_hits, args=(store, queue), daemon=True)
+        for _ in range(2)
+    ]
     for w in workers:
         w.start()
-    got = [queue.get(timeout=20) for _ in workers]
-    for w in workers:
-        w.join(10)
-        assert w.exitcode == 0
+    try:
+        got = [queue.get(timeout=20) for _ in workers]
+        for w in workers:
+            w.join(10)
+            assert w.exitcode == 0
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join()
     for _, status, reconnects in got:  # type: ignore[misc]
         assert status == "redis"
         assert reconnects >= 2  # inherited count + its own connection
@@ -143,6 +156,52 @@ def test_forked_workers_get_their_own_connection(server: RedisServer) -> None:
     assert decision.remaining == 0
     assert store.last_status() == "redis"
     store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_io_threads_log() -> None:
+    """A fork while an I/O thread was queueing a log record left the lock
+    of the queue held in the child, whose first record (its new connection)
+    then hung it forever: about one fork in a thousand here with I/O threads
+    logging failed reconnects nonstop. Each child here logs on its first
+    call and must exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    noisy = [
+        RedisStorage(
+            f"redis://127.0.0.1:{dead}",
+            on_error="fail-open",
+            reconnect_min=0.00001,
+            reconnect_max=0.00001,
+        )
+        for _ in range(8)
+    ]
+    lim = STRATEGIES["fixed-window"](noisy[0])
+    item = parse("5/second")
+    hung = 0
+    try:
+        for _ in range(1500):
+            lim.hit(item, "x")  # forwards the records: the queue fills again
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                try:
+                    lim.hit(item, "x")
+                finally:
+                    os._exit(0)
+            deadline = time.monotonic() + 3
+            while os.waitpid(pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    hung += 1
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.0002)
+    finally:
+        for store in noisy:
+            store.close()
+    assert hung == 0
+    assert noisy[0].stats()["reconnects"] == 0  # it really never connected
 
 
 @pytest.mark.parametrize("redis_up", [True, False])
