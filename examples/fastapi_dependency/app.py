@@ -1,20 +1,52 @@
 """Limits as FastAPI dependencies: endpoints need no ``request`` parameter.
 
-``limiter.depends(...)`` works on a route, on a whole router, or per user
-with a key function reading an API key. Run:
+``limiter.depends(...)`` works on a route, on a whole router, per API key,
+or per user after an authentication dependency. The middleware applies the
+default limit to every route; on a route with a ``depends()`` limit, that
+dependency checks the default with its own, in one core call. Run:
 ``uvicorn examples.fastapi_dependency.app:app``.
 """
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
 from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.middleware import SlowAPIASGIMiddleware
 from rapidlimit.util import get_remote_address
 
-limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+limiter = Limiter(
+    key_func=get_remote_address, default_limits=["1000/day"], headers_enabled=True
+)
 app = FastAPI()
 app.state.limiter = limiter
 app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+app.add_middleware(SlowAPIASGIMiddleware)
+
+TOKENS = {"token-alice": "alice", "token-bob": "bob"}
+
+
+def authenticate(request: Request) -> None:
+    user = TOKENS.get(request.headers.get("authorization", ""))
+    if user is None:
+        raise HTTPException(status_code=401, detail="unknown token")
+    request.state.user = user
+
+
+def current_user(request: Request) -> str:
+    return str(request.state.user)
+
+
+# Declared after authenticate: FastAPI runs them in this order, so the
+# limit is per user and refused tokens use up nothing.
+@app.get(
+    "/me",
+    dependencies=[
+        Depends(authenticate),
+        Depends(limiter.depends("2/minute", key_func=current_user)),
+    ],
+)
+async def me(request: Request) -> dict[str, str]:
+    return {"user": request.state.user}
 
 
 def api_key(request: Request) -> str:

@@ -139,11 +139,19 @@ Correctness
   before being accepted.
 * ``Limiter.depends()`` gives a FastAPI dependency
   (``Depends(limiter.depends("5/minute"))``) for routes that should not take
-  a ``request`` parameter (#23, #177). A route limited this way still
-  gets the default and application limits; under a middleware, which finds
-  the ``depends()`` dependencies of the matched route (route, router and
-  nested ones), all of them are checked in one core call (one Redis round
-  trip), the dependency's limits after the defaults.
+  a ``request`` parameter (#23, #177). Its limit is checked when FastAPI
+  runs the dependency, in FastAPI's order: its key function may read what
+  an earlier dependency (authentication) put in ``request.state``, and a
+  request an earlier dependency refuses uses up none of it. A route limited
+  this way still gets the default and application limits: a middleware
+  finds the ``depends()`` dependencies of the matched route (route, router
+  and nested ones) and leaves those limits to the first of them that runs,
+  which checks them with its own in one core call (one Redis round trip).
+  Each further ``depends()`` dependency, and a decorator on the same
+  route, checks its own limits when it runs. Refusing a request while the
+  storage is unavailable, it raises ``RateLimitStorageUnavailable``, an
+  ``HTTPException`` that FastAPI renders as
+  ``{"detail": "Rate limit storage unavailable"}`` with status 503.
 * ``get_ipaddr`` reads the real ``X-Forwarded-For`` header and returns its
   first address (slowapi read a header named ``X_FORWARDED_FOR`` and
   returned all of it). ``rapidlimit.util.trusted_proxy_key_func`` reads
@@ -272,8 +280,9 @@ _DONE = "_rate_limiting_complete"
 _BY = "_rapidlimit_by"  # the Limiter that checked the request
 _HEADERS_BY = "_rapidlimit_headers"  # "mw": the middleware adds them; "done"
 
-# (Limiter, the route's depends() dependencies) when a middleware checked
-# their limits with the route's.
+# The Limiter whose middleware left a route with its depends()
+# dependencies to the first of them that runs: that one checks the route's
+# limits with its own, in one core call, in FastAPI's order.
 _DEPENDENCIES_BY = "_rapidlimit_dependencies"
 # The Limiter whose middleware left a decorated route's application limits
 # to the decorator (the request's _DONE is then False, which sends the
@@ -410,11 +419,14 @@ class _Plan:
     """Everything needed to check one endpoint, worked out once.
 
     When no limit involved is a callable, ``static`` is the whole ordered
-    list (application, route, defaults, then the route's ``depends()``
-    limits) and the request path just reads it. The ``depends()`` limits
-    (``tail_groups``, seen by the middlewares on the matched route) come
-    last and never replace the defaults, as when the dependency checked
-    them itself after the middleware.
+    list (application, route, defaults, then a ``depends()`` limit) and the
+    request path just reads it. The ``depends()`` limit (``tail_groups``)
+    comes last and never replaces the defaults.
+
+    ``to_dependency``: a middleware's plan for a route with ``depends()``
+    dependencies of its limiter; the first of them that runs checks the
+    plan with its own limit (its key function may read what the
+    dependencies before it put in ``request.state``).
 
     ``deferred``: a middleware's plan for a decorated endpoint, which holds
     only the application limits; the decorator checks the rest once
@@ -435,6 +447,7 @@ class _Plan:
         "single",
         "static",
         "tail_groups",
+        "to_dependency",
     )
 
     def __init__(
@@ -448,9 +461,11 @@ class _Plan:
         default_groups: Sequence[LimitGroup] = (),
         tail_groups: Sequence[LimitGroup] = (),
         deferred: bool = False,
+        to_dependency: bool = False,
     ) -> None:
         self.exempt = exempt
         self.deferred = deferred
+        self.to_dependency = to_dependency
         self.endpoint_name = endpoint_name
         self.head_groups = tuple(head_groups)
         self.route_static = tuple(route_static)
@@ -1500,15 +1515,19 @@ class Limiter:
 
     def _plan_with_dependencies(self, endpoint: Any, dependencies: Any) -> _Plan:
         """Middleware plan for an endpoint whose route has ``depends()``
-        dependencies ((dependency, limiter, group) triples): this limiter's
-        are checked in the same core call, after the defaults."""
+        dependencies ((dependency, limiter, group) triples): when some are
+        this limiter's, the first of them to run checks the route."""
         key = (endpoint, dependencies)
         plan = self._endpoint_plans.get(key)
         if plan is None:
             base = self._plan_for_endpoint(endpoint)
-            groups = [group for _, owner, group in dependencies if owner is self]
-            # (A decorated endpoint's dependencies check their own limits.)
-            if base.exempt or base.deferred or not groups:
+            # A decorated route's decorator checks it; an exempt one keeps
+            # only its dependencies' own limits.
+            if (
+                base.exempt
+                or base.deferred
+                or all(owner is not self for _, owner, _ in dependencies)
+            ):
                 plan = base
             else:
                 plan = _Plan(
@@ -1517,8 +1536,27 @@ class Limiter:
                     route_static=base.route_static,
                     route_dynamic=base.route_dynamic,
                     default_groups=base.default_groups,
-                    tail_groups=groups,
+                    to_dependency=True,
                 )
+            with contextlib.suppress(TypeError):  # unhashable endpoint
+                self._endpoint_plans[key] = plan
+        return plan
+
+    def _dependency_plan(self, endpoint: Any, group: LimitGroup) -> _Plan:
+        """The route's limits (as the middleware would check them) followed
+        by a ``depends()`` limit: what the first such dependency checks."""
+        key = (endpoint, group)
+        plan = self._endpoint_plans.get(key)
+        if plan is None:
+            base = self._plan_for_endpoint(endpoint)
+            plan = _Plan(
+                endpoint_name=base.endpoint_name,
+                head_groups=base.head_groups,
+                route_static=base.route_static,
+                route_dynamic=base.route_dynamic,
+                default_groups=base.default_groups,
+                tail_groups=(group,),
+            )
             with contextlib.suppress(TypeError):  # unhashable endpoint
                 self._endpoint_plans[key] = plan
         return plan
@@ -1822,11 +1860,15 @@ class Limiter:
         state: dict[str, Any],
         plan: _Plan,
         endpoint_name: str | None,
+        mark: bool = True,
     ) -> str | None:
-        """Marks the request as checked; returns the endpoint key, or None
-        when there is nothing to check."""
-        state[_DONE] = True
-        state[_BY] = self
+        """Marks the request as checked (unless not ``mark``: a
+        ``depends()`` limit alone, after which the route's own limits are
+        still due); returns the endpoint key, or None when there is nothing
+        to check."""
+        if mark:
+            state[_DONE] = True
+            state[_BY] = self
         if self._request_filters and any(fn() for fn in self._request_filters):
             return None
         if self._url_keys:
@@ -1846,13 +1888,14 @@ class Limiter:
         plan: _Plan,
         state: dict[str, Any],
         endpoint_name: str | None = None,
+        mark: bool = True,
     ) -> Failure | None:
         """Checks ``plan`` for ``conn``; records the outcome in ``state``.
 
         Returns the failed limit (or :class:`_Unavailable`), or None when
         the request may go on.
         """
-        endpoint_key = self._begin(conn.scope, state, plan, endpoint_name)
+        endpoint_key = self._begin(conn.scope, state, plan, endpoint_name, mark)
         if endpoint_key is None:
             return None
         if self._storage_dead:
@@ -1900,10 +1943,11 @@ class Limiter:
         plan: _Plan,
         state: dict[str, Any],
         endpoint_name: str | None = None,
+        mark: bool = True,
     ) -> Failure | None:
         """:meth:`_check` for a Redis storage: the event loop keeps running
         while Redis answers."""
-        endpoint_key = self._begin(conn.scope, state, plan, endpoint_name)
+        endpoint_key = self._begin(conn.scope, state, plan, endpoint_name, mark)
         if endpoint_key is None:
             return None
         if self._storage_dead:
@@ -2548,9 +2592,9 @@ class Limiter:
                 f"invalid rate limit {limit_value!r}: {exc}"
             ) from exc
         if group.is_dynamic:
-            plan = _Plan(route_dynamic=[group])
+            own = _Plan(route_dynamic=[group])
         else:
-            plan = _Plan(route_static=group.limits_for(None))
+            own = _Plan(route_static=group.limits_for(None))
         limiter = self
 
         async def rate_limit_dependency(request: Request, response: Response) -> None:
@@ -2560,19 +2604,22 @@ class Limiter:
             state = scope_.get("state")
             if state is None:
                 state = scope_["state"] = {}
-            covered = state.get(_DEPENDENCIES_BY)
-            if covered is not None and covered[0] is limiter:
-                for found in covered[1]:
-                    if found[0] is rate_limit_dependency:
-                        return  # a middleware checked it with the route
-
             endpoint = scope_.get("endpoint")
             name = _func_name(endpoint) if endpoint is not None else ""
+            # Checked when FastAPI runs it, after the dependencies before
+            # it (an auth dependency setting request.state.user). The
+            # first to run under a middleware also checks what the
+            # middleware left to it, in the same core call; others check
+            # only their own limit, apart from a decorator's.
+            plan, mark = own, False
+            if state.get(_DEPENDENCIES_BY) is limiter and endpoint is not None:
+                del state[_DEPENDENCIES_BY]
+                plan, mark = limiter._dependency_plan(endpoint, group), True
             failed: Failure | None
             if limiter._remote:
-                failed = await limiter._check_async(request, plan, state, name)
+                failed = await limiter._check_async(request, plan, state, name, mark)
             else:
-                failed = limiter._check(request, plan, state, name)
+                failed = limiter._check(request, plan, state, name, mark)
             if failed is not None:
                 raise limiter._exception(failed)
             if limiter._headers_enabled and state.get(_HEADERS_BY) is None:

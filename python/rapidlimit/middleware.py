@@ -282,28 +282,38 @@ class SlowAPIASGIMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        if plan.tail_groups:
-            # Checked here: the dependencies let the request through.
-            state[_DEPENDENCIES_BY] = (limiter, dependencies)
-        if limiter._remote:
-            if kind == "http":
-                conn: Any = _make_request(scope, receive, send)
-            else:
-                conn = WebSocket(scope, receive, send)
-            failed = await limiter._check_async(conn, plan, state)
-        elif kind == "http":
-            failed = limiter._check_http(scope, receive, send, plan, state)
+        if plan.to_dependency and kind == "http":
+            # Left to the route's first depends() dependency, which checks
+            # this plan with its own limit once FastAPI runs it; the
+            # headers then describe what it found.
+            state[_DEPENDENCIES_BY] = limiter
+            if not limiter._headers_enabled:
+                await self.app(scope, receive, send)
+                return
         else:
-            failed = limiter._check(WebSocket(scope, receive, send), plan, state)
-        if failed is not None:
-            if kind == "http":
-                await limiter._send_rejection(scope, receive, send, failed, state)
+            if limiter._remote:
+                if kind == "http":
+                    conn: Any = _make_request(scope, receive, send)
+                else:
+                    conn = WebSocket(scope, receive, send)
+                failed = await limiter._check_async(conn, plan, state)
+            elif kind == "http":
+                failed = limiter._check_http(scope, receive, send, plan, state)
             else:
-                await limiter._reject_websocket_raw(scope, send, failed, state)
-            return
-        if kind != "http" or not limiter._headers_enabled or state.get(_VIEW) is None:
-            await self.app(scope, receive, send)
-            return
+                failed = limiter._check(WebSocket(scope, receive, send), plan, state)
+            if failed is not None:
+                if kind == "http":
+                    await limiter._send_rejection(scope, receive, send, failed, state)
+                else:
+                    await limiter._reject_websocket_raw(scope, send, failed, state)
+                return
+            if (
+                kind != "http"
+                or not limiter._headers_enabled
+                or state.get(_VIEW) is None
+            ):
+                await self.app(scope, receive, send)
+                return
         state[_HEADERS_BY] = "mw"
         names = limiter._header_names_and_retry
         fused = limiter._retry_after != "http-date"

@@ -1,10 +1,13 @@
-"""Limiter.depends() under a middleware: one check, one core call.
+"""Limiter.depends() under a middleware, and beside a decorator.
 
 The middleware finds the route's ``depends()`` dependencies (route, router
-and nested ones) and checks their limits with the route's limits and the
-defaults, in one core call (one Redis round trip); the dependency then lets
-the request through without a second check. Without a middleware, or for
-another limiter's dependency, the dependency checks as before.
+and nested ones) and leaves the route's limits (application, defaults) to
+the first of them that FastAPI runs, which checks them with its own limit
+in one core call (one Redis round trip), in FastAPI's order: its key
+function may read what an earlier dependency put in ``request.state``.
+Further ``depends()`` dependencies and a decorator check their own limits
+when they run. Without a middleware, or for another limiter's dependency,
+the dependency checks its own limit.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from conftest import rate_headers
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
@@ -119,7 +122,11 @@ def test_router_and_nested_dependencies(middleware: Any, make_client: Any) -> No
     third = client.get("/r/inner")
     assert third.status_code == 429
     assert third.json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
-    assert core.calls == 3
+    # Each dependency checks when FastAPI runs it: the router's, then the
+    # nested one inside `user`.
+    assert core.calls == 6
+    fourth = client.get("/r/inner")
+    assert fourth.json() == {"error": "Rate limit exceeded: 3 per 1 minute"}
 
 
 @pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
@@ -197,4 +204,141 @@ def test_one_redis_command_per_request(server: RedisServer, middleware: Any) -> 
             return [(await c.get("/dep")).status_code for _ in range(4)]
 
     assert asyncio.run(main()) == [200, 200, 200, 429]
+    assert server.command_calls()["evalsha"] == 4
+
+
+def _auth_app(limiter: Limiter, middleware: Any) -> FastAPI:
+    """An auth dependency sets request.state.user (401 without a token); the
+    limit, declared after it, is keyed by that user."""
+    app = make_app(limiter, middleware)
+
+    def auth(request: Request) -> None:
+        token = request.headers.get("x-token")
+        if token is None:
+            raise HTTPException(status_code=401)
+        request.state.user = token
+
+    def user_key(request: Request) -> str:
+        return str(request.state.user)
+
+    @app.get(
+        "/me",
+        dependencies=[
+            Depends(auth),
+            Depends(limiter.depends("2/minute", key_func=user_key)),
+        ],
+    )
+    async def me() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_key_function_reads_state_set_by_an_earlier_dependency(
+    middleware: Any, make_client: Any
+) -> None:
+    """Under a middleware this was a 500: the limit was checked before
+    FastAPI ran the auth dependency."""
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["4/minute"], headers_enabled=True
+    )
+    client = make_client(_auth_app(limiter, middleware))
+    core = counting(limiter)
+    alice = [client.get("/me", headers={"x-token": "alice"}) for _ in range(3)]
+    assert [r.status_code for r in alice] == [200, 200, 429]
+    assert alice[2].json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
+    assert rate_headers(alice[0])["x-ratelimit-remaining"] in ("1", "3")
+    # Another user has a bucket of their own (the default, keyed by the
+    # address, is shared: 4 per minute in all under a middleware).
+    bob = client.get("/me", headers={"x-token": "bob"})
+    assert bob.status_code == 200
+    assert core.calls == 4  # one per request, the defaults included
+    if middleware is not None:
+        last = client.get("/me", headers={"x-token": "carol"})
+        assert last.json() == {"error": "Rate limit exceeded: 4 per 1 minute"}
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_requests_refused_by_an_earlier_dependency_are_not_counted(
+    middleware: Any, make_client: Any
+) -> None:
+    limiter = Limiter(key_func=get_remote_address, default_limits=["3/minute"])
+    client = make_client(_auth_app(limiter, middleware))
+    assert [client.get("/me").status_code for _ in range(5)] == [401] * 5
+    ok = [client.get("/me", headers={"x-token": "a"}).status_code for _ in range(3)]
+    assert ok == [200, 200, 429]
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_decorator_and_dependency_on_one_route_both_apply(
+    middleware: Any, make_client: Any
+) -> None:
+    """The dependency used to mark the request as checked: the decorator's
+    limits (and the application limits owed to it) were skipped."""
+    limiter = Limiter(
+        key_func=get_remote_address,
+        application_limits=["5/minute"],
+        headers_enabled=True,
+    )
+    app = make_app(limiter, middleware)
+
+    @app.get("/both", dependencies=[Depends(limiter.depends("4/minute"))])
+    @limiter.limit("2/minute")
+    async def both(request: Request) -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/dep", dependencies=[Depends(limiter.depends("4/minute"))])
+    async def dep() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/plain")
+    async def plain_route() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = make_client(app)
+    codes = [client.get("/both").status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    third = client.get("/both")
+    assert third.json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
+    # The dependency counted every request that reached it (4 of 4 now).
+    assert client.get("/both").json() == {
+        "error": "Rate limit exceeded: 4 per 1 minute"
+    }
+    dep_codes = [client.get("/dep").status_code for _ in range(5)]
+    plain = client.get("/plain").status_code
+    if middleware is None:  # application limits need a middleware
+        assert dep_codes == [200, 200, 200, 200, 429]
+        assert plain == 200
+    else:
+        # The application limit (5 per minute, every route) was charged by
+        # the decorator on /both's 4 requests that reached it, then by
+        # /dep's dependency with its own: 1 left.
+        assert dep_codes == [200, 429, 429, 429, 429]
+        assert plain == 429
+
+
+@pytest.mark.parametrize("middleware", MIDDLEWARES)
+def test_dependency_on_redis_with_auth_one_round_trip(
+    server: RedisServer, middleware: Any
+) -> None:
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=["10/minute"],
+        headers_enabled=True,
+        storage_uri=server.uri,
+    )
+    app = _auth_app(limiter, middleware)
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            await c.get("/nothing")
+            server.reset_stats()
+            return [
+                (await c.get("/me", headers={"x-token": t})).status_code
+                for t in ["a", "a", "a", "b"]
+            ]
+
+    assert asyncio.run(main()) == [200, 200, 429, 200]
     assert server.command_calls()["evalsha"] == 4
