@@ -491,6 +491,20 @@ class _Plan:
             static[0] if len(static) == 1 and static[0]._simple else None
         )
 
+    def derived(
+        self, *, tail_groups: Sequence[LimitGroup] = (), to_dependency: bool = False
+    ) -> _Plan:
+        """This (checked, undeferred) plan's limits, for a ``depends()``."""
+        return _Plan(
+            endpoint_name=self.endpoint_name,
+            head_groups=self.head_groups,
+            route_static=self.route_static,
+            route_dynamic=self.route_dynamic,
+            default_groups=self.default_groups,
+            tail_groups=tail_groups,
+            to_dependency=to_dependency,
+        )
+
 
 class _Registration:
     """The limits one function was decorated with (per Limiter)."""
@@ -1530,14 +1544,7 @@ class Limiter:
             ):
                 plan = base
             else:
-                plan = _Plan(
-                    endpoint_name=base.endpoint_name,
-                    head_groups=base.head_groups,
-                    route_static=base.route_static,
-                    route_dynamic=base.route_dynamic,
-                    default_groups=base.default_groups,
-                    to_dependency=True,
-                )
+                plan = base.derived(to_dependency=True)
             with contextlib.suppress(TypeError):  # unhashable endpoint
                 self._endpoint_plans[key] = plan
         return plan
@@ -1548,15 +1555,7 @@ class Limiter:
         key = (endpoint, group)
         plan = self._endpoint_plans.get(key)
         if plan is None:
-            base = self._plan_for_endpoint(endpoint)
-            plan = _Plan(
-                endpoint_name=base.endpoint_name,
-                head_groups=base.head_groups,
-                route_static=base.route_static,
-                route_dynamic=base.route_dynamic,
-                default_groups=base.default_groups,
-                tail_groups=(group,),
-            )
+            plan = self._plan_for_endpoint(endpoint).derived(tail_groups=(group,))
             with contextlib.suppress(TypeError):  # unhashable endpoint
                 self._endpoint_plans[key] = plan
         return plan
