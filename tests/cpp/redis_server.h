@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -53,6 +54,26 @@ inline int FreePort() {
   getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
   close(fd);
   return ntohs(addr.sin_port);
+}
+
+// The wait status of child `pid`, or nothing once `limit` has passed (the
+// child is then killed): a child that hangs fails its test instead of
+// holding ctest forever.
+inline std::optional<int> WaitChild(pid_t pid,
+                                    std::chrono::milliseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  int status = 0;
+  for (;;) {
+    const pid_t got = waitpid(pid, &status, WNOHANG);
+    if (got == pid) return status;
+    if (got < 0) return std::nullopt;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return std::nullopt;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
 }
 
 // A reply flattened for assertions.
@@ -134,11 +155,13 @@ class RedisServer {
     return "redis://127.0.0.1:" + std::to_string(port_) + "/0";
   }
 
-  // One blocking command on a fresh connection.
+  // One blocking command on a fresh connection, 5 s at most (hiredis's
+  // connect timeout does not bound the reply: a server that stopped
+  // answering would hold the test forever).
   Reply Command(const std::vector<std::string>& argv) const {
     timeval tv{5, 0};
     redisContext* c = redisConnectWithTimeout("127.0.0.1", port_, tv);
-    if (c == nullptr || c->err) {
+    if (c == nullptr || c->err || redisSetTimeout(c, tv) != REDIS_OK) {
       if (c != nullptr) redisFree(c);
       return Reply{};
     }

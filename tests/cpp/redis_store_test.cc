@@ -12,6 +12,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -508,6 +509,20 @@ void AsyncDone(void* ctx, const Decision* d, size_t written, size_t) {
   if (--w->pending == 0) w->cv.notify_all();
 }
 
+// Waits up to `limit` for `w`'s requests. On a timeout `store` is closed
+// first, which completes the requests left: their callbacks must run
+// while what they write to (on the test's stack) still exists.
+bool WaitAll(AsyncWait& w, RedisStore& store, std::chrono::seconds limit) {
+  {
+    std::unique_lock<std::mutex> lock(w.mu);
+    if (w.cv.wait_for(lock, limit, [&] { return w.pending == 0; })) {
+      return true;
+    }
+  }
+  store.Close();
+  return false;
+}
+
 TEST_F(RedisStoreTest, AsyncDecisionsArePipelined) {
   RedisStoreOptions o = Options();
   o.command_timeout_nanos = 2 * kSec;
@@ -528,9 +543,7 @@ TEST_F(RedisStoreTest, AsyncDecisionsArePipelined) {
     });
   }
   for (auto& t : threads) t.join();
-  std::unique_lock<std::mutex> lock(w.mu);
-  ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(20),
-                            [&] { return w.pending == 0; }));
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(20)));
   EXPECT_EQ(w.allowed, 300);
   const RedisStoreStats s = store->Stats();
   // Rejections after the 300th are mostly answered by the cache; every
@@ -600,11 +613,7 @@ TEST_F(RedisStoreTest, RequestsQueuedTogetherShareScriptCallsWithSameAnswers) {
                                &slots[r]);
   }
   store->Flush();
-  {
-    std::unique_lock<std::mutex> lock(w.mu);
-    ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(30),
-                              [&] { return w.pending == 0; }));
-  }
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(30)));
   for (int r = 0; r < kRequests; ++r) {
     const size_t n = reqs[r].size();
     std::vector<Decision> want(n);
@@ -665,11 +674,7 @@ TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
                                &slots[r]);
   }
   store->Flush();
-  {
-    std::unique_lock<std::mutex> lock(w.mu);
-    ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(30),
-                              [&] { return w.pending == 0; }));
-  }
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(30)));
   int policy = 0;
   for (int r = 0; r < kRequests; ++r) {
     ASSERT_EQ(slots[r].decisions.size(), 1u);
@@ -702,9 +707,7 @@ TEST_F(RedisStoreTest, DeferredDecisionsWaitForFlushAndShareOneScript) {
   }
   const auto start = std::chrono::steady_clock::now();
   store->Flush();
-  std::unique_lock<std::mutex> lock(w.mu);
-  ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(10),
-                            [&] { return w.pending == 0; }));
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(10)));
   // Flush wakes the I/O thread at once, not its periodic wake-up.
   EXPECT_LT(std::chrono::steady_clock::now() - start,
             std::chrono::milliseconds(900));
@@ -727,9 +730,7 @@ TEST_F(RedisStoreTest, DeferredDecisionsLeaveInBatches) {
     store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
   }
   store->Flush();
-  std::unique_lock<std::mutex> lock(w.mu);
-  ASSERT_TRUE(w.cv.wait_for(lock, std::chrono::seconds(10),
-                            [&] { return w.pending == 0; }));
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(10)));
   EXPECT_EQ(w.allowed, kOps);
   const RedisStoreStats after = store->Stats();
   EXPECT_EQ(after.calls - before.calls, static_cast<uint64_t>(kOps));
@@ -861,13 +862,19 @@ class RedisIdleCloseTest : public RedisStoreTest {
       } else {  // the I/O thread's path (asyncio's)
         Request r{Strategy::kFixedWindow, &l, key, 1};
         std::promise<Decision> done;
+        std::future<Decision> answer = done.get_future();
         store->DecideAsync(
             &r, 1, kT0 + 1, Mode::kHit,
             [](void* ctx, const Decision* got, size_t, size_t) {
               static_cast<std::promise<Decision>*>(ctx)->set_value(got[0]);
             },
             &done);
-        d = done.get_future().get();
+        if (answer.wait_for(std::chrono::seconds(10)) !=
+            std::future_status::ready) {
+          store->Close();  // answers it while `done` still exists
+          FAIL() << key << ": no answer";
+        }
+        d = answer.get();
       }
       EXPECT_EQ(d.source, DecisionSource::kStore) << key;
       EXPECT_EQ(d.remaining, 3) << key;  // counted once, nothing lost
@@ -977,10 +984,11 @@ TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
     store->Close();
     _exit(ok ? 0 : 1);
   }
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  const std::optional<int> status =
+      testing::WaitChild(pid, std::chrono::seconds(10));
+  ASSERT_TRUE(status.has_value()) << "the child hung";
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
   // The parent's connection is intact and sees the child's hit.
   const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 2);
   EXPECT_TRUE(d.allowed);
