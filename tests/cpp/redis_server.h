@@ -4,6 +4,7 @@
 #define RAPIDLIMIT_TESTS_REDIS_SERVER_H_
 
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -75,6 +76,54 @@ inline std::optional<int> WaitChild(pid_t pid,
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
 }
+
+// A TCP port where connections complete (the kernel's backlog) and then
+// nothing ever answers: a hung Redis, or a host that drops packets after
+// the handshake. Accept() takes the connections that arrived, so that a
+// test can tell when a client is in the middle of one.
+class SilentServer {
+ public:
+  SilentServer() {
+    fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    listen(fd_, 128);
+    socklen_t len = sizeof(addr);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+  }
+  SilentServer(const SilentServer&) = delete;
+  SilentServer& operator=(const SilentServer&) = delete;
+  ~SilentServer() {
+    for (int fd : accepted_) close(fd);
+    close(fd_);
+  }
+
+  int port() const { return port_; }
+
+  // Takes one connection, waiting for it up to `limit`; false if none came.
+  bool Accept(std::chrono::milliseconds limit) {
+    pollfd p{fd_, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(limit.count())) <= 0) return false;
+    const int fd = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) return false;
+    accepted_.push_back(fd);  // open and silent until the end
+    return true;
+  }
+
+  // Takes every connection that has already arrived.
+  void Drain() {
+    while (Accept(std::chrono::milliseconds(0))) {
+    }
+  }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::vector<int> accepted_;
+};
 
 // A reply flattened for assertions.
 struct Reply {

@@ -996,6 +996,37 @@ TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
   EXPECT_EQ(d.source, DecisionSource::kStore);
 }
 
+TEST_F(RedisStoreTest, ForkWhileAnotherThreadClosesTheStore) {
+  // Close() waits for the I/O thread, which is in the middle of a connect
+  // to a server that never answers. A fork meanwhile (another thread of
+  // the app) must give a child whose calls and Close() still return.
+  testing::SilentServer silent;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.port = silent.port();
+  o.connect_timeout_nanos = 300 * kMs;
+  o.reconnect_min_nanos = kMs;
+  o.reconnect_max_nanos = kMs;
+  auto store = Make(o);  // its first connect timed out
+  silent.Drain();
+  // The I/O thread's next attempt has arrived: it waits 300 ms for a reply.
+  ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
+  std::thread closer([&] { store->Close(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const Decision d =
+        Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0);
+    store->Close();
+    _exit(d.source == DecisionSource::kFailOpen ? 0 : 1);
+  }
+  const std::optional<int> status =
+      testing::WaitChild(pid, std::chrono::seconds(5));
+  closer.join();
+  ASSERT_TRUE(status.has_value()) << "the child hung";
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
+}
+
 TEST_F(RedisStoreTest, PingMeasuresRoundTrip) {
   auto store = Make(Options());
   int64_t rtt = 0;
