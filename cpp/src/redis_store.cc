@@ -342,7 +342,8 @@ class Lane {
   Lane(const Lane&) = delete;
   Lane& operator=(const Lane&) = delete;
 
-  void Start();
+  // Connects (giving up at `deadline`, MonoNanos) and starts the thread.
+  void Start(int64_t deadline);
   void Stop();
   void AbandonAfterFork();
   bool Up() const { return state_.load(std::memory_order_acquire) == kUp; }
@@ -358,7 +359,8 @@ class Lane {
 
  private:
   void Run();
-  bool Connect();
+  // By `deadline`, or the connect timeout from now when 0.
+  bool Connect(int64_t deadline = 0);
   bool Handshake(int fd, redisReader* reader, int64_t deadline,
                  std::string* error);
   void AppendLocked(Op* op) { AppendGroupLocked(&op, 1); }
@@ -432,8 +434,12 @@ class Engine {
     }
   }
 
+  // Bounded by one connect timeout in all, not one per lane: against a
+  // server that accepts and never answers, lanes after the first give up
+  // at once and connect in the background.
   void Start() {
-    for (auto& lane : lanes) lane->Start();
+    const int64_t deadline = MonoNanos() + options.connect_timeout_nanos;
+    for (auto& lane : lanes) lane->Start(deadline);
   }
   void Stop() {
     for (auto& lane : lanes) lane->Stop();
@@ -508,8 +514,8 @@ Lane::~Lane() {
   if (efd_ >= 0) close(efd_);
 }
 
-void Lane::Start() {
-  Connect();
+void Lane::Start(int64_t deadline) {
+  Connect(deadline);
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -942,9 +948,9 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
   return true;
 }
 
-bool Lane::Connect() {
+bool Lane::Connect(int64_t deadline) {
   const RedisStoreOptions& o = engine_->options;
-  const int64_t deadline = MonoNanos() + o.connect_timeout_nanos;
+  if (deadline == 0) deadline = MonoNanos() + o.connect_timeout_nanos;
   std::string error;
   int fd = ConnectSocket(o, deadline, &error);
   redisReader* reader = nullptr;

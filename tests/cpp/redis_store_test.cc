@@ -955,6 +955,24 @@ TEST_F(RedisStoreTest, UnreachableAtStartIsNotFatal) {
   EXPECT_FALSE(store->Clear(Strategy::kFixedWindow, "k"));
 }
 
+TEST_F(RedisStoreTest, StartIsBoundedByOneConnectTimeoutWhateverThePool) {
+  // A server that accepts and never answers: every connection of the pool
+  // would wait out the connect timeout, one after the other.
+  testing::SilentServer silent;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.port = silent.port();
+  o.pool_size = 4;
+  o.connect_timeout_nanos = 300 * kMs;
+  const auto start = std::chrono::steady_clock::now();
+  auto store = Make(o);
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_NE(store, nullptr);
+  EXPECT_FALSE(store->Connected());
+  EXPECT_LT(took, std::chrono::milliseconds(550));
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0).source,
+            DecisionSource::kFailOpen);
+}
+
 TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
   auto store = Make(Options(RedisFailurePolicy::kFailOpen));
   const Limit l = L("1/second");
