@@ -23,6 +23,7 @@
 #include "rapidlimit/memory_store.h"
 
 #ifdef RAPIDLIMIT_HAVE_HIREDIS
+#include "redis_internal.h"
 #include "redis_server.h"
 
 namespace rapidlimit {
@@ -971,6 +972,42 @@ TEST_F(RedisStoreTest, StartIsBoundedByOneConnectTimeoutWhateverThePool) {
   EXPECT_LT(took, std::chrono::milliseconds(550));
   EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0).source,
             DecisionSource::kFailOpen);
+}
+
+// A name server that does not answer: the lookup returns after the
+// resolver's retries, seconds later.
+int SlowGetAddrInfo(const char* host, const char* port, const addrinfo* hints,
+                    addrinfo** out) {
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  return getaddrinfo(host, port, hints, out);
+}
+
+TEST_F(RedisStoreTest, NameLookupIsBoundedByTheConnectTimeout) {
+  struct Restore {
+    ~Restore() { redis::g_getaddrinfo = &getaddrinfo; }
+  } restore;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+  o.host = "localhost";
+  o.connect_timeout_nanos = 200 * kMs;
+  {
+    // A name is looked up (on a thread of its own) and connected to.
+    auto store = Make(o);
+    EXPECT_TRUE(store->Connected());
+  }
+  redis::g_getaddrinfo = &SlowGetAddrInfo;
+  const auto start = std::chrono::steady_clock::now();
+  auto store = Make(o);
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(450));
+  EXPECT_FALSE(store->Connected());
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0).source,
+            DecisionSource::kFailClosed);
+  // The I/O thread's own attempts give up in time too: Close waits for one.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto closing = std::chrono::steady_clock::now();
+  store->Close();
+  EXPECT_LT(std::chrono::steady_clock::now() - closing,
+            std::chrono::milliseconds(450));
 }
 
 TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
