@@ -74,10 +74,16 @@ def test_four_processes_hammering_one_key(server: RedisServer, strategy: str) ->
         for _ in range(4)
     ]
     admitted = []
-    for p in procs:
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-        admitted.append(int(out.strip()))
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            admitted.append(int(out.strip()))
+    finally:  # none left running when the test fails
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     # 4 processes x 4 threads x 150 hits = 2400 attempts, limit 1000.
     assert sum(admitted) == 1000, admitted
 
@@ -205,7 +211,8 @@ def test_fork_while_io_threads_log() -> None:
 
 
 @pytest.mark.parametrize("redis_up", [True, False])
-def test_interpreter_exit_is_bounded(server: RedisServer, redis_up: bool) -> None:
+def test_interpreter_exit_is_bounded(own_server: RedisServer, redis_up: bool) -> None:
+    server = own_server  # killed here: the module's server stays up
     code = textwrap.dedent(
         f"""
         import asyncio
@@ -233,8 +240,6 @@ def test_interpreter_exit_is_bounded(server: RedisServer, redis_up: bool) -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20
     )
     took = time.monotonic() - start
-    if not redis_up:
-        server.restart()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
     assert took < 5
