@@ -853,7 +853,13 @@ void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
   engine_->Log(RedisLogLevel::kDebug, "redis at " + engine_->Endpoint() +
                                           " closed the idle connection; "
                                           "reconnecting");
-  if (!Connect()) StopAccepting(failed);
+  // Requests queue meanwhile, with nothing to fail them at their deadline
+  // until this returns: a reconnect that takes longer than a request may
+  // wait is an outage (the usual backoff then allows the connect timeout).
+  const RedisStoreOptions& o = engine_->options;
+  const int64_t deadline =
+      MonoNanos() + std::min(o.connect_timeout_nanos, o.command_timeout_nanos);
+  if (!Connect(deadline)) StopAccepting(failed);
 }
 
 bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,

@@ -899,6 +899,61 @@ TEST_F(RedisIdleCloseTest, RedisTimeoutSetting) {
   ExpectAnsweredByRedisAfterIdleClose([] {});
 }
 
+// The first lookup answers at once, the later ones after 1 s.
+std::atomic<int> g_lookups{0};
+int SlowAfterFirstGetAddrInfo(const char* host, const char* port,
+                              const addrinfo* hints, addrinfo** out) {
+  if (g_lookups.fetch_add(1) > 0) {
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  return getaddrinfo(host, port, hints, out);
+}
+
+TEST_F(RedisIdleCloseTest,
+       RequestQueuedDuringASlowReconnectWaitsOnlyItsTimeout) {
+  // While the I/O thread replaces a connection Redis closed, requests
+  // queue for the new one; when that takes long (here its name lookup),
+  // they get the policy at their timeout, not when the connect ends.
+  struct Restore {
+    ~Restore() { redis::g_getaddrinfo = &getaddrinfo; }
+  } restore;
+  g_lookups = 0;
+  redis::g_getaddrinfo = &SlowAfterFirstGetAddrInfo;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.host = "localhost";
+  o.command_timeout_nanos = 100 * kMs;
+  o.connect_timeout_nanos = 3 * kSec;
+  auto store = Make(o);
+  ASSERT_TRUE(store->Connected());
+  const uint64_t before = store->Stats().disconnects;
+  server_.Command({"CLIENT", "KILL", "TYPE", "normal"});
+  const auto noticed =
+      std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (store->Stats().disconnects == before &&
+         std::chrono::steady_clock::now() < noticed) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_GT(store->Stats().disconnects, before);  // reconnecting now
+  const Limit l = L("5 per minute");
+  Request r{Strategy::kFixedWindow, &l, "k", 1};
+  std::promise<Decision> done;
+  std::future<Decision> answer = done.get_future();
+  const auto start = std::chrono::steady_clock::now();
+  store->DecideAsync(
+      &r, 1, kT0, Mode::kHit,
+      [](void* ctx, const Decision* got, size_t, size_t) {
+        static_cast<std::promise<Decision>*>(ctx)->set_value(got[0]);
+      },
+      &done);
+  if (answer.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    store->Close();  // answers it while `done` still exists
+    FAIL() << "no answer";
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(400));
+  EXPECT_EQ(answer.get().source, DecisionSource::kFailOpen);
+}
+
 TEST_P(RedisFaultTest, SlowRedisTimesOut) {
   const RedisFailurePolicy policy = GetParam();
   RedisStoreOptions o = Options(policy);
