@@ -79,6 +79,7 @@ int ResolveBefore(const std::string& host, const std::string& port,
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICHOST;
   if (getaddrinfo(host.c_str(), port.c_str(), &hints, out) == 0) return 0;
+  if (MonoNanos() >= deadline) return EAI_AGAIN;  // no thread for nothing
   auto lookup = std::make_shared<Lookup>();
   try {
     std::thread([lookup, host, port] {
