@@ -547,9 +547,13 @@ TEST_F(RedisStoreTest, AsyncDecisionsArePipelined) {
   ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(20)));
   EXPECT_EQ(w.allowed, 300);
   const RedisStoreStats s = store->Stats();
-  // Rejections after the 300th are mostly answered by the cache; every
-  // other decision was a script call, and calls were batched into writes.
-  EXPECT_EQ(s.calls + s.cache_hits, 1000u);
+  // Every request is one script call: its first limit is never blocked,
+  // so it goes to Redis even when the cache answers for the second. How
+  // often the cache does depends on how many rejections came back while
+  // requests were still being queued: none when the threads queue faster
+  // than Redis answers, hundreds when they are slowed (a loaded machine).
+  // The calls were batched into writes.
+  EXPECT_EQ(s.calls, 1000u);
   EXPECT_LT(s.writes, s.calls);
   EXPECT_EQ(s.fail_closed, 0u);
 }
