@@ -228,6 +228,23 @@ class RedisServer {
     return out;
   }
 
+  // Holds the server for `seconds` (DEBUG SLEEP from a thread of its own,
+  // which the caller joins) and returns once it no longer answers: a fixed
+  // pause after starting the thread was at times too short on a loaded
+  // machine, and the request meant to meet a sleeping Redis met an awake
+  // one.
+  std::thread SleepInBackground(const std::string& seconds) const {
+    std::thread sleeper([this, seconds] {
+      Command({"DEBUG", "SLEEP", seconds});
+    });
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (std::chrono::steady_clock::now() < deadline && Answers()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return sleeper;
+  }
+
   // calls per command from INFO commandstats ("evalsha" -> 12).
   std::map<std::string, long long> CommandCalls() const {
     std::map<std::string, long long> calls;
@@ -246,6 +263,20 @@ class RedisServer {
   }
 
  private:
+  // Whether a PING on a fresh connection is answered within 50 ms.
+  bool Answers() const {
+    const timeval tv{0, 50'000};
+    redisContext* c = redisConnectWithTimeout("127.0.0.1", port_, tv);
+    bool ok = false;
+    if (c != nullptr && !c->err && redisSetTimeout(c, tv) == REDIS_OK) {
+      auto* r = static_cast<redisReply*>(redisCommand(c, "PING"));
+      ok = r != nullptr && r->type == REDIS_REPLY_STATUS;
+      if (r != nullptr) freeReplyObject(r);
+    }
+    if (c != nullptr) redisFree(c);
+    return ok;
+  }
+
   static bool SupportsDebugOption(const std::string& binary) {
     FILE* p = popen((binary + " --version 2>/dev/null").c_str(), "r");
     if (p == nullptr) return false;

@@ -976,8 +976,7 @@ TEST_P(RedisFaultTest, SlowRedisTimesOut) {
   const Limit l = L("100 per minute");
   EXPECT_EQ(Hit(*store, Strategy::kTokenBucket, l, "k", kT0).source,
             DecisionSource::kStore);
-  std::thread sleeper([&] { server_.Command({"DEBUG", "SLEEP", "0.6"}); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::thread sleeper = server_.SleepInBackground("0.6");
   const auto start = std::chrono::steady_clock::now();
   const Decision d = Hit(*store, Strategy::kTokenBucket, l, "k", kT0 + 1);
   const auto took = std::chrono::steady_clock::now() - start;
