@@ -146,16 +146,31 @@ class RedisServer:
 
     def sleep_in_background(self, seconds: float) -> threading.Thread:
         """Holds the server for ``seconds`` (DEBUG SLEEP, sent from a new
-        thread on a connection of its own); the caller joins the thread.
-        A daemon, whose reply may take ``seconds``: a test that fails
-        before its join never holds the interpreter's exit."""
+        thread on a connection of its own) and returns once it no longer
+        answers (a fixed pause is at times too short on a loaded machine);
+        the caller joins the thread. A daemon, whose reply may take
+        ``seconds``: a test that fails before its join never holds the
+        interpreter's exit."""
         thread = threading.Thread(
             target=self.client(seconds + 5).execute_command,
             args=("DEBUG", "SLEEP", str(seconds)),
             daemon=True,
         )
         thread.start()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and self._answers():
+            time.sleep(0.002)
         return thread
+
+    def _answers(self) -> bool:
+        """Whether a PING on a new connection is answered within 50 ms (a
+        plain socket: redis-py retries a command that timed out)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.05) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def client(self, timeout: float = 5) -> Any:
         import redis
