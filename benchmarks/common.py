@@ -294,10 +294,15 @@ class RedisServer:
             "--loglevel",
             "warning",
         ]
+        # Its warnings go nowhere: a pipe nobody reads would stall it once full.
         self.proc = subprocess.Popen(
-            pinned(cmd, self.cpu), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            pinned(cmd, self.cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_port(self.port, 10, self.proc)
+        try:
+            wait_port(self.port, 10, self.proc)
+        except BaseException:  # __exit__ is not called when __enter__ fails
+            terminate(self.proc)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

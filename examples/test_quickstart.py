@@ -1,3 +1,4 @@
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,8 +34,13 @@ def test_quickstart_serves_as_the_readme_runs_it() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     here = Path(__file__).parent
+    args = [sys.executable, str(here / "quickstart.py"), "--serve", "--port", str(port)]
+    # Dies with the test process, even when that one is killed.
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        args = [setpriv, "--pdeathsig", "TERM", *args]
     proc = subprocess.Popen(
-        [sys.executable, str(here / "quickstart.py"), "--serve", "--port", str(port)],
+        args,
         cwd=here.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -43,7 +49,11 @@ def test_quickstart_serves_as_the_readme_runs_it() -> None:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/home") as r:
+                # A timeout: a server that accepted and hung must fail this
+                # test, not hold it.
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/home", timeout=10
+                ) as r:
                     assert r.status == 200
                     assert r.headers["x-ratelimit-limit"] == "5"
                     break
@@ -53,4 +63,8 @@ def test_quickstart_serves_as_the_readme_runs_it() -> None:
                 time.sleep(0.1)
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # never left running
+            proc.kill()
+            proc.wait()

@@ -25,14 +25,15 @@ export PATH=$venv/bin:$PATH  # cmake, ninja, ruff, mypy from the venv
 cmake -S . -B build/cpp -G Ninja -DRAPIDLIMIT_BUILD_TESTS=ON \
   -DRAPIDLIMIT_BUILD_BENCHMARKS=ON >/dev/null
 cmake --build build/cpp -j"$jobs"
-ctest --test-dir build/cpp --output-on-failure -j"$jobs"
+# Each test has 120 s (CMakeLists.txt); this bounds the whole run too.
+timeout -k 30 900 ctest --test-dir build/cpp --output-on-failure -j"$jobs"
 
 step "C++ tests (AddressSanitizer + UBSan)"
 cmake -S . -B build/cpp-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DRAPIDLIMIT_BUILD_TESTS=ON -DRAPIDLIMIT_SANITIZE=ON >/dev/null
 cmake --build build/cpp-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ctest --test-dir build/cpp-asan --output-on-failure -j"$jobs"
+  timeout -k 30 900 ctest --test-dir build/cpp-asan --output-on-failure -j"$jobs"
 
 step "format, lint, types"
 git ls-files -co --exclude-standard -- 'cpp/*.h' 'cpp/*.cc' 'tests/cpp/*.h' \

@@ -2,6 +2,9 @@
 #ifndef RAPIDLIMIT_SRC_REDIS_INTERNAL_H_
 #define RAPIDLIMIT_SRC_REDIS_INTERNAL_H_
 
+#include <netdb.h>
+
+#include <atomic>
 #include <charconv>
 #include <cstdint>
 #include <string>
@@ -133,9 +136,16 @@ int64_t FloorDivNanos(int64_t a, int64_t b);
 int64_t MonoNanos();
 
 // Connects (non-blocking, TCP_NODELAY) by `options` before `deadline`
-// (MonoNanos). Returns the fd, or -1 with `error` set.
+// (MonoNanos), the name lookup included. Returns the fd, or -1 with
+// `error` set.
 int ConnectSocket(const RedisStoreOptions& options, int64_t deadline,
                   std::string* error);
+
+// The name lookup ConnectSocket uses (getaddrinfo); tests put a resolver
+// that does not answer in its place.
+using GetAddrInfoFunction = int (*)(const char*, const char*, const addrinfo*,
+                                    addrinfo**);
+extern std::atomic<GetAddrInfoFunction> g_getaddrinfo;
 
 // Waits until `fd` is ready for `events` (poll) or the deadline passes.
 // Returns >0 ready, 0 timeout, <0 error.

@@ -11,8 +11,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <system_error>
+#include <thread>
 
 #include "redis_internal.h"
 
@@ -49,7 +55,63 @@ bool ConnectBefore(int fd, const sockaddr* addr, socklen_t len,
   return true;
 }
 
+// One name lookup, shared by the thread doing it and the one waiting.
+struct Lookup {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  int rc = EAI_AGAIN;
+  addrinfo* list = nullptr;
+  ~Lookup() {
+    if (list != nullptr) freeaddrinfo(list);
+  }
+};
+
+// getaddrinfo by `deadline`. It has no timeout of its own, and the
+// resolver's (seconds per try, per name server) would hold a connect, a
+// reconnect of the I/O thread and so Close() far beyond the connect
+// timeout: a name goes to a thread of its own, which is left to finish
+// alone when the deadline passes. A numeric address needs no lookup.
+int ResolveBefore(const std::string& host, const std::string& port,
+                  int64_t deadline, addrinfo** out) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, out) == 0) return 0;
+  if (MonoNanos() >= deadline) return EAI_AGAIN;  // no thread for nothing
+  auto lookup = std::make_shared<Lookup>();
+  try {
+    std::thread([lookup, host, port] {
+      addrinfo hints{};
+      hints.ai_family = AF_UNSPEC;
+      hints.ai_socktype = SOCK_STREAM;
+      addrinfo* list = nullptr;
+      const int rc =
+          g_getaddrinfo.load()(host.c_str(), port.c_str(), &hints, &list);
+      std::lock_guard<std::mutex> lock(lookup->mu);
+      lookup->rc = rc;
+      lookup->list = list;
+      lookup->done = true;
+      lookup->cv.notify_all();
+    }).detach();
+  } catch (const std::system_error&) {
+    return EAI_AGAIN;  // no thread now: the next attempt tries again
+  }
+  std::unique_lock<std::mutex> lock(lookup->mu);
+  const int64_t left = std::max<int64_t>(0, deadline - MonoNanos());
+  if (!lookup->cv.wait_for(lock, std::chrono::nanoseconds(left),
+                           [&] { return lookup->done; })) {
+    return EAI_AGAIN;
+  }
+  *out = lookup->list;
+  lookup->list = nullptr;
+  return lookup->rc;
+}
+
 }  // namespace
+
+std::atomic<GetAddrInfoFunction> g_getaddrinfo{&getaddrinfo};
 
 int64_t MonoNanos() {
   timespec ts;
@@ -96,14 +158,12 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
     }
     return fd;
   }
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
   addrinfo* list = nullptr;
   const std::string port = std::to_string(o.port);
-  const int gai = getaddrinfo(o.host.c_str(), port.c_str(), &hints, &list);
+  const int gai = ResolveBefore(o.host, port, deadline, &list);
   if (gai != 0) {
-    *error = "resolve " + o.host + ": " + gai_strerror(gai);
+    *error = "resolve " + o.host + ": " +
+             (MonoNanos() >= deadline ? "timed out" : gai_strerror(gai));
     return -1;
   }
   std::string why = "no address";

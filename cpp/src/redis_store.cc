@@ -29,7 +29,8 @@
 // its threads (which do not exist in the child). pthread_atfork bumps a
 // generation counter; the first call in the child sees it, abandons the
 // parent's engine (closing only its file descriptors) and builds a new
-// one with its own connection.
+// one with its own connection. A store's own lock, which Close and that
+// rebuild hold while they wait, starts free in the child.
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -51,6 +52,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <random>
 #include <string>
 #include <thread>
@@ -70,13 +72,14 @@ namespace {
 
 std::atomic<uint64_t> g_fork_generation{0};
 
-void OnForkChild() {
-  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
-}
+void ForkPrepare();
+void ForkParent();
+void ForkChild();
 
 void RegisterAtFork() {
   static std::once_flag once;
-  std::call_once(once, [] { pthread_atfork(nullptr, nullptr, &OnForkChild); });
+  std::call_once(once,
+                 [] { pthread_atfork(&ForkPrepare, &ForkParent, &ForkChild); });
 }
 
 thread_local DecisionSource tl_last_source = DecisionSource::kStore;
@@ -339,7 +342,8 @@ class Lane {
   Lane(const Lane&) = delete;
   Lane& operator=(const Lane&) = delete;
 
-  void Start();
+  // Connects (giving up at `deadline`, MonoNanos) and starts the thread.
+  void Start(int64_t deadline);
   void Stop();
   void AbandonAfterFork();
   bool Up() const { return state_.load(std::memory_order_acquire) == kUp; }
@@ -355,7 +359,8 @@ class Lane {
 
  private:
   void Run();
-  bool Connect();
+  // By `deadline`, or the connect timeout from now when 0.
+  bool Connect(int64_t deadline = 0);
   bool Handshake(int fd, redisReader* reader, int64_t deadline,
                  std::string* error);
   void AppendLocked(Op* op) { AppendGroupLocked(&op, 1); }
@@ -429,8 +434,12 @@ class Engine {
     }
   }
 
+  // Bounded by one connect timeout in all, not one per lane: against a
+  // server that accepts and never answers, lanes after the first give up
+  // at once and connect in the background.
   void Start() {
-    for (auto& lane : lanes) lane->Start();
+    const int64_t deadline = MonoNanos() + options.connect_timeout_nanos;
+    for (auto& lane : lanes) lane->Start(deadline);
   }
   void Stop() {
     for (auto& lane : lanes) lane->Stop();
@@ -505,8 +514,8 @@ Lane::~Lane() {
   if (efd_ >= 0) close(efd_);
 }
 
-void Lane::Start() {
-  Connect();
+void Lane::Start(int64_t deadline) {
+  Connect(deadline);
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -844,7 +853,13 @@ void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
   engine_->Log(RedisLogLevel::kDebug, "redis at " + engine_->Endpoint() +
                                           " closed the idle connection; "
                                           "reconnecting");
-  if (!Connect()) StopAccepting(failed);
+  // Requests queue meanwhile, with nothing to fail them at their deadline
+  // until this returns: a reconnect that takes longer than a request may
+  // wait is an outage (the usual backoff then allows the connect timeout).
+  const RedisStoreOptions& o = engine_->options;
+  const int64_t deadline =
+      MonoNanos() + std::min(o.connect_timeout_nanos, o.command_timeout_nanos);
+  if (!Connect(deadline)) StopAccepting(failed);
 }
 
 bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
@@ -939,9 +954,9 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
   return true;
 }
 
-bool Lane::Connect() {
+bool Lane::Connect(int64_t deadline) {
   const RedisStoreOptions& o = engine_->options;
-  const int64_t deadline = MonoNanos() + o.connect_timeout_nanos;
+  if (deadline == 0) deadline = MonoNanos() + o.connect_timeout_nanos;
   std::string error;
   int fd = ConnectSocket(o, deadline, &error);
   redisReader* reader = nullptr;
@@ -1357,6 +1372,19 @@ void Engine::FinishScript(Op* op, bool timed_out) {
 
 // ---------------------------------------------------------------- store
 
+class RedisStoreImpl;
+
+// Live stores, for ForkChild. Never destroyed: a store may outlive the
+// statics of this file.
+std::mutex& StoresMutex() {
+  static auto* mu = new std::mutex;
+  return *mu;
+}
+std::vector<RedisStoreImpl*>& Stores() {
+  static auto* stores = new std::vector<RedisStoreImpl*>;
+  return *stores;
+}
+
 class RedisStoreImpl final : public RedisStore {
  public:
   explicit RedisStoreImpl(const RedisStoreOptions& options)
@@ -1367,13 +1395,27 @@ class RedisStoreImpl final : public RedisStore {
                    g_fork_generation.load(std::memory_order_relaxed));
     engine->Start();
     engine_.store(engine, std::memory_order_release);
+    std::lock_guard<std::mutex> lock(StoresMutex());
+    Stores().push_back(this);
   }
 
   ~RedisStoreImpl() override {
+    {
+      std::lock_guard<std::mutex> lock(StoresMutex());
+      auto& stores = Stores();
+      stores.erase(std::find(stores.begin(), stores.end(), this));
+    }
     Close();
     Engine* e = engine_.load();
     if (e->generation == g_fork_generation.load()) delete e;
   }
+
+  // In a forked child, whose only thread is the one that forked: whoever
+  // held engine_mu_ in the parent (Close waiting for an I/O thread, Reinit
+  // connecting) does not exist here and would never release it. What it
+  // guards stays consistent: closed_ is set before Close waits, and any
+  // engine the parent had is abandoned by the child's first call.
+  void ResetLockAfterFork() { new (&engine_mu_) std::mutex(); }
 
   size_t Decide(const Request* requests, size_t n, int64_t now, Mode mode,
                 Decision* out) override {
@@ -1696,6 +1738,15 @@ class RedisStoreImpl final : public RedisStore {
   std::atomic<Engine*> engine_{nullptr};
   bool closed_ = false;
 };
+
+// The registry is held across fork() so that the child's copy is whole.
+void ForkPrepare() { StoresMutex().lock(); }
+void ForkParent() { StoresMutex().unlock(); }
+void ForkChild() {
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+  for (RedisStoreImpl* store : Stores()) store->ResetLockAfterFork();
+  StoresMutex().unlock();
+}
 
 }  // namespace
 }  // namespace redis

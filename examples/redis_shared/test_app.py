@@ -5,6 +5,7 @@ HTTP by httpx: the limit holds across instances, and a Redis outage is a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,68 +20,78 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 from redis_server import RedisServer, free_port  # noqa: E402
 
 
-def start_instance(
+def spawn_instance(
     name: str, redis_uri: str, server: list[str]
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(os.environ, REDIS_URL=redis_uri, INSTANCE=name)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "examples.redis_shared.app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *server,
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "examples.redis_shared.app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *server,
+    ]
+    # Dies with the test process, even when that one is killed.
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        args = [setpriv, "--pdeathsig", "TERM", *args]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_started(name: str, proc: subprocess.Popen[bytes], url: str) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"instance {name} exited with {proc.returncode}")
         try:
             httpx.get(f"{url}/docs", timeout=1.0)
-            return proc, url
+            return
         except httpx.TransportError:
             time.sleep(0.1)
-    proc.kill()
     raise RuntimeError(f"instance {name} did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture
 def cluster() -> Iterator[tuple[RedisServer, list[str]]]:
     redis = RedisServer()
-    redis.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        urls = []
+        redis.start()
         # a: plain uvicorn (asyncio, h11); b: uvicorn[standard]'s uvloop and
-        # httptools, as `pip install "fastapi[standard]"` gives.
+        # httptools, as `pip install "fastapi[standard]"` gives. Both start
+        # at once; every one started is stopped, whatever fails.
         servers = {
             "a": ["--loop", "asyncio", "--http", "h11"],
             "b": ["--loop", "uvloop", "--http", "httptools"],
         }
+        urls = []
         for name, server in servers.items():
-            proc, url = start_instance(name, redis.uri, server)
+            proc, url = spawn_instance(name, redis.uri, server)
             procs.append(proc)
             urls.append(url)
+        for name, proc, url in zip(servers, procs, urls):
+            wait_started(name, proc, url)
         yield redis, urls
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         redis.cleanup()
 
 

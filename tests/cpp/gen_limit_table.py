@@ -270,7 +270,7 @@ def main() -> None:
     body = (
         f"{begin} from limits {limits.__version__}; do not edit.\n"
         "// clang-format off\n"
-        "const ParseCase kParseCases[] = {\n"
+        "constexpr ParseCase kParseCases[] = {\n"
         + "".join(f"    {row},\n" for row in rows)
         + "};\n// clang-format on\n"
     )

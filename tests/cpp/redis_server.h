@@ -4,6 +4,7 @@
 #define RAPIDLIMIT_TESTS_REDIS_SERVER_H_
 
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -54,6 +56,74 @@ inline int FreePort() {
   close(fd);
   return ntohs(addr.sin_port);
 }
+
+// The wait status of child `pid`, or nothing once `limit` has passed (the
+// child is then killed): a child that hangs fails its test instead of
+// holding ctest forever.
+inline std::optional<int> WaitChild(pid_t pid,
+                                    std::chrono::milliseconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  int status = 0;
+  for (;;) {
+    const pid_t got = waitpid(pid, &status, WNOHANG);
+    if (got == pid) return status;
+    if (got < 0) return std::nullopt;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return std::nullopt;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+// A TCP port where connections complete (the kernel's backlog) and then
+// nothing ever answers: a hung Redis, or a host that drops packets after
+// the handshake. Accept() takes the connections that arrived, so that a
+// test can tell when a client is in the middle of one.
+class SilentServer {
+ public:
+  SilentServer() {
+    fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+    listen(fd_, 128);
+    socklen_t len = sizeof(addr);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+  }
+  SilentServer(const SilentServer&) = delete;
+  SilentServer& operator=(const SilentServer&) = delete;
+  ~SilentServer() {
+    for (int fd : accepted_) close(fd);
+    close(fd_);
+  }
+
+  int port() const { return port_; }
+
+  // Takes one connection, waiting for it up to `limit`; false if none came.
+  bool Accept(std::chrono::milliseconds limit) {
+    pollfd p{fd_, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(limit.count())) <= 0) return false;
+    const int fd = accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) return false;
+    accepted_.push_back(fd);  // open and silent until the end
+    return true;
+  }
+
+  // Takes every connection that has already arrived.
+  void Drain() {
+    while (Accept(std::chrono::milliseconds(0))) {
+    }
+  }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  std::vector<int> accepted_;
+};
 
 // A reply flattened for assertions.
 struct Reply {
@@ -134,11 +204,13 @@ class RedisServer {
     return "redis://127.0.0.1:" + std::to_string(port_) + "/0";
   }
 
-  // One blocking command on a fresh connection.
+  // One blocking command on a fresh connection, 5 s at most (hiredis's
+  // connect timeout does not bound the reply: a server that stopped
+  // answering would hold the test forever).
   Reply Command(const std::vector<std::string>& argv) const {
     timeval tv{5, 0};
     redisContext* c = redisConnectWithTimeout("127.0.0.1", port_, tv);
-    if (c == nullptr || c->err) {
+    if (c == nullptr || c->err || redisSetTimeout(c, tv) != REDIS_OK) {
       if (c != nullptr) redisFree(c);
       return Reply{};
     }
@@ -154,6 +226,23 @@ class RedisServer {
     if (r != nullptr) freeReplyObject(r);
     redisFree(c);
     return out;
+  }
+
+  // Holds the server for `seconds` (DEBUG SLEEP from a thread of its own,
+  // which the caller joins) and returns once it no longer answers: a fixed
+  // pause after starting the thread was at times too short on a loaded
+  // machine, and the request meant to meet a sleeping Redis met an awake
+  // one.
+  std::thread SleepInBackground(const std::string& seconds) const {
+    std::thread sleeper([this, seconds] {
+      Command({"DEBUG", "SLEEP", seconds});
+    });
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (std::chrono::steady_clock::now() < deadline && Answers()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return sleeper;
   }
 
   // calls per command from INFO commandstats ("evalsha" -> 12).
@@ -174,6 +263,20 @@ class RedisServer {
   }
 
  private:
+  // Whether a PING on a fresh connection is answered within 50 ms.
+  bool Answers() const {
+    const timeval tv{0, 50'000};
+    redisContext* c = redisConnectWithTimeout("127.0.0.1", port_, tv);
+    bool ok = false;
+    if (c != nullptr && !c->err && redisSetTimeout(c, tv) == REDIS_OK) {
+      auto* r = static_cast<redisReply*>(redisCommand(c, "PING"));
+      ok = r != nullptr && r->type == REDIS_REPLY_STATUS;
+      if (r != nullptr) freeReplyObject(r);
+    }
+    if (c != nullptr) redisFree(c);
+    return ok;
+  }
+
   static bool SupportsDebugOption(const std::string& binary) {
     FILE* p = popen((binary + " --version 2>/dev/null").c_str(), "r");
     if (p == nullptr) return false;

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from rapidlimit.storage import RedisStorage
 from redis_server import RedisServer
 
 # The far future: limits' memory storage expires keys from a timer thread
@@ -36,6 +39,29 @@ class Ticker:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+@pytest.fixture(autouse=True)
+def _close_redis_storages(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Closes every RedisStorage a test made, passed or failed, when it
+    ends. One left open keeps its I/O thread reconnecting to the test's
+    stopped server for the rest of the session (a FastAPI app's routes,
+    and so their Limiter and its storage, stay referenced by FastAPI's
+    caches), and would connect to a later test's server that got the
+    same port."""
+    made: list[weakref.ref[RedisStorage]] = []
+    init = RedisStorage.__init__
+
+    def tracked(self: RedisStorage, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(RedisStorage, "__init__", tracked)
+    yield
+    for ref in made:
+        store = ref()
+        if store is not None:
+            store.close()
 
 
 def _started_redis() -> Iterator[RedisServer]:

@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def _version(binary: str) -> int:
     out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, check=False
+        [binary, "--version"], capture_output=True, text=True, check=False, timeout=30
     ).stdout
     at = out.find("v=")
     try:
@@ -94,7 +94,12 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            if self._wait_ready(10.0):
+            try:
+                ready = self._wait_ready(10.0)
+            except BaseException:  # a test timeout, Ctrl-C: no server left
+                self.stop()
+                raise
+            if ready:
                 return
             self.stop()
             time.sleep(0.2)
@@ -106,11 +111,14 @@ class RedisServer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 return False
+            client = self.client()
             try:
-                if self.client().ping():
+                if client.ping():
                     return True
             except Exception:
                 pass
+            finally:
+                client.close()
             time.sleep(0.02)
         return False
 
@@ -138,19 +146,41 @@ class RedisServer:
 
     def sleep_in_background(self, seconds: float) -> threading.Thread:
         """Holds the server for ``seconds`` (DEBUG SLEEP, sent from a new
-        thread on a connection of its own); the caller joins the thread."""
+        thread on a connection of its own) and returns once it no longer
+        answers (a fixed pause is at times too short on a loaded machine);
+        the caller joins the thread. A daemon, whose reply may take
+        ``seconds``: a test that fails before its join never holds the
+        interpreter's exit."""
         thread = threading.Thread(
-            target=self.client().execute_command,
+            target=self.client(seconds + 5).execute_command,
             args=("DEBUG", "SLEEP", str(seconds)),
+            daemon=True,
         )
         thread.start()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and self._answers():
+            time.sleep(0.002)
         return thread
 
-    def client(self) -> Any:
+    def _answers(self) -> bool:
+        """Whether a PING on a new connection is answered within 50 ms (a
+        plain socket: redis-py retries a command that timed out)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.05) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def client(self, timeout: float = 5) -> Any:
         import redis
 
         return redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True
+            host="127.0.0.1",
+            port=self.port,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
         )
 
     def command_calls(self) -> dict[str, int]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -39,8 +39,7 @@ HAMMER = textwrap.dedent(
     from rapidlimit.storage import RedisStorage
     from rapidlimit.strategies import STRATEGIES
 
-    uri, strategy = sys.argv[1], sys.argv[2]
-    start_at, hits = float(sys.argv[3]), int(sys.argv[4])
+    uri, strategy, hits = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = RedisStorage(uri, timeout=5)
     lim = STRATEGIES[strategy](store)
     item = parse("1000 per hour")
@@ -50,8 +49,8 @@ HAMMER = textwrap.dedent(
         for _ in range(hits):
             if lim.hit(item, "shared-key"):
                 admitted += 1
-    while time.time() < start_at:
-        time.sleep(0.001)
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go", sent to every process at once
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads: t.start()
     for t in threads: t.join()
@@ -63,10 +62,10 @@ HAMMER = textwrap.dedent(
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_four_processes_hammering_one_key(server: RedisServer, strategy: str) -> None:
-    start_at = time.time() + 1.5
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", HAMMER, server.uri, strategy, str(start_at), "150"],
+            [sys.executable, "-c", HAMMER, server.uri, strategy, "150"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -74,10 +73,30 @@ def test_four_processes_hammering_one_key(server: RedisServer, strategy: str) ->
         for _ in range(4)
     ]
     admitted = []
-    for p in procs:
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-        admitted.append(int(out.strip()))
+    try:
+        # Started together once all are connected (a fixed start time would
+        # have to allow for the slowest start-up on a loaded machine).
+        deadline = time.monotonic() + 60
+        for p in procs:
+            assert p.stdout is not None
+            readable, _, _ = select.select(
+                [p.stdout], [], [], max(0.0, deadline - time.monotonic())
+            )
+            assert readable, "a process did not start"
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()  # type: ignore[union-attr]
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            admitted.append(int(out.strip()))
+    finally:  # none left running when the test fails
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     # 4 processes x 4 threads x 150 hits = 2400 attempts, limit 1000.
     assert sum(admitted) == 1000, admitted
 
@@ -158,13 +177,13 @@ def test_forked_workers_get_their_own_connection(server: RedisServer) -> None:
     store.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_fork_while_io_threads_log() -> None:
-    """A fork while an I/O thread was queueing a log record left the lock
-    of the queue held in the child, whose first record (its new connection)
-    then hung it forever: about one fork in a thousand here with I/O threads
-    logging failed reconnects nonstop. Each child here logs on its first
-    call and must exit."""
+FORKS = textwrap.dedent(
+    """
+    import os, signal, socket, sys, time
+    from rapidlimit import parse
+    from rapidlimit.storage import RedisStorage
+    from rapidlimit.strategies import STRATEGIES
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
@@ -181,10 +200,10 @@ def test_fork_while_io_threads_log() -> None:
     item = parse("5/second")
     hung = 0
     try:
-        for _ in range(1500):
+        for _ in range(int(sys.argv[1])):
             lim.hit(item, "x")  # forwards the records: the queue fills again
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
+            if pid == 0:
                 try:
                     lim.hit(item, "x")
                 finally:
@@ -200,12 +219,41 @@ def test_fork_while_io_threads_log() -> None:
     finally:
         for store in noisy:
             store.close()
+    print(hung, noisy[0].stats()["reconnects"])
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_io_threads_log() -> None:
+    """A fork while an I/O thread was queueing a log record left the lock
+    of the queue held in the child, whose first record (its new connection)
+    then hung it forever: about one fork in a thousand here with I/O threads
+    logging failed reconnects nonstop. Each child here logs on its first
+    call and must exit. The forks are made by a small process of its own:
+    forking pytest's, with every test module loaded, costs twice as much."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKS, "1500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # its children too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    hung, reconnects = (int(word) for word in out.split())
     assert hung == 0
-    assert noisy[0].stats()["reconnects"] == 0  # it really never connected
+    assert reconnects == 0  # it really never connected
 
 
 @pytest.mark.parametrize("redis_up", [True, False])
-def test_interpreter_exit_is_bounded(server: RedisServer, redis_up: bool) -> None:
+def test_interpreter_exit_is_bounded(own_server: RedisServer, redis_up: bool) -> None:
+    server = own_server  # killed here: the module's server stays up
     code = textwrap.dedent(
         f"""
         import asyncio
@@ -233,8 +281,6 @@ def test_interpreter_exit_is_bounded(server: RedisServer, redis_up: bool) -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20
     )
     took = time.monotonic() - start
-    if not redis_up:
-        server.restart()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
     assert took < 5

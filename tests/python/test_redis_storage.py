@@ -317,17 +317,21 @@ def test_sync_wait_releases_the_gil(server: RedisServer) -> None:
         while not stop.is_set():
             ticks += 1
 
-    spinner = threading.Thread(target=spin)
+    # A daemon, stopped whatever happens: left spinning, it would eat a CPU
+    # for the rest of the session and hold the interpreter's exit forever.
+    spinner = threading.Thread(target=spin, daemon=True)
     sleeper = server.sleep_in_background(0.3)
     time.sleep(0.05)
     spinner.start()
-    start = time.monotonic()
-    before = ticks
-    assert lim.hit(item, "a")  # waits for Redis to wake up
-    waited = time.monotonic() - start
-    during = ticks - before
-    stop.set()
-    spinner.join()
+    try:
+        start = time.monotonic()
+        before = ticks
+        assert lim.hit(item, "a")  # waits for Redis to wake up
+        waited = time.monotonic() - start
+        during = ticks - before
+    finally:
+        stop.set()
+        spinner.join()
     sleeper.join()
     assert waited > 0.15
     assert store.last_status() == "redis"
