@@ -1980,14 +1980,20 @@ class Limiter:
             # The outage itself is reported once (rapidlimit.redis, WARNING).
             self.logger.debug("Rate limit storage unavailable: %s", exc)
             return _Unavailable(getattr(exc, "retry_after", 1.0))
-        if self._in_memory_fallback_enabled and not self._storage_dead:
-            self.logger.warning(
-                "Rate limit storage unreachable - falling back to in-memory storage"
+        if self._in_memory_fallback_enabled:
+            if not self._storage_dead:
+                self.logger.warning(
+                    "Rate limit storage unreachable - falling back to in-memory storage"
+                )
+                self._storage_dead = True
+                self._check_backend_count = 0
+                self._last_check_backend = time.time()
+            # Also when another request, awaiting the storage at the same
+            # time, switched first (a 500 before). Decided in memory at
+            # once: asking the storage again could fail again, recursively.
+            return self._check_while_dead(
+                conn, plan, state, endpoint_key, recheck=False
             )
-            self._storage_dead = True
-            self._check_backend_count = 0
-            self._last_check_backend = time.time()
-            return self._check_while_dead(conn, plan, state, endpoint_key)
         if self._swallow_errors:
             self.logger.exception("Failed to rate limit. Swallowing error")
             return None
@@ -2009,9 +2015,12 @@ class Limiter:
         plan: _Plan,
         state: dict[str, Any],
         endpoint_key: str,
+        recheck: bool = True,
     ) -> Failure | None:
         try:
-            if self._remote:
+            if not recheck:
+                recovered = False
+            elif self._remote:
                 # The Redis engine reconnects by itself, with a backoff of
                 # its own: back to Redis as soon as it is up (a read, not a
                 # PING on the event loop; slowapi's timer of up to 32 s
