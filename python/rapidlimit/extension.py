@@ -312,6 +312,16 @@ def _pair_table(name: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((name, number) for number in _NUMBERS)
 
 
+@functools.lru_cache(maxsize=64)
+def _core_header_names(
+    limit: bytes, remaining: bytes, reset: bytes, retry_after: bytes
+) -> HeaderNames:
+    """The core's header names, shared by limiters (immutable): their ready
+    pairs take about 220 KB, which a limiter per application (per test) kept
+    paying, and FastAPI's caches of endpoints keep thousands alive."""
+    return HeaderNames(limit, remaining, reset, retry_after, ViewRateLimit)
+
+
 class ViewRateLimit:
     """``request.state.view_rate_limit``: the limit the headers describe.
 
@@ -1170,12 +1180,8 @@ class Limiter:
             (self._h_limit, self._h_remaining, self._h_reset, self._h_retry)
         )
         # The core formats the headers with the decision (seconds only).
-        self._core_names = HeaderNames(
-            self._h_limit,
-            self._h_remaining,
-            self._h_reset,
-            self._h_retry,
-            ViewRateLimit,
+        self._core_names = _core_header_names(
+            self._h_limit, self._h_remaining, self._h_reset, self._h_retry
         )
         self._header_names_and_retry = self._header_names | {_RETRY_AFTER}
         # (name, value) pairs for small numbers, shared by limiters.
