@@ -886,17 +886,18 @@ struct LoopBridge {
   std::mutex mu;
   std::vector<Pending*> done;
   bool signaled = false;
-  bool dead = false;            // the loop is gone: nothing will drain
+  bool dead = false;            // the loop is closed or gone: nothing drains
+  PyObject* loop = nullptr;     // the key in g_bridges (identity only)
   PyObject* weakref = nullptr;  // to the loop; released by the registry
   // Loop thread only: stores with commands queued during this iteration,
   // flushed by one call_soon callback at its end.
   std::vector<std::shared_ptr<Store>> to_flush;
   py::object flush_callback;
 
+  // Runs once RetireBridge has emptied `done` and dropped the Python
+  // objects: the last owner may be an I/O thread, without the GIL.
   ~LoopBridge() {
     if (efd >= 0) close(efd);
-    // Pending futures here can only be released with the GIL, which the
-    // last owner may not hold: they are leaked (the loop is gone anyway).
   }
 };
 
@@ -918,6 +919,22 @@ struct Pending {
 };
 
 thread_local Pending* tl_submitting = nullptr;
+
+// Answers for a loop that was closed or collected before they came: they
+// hold Python objects (the future, which holds the loop), so the thread
+// that got them, without the GIL, leaves them to the next decision made
+// with it (ReleaseOrphans). Keeping them on the dead loop's queue instead
+// kept that loop, its eventfd and everything its tasks referenced alive
+// for good: one per test with pytest-asyncio's loop per test.
+std::mutex g_orphans_mu;
+std::vector<Pending*> g_orphans;
+std::atomic<bool> g_orphans_pending{false};
+
+void Orphan(Pending* p) {
+  std::lock_guard<std::mutex> lock(g_orphans_mu);
+  g_orphans.push_back(p);
+  g_orphans_pending.store(true, std::memory_order_release);
+}
 
 // Inside a run of completions (RedisStoreOptions::completions_begin/end):
 // the bridges owed a wake-up, signalled once at the end of the run. An
@@ -948,7 +965,10 @@ void PushDone(const std::shared_ptr<LoopBridge>& bridge, Pending* p) {
   bool wake = false;
   {
     std::lock_guard<std::mutex> lock(b->mu);
-    if (b->dead) return;  // leaked, see LoopBridge
+    if (b->dead) {
+      Orphan(p);
+      return;
+    }
     b->done.push_back(p);
     if (!b->signaled) {
       b->signaled = true;
@@ -1050,12 +1070,57 @@ void Drain(LoopBridge* bridge) {
 
 std::mutex g_bridges_mu;
 std::unordered_map<PyObject*, std::shared_ptr<LoopBridge>> g_bridges;
-// Weak references to loops whose callback already ran, released later
-// (not from inside their own callback).
+// Weak references to retired loops, released later (not from inside
+// their own callback).
 std::vector<PyObject*> g_dead_refs;
 
-// Called when a loop with a bridge is collected: forget the bridge and
-// drop the futures that never completed.
+// With the GIL (the Pending objects hold Python objects) and no lock held
+// (deleting them may free a loop, which retires its bridge).
+void ReleaseOrphans() {
+  if (!g_orphans_pending.load(std::memory_order_acquire)) return;
+  std::vector<Pending*> items;
+  {
+    std::lock_guard<std::mutex> lock(g_orphans_mu);
+    items.swap(g_orphans);
+    g_orphans_pending.store(false, std::memory_order_release);
+  }
+  for (Pending* p : items) {
+    Py_DECREF(p->future);
+    delete p;
+  }
+}
+
+// Forgets `bridge` once its loop is closed (its reader dropped) or
+// collected: later answers become orphans, and the answers waiting on it
+// are dropped. With the GIL and no lock held; idempotent.
+void RetireBridge(const std::shared_ptr<LoopBridge>& bridge) {
+  {
+    std::lock_guard<std::mutex> lock(g_bridges_mu);
+    auto it = g_bridges.find(bridge->loop);
+    if (it != g_bridges.end() && it->second == bridge) g_bridges.erase(it);
+    if (bridge->weakref != nullptr) g_dead_refs.push_back(bridge->weakref);
+    bridge->weakref = nullptr;
+  }
+  std::vector<Pending*> items;
+  {
+    std::lock_guard<std::mutex> lock(bridge->mu);
+    bridge->dead = true;
+    items.swap(bridge->done);
+  }
+  // A completion may hold the last reference to the bridge and release it
+  // on the I/O thread, without the GIL: drop the Python objects (and
+  // stores) it keeps now, while the GIL is held.
+  bridge->flush_callback = py::object();
+  std::vector<std::shared_ptr<Store>> stores;
+  stores.swap(bridge->to_flush);
+  stores.clear();
+  for (Pending* p : items) {
+    Py_DECREF(p->future);
+    delete p;
+  }
+}
+
+// Called when a loop with a bridge is collected.
 PyObject* OnLoopCollected(PyObject*, PyObject* ref) {
   std::shared_ptr<LoopBridge> bridge;
   {
@@ -1063,31 +1128,23 @@ PyObject* OnLoopCollected(PyObject*, PyObject* ref) {
     for (auto it = g_bridges.begin(); it != g_bridges.end(); ++it) {
       if (it->second->weakref == ref) {
         bridge = it->second;
-        g_bridges.erase(it);
         break;
       }
     }
-    g_dead_refs.push_back(ref);  // our reference, released later
   }
-  if (bridge != nullptr) {
-    std::vector<Pending*> items;
-    {
-      std::lock_guard<std::mutex> lock(bridge->mu);
-      bridge->dead = true;
-      items.swap(bridge->done);
-    }
-    // A completion may hold the last reference to the bridge and release
-    // it on the I/O thread, without the GIL: drop the Python objects (and
-    // stores) it keeps now, while the GIL is held.
-    bridge->flush_callback = py::object();
-    bridge->to_flush.clear();
-    for (Pending* p : items) {
-      Py_DECREF(p->future);
-      delete p;
-    }
-  }
+  // Not found: retired when the loop was closed, which handed `ref` over.
+  if (bridge != nullptr) RetireBridge(bridge);
   Py_RETURN_NONE;
 }
+
+// Owned by the loop's reader callback, which a loop drops when it is
+// closed (asyncio and uvloop alike), or when it is collected.
+struct ReaderGuard {
+  std::weak_ptr<LoopBridge> bridge;
+  ~ReaderGuard() {
+    if (auto b = bridge.lock()) RetireBridge(b);
+  }
+};
 
 PyMethodDef kOnLoopCollected = {"_rapidlimit_loop_collected", OnLoopCollected,
                                 METH_O, nullptr};
@@ -1128,15 +1185,19 @@ std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
   }
   for (PyObject* ref : dead) Py_DECREF(ref);
   auto bridge = std::make_shared<LoopBridge>();
+  bridge->loop = loop;
   bridge->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (bridge->efd < 0) {
     PyErr_SetFromErrno(PyExc_OSError);
     throw py::error_already_set();
   }
   std::weak_ptr<LoopBridge> weak = bridge;
-  py::cpp_function drain([weak]() {
+  auto guard = std::make_shared<ReaderGuard>();
+  guard->bridge = weak;
+  py::cpp_function drain([weak, guard]() {
     if (auto b = weak.lock()) Drain(b.get());
   });
+  guard.reset();
   py::handle(loop).attr("add_reader")(bridge->efd, drain);
   bridge->flush_callback = py::cpp_function([weak]() {
     if (auto b = weak.lock()) {
@@ -1163,6 +1224,7 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
                  int64_t now, Mode mode, Pending* p, bool waiter,
                  PyObject* const* finish = nullptr) {
   std::unique_ptr<Pending> owned(p);
+  ReleaseOrphans();
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
   if (loop == nullptr) return nullptr;
   std::shared_ptr<LoopBridge> bridge;

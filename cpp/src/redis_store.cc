@@ -264,15 +264,7 @@ class BlockedCache {
     std::lock_guard<std::mutex> lock(shard.mu);
     if (shard.map.size() >= per_shard_ &&
         shard.map.find(k) == shard.map.end()) {
-      for (auto it = shard.map.begin(); it != shard.map.end();) {
-        if (it->second.until <= now) {
-          it = shard.map.erase(it);
-          count_.fetch_sub(1, std::memory_order_relaxed);
-        } else {
-          ++it;
-        }
-      }
-      if (shard.map.size() >= per_shard_) return;
+      MakeRoomLocked(&shard, now);
     }
     Entry e;
     e.since = now;
@@ -314,6 +306,46 @@ class BlockedCache {
     std::mutex mu;
     std::unordered_map<std::string, Entry> map;
   };
+
+  // A full shard drops its expired entries and, when that frees less than
+  // an eighth of it, the live ones that expire first (their next request
+  // asks Redis again), so that a pass over the shard comes once per
+  // per_shard_ / 8 inserts at most. A pass per insert that found nothing
+  // expired cost 0.8 ms of the I/O thread per rejection at the default
+  // size once 100,000 distinct clients were blocked: rejections fell from
+  // 30,000 to 700 a second, and queued commands timed out (fail-closed
+  // 503s for every client).
+  void MakeRoomLocked(Shard* shard, int64_t now) {
+    const size_t keep = per_shard_ - std::max<size_t>(1, per_shard_ / 8);
+    size_t dropped = 0;
+    for (auto it = shard->map.begin(); it != shard->map.end();) {
+      if (it->second.until <= now) {
+        it = shard->map.erase(it);
+        ++dropped;
+      } else {
+        ++it;
+      }
+    }
+    if (shard->map.size() > keep) {
+      std::vector<int64_t> untils;
+      untils.reserve(shard->map.size());
+      for (const auto& entry : shard->map) untils.push_back(entry.second.until);
+      const size_t excess = shard->map.size() - keep;
+      std::nth_element(untils.begin(), untils.begin() + (excess - 1),
+                       untils.end());
+      const int64_t cutoff = untils[excess - 1];
+      for (auto it = shard->map.begin();
+           it != shard->map.end() && shard->map.size() > keep;) {
+        if (it->second.until <= cutoff) {
+          it = shard->map.erase(it);
+          ++dropped;
+        } else {
+          ++it;
+        }
+      }
+    }
+    count_.fetch_sub(dropped, std::memory_order_relaxed);
+  }
 
   static void MakeKey(Strategy s, std::string_view key, std::string* out) {
     out->clear();

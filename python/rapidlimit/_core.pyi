@@ -264,10 +264,11 @@ class RedisWaiter(Generic[_T]):
 
 class HeaderNames:
     """The four rate-limit header names for ``RateLimiter.decide_headers``
-    (bytes, lower case for ASGI), built once per Limiter. Holds ready
-    ``(name, b"<value>")`` pairs for the values 0 to 1023 of the limit,
-    remaining and retry-after headers, so that most responses only take
-    references to existing tuples. Immutable; ``repr`` shows the names."""
+    (bytes, lower case for ASGI), shared by Limiters with the same names.
+    Holds ready ``(name, b"<value>")`` pairs for the values 0 to 1023 of the
+    limit, remaining and retry-after headers, so that most responses only
+    take references to existing tuples. Immutable; ``repr`` shows the
+    names."""
 
     def __init__(
         self,

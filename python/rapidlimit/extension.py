@@ -312,6 +312,16 @@ def _pair_table(name: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((name, number) for number in _NUMBERS)
 
 
+@functools.lru_cache(maxsize=64)
+def _core_header_names(
+    limit: bytes, remaining: bytes, reset: bytes, retry_after: bytes
+) -> HeaderNames:
+    """The core's header names, shared by limiters (immutable): their ready
+    pairs take about 220 KB, which a limiter per application (per test) kept
+    paying, and FastAPI's caches of endpoints keep thousands alive."""
+    return HeaderNames(limit, remaining, reset, retry_after, ViewRateLimit)
+
+
 class ViewRateLimit:
     """``request.state.view_rate_limit``: the limit the headers describe.
 
@@ -1184,12 +1194,8 @@ class Limiter:
             (self._h_limit, self._h_remaining, self._h_reset, self._h_retry)
         )
         # The core formats the headers with the decision (seconds only).
-        self._core_names = HeaderNames(
-            self._h_limit,
-            self._h_remaining,
-            self._h_reset,
-            self._h_retry,
-            ViewRateLimit,
+        self._core_names = _core_header_names(
+            self._h_limit, self._h_remaining, self._h_reset, self._h_retry
         )
         self._header_names_and_retry = self._header_names | {_RETRY_AFTER}
         # (name, value) pairs for small numbers, shared by limiters.
@@ -1979,14 +1985,20 @@ class Limiter:
             # The outage itself is reported once (rapidlimit.redis, WARNING).
             self.logger.debug("Rate limit storage unavailable: %s", exc)
             return _Unavailable(getattr(exc, "retry_after", 1.0))
-        if self._in_memory_fallback_enabled and not self._storage_dead:
-            self.logger.warning(
-                "Rate limit storage unreachable - falling back to in-memory storage"
+        if self._in_memory_fallback_enabled:
+            if not self._storage_dead:
+                self.logger.warning(
+                    "Rate limit storage unreachable - falling back to in-memory storage"
+                )
+                self._storage_dead = True
+                self._check_backend_count = 0
+                self._last_check_backend = time.time()
+            # Also when another request, awaiting the storage at the same
+            # time, switched first (a 500 before). Decided in memory at
+            # once: asking the storage again could fail again, recursively.
+            return self._check_while_dead(
+                conn, plan, state, endpoint_key, recheck=False
             )
-            self._storage_dead = True
-            self._check_backend_count = 0
-            self._last_check_backend = time.time()
-            return self._check_while_dead(conn, plan, state, endpoint_key)
         if self._swallow_errors:
             self.logger.exception("Failed to rate limit. Swallowing error")
             return None
@@ -2008,9 +2020,12 @@ class Limiter:
         plan: _Plan,
         state: dict[str, Any],
         endpoint_key: str,
+        recheck: bool = True,
     ) -> Failure | None:
         try:
-            if self._remote:
+            if not recheck:
+                recovered = False
+            elif self._remote:
                 # The Redis engine reconnects by itself, with a backoff of
                 # its own: back to Redis as soon as it is up (a read, not a
                 # PING on the event loop; slowapi's timer of up to 32 s

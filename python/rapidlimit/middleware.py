@@ -52,8 +52,11 @@ _CACHE_SIZE = 4096
 _Watch = tuple[tuple[Any, int], ...]
 
 # id(routes) -> (routes, its length, the included routers' versions, the
-# flattened routes)
-_flattened: dict[int, tuple[Sequence[BaseRoute], int, _Watch, Sequence[Any]]] = {}
+# flattened routes). One per middleware: a cache shared by the module kept
+# the routes of the last 256 applications alive, and through their
+# endpoints the limiters with their Redis connections and threads (an
+# application per test).
+_FlatCache = dict[int, tuple[Sequence[BaseRoute], int, _Watch, Sequence[Any]]]
 
 
 def _included_routers(routes: Sequence[Any]) -> _Watch:
@@ -79,13 +82,13 @@ def _changed(watch: _Watch) -> bool:
     return False
 
 
-def _flatten(routes: Sequence[BaseRoute]) -> Sequence[Any]:
+def _flatten(routes: Sequence[BaseRoute], cache: _FlatCache | None) -> Sequence[Any]:
     """``routes`` with FastAPI's included routers expanded into their routes
-    (cached while the list keeps its length and no included router gets new
-    routes)."""
+    (kept in ``cache`` while the list keeps its length and no included
+    router gets new routes)."""
     if _iter_route_contexts is None:
         return routes
-    cached = _flattened.get(id(routes))
+    cached = cache.get(id(routes)) if cache is not None else None
     if (
         cached is not None
         and cached[0] is routes
@@ -97,9 +100,10 @@ def _flatten(routes: Sequence[BaseRoute]) -> Sequence[Any]:
     watch = _included_routers(routes)
     if watch:
         flat = list(_iter_route_contexts(routes))
-    if len(_flattened) > 256:
-        _flattened.clear()
-    _flattened[id(routes)] = (routes, len(routes), watch, flat)
+    if cache is not None:
+        if len(cache) > 256:
+            cache.clear()
+        cache[id(routes)] = (routes, len(routes), watch, flat)
     return flat
 
 
@@ -117,11 +121,14 @@ def find_endpoint(
 
 
 def _find_route(
-    routes: Sequence[BaseRoute], scope: Scope, _depth: int = 0
+    routes: Sequence[BaseRoute],
+    scope: Scope,
+    _depth: int = 0,
+    cache: _FlatCache | None = None,
 ) -> tuple[Any, Any, bool]:
     """:func:`find_endpoint`, also returning the matched route."""
     cacheable = True
-    for route in _flatten(routes):
+    for route in _flatten(routes, cache):
         if getattr(route, "host", None) is not None:
             cacheable = False
         try:
@@ -135,7 +142,7 @@ def _find_route(
             if not sub_routes or _depth > 16:
                 return None, None, cacheable
             found, endpoint, sub_cacheable = _find_route(
-                sub_routes, {**scope, **child}, _depth + 1
+                sub_routes, {**scope, **child}, _depth + 1, cache
             )
             return found, endpoint, cacheable and sub_cacheable
         endpoint = child.get("endpoint") or getattr(route, "endpoint", None)
@@ -196,6 +203,7 @@ class SlowAPIASGIMiddleware:
         self._routes_len = -1
         self._routers: _Watch = ()  # included routers, checked per request
         self._endpoints: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._flat: _FlatCache = {}
         # app.state and its dict (starlette's State keeps values in _state).
         self._state_object: Any = _MISSING
         self._state_values: dict[str, Any] | None = None
@@ -226,7 +234,7 @@ class SlowAPIASGIMiddleware:
         )
         found = endpoints.get(key)
         if found is None:
-            route, endpoint, cacheable = _find_route(routes, scope)
+            route, endpoint, cacheable = _find_route(routes, scope, cache=self._flat)
             found = (endpoint, _route_dependencies(route) if route else ())
             if cacheable:
                 if len(endpoints) >= _CACHE_SIZE:

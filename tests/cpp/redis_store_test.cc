@@ -784,6 +784,29 @@ TEST_F(RedisStoreTest, BlockedKeyCacheSendsNoCommand) {
   EXPECT_GE(store->Stats().cache_hits, 20u);
 }
 
+TEST_F(RedisStoreTest, FullBlockedKeyCacheMakesRoomForNewKeys) {
+  RedisStoreOptions o = Options();
+  o.blocked_cache_max_keys = 32;
+  auto store = Make(o);
+  const Limit l = L("1 per hour");
+  // Far more blocked clients than the cache holds, all blocked for an hour.
+  for (int i = 0; i < 400; ++i) {
+    const std::string key = "LIMITER/flood" + std::to_string(i);
+    Hit(*store, Strategy::kFixedWindow, l, key, kT0);
+    EXPECT_FALSE(Hit(*store, Strategy::kFixedWindow, l, key, kT0 + 1).allowed);
+  }
+  // A client blocked later, and for longer, is answered from the cache.
+  const Limit day = L("1 per day");
+  for (int i = 0; i < 20; ++i) {
+    const std::string key = "LIMITER/late" + std::to_string(i);
+    Hit(*store, Strategy::kFixedWindow, day, key, kT0 + 2);
+    Hit(*store, Strategy::kFixedWindow, day, key, kT0 + 3);
+    const Decision d = Hit(*store, Strategy::kFixedWindow, day, key, kT0 + 4);
+    EXPECT_FALSE(d.allowed);
+    EXPECT_EQ(d.source, DecisionSource::kCache) << key;
+  }
+}
+
 TEST_F(RedisStoreTest, CacheCanBeTurnedOff) {
   RedisStoreOptions o = Options();
   o.blocked_cache = false;

@@ -4,7 +4,10 @@ exact under concurrency, answered in process for blocked keys."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import time
+import weakref
 
 import pytest
 
@@ -178,4 +181,40 @@ def test_many_loops_one_after_another(server: RedisServer) -> None:
         ].allowed
 
     assert all(asyncio.run(go()) for _ in range(30))
+    store.close()
+
+
+def test_loops_closed_with_decisions_in_flight_are_released(
+    server: RedisServer,
+) -> None:
+    """A loop closed before its answers were read (pytest-asyncio's loop per
+    test, asyncio.run cancelling a task that awaits Redis) leaves neither
+    itself nor its completion eventfd behind."""
+    store = RedisStorage(server.uri)
+    item = parse("1000000/minute")
+
+    async def go() -> bool:
+        return (await store.decide_many_async("fixed-window", [(item, "a", 1)]))[
+            0
+        ].allowed
+
+    async def abandon() -> None:
+        for _ in range(3):
+            store.decide_many_async("fixed-window", [(item, "a", 1)])
+
+    assert asyncio.run(go())
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    for _ in range(40):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(abandon())
+        loop.close()
+        loops.append(weakref.ref(loop))
+        del loop
+    time.sleep(0.5)  # the answers arrive after their loop is closed
+    assert asyncio.run(go())  # the store keeps working on a new loop
+    gc.collect()
+    assert sum(ref() is not None for ref in loops) == 0
+    assert len(os.listdir("/proc/self/fd")) <= fds + 1
     store.close()

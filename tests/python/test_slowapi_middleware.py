@@ -4,11 +4,14 @@ limits, route resolution, streaming, files and websockets."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
@@ -737,3 +740,34 @@ def test_websocket_close_without_denial_extension() -> None:
             "reason": "Rate limit exceeded: 1 per 1 minute",
         }
     ]
+
+
+def test_dropped_applications_are_released(middleware: type) -> None:
+    """An application per test (or per reload): once dropped, nothing the
+    middleware cached keeps its routes, its endpoints and their limiter (with
+    a Redis storage, its connection and I/O thread) alive."""
+    limiters: list[weakref.ref[Limiter]] = []
+
+    async def go(app: Starlette) -> None:
+        transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver"
+        ) as client:
+            for path in ("/x", "/y"):
+                assert (await client.get(path)).status_code == 200
+            assert (await client.get("/missing")).status_code == 404
+
+    for _ in range(5):
+        limiter = Limiter(key_func=get_remote_address, default_limits=["9/minute"])
+        limited = limiter.limit("5/minute")(text_view("y"))
+        app = make_app(
+            "starlette",
+            limiter,
+            middleware,
+            [("/x", text_view("x")), ("/y", limited)],
+        )
+        asyncio.run(go(app))
+        limiters.append(weakref.ref(limiter))
+        del app, limiter, limited
+    gc.collect()
+    assert [ref() for ref in limiters] == [None] * 5

@@ -323,6 +323,52 @@ def test_in_memory_fallback_limits_apply_while_down(server: RedisServer) -> None
     assert asyncio.run(main()) == [200, 429, 429]
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_in_memory_fallback_limits_for_requests_in_flight(
+    server: RedisServer, path: str
+) -> None:
+    # Requests awaiting Redis together when it stops answering: the first
+    # to fail switches to the fallback limits, and the others, failing
+    # after the switch, are decided by them too (not a 500).
+    limiter = limiter_for(
+        server, path, storage_options=FAST, in_memory_fallback=["100/minute"]
+    )
+    app = make_app(limiter, path, limit="100/minute")
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            assert (await client.get("/r")).status_code == 200
+            held = server.sleep_in_background(1.0)
+            await asyncio.sleep(0.1)
+            responses = await asyncio.gather(*(client.get("/r") for _ in range(8)))
+            await asyncio.to_thread(held.join)
+            return [r.status_code for r in responses]
+
+    assert asyncio.run(main()) == [200] * 8
+
+
+def test_in_memory_fallback_limits_when_redis_refuses_the_script(
+    server: RedisServer,
+) -> None:
+    # Connected, but every script call is an error reply (OOM under
+    # maxmemory): each request asks Redis once, then counts in memory.
+    client = server.client()
+    client.set("filler", "x" * 100_000)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    limiter = limiter_for(
+        server, "decorator", storage_options=FAST, in_memory_fallback=["2/minute"]
+    )
+    app = make_app(limiter, "decorator")
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            return [(await client.get("/r")).status_code for _ in range(3)]
+
+    assert asyncio.run(main()) == [200, 200, 429]
+    assert limiter._storage.stats()["errors"] <= 3  # type: ignore[attr-defined]
+
+
 def test_in_memory_fallback_switches_back_when_redis_returns(
     server: RedisServer,
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import tracemalloc
 
 import pytest
 import slowapi
@@ -389,3 +390,23 @@ def test_reset_clears_counters() -> None:
     assert not limiter.limiter.hit(item, "a")
     limiter.reset()
     assert limiter.limiter.hit(item, "a")
+
+
+def test_a_limiter_per_application_costs_little_memory() -> None:
+    # Limiters with the same header names share the core's ready header
+    # pairs (about 220 KB): an application per test builds one limiter
+    # each, and FastAPI's caches of endpoints keep thousands of them alive.
+    Limiter(key_func=get_remote_address)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        limiters = [Limiter(key_func=get_remote_address) for _ in range(20)]
+        per_limiter = (tracemalloc.get_traced_memory()[0] - before) / len(limiters)
+    finally:
+        tracemalloc.stop()
+    assert per_limiter < 48 * 1024
+    custom = Limiter(key_func=get_remote_address)
+    custom._header_mapping[rapidlimit.extension.HEADERS.LIMIT] = "X-Custom-Limit"
+    custom._encode_header_names()
+    assert "x-custom-limit" in repr(custom._core_names)
+    assert "x-custom-limit" not in repr(limiters[0]._core_names)
