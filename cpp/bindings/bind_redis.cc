@@ -1423,8 +1423,21 @@ bool RaiseIfFailClosed(const Decision& d) {
   return true;
 }
 
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+// g_orphans_mu is also taken by I/O threads without the GIL: the same
+// hazard as g_log_mu. The child keeps the parent's orphans (freeing them
+// is harmless: they are the child's copies of Python objects too).
+void RegisterOrphansAtFork() {
+  pthread_atfork([] { g_orphans_mu.lock(); }, [] { g_orphans_mu.unlock(); },
+                 [] { g_orphans_mu.unlock(); });
+}
+#else
+void RegisterOrphansAtFork() {}
+#endif
+
 void BindRedis(py::module_& m) {
   RegisterLogAtFork();
+  RegisterOrphansAtFork();
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
   g_limiter_type =
