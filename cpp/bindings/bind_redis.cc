@@ -74,21 +74,6 @@ void QueueLog(RedisLogLevel level, const std::string& message) {
   g_log_pending.store(true, std::memory_order_release);
 }
 
-// A fork while an I/O thread holds g_log_mu would leave the child's copy
-// locked forever (the thread does not exist there), and the child's first
-// log line (its new connection) would hang it: gunicorn --preload workers,
-// multiprocessing. The forking thread takes the lock around fork(), so the
-// child gets it free and the queue whole; the records queued so far are
-// the parent's to forward, not the child's.
-void RegisterLogAtFork() {
-  pthread_atfork([] { g_log_mu.lock(); }, [] { g_log_mu.unlock(); },
-                 [] {
-                   g_log_queue.clear();
-                   g_log_pending.store(false, std::memory_order_relaxed);
-                   g_log_mu.unlock();
-                 });
-}
-
 void FlushLogs() {
   if (!g_log_pending.load(std::memory_order_acquire)) return;
   std::deque<std::pair<RedisLogLevel, std::string>> items;
@@ -1423,21 +1408,37 @@ bool RaiseIfFailClosed(const Decision& d) {
   return true;
 }
 
+// The locks I/O threads take without the GIL (the log queue's, and the
+// orphaned completions' with hiredis). A fork while one is held would leave
+// the child's copy locked forever (the thread does not exist there), and
+// the child's first log line (its new connection) would hang it: gunicorn
+// --preload workers, multiprocessing. The forking thread takes them around
+// fork(), so the child gets them free and the queues whole; the log
+// records queued so far are the parent's to forward, not the child's.
+void LockForFork() {
+  g_log_mu.lock();
 #ifdef RAPIDLIMIT_HAVE_HIREDIS
-// g_orphans_mu is also taken by I/O threads without the GIL: the same
-// hazard as g_log_mu. The child keeps the parent's orphans (freeing them
-// is harmless: they are the child's copies of Python objects too).
-void RegisterOrphansAtFork() {
-  pthread_atfork([] { g_orphans_mu.lock(); }, [] { g_orphans_mu.unlock(); },
-                 [] { g_orphans_mu.unlock(); });
-}
-#else
-void RegisterOrphansAtFork() {}
+  g_orphans_mu.lock();
 #endif
+}
+
+void UnlockAfterFork() {
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+  g_orphans_mu.unlock();
+#endif
+  g_log_mu.unlock();
+}
+
+void RegisterAtFork() {
+  pthread_atfork(&LockForFork, &UnlockAfterFork, [] {
+    g_log_queue.clear();
+    g_log_pending.store(false, std::memory_order_relaxed);
+    UnlockAfterFork();
+  });
+}
 
 void BindRedis(py::module_& m) {
-  RegisterLogAtFork();
-  RegisterOrphansAtFork();
+  RegisterAtFork();
   g_item_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
   g_limiter_type =
