@@ -1211,7 +1211,17 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
   std::unique_ptr<Pending> owned(p);
   ReleaseOrphans();
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
-  if (loop == nullptr) return nullptr;
+  if (loop == nullptr) {
+    if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+      // trio (hypercorn --worker-class trio) runs no asyncio loop.
+      PyErr_Clear();
+      PyErr_SetString(PyExc_RuntimeError,
+                      "RedisStorage's async decisions need a running asyncio "
+                      "event loop; elsewhere (trio) call decide_many in a "
+                      "worker thread, e.g. anyio.to_thread.run_sync");
+    }
+    return nullptr;
+  }
   std::shared_ptr<LoopBridge> bridge;
   try {
     bridge = BridgeFor(loop);

@@ -162,6 +162,14 @@ class RedisServer:
             time.sleep(0.002)
         return thread
 
+    def hold(self, seconds: float) -> threading.Thread:
+        """:meth:`sleep_in_background`, failing unless the server then
+        sleeps: what a test sends next is sure to wait for the sleep."""
+        sleeper = self.sleep_in_background(seconds)
+        if self._answers():
+            raise RuntimeError("DEBUG SLEEP did not hold the server")
+        return sleeper
+
     def _answers(self) -> bool:
         """Whether a PING on a new connection is answered within 50 ms (a
         plain socket: redis-py retries a command that timed out)."""

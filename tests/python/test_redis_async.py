@@ -165,7 +165,7 @@ async def test_cancelled_and_abandoned_futures(server: RedisServer) -> None:
 
 def test_needs_a_running_loop(server: RedisServer) -> None:
     store = RedisStorage(server.uri)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="running asyncio event loop"):
         store.decide_many_async("fixed-window", [(parse("1/second"), "a", 1)])
     store.close()
 
@@ -218,3 +218,54 @@ def test_loops_closed_with_decisions_in_flight_are_released(
     assert sum(ref() is not None for ref in loops) == 0
     assert len(os.listdir("/proc/self/fd")) <= fds + 1
     store.close()
+
+
+def test_loops_closed_after_a_timeout_are_released(
+    server: RedisServer,
+) -> None:
+    """A loop closed while its decisions are in flight (asyncio.run, a loop
+    per test under pytest-asyncio, after a wait_for timeout) gets their
+    answers after it closed; each answer holds its future and so the loop.
+    Those loops, their eventfds and whatever their tasks held were kept for
+    good; they go once a later loop asks for a decision."""
+    store = RedisStorage(server.uri, timeout=2.0)
+    item = parse("1000/minute")
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def leave_in_flight() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                store.decide_many_async("fixed-window", [(item, "a", 1)]), 0.01
+            )
+        names = _core.HeaderNames(b"a", b"b", b"c", b"d", _View)
+        view = store.decide_view_async(
+            "fixed-window", item, "a", "/v", 1, T0, names, None, ""
+        )
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(view, 0.01)
+
+    async def later() -> bool:
+        return (await store.decide_many_async("fixed-window", [(item, "b", 1)]))[
+            0
+        ].allowed
+
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        sleeper = server.hold(0.5)
+        asyncio.run(leave_in_flight())  # the answers come once it is closed
+        sleeper.join()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert asyncio.run(later())
+        gc.collect()
+        if all(ref() is None for ref in loops):
+            break
+        time.sleep(0.05)
+    assert [ref() for ref in loops] == [None] * 3
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    store.close()
+
+
+class _View:
+    __slots__ = ("_data",)
