@@ -1,6 +1,6 @@
-"""Two uvicorn instances of the app and a real redis-server, driven over
-HTTP by httpx: the limit holds across instances, and a Redis outage is a
-503 that ends when Redis is back."""
+"""Three instances of the app (two uvicorn, one Hypercorn on trio) and a
+real redis-server, driven over HTTP by httpx: the limit holds across
+instances, and a Redis outage is a 503 that ends when Redis is back."""
 
 from __future__ import annotations
 
@@ -20,24 +20,21 @@ sys.path.insert(0, str(ROOT / "tests" / "python"))
 from redis_server import RedisServer, free_port  # noqa: E402
 
 
+def server_command(server: list[str], port: int) -> list[str]:
+    app = "examples.redis_shared.app:app"
+    if server[0] == "hypercorn":
+        bind = ["--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+        return [sys.executable, "-m", "hypercorn", app, *bind, *server[1:]]
+    bind = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return [sys.executable, "-m", "uvicorn", app, *bind, *server]
+
+
 def spawn_instance(
     name: str, redis_uri: str, server: list[str]
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(os.environ, REDIS_URL=redis_uri, INSTANCE=name)
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "examples.redis_shared.app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *server,
-    ]
+    args = server_command(server, port)
     # Dies with the test process, even when that one is killed.
     setpriv = shutil.which("setpriv")
     if setpriv is not None:
@@ -75,11 +72,13 @@ def cluster() -> Iterator[tuple[RedisServer, list[str]]]:
     try:
         redis.start()
         # a: plain uvicorn (asyncio, h11); b: uvicorn[standard]'s uvloop and
-        # httptools, as `pip install "fastapi[standard]"` gives. Both start
-        # at once; every one started is stopped, whatever fails.
+        # httptools, as `pip install "fastapi[standard]"` gives; c: Hypercorn
+        # on trio, where no asyncio loop runs. All start at once; every one
+        # started is stopped, whatever fails.
         servers = {
             "a": ["--loop", "asyncio", "--http", "h11"],
             "b": ["--loop", "uvloop", "--http", "httptools"],
+            "c": ["hypercorn", "--worker-class", "trio"],
         }
         urls = []
         for name, server in servers.items():
@@ -100,16 +99,16 @@ def test_instances_share_each_clients_limit(
 ) -> None:
     _, urls = cluster
     key = {"X-API-Key": "team-1"}
-    got = [httpx.get(f"{urls[i % 2]}/report", headers=key) for i in range(8)]
+    got = [httpx.get(f"{urls[i % 3]}/report", headers=key) for i in range(8)]
     assert [r.status_code for r in got] == [200] * 5 + [429] * 3
-    assert {r.json()["instance"] for r in got[:5]} == {"a", "b"}
-    # One count across both instances: the headers go down 4, 3, 2, 1, 0.
+    assert {r.json()["instance"] for r in got[:5]} == {"a", "b", "c"}
+    # One count across the instances: the headers go down 4, 3, 2, 1, 0.
     assert [r.headers["x-ratelimit-remaining"] for r in got[:5]] == list("43210")
     assert got[5].json() == {"error": "Rate limit exceeded: 5 per 1 minute"}
     assert 0 < int(got[5].headers["retry-after"]) <= 60
     # Another key has its own five.
     other = [
-        httpx.get(f"{urls[i % 2]}/report", headers={"X-API-Key": "team-2"})
+        httpx.get(f"{urls[i % 3]}/report", headers={"X-API-Key": "team-2"})
         for i in range(6)
     ]
     assert [r.status_code for r in other] == [200] * 5 + [429]
@@ -122,10 +121,11 @@ def test_redis_outage_is_a_503_until_redis_returns(
     key = {"X-API-Key": "team-3"}
     assert httpx.get(f"{urls[0]}/report", headers=key).status_code == 200
     redis.kill()
-    down = httpx.get(f"{urls[1]}/report", headers=key, timeout=5.0)
-    assert down.status_code == 503
-    assert down.json() == {"error": "Rate limit storage unavailable"}
-    assert int(down.headers["retry-after"]) >= 1
+    for url in urls[1:]:
+        down = httpx.get(f"{url}/report", headers=key, timeout=5.0)
+        assert down.status_code == 503
+        assert down.json() == {"error": "Rate limit storage unavailable"}
+        assert int(down.headers["retry-after"]) >= 1
     redis.restart()
     # Both instances reconnect by themselves (a fresh key per round, so
     # that rounds where only one is back do not use up a limit).

@@ -84,7 +84,9 @@ Correctness
   :class:`~rapidlimit.errors.RateLimitStorageUnavailable` where slowapi
   raises), never 500. Fail-open lets requests through with the headers of
   a fresh window (the count is unknown meanwhile). Async paths await the
-  decision without blocking the event loop (slowapi issue #3).
+  decision without blocking the event loop (slowapi issue #3); on trio
+  (Hypercorn's trio worker), which runs no asyncio loop, it waits in a
+  worker thread (anyio's pool) instead.
 * ``_rate_limit_exceeded_handler`` finds the limiter on the exception when
   ``app.state.limiter`` is missing, and never fails for want of
   ``request.state.view_rate_limit``.
@@ -186,6 +188,7 @@ import logging
 import math
 import os
 import time
+from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Literal, TypeVar, Union, cast, get_type_hints
@@ -704,6 +707,16 @@ _make_request = _request_factory()
 async def _ready(value: Any) -> Any:
     """An awaitable of ``value``."""
     return value
+
+
+def _decide_in_thread(
+    storage: RedisStorage, limiter: RateLimiter, requests: Any, now: float
+) -> Awaitable[list[Decision]]:
+    """``storage.decide_many`` in a worker thread, for event loops other than
+    asyncio's (trio, under Hypercorn or anyio), where the storage has no
+    asyncio loop to complete its future: the call waits for Redis with the
+    GIL released and the event loop keeps running meanwhile."""
+    return run_in_threadpool(storage.decide_many, limiter, requests, now=now)
 
 
 def _annotations(func: Any) -> dict[str, Any]:
@@ -1781,25 +1794,64 @@ class Limiter:
             if key.__class__ is not str:  # keyed as f"{key}" elsewhere
                 key = f"{key}"
             storage: RedisStorage = self._storage  # type: ignore[assignment]
-            return storage.decide_view_async(
-                self._limiter,
-                single.limit,
-                key,
-                single._static_scope or endpoint_key,
-                single.cost,  # type: ignore[arg-type]
-                time.time(),
-                self._core_names,
-                single,
-                self._key_prefix,
-                state,
-                _VIEW,
-                self,
-                conn,
-                plan,
-            )
+            name = single._static_scope or endpoint_key
+            now = time.time()
+            try:
+                return storage.decide_view_async(
+                    self._limiter,
+                    single.limit,
+                    key,
+                    name,
+                    single.cost,  # type: ignore[arg-type]
+                    now,
+                    self._core_names,
+                    single,
+                    self._key_prefix,
+                    state,
+                    _VIEW,
+                    self,
+                    conn,
+                    plan,
+                )
+            except RuntimeError:
+                if _get_running_loop() is not None:
+                    raise
+            return self._view_in_thread(conn, plan, state, key, name, now)
         except Exception as exc:
             failed = self._on_error(exc, conn, plan, state, endpoint_key)
         return _ready(self._outcome(conn, failed, state))
+
+    async def _view_in_thread(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        key: str,
+        name: str,
+        now: float,
+    ) -> Any:
+        """:meth:`_check_in_endpoint_async`'s decision where no asyncio
+        loop runs (see :func:`_decide_in_thread`)."""
+        single = plan.single
+        assert single is not None
+        try:
+            view: ViewRateLimit = await run_in_threadpool(
+                self._limiter.decide_view,
+                single.limit,
+                key,
+                name,
+                single.cost,  # type: ignore[arg-type]
+                now,
+                self._core_names,
+                single,
+                self._key_prefix,
+            )
+        except Exception as exc:
+            return self._finish_endpoint(None, exc, conn, plan)
+        state[_VIEW] = view
+        if view._data[4][0]:
+            return view
+        return self._finish_endpoint(view, None, conn, plan)
 
     def _finish_endpoint(
         self,
@@ -1963,10 +2015,15 @@ class Limiter:
                 return None
             requests, used = prepared
             storage = cast(RedisStorage, self._storage)
-            decisions = await storage.decide_many_async(
-                self._limiter, requests, now=time.time()
-            )
-            return self._conclude(decisions, used, state)
+            now = time.time()
+            pending: Awaitable[list[Decision]]
+            try:
+                pending = storage.decide_many_async(self._limiter, requests, now=now)
+            except RuntimeError:
+                if _get_running_loop() is not None:
+                    raise
+                pending = _decide_in_thread(storage, self._limiter, requests, now)
+            return self._conclude(await pending, used, state)
         except Exception as exc:
             return self._on_error(exc, conn, plan, state, endpoint_key)
 
