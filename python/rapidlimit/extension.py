@@ -30,7 +30,9 @@ Speed
 * A rejection is cheaper than an allowed request: when the application's
   handler for ``RateLimitExceeded`` is ``_rate_limit_exceeded_handler``, the
   middleware sends the 429 itself and the decorator returns it from the
-  endpoint (same status, body and headers), without raising; with any other
+  endpoint (same status, body and headers; the background tasks the
+  request's dependencies queued do not run, as after slowapi's exception),
+  without raising; with any other
   handler (or one registered for status 429) the exception is raised
   (decorator) or the handler called (middleware) as in slowapi. The
   "ratelimit exceeded" log line is at DEBUG, not WARNING, and never carries
@@ -194,6 +196,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Any, Literal, TypeVar, Union, cast, get_type_hints
 from urllib.parse import parse_qsl, urlsplit
 
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
 from starlette.datastructures import MutableHeaders
@@ -566,6 +569,13 @@ def _limiter_of(request: HTTPConnection) -> Limiter | None:
     return limiter if isinstance(limiter, Limiter) else None
 
 
+async def _nothing() -> None:
+    return None
+
+
+_NO_BACKGROUND = BackgroundTask(_nothing)
+
+
 class _TooManyRequests(Response):
     """The default 429 (the bytes ``_rate_limit_exceeded_handler`` would
     produce), built from precomputed parts and sent by itself."""
@@ -576,7 +586,12 @@ class _TooManyRequests(Response):
         self, body: bytes, headers: list[tuple[bytes, bytes]], status: int = 429
     ) -> None:
         self.status_code = status
-        self.background = None
+        # Not None: FastAPI gives a returned response whose background is
+        # None the request's BackgroundTasks, and those its dependencies
+        # queued would then run for a request that was refused (slowapi
+        # raises there, and FastAPI runs no background task after an
+        # exception).
+        self.background = _NO_BACKGROUND
         self.body = body
         self.raw_headers = headers
 
@@ -589,7 +604,7 @@ class _TooManyRequests(Response):
             }
         )
         await send({"type": "http.response.body", "body": self.body})
-        if self.background is not None:
+        if self.background is not None and self.background is not _NO_BACKGROUND:
             await self.background()
 
 
