@@ -122,6 +122,10 @@ Correctness
 * Stacked ``@limit`` decorators are checked in one pass. Decorators of
   different ``Limiter`` instances on one view each apply (slowapi skipped
   every limiter after the first).
+* A generator endpoint (FastAPI streams what it yields as JSON lines or
+  server-sent events) cannot take the decorator: ``ConfigurationError`` at
+  decoration, since FastAPI sends the 200 before a check could run (slowapi
+  answered 500). ``Depends(limiter.depends(...))`` limits it.
 * The decorator also accepts FastAPI endpoints without a ``request``
   parameter (a hidden ``HTTPConnection`` parameter is added; it stays out of
   the OpenAPI schema), Starlette views whose request parameter has another
@@ -775,6 +779,24 @@ def _configured_cost(cost: CostType | float) -> CostType:
         raise ConfigurationError(f"invalid cost {cost!r}: {exc}") from exc
 
 
+def _refuse_generator(func: Any) -> None:
+    """A generator endpoint (FastAPI streams what it yields, as JSON lines
+    or server-sent events) cannot be limited by a wrapper: FastAPI calls it
+    without awaiting anything and sends the 200 before its first item, so
+    the wrapper's check never ran (the endpoint answered an empty 200,
+    unlimited) and a 429 would come too late anyway."""
+    for candidate in (func, inspect.unwrap(func)):
+        if inspect.isasyncgenfunction(candidate) or inspect.isgeneratorfunction(
+            candidate
+        ):
+            raise ConfigurationError(
+                f"{_func_name(func)} is a generator: FastAPI streams what it "
+                "yields after sending the status, too late to refuse it. "
+                "Limit it with dependencies=[Depends(limiter.depends(...))], "
+                "checked before the response starts."
+            )
+
+
 def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     for value in (*args, *kwargs.values()):
         if isinstance(value, HTTPConnection):
@@ -1393,6 +1415,7 @@ class Limiter:
             ) from exc
 
         def decorator(func: F) -> F:
+            _refuse_generator(func)
             target = getattr(func, _TARGET_ATTR, func)
             name = _func_name(func)
             reg = self._registration(target, func)

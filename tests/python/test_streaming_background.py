@@ -1,5 +1,5 @@
-"""Streaming responses and background tasks with the rate-limit headers on,
-on memory and on Redis: the headers ride on the one
+"""Streaming responses, background tasks and generator endpoints with the
+rate-limit headers on, on memory and on Redis: the headers ride on the one
 ``http.response.start``, a background task runs once, and a refused request
 runs none (as with slowapi)."""
 
@@ -21,6 +21,7 @@ from starlette.responses import StreamingResponse
 import rapidlimit
 import rapidlimit.errors
 from rapidlimit import Limiter, _core
+from rapidlimit.errors import ConfigurationError
 from rapidlimit.middleware import SlowAPIASGIMiddleware
 from redis_server import RedisServer
 
@@ -174,3 +175,37 @@ def test_streaming_response_with_headers(uri: str, middleware: bool) -> None:
         b"chunk 0\nchunk 1\nchunk 2\n"
     )
     assert ran == ["after"]
+
+
+def test_a_generator_endpoint_is_refused_at_decoration() -> None:
+    """FastAPI streams what a generator endpoint yields (JSON lines,
+    server-sent events): it calls the endpoint without awaiting it, so the
+    decorator's check never ran, and the endpoint answered an empty 200,
+    unlimited. A 429 would come after the 200 anyway."""
+    limiter = Limiter(key_func=lambda: "k")
+
+    async def events() -> AsyncIterator[dict[str, int]]:
+        yield {"n": 1}
+
+    def lines() -> Iterator[dict[str, int]]:
+        yield {"n": 1}
+
+    for endpoint in (events, lines):
+        with pytest.raises(ConfigurationError, match="generator.*depends"):
+            limiter.limit("2/minute")(endpoint)
+
+
+def test_a_generator_endpoint_is_limited_by_a_dependency(uri: str) -> None:
+    pytest.importorskip("fastapi.sse")  # FastAPI streams generator endpoints
+    limiter = Limiter(key_func=lambda: "k", storage_uri=uri, headers_enabled=True)
+    app = FastAPI()
+    app.state.limiter = limiter
+
+    @app.get("/lines", dependencies=[Depends(limiter.depends("2/minute"))])
+    async def lines() -> AsyncIterator[dict[str, int]]:
+        yield {"n": 1}
+
+    got = _get(app, "/lines", 3)
+    assert [r.status_code for r in got] == [200, 200, 429]
+    assert [r.text for r in got[:2]] == ['{"n":1}\n'] * 2
+    assert [r.headers["x-ratelimit-remaining"] for r in got[:2]] == ["1", "0"]
