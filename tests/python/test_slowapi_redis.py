@@ -9,9 +9,12 @@ Never a 500."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
@@ -20,6 +23,7 @@ from starlette.responses import PlainTextResponse
 
 from conftest import Ticker
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
+from rapidlimit._core import RedisWaiter
 from rapidlimit.errors import RateLimitExceeded
 from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
 from rapidlimit.storage import RedisStorage
@@ -440,3 +444,73 @@ def test_sync_check_request_limit_raises_503(server: RedisServer) -> None:
     with pytest.raises(Exception) as info:
         limiter._check_request_limit(request, limited, in_middleware=False)
     assert getattr(info.value, "status_code", None) == 503
+
+
+class _Deadline:
+    """A timeout around the app, as timeout middlewares do: the request's
+    task is cancelled while it awaits its decision."""
+
+    def __init__(self, app: Any, how: str) -> None:
+        self.app = app
+        self.how = how
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        seconds = float(dict(scope["headers"]).get(b"x-deadline", b"10"))
+        try:
+            if self.how == "anyio":
+                with anyio.fail_after(seconds):
+                    await self.app(scope, receive, send)
+            else:
+                await asyncio.wait_for(self.app(scope, receive, send), seconds)
+        except (TimeoutError, asyncio.TimeoutError):
+            await send({"type": "http.response.start", "status": 504, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize(
+    ("path", "how"),
+    [
+        ("decorator", "wait_for"),
+        ("decorator", "anyio"),
+        ("middleware", "anyio"),
+        ("asgi-middleware", "wait_for"),
+        ("depends", "anyio"),
+    ],
+)
+def test_requests_cancelled_while_awaiting_redis_count_once(
+    server: RedisServer, path: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 requests wait together for a held Redis (their decisions share
+    script calls); half are cancelled by a deadline meanwhile. Each
+    decision is counted once (it was sent), the others are answered as
+    usual, and nothing is logged or left behind."""
+    limiter = Limiter(
+        key_func=get_remote_address,
+        storage_uri=server.uri,
+        storage_options={"timeout": 3.0},
+        # (a middleware's route limit is the default)
+        default_limits=["21/minute"] if path.endswith("middleware") else None,
+    )
+    app = _Deadline(make_app(limiter, path, limit="21/minute"), how)
+
+    async def main() -> tuple[list[int], list[int]]:
+        async with client_for(app) as client:  # type: ignore[arg-type]
+            await client.get("/free")  # connected, script loaded
+            sleeper = await asyncio.to_thread(server.hold, 0.4)
+            batch = await asyncio.gather(
+                *(
+                    client.get("/r", headers={"x-deadline": "0.1" if i % 2 else "5"})
+                    for i in range(20)
+                )
+            )
+            await asyncio.to_thread(sleeper.join)
+            after = [(await client.get("/r")).status_code for _ in range(2)]
+            return [r.status_code for r in batch], after
+
+    with caplog.at_level(logging.WARNING):
+        batch, after = asyncio.run(main())
+    assert batch == [200, 504] * 10
+    assert after == [200, 429]  # 20 counted, then the 21st, then refused
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, RedisWaiter)]
