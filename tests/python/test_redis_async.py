@@ -269,3 +269,32 @@ def test_loops_closed_after_a_timeout_are_released(
 
 class _View:
     __slots__ = ("_data",)
+
+
+def test_loops_in_several_threads_at_once(server: RedisServer) -> None:
+    """One storage, a loop on the main thread and one per worker thread (a
+    sync endpoint's asyncio.run): each loop gets its own answers."""
+    store = RedisStorage(server.uri, timeout=2.0)
+    item = parse("1000/minute")
+
+    async def burst(key: str) -> list[bool]:
+        got = await asyncio.gather(
+            *(
+                store.decide_many_async("fixed-window", [(item, key, 1)])
+                for _ in range(20)
+            )
+        )
+        return [d[0].allowed for d in got]
+
+    def in_thread(key: str) -> list[bool]:
+        return asyncio.run(burst(key))
+
+    async def main() -> list[list[bool]]:
+        threads = [asyncio.to_thread(in_thread, f"t{i}") for i in range(4)]
+        return await asyncio.gather(burst("main"), *threads)
+
+    assert asyncio.run(main()) == [[True] * 20] * 5
+    for key in ("main", "t0", "t1", "t2", "t3"):
+        tested = store.decide_many("fixed-window", [(item, key, 1)], test=True)
+        assert tested[0].remaining == 1000 - 20
+    store.close()
