@@ -416,6 +416,12 @@ class Lane {
 
   Engine* const engine_;
   const size_t index_;
+  // The I/O thread's wake-up; closed by Stop once the thread is joined (a
+  // closed store kept it, one file per storage an application left behind
+  // in FastAPI's caches). wake_mu_ keeps Stop from closing it under a
+  // Wake still writing to it, whose number might by then name another
+  // file.
+  std::mutex wake_mu_;
   int efd_ = -1;
 
   std::mutex q_mu_;  // guards queue_, woken_, accepting_, stop_
@@ -559,6 +565,9 @@ void Lane::Stop() {
   }
   Wake();
   if (thread_.joinable()) thread_.join();
+  std::lock_guard<std::mutex> lock(wake_mu_);
+  if (efd_ >= 0) close(efd_);
+  efd_ = -1;
 }
 
 void Lane::AbandonAfterFork() {
@@ -572,6 +581,7 @@ void Lane::AbandonAfterFork() {
 }
 
 void Lane::Wake() {
+  std::lock_guard<std::mutex> lock(wake_mu_);
   if (efd_ < 0) return;
   const uint64_t one = 1;
   ssize_t rc;

@@ -88,7 +88,10 @@ Correctness
   a fresh window (the count is unknown meanwhile). Async paths await the
   decision without blocking the event loop (slowapi issue #3); on trio
   (Hypercorn's trio worker), which runs no asyncio loop, it waits in a
-  worker thread (anyio's pool) instead.
+  worker thread (anyio's pool) instead. ``Limiter.close()`` (new) releases
+  a Redis storage's connections and I/O threads once the application is
+  done: FastAPI's caches keep decorated views, and so their limiter, after
+  the application is dropped.
 * ``_rate_limit_exceeded_handler`` finds the limiter on the exception when
   ``app.state.limiter`` is missing, and never fails for want of
   ``request.state.view_rate_limit``.
@@ -1279,6 +1282,21 @@ class Limiter:
             self.logger.info("Storage has been reset and all limits cleared")
         except NotImplementedError:
             self.logger.warning("This storage type does not support being reset")
+
+    def close(self) -> None:
+        """Releases the storage's connections and I/O thread (a Redis
+        storage; the memory store holds neither). Idempotent.
+
+        Not in slowapi, whose storages hold no thread. Call it when a
+        limiter's application is done before the process is, e.g. at
+        lifespan shutdown or in a test fixture creating an application per
+        test: FastAPI keeps its last 4,096 endpoints in caches, and with
+        them the decorated views and their limiter, so dropping the
+        application alone frees nothing. Afterwards the limiter answers
+        as while Redis is down (its ``on_error`` policy)."""
+        close = getattr(self._storage, "close", None)
+        if isinstance(self._storage, RedisStorage) and close is not None:
+            close()
 
     def limit(
         self,

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <memory>
@@ -1113,6 +1114,25 @@ TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
             std::chrono::milliseconds(200));
   EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
             DecisionSource::kFailOpen);
+}
+
+// A closed store held on to (an application's limiter kept by a framework's
+// caches) keeps no file open: neither its connections nor its I/O threads'
+// wake-ups.
+TEST_F(RedisStoreTest, CloseReleasesEveryFile) {
+  auto open_files = [] {
+    return std::distance(std::filesystem::directory_iterator("/proc/self/fd"),
+                         std::filesystem::directory_iterator{});
+  };
+  const auto before = open_files();
+  RedisStoreOptions o = Options();
+  o.pool_size = 3;
+  auto store = Make(o);
+  EXPECT_TRUE(
+      Hit(*store, Strategy::kFixedWindow, L("9/second"), "k", kT0).allowed);
+  EXPECT_GE(open_files(), before + 6);
+  store->Close();
+  EXPECT_EQ(open_files(), before);
 }
 
 // -------------------------------------------------------------------- fork

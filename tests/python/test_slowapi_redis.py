@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from typing import Any
 
@@ -514,3 +515,62 @@ def test_requests_cancelled_while_awaiting_redis_count_once(
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, RedisWaiter)]
+
+
+def _threads_and_fds() -> tuple[int, int]:
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_close_releases_what_a_dropped_application_keeps(
+    server: RedisServer, path: str
+) -> None:
+    """FastAPI's caches keep its last 4,096 endpoints, so an application per
+    test kept its limiter, with the Redis connection and I/O thread, after
+    it was dropped (about 750 of them reached the 1,024 open files limit).
+    ``Limiter.close()`` releases them; the limiter then answers as while
+    Redis is down (503 by default), and closing again does nothing."""
+    gc.collect()
+    before = _threads_and_fds()
+    limiters = []
+    for i in range(12):
+        limiter = limiter_for(server, path, storage_options=FAST, key_prefix=f"{i}")
+        app = make_app(limiter, path, limit="1000/minute")
+
+        async def once(app: FastAPI = app) -> int:
+            async with client_for(app) as client:
+                return (await client.get("/r")).status_code
+
+        assert asyncio.run(once()) == 200
+        limiters.append(limiter)
+    threads, fds = _threads_and_fds()
+    assert threads >= before[0] + 12  # one I/O thread per storage
+    assert len(server.client().client_list()) >= 12 + 1
+    for limiter in limiters:
+        limiter.close()
+    limiters[0].close()
+    gc.collect()
+    assert _threads_and_fds()[0] <= before[0]
+    assert _threads_and_fds()[1] <= before[1] + 1  # the redis-py client's
+    assert len(server.client().client_list()) <= 2  # this probe (and its twin)
+
+    async def after() -> httpx.Response:
+        async with client_for(app) as client:
+            return await client.get("/r")
+
+    response = asyncio.run(after())
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_close_on_memory_is_harmless() -> None:
+    limiter = Limiter(key_func=get_remote_address, storage_uri="memory://")
+    limiter.close()
+    limiter.close()
+    app = make_app(limiter, "decorator", limit="1/minute")
+
+    async def main() -> list[int]:
+        async with client_for(app) as client:
+            return [(await client.get("/r")).status_code for _ in range(2)]
+
+    assert asyncio.run(main()) == [200, 429]
