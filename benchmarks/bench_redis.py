@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -69,7 +70,15 @@ class RawPing:
     """PING over a plain socket: the floor of one loopback round trip."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        # Blocking again, bounded by the kernel instead: Python's own timeout
+        # polls before every recv, a system call more inside the PING
+        # measured. A Redis that stops answering fails the run in 10 s
+        # (EAGAIN) rather than hanging it.
+        self.sock.settimeout(None)
+        limit = struct.pack("ll", 10, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def ping(self) -> None:
