@@ -5,7 +5,7 @@ is omitted the core reads the system clock.
 """
 
 import asyncio
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, MutableMapping, Sequence
 from typing import Any, Final, Generic, TypeVar, overload
 
 _T = TypeVar("_T")
@@ -400,7 +400,7 @@ class RateLimiter:
         RedisUnavailableError when Redis cannot answer.
         """
 
-def decide_scope(scope: dict[str, Any], spec: tuple[Any, ...], /) -> Any:
+def decide_scope(scope: MutableMapping[str, Any], spec: tuple[Any, ...], /) -> Any:
     """The decorator's check of one simple limit keyed by the peer's address,
     from the ASGI ``scope``.
 

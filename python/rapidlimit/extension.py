@@ -411,6 +411,7 @@ class ViewRateLimit:
 _new_object = object.__new__
 _CONNECTION_TYPES = frozenset((Request, WebSocket))
 _SKIP: Any = object()
+_UNSET: Any = object()  # not worked out yet
 
 
 def _make_view(
@@ -471,6 +472,7 @@ class _Plan:
         "static",
         "tail_groups",
         "to_dependency",
+        "fast",
     )
 
     def __init__(
@@ -487,6 +489,10 @@ class _Plan:
         to_dependency: bool = False,
     ) -> None:
         self.exempt = exempt
+        # The middlewares' decide_scope spec (Limiter._fast_spec), worked
+        # out on first use: a plan is made again when a setting it depends
+        # on changes (Limiter._invalidate).
+        self.fast: Any = _UNSET
         self.deferred = deferred
         self.to_dependency = to_dependency
         self.endpoint_name = endpoint_name
@@ -1727,6 +1733,14 @@ class Limiter:
             state = scope["state"] = {}
         endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
         return (self._on_error(exc, conn, plan, state, endpoint_key or ""),)
+
+    def _rejected_by_core(self, state: dict[str, Any]) -> Limit:
+        """The limit a middleware's decide_scope call found exceeded (its
+        view is in ``state``), logged as the general path logs it."""
+        lim, _, key, name, _ = state[_VIEW]._data
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self._log_rejection(lim, key, name)
+        return lim  # type: ignore[no-any-return]
 
     def _rejected_in_endpoint(self, conn: HTTPConnection, view: ViewRateLimit) -> Any:
         """:meth:`_outcome` for a request decide_scope rejected."""

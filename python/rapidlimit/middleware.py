@@ -25,10 +25,12 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from rapidlimit._core import decide_scope as _decide_scope
 from rapidlimit.extension import (
     _DEPENDENCIES_BY,
     _DEPENDS_ATTR,
     _HEADERS_BY,
+    _UNSET,
     _VIEW,
     Limiter,
     ViewRateLimit,
@@ -306,7 +308,26 @@ class SlowAPIASGIMiddleware:
                     conn = WebSocket(scope, receive, send)
                 failed = await limiter._check_async(conn, plan, state)
             elif kind == "http":
-                failed = limiter._check_http(scope, receive, send, plan, state)
+                # The usual plan (one limit keyed by the peer's address,
+                # memory store) in one core call, as the decorator does.
+                spec = plan.fast
+                if spec is _UNSET:
+                    spec = plan.fast = limiter._fast_spec(plan)
+                view = None
+                if spec is not None:
+                    try:
+                        view = _decide_scope(scope, spec)
+                    except Exception as exc:  # the state is marked already
+                        conn = _make_request(scope, receive, send)
+                        view = limiter._failed_in_endpoint(exc, conn, plan)
+                if view is None:
+                    failed = limiter._check_http(scope, receive, send, plan, state)
+                elif view is False:
+                    failed = limiter._rejected_by_core(state)
+                elif type(view) is tuple:  # the storage failed: (outcome,)
+                    failed = view[0]
+                else:
+                    failed = None
             else:
                 failed = limiter._check(WebSocket(scope, receive, send), plan, state)
             if failed is not None:

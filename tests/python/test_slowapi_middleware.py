@@ -771,3 +771,61 @@ def test_dropped_applications_are_released(middleware: type) -> None:
         del app, limiter, limited
     gc.collect()
     assert [ref() for ref in limiters] == [None] * 5
+
+
+@pytest.mark.parametrize("swallow", [False, True])
+def test_storage_error_in_the_middleware(
+    middleware: type,
+    swallow: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An error of the decision itself (here the clock) in a middleware's
+    usual check: with ``swallow_errors`` the request goes through without
+    rate-limit headers, logged; without, the error propagates (a 500), as
+    on the general path and in the decorator."""
+    import time
+
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=["5/minute"],
+        headers_enabled=True,
+        swallow_errors=swallow,
+    )
+    app = make_app("fastapi", limiter, middleware, [("/a", text_view("a"))])
+    real = time.time
+
+    def broken() -> float:  # once: logging reads the clock too
+        monkeypatch.setattr(time, "time", real)
+        raise RuntimeError("clock")
+
+    clock_broken = [False]
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        # Broken only while the app runs: httpx reads the clock too.
+        if clock_broken[0]:
+            monkeypatch.setattr(time, "time", broken)
+        try:
+            await app(scope, receive, send)
+        finally:
+            monkeypatch.setattr(time, "time", real)
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=outer, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            first = await c.get("/a")
+            clock_broken[0] = True
+            failed = await c.get("/a")
+            clock_broken[0] = False
+            return [first, failed, await c.get("/a")]
+
+    first, failed, after = asyncio.run(main())
+    assert rate_headers(first)["x-ratelimit-remaining"] == "4"
+    if swallow:
+        assert failed.status_code == 200
+        assert "x-ratelimit-remaining" not in failed.headers
+        assert "Swallowing error" in caplog.text
+    else:
+        assert failed.status_code == 500
+    # Nothing was counted for the failed request.
+    assert rate_headers(after)["x-ratelimit-remaining"] == "3"
