@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -504,6 +505,34 @@ def test_two_slowapi_apps_share_limits_through_redis(server: RedisServer) -> Non
     assert response.status_code == 429
     assert response.headers["x-ratelimit-remaining"] == "0"
     assert int(response.headers["retry-after"]) > 0
+
+
+def test_close_releases_the_connections(server: RedisServer) -> None:
+    """A slowapi app done before the process (an app per test, kept by
+    FastAPI's caches) releases the native store's connections and I/O
+    threads through ``limiter._storage.close()``; the storage then answers
+    as during an outage."""
+    uri = f"rapidlimit+redis://127.0.0.1:{server.port}/0"
+    app, limiter = slowapi_app(uri, storage_options={"pool_size": 2})
+    sync = RapidlimitStorage(uri)
+    asynchronous = AsyncRapidlimitStorage(f"async+{uri}")
+    with TestClient(app) as client:
+        assert client.get("/r").status_code == 200
+    assert sync.incr("k", 60) == 1
+    assert asyncio.run(asynchronous.incr("k", 60)) == 2
+    threads = len(os.listdir("/proc/self/task"))
+    clients = len(server.client().client_list())
+    assert clients >= 4 + 1
+    storage = limiter._storage
+    assert isinstance(storage, RapidlimitStorage)
+    for store in (storage, sync, asynchronous):
+        store.close()
+        store.close()
+    assert len(server.client().client_list()) <= clients - 4
+    assert len(os.listdir("/proc/self/task")) <= threads - 4  # one per connection
+    assert not storage.check()
+    with pytest.raises(_core.RedisUnavailableError):
+        sync.incr("k", 60)
 
 
 # ------------------------------------------------------------------ outage

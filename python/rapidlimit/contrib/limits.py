@@ -129,6 +129,11 @@ def _checked(remote: bool, method: Callable[..., T], *args: Any) -> T:
     return result
 
 
+def _close(native: Any) -> None:
+    if isinstance(native, _core.RedisStorage):
+        native.close()
+
+
 class RapidlimitStorage(
     Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
 ):
@@ -206,6 +211,11 @@ class RapidlimitStorage(
     def __len__(self) -> int:
         return len(self.native)
 
+    def close(self) -> None:
+        """Releases a Redis store's connections and I/O threads (see
+        ``Limiter.close``); later calls get its ``on_error`` policy."""
+        _close(self.native)
+
 
 class AsyncRapidlimitStorage(
     AsyncStorage,
@@ -234,6 +244,10 @@ class AsyncRapidlimitStorage(
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return _ERRORS
+
+    def close(self) -> None:
+        """As :meth:`RapidlimitStorage.close`."""
+        _close(self.native)
 
     async def _run(self, method: Callable[..., T], *args: Any) -> T:
         """A counting call: raises RedisUnavailableError for a fail-closed
