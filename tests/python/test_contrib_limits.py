@@ -98,6 +98,21 @@ def test_fixed_window_storage_interface() -> None:
         assert storage.get("a") == 0
 
 
+def test_limits_4_elastic_expiry_argument() -> None:
+    """limits < 5 (the newest on Python 3.9) passes elastic_expiry to every
+    incr: False is a plain fixed window, True (its removed
+    fixed-window-elastic-expiry strategy) is refused."""
+    storage = RapidlimitStorage()
+    aio = AsyncRapidlimitStorage()
+    assert storage.incr("k", 10, elastic_expiry=False, amount=2) == 2
+    assert asyncio.run(aio.incr("k", 10, elastic_expiry=False, amount=2)) == 2
+    with pytest.raises(NotImplementedError, match="elastic"):
+        storage.incr("k", 10, elastic_expiry=True)
+    with pytest.raises(NotImplementedError, match="elastic"):
+        asyncio.run(aio.incr("k", 10, elastic_expiry=True))
+    assert storage.get("k") == 2
+
+
 def test_moving_window_storage_interface() -> None:
     storage = RapidlimitStorage()
     with freeze_time(FROZEN) as frozen:

@@ -554,8 +554,10 @@ def test_strategies_registry() -> None:
     }
     for name, cls in STRATEGIES.items():
         assert cls(MemoryStorage()).strategy == name == cls.STRATEGY
-    # Every strategy limits has, rapidlimit has under the same name.
-    assert set(limits.strategies.STRATEGIES) <= set(STRATEGIES)
+    # Every strategy limits has, rapidlimit has under the same name, but
+    # limits 4's fixed-window-elastic-expiry (deprecated in 4.1, gone in 5).
+    theirs = set(limits.strategies.STRATEGIES) - {"fixed-window-elastic-expiry"}
+    assert theirs <= set(STRATEGIES)
 
 
 # ----------------------------------------------------------------- threads

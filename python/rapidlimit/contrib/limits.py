@@ -134,6 +134,19 @@ def _close(native: Any) -> None:
         native.close()
 
 
+def _no_elastic_expiry(elastic_expiry: bool) -> None:
+    """limits < 5 passes ``elastic_expiry`` to every ``incr`` (False from the
+    fixed window; True only from its ``fixed-window-elastic-expiry``
+    strategy, deprecated in 4.1 and removed in 5, which the native store does
+    not implement). limits 4 is the newest for Python 3.9."""
+    if elastic_expiry:
+        raise NotImplementedError(
+            "rapidlimit's storage has no elastic expiry: limits' "
+            "fixed-window-elastic-expiry strategy (deprecated in limits 4.1, "
+            "removed in 5) is not supported, use fixed-window"
+        )
+
+
 class RapidlimitStorage(
     Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
 ):
@@ -159,7 +172,10 @@ class RapidlimitStorage(
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return _ERRORS
 
-    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+    def incr(
+        self, key: str, expiry: int, amount: int = 1, *, elastic_expiry: bool = False
+    ) -> int:
+        _no_elastic_expiry(elastic_expiry)
         return self._call(self.native.incr, key, expiry, amount, time.time())
 
     def get(self, key: str) -> int:
@@ -263,7 +279,10 @@ class AsyncRapidlimitStorage(
             return method(*args)
         return await asyncio.get_running_loop().run_in_executor(None, method, *args)
 
-    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+    async def incr(
+        self, key: str, expiry: int, amount: int = 1, *, elastic_expiry: bool = False
+    ) -> int:
+        _no_elastic_expiry(elastic_expiry)
         return await self._run(self.native.incr, key, expiry, amount, time.time())
 
     async def get(self, key: str) -> int:
