@@ -34,7 +34,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import rapidlimit.contrib.limits  # noqa: F401  (registers the schemes)
-from conftest import FROZEN_EPOCH, Ticker
+from conftest import FROZEN_EPOCH, Ticker, needs_limits_5
 from rapidlimit import _core
 from rapidlimit.contrib.limits import AsyncRapidlimitStorage, RapidlimitStorage
 from redis_server import RedisServer
@@ -50,6 +50,15 @@ ASYNC = {
     "sliding-window-counter": limits.aio.strategies.SlidingWindowCounterRateLimiter,
 }
 NAMES = sorted(SYNC)
+# The sequences end with the strategy's clear(), which in limits 4 clears
+# the plain key only and leaves a sliding window in place (with limits' own
+# storages too; clear_sliding_window is new in limits 5).
+CLEARED_NAMES = [
+    pytest.param(name, marks=needs_limits_5("clear() leaves the sliding window"))
+    if name == "sliding-window-counter"
+    else name
+    for name in NAMES
+]
 # 1 ms past a minute boundary: limits' redis:// starts its windows at the
 # first hit, limits' memory:// (and rapidlimit) at epoch multiples of the
 # window; from here both agree on the sliding window's reset too.
@@ -161,7 +170,7 @@ def sync_sequence(
     return seen
 
 
-@pytest.mark.parametrize("strategy", NAMES)
+@pytest.mark.parametrize("strategy", CLEARED_NAMES)
 def test_same_answers_as_limits_redis(
     server: RedisServer, clock: Clock, strategy: str
 ) -> None:
@@ -187,7 +196,7 @@ def test_same_answers_as_limits_redis(
     assert got[-1] == ("cleared", True, 4, 0)
 
 
-@pytest.mark.parametrize("strategy", NAMES)
+@pytest.mark.parametrize("strategy", CLEARED_NAMES)
 def test_window_rollover_as_limits_memory(
     server: RedisServer, clock: Clock, strategy: str
 ) -> None:
@@ -306,7 +315,7 @@ async def async_sequence(
     return seen
 
 
-@pytest.mark.parametrize("strategy", NAMES)
+@pytest.mark.parametrize("strategy", CLEARED_NAMES)
 def test_async_same_answers_as_limits_async_redis(
     server: RedisServer, clock: Clock, strategy: str
 ) -> None:
