@@ -60,10 +60,15 @@ def _router_app(lib: Any, limiter_cls: Any, middleware: Any) -> FastAPI:
 
 
 def test_281_included_router_is_limited() -> None:
+    import fastapi.routing
+
     theirs = AsyncClientAdapter(
         _router_app(slowapi, slowapi.Limiter, slowapi.middleware.SlowAPIMiddleware)
     )
-    assert codes(theirs, "/key", 3) == [200, 200, 200]  # slowapi fails open
+    if hasattr(fastapi.routing, "iter_route_contexts"):  # FastAPI >= 0.137
+        assert codes(theirs, "/key", 3) == [200, 200, 200]  # slowapi fails open
+    else:  # the bug is not there yet (Python 3.9 gets FastAPI 0.128)
+        assert codes(theirs, "/key", 2) == [200, 429]
     for middleware in (SlowAPIMiddleware, SlowAPIASGIMiddleware):
         ours = AsyncClientAdapter(_router_app(rapidlimit, Limiter, middleware))
         assert codes(ours, "/key", 2) == [200, 429]
