@@ -196,6 +196,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -250,6 +251,15 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# asyncio.iscoroutinefunction is deprecated from Python 3.14 (removed in
+# 3.16). From 3.12 inspect's sees inspect.markcoroutinefunction too, and
+# asyncio's adds only the legacy _is_coroutine marker; before 3.12 that
+# marker is how asgiref's markcoroutinefunction and AsyncMock say it.
+if sys.version_info >= (3, 12):
+    _iscoroutinefunction = inspect.iscoroutinefunction
+else:
+    _iscoroutinefunction = asyncio.iscoroutinefunction
 F = TypeVar("F", bound=Callable[..., Any])
 LimitSpec = Union[str, Callable[..., str]]
 
@@ -1506,7 +1516,7 @@ class Limiter:
             conn_name = _REQUEST_PARAM
         if pop_response:
             response_name = _RESPONSE_PARAM
-        is_async = asyncio.iscoroutinefunction(func)
+        is_async = _iscoroutinefunction(func)
         wrapper = _build_wrapper(
             func,
             self,

@@ -10,6 +10,7 @@ endpoint unchanged, and that the limit and its headers still apply.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import pytest
@@ -297,3 +298,27 @@ def test_returned_response_keeps_its_own_headers(make_client: Any) -> None:
     r = make_client(app).get("/r")
     assert r.headers["x-app"] == "1"
     assert rate_headers(r)["x-ratelimit-remaining"] == "4"
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="inspect.markcoroutinefunction is 3.12+"
+)
+def test_a_function_marked_as_a_coroutine_function_is_awaited() -> None:
+    # From 3.12 the decorator asks inspect, not asyncio (deprecated in 3.14),
+    # whether an endpoint is async: a marked plain function must count.
+    lim = limiter()
+
+    async def body(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    def view(request: Request) -> Any:
+        return body(request)
+
+    from starlette.testclient import TestClient
+
+    inspect.markcoroutinefunction(view)  # type: ignore[attr-defined,unused-ignore]
+    wrapped = lim.limit("1/minute")(view)
+    assert inspect.iscoroutinefunction(wrapped)
+    client = TestClient(starlette_app(lim, [Route("/m", wrapped)]))
+    assert client.get("/m").json() == {"ok": True}
+    assert client.get("/m").status_code == 429
