@@ -1310,9 +1310,8 @@ class Limiter:
         them the decorated views and their limiter, so dropping the
         application alone frees nothing. Afterwards the limiter answers
         as while Redis is down (its ``on_error`` policy)."""
-        close = getattr(self._storage, "close", None)
-        if isinstance(self._storage, RedisStorage) and close is not None:
-            close()
+        if isinstance(self._storage, RedisStorage):
+            self._storage.close()
 
     def limit(
         self,
@@ -1744,20 +1743,17 @@ class Limiter:
         endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
         return (self._on_error(exc, conn, plan, state, endpoint_key or ""),)
 
-    def _rejected_by_core(self, state: dict[str, Any]) -> Limit:
-        """The limit a middleware's decide_scope call found exceeded (its
-        view is in ``state``), logged as the general path logs it."""
-        lim, _, key, name, _ = state[_VIEW]._data
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self._log_rejection(lim, key, name)
-        return lim  # type: ignore[no-any-return]
-
-    def _rejected_in_endpoint(self, conn: HTTPConnection, view: ViewRateLimit) -> Any:
-        """:meth:`_outcome` for a request decide_scope rejected."""
+    def _rejected_by_core(self, view: ViewRateLimit) -> Limit:
+        """The limit a decide_scope call found exceeded (``view`` is the
+        rejection's), logged as the general path logs it."""
         lim, _, key, name, _ = view._data
         if self.logger.isEnabledFor(logging.DEBUG):
             self._log_rejection(lim, key, name)
-        return self._outcome(conn, lim, conn.scope["state"])
+        return lim
+
+    def _rejected_in_endpoint(self, conn: HTTPConnection, view: ViewRateLimit) -> Any:
+        """:meth:`_outcome` for a request decide_scope rejected."""
+        return self._outcome(conn, self._rejected_by_core(view), conn.scope["state"])
 
     def _check_in_endpoint(self, conn: HTTPConnection, target: Any) -> Any:
         """The decorator's check.

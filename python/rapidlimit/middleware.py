@@ -323,7 +323,7 @@ class SlowAPIASGIMiddleware:
                 if view is None:
                     failed = limiter._check_http(scope, receive, send, plan, state)
                 elif view is False:
-                    failed = limiter._rejected_by_core(state)
+                    failed = limiter._rejected_by_core(state[_VIEW])
                 elif type(view) is tuple:  # the storage failed: (outcome,)
                     failed = view[0]
                 else:
