@@ -2,8 +2,9 @@
 
 ``limiter.depends(...)`` works on a route, on a whole router, per API key,
 or per user after an authentication dependency. The middleware applies the
-default limit to every route; on a route with a ``depends()`` limit, that
-dependency checks the default with its own, in one core call. Run:
+default limit to every route before the app runs (as slowapi's); a
+``depends()`` limit is checked when FastAPI runs it, with the default in one
+core call when it is the route's first dependency and keys by address. Run:
 ``uvicorn examples.fastapi_dependency.app:app``.
 """
 
@@ -37,7 +38,8 @@ def current_user(request: Request) -> str:
 
 
 # Declared after authenticate: FastAPI runs them in this order, so the
-# limit is per user and refused tokens use up nothing.
+# limit is per user and refused tokens use up none of it (they count
+# towards the default, per address, checked before the app).
 @app.get(
     "/me",
     dependencies=[

@@ -33,7 +33,8 @@ def test_partner_budget_is_per_api_key_and_shared() -> None:
 
 def test_per_user_limit_after_authentication() -> None:
     client = TestClient(app)
-    # Refused tokens use up nothing.
+    # Refused tokens use up none of the user's limit; they count towards
+    # the default (per address, checked before the app).
     assert [client.get("/me").status_code for _ in range(3)] == [401] * 3
     alice = {"authorization": "token-alice"}
     responses = [client.get("/me", headers=alice) for _ in range(3)]

@@ -154,15 +154,19 @@ Correctness
   runs the dependency, in FastAPI's order: its key function may read what
   an earlier dependency (authentication) put in ``request.state``, and a
   request an earlier dependency refuses uses up none of it. A route limited
-  this way still gets the default and application limits: a middleware
-  finds the ``depends()`` dependencies of the matched route (route, router
-  and nested ones) and leaves those limits to the first of them that runs,
-  which checks them with its own in one core call (one Redis round trip).
-  Each further ``depends()`` dependency, and a decorator on the same
-  route, checks its own limits when it runs. Refusing a request while the
-  storage is unavailable, it raises ``RateLimitStorageUnavailable``, an
-  ``HTTPException`` that FastAPI renders as
-  ``{"detail": "Rate limit storage unavailable"}`` with status 503.
+  this way still gets the default and application limits, which a
+  middleware checks before the app runs, as slowapi's does (a request the
+  authentication then refuses counts towards them). The middleware finds
+  the ``depends()`` dependencies of the matched route (route, router and
+  nested ones): when the first dependency FastAPI runs is one of them and
+  keys as the route's limits do, the middleware checks its limit with
+  theirs in one core call (one Redis round trip) and the dependency lets
+  the request through. Each other ``depends()`` dependency, and a
+  decorator on the same route, checks its own limits when it runs.
+  Refusing a request while the storage is unavailable, it raises
+  ``RateLimitStorageUnavailable``, an ``HTTPException`` that FastAPI
+  renders as ``{"detail": "Rate limit storage unavailable"}`` with
+  status 503.
 * ``get_ipaddr`` reads the real ``X-Forwarded-For`` header and returns its
   first address (slowapi read a header named ``X_FORWARDED_FOR`` and
   returned all of it). ``rapidlimit.util.trusted_proxy_key_func`` reads
@@ -303,9 +307,8 @@ _DONE = "_rate_limiting_complete"
 _BY = "_rapidlimit_by"  # the Limiter that checked the request
 _HEADERS_BY = "_rapidlimit_headers"  # "mw": the middleware adds them; "done"
 
-# The Limiter whose middleware left a route with its depends()
-# dependencies to the first of them that runs: that one checks the route's
-# limits with its own, in one core call, in FastAPI's order.
+# The (Limiter, LimitGroup) marker of the depends() dependency whose limit
+# a middleware checked with the route's (Limiter._plan_with_dependencies).
 _DEPENDENCIES_BY = "_rapidlimit_dependencies"
 # The Limiter whose middleware left a decorated route's application limits
 # to the decorator (the request's _DONE is then False, which sends the
@@ -457,10 +460,9 @@ class _Plan:
     request path just reads it. The ``depends()`` limit (``tail_groups``)
     comes last and never replaces the defaults.
 
-    ``to_dependency``: a middleware's plan for a route with ``depends()``
-    dependencies of its limiter; the first of them that runs checks the
-    plan with its own limit (its key function may read what the
-    dependencies before it put in ``request.state``).
+    ``folded``: the (limiter, group) marker of a ``depends()`` dependency
+    whose limit a middleware's plan checks with the route's (the
+    ``tail_groups``); that dependency then lets the request through.
 
     ``deferred``: a middleware's plan for a decorated endpoint, which holds
     only the application limits; the decorator checks the rest once
@@ -481,7 +483,7 @@ class _Plan:
         "single",
         "static",
         "tail_groups",
-        "to_dependency",
+        "folded",
         "fast",
     )
 
@@ -496,7 +498,7 @@ class _Plan:
         default_groups: Sequence[LimitGroup] = (),
         tail_groups: Sequence[LimitGroup] = (),
         deferred: bool = False,
-        to_dependency: bool = False,
+        folded: Any = None,
     ) -> None:
         self.exempt = exempt
         # The middlewares' decide_scope spec (Limiter._fast_spec), worked
@@ -504,7 +506,7 @@ class _Plan:
         # on changes (Limiter._invalidate).
         self.fast: Any = _UNSET
         self.deferred = deferred
-        self.to_dependency = to_dependency
+        self.folded = folded
         self.endpoint_name = endpoint_name
         self.head_groups = tuple(head_groups)
         self.route_static = tuple(route_static)
@@ -530,10 +532,9 @@ class _Plan:
             static[0] if len(static) == 1 and static[0]._simple else None
         )
 
-    def derived(
-        self, *, tail_groups: Sequence[LimitGroup] = (), to_dependency: bool = False
-    ) -> _Plan:
-        """This (checked, undeferred) plan's limits, for a ``depends()``."""
+    def derived(self, tail_groups: Sequence[LimitGroup], folded: Any) -> _Plan:
+        """This (checked, undeferred) plan's limits and a ``depends()``
+        limit, for a middleware."""
         return _Plan(
             endpoint_name=self.endpoint_name,
             head_groups=self.head_groups,
@@ -541,7 +542,7 @@ class _Plan:
             route_dynamic=self.route_dynamic,
             default_groups=self.default_groups,
             tail_groups=tail_groups,
-            to_dependency=to_dependency,
+            folded=folded,
         )
 
 
@@ -1619,33 +1620,39 @@ class Limiter:
 
     def _plan_with_dependencies(self, endpoint: Any, dependencies: Any) -> _Plan:
         """Middleware plan for an endpoint whose route has ``depends()``
-        dependencies ((dependency, limiter, group) triples): when some are
-        this limiter's, the first of them to run checks the route."""
+        dependencies (as ``middleware._route_dependencies`` gives them).
+
+        The middleware checks the route's limits before the app runs, as
+        slowapi's does: a request an auth dependency then refuses still
+        counts, and a client over the limit never reaches the auth. Each
+        ``depends()`` limit is checked when FastAPI runs its dependency
+        (its key function may read what the dependencies before it put in
+        ``request.state``), a second core call. Except when the dependency
+        FastAPI runs first is this limiter's and its limit needs nothing
+        the middleware does not compute anyway (a key function of the
+        route's limits, no callable limit, cost or exemption): then the
+        middleware checks it with the route's limits, in one core call
+        (one Redis round trip), and the dependency lets the request
+        through. Nothing could have run before it to refuse the request.
+        """
         key = (endpoint, dependencies)
         plan = self._endpoint_plans.get(key)
         if plan is None:
-            base = self._plan_for_endpoint(endpoint)
-            # A decorated route's decorator checks it; an exempt one keeps
-            # only its dependencies' own limits.
+            plan = self._plan_for_endpoint(endpoint)
+            first = dependencies[1]
             if (
-                base.exempt
-                or base.deferred
-                or all(owner is not self for _, owner, _ in dependencies)
+                first is not None
+                and first[0] is self
+                and not (plan.exempt or plan.deferred or plan.dynamic)
             ):
-                plan = base
-            else:
-                plan = base.derived(to_dependency=True)
-            with contextlib.suppress(TypeError):  # unhashable endpoint
-                self._endpoint_plans[key] = plan
-        return plan
-
-    def _dependency_plan(self, endpoint: Any, group: LimitGroup) -> _Plan:
-        """The route's limits (as the middleware would check them) followed
-        by a ``depends()`` limit: what the first such dependency checks."""
-        key = (endpoint, group)
-        plan = self._endpoint_plans.get(key)
-        if plan is None:
-            plan = self._plan_for_endpoint(endpoint).derived(tail_groups=(group,))
+                group: LimitGroup = first[1]
+                if (
+                    not group.is_dynamic
+                    and group.exempt_when is None
+                    and not callable(group.cost)
+                    and any(group.key_function is lim.key_func for lim in plan.static)
+                ):
+                    plan = plan.derived((group,), first)
             with contextlib.suppress(TypeError):  # unhashable endpoint
                 self._endpoint_plans[key] = plan
         return plan
@@ -2717,9 +2724,13 @@ class Limiter:
         counter shared (as ``shared_limit``); by default each route counts
         apart. Over the limit, it raises :class:`RateLimitExceeded`. Headers
         are added when the endpoint returns a plain value (FastAPI merges
-        them) or when a middleware is installed. Default limits still apply
-        to the route; a middleware checks this limit with them, in the same
-        core call, and the dependency then lets the request through.
+        them) or when a middleware is installed. The limit is checked when
+        FastAPI runs the dependency, so its key function may read what
+        earlier dependencies put in ``request.state``. Default and
+        application limits still apply to the route: a middleware checks
+        them before the app runs (as slowapi's), and with them, in the same
+        core call, this limit when its dependency is the first to run and
+        uses their key function.
         """
         cost = _configured_cost(cost)
         try:
@@ -2744,6 +2755,8 @@ class Limiter:
             own = _Plan(route_static=group.limits_for(None))
         limiter = self
 
+        marker = (limiter, group)
+
         async def rate_limit_dependency(request: Request, response: Response) -> None:
             if not limiter.enabled:
                 return
@@ -2751,30 +2764,39 @@ class Limiter:
             state = scope_.get("state")
             if state is None:
                 state = scope_["state"] = {}
-            endpoint = scope_.get("endpoint")
-            name = _func_name(endpoint) if endpoint is not None else ""
-            # Checked when FastAPI runs it, after the dependencies before
-            # it (an auth dependency setting request.state.user). The
-            # first to run under a middleware also checks what the
-            # middleware left to it, in the same core call; others check
-            # only their own limit, apart from a decorator's.
-            plan, mark = own, False
-            if state.get(_DEPENDENCIES_BY) is limiter and endpoint is not None:
-                del state[_DEPENDENCIES_BY]
-                plan, mark = limiter._dependency_plan(endpoint, group), True
-            failed: Failure | None
-            if limiter._remote:
-                failed = await limiter._check_async(request, plan, state, name, mark)
-            else:
-                failed = limiter._check(request, plan, state, name, mark)
-            if failed is not None:
-                raise limiter._exception(failed)
+            if state.get(_DEPENDENCIES_BY) is not marker:
+                # Checked when FastAPI runs it, after the dependencies
+                # before it (an auth dependency setting request.state.user),
+                # apart from the route's limits (a middleware checked those
+                # before the app; a decorator checks them after).
+                endpoint = scope_.get("endpoint")
+                name = _func_name(endpoint) if endpoint is not None else ""
+                before = state.get(_VIEW)
+                failed: Failure | None
+                if limiter._remote:
+                    failed = await limiter._check_async(
+                        request, own, state, name, False
+                    )
+                else:
+                    failed = limiter._check(request, own, state, name, False)
+                if failed is not None:
+                    raise limiter._exception(failed)
+                # The headers describe the limit with the shortest window,
+                # the first checked among equals, as for one core call.
+                if type(before) is ViewRateLimit:
+                    after = state.get(_VIEW)
+                    if (
+                        type(after) is not ViewRateLimit
+                        or before._data[0]._granularity_seconds
+                        <= after._data[0]._granularity_seconds
+                    ):
+                        state[_VIEW] = before
             if limiter._headers_enabled and state.get(_HEADERS_BY) is None:
                 view = state.get(_VIEW)
                 if view is not None:
                     limiter._inject_headers(response, view)
 
-        setattr(rate_limit_dependency, _DEPENDS_ATTR, (limiter, group))
+        setattr(rate_limit_dependency, _DEPENDS_ATTR, marker)
         rate_limit_dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
                 inspect.Parameter(

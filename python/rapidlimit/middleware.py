@@ -152,24 +152,36 @@ def _find_route(
     return None, None, cacheable
 
 
-def _route_dependencies(route: Any) -> tuple[tuple[Any, Any, Any], ...]:
+def _route_dependencies(route: Any) -> tuple[Any, ...]:
     """The ``Limiter.depends()`` dependencies of a FastAPI route, at any
-    depth, as (dependency, limiter, limit group), in FastAPI's order."""
-    found: list[tuple[Any, Any, Any]] = []
+    depth: ``()`` when there are none, else (their (limiter, group)
+    markers in FastAPI's order, the marker of the dependency FastAPI runs
+    first when it is one of them, else None)."""
+    found: list[Any] = []
     seen: set[int] = set()
-    pending = [getattr(route, "dependant", None)]
+    top = getattr(route, "dependant", None)
+    pending = [top]
     while pending:
         dependant = pending.pop()
         if dependant is None or id(dependant) in seen:
             continue
         seen.add(id(dependant))
-        call = getattr(dependant, "call", None)
-        marker = getattr(call, _DEPENDS_ATTR, None)
-        if marker is not None and all(call is not f[0] for f in found):
-            found.append((call, *marker))
+        marker = getattr(getattr(dependant, "call", None), _DEPENDS_ATTR, None)
+        if marker is not None and all(marker is not m for m in found):
+            found.append(marker)
         # Reversed onto a stack: visited in declaration order.
         pending.extend(reversed(getattr(dependant, "dependencies", None) or ()))
-    return tuple(found)
+    if not found:
+        return ()
+    # FastAPI solves a dependency's own dependencies before it, in order
+    # (the route's dependencies= ahead of the endpoint's parameters): the
+    # first to run is the leaf reached through first dependencies.
+    first, leaf = None, top
+    while leaf is not None and getattr(leaf, "dependencies", None):
+        leaf = leaf.dependencies[0]
+    if leaf is not top:
+        first = getattr(getattr(leaf, "call", None), _DEPENDS_ATTR, None)
+    return (tuple(found), first)
 
 
 _MISSING = object()
@@ -292,57 +304,51 @@ class SlowAPIASGIMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        if plan.to_dependency and kind == "http":
-            # Left to the route's first depends() dependency, which checks
-            # this plan with its own limit once FastAPI runs it; the
-            # headers then describe what it found.
-            state[_DEPENDENCIES_BY] = limiter
-            if not limiter._headers_enabled:
-                await self.app(scope, receive, send)
-                return
-        else:
-            if limiter._remote:
-                if kind == "http":
-                    conn: Any = _make_request(scope, receive, send)
-                else:
-                    conn = WebSocket(scope, receive, send)
-                failed = await limiter._check_async(conn, plan, state)
-            elif kind == "http":
-                # The usual plan (one limit keyed by the peer's address,
-                # memory store) in one core call, as the decorator does.
-                spec = plan.fast
-                if spec is _UNSET:
-                    spec = plan.fast = limiter._fast_spec(plan)
-                view = None
-                if spec is not None:
-                    try:
-                        view = _decide_scope(scope, spec)
-                    except Exception as exc:  # the state is marked already
-                        conn = _make_request(scope, receive, send)
-                        view = limiter._failed_in_endpoint(exc, conn, plan)
-                if view is None:
-                    failed = limiter._check_http(scope, receive, send, plan, state)
-                elif view is False:
-                    failed = limiter._rejected_by_core(state[_VIEW])
-                elif type(view) is tuple:  # the storage failed: (outcome,)
-                    failed = view[0]
-                else:
-                    failed = None
+        if plan.folded is not None:
+            state[_DEPENDENCIES_BY] = plan.folded
+        if limiter._remote:
+            if kind == "http":
+                conn: Any = _make_request(scope, receive, send)
             else:
-                failed = limiter._check(WebSocket(scope, receive, send), plan, state)
-            if failed is not None:
-                if kind == "http":
-                    await limiter._send_rejection(scope, receive, send, failed, state)
-                else:
-                    await limiter._reject_websocket_raw(scope, send, failed, state)
-                return
-            if (
-                kind != "http"
-                or not limiter._headers_enabled
-                or state.get(_VIEW) is None
-            ):
-                await self.app(scope, receive, send)
-                return
+                conn = WebSocket(scope, receive, send)
+            failed = await limiter._check_async(conn, plan, state)
+        elif kind == "http":
+            # The usual plan (one limit keyed by the peer's address,
+            # memory store) in one core call, as the decorator does.
+            spec = plan.fast
+            if spec is _UNSET:
+                spec = plan.fast = limiter._fast_spec(plan)
+            view = None
+            if spec is not None:
+                try:
+                    view = _decide_scope(scope, spec)
+                except Exception as exc:  # the state is marked already
+                    conn = _make_request(scope, receive, send)
+                    view = limiter._failed_in_endpoint(exc, conn, plan)
+            if view is None:
+                failed = limiter._check_http(scope, receive, send, plan, state)
+            elif view is False:
+                failed = limiter._rejected_by_core(state[_VIEW])
+            elif type(view) is tuple:  # the storage failed: (outcome,)
+                failed = view[0]
+            else:
+                failed = None
+        else:
+            failed = limiter._check(WebSocket(scope, receive, send), plan, state)
+        if failed is not None:
+            if kind == "http":
+                await limiter._send_rejection(scope, receive, send, failed, state)
+            else:
+                await limiter._reject_websocket_raw(scope, send, failed, state)
+            return
+        # A depends() dependency may record what the headers describe.
+        if (
+            kind != "http"
+            or not limiter._headers_enabled
+            or (state.get(_VIEW) is None and not dependencies)
+        ):
+            await self.app(scope, receive, send)
+            return
         state[_HEADERS_BY] = "mw"
         names = limiter._header_names_and_retry
         fused = limiter._retry_after != "http-date"

@@ -1,13 +1,15 @@
 """Limiter.depends() under a middleware, and beside a decorator.
 
-The middleware finds the route's ``depends()`` dependencies (route, router
-and nested ones) and leaves the route's limits (application, defaults) to
-the first of them that FastAPI runs, which checks them with its own limit
-in one core call (one Redis round trip), in FastAPI's order: its key
-function may read what an earlier dependency put in ``request.state``.
-Further ``depends()`` dependencies and a decorator check their own limits
-when they run. Without a middleware, or for another limiter's dependency,
-the dependency checks its own limit.
+The middleware checks the route's limits (application, defaults) before the
+app runs, as slowapi's does: a request an auth dependency refuses still
+counts. Each ``depends()`` limit is checked when FastAPI runs its
+dependency, in FastAPI's order: its key function may read what an earlier
+dependency put in ``request.state``. When the dependency FastAPI runs first
+is the limiter's and keys as the route's limits do, the middleware checks
+it with them in one core call (one Redis round trip) and the dependency
+lets the request through. A decorator checks its own limits when it runs.
+Without a middleware, or for another limiter's dependency, the dependency
+checks its own limit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
+import slowapi
+import slowapi.errors
+import slowapi.middleware
+import slowapi.util
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from conftest import rate_headers
@@ -123,7 +129,7 @@ def test_router_and_nested_dependencies(middleware: Any, make_client: Any) -> No
     assert third.status_code == 429
     assert third.json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
     # Each dependency checks when FastAPI runs it: the router's, then the
-    # nested one inside `user`.
+    # nested one inside `user` (no route limit for the middleware).
     assert core.calls == 6
     fourth = client.get("/r/inner")
     assert fourth.json() == {"error": "Rate limit exceeded: 3 per 1 minute"}
@@ -207,16 +213,17 @@ def test_one_redis_command_per_request(server: RedisServer, middleware: Any) -> 
     assert server.command_calls()["evalsha"] == 4
 
 
+def auth(request: Request) -> None:
+    token = request.headers.get("x-token")
+    if token is None:
+        raise HTTPException(status_code=401)
+    request.state.user = token
+
+
 def _auth_app(limiter: Limiter, middleware: Any) -> FastAPI:
     """An auth dependency sets request.state.user (401 without a token); the
     limit, declared after it, is keyed by that user."""
     app = make_app(limiter, middleware)
-
-    def auth(request: Request) -> None:
-        token = request.headers.get("x-token")
-        if token is None:
-            raise HTTPException(status_code=401)
-        request.state.user = token
 
     def user_key(request: Request) -> str:
         return str(request.state.user)
@@ -248,26 +255,119 @@ def test_key_function_reads_state_set_by_an_earlier_dependency(
     alice = [client.get("/me", headers={"x-token": "alice"}) for _ in range(3)]
     assert [r.status_code for r in alice] == [200, 200, 429]
     assert alice[2].json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
-    assert rate_headers(alice[0])["x-ratelimit-remaining"] in ("1", "3")
+    # Under a middleware the default (4 per minute) and the user's limit
+    # have the same window: the headers describe the first checked.
+    first = rate_headers(alice[0])
+    assert (first["x-ratelimit-limit"], first["x-ratelimit-remaining"]) == (
+        ("2", "1") if middleware is None else ("4", "3")
+    )
     # Another user has a bucket of their own (the default, keyed by the
     # address, is shared: 4 per minute in all under a middleware).
     bob = client.get("/me", headers={"x-token": "bob"})
     assert bob.status_code == 200
-    assert core.calls == 4  # one per request, the defaults included
+    # The middleware checks the default before the app, the dependency its
+    # own limit after the auth: two calls per request.
+    assert core.calls == (4 if middleware is None else 8)
     if middleware is not None:
         last = client.get("/me", headers={"x-token": "carol"})
         assert last.json() == {"error": "Rate limit exceeded: 4 per 1 minute"}
 
 
 @pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
-def test_requests_refused_by_an_earlier_dependency_are_not_counted(
+def test_the_dependency_counts_only_requests_that_reach_it(
     middleware: Any, make_client: Any
 ) -> None:
-    limiter = Limiter(key_func=get_remote_address, default_limits=["3/minute"])
+    limiter = Limiter(key_func=get_remote_address)
     client = make_client(_auth_app(limiter, middleware))
     assert [client.get("/me").status_code for _ in range(5)] == [401] * 5
     ok = [client.get("/me", headers={"x-token": "a"}).status_code for _ in range(3)]
     assert ok == [200, 200, 429]
+
+
+@pytest.mark.parametrize("lib", ["slowapi", "rapidlimit"])
+@pytest.mark.parametrize("asgi", [False, True])
+def test_requests_an_auth_dependency_refuses_count_towards_the_defaults(
+    lib: str, asgi: bool, make_client: Any
+) -> None:
+    """As under slowapi's middleware: the defaults are checked before the
+    app, so a client hammering the auth is stopped (a rapidlimit route with
+    a depends() limit after the auth used to leave them unchecked: 401
+    forever)."""
+    if lib == "slowapi":
+        limiter: Any = slowapi.Limiter(
+            key_func=slowapi.util.get_remote_address, default_limits=["3/minute"]
+        )
+        app = FastAPI()
+        app.state.limiter = limiter
+        app.add_exception_handler(
+            slowapi.errors.RateLimitExceeded, slowapi._rate_limit_exceeded_handler
+        )
+        app.add_middleware(
+            slowapi.middleware.SlowAPIASGIMiddleware
+            if asgi
+            else slowapi.middleware.SlowAPIMiddleware
+        )
+
+        @app.get("/me", dependencies=[Depends(auth)])
+        async def me() -> dict[str, bool]:
+            return {"ok": True}
+
+    else:
+        limiter = Limiter(key_func=get_remote_address, default_limits=["3/minute"])
+        app = _auth_app(limiter, MIDDLEWARES[asgi])
+    client = make_client(app)
+    codes = [client.get("/me").status_code for _ in range(5)]
+    assert codes == [401, 401, 401, 429, 429]
+    assert client.get("/me", headers={"x-token": "a"}).status_code == 429
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_a_dependency_that_runs_first_shares_the_middlewares_call(
+    middleware: Any, make_client: Any
+) -> None:
+    """Declared before the auth, the limit counts refused requests too (in
+    FastAPI's order, as without a middleware), and the middleware checks it
+    with the default: one core call per request."""
+    limiter = Limiter(key_func=get_remote_address, default_limits=["10/minute"])
+    app = make_app(limiter, middleware)
+
+    @app.get("/me", dependencies=[Depends(limiter.depends("3/minute")), Depends(auth)])
+    async def me() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = make_client(app)
+    core = counting(limiter)
+    codes = [client.get("/me").status_code for _ in range(2)]
+    codes += [client.get("/me", headers={"x-token": "a"}).status_code for _ in range(2)]
+    assert codes == [401, 401, 200, 429]
+    assert core.calls == 4
+
+
+@pytest.mark.parametrize("middleware", MIDDLEWARES)
+def test_a_first_dependency_keyed_otherwise_is_checked_when_it_runs(
+    middleware: Any, make_client: Any
+) -> None:
+    """Its key function is not one the middleware calls anyway (it might
+    read what an inner middleware sets): the dependency checks it."""
+    limiter = Limiter(key_func=get_remote_address, default_limits=["10/minute"])
+    app = make_app(limiter, middleware)
+    seen: list[str] = []
+
+    def by_header(request: Request) -> str:
+        seen.append(request.scope["endpoint"].__name__)
+        return request.headers.get("x-key", "anon")
+
+    @app.get("/k", dependencies=[Depends(limiter.depends("2/minute", by_header))])
+    async def keyed() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = make_client(app)
+    core = counting(limiter)
+    codes = [client.get("/k", headers={"x-key": "a"}).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    assert client.get("/k", headers={"x-key": "b"}).status_code == 200
+    assert seen == ["keyed"] * 4  # called by the dependency, endpoint known
+    assert core.calls == 8
 
 
 @pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
@@ -319,9 +419,7 @@ def test_decorator_and_dependency_on_one_route_both_apply(
 
 
 @pytest.mark.parametrize("middleware", MIDDLEWARES)
-def test_dependency_on_redis_with_auth_one_round_trip(
-    server: RedisServer, middleware: Any
-) -> None:
+def test_dependency_on_redis_after_auth(server: RedisServer, middleware: Any) -> None:
     limiter = Limiter(
         key_func=get_remote_address,
         default_limits=["10/minute"],
@@ -335,10 +433,13 @@ def test_dependency_on_redis_with_auth_one_round_trip(
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             await c.get("/nothing")
             server.reset_stats()
-            return [
+            codes = [
                 (await c.get("/me", headers={"x-token": t})).status_code
                 for t in ["a", "a", "a", "b"]
             ]
+            return [*codes, (await c.get("/me")).status_code]
 
-    assert asyncio.run(main()) == [200, 200, 429, 200]
-    assert server.command_calls()["evalsha"] == 4
+    assert asyncio.run(main()) == [200, 200, 429, 200, 401]
+    # The default before the app, the user's limit after the auth: two
+    # round trips; the refused request one.
+    assert server.command_calls()["evalsha"] == 9
