@@ -1141,7 +1141,7 @@ TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
   auto store = Make(Options());
   const Limit l = L("3 per minute");
   EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).allowed);
-  const pid_t pid = fork();
+  const pid_t pid = testing::ForkWhenQuiet();
   if (pid == 0) {
     // Child: no gtest here; report through the exit code.
     const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 1);
@@ -1178,7 +1178,7 @@ TEST_F(RedisStoreTest, ForkWhileAnotherThreadClosesTheStore) {
   ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
   std::thread closer([&] { store->Close(); });
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  const pid_t pid = fork();
+  const pid_t pid = testing::ForkWhenQuiet();
   if (pid == 0) {
     const Decision d =
         Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0);
