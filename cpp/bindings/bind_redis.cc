@@ -15,6 +15,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -864,9 +865,17 @@ PyTypeObject* MakeWaiterType() {
 
 struct Pending;
 
+// Bumped in a forked child. A bridge made before the fork belongs to the
+// parent: the parent's I/O thread may have held its `mu` (it takes it
+// without the GIL) or been growing `done` at that instant, and its eventfd
+// is the parent's too, so the child reads none of it and makes its own.
+std::atomic<uint64_t> g_bridge_generation{0};
+
 // Completions for one event loop: the I/O thread appends and writes the
 // eventfd; the loop's reader callback resolves the futures.
 struct LoopBridge {
+  const uint64_t generation =
+      g_bridge_generation.load(std::memory_order_relaxed);
   int efd = -1;
   std::mutex mu;
   std::vector<Pending*> done;
@@ -879,9 +888,24 @@ struct LoopBridge {
   std::vector<std::shared_ptr<Store>> to_flush;
   py::object flush_callback;
 
+  // Made before this process was forked from its parent (see
+  // g_bridge_generation): `mu`, `done`, `signaled` and `dead` are never
+  // touched here. No completion of this process ever reaches it: the
+  // child's first call replaces the parent's engine, and BridgeFor never
+  // returns it.
+  bool Inherited() const {
+    return generation != g_bridge_generation.load(std::memory_order_relaxed);
+  }
+
   // Runs once RetireBridge has emptied `done` and dropped the Python
-  // objects: the last owner may be an I/O thread, without the GIL.
+  // objects, and the loop has dropped its reader (whose number a new
+  // eventfd must not take while the loop's selector still lists it): the
+  // last owner may be an I/O thread, without the GIL.
   ~LoopBridge() {
+    // The parent's thread may have been growing an inherited `done` at
+    // fork, between freeing the old buffer and storing the new one: it is
+    // forgotten, not freed.
+    if (Inherited()) new (&done) std::vector<Pending*>();
     if (efd >= 0) close(efd);
   }
 };
@@ -1030,6 +1054,10 @@ void Resolve(Pending* p, bool direct, PyObject** fatal) {
 }
 
 void Drain(LoopBridge* bridge) {
+  // A loop inherited from the parent wakes for the parent's completions:
+  // the eventfd is shared, and reading it would take the wake-up that the
+  // parent's loop waits for (its I/O thread writes once per drain).
+  if (bridge->Inherited()) return;
   uint64_t value;
   while (read(bridge->efd, &value, sizeof(value)) < 0 && errno == EINTR) {
   }
@@ -1086,8 +1114,10 @@ void RetireBridge(const std::shared_ptr<LoopBridge>& bridge) {
     if (bridge->weakref != nullptr) g_dead_refs.push_back(bridge->weakref);
     bridge->weakref = nullptr;
   }
+  // An inherited bridge's answers are the parent's (and its lock may have
+  // been held at fork): they stay where they are.
   std::vector<Pending*> items;
-  {
+  if (!bridge->Inherited()) {
     std::lock_guard<std::mutex> lock(bridge->mu);
     bridge->dead = true;
     items.swap(bridge->done);
@@ -1123,12 +1153,11 @@ PyObject* OnLoopCollected(PyObject*, PyObject* ref) {
 }
 
 // Owned by the loop's reader callback, which a loop drops when it is
-// closed (asyncio and uvloop alike), or when it is collected.
+// closed (asyncio and uvloop alike), or when it is collected. It keeps the
+// bridge, and so its eventfd, open as long as the loop lists the reader.
 struct ReaderGuard {
-  std::weak_ptr<LoopBridge> bridge;
-  ~ReaderGuard() {
-    if (auto b = bridge.lock()) RetireBridge(b);
-  }
+  std::shared_ptr<LoopBridge> bridge;
+  ~ReaderGuard() { RetireBridge(bridge); }
 };
 
 PyMethodDef kOnLoopCollected = {"_rapidlimit_loop_collected", OnLoopCollected,
@@ -1146,7 +1175,7 @@ std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
   thread_local std::weak_ptr<LoopBridge> tl_bridge;
   if (loop == tl_loop) {
     std::shared_ptr<LoopBridge> last = tl_bridge.lock();
-    if (last != nullptr) {
+    if (last != nullptr && !last->Inherited()) {
       // A bridge outlives its loop while answers are in flight: a new
       // loop at the collected one's address must not take it (its weak
       // reference may be gone too).
@@ -1161,11 +1190,21 @@ std::shared_ptr<LoopBridge> BridgeFor(PyObject* loop) {
 }
 
 std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
-  std::vector<PyObject*> dead;
+  std::shared_ptr<LoopBridge> inherited;
   {
     std::lock_guard<std::mutex> lock(g_bridges_mu);
     auto it = g_bridges.find(loop);
-    if (it != g_bridges.end()) return it->second;
+    if (it != g_bridges.end()) {
+      if (!it->second->Inherited()) return it->second;
+      inherited = it->second;
+    }
+  }
+  // A loop used before fork(), now used in the child: a bridge of its own
+  // beside the parent's (whose reader stays, and does nothing here).
+  if (inherited != nullptr) RetireBridge(inherited);
+  std::vector<PyObject*> dead;
+  {
+    std::lock_guard<std::mutex> lock(g_bridges_mu);
     dead.swap(g_dead_refs);
   }
   for (PyObject* ref : dead) Py_DECREF(ref);
@@ -1178,10 +1217,8 @@ std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
   }
   std::weak_ptr<LoopBridge> weak = bridge;
   auto guard = std::make_shared<ReaderGuard>();
-  guard->bridge = weak;
-  py::cpp_function drain([weak, guard]() {
-    if (auto b = weak.lock()) Drain(b.get());
-  });
+  guard->bridge = bridge;
+  py::cpp_function drain([guard]() { Drain(guard->bridge.get()); });
   guard.reset();
   py::handle(loop).attr("add_reader")(bridge->efd, drain);
   bridge->flush_callback = py::cpp_function([weak]() {
@@ -1424,7 +1461,9 @@ bool RaiseIfFailClosed(const Decision& d) {
 // the child's first log line (its new connection) would hang it: gunicorn
 // --preload workers, multiprocessing. The forking thread takes them around
 // fork(), so the child gets them free and the queues whole; the log
-// records queued so far are the parent's to forward, not the child's.
+// records queued so far are the parent's to forward, not the child's. The
+// loop bridges' locks, taken so too, are not held: one per loop, and the
+// child never takes those of the bridges it inherits (LoopBridge::Inherited).
 void LockForFork() {
   g_log_mu.lock();
 #ifdef RAPIDLIMIT_HAVE_HIREDIS
@@ -1443,6 +1482,9 @@ void RegisterAtFork() {
   pthread_atfork(&LockForFork, &UnlockAfterFork, [] {
     g_log_queue.clear();
     g_log_pending.store(false, std::memory_order_relaxed);
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+    g_bridge_generation.fetch_add(1, std::memory_order_relaxed);
+#endif
     UnlockAfterFork();
   });
 }
