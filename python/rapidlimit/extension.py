@@ -2090,8 +2090,10 @@ class Limiter:
         endpoint_key = self._begin(conn.scope, state, plan, endpoint_name, mark)
         if endpoint_key is None:
             return None
-        if self._storage_dead:
-            return self._check_while_dead(conn, plan, state, endpoint_key)
+        # Back on Redis the way below: _check_while_dead's decision would
+        # wait for Redis on the event loop.
+        if self._storage_dead and not self._recovered():
+            return self._check_in_fallback(conn, plan, state, endpoint_key)
         try:
             prepared = self._prepare(conn, plan, state, endpoint_key)
             if prepared is None:
@@ -2162,10 +2164,18 @@ class Limiter:
         endpoint_key: str,
         recheck: bool = True,
     ) -> Failure | None:
+        if recheck and self._recovered():
+            try:
+                return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
+            except Exception as exc:
+                return self._on_error(exc, conn, plan, state, endpoint_key)
+        return self._check_in_fallback(conn, plan, state, endpoint_key)
+
+    def _recovered(self) -> bool:
+        """Whether the storage, found dead, answers again; if so it is the
+        storage from now on."""
         try:
-            if not recheck:
-                recovered = False
-            elif self._remote:
+            if self._remote:
                 # The Redis engine reconnects by itself, with a backoff of
                 # its own: back to Redis as soon as it is up (a read, not a
                 # PING on the event loop; slowapi's timer of up to 32 s
@@ -2179,10 +2189,16 @@ class Limiter:
             self.logger.info("Rate limit storage recovered")
             self._storage_dead = False
             self._check_backend_count = 0
-            try:
-                return self._evaluate(conn, plan, state, endpoint_key, self._limiter)
-            except Exception as exc:
-                return self._on_error(exc, conn, plan, state, endpoint_key)
+        return recovered
+
+    def _check_in_fallback(
+        self,
+        conn: HTTPConnection,
+        plan: _Plan,
+        state: dict[str, Any],
+        endpoint_key: str,
+    ) -> Failure | None:
+        """The check in memory while the storage is dead."""
         fallback = self._fallback_limiter
         assert fallback is not None
         if self._in_memory_fallback and not plan.exempt:

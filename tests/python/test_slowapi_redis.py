@@ -408,6 +408,48 @@ def test_in_memory_fallback_switches_back_when_redis_returns(
     assert asyncio.run(main()) == ["99", "200", "429", "99", "98"]
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_in_memory_fallback_back_on_redis_without_blocking_the_loop(
+    server: RedisServer, path: str
+) -> None:
+    """The first request once Redis is back awaits its decision as any
+    other: Redis holds it 0.4 s (DEBUG SLEEP) and a ticker runs meanwhile.
+    It was a synchronous decision, which stopped the event loop until
+    Redis answered."""
+    limiter = limiter_for(
+        server,
+        path,
+        storage_options={**FAST, "timeout": 3.0},
+        in_memory_fallback=["1/minute"],
+    )
+    app = make_app(limiter, path, limit="100/minute")
+    storage = limiter._storage
+
+    async def main() -> tuple[list[int], int, int]:
+        codes = []
+        async with client_for(app) as client:
+            codes.append((await client.get("/r")).status_code)
+            server.kill()
+            for _ in range(2):  # in memory: the fallback limit, 1/minute
+                codes.append((await client.get("/r")).status_code)
+            server.restart()
+            deadline = time.monotonic() + 5
+            while not storage.connected and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
+            assert server.client().dbsize() == 0
+            held = server.hold(0.4)
+            ticker = Ticker()
+            codes.append((await client.get("/r")).status_code)
+            await ticker.stop()
+            await asyncio.to_thread(held.join)
+        return codes, server.client().dbsize(), ticker.ticks
+
+    codes, keys, ticks = asyncio.run(main())
+    assert codes == [200, 200, 429, 200]
+    assert keys == 1  # decided by the restarted Redis, not in memory
+    assert ticks >= 10  # the loop ran during the ~0.4 s wait
+
+
 def test_explicit_policy_wins(server: RedisServer) -> None:
     limiter = Limiter(
         key_func=get_remote_address,
