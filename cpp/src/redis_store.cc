@@ -23,7 +23,8 @@
 // closes the connection: everything in flight gets the failure policy,
 // and so does everything submitted until the I/O thread has reconnected
 // (first at once, then with doubling backoff). Nothing waits for a
-// connection that is down.
+// connection that is down: with several, requests go to those that are
+// up.
 //
 // Fork. A child process must not share the parent's connection or use
 // its threads (which do not exist in the child). pthread_atfork bumps a
@@ -474,7 +475,8 @@ class Engine {
 
   // Bounded by one connect timeout in all, not one per lane: against a
   // server that accepts and never answers, lanes after the first give up
-  // at once and connect in the background.
+  // at once and connect in the background (PickLane passes them over
+  // meanwhile).
   void Start() {
     const int64_t deadline = MonoNanos() + options.connect_timeout_nanos;
     for (auto& lane : lanes) lane->Start(deadline);
@@ -495,10 +497,19 @@ class Engine {
     return options.host + ":" + std::to_string(options.port);
   }
 
+  // Round robin over the lanes that are up: a lane that is down (it
+  // never connected, or lost its connection and is waiting to retry)
+  // would give the request the failure policy while another lane could
+  // ask Redis. With none up, the round robin's choice: one reconnecting
+  // after an idle close still queues.
   Lane* PickLane() {
-    if (lanes.size() == 1) return lanes[0].get();
-    return lanes[rr.fetch_add(1, std::memory_order_relaxed) % lanes.size()]
-        .get();
+    const size_t n = lanes.size();
+    if (n == 1) return lanes[0].get();
+    const size_t first = rr.fetch_add(1, std::memory_order_relaxed) % n;
+    for (size_t i = 0, k = first; i < n; ++i, k = k + 1 == n ? 0 : k + 1) {
+      if (lanes[k]->Up()) return lanes[k].get();
+    }
+    return lanes[first].get();
   }
 
   void AppendKey(Strategy s, std::string_view key, Resp* out) const;

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -11,12 +12,15 @@
 #include <filesystem>
 #include <functional>
 #include <future>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "rapidlimit/clock.h"
@@ -1100,6 +1104,253 @@ TEST_F(RedisStoreTest, NameLookupIsBoundedByTheConnectTimeout) {
   store->Close();
   EXPECT_LT(std::chrono::steady_clock::now() - closing,
             std::chrono::milliseconds(450));
+}
+
+// --------------------------------------------------- name lookups, lanes
+
+// A name server the test controls: while it is shut, lookups wait for it
+// to open; lookups past the first `answered` ones fail. Never destroyed:
+// a lookup the store left in flight may still be in it after its test.
+class LookupGate {
+ public:
+  static LookupGate& Get() {
+    static auto* gate = new LookupGate;
+    return *gate;
+  }
+
+  // Open, answering every lookup, no calls counted. Waits for the lookups
+  // a previous test left in flight to leave.
+  void Reset() {
+    std::unique_lock<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+    cv_.wait_for(lock, std::chrono::seconds(5),
+                 [&] { return in_flight_ == 0; });
+    answered_ = std::numeric_limits<int>::max();
+    calls_ = 0;
+    max_in_flight_ = 0;
+  }
+  void Shut() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = false;
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  // Of the lookups from now on, only the first `n` are answered.
+  void AnswerOnly(int n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    answered_ = calls_ + n;
+  }
+  int calls() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_;
+  }
+  int max_in_flight() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return max_in_flight_;
+  }
+  // Whether `n` lookups have started within `limit`.
+  bool WaitCalls(int n, std::chrono::milliseconds limit) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return calls_ >= n; });
+  }
+
+  static int GetAddrInfo(const char* host, const char* port,
+                         const addrinfo* hints, addrinfo** out) {
+    LookupGate& g = Get();
+    bool fail;
+    {
+      std::unique_lock<std::mutex> lock(g.mu_);
+      fail = g.calls_ >= g.answered_;
+      ++g.calls_;
+      g.max_in_flight_ = std::max(g.max_in_flight_, ++g.in_flight_);
+      g.cv_.notify_all();
+      g.cv_.wait(lock, [&] { return g.open_; });
+      --g.in_flight_;
+      g.cv_.notify_all();
+    }
+    return fail ? EAI_NONAME : getaddrinfo(host, port, hints, out);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true;
+  int answered_ = std::numeric_limits<int>::max();
+  int calls_ = 0;
+  int in_flight_ = 0;
+  int max_in_flight_ = 0;
+};
+
+// Opens the gate when it goes out of scope: declared after a store, it
+// lets the store's Close find no lookup waiting for the gate.
+struct OpenGateAtEnd {
+  ~OpenGateAtEnd() { LookupGate::Get().Open(); }
+};
+
+// Log lines of a store, collected.
+class LogLines {
+ public:
+  std::function<void(RedisLogLevel, const std::string&)> Sink() {
+    return [this](RedisLogLevel level, const std::string& line) {
+      std::lock_guard<std::mutex> lock(mu_);
+      lines_.emplace_back(level, line);
+    };
+  }
+  // Lines of `level` or above containing `text`.
+  int Count(RedisLogLevel level, const std::string& text) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int n = 0;
+    for (const auto& [l, line] : lines_) {
+      if (l >= level && line.find(text) != std::string::npos) ++n;
+    }
+    return n;
+  }
+  bool WaitCount(RedisLogLevel level, const std::string& text, int n,
+                 std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (Count(level, text) < n) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return true;
+  }
+  std::string All() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::string all;
+    for (const auto& entry : lines_) all += entry.second + "\n";
+    return all;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<RedisLogLevel, std::string>> lines_;
+};
+
+// One asynchronous decision and its answer.
+class AsyncAnswer {
+ public:
+  AsyncAnswer(RedisStore& store, const Limit& l, const std::string& key,
+              int64_t now)
+      : store_(store) {
+    Request r{Strategy::kFixedWindow, &l, key, 1};
+    store.DecideAsync(
+        &r, 1, now, Mode::kHit,
+        [](void* ctx, const Decision* got, size_t, size_t) {
+          static_cast<std::promise<Decision>*>(ctx)->set_value(got[0]);
+        },
+        &promise_);
+  }
+  // The answer, or nothing after `limit`: the store is then closed, which
+  // answers while the promise still exists.
+  std::optional<Decision> Wait(std::chrono::milliseconds limit) {
+    if (future_.wait_for(limit) != std::future_status::ready) {
+      store_.Close();
+      return std::nullopt;
+    }
+    return future_.get();
+  }
+
+ private:
+  RedisStore& store_;
+  std::promise<Decision> promise_;
+  std::future<Decision> future_ = promise_.get_future();
+};
+
+class RedisLookupTest : public RedisStoreTest {
+ protected:
+  void SetUp() override {
+    RedisStoreTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    LookupGate::Get().Reset();
+    redis::g_getaddrinfo = &LookupGate::GetAddrInfo;
+  }
+  void TearDown() override {
+    LookupGate::Get().Open();
+    redis::g_getaddrinfo = &getaddrinfo;
+  }
+
+  // Options that connect by name, through the gate.
+  RedisStoreOptions NamedOptions(RedisFailurePolicy policy) const {
+    RedisStoreOptions o = Options(policy);
+    o.host = "localhost";
+    return o;
+  }
+
+  // The ids of the server's clients other than the one asking.
+  std::vector<std::string> OtherClientIds() const {
+    std::vector<std::string> ids;
+    std::stringstream lines(server_.Command({"CLIENT", "LIST"}).str);
+    std::string line;
+    while (std::getline(lines, line)) {
+      if (line.find(" cmd=client") != std::string::npos) continue;
+      const size_t at = line.find("id=");
+      if (at != 0) continue;
+      ids.push_back(line.substr(3, line.find(' ') - 3));
+    }
+    return ids;
+  }
+};
+
+// Start gives all lanes one connect deadline, and a lane loses its
+// connection alone: requests go to a lane that is up while another is
+// down, not to the failure policy.
+TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOthersNeverConnected) {
+  LookupGate::Get().AnswerOnly(1);  // the first lane's; the others fail
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  o.pool_size = 3;
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  ASSERT_TRUE(store->Connected());
+  ASSERT_EQ(OtherClientIds().size(), 1u);
+  const Limit l = L("1000 per minute");
+  for (int i = 0; i < 12; ++i) {
+    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
+              DecisionSource::kStore)
+        << i;
+  }
+  for (int i = 0; i < 6; ++i) {
+    AsyncAnswer answer(*store, l, "k", kT0 + 100 + i);
+    const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
+    ASSERT_TRUE(d.has_value()) << "no answer";
+    EXPECT_EQ(d->source, DecisionSource::kStore) << i;
+  }
+  EXPECT_EQ(store->Stats().fail_closed, 0u);
+}
+
+TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
+  LogLines log;
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  o.pool_size = 3;
+  o.command_timeout_nanos = 2 * kSec;
+  o.log = log.Sink();
+  auto store = Make(o);
+  const std::vector<std::string> ids = OtherClientIds();
+  ASSERT_EQ(ids.size(), 3u);
+  // The name no longer resolves: the lane whose connection Redis closes
+  // cannot reconnect and stays down.
+  LookupGate::Get().AnswerOnly(0);
+  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "ID", ids[0]}).integer, 1);
+  ASSERT_TRUE(log.WaitCount(RedisLogLevel::kWarning, "cannot reach redis", 1,
+                            std::chrono::milliseconds(5000)))
+      << log.All();
+  EXPECT_EQ(OtherClientIds().size(), 2u);
+  const Limit l = L("1000 per minute");
+  for (int i = 0; i < 12; ++i) {
+    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
+              DecisionSource::kStore)
+        << i;
+  }
+  for (int i = 0; i < 6; ++i) {
+    AsyncAnswer answer(*store, l, "k", kT0 + 100 + i);
+    const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
+    ASSERT_TRUE(d.has_value()) << "no answer";
+    EXPECT_EQ(d->source, DecisionSource::kStore) << i;
+  }
+  EXPECT_EQ(store->Stats().fail_closed, 0u);
 }
 
 TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
