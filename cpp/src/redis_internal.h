@@ -147,6 +147,14 @@ using GetAddrInfoFunction = int (*)(const char*, const char*, const addrinfo*,
                                     addrinfo**);
 extern std::atomic<GetAddrInfoFunction> g_getaddrinfo;
 
+// Name lookups in flight are shared by every connect to the same host and
+// port, in all stores. Around fork() (the store's pthread_atfork
+// handlers): the child gets their table whole, without the lookups (their
+// threads are the parent's).
+void LookupsForkPrepare();
+void LookupsForkParent();
+void LookupsForkChild();
+
 // Waits until `fd` is ready for `events` (poll) or the deadline passes.
 // Returns >0 ready, 0 timeout, <0 error.
 int WaitFd(int fd, short events, int64_t deadline);

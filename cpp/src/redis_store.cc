@@ -31,7 +31,9 @@
 // generation counter; the first call in the child sees it, abandons the
 // parent's engine (closing only its file descriptors) and builds a new
 // one with its own connection. A store's own lock, which Close and that
-// rebuild hold while they wait, starts free in the child.
+// rebuild hold while they wait, starts free in the child, and so does the
+// table of name lookups in flight (redis_socket.cc), emptied: the child
+// has none of their threads.
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -1792,10 +1794,18 @@ class RedisStoreImpl final : public RedisStore {
   bool closed_ = false;
 };
 
-// The registry is held across fork() so that the child's copy is whole.
-void ForkPrepare() { StoresMutex().lock(); }
-void ForkParent() { StoresMutex().unlock(); }
+// The registry and the name lookups are held across fork() so that the
+// child's copies are whole.
+void ForkPrepare() {
+  StoresMutex().lock();
+  LookupsForkPrepare();
+}
+void ForkParent() {
+  LookupsForkParent();
+  StoresMutex().unlock();
+}
 void ForkChild() {
+  LookupsForkChild();
   g_fork_generation.fetch_add(1, std::memory_order_relaxed);
   for (RedisStoreImpl* store : Stores()) store->ResetLockAfterFork();
   StoresMutex().unlock();

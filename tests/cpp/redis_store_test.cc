@@ -1353,6 +1353,99 @@ TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
   EXPECT_EQ(store->Stats().fail_closed, 0u);
 }
 
+TEST_F(RedisLookupTest, AttemptsShareTheNameLookupInFlight) {
+  // A name server that does not answer: each attempt gives up at its
+  // deadline and leaves the lookup in flight. Later attempts wait for that
+  // lookup instead of starting one more (each on a thread left behind).
+  LookupGate& gate = LookupGate::Get();
+  gate.Shut();
+  OpenGateAtEnd open_at_end;
+  const RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  std::atomic<int> timed_out{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 5; ++i) {
+        std::string error;
+        const int fd =
+            redis::ConnectSocket(o, redis::MonoNanos() + 20 * kMs, &error);
+        if (fd >= 0) close(fd);
+        if (fd < 0 && error.find("timed out") != std::string::npos) {
+          timed_out.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(timed_out.load(), 20);
+  EXPECT_EQ(gate.calls(), 1);
+  EXPECT_EQ(gate.max_in_flight(), 1);
+  // Once the name server answers, the next attempt connects with that
+  // answer; the one after it looks the name up again.
+  gate.Open();
+  for (const int lookups : {1, 2}) {
+    std::string error;
+    const int fd =
+        redis::ConnectSocket(o, redis::MonoNanos() + 10 * kSec, &error);
+    EXPECT_GE(fd, 0) << error;
+    if (fd >= 0) close(fd);
+    EXPECT_EQ(gate.calls(), lookups);
+  }
+}
+
+TEST_F(RedisLookupTest, ReconnectAttemptsDoNotPileUpNameLookups) {
+  LookupGate& gate = LookupGate::Get();
+  LogLines log;
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  o.pool_size = 3;
+  o.connect_timeout_nanos = 20 * kMs;
+  o.reconnect_min_nanos = kMs;
+  o.reconnect_max_nanos = kMs;
+  o.log = log.Sink();
+  gate.Shut();
+  auto store = Make(o);
+  OpenGateAtEnd open_at_end;
+  EXPECT_FALSE(store->Connected());
+  // The lanes keep trying, every attempt giving up after 20 ms.
+  ASSERT_TRUE(log.WaitCount(RedisLogLevel::kDebug, "failed: resolve", 30,
+                            std::chrono::milliseconds(10'000)))
+      << log.All();
+  EXPECT_EQ(gate.calls(), 1);
+  EXPECT_EQ(gate.max_in_flight(), 1);
+  gate.Open();
+  EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(5000)));
+  EXPECT_EQ(gate.max_in_flight(), 1);
+}
+
+TEST_F(RedisLookupTest, ForkedChildLooksTheNameUpItself) {
+  // The parent's lookup in flight has no thread in a forked child: the
+  // child's store must not wait for it.
+  auto store = Make(NamedOptions(RedisFailurePolicy::kFailClosed));
+  ASSERT_TRUE(store->Connected());
+  LookupGate& gate = LookupGate::Get();
+  gate.Shut();
+  OpenGateAtEnd open_at_end;
+  std::string error;
+  ASSERT_LT(redis::ConnectSocket(store->options(),
+                                 redis::MonoNanos() + 10 * kMs, &error),
+            0);
+  ASSERT_TRUE(gate.WaitCalls(2, std::chrono::milliseconds(5000)));
+  const pid_t pid = testing::ForkWhenQuiet();
+  if (pid == 0) {
+    // The gate's waiter is the parent's thread: no gate here.
+    redis::g_getaddrinfo = &getaddrinfo;
+    const Decision d =
+        Hit(*store, Strategy::kFixedWindow, L("3 per minute"), "k", kT0);
+    store->Close();
+    _exit(d.source == DecisionSource::kStore ? 0 : 1);
+  }
+  const std::optional<int> status =
+      testing::WaitChild(pid, std::chrono::seconds(10));
+  ASSERT_TRUE(status.has_value()) << "the child hung";
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
+}
+
 TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
   auto store = Make(Options(RedisFailurePolicy::kFailOpen));
   const Limit l = L("1/second");
