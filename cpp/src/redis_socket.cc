@@ -28,13 +28,13 @@ namespace {
 
 // Finishes a non-blocking connect of `fd` to `addr` before `deadline`.
 bool ConnectBefore(int fd, const sockaddr* addr, socklen_t len,
-                   int64_t deadline, std::string* error) {
+                   int64_t deadline, WaitHook* hook, std::string* error) {
   if (connect(fd, addr, len) == 0) return true;
   if (errno != EINPROGRESS && errno != EAGAIN && errno != EINTR) {
     *error = std::strerror(errno);
     return false;
   }
-  const int ready = WaitFd(fd, POLLOUT, deadline);
+  const int ready = WaitFd(fd, POLLOUT, deadline, hook);
   if (ready == 0) {
     *error = "connect timed out";
     return false;
@@ -144,7 +144,8 @@ std::shared_ptr<Lookup> StartLookup(std::string key, const std::string& host,
 // thread per reconnect attempt (every few ms at the shortest backoff),
 // all of them stuck. A numeric address needs no lookup.
 int ResolveBefore(const std::string& host, const std::string& port,
-                  int64_t deadline, std::shared_ptr<const Lookup>* out) {
+                  int64_t deadline, WaitHook* hook,
+                  std::shared_ptr<const Lookup>* out) {
   auto numeric = std::make_shared<Lookup>();
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -181,7 +182,7 @@ int ResolveBefore(const std::string& host, const std::string& port,
     }
     ++lookup->waiters;
   }
-  WaitFd(lookup->efd, POLLIN, deadline);
+  WaitFd(lookup->efd, POLLIN, deadline, hook);
   std::lock_guard<std::mutex> lock(table.mu);
   --lookup->waiters;
   if (!lookup->done) return EAI_AGAIN;  // left in flight for the next
@@ -219,22 +220,35 @@ int64_t MonoNanos() {
   return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
-int WaitFd(int fd, short events, int64_t deadline) {
+int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook) {
   for (;;) {
-    const int64_t left = deadline - MonoNanos();
-    if (left <= 0) return 0;
-    pollfd p{fd, events, 0};
+    int64_t now = MonoNanos();
+    if (now >= deadline) return 0;
+    int64_t until = deadline;
+    if (hook != nullptr) {
+      if (now >= hook->next) {
+        hook->next = hook->run();
+        now = MonoNanos();
+      }
+      until = std::min(until, hook->next);
+    }
+    pollfd p[2] = {{fd, events, 0},
+                   {hook != nullptr ? hook->fd : -1, POLLIN, 0}};
     // Round up so that a sub-millisecond wait does not spin.
     const int ms = static_cast<int>(
-        std::min<int64_t>((left + 999'999) / 1'000'000, 1'000'000));
-    const int rc = poll(&p, 1, ms);
-    if (rc > 0) return (p.revents & (events | POLLERR | POLLHUP)) ? 1 : -1;
+        std::clamp<int64_t>((until - now + 999'999) / 1'000'000, 0, 1'000'000));
+    const int rc = poll(p, hook != nullptr ? 2 : 1, ms);
     if (rc < 0 && errno != EINTR) return -1;
+    if (rc <= 0) continue;
+    if (p[0].revents != 0) {
+      return (p[0].revents & (events | POLLERR | POLLHUP)) ? 1 : -1;
+    }
+    if (p[1].revents != 0) hook->next = now;
   }
 }
 
 int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
-                  std::string* error) {
+                  std::string* error, WaitHook* hook) {
   if (!o.unix_path.empty()) {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -251,7 +265,7 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
     }
     std::string why;
     if (!ConnectBefore(fd, reinterpret_cast<const sockaddr*>(&addr),
-                       sizeof(addr), deadline, &why)) {
+                       sizeof(addr), deadline, hook, &why)) {
       close(fd);
       *error = "connect to " + o.unix_path + ": " + why;
       return -1;
@@ -260,7 +274,7 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
   }
   std::shared_ptr<const Lookup> lookup;
   const std::string port = std::to_string(o.port);
-  const int gai = ResolveBefore(o.host, port, deadline, &lookup);
+  const int gai = ResolveBefore(o.host, port, deadline, hook, &lookup);
   if (gai != 0) {
     *error = "resolve " + o.host + ": " +
              (MonoNanos() >= deadline ? "timed out" : gai_strerror(gai));
@@ -275,7 +289,9 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
       why = std::strerror(errno);
       continue;
     }
-    if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, &why)) break;
+    if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, hook, &why)) {
+      break;
+    }
     close(fd);
     fd = -1;
     if (MonoNanos() >= deadline) break;

@@ -24,7 +24,10 @@
 // and so does everything submitted until the I/O thread has reconnected
 // (first at once, then with doubling backoff). Nothing waits for a
 // connection that is down: with several, requests go to those that are
-// up.
+// up. When Redis closes an idle connection (its `timeout` setting, CLIENT
+// KILL), the I/O thread reconnects at once and requests queue for the new
+// connection meanwhile, each until its own deadline; only a failed
+// reconnect is an outage.
 //
 // Fork. A child process must not share the parent's connection or use
 // its threads (which do not exist in the child). pthread_atfork bumps a
@@ -394,9 +397,10 @@ class Lane {
 
  private:
   void Run();
-  // By `deadline`, or the connect timeout from now when 0.
-  bool Connect(int64_t deadline = 0);
-  bool Handshake(int fd, redisReader* reader, int64_t deadline,
+  // By `deadline`, or the connect timeout from now when 0, attending to
+  // `hook` (if non-null) while it waits.
+  bool Connect(int64_t deadline = 0, WaitHook* hook = nullptr);
+  bool Handshake(int fd, redisReader* reader, int64_t deadline, WaitHook* hook,
                  std::string* error);
   void AppendLocked(Op* op) { AppendGroupLocked(&op, 1); }
   // Sends ops[0..k) as one command: a raw op alone, script ops as one
@@ -413,6 +417,9 @@ class Lane {
   // setting, CLIENT KILL, a restart): reconnects at once, keeping the
   // queue, so that the next request does not find the connection dead.
   void ReconnectIdle(int fd, std::vector<Op*>* failed);
+  // The wait hook of that reconnect: completes the queued requests whose
+  // deadline has passed; returns the earliest deadline of those left.
+  int64_t ExpireQueued();
   void StopAccepting(std::vector<Op*>* failed);
   void Wake();
   void Finish(std::vector<Op*>* completed, std::vector<Op*>* failed);
@@ -908,17 +915,48 @@ void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
   engine_->Log(RedisLogLevel::kDebug, "redis at " + engine_->Endpoint() +
                                           " closed the idle connection; "
                                           "reconnecting");
-  // Requests queue meanwhile, with nothing to fail them at their deadline
-  // until this returns: a reconnect that takes longer than a request may
-  // wait is an outage (the usual backoff then allows the connect timeout).
-  const RedisStoreOptions& o = engine_->options;
-  const int64_t deadline =
-      MonoNanos() + std::min(o.connect_timeout_nanos, o.command_timeout_nanos);
-  if (!Connect(deadline)) StopAccepting(failed);
+  // The reconnect has the connect timeout, like any connect: Redis is
+  // fine, and giving up sooner would turn a slow connect (a name lookup, a
+  // busy server) into an outage. Requests queued meanwhile must not wait
+  // longer than their own timeout: the hook answers each at its deadline.
+  WaitHook hook;
+  hook.fd = efd_;
+  hook.run = [this] { return ExpireQueued(); };
+  if (!Connect(MonoNanos() + engine_->options.connect_timeout_nanos, &hook)) {
+    StopAccepting(failed);
+  }
+}
+
+int64_t Lane::ExpireQueued() {
+  uint64_t value;
+  while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {
+  }
+  const int64_t now = MonoNanos();
+  int64_t next = std::numeric_limits<int64_t>::max();
+  std::vector<Op*> completed, expired;
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    size_t kept = 0;
+    for (Op* op : queue_) {
+      if (op->deadline <= now) {
+        expired.push_back(op);
+      } else {
+        next = std::min(next, op->deadline);
+        queue_[kept++] = op;
+      }
+    }
+    queue_.resize(kept);
+    // With requests left, the hook runs again at the first deadline (a
+    // later request's is later); with none, the next Submit wakes us.
+    if (queue_.empty()) woken_ = false;
+  }
+  Add(engine_->counters->timeouts, expired.size());
+  Finish(&completed, &expired);
+  return next;
 }
 
 bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
-                     std::string* error) {
+                     WaitHook* hook, std::string* error) {
   const RedisStoreOptions& o = engine_->options;
   std::string cmd;
   Resp resp(&cmd);
@@ -959,7 +997,7 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
     if (n > 0) {
       off += static_cast<size_t>(n);
     } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-      if (WaitFd(fd, POLLOUT, deadline) <= 0) {
+      if (WaitFd(fd, POLLOUT, deadline, hook) <= 0) {
         *error = "handshake timed out";
         return false;
       }
@@ -987,7 +1025,7 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
       ++seen;
       continue;
     }
-    const int ready = WaitFd(fd, POLLIN, deadline);
+    const int ready = WaitFd(fd, POLLIN, deadline, hook);
     if (ready <= 0) {
       *error = ready == 0 ? "no reply to the handshake within the connect "
                             "timeout"
@@ -1009,15 +1047,15 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
   return true;
 }
 
-bool Lane::Connect(int64_t deadline) {
+bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   const RedisStoreOptions& o = engine_->options;
   if (deadline == 0) deadline = MonoNanos() + o.connect_timeout_nanos;
   std::string error;
-  int fd = ConnectSocket(o, deadline, &error);
+  int fd = ConnectSocket(o, deadline, &error, hook);
   redisReader* reader = nullptr;
   if (fd >= 0) {
     reader = redisReaderCreate();
-    if (!Handshake(fd, reader, deadline, &error)) {
+    if (!Handshake(fd, reader, deadline, hook, &error)) {
       close(fd);
       fd = -1;
       redisReaderFree(reader);

@@ -1295,6 +1295,54 @@ class RedisLookupTest : public RedisStoreTest {
   }
 };
 
+TEST_F(RedisLookupTest, IdleReconnectSlowerThanACommandIsNoOutage) {
+  // Redis closed the idle connection and the new one takes longer than a
+  // command may wait (here its name lookup) but less than the connect
+  // timeout: a request queued meanwhile gets the policy at its own
+  // deadline, yet the reconnect goes on, and a request queued later is
+  // answered by Redis once it is done. Before, the reconnect gave up at
+  // the command timeout and turned into an outage: a warning, and the
+  // policy for every request until a later attempt succeeded.
+  LookupGate& gate = LookupGate::Get();
+  LogLines log;
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailOpen);
+  o.command_timeout_nanos = 500 * kMs;
+  o.connect_timeout_nanos = 20 * kSec;
+  o.log = log.Sink();
+  auto store = Make(o);
+  OpenGateAtEnd open_at_end;
+  ASSERT_TRUE(store->Connected());
+  const Limit l = L("5 per minute");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).remaining, 4);
+  const RedisStoreStats before = store->Stats();
+  gate.Shut();
+  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).integer, 1);
+  // The I/O thread noticed and waits for the name.
+  ASSERT_TRUE(gate.WaitCalls(2, std::chrono::milliseconds(5000)));
+
+  const auto start = std::chrono::steady_clock::now();
+  AsyncAnswer first(*store, l, "k", kT0 + 1);
+  const std::optional<Decision> a = first.Wait(std::chrono::seconds(10));
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_TRUE(a.has_value()) << "no answer";
+  EXPECT_EQ(a->source, DecisionSource::kFailOpen);
+  EXPECT_GE(took, std::chrono::milliseconds(480));
+  EXPECT_LT(took, std::chrono::milliseconds(900));
+
+  AsyncAnswer second(*store, l, "k", kT0 + 2);
+  gate.Open();
+  const std::optional<Decision> b = second.Wait(std::chrono::seconds(10));
+  ASSERT_TRUE(b.has_value()) << "no answer";
+  EXPECT_EQ(b->source, DecisionSource::kStore);
+  EXPECT_EQ(b->remaining, 3);
+  const RedisStoreStats after = store->Stats();
+  EXPECT_EQ(after.fail_open, 1u);
+  EXPECT_EQ(after.timeouts, before.timeouts + 1);
+  EXPECT_EQ(after.disconnects, before.disconnects + 1);
+  EXPECT_EQ(gate.calls(), 2);
+  EXPECT_EQ(log.Count(RedisLogLevel::kWarning, ""), 0) << log.All();
+}
+
 // Start gives all lanes one connect deadline, and a lane loses its
 // connection alone: requests go to a lane that is up while another is
 // down, not to the failure policy.
