@@ -7,6 +7,7 @@
 #include <atomic>
 #include <charconv>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -135,11 +136,20 @@ int64_t FloorDivNanos(int64_t a, int64_t b);
 // Monotonic nanoseconds, for deadlines.
 int64_t MonoNanos();
 
+// What a wait of the I/O thread also attends to while it connects:
+// requests queued meanwhile must get their answer at their deadline, not
+// when the connect ends.
+struct WaitHook {
+  int fd = -1;                   // readable: call `run` now
+  std::function<int64_t()> run;  // returns when to call it next (MonoNanos)
+  int64_t next = 0;              // when to call it next
+};
+
 // Connects (non-blocking, TCP_NODELAY) by `options` before `deadline`
-// (MonoNanos), the name lookup included. Returns the fd, or -1 with
-// `error` set.
+// (MonoNanos), the name lookup included, attending to `hook` (if non-null)
+// while it waits. Returns the fd, or -1 with `error` set.
 int ConnectSocket(const RedisStoreOptions& options, int64_t deadline,
-                  std::string* error);
+                  std::string* error, WaitHook* hook = nullptr);
 
 // The name lookup ConnectSocket uses (getaddrinfo); tests put a resolver
 // that does not answer in its place.
@@ -147,9 +157,18 @@ using GetAddrInfoFunction = int (*)(const char*, const char*, const addrinfo*,
                                     addrinfo**);
 extern std::atomic<GetAddrInfoFunction> g_getaddrinfo;
 
-// Waits until `fd` is ready for `events` (poll) or the deadline passes.
-// Returns >0 ready, 0 timeout, <0 error.
-int WaitFd(int fd, short events, int64_t deadline);
+// Name lookups in flight are shared by every connect to the same host and
+// port, in all stores. Around fork() (the store's pthread_atfork
+// handlers): the child gets their table whole, without the lookups (their
+// threads are the parent's).
+void LookupsForkPrepare();
+void LookupsForkParent();
+void LookupsForkChild();
+
+// Waits until `fd` is ready for `events` (poll) or the deadline passes,
+// attending to `hook` (if non-null). Returns >0 ready, 0 timeout, <0
+// error.
+int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook = nullptr);
 
 }  // namespace rapidlimit::redis
 

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -11,14 +12,14 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
-#include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
+#include <utility>
 
 #include "redis_internal.h"
 
@@ -27,13 +28,13 @@ namespace {
 
 // Finishes a non-blocking connect of `fd` to `addr` before `deadline`.
 bool ConnectBefore(int fd, const sockaddr* addr, socklen_t len,
-                   int64_t deadline, std::string* error) {
+                   int64_t deadline, WaitHook* hook, std::string* error) {
   if (connect(fd, addr, len) == 0) return true;
   if (errno != EINPROGRESS && errno != EAGAIN && errno != EINTR) {
     *error = std::strerror(errno);
     return false;
   }
-  const int ready = WaitFd(fd, POLLOUT, deadline);
+  const int ready = WaitFd(fd, POLLOUT, deadline, hook);
   if (ready == 0) {
     *error = "connect timed out";
     return false;
@@ -55,32 +56,53 @@ bool ConnectBefore(int fd, const sockaddr* addr, socklen_t len,
   return true;
 }
 
-// One name lookup, shared by the thread doing it and the one waiting.
+// One name lookup, on a thread of its own, and its answer. Its eventfd
+// becomes readable, for good, when the answer is in.
 struct Lookup {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  int rc = EAI_AGAIN;
-  addrinfo* list = nullptr;
+  Lookup() = default;
+  Lookup(const Lookup&) = delete;
+  Lookup& operator=(const Lookup&) = delete;
   ~Lookup() {
     if (list != nullptr) freeaddrinfo(list);
+    if (efd >= 0) close(efd);
   }
+
+  std::string key;  // host '\0' port
+  int efd = -1;
+  // Guarded by the table's mutex; `rc` and `list` are constant once `done`.
+  bool done = false;
+  int waiters = 0;
+  int64_t done_at = 0;
+  int rc = EAI_AGAIN;
+  addrinfo* list = nullptr;
 };
 
-// getaddrinfo by `deadline`. It has no timeout of its own, and the
-// resolver's (seconds per try, per name server) would hold a connect, a
-// reconnect of the I/O thread and so Close() far beyond the connect
-// timeout: a name goes to a thread of its own, which is left to finish
-// alone when the deadline passes. A numeric address needs no lookup.
-int ResolveBefore(const std::string& host, const std::string& port,
-                  int64_t deadline, addrinfo** out) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICHOST;
-  if (getaddrinfo(host.c_str(), port.c_str(), &hints, out) == 0) return 0;
-  if (MonoNanos() >= deadline) return EAI_AGAIN;  // no thread for nothing
+// The lookups in flight by host and port, and the answers that came in
+// while no attempt waited. Never destroyed: a lookup's thread may finish
+// after the statics of this file.
+struct LookupTable {
+  std::mutex mu;
+  std::unordered_map<std::string, std::shared_ptr<Lookup>> lookups;
+};
+
+LookupTable& Lookups() {
+  static auto* table = new LookupTable;
+  return *table;
+}
+
+// An answer that came in while no attempt waited is the next attempt's,
+// unless it is older than this (a resolver's cache keeps answers for
+// their TTL, rarely under a minute).
+constexpr int64_t kKeepAnswerNanos = 30'000'000'000;
+
+// Starts looking `host` up for `port` (table.mu held). Null when there is
+// no thread or eventfd for it now: the next attempt tries again.
+std::shared_ptr<Lookup> StartLookup(std::string key, const std::string& host,
+                                    const std::string& port) {
   auto lookup = std::make_shared<Lookup>();
+  lookup->key = std::move(key);
+  lookup->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (lookup->efd < 0) return nullptr;
   try {
     std::thread([lookup, host, port] {
       addrinfo hints{};
@@ -89,23 +111,82 @@ int ResolveBefore(const std::string& host, const std::string& port,
       addrinfo* list = nullptr;
       const int rc =
           g_getaddrinfo.load()(host.c_str(), port.c_str(), &hints, &list);
-      std::lock_guard<std::mutex> lock(lookup->mu);
+      LookupTable& table = Lookups();
+      std::lock_guard<std::mutex> lock(table.mu);
       lookup->rc = rc;
       lookup->list = list;
       lookup->done = true;
-      lookup->cv.notify_all();
+      lookup->done_at = MonoNanos();
+      // The attempts waiting take the answer, and the next attempt looks
+      // the name up again; with none waiting, the next attempt takes it.
+      const auto it = table.lookups.find(lookup->key);
+      if (lookup->waiters > 0 && it != table.lookups.end() &&
+          it->second == lookup) {
+        table.lookups.erase(it);
+      }
+      const uint64_t one = 1;
+      while (write(lookup->efd, &one, sizeof(one)) < 0 && errno == EINTR) {
+      }
     }).detach();
   } catch (const std::system_error&) {
-    return EAI_AGAIN;  // no thread now: the next attempt tries again
+    return nullptr;
   }
-  std::unique_lock<std::mutex> lock(lookup->mu);
-  const int64_t left = std::max<int64_t>(0, deadline - MonoNanos());
-  if (!lookup->cv.wait_for(lock, std::chrono::nanoseconds(left),
-                           [&] { return lookup->done; })) {
-    return EAI_AGAIN;
+  return lookup;
+}
+
+// getaddrinfo by `deadline`. It has no timeout of its own, and the
+// resolver's (seconds per try, per name server) would hold a connect, a
+// reconnect of the I/O thread and so Close() far beyond the connect
+// timeout: a name goes to a thread of its own, which is left to finish
+// alone when the deadline passes. One lookup per host and port at a time:
+// an attempt that comes while one is in flight waits for that one rather
+// than starting another, or a name server that never answers would get a
+// thread per reconnect attempt (every few ms at the shortest backoff),
+// all of them stuck. A numeric address needs no lookup.
+int ResolveBefore(const std::string& host, const std::string& port,
+                  int64_t deadline, WaitHook* hook,
+                  std::shared_ptr<const Lookup>* out) {
+  auto numeric = std::make_shared<Lookup>();
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &numeric->list) == 0) {
+    numeric->rc = 0;
+    *out = std::move(numeric);
+    return 0;
   }
-  *out = lookup->list;
-  lookup->list = nullptr;
+  if (MonoNanos() >= deadline) return EAI_AGAIN;  // no thread for nothing
+  LookupTable& table = Lookups();
+  std::string key = host;
+  key.push_back('\0');
+  key.append(port);
+  std::shared_ptr<Lookup> lookup;
+  {
+    std::lock_guard<std::mutex> lock(table.mu);
+    const auto it = table.lookups.find(key);
+    if (it != table.lookups.end() && !it->second->done) {
+      lookup = it->second;
+    } else if (it != table.lookups.end()) {
+      std::shared_ptr<Lookup> answer = std::move(it->second);
+      table.lookups.erase(it);
+      if (MonoNanos() - answer->done_at <= kKeepAnswerNanos) {
+        *out = answer;
+        return answer->rc;
+      }
+    }
+    if (lookup == nullptr) {
+      lookup = StartLookup(key, host, port);
+      if (lookup == nullptr) return EAI_AGAIN;
+      table.lookups.emplace(std::move(key), lookup);
+    }
+    ++lookup->waiters;
+  }
+  WaitFd(lookup->efd, POLLIN, deadline, hook);
+  std::lock_guard<std::mutex> lock(table.mu);
+  --lookup->waiters;
+  if (!lookup->done) return EAI_AGAIN;  // left in flight for the next
+  *out = lookup;
   return lookup->rc;
 }
 
@@ -113,28 +194,61 @@ int ResolveBefore(const std::string& host, const std::string& port,
 
 std::atomic<GetAddrInfoFunction> g_getaddrinfo{&getaddrinfo};
 
+// Held across fork() so that the child's copy of the table is whole.
+void LookupsForkPrepare() { Lookups().mu.lock(); }
+void LookupsForkParent() { Lookups().mu.unlock(); }
+
+// The child has none of the lookups' threads: an attempt there must not
+// wait for one. Their Lookups stay referenced by threads that do not
+// exist here; only their eventfds are worth closing.
+void LookupsForkChild() {
+  LookupTable& table = Lookups();
+  for (auto& entry : table.lookups) {
+    Lookup& lookup = *entry.second;
+    if (!lookup.done && lookup.efd >= 0) {
+      close(lookup.efd);
+      lookup.efd = -1;
+    }
+  }
+  table.lookups.clear();
+  table.mu.unlock();
+}
+
 int64_t MonoNanos() {
   timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
 }
 
-int WaitFd(int fd, short events, int64_t deadline) {
+int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook) {
   for (;;) {
-    const int64_t left = deadline - MonoNanos();
-    if (left <= 0) return 0;
-    pollfd p{fd, events, 0};
+    int64_t now = MonoNanos();
+    if (now >= deadline) return 0;
+    int64_t until = deadline;
+    if (hook != nullptr) {
+      if (now >= hook->next) {
+        hook->next = hook->run();
+        now = MonoNanos();
+      }
+      until = std::min(until, hook->next);
+    }
+    pollfd p[2] = {{fd, events, 0},
+                   {hook != nullptr ? hook->fd : -1, POLLIN, 0}};
     // Round up so that a sub-millisecond wait does not spin.
     const int ms = static_cast<int>(
-        std::min<int64_t>((left + 999'999) / 1'000'000, 1'000'000));
-    const int rc = poll(&p, 1, ms);
-    if (rc > 0) return (p.revents & (events | POLLERR | POLLHUP)) ? 1 : -1;
+        std::clamp<int64_t>((until - now + 999'999) / 1'000'000, 0, 1'000'000));
+    const int rc = poll(p, hook != nullptr ? 2 : 1, ms);
     if (rc < 0 && errno != EINTR) return -1;
+    if (rc <= 0) continue;
+    if (p[0].revents != 0) {
+      return (p[0].revents & (events | POLLERR | POLLHUP)) ? 1 : -1;
+    }
+    if (p[1].revents != 0) hook->next = now;
   }
 }
 
 int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
-                  std::string* error) {
+                  std::string* error, WaitHook* hook) {
   if (!o.unix_path.empty()) {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -151,16 +265,16 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
     }
     std::string why;
     if (!ConnectBefore(fd, reinterpret_cast<const sockaddr*>(&addr),
-                       sizeof(addr), deadline, &why)) {
+                       sizeof(addr), deadline, hook, &why)) {
       close(fd);
       *error = "connect to " + o.unix_path + ": " + why;
       return -1;
     }
     return fd;
   }
-  addrinfo* list = nullptr;
+  std::shared_ptr<const Lookup> lookup;
   const std::string port = std::to_string(o.port);
-  const int gai = ResolveBefore(o.host, port, deadline, &list);
+  const int gai = ResolveBefore(o.host, port, deadline, hook, &lookup);
   if (gai != 0) {
     *error = "resolve " + o.host + ": " +
              (MonoNanos() >= deadline ? "timed out" : gai_strerror(gai));
@@ -168,19 +282,20 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
   }
   std::string why = "no address";
   int fd = -1;
-  for (addrinfo* ai = list; ai != nullptr; ai = ai->ai_next) {
+  for (const addrinfo* ai = lookup->list; ai != nullptr; ai = ai->ai_next) {
     fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
                 ai->ai_protocol);
     if (fd < 0) {
       why = std::strerror(errno);
       continue;
     }
-    if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, &why)) break;
+    if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, hook, &why)) {
+      break;
+    }
     close(fd);
     fd = -1;
     if (MonoNanos() >= deadline) break;
   }
-  freeaddrinfo(list);
   if (fd < 0) {
     *error = "connect to " + o.host + ":" + port + ": " + why;
     return -1;

@@ -23,14 +23,20 @@
 // closes the connection: everything in flight gets the failure policy,
 // and so does everything submitted until the I/O thread has reconnected
 // (first at once, then with doubling backoff). Nothing waits for a
-// connection that is down.
+// connection that is down: with several, requests go to those that are
+// up. When Redis closes an idle connection (its `timeout` setting, CLIENT
+// KILL), the I/O thread reconnects at once and requests queue for the new
+// connection meanwhile, each until its own deadline; only a failed
+// reconnect is an outage.
 //
 // Fork. A child process must not share the parent's connection or use
 // its threads (which do not exist in the child). pthread_atfork bumps a
 // generation counter; the first call in the child sees it, abandons the
 // parent's engine (closing only its file descriptors) and builds a new
 // one with its own connection. A store's own lock, which Close and that
-// rebuild hold while they wait, starts free in the child.
+// rebuild hold while they wait, starts free in the child, and so does the
+// table of name lookups in flight (redis_socket.cc), emptied: the child
+// has none of their threads.
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -391,9 +397,10 @@ class Lane {
 
  private:
   void Run();
-  // By `deadline`, or the connect timeout from now when 0.
-  bool Connect(int64_t deadline = 0);
-  bool Handshake(int fd, redisReader* reader, int64_t deadline,
+  // By `deadline`, or the connect timeout from now when 0, attending to
+  // `hook` (if non-null) while it waits.
+  bool Connect(int64_t deadline = 0, WaitHook* hook = nullptr);
+  bool Handshake(int fd, redisReader* reader, int64_t deadline, WaitHook* hook,
                  std::string* error);
   void AppendLocked(Op* op) { AppendGroupLocked(&op, 1); }
   // Sends ops[0..k) as one command: a raw op alone, script ops as one
@@ -410,6 +417,9 @@ class Lane {
   // setting, CLIENT KILL, a restart): reconnects at once, keeping the
   // queue, so that the next request does not find the connection dead.
   void ReconnectIdle(int fd, std::vector<Op*>* failed);
+  // The wait hook of that reconnect: completes the queued requests whose
+  // deadline has passed; returns the earliest deadline of those left.
+  int64_t ExpireQueued();
   void StopAccepting(std::vector<Op*>* failed);
   void Wake();
   void Finish(std::vector<Op*>* completed, std::vector<Op*>* failed);
@@ -474,7 +484,8 @@ class Engine {
 
   // Bounded by one connect timeout in all, not one per lane: against a
   // server that accepts and never answers, lanes after the first give up
-  // at once and connect in the background.
+  // at once and connect in the background (PickLane passes them over
+  // meanwhile).
   void Start() {
     const int64_t deadline = MonoNanos() + options.connect_timeout_nanos;
     for (auto& lane : lanes) lane->Start(deadline);
@@ -495,10 +506,19 @@ class Engine {
     return options.host + ":" + std::to_string(options.port);
   }
 
+  // Round robin over the lanes that are up: a lane that is down (it
+  // never connected, or lost its connection and is waiting to retry)
+  // would give the request the failure policy while another lane could
+  // ask Redis. With none up, the round robin's choice: one reconnecting
+  // after an idle close still queues.
   Lane* PickLane() {
-    if (lanes.size() == 1) return lanes[0].get();
-    return lanes[rr.fetch_add(1, std::memory_order_relaxed) % lanes.size()]
-        .get();
+    const size_t n = lanes.size();
+    if (n == 1) return lanes[0].get();
+    const size_t first = rr.fetch_add(1, std::memory_order_relaxed) % n;
+    for (size_t i = 0, k = first; i < n; ++i, k = k + 1 == n ? 0 : k + 1) {
+      if (lanes[k]->Up()) return lanes[k].get();
+    }
+    return lanes[first].get();
   }
 
   void AppendKey(Strategy s, std::string_view key, Resp* out) const;
@@ -895,17 +915,48 @@ void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
   engine_->Log(RedisLogLevel::kDebug, "redis at " + engine_->Endpoint() +
                                           " closed the idle connection; "
                                           "reconnecting");
-  // Requests queue meanwhile, with nothing to fail them at their deadline
-  // until this returns: a reconnect that takes longer than a request may
-  // wait is an outage (the usual backoff then allows the connect timeout).
-  const RedisStoreOptions& o = engine_->options;
-  const int64_t deadline =
-      MonoNanos() + std::min(o.connect_timeout_nanos, o.command_timeout_nanos);
-  if (!Connect(deadline)) StopAccepting(failed);
+  // The reconnect has the connect timeout, like any connect: Redis is
+  // fine, and giving up sooner would turn a slow connect (a name lookup, a
+  // busy server) into an outage. Requests queued meanwhile must not wait
+  // longer than their own timeout: the hook answers each at its deadline.
+  WaitHook hook;
+  hook.fd = efd_;
+  hook.run = [this] { return ExpireQueued(); };
+  if (!Connect(MonoNanos() + engine_->options.connect_timeout_nanos, &hook)) {
+    StopAccepting(failed);
+  }
+}
+
+int64_t Lane::ExpireQueued() {
+  uint64_t value;
+  while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {
+  }
+  const int64_t now = MonoNanos();
+  int64_t next = std::numeric_limits<int64_t>::max();
+  std::vector<Op*> completed, expired;
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    size_t kept = 0;
+    for (Op* op : queue_) {
+      if (op->deadline <= now) {
+        expired.push_back(op);
+      } else {
+        next = std::min(next, op->deadline);
+        queue_[kept++] = op;
+      }
+    }
+    queue_.resize(kept);
+    // With requests left, the hook runs again at the first deadline (a
+    // later request's is later); with none, the next Submit wakes us.
+    if (queue_.empty()) woken_ = false;
+  }
+  Add(engine_->counters->timeouts, expired.size());
+  Finish(&completed, &expired);
+  return next;
 }
 
 bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
-                     std::string* error) {
+                     WaitHook* hook, std::string* error) {
   const RedisStoreOptions& o = engine_->options;
   std::string cmd;
   Resp resp(&cmd);
@@ -946,7 +997,7 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
     if (n > 0) {
       off += static_cast<size_t>(n);
     } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-      if (WaitFd(fd, POLLOUT, deadline) <= 0) {
+      if (WaitFd(fd, POLLOUT, deadline, hook) <= 0) {
         *error = "handshake timed out";
         return false;
       }
@@ -974,7 +1025,7 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
       ++seen;
       continue;
     }
-    const int ready = WaitFd(fd, POLLIN, deadline);
+    const int ready = WaitFd(fd, POLLIN, deadline, hook);
     if (ready <= 0) {
       *error = ready == 0 ? "no reply to the handshake within the connect "
                             "timeout"
@@ -996,15 +1047,15 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
   return true;
 }
 
-bool Lane::Connect(int64_t deadline) {
+bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   const RedisStoreOptions& o = engine_->options;
   if (deadline == 0) deadline = MonoNanos() + o.connect_timeout_nanos;
   std::string error;
-  int fd = ConnectSocket(o, deadline, &error);
+  int fd = ConnectSocket(o, deadline, &error, hook);
   redisReader* reader = nullptr;
   if (fd >= 0) {
     reader = redisReaderCreate();
-    if (!Handshake(fd, reader, deadline, &error)) {
+    if (!Handshake(fd, reader, deadline, hook, &error)) {
       close(fd);
       fd = -1;
       redisReaderFree(reader);
@@ -1781,10 +1832,18 @@ class RedisStoreImpl final : public RedisStore {
   bool closed_ = false;
 };
 
-// The registry is held across fork() so that the child's copy is whole.
-void ForkPrepare() { StoresMutex().lock(); }
-void ForkParent() { StoresMutex().unlock(); }
+// The registry and the name lookups are held across fork() so that the
+// child's copies are whole.
+void ForkPrepare() {
+  StoresMutex().lock();
+  LookupsForkPrepare();
+}
+void ForkParent() {
+  LookupsForkParent();
+  StoresMutex().unlock();
+}
 void ForkChild() {
+  LookupsForkChild();
   g_fork_generation.fetch_add(1, std::memory_order_relaxed);
   for (RedisStoreImpl* store : Stores()) store->ResetLockAfterFork();
   StoresMutex().unlock();

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -11,12 +12,15 @@
 #include <filesystem>
 #include <functional>
 #include <future>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "rapidlimit/clock.h"
@@ -1100,6 +1104,394 @@ TEST_F(RedisStoreTest, NameLookupIsBoundedByTheConnectTimeout) {
   store->Close();
   EXPECT_LT(std::chrono::steady_clock::now() - closing,
             std::chrono::milliseconds(450));
+}
+
+// --------------------------------------------------- name lookups, lanes
+
+// A name server the test controls: while it is shut, lookups wait for it
+// to open; lookups past the first `answered` ones fail. Never destroyed:
+// a lookup the store left in flight may still be in it after its test.
+class LookupGate {
+ public:
+  static LookupGate& Get() {
+    static auto* gate = new LookupGate;
+    return *gate;
+  }
+
+  // Open, answering every lookup, no calls counted. Waits for the lookups
+  // a previous test left in flight to leave.
+  void Reset() {
+    std::unique_lock<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+    cv_.wait_for(lock, std::chrono::seconds(5),
+                 [&] { return in_flight_ == 0; });
+    answered_ = std::numeric_limits<int>::max();
+    calls_ = 0;
+    max_in_flight_ = 0;
+  }
+  void Shut() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = false;
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  // Of the lookups from now on, only the first `n` are answered.
+  void AnswerOnly(int n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    answered_ = calls_ + n;
+  }
+  int calls() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_;
+  }
+  int max_in_flight() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return max_in_flight_;
+  }
+  // Whether `n` lookups have started within `limit`.
+  bool WaitCalls(int n, std::chrono::milliseconds limit) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return calls_ >= n; });
+  }
+
+  static int GetAddrInfo(const char* host, const char* port,
+                         const addrinfo* hints, addrinfo** out) {
+    LookupGate& g = Get();
+    bool fail;
+    {
+      std::unique_lock<std::mutex> lock(g.mu_);
+      fail = g.calls_ >= g.answered_;
+      ++g.calls_;
+      g.max_in_flight_ = std::max(g.max_in_flight_, ++g.in_flight_);
+      g.cv_.notify_all();
+      g.cv_.wait(lock, [&] { return g.open_; });
+      --g.in_flight_;
+      g.cv_.notify_all();
+    }
+    return fail ? EAI_NONAME : getaddrinfo(host, port, hints, out);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true;
+  int answered_ = std::numeric_limits<int>::max();
+  int calls_ = 0;
+  int in_flight_ = 0;
+  int max_in_flight_ = 0;
+};
+
+// Opens the gate when it goes out of scope: declared after a store, it
+// lets the store's Close find no lookup waiting for the gate.
+struct OpenGateAtEnd {
+  ~OpenGateAtEnd() { LookupGate::Get().Open(); }
+};
+
+// Log lines of a store, collected.
+class LogLines {
+ public:
+  std::function<void(RedisLogLevel, const std::string&)> Sink() {
+    return [this](RedisLogLevel level, const std::string& line) {
+      std::lock_guard<std::mutex> lock(mu_);
+      lines_.emplace_back(level, line);
+    };
+  }
+  // Lines of `level` or above containing `text`.
+  int Count(RedisLogLevel level, const std::string& text) {
+    std::lock_guard<std::mutex> lock(mu_);
+    int n = 0;
+    for (const auto& [l, line] : lines_) {
+      if (l >= level && line.find(text) != std::string::npos) ++n;
+    }
+    return n;
+  }
+  bool WaitCount(RedisLogLevel level, const std::string& text, int n,
+                 std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (Count(level, text) < n) {
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return true;
+  }
+  std::string All() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::string all;
+    for (const auto& entry : lines_) all += entry.second + "\n";
+    return all;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<RedisLogLevel, std::string>> lines_;
+};
+
+// One asynchronous decision and its answer.
+class AsyncAnswer {
+ public:
+  AsyncAnswer(RedisStore& store, const Limit& l, const std::string& key,
+              int64_t now)
+      : store_(store) {
+    Request r{Strategy::kFixedWindow, &l, key, 1};
+    store.DecideAsync(
+        &r, 1, now, Mode::kHit,
+        [](void* ctx, const Decision* got, size_t, size_t) {
+          static_cast<std::promise<Decision>*>(ctx)->set_value(got[0]);
+        },
+        &promise_);
+  }
+  // The answer, or nothing after `limit`: the store is then closed, which
+  // answers while the promise still exists.
+  std::optional<Decision> Wait(std::chrono::milliseconds limit) {
+    if (future_.wait_for(limit) != std::future_status::ready) {
+      store_.Close();
+      return std::nullopt;
+    }
+    return future_.get();
+  }
+
+ private:
+  RedisStore& store_;
+  std::promise<Decision> promise_;
+  std::future<Decision> future_ = promise_.get_future();
+};
+
+class RedisLookupTest : public RedisStoreTest {
+ protected:
+  void SetUp() override {
+    RedisStoreTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    LookupGate::Get().Reset();
+    redis::g_getaddrinfo = &LookupGate::GetAddrInfo;
+  }
+  void TearDown() override {
+    LookupGate::Get().Open();
+    redis::g_getaddrinfo = &getaddrinfo;
+  }
+
+  // Options that connect by name, through the gate.
+  RedisStoreOptions NamedOptions(RedisFailurePolicy policy) const {
+    RedisStoreOptions o = Options(policy);
+    o.host = "localhost";
+    return o;
+  }
+
+  // The ids of the server's clients other than the one asking.
+  std::vector<std::string> OtherClientIds() const {
+    std::vector<std::string> ids;
+    std::stringstream lines(server_.Command({"CLIENT", "LIST"}).str);
+    std::string line;
+    while (std::getline(lines, line)) {
+      if (line.find(" cmd=client") != std::string::npos) continue;
+      const size_t at = line.find("id=");
+      if (at != 0) continue;
+      ids.push_back(line.substr(3, line.find(' ') - 3));
+    }
+    return ids;
+  }
+};
+
+TEST_F(RedisLookupTest, IdleReconnectSlowerThanACommandIsNoOutage) {
+  // Redis closed the idle connection and the new one takes longer than a
+  // command may wait (here its name lookup) but less than the connect
+  // timeout: a request queued meanwhile gets the policy at its own
+  // deadline, yet the reconnect goes on, and a request queued later is
+  // answered by Redis once it is done. Before, the reconnect gave up at
+  // the command timeout and turned into an outage: a warning, and the
+  // policy for every request until a later attempt succeeded.
+  LookupGate& gate = LookupGate::Get();
+  LogLines log;
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailOpen);
+  o.command_timeout_nanos = 500 * kMs;
+  o.connect_timeout_nanos = 20 * kSec;
+  o.log = log.Sink();
+  auto store = Make(o);
+  OpenGateAtEnd open_at_end;
+  ASSERT_TRUE(store->Connected());
+  const Limit l = L("5 per minute");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).remaining, 4);
+  const RedisStoreStats before = store->Stats();
+  gate.Shut();
+  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).integer, 1);
+  // The I/O thread noticed and waits for the name.
+  ASSERT_TRUE(gate.WaitCalls(2, std::chrono::milliseconds(5000)));
+
+  const auto start = std::chrono::steady_clock::now();
+  AsyncAnswer first(*store, l, "k", kT0 + 1);
+  const std::optional<Decision> a = first.Wait(std::chrono::seconds(10));
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_TRUE(a.has_value()) << "no answer";
+  EXPECT_EQ(a->source, DecisionSource::kFailOpen);
+  EXPECT_GE(took, std::chrono::milliseconds(480));
+  EXPECT_LT(took, std::chrono::milliseconds(900));
+
+  AsyncAnswer second(*store, l, "k", kT0 + 2);
+  gate.Open();
+  const std::optional<Decision> b = second.Wait(std::chrono::seconds(10));
+  ASSERT_TRUE(b.has_value()) << "no answer";
+  EXPECT_EQ(b->source, DecisionSource::kStore);
+  EXPECT_EQ(b->remaining, 3);
+  const RedisStoreStats after = store->Stats();
+  EXPECT_EQ(after.fail_open, 1u);
+  EXPECT_EQ(after.timeouts, before.timeouts + 1);
+  EXPECT_EQ(after.disconnects, before.disconnects + 1);
+  EXPECT_EQ(gate.calls(), 2);
+  EXPECT_EQ(log.Count(RedisLogLevel::kWarning, ""), 0) << log.All();
+}
+
+// Start gives all lanes one connect deadline, and a lane loses its
+// connection alone: requests go to a lane that is up while another is
+// down, not to the failure policy.
+TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOthersNeverConnected) {
+  LookupGate::Get().AnswerOnly(1);  // the first lane's; the others fail
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  o.pool_size = 3;
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  ASSERT_TRUE(store->Connected());
+  ASSERT_EQ(OtherClientIds().size(), 1u);
+  const Limit l = L("1000 per minute");
+  for (int i = 0; i < 12; ++i) {
+    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
+              DecisionSource::kStore)
+        << i;
+  }
+  for (int i = 0; i < 6; ++i) {
+    AsyncAnswer answer(*store, l, "k", kT0 + 100 + i);
+    const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
+    ASSERT_TRUE(d.has_value()) << "no answer";
+    EXPECT_EQ(d->source, DecisionSource::kStore) << i;
+  }
+  EXPECT_EQ(store->Stats().fail_closed, 0u);
+}
+
+TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
+  LogLines log;
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  o.pool_size = 3;
+  o.command_timeout_nanos = 2 * kSec;
+  o.log = log.Sink();
+  auto store = Make(o);
+  const std::vector<std::string> ids = OtherClientIds();
+  ASSERT_EQ(ids.size(), 3u);
+  // The name no longer resolves: the lane whose connection Redis closes
+  // cannot reconnect and stays down.
+  LookupGate::Get().AnswerOnly(0);
+  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "ID", ids[0]}).integer, 1);
+  ASSERT_TRUE(log.WaitCount(RedisLogLevel::kWarning, "cannot reach redis", 1,
+                            std::chrono::milliseconds(5000)))
+      << log.All();
+  EXPECT_EQ(OtherClientIds().size(), 2u);
+  const Limit l = L("1000 per minute");
+  for (int i = 0; i < 12; ++i) {
+    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
+              DecisionSource::kStore)
+        << i;
+  }
+  for (int i = 0; i < 6; ++i) {
+    AsyncAnswer answer(*store, l, "k", kT0 + 100 + i);
+    const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
+    ASSERT_TRUE(d.has_value()) << "no answer";
+    EXPECT_EQ(d->source, DecisionSource::kStore) << i;
+  }
+  EXPECT_EQ(store->Stats().fail_closed, 0u);
+}
+
+TEST_F(RedisLookupTest, AttemptsShareTheNameLookupInFlight) {
+  // A name server that does not answer: each attempt gives up at its
+  // deadline and leaves the lookup in flight. Later attempts wait for that
+  // lookup instead of starting one more (each on a thread left behind).
+  LookupGate& gate = LookupGate::Get();
+  gate.Shut();
+  OpenGateAtEnd open_at_end;
+  const RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  std::atomic<int> timed_out{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 5; ++i) {
+        std::string error;
+        const int fd =
+            redis::ConnectSocket(o, redis::MonoNanos() + 20 * kMs, &error);
+        if (fd >= 0) close(fd);
+        if (fd < 0 && error.find("timed out") != std::string::npos) {
+          timed_out.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(timed_out.load(), 20);
+  EXPECT_EQ(gate.calls(), 1);
+  EXPECT_EQ(gate.max_in_flight(), 1);
+  // Once the name server answers, the next attempt connects with that
+  // answer; the one after it looks the name up again.
+  gate.Open();
+  for (const int lookups : {1, 2}) {
+    std::string error;
+    const int fd =
+        redis::ConnectSocket(o, redis::MonoNanos() + 10 * kSec, &error);
+    EXPECT_GE(fd, 0) << error;
+    if (fd >= 0) close(fd);
+    EXPECT_EQ(gate.calls(), lookups);
+  }
+}
+
+TEST_F(RedisLookupTest, ReconnectAttemptsDoNotPileUpNameLookups) {
+  LookupGate& gate = LookupGate::Get();
+  LogLines log;
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
+  o.pool_size = 3;
+  o.connect_timeout_nanos = 20 * kMs;
+  o.reconnect_min_nanos = kMs;
+  o.reconnect_max_nanos = kMs;
+  o.log = log.Sink();
+  gate.Shut();
+  auto store = Make(o);
+  OpenGateAtEnd open_at_end;
+  EXPECT_FALSE(store->Connected());
+  // The lanes keep trying, every attempt giving up after 20 ms.
+  ASSERT_TRUE(log.WaitCount(RedisLogLevel::kDebug, "failed: resolve", 30,
+                            std::chrono::milliseconds(10'000)))
+      << log.All();
+  EXPECT_EQ(gate.calls(), 1);
+  EXPECT_EQ(gate.max_in_flight(), 1);
+  gate.Open();
+  EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(5000)));
+  EXPECT_EQ(gate.max_in_flight(), 1);
+}
+
+TEST_F(RedisLookupTest, ForkedChildLooksTheNameUpItself) {
+  // The parent's lookup in flight has no thread in a forked child: the
+  // child's store must not wait for it.
+  auto store = Make(NamedOptions(RedisFailurePolicy::kFailClosed));
+  ASSERT_TRUE(store->Connected());
+  LookupGate& gate = LookupGate::Get();
+  gate.Shut();
+  OpenGateAtEnd open_at_end;
+  std::string error;
+  ASSERT_LT(redis::ConnectSocket(store->options(),
+                                 redis::MonoNanos() + 10 * kMs, &error),
+            0);
+  ASSERT_TRUE(gate.WaitCalls(2, std::chrono::milliseconds(5000)));
+  const pid_t pid = testing::ForkWhenQuiet();
+  if (pid == 0) {
+    // The gate's waiter is the parent's thread: no gate here.
+    redis::g_getaddrinfo = &getaddrinfo;
+    const Decision d =
+        Hit(*store, Strategy::kFixedWindow, L("3 per minute"), "k", kT0);
+    store->Close();
+    _exit(d.source == DecisionSource::kStore ? 0 : 1);
+  }
+  const std::optional<int> status =
+      testing::WaitChild(pid, std::chrono::seconds(10));
+  ASSERT_TRUE(status.has_value()) << "the child hung";
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0);
 }
 
 TEST_F(RedisStoreTest, CloseIsBoundedAndLaterCallsGetThePolicy) {
