@@ -32,15 +32,69 @@ def free_port() -> int:
         return port
 
 
-def _version(binary: str) -> int:
-    out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, check=False, timeout=30
-    ).stdout
-    at = out.find("v=")
-    try:
-        return int(out[at + 2 :].split(".")[0]) if at >= 0 else 0
-    except ValueError:
-        return 0
+class Hold:
+    """A redis-server held by :meth:`RedisServer.hold`: stopped (SIGSTOP),
+    it answers nothing, as a Redis busy with a slow command: connections
+    and commands wait in the kernel's queues. It resumes at
+    :meth:`release` or at the end of a ``with`` block, and at the latest
+    ``at_most`` seconds after the hold began (from a daemon timer thread):
+    a test that fails first, or a request that waits for Redis when it
+    should not, is not stuck for good."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], at_most: float) -> None:
+        self._proc = proc
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            _wait_stopped(proc)
+        except BaseException:
+            self.release()
+            raise
+        threading.Thread(target=self._expire, args=(at_most,), daemon=True).start()
+
+    @property
+    def held(self) -> bool:
+        """Whether the server is still stopped: only a release resumes it,
+        so a reply that came while this was true did not come from Redis."""
+        return not self._released.is_set()
+
+    def release(self) -> None:
+        """Resumes the server: runnable again once this returns (SIGCONT
+        wakes a stopped process within the sender's kill()). Does nothing
+        the second time, or when the server was killed or restarted."""
+        with self._lock:
+            if self._released.is_set():
+                return
+            if self._proc.poll() is None:
+                self._proc.send_signal(signal.SIGCONT)
+            self._released.set()
+
+    def _expire(self, at_most: float) -> None:
+        if not self._released.wait(at_most):
+            self.release()
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _wait_stopped(proc: subprocess.Popen[bytes], limit: float = 10.0) -> None:
+    """Returns once the kernel reports every thread of ``proc`` stopped
+    (SIGSTOP acts when the process next runs). WNOWAIT leaves the report,
+    and the exit status, to whoever waits for the process later."""
+    flags = os.WSTOPPED | os.WEXITED | os.WNOWAIT | os.WNOHANG
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        info = os.waitid(os.P_PID, proc.pid, flags)
+        if info is not None:
+            if info.si_code != os.CLD_STOPPED:
+                raise RuntimeError("redis-server exited instead of stopping")
+            return
+        time.sleep(0.001)
+    raise RuntimeError(f"redis-server did not stop within {limit} s")
 
 
 class RedisServer:
@@ -55,7 +109,6 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="rapidlimit-redis-")
         self.unix_path = os.path.join(self._dir, "redis.sock")
-        self._debug_option = _version(binary) >= 7
 
     @property
     def uri(self) -> str:
@@ -85,12 +138,12 @@ class RedisServer:
                 "--dir",
                 self._dir,
             ]
-            if self._debug_option:
-                args += ["--enable-debug-command", "yes"]
-            # Dies with the test process, even when that one is killed.
+            # Dies with the test process, even when that one is killed, and
+            # also while held (a stopped process acts on SIGKILL alone; it
+            # keeps nothing a SIGTERM would save).
             setpriv = shutil.which("setpriv")
             if setpriv is not None:
-                args = [setpriv, "--pdeathsig", "TERM", *args]
+                args = [setpriv, "--pdeathsig", "KILL", *args]
             self.proc = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -126,6 +179,7 @@ class RedisServer:
         if self.proc is None:
             return
         self.proc.terminate()
+        self.proc.send_signal(signal.SIGCONT)  # a held one acts on it now
         try:
             self.proc.wait(3)
         except subprocess.TimeoutExpired:
@@ -144,41 +198,15 @@ class RedisServer:
     def restart(self) -> None:
         self.start(self.port)
 
-    def sleep_in_background(self, seconds: float) -> threading.Thread:
-        """Holds the server for ``seconds`` (DEBUG SLEEP, sent from a new
-        thread on a connection of its own) and returns once it no longer
-        answers (a fixed pause is at times too short on a loaded machine);
-        the caller joins the thread. A daemon, whose reply may take
-        ``seconds``: a test that fails before its join never holds the
-        interpreter's exit."""
-        thread = threading.Thread(
-            target=self.client(seconds + 5).execute_command,
-            args=("DEBUG", "SLEEP", str(seconds)),
-            daemon=True,
-        )
-        thread.start()
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and self._answers():
-            time.sleep(0.002)
-        return thread
-
-    def hold(self, seconds: float) -> threading.Thread:
-        """:meth:`sleep_in_background`, failing unless the server then
-        sleeps: what a test sends next is sure to wait for the sleep."""
-        sleeper = self.sleep_in_background(seconds)
-        if self._answers():
-            raise RuntimeError("DEBUG SLEEP did not hold the server")
-        return sleeper
-
-    def _answers(self) -> bool:
-        """Whether a PING on a new connection is answered within 50 ms (a
-        plain socket: redis-py retries a command that timed out)."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), 0.05) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+    def hold(self, at_most: float = 10.0) -> Hold:
+        """Holds the server (see :class:`Hold`) and returns once the kernel
+        reports it stopped: whatever a test sends from then on waits until
+        the release, however loaded the machine. (A PING unanswered for
+        some milliseconds proves nothing: a loaded machine can take longer
+        than that to answer while awake.)"""
+        if self.proc is None:
+            raise RuntimeError("redis-server is not running")
+        return Hold(self.proc, at_most)
 
     def client(self, timeout: float = 5) -> Any:
         import redis

@@ -275,14 +275,12 @@ def test_redis_py_style_options(server: RedisServer) -> None:
     assert server.client().keys("*")
 
     # socket_timeout=0.1 bounds the wait: a slow Redis is an outage.
-    sleeper = server.sleep_in_background(0.5)
-    time.sleep(0.05)
-    started = time.monotonic()
-    with pytest.raises(limits.errors.StorageError) as info:
-        lim.hit(limits.parse("1/minute"), "other")
-    assert time.monotonic() - started < 0.35
+    with server.hold():
+        started = time.monotonic()
+        with pytest.raises(limits.errors.StorageError) as info:
+            lim.hit(limits.parse("1/minute"), "other")
+        assert time.monotonic() - started < 0.35
     assert isinstance(info.value.storage_error, _core.RedisUnavailableError)
-    sleeper.join()
 
     slow = ours(server, socket_timeout=2)  # and from the URI's query string
     fast = limits.storage.storage_from_string(
@@ -395,22 +393,21 @@ def test_async_memory_calls_stay_on_the_loop() -> None:
 
 @pytest.mark.parametrize("strategy", NAMES)
 def test_async_class_keeps_the_loop_free(server: RedisServer, strategy: str) -> None:
-    """While Redis is busy (DEBUG SLEEP 0.3 from another connection) an
-    awaited hit waits for it, and the loop keeps running other tasks."""
+    """While Redis is held (0.3 s) an awaited hit waits for it, and the
+    loop keeps running other tasks."""
     item = limits.parse("10/minute")
     storage = ours(server, "async+rapidlimit+redis", timeout=3.0)
     lim = ASYNC[strategy](storage)
 
     async def main() -> tuple[bool, float, int]:
         assert await lim.hit(item, "a")  # connected and warm
-        thread = server.sleep_in_background(0.3)
-        await asyncio.sleep(0.05)  # the server is now asleep
-        ticker = Ticker()
-        started = time.monotonic()
-        allowed = await lim.hit(item, "a")
-        waited = time.monotonic() - started
-        await ticker.stop()
-        thread.join()
+        with await asyncio.to_thread(server.hold) as held:
+            ticker = Ticker()
+            started = time.monotonic()
+            asyncio.get_running_loop().call_later(0.3, held.release)
+            allowed = await lim.hit(item, "a")
+            waited = time.monotonic() - started
+            await ticker.stop()
         return allowed, waited, ticker.ticks
 
     allowed, waited, ticks = asyncio.run(main())

@@ -96,19 +96,18 @@ async def test_loop_keeps_serving_while_redis_is_slow(server: RedisServer) -> No
     item = parse("10/second")
     assert (await store.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed
     ticker = Ticker(0.005)
-    sleeper = server.sleep_in_background(0.6)
-    await asyncio.sleep(0.05)
-    start = time.monotonic()
-    before = ticker.ticks
-    decisions = await store.decide_many_async("fixed-window", [(item, "a", 1)])
-    waited = time.monotonic() - start
-    during = ticker.ticks - before
+    with await asyncio.to_thread(server.hold) as held:
+        start = time.monotonic()
+        before = ticker.ticks
+        decisions = await store.decide_many_async("fixed-window", [(item, "a", 1)])
+        waited = time.monotonic() - start
+        during = ticker.ticks - before
+        assert held.held  # answered by the timeout, not by Redis
     assert decisions[0].allowed  # fail-open
-    assert 0.15 < waited < 0.45  # the timeout, not the 0.6 s sleep
+    assert 0.15 < waited < 0.45  # the 0.2 s timeout
     assert during >= 10  # the loop ran other tasks meanwhile
     assert store.stats()["timeouts"] >= 1
     await ticker.stop()
-    await asyncio.to_thread(sleeper.join)
     store.close()
 
 
@@ -117,14 +116,12 @@ async def test_fail_closed_raises_with_retry_after(server: RedisServer) -> None:
         server.uri, timeout=0.1, on_error="fail-closed", fail_closed_retry_after=7
     )
     item = parse("10/second")
-    sleeper = server.sleep_in_background(0.4)
-    await asyncio.sleep(0.05)
-    with pytest.raises(_core.RedisUnavailableError) as info:
-        await store.decide_many_async("token-bucket", [(item, "a", 1)])
-    assert info.value.retry_after == 7.0
-    with pytest.raises(_core.RedisUnavailableError):
-        store.decide_many("token-bucket", [(item, "a", 1)])
-    await asyncio.to_thread(sleeper.join)
+    with await asyncio.to_thread(server.hold):
+        with pytest.raises(_core.RedisUnavailableError) as info:
+            await store.decide_many_async("token-bucket", [(item, "a", 1)])
+        assert info.value.retry_after == 7.0
+        with pytest.raises(_core.RedisUnavailableError):
+            store.decide_many("token-bucket", [(item, "a", 1)])
     store.close()
 
 
@@ -212,9 +209,15 @@ def test_loops_closed_with_decisions_in_flight_are_released(
         loop.close()
         loops.append(weakref.ref(loop))
         del loop
-    time.sleep(0.5)  # the answers arrive after their loop is closed
-    assert asyncio.run(go())  # the store keeps working on a new loop
-    gc.collect()
+    # The answers arrive after their loop is closed; they go once they are
+    # in and a later loop asks.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert asyncio.run(go())  # the store keeps working on a new loop
+        gc.collect()
+        if all(ref() is None for ref in loops):
+            break
+        time.sleep(0.05)
     assert sum(ref() is not None for ref in loops) == 0
     assert len(os.listdir("/proc/self/fd")) <= fds + 1
     store.close()
@@ -252,9 +255,8 @@ def test_loops_closed_after_a_timeout_are_released(
 
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
-        sleeper = server.hold(0.5)
-        asyncio.run(leave_in_flight())  # the answers come once it is closed
-        sleeper.join()
+        with server.hold():
+            asyncio.run(leave_in_flight())  # the answers come once it is closed
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         assert asyncio.run(later())

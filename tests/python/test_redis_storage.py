@@ -320,19 +320,19 @@ def test_sync_wait_releases_the_gil(server: RedisServer) -> None:
     # A daemon, stopped whatever happens: left spinning, it would eat a CPU
     # for the rest of the session and hold the interpreter's exit forever.
     spinner = threading.Thread(target=spin, daemon=True)
-    sleeper = server.sleep_in_background(0.3)
-    time.sleep(0.05)
-    spinner.start()
-    try:
-        start = time.monotonic()
-        before = ticks
-        assert lim.hit(item, "a")  # waits for Redis to wake up
-        waited = time.monotonic() - start
-        during = ticks - before
-    finally:
-        stop.set()
-        spinner.join()
-    sleeper.join()
+    with server.hold() as held:
+        spinner.start()
+        try:
+            start = time.monotonic()
+            before = ticks
+            # Redis resumes 0.3 s from now, from another thread.
+            threading.Timer(0.3, held.release).start()
+            assert lim.hit(item, "a")  # waits for Redis to wake up
+            waited = time.monotonic() - start
+            during = ticks - before
+        finally:
+            stop.set()
+            spinner.join()
     assert waited > 0.15
     assert store.last_status() == "redis"
     # Another Python thread ran freely while this one waited.
