@@ -32,6 +32,17 @@ def free_port() -> int:
         return port
 
 
+def _version(binary: str) -> int:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=False, timeout=30
+    ).stdout
+    at = out.find("v=")
+    try:
+        return int(out[at + 2 :].split(".")[0]) if at >= 0 else 0
+    except ValueError:
+        return 0
+
+
 class Hold:
     """A redis-server held by :meth:`RedisServer.hold`: stopped (SIGSTOP),
     it answers nothing, as a Redis busy with a slow command: connections
@@ -109,6 +120,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="rapidlimit-redis-")
         self.unix_path = os.path.join(self._dir, "redis.sock")
+        self._debug_option = _version(binary) >= 7
 
     @property
     def uri(self) -> str:
@@ -138,6 +150,8 @@ class RedisServer:
                 "--dir",
                 self._dir,
             ]
+            if self._debug_option:  # DEBUG SLEEP, for a script of its own
+                args += ["--enable-debug-command", "yes"]
             # Dies with the test process, even when that one is killed, and
             # also while held (a stopped process acts on SIGKILL alone; it
             # keeps nothing a SIGTERM would save).
