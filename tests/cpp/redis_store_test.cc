@@ -1262,6 +1262,23 @@ class AsyncAnswer {
 
 class RedisLookupTest : public RedisStoreTest {
  protected:
+  // Sync and async requests of a fail-closed store: none gets the policy.
+  static void ExpectEveryRequestAnsweredByRedis(RedisStore& store) {
+    const Limit l = L("1000 per minute");
+    for (int i = 0; i < 12; ++i) {
+      EXPECT_EQ(Hit(store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
+                DecisionSource::kStore)
+          << i;
+    }
+    for (int i = 0; i < 6; ++i) {
+      AsyncAnswer answer(store, l, "k", kT0 + 100 + i);
+      const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
+      ASSERT_TRUE(d.has_value()) << "no answer";
+      EXPECT_EQ(d->source, DecisionSource::kStore) << i;
+    }
+    EXPECT_EQ(store.Stats().fail_closed, 0u);
+  }
+
   void SetUp() override {
     RedisStoreTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
@@ -1354,19 +1371,7 @@ TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOthersNeverConnected) {
   auto store = Make(o);
   ASSERT_TRUE(store->Connected());
   ASSERT_EQ(OtherClientIds().size(), 1u);
-  const Limit l = L("1000 per minute");
-  for (int i = 0; i < 12; ++i) {
-    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
-              DecisionSource::kStore)
-        << i;
-  }
-  for (int i = 0; i < 6; ++i) {
-    AsyncAnswer answer(*store, l, "k", kT0 + 100 + i);
-    const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
-    ASSERT_TRUE(d.has_value()) << "no answer";
-    EXPECT_EQ(d->source, DecisionSource::kStore) << i;
-  }
-  EXPECT_EQ(store->Stats().fail_closed, 0u);
+  ExpectEveryRequestAnsweredByRedis(*store);
 }
 
 TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
@@ -1386,19 +1391,7 @@ TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
                             std::chrono::milliseconds(5000)))
       << log.All();
   EXPECT_EQ(OtherClientIds().size(), 2u);
-  const Limit l = L("1000 per minute");
-  for (int i = 0; i < 12; ++i) {
-    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + i).source,
-              DecisionSource::kStore)
-        << i;
-  }
-  for (int i = 0; i < 6; ++i) {
-    AsyncAnswer answer(*store, l, "k", kT0 + 100 + i);
-    const std::optional<Decision> d = answer.Wait(std::chrono::seconds(10));
-    ASSERT_TRUE(d.has_value()) << "no answer";
-    EXPECT_EQ(d->source, DecisionSource::kStore) << i;
-  }
-  EXPECT_EQ(store->Stats().fail_closed, 0u);
+  ExpectEveryRequestAnsweredByRedis(*store);
 }
 
 TEST_F(RedisLookupTest, AttemptsShareTheNameLookupInFlight) {

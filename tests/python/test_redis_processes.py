@@ -224,16 +224,11 @@ FORKS = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_fork_while_io_threads_log() -> None:
-    """A fork while an I/O thread was queueing a log record left the lock
-    of the queue held in the child, whose first record (its new connection)
-    then hung it forever: about one fork in a thousand here with I/O threads
-    logging failed reconnects nonstop. Each child here logs on its first
-    call and must exit. The forks are made by a small process of its own:
-    forking pytest's, with every test module loaded, costs twice as much."""
+def _run_forking(script: str, *args: str) -> str:
+    """Runs ``script`` in a process of its own session (killed with its
+    children if it outlives 120 s); returns what it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", FORKS, "1500"],
+        [sys.executable, "-c", script, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -246,7 +241,18 @@ def test_fork_while_io_threads_log() -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, err
-    hung, reconnects = (int(word) for word in out.split())
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_io_threads_log() -> None:
+    """A fork while an I/O thread was queueing a log record left the lock
+    of the queue held in the child, whose first record (its new connection)
+    then hung it forever: about one fork in a thousand here with I/O threads
+    logging failed reconnects nonstop. Each child here logs on its first
+    call and must exit. The forks are made by a small process of its own:
+    forking pytest's, with every test module loaded, costs twice as much."""
+    hung, reconnects = (int(word) for word in _run_forking(FORKS, "1500").split())
     assert hung == 0
     assert reconnects == 0  # it really never connected
 
@@ -328,20 +334,7 @@ def test_fork_while_answers_reach_event_loops(server: RedisServer) -> None:
     first fork here, every time). Each child uses an inherited loop,
     closes them all, uses a new one and exits; the parent's loops must all
     be woken."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INHERITED_LOOPS, str(server.port), "60"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:  # its children too
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err
+    out = _run_forking(INHERITED_LOOPS, str(server.port), "60")
     hung, failed, stalled = (int(word) for word in out.split())
     assert (hung, failed, stalled) == (0, 0, 0)
 
