@@ -4,15 +4,21 @@ Instruction counts barely move on a noisy machine: this is the figure to
 watch for regressions. Each subject runs twice under callgrind, with n1 and
 n2 operations after the same setup and warm-up; (Ir(n2) - Ir(n1)) / (n2 - n1)
 is the cost of one operation with interpreter start-up, imports and set-up
-cancelled out. When a C compiler is at hand, a tiny helper (callgrind.h
-client requests, loaded with ctypes) switches instrumentation on only around
-the measured loop (``--instr-atstart=no``), which makes each run several
-times faster; the figures are the same. PYTHONHASHSEED is fixed so that runs
+cancelled out. The ``http.*`` subjects are a uvicorn server (serve.py, as in
+section 3) run under callgrind and loaded over HTTP by 16 keep-alive
+connections from this process: the end-to-end comparison with no limiter,
+free of the virtual machine's noise (user-space instructions only: the
+kernel's share of a request, its system calls, is not counted). When a C
+compiler is at hand, a tiny helper (callgrind.h client requests, loaded with
+ctypes) switches instrumentation on only around the measured loop
+(``--instr-atstart=no``), which makes each run several times faster; the
+figures are the same; the http subjects need it. PYTHONHASHSEED is fixed so that runs
 are repeatable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,7 +28,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import HERE, BrokenBenchmark, Config, SectionResult, Skip
+from common import (
+    HERE,
+    BrokenBenchmark,
+    Config,
+    RedisServer,
+    SectionResult,
+    Skip,
+    cpu_count,
+    free_port,
+    pinned,
+    rapidlimit_redis_available,
+    terminate,
+    wait_port,
+)
 
 TITLE = "6. Instructions per operation (valgrind --tool=callgrind)"
 
@@ -40,7 +59,16 @@ SUBJECTS: dict[str, tuple[int, int, bool]] = {
     "asgi.none": (50, 250, False),
     "asgi.rapidlimit": (50, 250, False),
     "asgi.slowapi": (50, 250, False),
+    # A uvicorn server (asyncio + h11) under callgrind, loaded over HTTP by
+    # 16 keep-alive connections: the end-to-end figures without the VM's
+    # noise. Instructions of all the server's threads.
+    "http.none": (100, 500, False),
+    "http.rapidlimit": (100, 500, False),
+    "http.rapidlimit.headers": (100, 500, False),
+    "http.rapidlimit.redis": (100, 500, False),
+    "http.slowapi": (100, 500, False),
 }
+HTTP_CONNECTIONS = 16
 RATIOS = (
     ("fixed-window", "limits.fixed-window", "rapidlimit.fixed-window"),
     ("moving-window", "limits.moving-window", "rapidlimit.moving-window"),
@@ -202,6 +230,128 @@ def _instructions(subject: str, n: int, tmp: Path, toggle: str) -> int:
     return int(m.group(1))
 
 
+def _http_variant(subject: str, redis_uri: str) -> Any:
+    from apps import Variant
+
+    parts = subject.split(".")[1:]
+    return Variant(
+        package=parts[0],
+        headers="headers" in parts,
+        storage_uri=redis_uri if "redis" in parts else "memory://",
+    )
+
+
+async def _load(port: int, n: int, connections: int) -> dict[int, int]:
+    """Sends exactly ``n`` GET requests over keep-alive connections and
+    counts the status codes."""
+    import asyncio
+
+    from apps import ROUTE
+
+    statuses: dict[int, int] = {}
+    left = n
+    request = f"GET {ROUTE} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+    async def one_connection() -> None:
+        nonlocal left
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while left > 0:
+                left -= 1
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                status = int(lines[0].split()[1])
+                length = 0
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one_connection() for _ in range(connections)))
+    return statuses
+
+
+def _http_instructions(
+    subject: str, n: int, tmp: Path, toggle: str, redis_uri: str
+) -> int:
+    """The server's instructions over a load of ``n`` requests (the switch
+    goes on and off around it, each followed by one request so that the
+    server has run its handler; both runs of a subject count those)."""
+    import asyncio
+    import signal
+
+    v = _http_variant(subject, redis_uri)
+    out = tmp / f"cg.{subject}.{n}.out"
+    port = free_port()
+    env = dict(os.environ, PYTHONHASHSEED="0", RL_CG_TOGGLE=toggle)
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        "--dump-line=no",
+        "--instr-atstart=no",
+        sys.executable,
+        str(HERE / "serve.py"),
+        f"--port={port}",
+        *v.to_args(),
+    ]
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu = cpus[-1] if cpu_count() >= 2 else None
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            pinned(cmd, server_cpu),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=str(HERE),
+            env=env,
+        )
+        try:
+            wait_port(port, 600, proc)
+            loads = [asyncio.run(_load(port, 20, 4))]  # warm-up
+            proc.send_signal(signal.SIGUSR1)
+            loads.append(asyncio.run(_load(port, 1, 1)))
+            loads.append(asyncio.run(_load(port, n, HTTP_CONNECTIONS)))
+            proc.send_signal(signal.SIGUSR2)
+            loads.append(asyncio.run(_load(port, 1, 1)))
+            for got in loads:
+                if set(got) != {200}:
+                    raise BrokenBenchmark(f"callgrind {subject}: statuses {got}")
+            proc.send_signal(signal.SIGINT)
+            proc.wait(300)
+        except BrokenBenchmark:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-1500:]
+            raise BrokenBenchmark(f"callgrind {subject} n={n}: {tail}") from None
+        finally:
+            terminate(proc)
+    text = out.read_text()
+    m = _TOTALS.search(text) or _SUMMARY.search(text)
+    if not m:
+        raise BrokenBenchmark(f"callgrind {subject}: no totals in {out}")
+    return int(m.group(1))
+
+
+def _http_prerequisites(toggle: str, stack: contextlib.ExitStack) -> tuple[str, str]:
+    """The Redis URI for the http subjects and why some cannot run ('' if
+    all can). They need the instrumentation switch (a C compiler); the Redis
+    one needs redis-server and rapidlimit built with hiredis."""
+    if not toggle:
+        return "", "http subjects: no C compiler for the instrumentation switch"
+    try:
+        rs = stack.enter_context(RedisServer(cpu=sorted(os.sched_getaffinity(0))[0]))
+    except Skip as e:
+        return "", f"http.rapidlimit.redis: {e}"
+    why = rapidlimit_redis_available(rs.rapid_uri)
+    if why:
+        return "", f"http.rapidlimit.redis: {why}"
+    return rs.rapid_uri, ""
+
+
 def run(cfg: Config, res: SectionResult) -> None:
     if shutil.which("valgrind") is None:
         msg = "valgrind not installed (scripts/install-deps.sh --bench)"
@@ -211,13 +361,32 @@ def run(cfg: Config, res: SectionResult) -> None:
     reps = cfg.pick(1, 3)
     subjects = [s for s, (_, _, q) in SUBJECTS.items() if q or not cfg.quick]
     per_op: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="rl-callgrind-") as tmpdir:
+    with (
+        tempfile.TemporaryDirectory(prefix="rl-callgrind-") as tmpdir,
+        contextlib.ExitStack() as stack,
+    ):
         tmp = Path(tmpdir)
         toggle = _build_toggle(tmp)
+        redis_uri = ""
+        if any(s.startswith("http.") for s in subjects):
+            redis_uri, why = _http_prerequisites(toggle, stack)
+            if why:
+                res.skip(why)
+                subjects = [
+                    s
+                    for s in subjects
+                    if not s.startswith("http.")
+                    or (toggle and not s.endswith(".redis"))
+                ]
         for subject in subjects:
             n1, n2, _ = SUBJECTS[subject]
             samples = []
             for _ in range(reps):
+                if subject.startswith("http."):
+                    b = _http_instructions(subject, n2, tmp, toggle, redis_uri)
+                    a = _http_instructions(subject, n1, tmp, toggle, redis_uri)
+                    samples.append((b - a) / (n2 - n1))
+                    continue
                 b = _instructions(subject, n2, tmp, toggle)
                 if cfg.quick and toggle:
                     # Only the loop is instrumented: one run is enough (the
@@ -228,7 +397,11 @@ def run(cfg: Config, res: SectionResult) -> None:
                 a = _instructions(subject, n1, tmp, toggle)
                 samples.append((b - a) / (n2 - n1))
             per_op[subject] = samples
-            unit = "Ir/req" if subject.startswith("asgi.") else "Ir/hit"
+            unit = (
+                "Ir/hit"
+                if subject.split(".")[0] in ("rapidlimit", "limits")
+                else "Ir/req"
+            )
             res.add(subject, f"{subject}", unit, samples)
     for name, lim, rap in RATIOS:
         if lim in per_op and rap in per_op:
@@ -246,6 +419,19 @@ def run(cfg: Config, res: SectionResult) -> None:
                 f"asgi.{pkg} (decorator, headers on): added over no limiter",
                 "Ir/req",
                 [a - b for a, b in zip(per_op[f"asgi.{pkg}"], per_op["asgi.none"])],
+            )
+    for subject, samples in per_op.items():
+        if (
+            subject.startswith("http.")
+            and subject != "http.none"
+            and "http.none" in per_op
+        ):
+            res.ratio(
+                f"{subject}.vs_none",
+                f"{subject}: server instructions per request / no limiter",
+                samples,
+                per_op["http.none"],
+                better="lower",
             )
     method = (
         "one run, instrumented loop / n2"

@@ -7,6 +7,9 @@ starts it pinned to a CPU and loads it with wrk.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+from typing import Any
 
 import uvicorn
 
@@ -33,6 +36,23 @@ def main() -> None:
         endpoint=a.endpoint,
         key_prefix=a.key_prefix,
     )
+    toggle = os.environ.get("RL_CG_TOGGLE")
+    if toggle:
+        # Under callgrind (bench_callgrind.py's http subjects): SIGUSR1 and
+        # SIGUSR2 switch the instrumentation on and off around the load, so
+        # start-up and shutdown are not counted.
+        import ctypes
+
+        lib = ctypes.CDLL(toggle)
+
+        def on(*_: Any) -> None:
+            lib.rl_cg_start()
+
+        def off(*_: Any) -> None:
+            lib.rl_cg_stop()
+
+        signal.signal(signal.SIGUSR1, on)
+        signal.signal(signal.SIGUSR2, off)
     uvicorn.run(
         make_app(v),
         host="127.0.0.1",

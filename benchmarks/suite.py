@@ -338,6 +338,27 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "HTTP server instructions per request vs no limiter, memory, headers off "
+        "(callgrind)",
+        "callgrind.http.rapidlimit.vs_none",
+        "callgrind.http.slowapi.vs_none",
+        "",
+    ),
+    (
+        "HTTP server instructions per request vs no limiter, memory, headers on "
+        "(callgrind)",
+        "callgrind.http.rapidlimit.headers.vs_none",
+        "",
+        "",
+    ),
+    (
+        "HTTP server instructions per request vs no limiter, Redis, headers off "
+        "(callgrind)",
+        "callgrind.http.rapidlimit.redis.vs_none",
+        "",
+        "",
+    ),
+    (
         "HTTP p99 latency, memory, allowed (ms)",
         "http.async.rapidlimit.memory.decorator.headers.allowed.p99",
         "http.async.slowapi.memory.decorator.headers.allowed.p99",
