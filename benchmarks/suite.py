@@ -359,6 +359,13 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "HTTP server instructions per rejected / allowed request, memory, "
+        "headers on (callgrind)",
+        "callgrind.http.rapidlimit.headers.rejected.vs_allowed",
+        "",
+        "",
+    ),
+    (
         "HTTP p99 latency, memory, allowed (ms)",
         "http.async.rapidlimit.memory.decorator.headers.allowed.p99",
         "http.async.slowapi.memory.decorator.headers.allowed.p99",
