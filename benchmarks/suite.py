@@ -544,6 +544,13 @@ def markdown(
         f"{meta_['machine']['cpu']} ({meta_['machine']['cpus_usable']} CPUs), "
         f"Python {meta_['python']}, load average at start "
         f"{', '.join(f'{x:.2f}' for x in meta_['machine']['loadavg_start'])}.",
+    ]
+    # --render of several runs: say which run each section comes from.
+    out += [
+        f"Sections {', '.join(src['sections'])}: run {src['date']}, git {src['git']}."
+        for src in meta_.get("sources", [])
+    ]
+    out += [
         "",
         "| measure (median, min–max) | rapidlimit | slowapi / limits | ratio |",
         "|---|---:|---:|---:|",
@@ -731,9 +738,12 @@ def load(paths: list[str]) -> tuple[dict[str, Any], list[SectionResult]]:
     section from an earlier one (so sections run apart can be merged)."""
     info: dict[str, Any] = {}
     by_name: dict[str, SectionResult] = {}
+    source_of: dict[str, dict[str, Any]] = {}
     for path in paths:
         doc = json.loads(Path(path).read_text())
         info = doc["meta"]
+        for name in doc["sections"]:
+            source_of[name] = doc["meta"]
         for name, sec in doc["sections"].items():
             res = SectionResult(name, sec["title"])
             res.notes, res.skipped = sec["notes"], sec["skipped"]
@@ -751,6 +761,14 @@ def load(paths: list[str]) -> tuple[dict[str, Any], list[SectionResult]]:
                 )
             by_name[name] = res
     order = [n for n in SECTIONS if n in by_name]
+    if len(paths) > 1:
+        sources: list[dict[str, Any]] = []
+        for n in order:
+            m = source_of[n]
+            if not sources or sources[-1]["date"] != m["date"]:
+                sources.append({"date": m["date"], "git": m["git"], "sections": []})
+            sources[-1]["sections"].append(n)
+        info = dict(info, sources=sources)
     return info, [by_name[n] for n in order]
 
 
