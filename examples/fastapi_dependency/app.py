@@ -3,8 +3,7 @@
 ``limiter.depends(...)`` works on a route, on a whole router, per API key,
 or per user after an authentication dependency. The middleware applies the
 default limit to every route before the app runs (as slowapi's); a
-``depends()`` limit is checked when FastAPI runs it, with the default in one
-core call when it is the route's first dependency and keys by address. Run:
+``depends()`` limit is checked when FastAPI runs it, in FastAPI's order. Run:
 ``uvicorn examples.fastapi_dependency.app:app``.
 """
 

@@ -156,13 +156,14 @@ Correctness
   request an earlier dependency refuses uses up none of it. A route limited
   this way still gets the default and application limits, which a
   middleware checks before the app runs, as slowapi's does (a request the
-  authentication then refuses counts towards them). The middleware finds
-  the ``depends()`` dependencies of the matched route (route, router and
-  nested ones): when the first dependency FastAPI runs is one of them and
-  keys as the route's limits do, the middleware checks its limit with
-  theirs in one core call (one Redis round trip) and the dependency lets
-  the request through. Each other ``depends()`` dependency, and a
-  decorator on the same route, checks its own limits when it runs.
+  authentication then refuses counts towards them). The ``depends()``
+  limit is then a second core call (a second Redis round trip), made inside
+  the app when FastAPI runs the dependency, so that
+  ``dependency_overrides``, FastAPI's own refusals (a body it cannot parse)
+  and the app's exception handlers apply to it as to any dependency. A
+  decorator on the same route checks its own limits when it runs. While
+  the storage is down the ``in_memory_fallback`` limits stand in for all of
+  a request's limits and are counted once per request.
   Refusing a request while the storage is unavailable, it raises
   ``RateLimitStorageUnavailable``, an ``HTTPException`` that FastAPI
   renders as ``{"detail": "Rate limit storage unavailable"}`` with
@@ -306,10 +307,11 @@ _VIEW = "view_rate_limit"
 _DONE = "_rate_limiting_complete"
 _BY = "_rapidlimit_by"  # the Limiter that checked the request
 _HEADERS_BY = "_rapidlimit_headers"  # "mw": the middleware adds them; "done"
+# The Limiter that counted this request against its in_memory_fallback
+# limits: they stand in for every limit of the request, so a second check
+# (a depends() limit after a middleware's) must not count them again.
+_FALLBACK_BY = "_rapidlimit_fallback"
 
-# The (Limiter, LimitGroup) marker of the depends() dependency whose limit
-# a middleware checked with the route's (Limiter._plan_with_dependencies).
-_DEPENDENCIES_BY = "_rapidlimit_dependencies"
 # The Limiter whose middleware left a decorated route's application limits
 # to the decorator (the request's _DONE is then False, which sends the
 # decorator to its general path).
@@ -456,13 +458,8 @@ class _Plan:
     """Everything needed to check one endpoint, worked out once.
 
     When no limit involved is a callable, ``static`` is the whole ordered
-    list (application, route, defaults, then a ``depends()`` limit) and the
-    request path just reads it. The ``depends()`` limit (``tail_groups``)
-    comes last and never replaces the defaults.
-
-    ``folded``: the (limiter, group) marker of a ``depends()`` dependency
-    whose limit a middleware's plan checks with the route's (the
-    ``tail_groups``); that dependency then lets the request through.
+    list (application, route, then defaults) and the request path just
+    reads it.
 
     ``deferred``: a middleware's plan for a decorated endpoint, which holds
     only the application limits; the decorator checks the rest once
@@ -482,8 +479,6 @@ class _Plan:
         "route_static",
         "single",
         "static",
-        "tail_groups",
-        "folded",
         "fast",
     )
 
@@ -496,9 +491,7 @@ class _Plan:
         route_static: Sequence[Limit] = (),
         route_dynamic: Sequence[LimitGroup] = (),
         default_groups: Sequence[LimitGroup] = (),
-        tail_groups: Sequence[LimitGroup] = (),
         deferred: bool = False,
-        folded: Any = None,
     ) -> None:
         self.exempt = exempt
         # The middlewares' decide_scope spec (Limiter._fast_spec), worked
@@ -506,16 +499,13 @@ class _Plan:
         # on changes (Limiter._invalidate).
         self.fast: Any = _UNSET
         self.deferred = deferred
-        self.folded = folded
         self.endpoint_name = endpoint_name
         self.head_groups = tuple(head_groups)
         self.route_static = tuple(route_static)
         self.route_dynamic = tuple(route_dynamic)
         self.default_groups = tuple(default_groups)
-        self.tail_groups = tuple(tail_groups)
         self.dynamic = bool(self.route_dynamic) or any(
-            group.is_dynamic
-            for group in (*self.head_groups, *self.default_groups, *self.tail_groups)
+            group.is_dynamic for group in (*self.head_groups, *self.default_groups)
         )
         static: list[Limit] = []
         if not self.dynamic:
@@ -525,24 +515,9 @@ class _Plan:
             if all(not lim.override_defaults for lim in self.route_static):
                 for group in self.default_groups:
                     static.extend(group.limits_for(None))
-            for group in self.tail_groups:
-                static.extend(group.limits_for(None))
         self.static: tuple[Limit, ...] = tuple(static)
         self.single: Limit | None = (
             static[0] if len(static) == 1 and static[0]._simple else None
-        )
-
-    def derived(self, tail_groups: Sequence[LimitGroup], folded: Any) -> _Plan:
-        """This (checked, undeferred) plan's limits and a ``depends()``
-        limit, for a middleware."""
-        return _Plan(
-            endpoint_name=self.endpoint_name,
-            head_groups=self.head_groups,
-            route_static=self.route_static,
-            route_dynamic=self.route_dynamic,
-            default_groups=self.default_groups,
-            tail_groups=tail_groups,
-            folded=folded,
         )
 
 
@@ -1618,45 +1593,6 @@ class Limiter:
                 self._endpoint_plans[endpoint] = plan
         return plan
 
-    def _plan_with_dependencies(self, endpoint: Any, dependencies: Any) -> _Plan:
-        """Middleware plan for an endpoint whose route has ``depends()``
-        dependencies (as ``middleware._route_dependencies`` gives them).
-
-        The middleware checks the route's limits before the app runs, as
-        slowapi's does: a request an auth dependency then refuses still
-        counts, and a client over the limit never reaches the auth. Each
-        ``depends()`` limit is checked when FastAPI runs its dependency
-        (its key function may read what the dependencies before it put in
-        ``request.state``), a second core call. Except when the dependency
-        FastAPI runs first is this limiter's and its limit needs nothing
-        the middleware does not compute anyway (a key function of the
-        route's limits, no callable limit, cost or exemption): then the
-        middleware checks it with the route's limits, in one core call
-        (one Redis round trip), and the dependency lets the request
-        through. Nothing could have run before it to refuse the request.
-        """
-        key = (endpoint, dependencies)
-        plan = self._endpoint_plans.get(key)
-        if plan is None:
-            plan = self._plan_for_endpoint(endpoint)
-            first = dependencies[1]
-            if (
-                first is not None
-                and first[0] is self
-                and not (plan.exempt or plan.deferred or plan.dynamic)
-            ):
-                group: LimitGroup = first[1]
-                if (
-                    not group.is_dynamic
-                    and group.exempt_when is None
-                    and not callable(group.cost)
-                    and any(group.key_function is lim.key_func for lim in plan.static)
-                ):
-                    plan = plan.derived((group,), first)
-            with contextlib.suppress(TypeError):  # unhashable endpoint
-                self._endpoint_plans[key] = plan
-        return plan
-
     # ------------------------------------------------------------------
     # checking
 
@@ -2202,6 +2138,9 @@ class Limiter:
         fallback = self._fallback_limiter
         assert fallback is not None
         if self._in_memory_fallback and not plan.exempt:
+            if state.get(_FALLBACK_BY) is self:
+                return None
+            state[_FALLBACK_BY] = self
             limits: list[Limit] = []
             for group in self._in_memory_fallback:
                 limits.extend(group.limits_for(conn))
@@ -2243,8 +2182,6 @@ class Limiter:
             not lim.override_defaults for lim in dynamic
         ):
             limits.extend(self._load(conn, plan.default_groups, plan))
-        if plan.tail_groups:
-            limits.extend(self._load(conn, plan.tail_groups, plan))
         return limits
 
     def _decide_single(
@@ -2744,9 +2681,8 @@ class Limiter:
         FastAPI runs the dependency, so its key function may read what
         earlier dependencies put in ``request.state``. Default and
         application limits still apply to the route: a middleware checks
-        them before the app runs (as slowapi's), and with them, in the same
-        core call, this limit when its dependency is the first to run and
-        uses their key function.
+        them before the app runs (as slowapi's), in a core call (a Redis
+        round trip) of their own.
         """
         cost = _configured_cost(cost)
         try:
@@ -2780,33 +2716,32 @@ class Limiter:
             state = scope_.get("state")
             if state is None:
                 state = scope_["state"] = {}
-            if state.get(_DEPENDENCIES_BY) is not marker:
-                # Checked when FastAPI runs it, after the dependencies
-                # before it (an auth dependency setting request.state.user),
-                # apart from the route's limits (a middleware checked those
-                # before the app; a decorator checks them after).
-                endpoint = scope_.get("endpoint")
-                name = _func_name(endpoint) if endpoint is not None else ""
-                before = state.get(_VIEW)
-                failed: Failure | None
-                if limiter._remote:
-                    failed = await limiter._check_async(
-                        request, own, state, name, False
-                    )
-                else:
-                    failed = limiter._check(request, own, state, name, False)
-                if failed is not None:
-                    raise limiter._exception(failed)
-                # The headers describe the limit with the shortest window,
-                # the first checked among equals, as for one core call.
-                if type(before) is ViewRateLimit:
-                    after = state.get(_VIEW)
-                    if (
-                        type(after) is not ViewRateLimit
-                        or before._data[0]._granularity_seconds
-                        <= after._data[0]._granularity_seconds
-                    ):
-                        state[_VIEW] = before
+            # Checked when FastAPI runs it, after the dependencies before
+            # it (an auth dependency setting request.state.user), apart
+            # from the route's limits (a middleware checked those before
+            # the app; a decorator checks them after). Inside the app, so
+            # that dependency_overrides, FastAPI's own refusals (a body it
+            # cannot parse) and the app's exception handlers apply to it.
+            endpoint = scope_.get("endpoint")
+            name = _func_name(endpoint) if endpoint is not None else ""
+            before = state.get(_VIEW)
+            failed: Failure | None
+            if limiter._remote:
+                failed = await limiter._check_async(request, own, state, name, False)
+            else:
+                failed = limiter._check(request, own, state, name, False)
+            if failed is not None:
+                raise limiter._exception(failed)
+            # The headers describe the limit with the shortest window, the
+            # first checked among equals, as for one core call.
+            if type(before) is ViewRateLimit:
+                after = state.get(_VIEW)
+                if (
+                    type(after) is not ViewRateLimit
+                    or before._data[0]._granularity_seconds
+                    <= after._data[0]._granularity_seconds
+                ):
+                    state[_VIEW] = before
             if limiter._headers_enabled and state.get(_HEADERS_BY) is None:
                 view = state.get(_VIEW)
                 if view is not None:

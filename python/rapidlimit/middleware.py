@@ -27,7 +27,6 @@ from starlette.websockets import WebSocket
 
 from rapidlimit._core import decide_scope as _decide_scope
 from rapidlimit.extension import (
-    _DEPENDENCIES_BY,
     _DEPENDS_ATTR,
     _HEADERS_BY,
     _UNSET,
@@ -153,14 +152,11 @@ def _find_route(
 
 
 def _route_dependencies(route: Any) -> tuple[Any, ...]:
-    """The ``Limiter.depends()`` dependencies of a FastAPI route, at any
-    depth: ``()`` when there are none, else (their (limiter, group)
-    markers in FastAPI's order, the marker of the dependency FastAPI runs
-    first when it is one of them, else None)."""
+    """The (limiter, group) markers of a FastAPI route's
+    ``Limiter.depends()`` dependencies, at any depth, in FastAPI's order."""
     found: list[Any] = []
     seen: set[int] = set()
-    top = getattr(route, "dependant", None)
-    pending = [top]
+    pending = [getattr(route, "dependant", None)]
     while pending:
         dependant = pending.pop()
         if dependant is None or id(dependant) in seen:
@@ -171,17 +167,7 @@ def _route_dependencies(route: Any) -> tuple[Any, ...]:
             found.append(marker)
         # Reversed onto a stack: visited in declaration order.
         pending.extend(reversed(getattr(dependant, "dependencies", None) or ()))
-    if not found:
-        return ()
-    # FastAPI solves a dependency's own dependencies before it, in order
-    # (the route's dependencies= ahead of the endpoint's parameters): the
-    # first to run is the leaf reached through first dependencies.
-    first, leaf = None, top
-    while leaf is not None and getattr(leaf, "dependencies", None):
-        leaf = leaf.dependencies[0]
-    if leaf is not top:
-        first = getattr(getattr(leaf, "call", None), _DEPENDS_ATTR, None)
-    return (tuple(found), first)
+    return tuple(found)
 
 
 _MISSING = object()
@@ -280,11 +266,7 @@ class SlowAPIASGIMiddleware:
         if endpoint is None:
             await self.app(scope, receive, send)
             return
-        plan = (
-            limiter._plan_with_dependencies(endpoint, dependencies)
-            if dependencies
-            else limiter._endpoint_plans.get(endpoint)
-        )
+        plan = limiter._endpoint_plans.get(endpoint)
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
         if plan.exempt:
@@ -304,8 +286,6 @@ class SlowAPIASGIMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        if plan.folded is not None:
-            state[_DEPENDENCIES_BY] = plan.folded
         if limiter._remote:
             if kind == "http":
                 conn: Any = _make_request(scope, receive, send)

@@ -3,11 +3,11 @@
 The middleware checks the route's limits (application, defaults) before the
 app runs, as slowapi's does: a request an auth dependency refuses still
 counts. Each ``depends()`` limit is checked when FastAPI runs its
-dependency, in FastAPI's order: its key function may read what an earlier
-dependency put in ``request.state``. When the dependency FastAPI runs first
-is the limiter's and keys as the route's limits do, the middleware checks
-it with them in one core call (one Redis round trip) and the dependency
-lets the request through. A decorator checks its own limits when it runs.
+dependency, in FastAPI's order, inside the app: its key function may read
+what an earlier dependency put in ``request.state``, and FastAPI's
+``dependency_overrides``, its own refusals and the app's exception handlers
+apply to it as to any dependency. A decorator checks its own limits when
+it runs.
 Without a middleware, or for another limiter's dependency, the dependency
 checks its own limit.
 """
@@ -24,6 +24,9 @@ import slowapi.errors
 import slowapi.middleware
 import slowapi.util
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conftest import rate_headers
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
@@ -33,6 +36,7 @@ from rapidlimit.util import get_remote_address
 from redis_server import RedisServer
 
 MIDDLEWARES = [SlowAPIMiddleware, SlowAPIASGIMiddleware]
+FAST = {"timeout": 0.15, "connect_timeout": 0.3}
 
 
 class CountingCore:
@@ -70,7 +74,7 @@ def counting(limiter: Limiter) -> CountingCore:
 
 
 @pytest.mark.parametrize("middleware", MIDDLEWARES)
-def test_route_dependency_checked_with_the_defaults_in_one_call(
+def test_route_dependency_checked_after_the_defaults(
     middleware: Any, make_client: Any
 ) -> None:
     limiter = Limiter(
@@ -98,7 +102,7 @@ def test_route_dependency_checked_with_the_defaults_in_one_call(
     rejected = client.get("/dep")
     assert rejected.status_code == 429
     assert rejected.json() == {"error": "Rate limit exceeded: 2 per 1 minute"}
-    assert core.calls == 3  # one per request, dependency included
+    assert core.calls == 6  # the middleware's, then the dependency's
     # The default was charged by each of the three requests (in order,
     # before the dependency's limit): two more pass it, then it rejects.
     assert [client.get("/plain").status_code for _ in range(6)] == [200] * 5 + [429]
@@ -189,7 +193,7 @@ def test_exempt_route_keeps_its_dependency_limit(
 
 
 @pytest.mark.parametrize("middleware", MIDDLEWARES)
-def test_one_redis_command_per_request(server: RedisServer, middleware: Any) -> None:
+def test_redis_commands_per_request(server: RedisServer, middleware: Any) -> None:
     limiter = Limiter(
         key_func=get_remote_address,
         default_limits=["10/minute"],
@@ -210,7 +214,8 @@ def test_one_redis_command_per_request(server: RedisServer, middleware: Any) -> 
             return [(await c.get("/dep")).status_code for _ in range(4)]
 
     assert asyncio.run(main()) == [200, 200, 200, 429]
-    assert server.command_calls()["evalsha"] == 4
+    # The default before the app, the dependency's limit when it runs.
+    assert server.command_calls()["evalsha"] == 8
 
 
 def auth(request: Request) -> None:
@@ -322,12 +327,11 @@ def test_requests_an_auth_dependency_refuses_count_towards_the_defaults(
 
 
 @pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
-def test_a_dependency_that_runs_first_shares_the_middlewares_call(
+def test_a_dependency_that_runs_first_counts_what_the_auth_refuses(
     middleware: Any, make_client: Any
 ) -> None:
     """Declared before the auth, the limit counts refused requests too (in
-    FastAPI's order, as without a middleware), and the middleware checks it
-    with the default: one core call per request."""
+    FastAPI's order, as without a middleware)."""
     limiter = Limiter(key_func=get_remote_address, default_limits=["10/minute"])
     app = make_app(limiter, middleware)
 
@@ -340,7 +344,7 @@ def test_a_dependency_that_runs_first_shares_the_middlewares_call(
     codes = [client.get("/me").status_code for _ in range(2)]
     codes += [client.get("/me", headers={"x-token": "a"}).status_code for _ in range(2)]
     assert codes == [401, 401, 200, 429]
-    assert core.calls == 4
+    assert core.calls == (4 if middleware is None else 8)
 
 
 @pytest.mark.parametrize("middleware", MIDDLEWARES)
@@ -412,8 +416,8 @@ def test_decorator_and_dependency_on_one_route_both_apply(
         assert plain == 200
     else:
         # The application limit (5 per minute, every route) was charged by
-        # the decorator on /both's 4 requests that reached it, then by
-        # /dep's dependency with its own: 1 left.
+        # the decorator on /both's 4 requests that reached it, then by the
+        # middleware on /dep's: 1 left.
         assert dep_codes == [200, 429, 429, 429, 429]
         assert plain == 429
 
@@ -443,3 +447,139 @@ def test_dependency_on_redis_after_auth(server: RedisServer, middleware: Any) ->
     # The default before the app, the user's limit after the auth: two
     # round trips; the refused request one.
     assert server.command_calls()["evalsha"] == 9
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_dependency_overrides_replace_the_limit(
+    middleware: Any, make_client: Any
+) -> None:
+    """Tests switch a limit off with FastAPI's dependency_overrides."""
+    limiter = Limiter(key_func=get_remote_address, default_limits=["100/minute"])
+    app = make_app(limiter, middleware)
+    limit = limiter.depends("2/minute")
+
+    @app.get("/x", dependencies=[Depends(limit)])
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.dependency_overrides[limit] = lambda: None
+    client = make_client(app)
+    assert [client.get("/x").status_code for _ in range(4)] == [200] * 4
+    del app.dependency_overrides[limit]
+    assert [client.get("/x").status_code for _ in range(3)] == [200, 200, 429]
+
+
+class Item(BaseModel):
+    a: int
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_a_body_fastapi_cannot_parse_is_not_counted(
+    middleware: Any, make_client: Any
+) -> None:
+    """FastAPI answers 422 to malformed JSON before it runs any dependency."""
+    limiter = Limiter(key_func=get_remote_address, default_limits=["100/minute"])
+    app = make_app(limiter, middleware)
+
+    @app.post("/x", dependencies=[Depends(limiter.depends("2/minute"))])
+    async def x(item: Item) -> dict[str, bool]:
+        return {"ok": True}
+
+    client = make_client(app)
+    bad = {"content": b"{bad", "headers": {"content-type": "application/json"}}
+    assert [client.post("/x", **bad).status_code for _ in range(3)] == [422] * 3
+    good = [client.post("/x", json={"a": 1}).status_code for _ in range(3)]
+    assert good == [200, 200, 429]
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_the_apps_exception_handlers_answer_the_dependencys_429(
+    middleware: Any, make_client: Any
+) -> None:
+    """An app with a handler for Starlette's HTTPException (none for
+    RateLimitExceeded), and a mounted sub-app with its own handler."""
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse({"problem": exc.detail}, status_code=exc.status_code)
+
+    async def on_limit(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"inner": True}, status_code=429)
+
+    limiter = Limiter(key_func=get_remote_address, default_limits=["100/minute"])
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    if middleware is not None:
+        app.add_middleware(middleware)
+
+    @app.get("/first", dependencies=[Depends(limiter.depends("1/minute"))])
+    async def first() -> dict[str, bool]:
+        return {"ok": True}
+
+    sub = FastAPI()
+    sub.add_exception_handler(RateLimitExceeded, on_limit)
+
+    @sub.get("/x", dependencies=[Depends(limiter.depends("1/minute"))])
+    async def inner() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.mount("/sub", sub)
+    client = make_client(app)
+    assert client.get("/first").status_code == 200
+    refused = client.get("/first")
+    assert (refused.status_code, refused.json()) == (429, {"problem": "1 per 1 minute"})
+    assert client.get("/sub/x").status_code == 200
+    refused = client.get("/sub/x")
+    assert (refused.status_code, refused.json()) == (429, {"inner": True})
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_a_limit_used_twice_without_the_cache_counts_twice(
+    middleware: Any, make_client: Any
+) -> None:
+    limiter = Limiter(key_func=get_remote_address)
+    app = make_app(limiter, middleware)
+    limit = limiter.depends("3/minute")
+
+    async def twice(
+        a: None = Depends(limit, use_cache=False),
+        b: None = Depends(limit, use_cache=False),
+    ) -> None:
+        return None
+
+    @app.get("/t", dependencies=[Depends(twice)])
+    async def t() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = make_client(app)
+    assert [client.get("/t").status_code for _ in range(3)] == [200, 429, 429]
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_fallback_limits_count_once_per_request(
+    own_server: RedisServer, middleware: Any
+) -> None:
+    """While Redis is down the fallback limits stand in for every limit of
+    the request: the middleware's check and the dependency's count them
+    once between them."""
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=["100/minute"],
+        storage_uri=own_server.uri,
+        storage_options=FAST,
+        in_memory_fallback=["4/minute"],
+    )
+    app = _auth_app(limiter, middleware)
+
+    async def main() -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/me", headers={"x-token": "a"})).status_code == 200
+            own_server.kill()
+            return [
+                (await c.get("/me", headers={"x-token": t})).status_code
+                for t in ["b", "c", "d", "e", "f"]
+            ]
+
+    assert asyncio.run(main()) == [200, 200, 200, 200, 429]
