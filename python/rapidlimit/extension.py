@@ -163,7 +163,11 @@ Correctness
   and the app's exception handlers apply to it as to any dependency. A
   decorator on the same route checks its own limits when it runs. While
   the storage is down the ``in_memory_fallback`` limits stand in for all of
-  a request's limits and are counted once per request.
+  a request's limits and are counted once per request. On a WebSocket
+  route a ``depends()`` limit over its count closes the connection before
+  accepting it (code 1008, 1013 when the storage is unavailable), as a
+  ``WebSocketException`` does; the decorator and the middlewares send the
+  429 response instead where the server supports it.
   Refusing a request while the storage is unavailable, it raises
   ``RateLimitStorageUnavailable``, an ``HTTPException`` that FastAPI
   renders as ``{"detail": "Rate limit storage unavailable"}`` with
@@ -213,7 +217,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
 from starlette.datastructures import MutableHeaders
-from starlette.exceptions import HTTPException
+from starlette.exceptions import HTTPException, WebSocketException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -566,6 +570,13 @@ def _limiter_of(request: HTTPConnection) -> Limiter | None:
     state = getattr(app, "state", None)
     limiter = getattr(state, "limiter", None)
     return limiter if isinstance(limiter, Limiter) else None
+
+
+def _websocket_close(failed: Failure) -> tuple[int, str]:
+    """The close code and reason refusing a WebSocket connection."""
+    if type(failed) is _Unavailable:  # 1013: try again later
+        return 1013, failed.describe_error()
+    return 1008, f"Rate limit exceeded: {failed.describe_error()}"[:120]
 
 
 async def _nothing() -> None:
@@ -2492,12 +2503,16 @@ class Limiter:
             body["type"] = "websocket.http.response.body"
             await send(start)
             await send(body)
-        elif type(failed) is _Unavailable:  # 1013: try again later
-            reason = failed.describe_error()
-            await send({"type": "websocket.close", "code": 1013, "reason": reason})
         else:
-            reason = f"Rate limit exceeded: {failed.describe_error()}"[:120]
-            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+            code, reason = _websocket_close(failed)
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def _websocket_exception(self, failed: Failure) -> WebSocketException:
+        """A depends() limit's refusal on a WebSocket route: Starlette closes
+        the connection before accepting it (the app's handlers run, and the
+        denial response would leave nothing for them to do)."""
+        code, reason = _websocket_close(failed)
+        return WebSocketException(code=code, reason=reason)
 
     # ------------------------------------------------------------------
     # headers
@@ -2709,7 +2724,9 @@ class Limiter:
 
         marker = (limiter, group)
 
-        async def rate_limit_dependency(request: Request, response: Response) -> None:
+        async def rate_limit_dependency(
+            request: HTTPConnection, response: Response
+        ) -> None:
             if not limiter.enabled:
                 return
             scope_ = request.scope
@@ -2731,6 +2748,8 @@ class Limiter:
             else:
                 failed = limiter._check(request, own, state, name, False)
             if failed is not None:
+                if scope_["type"] == "websocket":
+                    raise limiter._websocket_exception(failed)
                 raise limiter._exception(failed)
             # The headers describe the limit with the shortest window, the
             # first checked among equals, as for one core call.
@@ -2750,10 +2769,11 @@ class Limiter:
         setattr(rate_limit_dependency, _DEPENDS_ATTR, marker)
         rate_limit_dependency.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [
+                # HTTPConnection: FastAPI gives it on WebSocket routes too.
                 inspect.Parameter(
                     "request",
                     inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                    annotation=Request,
+                    annotation=HTTPConnection,
                 ),
                 inspect.Parameter(
                     "response",

@@ -23,10 +23,12 @@ import slowapi
 import slowapi.errors
 import slowapi.middleware
 import slowapi.util
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocketDisconnect
 
 from conftest import rate_headers
 from rapidlimit import Limiter, _rate_limit_exceeded_handler
@@ -583,3 +585,30 @@ def test_fallback_limits_count_once_per_request(
             ]
 
     assert asyncio.run(main()) == [200, 200, 200, 200, 429]
+
+
+@pytest.mark.parametrize("middleware", [None, *MIDDLEWARES])
+def test_a_websocket_route_limited_by_a_dependency(middleware: Any) -> None:
+    """FastAPI gives a WebSocket route's dependencies no Request (this was a
+    TypeError per connection); over the limit the connection is closed
+    before it is accepted, code 1008, as a WebSocketException closes it."""
+    limiter = Limiter(key_func=get_remote_address, default_limits=["100/minute"])
+    app = make_app(limiter, middleware)
+
+    @app.websocket("/ws", dependencies=[Depends(limiter.depends("2/minute"))])
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hi")
+        await websocket.close()
+
+    client = TestClient(app)
+    for _ in range(2):
+        with client.websocket_connect("/ws") as session:
+            assert session.receive_text() == "hi"
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        client.websocket_connect("/ws") as session,
+    ):
+        session.receive_text()
+    assert refused.value.code == 1008
+    assert refused.value.reason == "Rate limit exceeded: 2 per 1 minute"
