@@ -270,7 +270,14 @@ class SlowAPIASGIMiddleware:
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
         if plan.exempt:
-            await self.app(scope, receive, send)
+            if dependencies and kind == "http" and limiter._headers_enabled:
+                # Its depends() limits still apply, and their headers.
+                state = scope.get("state")
+                if state is None:
+                    state = scope["state"] = {}
+                await self._with_headers(limiter, state, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         if plan.deferred:  # the decorator checks it, after the dependencies
             if plan.head_groups:
@@ -329,6 +336,18 @@ class SlowAPIASGIMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        await self._with_headers(limiter, state, scope, receive, send)
+
+    async def _with_headers(
+        self,
+        limiter: Limiter,
+        state: dict[str, Any],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Runs the app, adding the headers of what ``state`` records when
+        the response starts."""
         state[_HEADERS_BY] = "mw"
         names = limiter._header_names_and_retry
         fused = limiter._retry_after != "http-date"

@@ -612,3 +612,26 @@ def test_a_websocket_route_limited_by_a_dependency(middleware: Any) -> None:
         session.receive_text()
     assert refused.value.code == 1008
     assert refused.value.reason == "Rate limit exceeded: 2 per 1 minute"
+
+
+@pytest.mark.parametrize("middleware", MIDDLEWARES)
+def test_an_exempt_route_returning_a_response_gets_its_dependencys_headers(
+    middleware: Any, make_client: Any
+) -> None:
+    """FastAPI drops the headers set on the dependency's response when the
+    endpoint returns a Response: the middleware adds them."""
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["1/minute"], headers_enabled=True
+    )
+    app = make_app(limiter, middleware)
+
+    @app.get("/ex", dependencies=[Depends(limiter.depends("2/minute"))])
+    @limiter.exempt
+    async def ex(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    client = make_client(app)
+    first = client.get("/ex")
+    assert first.status_code == 200
+    assert rate_headers(first)["x-ratelimit-limit"] == "2"
+    assert rate_headers(first)["x-ratelimit-remaining"] == "1"
