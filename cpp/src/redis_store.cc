@@ -961,7 +961,10 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
   std::string cmd;
   Resp resp(&cmd);
   int expected = 0;
-  if (!o.password.empty()) {  // ACL user with password, or legacy password
+  // An ACL user with a password, a legacy password, or a user alone
+  // (redis://user@host: a nopass user, sent as AUTH user "", as redis-py
+  // does; without it the connection stays the default user).
+  if (!o.password.empty() || !o.username.empty()) {
     if (o.username.empty()) {
       resp.Array(2);
     } else {

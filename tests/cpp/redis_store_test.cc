@@ -433,6 +433,24 @@ TEST_F(RedisStoreTest, WrongPasswordAppliesPolicy) {
   EXPECT_EQ(d.source, DecisionSource::kFailOpen);
 }
 
+TEST_F(RedisStoreTest, UserWithoutPasswordAuthenticates) {
+  ASSERT_TRUE(
+      server_.Command({"ACL", "SETUSER", "np", "on", "nopass", "~*", "+@all"})
+          .ok());
+  RedisStoreOptions o;
+  std::string error;
+  ASSERT_TRUE(ParseRedisUri(
+      "redis://np@127.0.0.1:" + std::to_string(server_.port()), &o, &error))
+      << error;
+  auto store = Make(o);
+  ASSERT_TRUE(store->Connected());
+  EXPECT_EQ(
+      Hit(*store, Strategy::kFixedWindow, L("1 per minute"), "k", kT0).source,
+      DecisionSource::kStore);
+  const testing::Reply clients = server_.Command({"CLIENT", "LIST"});
+  EXPECT_NE(clients.str.find("user=np "), std::string::npos) << clients.str;
+}
+
 TEST_F(RedisStoreTest, UnixSocketAndDatabase) {
   RedisStoreOptions o;
   std::string error;
