@@ -446,8 +446,10 @@ class Lane {
   std::string out_;
   size_t out_off_ = 0;
   std::deque<Op*> inflight_;
+  int64_t last_read_ = 0;   // MonoNanos of the last bytes received
   std::vector<Op*> group_;  // ReadLocked's scratch
   static constexpr size_t kEagerBatch = 32;
+  static constexpr int64_t kIdleCheckNanos = 20'000'000;
   // Requests sharing one script command at most: bounds the script's run
   // (Redis serves nobody else meanwhile) and its reply.
   static constexpr size_t kMaxGroup = 32;
@@ -651,6 +653,15 @@ bool Lane::TryInline(Op* op) {
       !inflight_.empty() || out_off_ < out_.size()) {
     return false;
   }
+  // A connection idle for a while may have been closed by Redis (its
+  // `timeout`, CLIENT KILL, a proxy) before the I/O thread, woken by the
+  // hang-up, took it: sent on it, the request would get the failure
+  // policy although Redis is fine. Such a request goes to the I/O thread,
+  // which queues it for the new connection. A busy caller skips the poll.
+  if (MonoNanos() - last_read_ > kIdleCheckNanos) {
+    pollfd p{fd_, POLLIN | POLLRDHUP, 0};
+    if (poll(&p, 1, 0) != 0) return false;
+  }
   const RedisStoreOptions& o = engine_->options;
   void* token = o.before_blocking != nullptr ? o.before_blocking() : nullptr;
   Add(engine_->counters->inline_calls);
@@ -775,6 +786,7 @@ bool Lane::ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed) {
   for (;;) {
     const ssize_t n = recv(fd_, buf, sizeof(buf), 0);
     if (n > 0) {
+      last_read_ = MonoNanos();
       if (redisReaderFeed(reader_, buf, static_cast<size_t>(n)) != REDIS_OK) {
         BreakLocked("protocol error", failed);
         return false;

@@ -451,6 +451,23 @@ TEST_F(RedisStoreTest, UserWithoutPasswordAuthenticates) {
   EXPECT_NE(clients.str.find("user=np "), std::string::npos) << clients.str;
 }
 
+TEST_F(RedisStoreTest, ConnectionClosedWhileIdleIsNoOutage) {
+  // Redis closes the idle connection (its `timeout`, CLIENT KILL, a
+  // proxy) and the next request comes before the I/O thread has replaced
+  // it: the request waits for the new connection instead of getting the
+  // policy. Idle past the lane's 20 ms check, as such connections are.
+  auto store = Make(Options(RedisFailurePolicy::kFailClosed));
+  ASSERT_TRUE(store->Connected());
+  const Limit l = L("1000 per minute");
+  for (int i = 0; i < 30; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    ASSERT_TRUE(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).ok());
+    const Decision d = Hit(*store, Strategy::kFixedWindow, l, "k", kT0);
+    ASSERT_EQ(d.source, DecisionSource::kStore) << "request " << i;
+    EXPECT_EQ(d.remaining, 1000 - (i + 1));
+  }
+}
+
 TEST_F(RedisStoreTest, UnixSocketAndDatabase) {
   RedisStoreOptions o;
   std::string error;
