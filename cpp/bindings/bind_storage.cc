@@ -63,8 +63,13 @@ void BindStorage(py::module_& m) {
           "incr",
           [](StorageHandle& h, const std::string& key, double expiry,
              int64_t amount, const py::object& now) {
-            if (!std::isfinite(expiry) || expiry < 0) {
-              throw py::value_error("expiry must be a non-negative number");
+            // Bounded as the other windows' periods (WindowLimit): past
+            // about 292 years the nanoseconds overflow.
+            if (!std::isfinite(expiry) || expiry < 0 ||
+                expiry > static_cast<double>(kMaxPeriodSeconds)) {
+              throw py::value_error(
+                  "expiry must be a number of seconds between 0 and " +
+                  std::to_string(kMaxPeriodSeconds));
             }
             return h.store->Incr(key, SecondsToNanos(expiry), amount, Now(now),
                                  nullptr);

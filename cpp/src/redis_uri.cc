@@ -118,8 +118,8 @@ constexpr std::string_view kIgnoredOptions[] = {
     "encoding_errors",       "socket_keepalive", "socket_keepalive_options",
     "client_name",           "protocol",         "single_connection_client",
     "max_connections",       "lib_name",         "lib_version",
-    "wrap_exceptions",       "implementation",   "connection_pool",
-    "socket_type",           "driver_info",
+    "wrap_exceptions",       "implementation",   "socket_type",
+    "driver_info",
 };
 
 }  // namespace
@@ -218,6 +218,13 @@ bool ApplyRedisOption(std::string_view name, std::string_view value,
     *error = "storage option " + std::string(name) +
              ": TLS needs hiredis with SSL support, which this build of "
              "rapidlimit does not use";
+    return false;
+  } else if (n == "connection_pool") {
+    // It names the server and db (limits uses it instead of the URI):
+    // ignoring it would count in another place than the user meant.
+    *error =
+        "storage option connection_pool: rapidlimit opens its own "
+        "connections; give the server, db and credentials in the storage URI";
     return false;
   } else if (std::find(std::begin(kIgnoredOptions), std::end(kIgnoredOptions),
                        n) != std::end(kIgnoredOptions)) {

@@ -692,3 +692,28 @@ def test_starlette_app_without_middleware(server: RedisServer) -> None:
     )
     client = TestClient(app)
     assert [client.get("/").status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_a_connection_pool_is_refused_not_ignored(server: RedisServer) -> None:
+    """limits counts where the pool points (server and db); ignored, the
+    counts would land where the URI points instead."""
+    import redis
+
+    pool = redis.ConnectionPool(port=server.port, db=3)
+    with pytest.raises(ValueError, match="connection_pool.*storage URI"):
+        ours(server, connection_pool=pool)
+    pool.disconnect()
+
+
+@pytest.mark.parametrize("scheme", ["rapidlimit+memory", "rapidlimit+redis"])
+def test_a_fixed_window_longer_than_100_years_is_refused(
+    server: RedisServer, scheme: str
+) -> None:
+    """As the other windows are (it overflowed: every hit admitted on memory,
+    an error per hit on Redis)."""
+    uri = "rapidlimit+memory://" if scheme == "rapidlimit+memory" else None
+    storage = limits.storage.storage_from_string(uri) if uri else ours(server)
+    limiter = limits.strategies.FixedWindowRateLimiter(storage)
+    with pytest.raises(ValueError, match="expiry must be"):
+        limiter.hit(limits.parse("2/297 years"), "k")
+    assert limiter.hit(limits.parse("2/99 years"), "k")
