@@ -572,6 +572,19 @@ def _limiter_of(request: HTTPConnection) -> Limiter | None:
     return limiter if isinstance(limiter, Limiter) else None
 
 
+_MOVING_WINDOW_MAX = 1 << 20  # the core's kMaxMovingWindowAmount
+
+
+def _refuse_moving_window_too_large(limits: Iterable[Limit]) -> None:
+    for lim in limits:
+        if lim.limit.amount > _MOVING_WINDOW_MAX:
+            raise ValueError(
+                f"moving-window limit '{lim.limit}' is too large: the moving "
+                f"window logs every hit and allows at most {_MOVING_WINDOW_MAX} "
+                "per window; use sliding-window-counter for large quotas"
+            )
+
+
 def _websocket_close(failed: Failure) -> tuple[int, str]:
     """The close code and reason refusing a WebSocket connection."""
     if type(failed) is _Unavailable:  # 1013: try again later
@@ -1258,11 +1271,19 @@ class Limiter:
         self._remaining_pairs = _pair_table(self._h_remaining)
         self._retry_pairs = _pair_table(self._h_retry)
 
+    def _refuse_too_large(self, group: LimitGroup) -> None:
+        """At decoration, as a bad limit string is: each request would
+        fail otherwise."""
+        if self._strategy == "moving-window" and not group.is_dynamic:
+            _refuse_moving_window_too_large(group.limits_for(None))
+
     def _group(self, limit: LimitSpec, scope: str | None) -> LimitGroup:
         try:
-            return LimitGroup(
+            group = LimitGroup(
                 limit, self._key_func, scope, False, None, None, None, 1, False
             )
+            self._refuse_too_large(group)
+            return group
         except ValueError as exc:
             raise ConfigurationError(f"invalid rate limit {limit!r}: {exc}") from exc
 
@@ -1429,6 +1450,7 @@ class Limiter:
                 cost,
                 override_defaults,
             )
+            self._refuse_too_large(group)
         except ValueError as exc:
             raise ConfigurationError(
                 f"invalid rate limit {limit_value!r}: {exc}"
@@ -2171,7 +2193,10 @@ class Limiter:
         found: list[Limit] = []
         for group in groups:
             try:
-                found.extend(group.limits_for(conn))
+                loaded = group.limits_for(conn)
+                if self._strategy == "moving-window":
+                    _refuse_moving_window_too_large(loaded)
+                found.extend(loaded)
             except ValueError as exc:
                 self.logger.error(
                     "failed to load ratelimit for view function %s (%s)",
@@ -2712,6 +2737,7 @@ class Limiter:
                 cost,
                 True,
             )
+            self._refuse_too_large(group)
         except ValueError as exc:
             raise ConfigurationError(
                 f"invalid rate limit {limit_value!r}: {exc}"

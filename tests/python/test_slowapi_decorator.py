@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from conftest import rate_headers
@@ -970,3 +971,46 @@ def test_fastapi_websocket_decorator() -> None:
         assert connection.receive_text() == "hi"
     with pytest.raises(WebSocketDenialResponse), client.websocket_connect("/ws"):
         pass
+
+
+def test_a_moving_window_limit_too_large_fails_at_decoration() -> None:
+    """The moving window logs every hit: past 2**20 per window every request
+    failed (a 500) instead of the decoration."""
+    limiter = Limiter(key_func=get_remote_address, strategy="moving-window")
+    message = "invalid rate limit '2000000/day'.*moving-window.*too large"
+    with pytest.raises(ConfigurationError, match=message):
+
+        @limiter.limit("2000000/day")
+        async def view(request: Request) -> None:
+            return None
+
+    with pytest.raises(ConfigurationError, match="too large"):
+        limiter.shared_limit("5/second;2000000/day", scope="s")
+    with pytest.raises(ConfigurationError, match="too large"):
+        limiter.depends("2000000/day")
+    with pytest.raises(ConfigurationError, match="too large"):
+        Limiter(
+            key_func=get_remote_address,
+            strategy="moving-window",
+            default_limits=["2000000/day"],
+        )
+    # The bound is the moving window's: other strategies take it.
+    Limiter(key_func=get_remote_address).limit("2000000/day")
+    limiter.limit("1048576/day")
+
+
+def test_a_dynamic_moving_window_limit_too_large_is_skipped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = Limiter(key_func=get_remote_address, strategy="moving-window")
+    app = Starlette()
+    app.state.limiter = limiter
+
+    @limiter.limit(lambda: "2000000/day")
+    async def view(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app.add_route("/v", view)
+    with caplog.at_level("ERROR", logger=limiter.logger.name):
+        assert TestClient(app).get("/v").status_code == 200
+    assert "too large" in caplog.text
