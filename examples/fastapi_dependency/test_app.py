@@ -16,8 +16,9 @@ def test_public_route() -> None:
     responses = [client.get("/public") for _ in range(4)]
     assert [r.status_code for r in responses] == [200, 200, 200, 429]
     assert responses[0].json() == {"data": "public"}
-    # The default (1000/day) and the route's limit are checked in one call;
-    # the headers describe the one of the shortest period, as in slowapi.
+    # The middleware checks the default (1000/day), the dependency the
+    # route's limit; the headers describe the one of the shortest period,
+    # as in slowapi.
     assert responses[0].headers["x-ratelimit-remaining"] == "2"
 
 
