@@ -208,6 +208,8 @@ std::vector<ItemHandle> ParseOrThrow(const py::handle& text, bool first_only) {
 }  // namespace
 
 void BindLimit(py::module_& m) {
+  // The Python layer refuses larger moving-window limits at decoration.
+  m.attr("MAX_MOVING_WINDOW_AMOUNT") = kMaxMovingWindowAmount;
   py::class_<ItemHandle>(m, "RateLimitItem")
       .def(py::init([](int64_t amount, py::object multiples,
                        std::string namespace_, const std::string& granularity,

@@ -11,6 +11,9 @@ from typing import Any, Final, Generic, TypeVar, overload
 _T = TypeVar("_T")
 
 __version__: str
+# The largest amount per window a moving-window limit may have (it logs
+# every hit); larger ones raise ValueError when checked.
+MAX_MOVING_WINDOW_AMOUNT: Final[int]
 
 class RateLimitItem:
     """A rate limit: ``amount`` hits per ``multiples`` units of ``granularity``.

@@ -224,6 +224,9 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from rapidlimit._core import (
+    MAX_MOVING_WINDOW_AMOUNT as _MAX_MOVING_WINDOW_AMOUNT,
+)
+from rapidlimit._core import (
     Decision,
     HeaderNames,
     RateLimiter,
@@ -570,19 +573,6 @@ def _limiter_of(request: HTTPConnection) -> Limiter | None:
     state = getattr(app, "state", None)
     limiter = getattr(state, "limiter", None)
     return limiter if isinstance(limiter, Limiter) else None
-
-
-_MOVING_WINDOW_MAX = 1 << 20  # the core's kMaxMovingWindowAmount
-
-
-def _refuse_moving_window_too_large(limits: Iterable[Limit]) -> None:
-    for lim in limits:
-        if lim.limit.amount > _MOVING_WINDOW_MAX:
-            raise ValueError(
-                f"moving-window limit '{lim.limit}' is too large: the moving "
-                f"window logs every hit and allows at most {_MOVING_WINDOW_MAX} "
-                "per window; use sliding-window-counter for large quotas"
-            )
 
 
 def _websocket_close(failed: Failure) -> tuple[int, str]:
@@ -1271,18 +1261,31 @@ class Limiter:
         self._remaining_pairs = _pair_table(self._h_remaining)
         self._retry_pairs = _pair_table(self._h_retry)
 
-    def _refuse_too_large(self, group: LimitGroup) -> None:
-        """At decoration, as a bad limit string is: each request would
-        fail otherwise."""
-        if self._strategy == "moving-window" and not group.is_dynamic:
-            _refuse_moving_window_too_large(group.limits_for(None))
+    def _refuse_too_large(self, limits: Iterable[Limit]) -> None:
+        """Raises ValueError for a limit the strategy cannot take, at
+        decoration for static limits (as a bad limit string is: each
+        request would fail otherwise) and when a callable's are loaded."""
+        if self._strategy != "moving-window":
+            return
+        for lim in limits:
+            if lim.limit.amount > _MAX_MOVING_WINDOW_AMOUNT:
+                raise ValueError(
+                    f"moving-window limit '{lim.limit}' is too large: the "
+                    "moving window logs every hit and allows at most "
+                    f"{_MAX_MOVING_WINDOW_AMOUNT} per window; use "
+                    "sliding-window-counter for large quotas"
+                )
+
+    def _refuse_too_large_static(self, group: LimitGroup) -> None:
+        if not group.is_dynamic:
+            self._refuse_too_large(group.limits_for(None))
 
     def _group(self, limit: LimitSpec, scope: str | None) -> LimitGroup:
         try:
             group = LimitGroup(
                 limit, self._key_func, scope, False, None, None, None, 1, False
             )
-            self._refuse_too_large(group)
+            self._refuse_too_large_static(group)
             return group
         except ValueError as exc:
             raise ConfigurationError(f"invalid rate limit {limit!r}: {exc}") from exc
@@ -1450,7 +1453,7 @@ class Limiter:
                 cost,
                 override_defaults,
             )
-            self._refuse_too_large(group)
+            self._refuse_too_large_static(group)
         except ValueError as exc:
             raise ConfigurationError(
                 f"invalid rate limit {limit_value!r}: {exc}"
@@ -2194,8 +2197,7 @@ class Limiter:
         for group in groups:
             try:
                 loaded = group.limits_for(conn)
-                if self._strategy == "moving-window":
-                    _refuse_moving_window_too_large(loaded)
+                self._refuse_too_large(loaded)
                 found.extend(loaded)
             except ValueError as exc:
                 self.logger.error(
@@ -2737,7 +2739,7 @@ class Limiter:
                 cost,
                 True,
             )
-            self._refuse_too_large(group)
+            self._refuse_too_large_static(group)
         except ValueError as exc:
             raise ConfigurationError(
                 f"invalid rate limit {limit_value!r}: {exc}"
