@@ -151,10 +151,10 @@ def _find_route(
     return None, None, cacheable
 
 
-def _route_dependencies(route: Any) -> tuple[Any, ...]:
-    """The (limiter, group) markers of a FastAPI route's
-    ``Limiter.depends()`` dependencies, at any depth, in FastAPI's order."""
-    found: list[Any] = []
+def _has_depends(route: Any) -> bool:
+    """Whether a FastAPI route has a ``Limiter.depends()`` dependency, at
+    any depth (route, router, nested): its limit may record what the
+    headers describe after the middleware's check."""
     seen: set[int] = set()
     pending = [getattr(route, "dependant", None)]
     while pending:
@@ -162,12 +162,10 @@ def _route_dependencies(route: Any) -> tuple[Any, ...]:
         if dependant is None or id(dependant) in seen:
             continue
         seen.add(id(dependant))
-        marker = getattr(getattr(dependant, "call", None), _DEPENDS_ATTR, None)
-        if marker is not None and all(marker is not m for m in found):
-            found.append(marker)
-        # Reversed onto a stack: visited in declaration order.
-        pending.extend(reversed(getattr(dependant, "dependencies", None) or ()))
-    return tuple(found)
+        if hasattr(getattr(dependant, "call", None), _DEPENDS_ATTR):
+            return True
+        pending.extend(getattr(dependant, "dependencies", None) or ())
+    return False
 
 
 _MISSING = object()
@@ -209,7 +207,7 @@ class SlowAPIASGIMiddleware:
         self._state_values: dict[str, Any] | None = None
 
     def _endpoint(self, app: Any, scope: Scope) -> tuple[Any, Any]:
-        """(endpoint or None, the route's depends() dependencies)."""
+        """(endpoint or None, whether its route has depends() limits)."""
         if app is not self._routes_app:
             self._routes_app = app
             self._routes = getattr(app, "routes", None)
@@ -235,7 +233,7 @@ class SlowAPIASGIMiddleware:
         found = endpoints.get(key)
         if found is None:
             route, endpoint, cacheable = _find_route(routes, scope, cache=self._flat)
-            found = (endpoint, _route_dependencies(route) if route else ())
+            found = (endpoint, _has_depends(route) if route else False)
             if cacheable:
                 if len(endpoints) >= _CACHE_SIZE:
                     endpoints.clear()
@@ -262,7 +260,7 @@ class SlowAPIASGIMiddleware:
         if limiter is None or not limiter.enabled or not limiter._auto_check:
             await self.app(scope, receive, send)
             return
-        endpoint, dependencies = self._endpoint(app, scope)
+        endpoint, has_depends = self._endpoint(app, scope)
         if endpoint is None:
             await self.app(scope, receive, send)
             return
@@ -270,11 +268,9 @@ class SlowAPIASGIMiddleware:
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
         if plan.exempt:
-            if dependencies and kind == "http" and limiter._headers_enabled:
+            if has_depends and kind == "http" and limiter._headers_enabled:
                 # Its depends() limits still apply, and their headers.
-                state = scope.get("state")
-                if state is None:
-                    state = scope["state"] = {}
+                state = scope.setdefault("state", {})
                 await self._with_headers(limiter, state, scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -332,7 +328,7 @@ class SlowAPIASGIMiddleware:
         if (
             kind != "http"
             or not limiter._headers_enabled
-            or (state.get(_VIEW) is None and not dependencies)
+            or (state.get(_VIEW) is None and not has_depends)
         ):
             await self.app(scope, receive, send)
             return
