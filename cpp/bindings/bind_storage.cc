@@ -17,13 +17,20 @@ int64_t Now(const py::object& now) {
   return out;
 }
 
-// `limits` hands storages a window length in whole seconds.
-Limit WindowLimit(int64_t amount, double expiry_seconds) {
-  if (!std::isfinite(expiry_seconds) || expiry_seconds < 1 ||
+// `limits` hands storages a window length in seconds; bounded as parsed
+// periods are (past about 292 years the nanoseconds would overflow).
+void CheckExpiry(double expiry_seconds, int at_least) {
+  if (!std::isfinite(expiry_seconds) || expiry_seconds < at_least ||
       expiry_seconds > static_cast<double>(kMaxPeriodSeconds)) {
-    throw py::value_error("expiry must be between 1 second and " +
-                          std::to_string(kMaxPeriodSeconds) + " seconds");
+    throw py::value_error("expiry must be between " + std::to_string(at_least) +
+                          " and " + std::to_string(kMaxPeriodSeconds) +
+                          " seconds");
   }
+}
+
+// A window length in whole seconds.
+Limit WindowLimit(int64_t amount, double expiry_seconds) {
+  CheckExpiry(expiry_seconds, 1);
   Limit l;
   l.amount = amount;
   l.multiples = static_cast<int64_t>(expiry_seconds);
@@ -63,14 +70,7 @@ void BindStorage(py::module_& m) {
           "incr",
           [](StorageHandle& h, const std::string& key, double expiry,
              int64_t amount, const py::object& now) {
-            // Bounded as the other windows' periods (WindowLimit): past
-            // about 292 years the nanoseconds overflow.
-            if (!std::isfinite(expiry) || expiry < 0 ||
-                expiry > static_cast<double>(kMaxPeriodSeconds)) {
-              throw py::value_error(
-                  "expiry must be a number of seconds between 0 and " +
-                  std::to_string(kMaxPeriodSeconds));
-            }
+            CheckExpiry(expiry, 0);
             return h.store->Incr(key, SecondsToNanos(expiry), amount, Now(now),
                                  nullptr);
           },
