@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import bench_http
 from common import (
     HERE,
     BrokenBenchmark,
@@ -35,7 +36,6 @@ from common import (
     RedisServer,
     SectionResult,
     Skip,
-    cpu_count,
     free_port,
     pinned,
     rapidlimit_redis_available,
@@ -302,11 +302,9 @@ def _http_instructions(
         f"--port={port}",
         *v.to_args(),
     ]
-    cpus = sorted(os.sched_getaffinity(0))
-    server_cpu = cpus[-1] if cpu_count() >= 2 else None
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            pinned(cmd, server_cpu),
+            pinned(cmd, bench_http.server_cpu()),
             stdout=subprocess.DEVNULL,
             stderr=err,
             cwd=str(HERE),
@@ -346,7 +344,7 @@ def _http_prerequisites(toggle: str, stack: contextlib.ExitStack) -> tuple[str, 
     if not toggle:
         return "", "http subjects: no C compiler for the instrumentation switch"
     try:
-        rs = stack.enter_context(RedisServer(cpu=sorted(os.sched_getaffinity(0))[0]))
+        rs = stack.enter_context(RedisServer(cpu=bench_http.client_cpu()))
     except Skip as e:
         return "", f"http.rapidlimit.redis: {e}"
     why = rapidlimit_redis_available(rs.rapid_uri)

@@ -177,9 +177,29 @@ def test_forked_workers_get_their_own_connection(server: RedisServer) -> None:
     store.close()
 
 
-FORKS = textwrap.dedent(
+# Prepended to the forking scripts below.
+_WAIT_CHILD = textwrap.dedent(
     """
-    import os, signal, socket, sys, time
+    import os, signal, time
+
+    def wait_child(pid, seconds, pause):
+        \"\"\"The child's wait status, or None when it hung (then killed).\"\"\"
+        deadline = time.monotonic() + seconds
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+            time.sleep(pause)
+    """
+)
+
+FORKS = _WAIT_CHILD + textwrap.dedent(
+    """
+    import os, socket, sys
     from rapidlimit import parse
     from rapidlimit.storage import RedisStorage
     from rapidlimit.strategies import STRATEGIES
@@ -208,14 +228,8 @@ FORKS = textwrap.dedent(
                     lim.hit(item, "x")
                 finally:
                     os._exit(0)
-            deadline = time.monotonic() + 3
-            while os.waitpid(pid, os.WNOHANG)[0] == 0:
-                if time.monotonic() > deadline:
-                    hung += 1
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.0002)
+            if wait_child(pid, 3, 0.0002) is None:
+                hung += 1
     finally:
         for store in noisy:
             store.close()
@@ -257,9 +271,9 @@ def test_fork_while_io_threads_log() -> None:
     assert reconnects == 0  # it really never connected
 
 
-INHERITED_LOOPS = textwrap.dedent(
+INHERITED_LOOPS = _WAIT_CHILD + textwrap.dedent(
     """
-    import asyncio, os, select, signal, socket, sys, time
+    import asyncio, os, select, socket, sys
     from rapidlimit import parse
     from rapidlimit.storage import RedisStorage
 
@@ -299,16 +313,11 @@ INHERITED_LOOPS = textwrap.dedent(
             asyncio.run(decide())
             sys.exit(0)
         assert hold.recv(16) == b"+OK\\r\\n"
-        deadline = time.monotonic() + 10
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                hung += 1
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.001)
+        status = wait_child(pid, 10, 0.001)
+        if status is None:
+            hung += 1
         else:
-            failed += done[1] != 0
+            failed += status != 0
         for loop, future in zip(loops, futures):
             try:
                 loop.run_until_complete(asyncio.wait_for(future, 5))
