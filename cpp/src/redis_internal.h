@@ -147,9 +147,14 @@ struct WaitHook {
 
 // Connects (non-blocking, TCP_NODELAY) by `options` before `deadline`
 // (MonoNanos), the name lookup included, attending to `hook` (if non-null)
-// while it waits. Returns the fd, or -1 with `error` set.
+// while it waits. Returns the fd, or -1 with `error` set. `in_progress`
+// (if non-null) holds the socket while it connects, -1 once it is closed
+// (set before closing): a forked child closes its copy of a connect the
+// parent had in flight, or Redis would keep that connection open for as
+// long as the child lives.
 int ConnectSocket(const RedisStoreOptions& options, int64_t deadline,
-                  std::string* error, WaitHook* hook = nullptr);
+                  std::string* error, WaitHook* hook = nullptr,
+                  std::atomic<int>* in_progress = nullptr);
 
 // The name lookup ConnectSocket uses (getaddrinfo); tests put a resolver
 // that does not answer in its place.

@@ -248,7 +248,13 @@ int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook) {
 }
 
 int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
-                  std::string* error, WaitHook* hook) {
+                  std::string* error, WaitHook* hook,
+                  std::atomic<int>* in_progress) {
+  // Published as soon as it exists, withdrawn before it is closed: a
+  // child never closes a number that meanwhile names another file.
+  auto publish = [in_progress](int fd) {
+    if (in_progress != nullptr) in_progress->store(fd);
+  };
   if (!o.unix_path.empty()) {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -263,9 +269,11 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
       *error = std::strerror(errno);
       return -1;
     }
+    publish(fd);
     std::string why;
     if (!ConnectBefore(fd, reinterpret_cast<const sockaddr*>(&addr),
                        sizeof(addr), deadline, hook, &why)) {
+      publish(-1);
       close(fd);
       *error = "connect to " + o.unix_path + ": " + why;
       return -1;
@@ -289,9 +297,11 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
       why = std::strerror(errno);
       continue;
     }
+    publish(fd);
     if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, hook, &why)) {
       break;
     }
+    publish(-1);
     close(fd);
     fd = -1;
     if (MonoNanos() >= deadline) break;

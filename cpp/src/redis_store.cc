@@ -63,6 +63,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "rapidlimit/algorithms.h"
@@ -442,6 +443,9 @@ class Lane {
 
   std::mutex conn_mu_;  // guards the connection below
   int fd_ = -1;
+  // The socket Connect is opening, until it becomes fd_ or is closed; only
+  // for AbandonAfterFork, which must not wait for conn_mu_.
+  std::atomic<int> connecting_fd_{-1};
   redisReader* reader_ = nullptr;
   std::string out_;
   size_t out_off_ = 0;
@@ -588,14 +592,20 @@ void Lane::Stop() {
   Wake();
   if (thread_.joinable()) thread_.join();
   std::lock_guard<std::mutex> lock(wake_mu_);
-  if (efd_ >= 0) close(efd_);
-  efd_ = -1;
+  // Forgotten before closed: a fork in between leaves the child a copy to
+  // leak, never a number to close that meanwhile names another file.
+  const int efd = std::exchange(efd_, -1);
+  if (efd >= 0) close(efd);
 }
 
 void Lane::AbandonAfterFork() {
   // The parent's thread does not exist here and its locks may be held
   // forever: touch nothing but our file descriptors (closing a socket in
-  // the child leaves the parent's connection alone).
+  // the child leaves the parent's connection alone; keeping it would keep
+  // that connection open in Redis after the parent closes it). Called
+  // again by the child's first use of the store: then a no-op.
+  const int connecting = connecting_fd_.exchange(-1);
+  if (connecting >= 0 && connecting != fd_) close(connecting);
   if (fd_ >= 0) close(fd_);
   if (efd_ >= 0) close(efd_);
   fd_ = -1;
@@ -885,8 +895,8 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
 }
 
 void Lane::CloseLocked() {
-  if (fd_ >= 0) close(fd_);
-  fd_ = -1;
+  const int fd = std::exchange(fd_, -1);  // as in Stop: forgotten, then closed
+  if (fd >= 0) close(fd);
   if (reader_ != nullptr) redisReaderFree(reader_);
   reader_ = nullptr;
   out_.clear();
@@ -1066,11 +1076,12 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   const RedisStoreOptions& o = engine_->options;
   if (deadline == 0) deadline = MonoNanos() + o.connect_timeout_nanos;
   std::string error;
-  int fd = ConnectSocket(o, deadline, &error, hook);
+  int fd = ConnectSocket(o, deadline, &error, hook, &connecting_fd_);
   redisReader* reader = nullptr;
   if (fd >= 0) {
     reader = redisReaderCreate();
     if (!Handshake(fd, reader, deadline, hook, &error)) {
+      connecting_fd_.store(-1);
       close(fd);
       fd = -1;
       redisReaderFree(reader);
@@ -1108,6 +1119,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   {
     std::lock_guard<std::mutex> lock(conn_mu_);
     fd_ = fd;
+    connecting_fd_.store(-1);
     reader_ = reader;
     out_.clear();
     out_off_ = 0;
@@ -1501,10 +1513,14 @@ class RedisStoreImpl final : public RedisStore {
     auto* engine =
         new Engine(options_, &counters_,
                    g_fork_generation.load(std::memory_order_relaxed));
-    engine->Start();
     engine_.store(engine, std::memory_order_release);
-    std::lock_guard<std::mutex> lock(StoresMutex());
-    Stores().push_back(this);
+    {
+      // Known to ForkChild before the first connect: a fork meanwhile (by
+      // another thread) must not leave the child that socket.
+      std::lock_guard<std::mutex> lock(StoresMutex());
+      Stores().push_back(this);
+    }
+    engine->Start();
   }
 
   ~RedisStoreImpl() override {
@@ -1524,6 +1540,15 @@ class RedisStoreImpl final : public RedisStore {
   // guards stays consistent: closed_ is set before Close waits, and any
   // engine the parent had is abandoned by the child's first call.
   void ResetLockAfterFork() { new (&engine_mu_) std::mutex(); }
+
+  // In a forked child, at once rather than at its first call: a child that
+  // never uses the store (a worker pool's process, a daemon) would
+  // otherwise hold the parent's connections open in Redis after the parent
+  // closes them.
+  void CloseInheritedFiles() {
+    Engine* e = engine_.load();
+    if (e->generation != g_fork_generation.load()) e->AbandonAfterFork();
+  }
 
   size_t Decide(const Request* requests, size_t n, int64_t now, Mode mode,
                 Decision* out) override {
@@ -1860,7 +1885,10 @@ void ForkParent() {
 void ForkChild() {
   LookupsForkChild();
   g_fork_generation.fetch_add(1, std::memory_order_relaxed);
-  for (RedisStoreImpl* store : Stores()) store->ResetLockAfterFork();
+  for (RedisStoreImpl* store : Stores()) {
+    store->ResetLockAfterFork();
+    store->CloseInheritedFiles();
+  }
   StoresMutex().unlock();
 }
 

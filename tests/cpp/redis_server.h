@@ -166,6 +166,22 @@ class SilentServer {
     }
   }
 
+  // Waits up to `limit` for the client to close the first connection
+  // taken, dropping what it sends meanwhile; false if it stays open.
+  bool WaitFirstClosed(std::chrono::milliseconds limit) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    char buf[256];
+    while (true) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          end - std::chrono::steady_clock::now());
+      if (accepted_.empty() || left.count() <= 0) return false;
+      pollfd p{accepted_.front(), POLLIN, 0};
+      if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
+      const ssize_t n = recv(accepted_.front(), buf, sizeof(buf), MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno == ECONNRESET)) return true;
+    }
+  }
+
  private:
   int fd_ = -1;
   int port_ = 0;

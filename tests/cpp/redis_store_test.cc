@@ -1613,6 +1613,60 @@ TEST_F(RedisStoreTest, ForkWhileAnotherThreadClosesTheStore) {
   EXPECT_EQ(WEXITSTATUS(*status), 0);
 }
 
+// A child holding a copy of a socket keeps that connection open in Redis
+// (the server sees no close) for as long as it lives, whatever the parent
+// does with it.
+TEST_F(RedisStoreTest, ForkedChildDoesNotKeepTheParentsConnectInFlight) {
+  testing::SilentServer silent;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.port = silent.port();
+  o.connect_timeout_nanos = 300 * kMs;
+  std::unique_ptr<RedisStore> store;
+  // The first connect runs in the constructor: here, in another thread,
+  // which waits for the silent server's reply when the fork comes.
+  std::thread maker([&] { store = Make(o); });
+  ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
+  const pid_t pid = testing::ForkWhenQuiet();
+  if (pid == 0) {
+    std::this_thread::sleep_for(std::chrono::seconds(10));
+    _exit(0);
+  }
+  maker.join();  // the parent gave the connect up after 300 ms
+  const bool closed = silent.WaitFirstClosed(std::chrono::milliseconds(2000));
+  kill(pid, SIGKILL);
+  ASSERT_TRUE(testing::WaitChild(pid, std::chrono::seconds(5)).has_value());
+  EXPECT_TRUE(closed) << "the child kept the connect's socket open";
+}
+
+TEST_F(RedisStoreTest, ForkedChildNotUsingTheStoreKeepsNoConnection) {
+  auto clients = [this] {
+    const testing::Reply r = server_.Command({"CLIENT", "LIST"});
+    int n = 0;
+    for (size_t at = 0; (at = r.str.find("cmd=", at)) != std::string::npos;
+         ++at) {
+      if (r.str.compare(at, 15, "cmd=client|list") != 0) ++n;
+    }
+    return n;
+  };
+  auto store = Make(Options());
+  ASSERT_TRUE(store->Connected());
+  ASSERT_EQ(clients(), 1);
+  const pid_t pid = testing::ForkWhenQuiet();
+  if (pid == 0) {
+    std::this_thread::sleep_for(std::chrono::seconds(10));
+    _exit(0);
+  }
+  store->Close();
+  int left = clients();
+  for (int i = 0; i < 100 && left != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    left = clients();
+  }
+  kill(pid, SIGKILL);
+  ASSERT_TRUE(testing::WaitChild(pid, std::chrono::seconds(5)).has_value());
+  EXPECT_EQ(left, 0) << "the idle child kept the parent's connection open";
+}
+
 TEST_F(RedisStoreTest, PingMeasuresRoundTrip) {
   auto store = Make(Options());
   int64_t rtt = 0;
