@@ -143,7 +143,14 @@ struct WaitHook {
   int fd = -1;                   // readable: call `run` now
   std::function<int64_t()> run;  // returns when to call it next (MonoNanos)
   int64_t next = 0;              // when to call it next
+  // Set when `run` returned kCancelWait: the store is closing, and its
+  // Close() must not wait for a connect to a server that does not answer.
+  bool cancelled = false;
 };
+
+// What WaitHook::run returns to end the wait at once: WaitFd then returns
+// -1 with errno ECANCELED.
+inline constexpr int64_t kCancelWait = -1;
 
 // Connects (non-blocking, TCP_NODELAY) by `options` before `deadline`
 // (MonoNanos), the name lookup included, attending to `hook` (if non-null)

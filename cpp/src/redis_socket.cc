@@ -228,6 +228,11 @@ int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook) {
     if (hook != nullptr) {
       if (now >= hook->next) {
         hook->next = hook->run();
+        if (hook->next == kCancelWait) {
+          hook->cancelled = true;
+          errno = ECANCELED;
+          return -1;
+        }
         now = MonoNanos();
       }
       until = std::min(until, hook->next);
@@ -304,7 +309,9 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
     publish(-1);
     close(fd);
     fd = -1;
-    if (MonoNanos() >= deadline) break;
+    if (MonoNanos() >= deadline || (hook != nullptr && hook->cancelled)) {
+      break;
+    }
   }
   if (fd < 0) {
     *error = "connect to " + o.host + ":" + port + ": " + why;

@@ -399,7 +399,8 @@ class Lane {
  private:
   void Run();
   // By `deadline`, or the connect timeout from now when 0, attending to
-  // `hook` (if non-null) while it waits.
+  // `hook` (if non-null) while it waits; false at once, with no backoff
+  // or report, when the hook cancels the wait.
   bool Connect(int64_t deadline = 0, WaitHook* hook = nullptr);
   bool Handshake(int fd, redisReader* reader, int64_t deadline, WaitHook* hook,
                  std::string* error);
@@ -423,6 +424,8 @@ class Lane {
   int64_t ExpireQueued();
   void StopAccepting(std::vector<Op*>* failed);
   void Wake();
+  // Reads the wake-up's count (I/O thread only).
+  void DrainWake();
   void Finish(std::vector<Op*>* completed, std::vector<Op*>* failed);
 
   Engine* const engine_;
@@ -610,6 +613,12 @@ void Lane::AbandonAfterFork() {
   if (efd_ >= 0) close(efd_);
   fd_ = -1;
   efd_ = -1;
+}
+
+void Lane::DrainWake() {
+  uint64_t value;
+  while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {
+  }
 }
 
 void Lane::Wake() {
@@ -950,14 +959,15 @@ void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
 }
 
 int64_t Lane::ExpireQueued() {
-  uint64_t value;
-  while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {
-  }
+  DrainWake();
   const int64_t now = MonoNanos();
   int64_t next = std::numeric_limits<int64_t>::max();
   std::vector<Op*> completed, expired;
   {
     std::lock_guard<std::mutex> lock(q_mu_);
+    // Closing: the connect ends now and what is queued gets the policy
+    // (StopAccepting), as it would once connected.
+    if (stop_) return kCancelWait;
     size_t kept = 0;
     for (Op* op : queue_) {
       if (op->deadline <= now) {
@@ -1088,6 +1098,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
       reader = nullptr;
     }
   }
+  if (fd < 0 && hook != nullptr && hook->cancelled) return false;  // closing
   if (fd < 0) {
     const int64_t now = MonoNanos();
     // Jitter (+-20 %) keeps many processes from reconnecting in lockstep.
@@ -1227,7 +1238,16 @@ void Lane::Run() {
     if (state_.load(std::memory_order_relaxed) == kDown) {
       if (MonoNanos() >= next_retry_) {
         readable = false;
-        Connect();
+        // Nothing is queued while the lane is down (Submit refuses): the
+        // wake-up can only be Stop's, which ends the connect.
+        WaitHook hook;
+        hook.fd = efd_;
+        hook.run = [this] {
+          DrainWake();
+          std::lock_guard<std::mutex> lock(q_mu_);
+          return stop_ ? kCancelWait : std::numeric_limits<int64_t>::max();
+        };
+        Connect(0, &hook);
         continue;
       }
       wake_at = std::min(wake_at, next_retry_);
@@ -1245,11 +1265,7 @@ void Lane::Run() {
       readable = false;
       hung_up = wait_fd;
     }
-    if (rc > 0 && (fds[0].revents & POLLIN)) {
-      uint64_t value;
-      while (read(efd_, &value, sizeof(value)) < 0 && errno == EINTR) {
-      }
-    }
+    if (rc > 0 && (fds[0].revents & POLLIN)) DrainWake();
   }
 }
 

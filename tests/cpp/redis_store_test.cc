@@ -88,6 +88,22 @@ class RedisStoreTest : public ::testing::Test {
     return store;
   }
 
+  // A store on `silent`, which accepts and never answers: its first
+  // connect (here) timed out; the I/O thread's next one, waiting
+  // `connect_timeout` for a reply, has arrived when this returns.
+  std::unique_ptr<RedisStore> MakeSilent(testing::SilentServer& silent,
+                                         int64_t connect_timeout) {
+    RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+    o.port = silent.port();
+    o.connect_timeout_nanos = connect_timeout;
+    o.reconnect_min_nanos = kMs;
+    o.reconnect_max_nanos = kMs;
+    auto store = Make(o);
+    silent.Drain();
+    EXPECT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
+    return store;
+  }
+
   // A store whose connection is up and script loaded (one hit of `l`
   // done), with a timeout that a loaded machine does not reach.
   std::unique_ptr<RedisStore> MakeConnected(const Limit& l) {
@@ -1555,6 +1571,21 @@ TEST_F(RedisStoreTest, CloseReleasesEveryFile) {
   EXPECT_EQ(open_files(), before);
 }
 
+// The I/O thread reconnects to a server that accepts and never answers,
+// with a long connect timeout: Close() ends that connect rather than
+// waiting it out (at interpreter exit, once per lane).
+TEST_F(RedisStoreTest, CloseDoesNotWaitForAReconnect) {
+  testing::SilentServer silent;
+  auto store = MakeSilent(silent, 1500 * kMs);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const auto start = std::chrono::steady_clock::now();
+  store->Close();
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(500));
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0).source,
+            DecisionSource::kFailOpen);
+}
+
 // -------------------------------------------------------------------- fork
 
 TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
@@ -1583,19 +1614,12 @@ TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
 }
 
 TEST_F(RedisStoreTest, ForkWhileAnotherThreadClosesTheStore) {
-  // Close() waits for the I/O thread, which is in the middle of a connect
-  // to a server that never answers. A fork meanwhile (another thread of
-  // the app) must give a child whose calls and Close() still return.
+  // Another thread of the app closes the store while the I/O thread
+  // connects to a server that never answers, and forks meanwhile: the
+  // child's calls and Close() must still return, whatever the closing
+  // thread held at the fork.
   testing::SilentServer silent;
-  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
-  o.port = silent.port();
-  o.connect_timeout_nanos = 300 * kMs;
-  o.reconnect_min_nanos = kMs;
-  o.reconnect_max_nanos = kMs;
-  auto store = Make(o);  // its first connect timed out
-  silent.Drain();
-  // The I/O thread's next attempt has arrived: it waits 300 ms for a reply.
-  ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
+  auto store = MakeSilent(silent, 300 * kMs);
   std::thread closer([&] { store->Close(); });
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const pid_t pid = testing::ForkWhenQuiet();
