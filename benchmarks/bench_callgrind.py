@@ -36,11 +36,7 @@ from common import (
     RedisServer,
     SectionResult,
     Skip,
-    free_port,
-    pinned,
     rapidlimit_redis_available,
-    terminate,
-    wait_port,
 )
 
 TITLE = "6. Instructions per operation (valgrind --tool=callgrind)"
@@ -278,6 +274,23 @@ async def _load(port: int, n: int, connections: int) -> dict[int, int]:
     return statuses
 
 
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Waits for the child ``pid`` to exit, leaving it to its Popen to reap
+    (a zombie has exited)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    raise BrokenBenchmark(f"server {pid} still running {timeout:g} s after SIGINT")
+
+
 def _http_instructions(
     subject: str, n: int, tmp: Path, toggle: str, redis_uri: str
 ) -> int:
@@ -289,47 +302,28 @@ def _http_instructions(
 
     v = _http_variant(subject, redis_uri)
     out = tmp / f"cg.{subject}.{n}.out"
-    port = free_port()
     env = dict(os.environ, PYTHONHASHSEED="0", RL_CG_TOGGLE=toggle)
-    cmd = [
+    valgrind = [
         "valgrind",
         "--tool=callgrind",
         f"--callgrind-out-file={out}",
         "--dump-line=no",
         "--instr-atstart=no",
-        sys.executable,
-        str(HERE / "serve.py"),
-        f"--port={port}",
-        *v.to_args(),
     ]
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            pinned(cmd, bench_http.server_cpu()),
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            cwd=str(HERE),
-            env=env,
-        )
-        try:
-            wait_port(port, 600, proc)
-            # Warm-up (a rejected variant's limit is used up by it).
-            loads = [asyncio.run(_load(port, 20, 4))]
-            proc.send_signal(signal.SIGUSR1)
-            loads.append(asyncio.run(_load(port, 1, 1)))
-            loads.append(asyncio.run(_load(port, n, HTTP_CONNECTIONS)))
-            proc.send_signal(signal.SIGUSR2)
-            loads.append(asyncio.run(_load(port, 1, 1)))
-            for got in loads[1:]:
-                if set(got) != {v.expected_status}:
-                    raise BrokenBenchmark(f"callgrind {subject}: statuses {got}")
-            proc.send_signal(signal.SIGINT)
-            proc.wait(300)
-        except BrokenBenchmark:
-            err.seek(0)
-            tail = err.read().decode(errors="replace")[-1500:]
-            raise BrokenBenchmark(f"callgrind {subject} n={n}: {tail}") from None
-        finally:
-            terminate(proc)
+    with bench_http.server(v, valgrind, env, start_timeout=600) as (port, pid):
+        # Warm-up (a rejected variant's limit is used up by it).
+        loads = [asyncio.run(_load(port, 20, 4))]
+        os.kill(pid, signal.SIGUSR1)
+        loads.append(asyncio.run(_load(port, 1, 1)))
+        loads.append(asyncio.run(_load(port, n, HTTP_CONNECTIONS)))
+        os.kill(pid, signal.SIGUSR2)
+        loads.append(asyncio.run(_load(port, 1, 1)))
+        for got in loads[1:]:
+            if set(got) != {v.expected_status}:
+                raise BrokenBenchmark(f"callgrind {subject}: statuses {got}")
+        # Callgrind writes its counts as the server exits.
+        os.kill(pid, signal.SIGINT)
+        _wait_exit(pid, 300)
     text = out.read_text()
     m = _TOTALS.search(text) or _SUMMARY.search(text)
     if not m:

@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from apps import ROUTE, Variant
 from common import (
@@ -161,31 +161,52 @@ def vlabel(v: Variant) -> str:
 
 
 @contextlib.contextmanager
-def server(v: Variant) -> Iterator[tuple[int, int]]:
-    """A uvicorn server for the variant, pinned to the server CPU. Its stderr
-    goes to a file, not a pipe: slowapi logs a warning per rejected request
-    and a full pipe would stall the server."""
+def server(
+    v: Variant,
+    prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    start_timeout: float = 30,
+) -> Iterator[tuple[int, int]]:
+    """A uvicorn server for the variant, pinned to the server CPU, run under
+    ``prefix`` (bench_callgrind's valgrind) if given. Its stderr goes to a
+    file, not a pipe: slowapi logs a warning per rejected request and a full
+    pipe would stall the server. A BrokenBenchmark raised inside the block
+    gets the tail of that file."""
     port = free_port()
-    cmd = [sys.executable, str(HERE / "serve.py"), f"--port={port}", *v.to_args()]
+    cmd = [
+        *prefix,
+        sys.executable,
+        str(HERE / "serve.py"),
+        f"--port={port}",
+        *v.to_args(),
+    ]
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             pinned(cmd, server_cpu()),
             stdout=subprocess.DEVNULL,
             stderr=err,
             cwd=str(HERE),
+            env=env,
         )
+
+        def tail() -> str:
+            err.seek(0)
+            return err.read().decode(errors="replace")[-2000:]
+
         try:
             try:
-                wait_port(port, 30, proc)
+                wait_port(port, start_timeout, proc)
             except BrokenBenchmark:
                 terminate(proc)
-                err.seek(0)
-                tail = err.read().decode(errors="replace")[-2000:]
                 raise BrokenBenchmark(
-                    f"{vlabel(v)}: server did not start: {tail}"
+                    f"{vlabel(v)}: server did not start: {tail()}"
                 ) from None
             # taskset execs the server, so this pid is the server's own.
-            yield port, proc.pid
+            try:
+                yield port, proc.pid
+            except BrokenBenchmark as e:
+                terminate(proc)
+                raise BrokenBenchmark(f"{e}: {tail()}") from None
         finally:
             terminate(proc)
 
