@@ -1626,6 +1626,14 @@ void BindRedis(py::module_& m) {
            })
       .def_static("last_status",
                   []() { return SourceName(RedisStore::LastSource()); })
+      .def_static("last_error",
+                  []() {
+                    const std::string& e = RedisStore::LastError();
+                    PyObject* s = PyUnicode_DecodeUTF8(
+                        e.data(), static_cast<Py_ssize_t>(e.size()), "replace");
+                    if (s == nullptr) throw py::error_already_set();
+                    return py::reinterpret_steal<py::str>(s);
+                  })
       .def("stats", [](const RedisStorageHandle& h) {
         FlushLogs();
         const RedisStoreStats s = h.redis->Stats();

@@ -86,6 +86,11 @@ constexpr uint8_t kReplyPacked = 0;
 constexpr uint8_t kReplyFound3 = 8;
 constexpr uint8_t kReplyFound4 = 16;
 constexpr uint8_t kReplyNone = 24;  // no values: fresh only
+// In place of a request's blocks: Redis refused one of its keys (a value
+// of another type, an ACL), or the key holds a string the script did not
+// write. Its limit number (from 1) and the message's length follow as
+// doubles, then the message. The request wrote nothing.
+constexpr uint8_t kReplyError = 32;
 // When the call has one request (`alone`) with one limit, a reply of
 // exactly 3 or 4 doubles (which no single block is) is its block without
 // the flag byte: a fixed window or token bucket allowed on a value found;
@@ -93,9 +98,11 @@ constexpr uint8_t kReplyNone = 24;  // no values: fresh only
 // Reads one request's block at `*pos` of `reply` into `values` (processed,
 // then kValuesPerItem per processed limit: allowed, fresh, x1 .. x5) and
 // moves `*pos` past it; false if the block is malformed or has more than
-// `items` limits.
+// `items` limits. A refused request (kReplyError) reads as {0, the index
+// of the limit whose key was refused}, with the message in `*error`.
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
-                    int64_t now, bool alone, std::vector<int64_t>* values);
+                    int64_t now, bool alone, std::vector<int64_t>* values,
+                    std::string* error);
 
 // One limit of a batch, owned by the batch.
 struct Item {

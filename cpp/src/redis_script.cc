@@ -82,7 +82,8 @@ bool ReadDoubles(const char* data, size_t n, int64_t* out) {
 }
 
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
-                    int64_t now, bool alone, std::vector<int64_t>* values) {
+                    int64_t now, bool alone, std::vector<int64_t>* values,
+                    std::string* error) {
   if (alone && items == 1 &&
       (reply.size() == 3 * sizeof(double) ||
        reply.size() == 4 * sizeof(double))) {
@@ -103,6 +104,23 @@ bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
   }
   values->assign(1, 0);
   size_t at = *pos;
+  if (at < reply.size() && static_cast<uint8_t>(reply[at]) == kReplyError) {
+    int64_t head[2];  // limit number, message length
+    ++at;
+    if (reply.size() - at < sizeof(head) ||
+        !ReadDoubles(reply.data() + at, 2, head)) {
+      return false;
+    }
+    at += sizeof(head);
+    if (head[0] < 1 || static_cast<uint64_t>(head[0]) > items || head[1] < 0 ||
+        static_cast<uint64_t>(head[1]) > reply.size() - at) {
+      return false;
+    }
+    values->push_back(head[0] - 1);
+    error->assign(reply.data() + at, static_cast<size_t>(head[1]));
+    *pos = at + static_cast<size_t>(head[1]);
+    return true;
+  }
   for (size_t processed = 1;; ++processed) {
     if (processed > items || at >= reply.size()) return false;
     const auto flags = static_cast<uint8_t>(reply[at++]);

@@ -27,7 +27,10 @@
 // up. When Redis closes an idle connection (its `timeout` setting, CLIENT
 // KILL), the I/O thread reconnects at once and requests queue for the new
 // connection meanwhile, each until its own deadline; only a failed
-// reconnect is an outage.
+// reconnect is an outage. A request whose key Redis refuses (a value of
+// another type, such as a list an application pushed under the name) gets
+// the policy alone: the script writes nothing for it and decides the other
+// requests sharing its call (see decide.lua).
 //
 // Fork. A child process must not share the parent's connection or use
 // its threads (which do not exist in the child). pthread_atfork bumps a
@@ -90,6 +93,9 @@ void RegisterAtFork() {
 }
 
 thread_local DecisionSource tl_last_source = DecisionSource::kStore;
+// The Redis error behind the calling thread's last policy answer (empty
+// when the policy answered for want of a reply).
+thread_local std::string tl_last_error;
 
 // ----------------------------------------------------------------- stats
 
@@ -165,6 +171,7 @@ struct Op {
   // Filled by the lane.
   Result result = Result::kPending;
   std::string error;
+  bool refused = false;  // the error is Redis refusing one of its keys
   std::vector<int64_t> values;
   RawReply raw;
 
@@ -549,6 +556,9 @@ class Engine {
   }
   // Called once per op by whoever completes it.
   void Complete(Op* op);
+  // Logs the error that gave `op` the failure policy, if Redis answered
+  // one, and records it for LastError on the calling thread.
+  void NoteFailure(const Op* op, bool completed);
   // Turns a script op's result (or failure) into decisions.
   void FinishScript(Op* op, bool timed_out);
 
@@ -887,6 +897,7 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
     }
     // The script stopped for all requests of the call (none of its writes
     // was undone, as with any Redis script): each gets the failure policy.
+    // A key Redis refuses does not stop it (kReplyError, below).
     return fail(msg);
   }
   if (r->type != REDIS_REPLY_STRING) return fail("unexpected script reply");
@@ -894,12 +905,25 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
   size_t pos = 0;
   for (size_t i = 0; i < k; ++i) {
     if (!ReadReplyBlock(reply, &pos, ops[i]->items.size(), ops[i]->now, k == 1,
-                        &ops[i]->values)) {
+                        &ops[i]->values, &ops[i]->error)) {
       return fail("unexpected script reply");
     }
   }
   if (pos != reply.size()) return fail("unexpected script reply");
-  for (size_t i = 0; i < k; ++i) ops[i]->result = Op::Result::kOk;
+  for (size_t i = 0; i < k; ++i) {
+    Op* op = ops[i];
+    if (op->values[0] != 0) {
+      op->result = Op::Result::kOk;
+      continue;
+    }
+    // Only this request gets the failure policy: the script decided the
+    // others and wrote nothing for it.
+    Add(engine_->counters->errors);
+    const Item& item = op->items[static_cast<size_t>(op->values[1])];
+    op->error += " (key '" + engine_->KeyFor(item.strategy, item.key) + "')";
+    op->refused = true;
+    op->result = Op::Result::kError;
+  }
   return false;
 }
 
@@ -1386,6 +1410,21 @@ void Engine::RunAsync(Op* op, bool defer) {
   Release(op);
 }
 
+void Engine::NoteFailure(const Op* op, bool completed) {
+  if (!completed || op->result != Op::Result::kError) {
+    tl_last_error.clear();
+    return;
+  }
+  tl_last_error = op->error;
+  const std::string policy(RedisFailurePolicyName(options.on_error));
+  if (op->refused) {
+    Log(RedisLogLevel::kError, "redis refused a request: " + op->error +
+                                   "; the " + policy + " policy answers it");
+  } else {
+    Log(RedisLogLevel::kError, "redis script failed: " + op->error);
+  }
+}
+
 void Engine::Complete(Op* op) {
   if (op->async) {
     FinishScript(op, false);
@@ -1446,9 +1485,7 @@ void Engine::FinishScript(Op* op, bool timed_out) {
     }
     op->written = processed;
   } else {
-    if (!timed_out && op->result == Op::Result::kError) {
-      Log(RedisLogLevel::kError, "redis script failed: " + op->error);
-    }
+    NoteFailure(op, !timed_out);
     switch (options.on_error) {
       case RedisFailurePolicy::kFailOpen:
         for (size_t i = 0; i < n; ++i) {
@@ -1815,9 +1852,7 @@ class RedisStoreImpl final : public RedisStore {
   }
 
   void CountFailure(Engine* e, Op* op, bool completed) {
-    if (completed && op->result == Op::Result::kError) {
-      e->Log(RedisLogLevel::kError, "redis script failed: " + op->error);
-    }
+    e->NoteFailure(op, completed);
     // Raw calls (Incr, Inspect) report their source too: the limits
     // adapter turns a fail-closed answer into an exception.
     switch (options_.on_error) {
@@ -1912,6 +1947,8 @@ void ForkChild() {
 }  // namespace redis
 
 DecisionSource RedisStore::LastSource() { return redis::tl_last_source; }
+
+const std::string& RedisStore::LastError() { return redis::tl_last_error; }
 
 bool RedisStoreAvailable() { return true; }
 

@@ -6,6 +6,11 @@ namespace rapidlimit {
 
 DecisionSource RedisStore::LastSource() { return DecisionSource::kStore; }
 
+const std::string& RedisStore::LastError() {
+  static const std::string* const none = new std::string;
+  return *none;
+}
+
 bool RedisStoreAvailable() { return false; }
 
 std::unique_ptr<RedisStore> NewRedisStore(const RedisStoreOptions&,

@@ -181,6 +181,11 @@ class RedisStorage(Storage):
     def last_status() -> str:
         """Where the calling thread's last decision on a Redis storage came
         from: "redis", "cache", "fallback", "fail-open" or "fail-closed"."""
+    @staticmethod
+    def last_error() -> str:
+        """When ``last_status()`` is a failure policy: the error Redis
+        answered for that call (such as WRONGTYPE, with the key, for a key
+        holding another type of value), or "" when Redis did not answer."""
     def decide_many(
         self,
         strategy: str | RateLimiter,

@@ -28,9 +28,10 @@ TEST(RedisReply, FoundValuesAndPackedValues) {
       Block(kReplyLast | kReplyPacked, {10, 11, 12, 13, 14});
   size_t pos = 0;
   std::vector<int64_t> v;
-  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v));
+  std::string err;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
   EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 0, 5, 1700000060, 7, 0, 0}));
-  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 2, 0, false, &v));
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 2, 0, false, &v, &err));
   EXPECT_EQ(v, (std::vector<int64_t>{2, 0, 1, 1, 2, 3, 99, 0, 0, 0, 10, 11, 12,
                                      13, 14}));
   EXPECT_EQ(pos, reply.size());
@@ -42,9 +43,10 @@ TEST(RedisReply, FreshStateWithoutValues) {
       Block(kReplyFresh | kReplyLast | kReplyNone, {});
   size_t pos = 0;
   std::vector<int64_t> v;
-  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v));
+  std::string err;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
   EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 1, 0, 0, 0, 0, 0}));
-  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v));
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
   EXPECT_EQ(v, (std::vector<int64_t>{1, 0, 1, 0, 0, 0, 0, 0}));
   EXPECT_EQ(pos, reply.size());
   // 24 such blocks are as long as a bare value (below), which only a call
@@ -53,7 +55,7 @@ TEST(RedisReply, FreshStateWithoutValues) {
                                                kReplyLast | kReplyNone));
   pos = 0;
   for (int i = 0; i < 24; ++i) {
-    ASSERT_TRUE(ReadReplyBlock(many, &pos, 1, 0, false, &v));
+    ASSERT_TRUE(ReadReplyBlock(many, &pos, 1, 0, false, &v, &err));
     EXPECT_EQ(v, (std::vector<int64_t>{1, 1, 1, 0, 0, 0, 0, 0}));
   }
   EXPECT_EQ(pos, many.size());
@@ -77,7 +79,8 @@ TEST(RedisReply, BareFoundValueIsAllowedAndLast) {
     for (int64_t x : c.found) AppendDouble(x, &reply);
     size_t pos = 0;
     std::vector<int64_t> v;
-    ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, now, true, &v));
+    std::string err;
+    ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, now, true, &v, &err));
     std::vector<int64_t> want = {1, 1, c.fresh};
     want.insert(want.end(), c.found.begin(), c.found.end());
     want.resize(1 + kValuesPerItem);
@@ -88,27 +91,84 @@ TEST(RedisReply, BareFoundValueIsAllowedAndLast) {
 
 TEST(RedisReply, MalformedBlocksAreRejected) {
   std::vector<int64_t> v;
+  std::string err;
   size_t pos = 0;
-  EXPECT_FALSE(ReadReplyBlock("", &pos, 1, 0, false, &v));
+  EXPECT_FALSE(ReadReplyBlock("", &pos, 1, 0, false, &v, &err));
   // Truncated doubles.
   std::string cut = Block(kReplyLast | kReplyFound3, {1, 2, 3});
   cut.pop_back();
   pos = 0;
-  EXPECT_FALSE(ReadReplyBlock(cut, &pos, 1, 0, false, &v));
+  EXPECT_FALSE(ReadReplyBlock(cut, &pos, 1, 0, false, &v, &err));
   // No values for a state that is not fresh, and unknown flag bits.
   pos = 0;
   EXPECT_FALSE(ReadReplyBlock(Block(kReplyLast | kReplyNone, {1, 2, 3}), &pos,
-                              1, 0, false, &v));
+                              1, 0, false, &v, &err));
   pos = 0;
   EXPECT_FALSE(ReadReplyBlock(Block(kReplyLast | kReplyFound3 | 32, {1, 2, 3}),
-                              &pos, 1, 0, false, &v));
+                              &pos, 1, 0, false, &v, &err));
   // More limits than the request has: no last flag within `items`.
   const std::string two = Block(kReplyFound3, {1, 2, 3}) +
                           Block(kReplyLast | kReplyFound3, {1, 2, 3});
   pos = 0;
-  EXPECT_FALSE(ReadReplyBlock(two, &pos, 1, 0, false, &v));
+  EXPECT_FALSE(ReadReplyBlock(two, &pos, 1, 0, false, &v, &err));
   pos = 0;
-  EXPECT_TRUE(ReadReplyBlock(two, &pos, 2, 0, false, &v));
+  EXPECT_TRUE(ReadReplyBlock(two, &pos, 2, 0, false, &v, &err));
+}
+
+// A request whose key Redis refused: kReplyError, its limit number and the
+// message's length, then the message, in place of its blocks.
+std::string Refused(int64_t limit, const std::string& message) {
+  std::string out(1, static_cast<char>(kReplyError));
+  AppendDouble(limit, &out);
+  AppendDouble(static_cast<int64_t>(message.size()), &out);
+  return out + message;
+}
+
+TEST(RedisReply, RefusedRequestBetweenDecidedOnes) {
+  const std::string wrongtype =
+      "WRONGTYPE Operation against a key holding the wrong kind of value";
+  const std::string reply =
+      Block(kReplyAllowed | kReplyLast | kReplyFound3, {5, 1700000060, 7}) +
+      Refused(2, wrongtype) +
+      Block(kReplyAllowed | kReplyFresh | kReplyLast | kReplyNone, {});
+  size_t pos = 0;
+  std::vector<int64_t> v;
+  std::string err;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
+  EXPECT_EQ(v[0], 1);
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 3, 0, false, &v, &err));
+  EXPECT_EQ(v, (std::vector<int64_t>{0, 1}));  // none processed; limit 2
+  EXPECT_EQ(err, wrongtype);
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
+  EXPECT_EQ(v[0], 1);
+  EXPECT_EQ(pos, reply.size());
+  // Alone in its call: the script pads a message of 7 bytes (or 15),
+  // which would make the block as long as a bare value.
+  const std::string alone = Refused(1, "7 bytes ");
+  ASSERT_EQ(alone.size(), 3 * sizeof(double) + 1);
+  pos = 0;
+  ASSERT_TRUE(ReadReplyBlock(alone, &pos, 1, 0, true, &v, &err));
+  EXPECT_EQ(v, (std::vector<int64_t>{0, 0}));
+  EXPECT_EQ(err, "7 bytes ");
+  EXPECT_EQ(pos, alone.size());
+}
+
+TEST(RedisReply, MalformedRefusalsAreRejected) {
+  std::vector<int64_t> v;
+  std::string err;
+  size_t pos = 0;
+  // A limit the request does not have, or none.
+  EXPECT_FALSE(ReadReplyBlock(Refused(3, "x"), &pos, 2, 0, false, &v, &err));
+  pos = 0;
+  EXPECT_FALSE(ReadReplyBlock(Refused(0, "x"), &pos, 2, 0, false, &v, &err));
+  // A message longer than the reply, and a truncated header.
+  std::string cut = Refused(1, "message");
+  cut.pop_back();
+  pos = 0;
+  EXPECT_FALSE(ReadReplyBlock(cut, &pos, 1, 0, false, &v, &err));
+  pos = 0;
+  EXPECT_FALSE(
+      ReadReplyBlock(Refused(1, "").substr(0, 9), &pos, 1, 0, false, &v, &err));
 }
 
 }  // namespace

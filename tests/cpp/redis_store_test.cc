@@ -9,6 +9,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <future>
@@ -709,27 +710,255 @@ TEST_F(RedisStoreTest, RequestsQueuedTogetherShareScriptCallsWithSameAnswers) {
   EXPECT_EQ(s.errors, 0u);
 }
 
+// The doubles of a state the script stored (little-endian).
+std::vector<double> StoredDoubles(const std::string& value) {
+  std::vector<double> out(value.size() / sizeof(double));
+  std::memcpy(out.data(), value.data(), out.size() * sizeof(double));
+  return out;
+}
+
+TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
+  // A key holding another type of value (an application's list under the
+  // same name, a key_prefix shared with the application) makes Redis
+  // refuse the script's reads of it. Queued with innocent requests in one
+  // script call, the request it belongs to must get the failure policy
+  // alone and write nothing; the others are decided and counted once (a
+  // Lua error stopped the whole call: every request got the policy, and
+  // the writes made for those before the bad one stayed in Redis).
+  const Limit l = L("10 per minute");
+  for (RedisFailurePolicy policy :
+       {RedisFailurePolicy::kFailClosed, RedisFailurePolicy::kFallback,
+        RedisFailurePolicy::kFailOpen}) {
+    const std::string name(RedisFailurePolicyName(policy));
+    SCOPED_TRACE(name);
+    RedisStoreOptions o = Options(policy);
+    o.command_timeout_nanos = 5 * kSec;
+    o.blocked_cache = false;
+    o.key_prefix = name + ":";
+    auto store = Make(o);
+    const auto key = [&](Strategy s, const std::string& k) {
+      return store->RedisKey(s, k);
+    };
+    const auto get = [&](Strategy s, const std::string& k) {
+      return server_.Command({"GET", key(s, k)});
+    };
+    // Every strategy, each against another type of value, and a string the
+    // script did not write.
+    const std::vector<std::vector<std::string>> foreign = {
+        {"LPUSH", key(Strategy::kFixedWindow, "LIMITER/bad-fw"), "x"},
+        {"ZADD", key(Strategy::kMovingWindow, "LIMITER/bad-mw"), "1", "x"},
+        {"HSET", key(Strategy::kSlidingWindowCounter, "LIMITER/bad-sw"), "f",
+         "x"},
+        {"SADD", key(Strategy::kTokenBucket, "LIMITER/bad-tb"), "x"},
+        {"SET", key(Strategy::kFixedWindow, "LIMITER/bad-str"), "hello"}};
+    for (const auto& argv : foreign) ASSERT_TRUE(server_.Command(argv).ok());
+    EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+
+    // Alone in its call.
+    const Decision alone =
+        Hit(*store, Strategy::kFixedWindow, l, "LIMITER/bad-fw", kT0);
+    EXPECT_NE(alone.source, DecisionSource::kStore);
+    EXPECT_EQ(store->Stats().errors, 1u);
+
+    struct Req {
+      std::vector<std::pair<Strategy, std::string>> limits;
+      bool bad;
+      Mode mode = Mode::kHit;
+    };
+    const std::vector<Req> spec = {
+        {{{Strategy::kFixedWindow, "LIMITER/fw"}}, false},
+        {{{Strategy::kFixedWindow, "LIMITER/bad-fw"}}, true},
+        {{{Strategy::kMovingWindow, "LIMITER/mw"}}, false},
+        {{{Strategy::kMovingWindow, "LIMITER/bad-mw"}}, true},
+        {{{Strategy::kSlidingWindowCounter, "LIMITER/sw"}}, false},
+        {{{Strategy::kSlidingWindowCounter, "LIMITER/bad-sw"}}, true},
+        {{{Strategy::kTokenBucket, "LIMITER/tb"}}, false},
+        {{{Strategy::kTokenBucket, "LIMITER/bad-tb"}}, true},
+        // Several limits: a refused second key leaves the first uncounted.
+        {{{Strategy::kFixedWindow, "LIMITER/first-fw"},
+          {Strategy::kSlidingWindowCounter, "LIMITER/bad-sw"}},
+         true},
+        {{{Strategy::kTokenBucket, "LIMITER/first-tb"},
+          {Strategy::kMovingWindow, "LIMITER/first-mw"},
+          {Strategy::kFixedWindow, "LIMITER/bad-str"}},
+         true},
+        {{{Strategy::kFixedWindow, "LIMITER/fw2"},
+          {Strategy::kMovingWindow, "LIMITER/mw2"}},
+         false},
+        {{{Strategy::kFixedWindow, "LIMITER/fw"}}, false},
+        {{{Strategy::kFixedWindow, "LIMITER/fw"},
+          {Strategy::kTokenBucket, "LIMITER/bad-tb"}},
+         true,
+         Mode::kTest},
+        {{{Strategy::kSlidingWindowCounter, "LIMITER/sw"},
+          {Strategy::kTokenBucket, "LIMITER/tb"}},
+         false,
+         Mode::kTest},
+    };
+    const size_t n = spec.size();
+    std::vector<std::vector<Request>> reqs(n);
+    for (size_t r = 0; r < n; ++r) {
+      for (const auto& [strategy, k] : spec[r].limits) {
+        reqs[r].push_back({strategy, &l, k, 1});
+      }
+    }
+    std::vector<Slot> slots(n);
+    AsyncWait w;
+    w.pending = static_cast<int>(n);
+    const RedisStoreStats before = store->Stats();
+    for (size_t r = 0; r < n; ++r) {
+      slots[r].wait = &w;
+      store->DecideAsyncDeferred(reqs[r].data(), reqs[r].size(), kT0 + kMs,
+                                 spec[r].mode, &SlotDone, &slots[r]);
+    }
+    store->Flush();
+    ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(30)));
+    const RedisStoreStats after = store->Stats();
+    ASSERT_EQ(after.scripts - before.scripts, 1u);  // all in one call
+    int refused = 0;
+    for (size_t r = 0; r < n; ++r) {
+      SCOPED_TRACE("request " + std::to_string(r));
+      const std::vector<Decision>& d = slots[r].decisions;
+      ASSERT_FALSE(d.empty());
+      if (!spec[r].bad) {
+        EXPECT_EQ(d.size(), reqs[r].size());
+        for (const Decision& one : d) {
+          EXPECT_TRUE(one.allowed);
+          EXPECT_EQ(one.source, DecisionSource::kStore);
+        }
+        continue;
+      }
+      ++refused;
+      switch (policy) {
+        case RedisFailurePolicy::kFailClosed:
+          EXPECT_FALSE(d.back().allowed);
+          EXPECT_EQ(d.back().source, DecisionSource::kFailClosed);
+          break;
+        case RedisFailurePolicy::kFallback:
+          // Counted once, in memory (bad-fw was hit alone before).
+          EXPECT_TRUE(d.back().allowed);
+          EXPECT_EQ(d.back().source, DecisionSource::kFallback);
+          if (spec[r].mode == Mode::kHit) {
+            const bool twice = spec[r].limits[0].second == "LIMITER/bad-fw";
+            EXPECT_EQ(d[0].remaining, twice ? 8 : 9);
+          }
+          break;
+        case RedisFailurePolicy::kFailOpen:
+          EXPECT_TRUE(d.back().allowed);
+          EXPECT_EQ(d.back().source, DecisionSource::kFailOpen);
+          break;
+      }
+    }
+    EXPECT_EQ(after.errors - before.errors, static_cast<uint64_t>(refused));
+    EXPECT_EQ(after.mismatches, 0u);
+
+    // Counted once each, in Redis: "fw" by two requests.
+    const auto stored = [&](Strategy s, const std::string& k) {
+      return StoredDoubles(get(s, k).str);
+    };
+    EXPECT_EQ(stored(Strategy::kFixedWindow, "LIMITER/fw").at(0), 2);
+    EXPECT_EQ(stored(Strategy::kFixedWindow, "LIMITER/fw2").at(0), 1);
+    // The moving window's header: base, head, size ...
+    EXPECT_EQ(stored(Strategy::kMovingWindow, "LIMITER/mw").at(2), 1);
+    EXPECT_EQ(stored(Strategy::kMovingWindow, "LIMITER/mw2").at(2), 1);
+    // The sliding window: window, current, previous, horizon.
+    EXPECT_EQ(stored(Strategy::kSlidingWindowCounter, "LIMITER/sw").at(1), 1);
+    // The token bucket's TAT: one token (6 s) after now.
+    const std::vector<double> tat =
+        stored(Strategy::kTokenBucket, "LIMITER/tb");
+    ASSERT_GE(tat.size(), 2u);
+    EXPECT_EQ(
+        static_cast<int64_t>(tat[0]) * kSec + static_cast<int64_t>(tat[1]),
+        kT0 + kMs + 6 * kSec);
+    // Nothing of the refused requests, their good keys included.
+    const auto type = [&](Strategy s, const std::string& k) {
+      return server_.Command({"TYPE", key(s, k)}).str;
+    };
+    EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw"), "none");
+    EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/first-tb"), "none");
+    EXPECT_EQ(type(Strategy::kMovingWindow, "LIMITER/first-mw"), "none");
+    // The foreign values are as the application left them.
+    const std::string list = key(Strategy::kFixedWindow, "LIMITER/bad-fw");
+    EXPECT_EQ(server_.Command({"LLEN", list}).integer, 1);
+    EXPECT_EQ(type(Strategy::kMovingWindow, "LIMITER/bad-mw"), "zset");
+    EXPECT_EQ(type(Strategy::kSlidingWindowCounter, "LIMITER/bad-sw"), "hash");
+    EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/bad-tb"), "set");
+    EXPECT_EQ(get(Strategy::kFixedWindow, "LIMITER/bad-str").str, "hello");
+    store->Close();
+  }
+}
+
+TEST_F(RedisStoreTest, RefusedKeyIsLoggedAndKnownToTheCaller) {
+  RedisStoreOptions o = Options();
+  o.command_timeout_nanos = 5 * kSec;
+  std::mutex mu;
+  std::vector<std::string> logged;
+  o.log = [&](RedisLogLevel level, const std::string& message) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (level == RedisLogLevel::kError) logged.push_back(message);
+  };
+  auto store = Make(o);
+  const std::string bad = store->RedisKey(Strategy::kFixedWindow, "LIMITER/l");
+  ASSERT_TRUE(server_.Command({"LPUSH", bad, "x"}).ok());
+  const Limit l = L("5 per minute");
+  const Decision d = Hit(*store, Strategy::kFixedWindow, l, "LIMITER/l", kT0);
+  EXPECT_EQ(d.source, DecisionSource::kFailClosed);
+  EXPECT_EQ(RedisStore::LastSource(), DecisionSource::kFailClosed);
+  const std::string error = RedisStore::LastError();
+  EXPECT_NE(error.find("WRONGTYPE"), std::string::npos) << error;
+  EXPECT_NE(error.find(bad), std::string::npos) << error;
+  // The limits adapter's incr and reads take the same way.
+  int64_t expiry = 0;
+  EXPECT_EQ(store->Incr("LIMITER/l", 10 * kSec, 1, kT0, &expiry),
+            std::numeric_limits<int64_t>::max());
+  EXPECT_EQ(RedisStore::LastSource(), DecisionSource::kFailClosed);
+  EXPECT_EQ(RedisStore::LastError(), error);
+  const Request r{Strategy::kFixedWindow, &l, "LIMITER/l", 1};
+  EXPECT_EQ(store->Inspect(r, kT0).count, 0);
+  EXPECT_EQ(RedisStore::LastError(), error);
+  EXPECT_EQ(store->Stats().errors, 3u);
+  EXPECT_EQ(store->Stats().disconnects, 0u);
+  EXPECT_EQ(server_.Command({"LLEN", bad}).integer, 1);
+  // A policy answer without a reply has no error to tell.
+  store->Close();
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "LIMITER/x", kT0).source,
+            DecisionSource::kFailClosed);
+  EXPECT_EQ(RedisStore::LastError(), "");
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_GE(logged.size(), 3u);
+  EXPECT_NE(logged[0].find("WRONGTYPE"), std::string::npos) << logged[0];
+  EXPECT_NE(logged[0].find(bad), std::string::npos) << logged[0];
+  EXPECT_NE(logged[0].find("fail-closed policy"), std::string::npos)
+      << logged[0];
+}
+
 TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
+  // A Lua error (here: a moving-window header whose entries are missing,
+  // which no key refusal explains) still stops the script for every
+  // request of its call.
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
   o.command_timeout_nanos = 5 * kSec;
   o.blocked_cache = false;
   auto store = Make(o);
   const Limit l = L("1 per minute");
-  // A key of the wrong type makes the script's GET fail.
+  std::string header;
+  const int64_t now_s = kT0 / kSec;
+  for (int64_t v : {now_s, int64_t{0}, int64_t{3}, int64_t{5}, now_s + 1000,
+                    int64_t{0}, now_s + 2000}) {
+    const double d = static_cast<double>(v);
+    header.append(reinterpret_cast<const char*>(&d), sizeof(d));
+  }
   ASSERT_TRUE(
       server_
-          .Command({"LPUSH",
-                    store->RedisKey(Strategy::kFixedWindow, "LIMITER/bad"),
-                    "x"})
+          .Command({"SET",
+                    store->RedisKey(Strategy::kMovingWindow, "LIMITER/bad"),
+                    header})
           .ok());
   const Decision alone =
-      Hit(*store, Strategy::kFixedWindow, l, "LIMITER/bad", kT0);
+      Hit(*store, Strategy::kMovingWindow, l, "LIMITER/bad", kT0);
   EXPECT_TRUE(alone.allowed);
   EXPECT_EQ(alone.source, DecisionSource::kFailOpen);
   EXPECT_EQ(store->Stats().errors, 1u);
-
-  // Queued together with good requests, the failing one takes its whole
-  // script call with it: each request gets the policy, none an error.
   const int kRequests = 40;
   std::vector<std::string> keys(kRequests);
   std::vector<Request> reqs(kRequests);
@@ -739,7 +968,7 @@ TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
   for (int r = 0; r < kRequests; ++r) {
     keys[r] =
         r == kRequests / 2 ? "LIMITER/bad" : "LIMITER/ok" + std::to_string(r);
-    reqs[r] = {Strategy::kFixedWindow, &l, keys[r], 1};
+    reqs[r] = {Strategy::kMovingWindow, &l, keys[r], 1};
     slots[r].wait = &w;
     store->DecideAsyncDeferred(&reqs[r], 1, kT0, Mode::kHit, &SlotDone,
                                &slots[r]);

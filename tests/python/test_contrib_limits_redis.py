@@ -609,6 +609,38 @@ def test_outage_raises_for_limits_and_check_is_false(
     assert plain.incr("k", 60) == 1  # the restarted server is empty
 
 
+@pytest.mark.parametrize("strategy", NAMES)
+def test_a_key_of_another_type_raises_for_that_call_alone(
+    server: RedisServer, strategy: str
+) -> None:
+    # limits' own RedisStorage raises Redis's WRONGTYPE error for a key an
+    # application filled with another type of value. Here the call raises
+    # a RedisUnavailableError (the fail-closed policy, limits'
+    # StorageError when wrapped) naming Redis's error and the key, leaves
+    # the value alone, and other keys count as before.
+    redis = server.client()
+    for wrapped in (False, True):
+        redis.flushall()
+        storage = ours(server, wrap_exceptions=wrapped)
+        limiter = SYNC[strategy](storage)
+        item = limits.parse("2/minute")
+        assert limiter.hit(item, "bad")
+        (key,) = redis.keys("*")
+        redis.delete(key)
+        redis.rpush(key, "app data")
+        expected: type[Exception] = (
+            limits.errors.StorageError if wrapped else _core.RedisUnavailableError
+        )
+        for call in (limiter.hit, limiter.test, limiter.get_window_stats):
+            with pytest.raises(expected) as raised:
+                call(item, "bad")
+            error = str(getattr(raised.value, "storage_error", raised.value))
+            assert "WRONGTYPE" in error and key in error, error
+        assert redis.lrange(key, 0, -1) == ["app data"]
+        assert [limiter.hit(item, "good") for _ in range(3)] == [True, True, False]
+        storage.close()
+
+
 def test_slowapi_swallow_errors_with_fail_open(
     own_server: RedisServer, quiet_slowapi: None
 ) -> None:

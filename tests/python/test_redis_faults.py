@@ -1,16 +1,20 @@
 """Redis killed mid-run and restarted, for each failure policy: no exception
 but the documented one, no wait beyond the timeout, and recovery. Also
-through the slowapi-compatible Limiter: never a 500."""
+through the slowapi-compatible Limiter: never a 500. A key Redis refuses
+(a value of another type under its name) affects its own request alone."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from typing import Any
 
+import httpx
 import pytest
+import redis as redis_py
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -175,3 +179,90 @@ def test_limiter_never_answers_500(server: RedisServer, policy: str) -> None:
     server.restart()
     assert wait_recovered(limiter._storage)  # type: ignore[arg-type]
     assert client.get("/r").status_code in (200, 429)
+
+
+# How the Limiter meets a storage failure: the storage's 503, the storage's
+# own count in memory (in_memory_fallback_enabled), or the Limiter's
+# in_memory_fallback limits.
+FOREIGN_MODES = {
+    "fail-closed": {"storage_options": {"on_error": "fail-closed"}},
+    "fallback-policy": {"in_memory_fallback_enabled": True},
+    "in-memory-fallback-limits": {"in_memory_fallback": ["1/minute"]},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(FOREIGN_MODES))
+async def test_foreign_typed_key_affects_only_its_own_request(
+    server: RedisServer, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One client's key holds a list (an application's LPUSH under the same
+    # name); its request shares a script call with innocent ones. Only it
+    # may get the failure policy: the others are decided by Redis and
+    # counted once (a Lua error answered every request of the call with
+    # the policy and kept the counts of those before the bad one, so they
+    # were counted, then refused or counted again in memory).
+    caplog.set_level(logging.ERROR, logger="rapidlimit.redis")
+    limiter = Limiter(
+        key_func=lambda request: request.headers["x-client"],
+        headers_enabled=True,
+        storage_uri=server.uri,
+        **FOREIGN_MODES[mode],
+    )
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+
+    @app.get("/r")
+    @limiter.limit("5/minute")
+    async def route(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    redis = server.client()
+    raw = redis_py.Redis(host="127.0.0.1", port=server.port)  # bytes values
+    store: RedisStorage = limiter._storage  # type: ignore[assignment]
+    clients = [f"c{i}" for i in range(4)] + ["bad"] + [f"c{i}" for i in range(4, 8)]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver"
+    ) as http:
+
+        async def wave() -> dict[str, httpx.Response]:
+            responses = await asyncio.gather(
+                *(http.get("/r", headers={"x-client": c}) for c in clients)
+            )
+            return dict(zip(clients, responses))
+
+        assert (await http.get("/r", headers={"x-client": "bad"})).status_code == 200
+        (bad_key,) = redis.keys("*{bad}*")
+        redis.delete(bad_key)
+        redis.lpush(bad_key, "app data")
+        for round_ in (1, 2):
+            before = store.stats()
+            answers = await wave()
+            after = store.stats()
+            # The requests shared script calls (one, unless the machine is
+            # slow): the bad one had company.
+            assert after["scripts"] - before["scripts"] < len(clients) / 2
+            for client in clients[:4] + clients[5:]:
+                response = answers[client]
+                assert response.status_code == 200, (client, response.text)
+                assert response.headers["x-ratelimit-remaining"] == str(5 - round_)
+                (key,) = redis.keys(f"*{{{client}}}*")
+                count = struct.unpack("<d", raw.get(key)[:8])[0]
+                assert count == round_, client  # counted once per request
+            bad = answers["bad"]
+            if mode == "fail-closed":
+                assert bad.status_code == 503
+            elif mode == "fallback-policy":
+                assert bad.status_code == 200  # counted once, in memory
+                assert bad.headers["x-ratelimit-remaining"] == str(5 - round_)
+            else:
+                assert bad.status_code == (200 if round_ == 1 else 429)
+            assert after["errors"] - before["errors"] == 1
+            assert after["mismatches"] == 0
+    # The application's value is as it left it.
+    assert redis.lrange(bad_key, 0, -1) == ["app data"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("WRONGTYPE" in m and bad_key in m for m in messages), messages
+    limiter.close()
+    raw.close()

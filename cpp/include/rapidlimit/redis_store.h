@@ -128,7 +128,8 @@ struct RedisStoreStats {
   uint64_t fail_closed = 0;     // requests rejected by the failure policy
   uint64_t fallback = 0;        // requests decided by the fallback store
   uint64_t timeouts = 0;        // commands that exceeded the timeout
-  uint64_t errors = 0;          // error replies and protocol failures
+  uint64_t errors = 0;          // error replies and protocol failures, and
+                                // requests whose key Redis refused
   uint64_t disconnects = 0;     // connections lost
   uint64_t reconnects = 0;      // connections (re)established
   uint64_t script_reloads = 0;  // NOSCRIPT replies answered by EVAL
@@ -164,6 +165,10 @@ class RedisStore : public Store {
 
   // Source of the last Decide on the calling thread (any RedisStore).
   static DecisionSource LastSource();
+  // When LastSource() is a failure policy: the error Redis answered for
+  // that call (such as WRONGTYPE for a key holding another type of value),
+  // or empty when Redis did not answer.
+  static const std::string& LastError();
 };
 
 // Creates a store and connects to Redis (synchronously, bounded by the

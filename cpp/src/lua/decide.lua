@@ -47,6 +47,21 @@
 -- without saying, 8 or 16 by the length, 2 (fresh) by comparing the
 -- value's expiry or TAT with now, and Redis makes no new string for the
 -- reply.
+-- A request whose key Redis refuses (a value of another type: WRONGTYPE;
+-- a key its ACL user may not read: NOPERM) or holds a string this script
+-- did not write (a length no state of its strategy has) answers in place
+-- of its blocks the flag byte 32, then its limit number and the message's
+-- length as doubles, then the message (one space longer where the whole
+-- would be 24 or 32 bytes, the lengths of a bare value). Such a request
+-- writes nothing, and the other requests of the call are decided as if it
+-- were not there: a Lua error would stop the script for every request of
+-- the call and keep the writes made for those before it (a script is not
+-- rolled back). Reads go through redis.pcall, which costs Redis what
+-- redis.call does; a read that succeeded proves the key a string (or
+-- absent), so that the writes after it cannot meet WRONGTYPE, and Redis
+-- refuses a write for lack of memory only before a script's first write.
+-- A request with several limits reads all its keys before its first
+-- write, so that a refused last key leaves the first uncounted.
 -- Every Lua string Redis makes is hashed byte by byte, so the argument
 -- and the reply are kept short.
 
@@ -56,6 +71,7 @@ local args = ARGV[1]
 local nargs = #args
 local floor = math.floor
 local call = redis.call
+local try = redis.pcall  -- reads: an error comes back as a table {err=...}
 local E9 = 1000000000
 local keys = KEYS
 -- The current request's header, read by the helpers below as upvalues.
@@ -64,6 +80,9 @@ local now_s, now_ns, slack, test
 -- inline: a closure defined up here would be allocated on every call.
 -- Helpers that only some strategies need are created on first use.
 local moving, mul_lt
+-- The values a request with several limits read before its first write,
+-- by limit (nil: read by the loop); one table for the whole call.
+local pre
 
 -- The reply's pieces; a call for one request with one limit (88 bytes of
 -- argument) answers without them in the common case.
@@ -73,6 +92,7 @@ local nout = 0
 local ki = 0    -- KEYS consumed by earlier requests
 local pos = 1   -- this request's block in args
 while pos < nargs do
+  local nout0 = nout  -- the reply before this request's blocks
   -- The header and what every limit needs of the first limit in one
   -- unpack (most requests have one); each value unpacked costs Redis about
   -- as much as a few lines of Lua, so the rest is read where it is used.
@@ -81,16 +101,17 @@ while pos < nargs do
   local first = pos + 24  -- the first limit's 7 values
   -- What a fast path below read of the key, for the loop when the fast
   -- path leaves the decision to it: nil if nothing, else GET's reply (a
-  -- string, or false for a missing key). The fast paths take one limit
-  -- in hit mode (nk is -n in test mode) and set up no more than they use;
-  -- a decision they make sets nk to 0, which skips the loop's set-up.
+  -- string, false for a missing key, or an error table). The fast paths
+  -- take one limit in hit mode (nk is -n in test mode) and set up no more
+  -- than they use; a decision they make sets nk to 0, which skips the
+  -- loop's set-up.
   local v0
   if nk == 1 and c1 == 0 then
     -- A fixed-window hit alone in its request, in the current window: the
     -- commonest decision, in fewer steps than the loop below takes (which
     -- handles the other cases with the value read here).
     local key = keys[ki + 1]
-    v0 = call('GET', key)
+    v0 = try('GET', key)  -- an error table leaves the decision to the loop
     if v0 and #v0 == 24 then
       local x1, x2, x3 = unpack('<ddd', v0)
       if x1 ~= 0 and (x2 > now_s or (x2 == now_s and x3 > now_ns)) then
@@ -113,7 +134,7 @@ while pos < nargs do
   elseif nk == 1 and c1 == 3 and a1 > 0 then
     -- Likewise a token-bucket hit that keeps the key's TTL.
     local key = keys[ki + 1]
-    v0 = call('GET', key)
+    v0 = try('GET', key)
     if v0 and #v0 == 32 then
       local x1, x2, x3, hs = unpack('<dddd', v0)
       local p2, p3, p4, p5 = unpack('<dddd', args, first + 24)
@@ -183,20 +204,58 @@ while pos < nargs do
     local k0 = ki
     ki = ki + nk
     if not out then out = {} end
-    for i = 1, nk do
+    -- A read Redis refused (an error table) or a value of a length no
+    -- state of the limit's strategy has, and the limit's number.
+    local bad, bi
+    local prefetched = nk > 1 and not test
+    if prefetched then
+      -- A test writes nothing, and a request with one limit reads before
+      -- it writes: only these need the reads first.
+      if not pre then pre = {} end
+      for i = 1, nk do
+        local key = keys[k0 + i]
+        local code, p1 = c1, a1
+        if i > 1 then
+          local _
+          code, _, p1 = unpack('<ddd', args, first + (i - 1) * 56)
+        end
+        local v
+        if code == 1 then
+          v = try('GETRANGE', key, 0, 55)
+          if #v ~= 56 and v ~= '' then bad, bi = v, i break end
+        elseif code ~= 3 or p1 > 0 then  -- a bucket of 0 is never read
+          v = try('GET', key)
+          local n = 32
+          if code == 0 or code == 4 then n = 24 end
+          if v and #v ~= n then bad, bi = v, i break end
+        end
+        -- A key an earlier limit of the request names too is read again
+        -- by the loop, after that limit's write.
+        for j = 1, i - 1 do
+          if keys[k0 + j] == key then v = nil break end
+        end
+        pre[i] = v
+      end
+    end
+    local todo = nk
+    if bad then todo = 0 end
+    for i = 1, todo do
       local key = keys[k0 + i]
       local at = first + (i - 1) * 56  -- this limit's values
       local code, cost, p1 = c1, k1, a1
       if i > 1 then code, cost, p1 = unpack('<ddd', args, at) end
+      local got = v0  -- what was read of the key, if anything
+      if prefetched then got = pre[i] end
       local ok = false
       local fresh, x1, x2, x3, x4, x5 = 1, 0, 0, 0, 0, 0
       local raw  -- the value GET found, when its leading doubles are x1 .. x3
       if code == 0 or code == 4 then
         -- Fixed window (4: limits' incr): pack(count, expiry_s, expiry_ns).
         -- p1 amount, (p2, p3) period as (s, ns).
-        local v = v0
-        if v0 == nil then v = call('GET', key) end
+        local v = got
+        if v == nil then v = try('GET', key) end
         if v then
+          if #v ~= 24 then bad, bi = v, i break end
           x1, x2, x3 = unpack('<ddd', v)
           raw = v
           if x2 > now_s or (x2 == now_s and x3 > now_ns) then fresh = 0 end
@@ -229,10 +288,11 @@ while pos < nargs do
         -- burst * period / amount, as ns + fraction in 1/amount ns.
         if p1 > 0 then
           local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
-          local v = v0
-          if v0 == nil then v = call('GET', key) end
+          local v = got
+          if v == nil then v = try('GET', key) end
           local an, af, hs = p2, p3, 0  -- used + cost, with used = 0 if fresh
           if v then
+            if #v ~= 32 then bad, bi = v, i break end
             x1, x2, x3, hs = unpack('<dddd', v)
             raw = v
             if x1 > now_s or (x1 == now_s and x2 > now_ns) then
@@ -275,9 +335,11 @@ while pos < nargs do
         -- p1 amount, p2 window index, p3 period, p4 period - (now mod period),
         -- p5 period in ms.
         local p2, p3, p4, p5 = unpack('<dddd', args, at + 24)
-        local v = call('GET', key)
+        local v = got
+        if v == nil then v = try('GET', key) end
         local hs = 0
         if v then
+          if #v ~= 32 then bad, bi = v, i break end
           x1, x2, x3, hs = unpack('<dddd', v)
           raw = v
           if x1 + 2 > p2 then fresh = 0 end
@@ -352,6 +414,9 @@ while pos < nargs do
         end
       elseif code == 1 then
         -- Moving window: p1 amount, p2 period in seconds.
+        local h = got
+        if h == nil then h = try('GETRANGE', key, 0, 55) end
+        if #h ~= 56 and h ~= '' then bad, bi = h, i break end
         if not moving then
           -- A ring of the newest `amount` admission times in one string: a
           -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
@@ -368,8 +433,8 @@ while pos < nargs do
           local function later(as, an, bs, bn)
             return as > bs or (as == bs and an > bn)
           end
-          moving = function(k, cst, amount, ps)
-            local h = call('GETRANGE', k, 0, HDR - 1)
+          -- h: the header as read (56 bytes, or none).
+          moving = function(k, cst, amount, ps, h)
             local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
             local fr = 1
             if #h == HDR then
@@ -466,7 +531,7 @@ while pos < nargs do
         end
         slack = unpack('<d', args, at_slack)
         ok, fresh, x1, x2, x3, x4, x5 =
-            moving(key, cost, p1, (unpack('<d', args, at + 24)))
+            moving(key, cost, p1, (unpack('<d', args, at + 24)), h)
       end
       -- The reply (see the header): the flag byte is a literal in the
       -- common case, and the found value goes back as the very bytes GET
@@ -519,8 +584,23 @@ while pos < nargs do
         if last then break end
       end
     end
+    if bad then
+      -- The error block takes the place of the blocks the request added.
+      local msg
+      if type(bad) == 'table' then
+        msg = tostring(bad.err)
+      else
+        msg = 'a string of ' .. #bad .. ' bytes, not the state of the ' ..
+              'limit\'s strategy'
+      end
+      if #msg == 7 or #msg == 15 then msg = msg .. ' ' end
+      out[nout0 + 1] = pack('<Bdd', 32, bi, #msg)
+      out[nout0 + 2] = msg
+      nout = nout0 + 2
+    end
   end
 end
 if nout == 2 then return out[1] .. out[2] end
 if nout == 1 then return out[1] end
-return table.concat(out)
+-- A refused request may have left blocks of its own past nout.
+return table.concat(out, '', 1, nout)

@@ -61,6 +61,12 @@ process) the calls answer without raising, which is what an app using
 slowapi's ``swallow_errors`` wants: slowapi 0.1.10 itself answers 500 when a
 storage raises under ``swallow_errors``, with ``limits``' own ``redis://``
 as well. ``clear()`` and ``reset()`` during an outage do nothing.
+
+A key holding a value of another type (a list an application pushed under
+the same name, say) is refused by Redis for that call alone and left as it
+is: the call gets the policy like an outage, and with ``fail-closed``
+raises ``RedisUnavailableError`` with Redis's error and the key (limits' own
+``RedisStorage`` raises Redis's ``WRONGTYPE`` error).
 """
 
 from __future__ import annotations
@@ -123,6 +129,14 @@ def _checked(remote: bool, method: Callable[..., T], *args: Any) -> T:
     answer came from (incr, get, get_expiry, acquire_*, get_*_window)."""
     result = method(*args)
     if remote and _core.RedisStorage.last_status() == "fail-closed":
+        # Redis may have answered, refusing the call's key (WRONGTYPE for
+        # a key holding another type of value): say so, as limits' own
+        # RedisStorage would raise Redis's error.
+        error = _core.RedisStorage.last_error()
+        if error:
+            raise _core.RedisUnavailableError(
+                f"redis answered an error: {error}; the storage's policy is fail-closed"
+            )
         raise _core.RedisUnavailableError(
             "redis is unavailable and the storage's policy is fail-closed"
         )
