@@ -307,3 +307,48 @@ def test_decorator_on_redis_logs_rejections_in_the_task(
         limiter.logger.setLevel(logging.NOTSET)
     assert codes == [200, 200, 429, 429]
     assert seen[-2:] == ["r2", "r3"]
+
+
+@pytest.mark.skipif(
+    not hasattr(asyncio, "eager_task_factory"),
+    reason="asyncio.eager_task_factory is new in Python 3.12",
+)
+def test_eager_task_factory(server: RedisServer) -> None:
+    """Under asyncio's eager task factory a task runs up to its first await
+    inside create_task: a decision asked there is still awaited and woken
+    right, exactly as many requests are admitted as the limit allows, and
+    a task cancelled before it ever yields gets CancelledError."""
+    import httpx
+
+    store = RedisStorage(server.uri)
+    limiter = Limiter(key_func=get_remote_address, storage_uri=server.uri)
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+
+    @app.get("/e")
+    @limiter.limit("10/minute")
+    async def e(request: Request) -> dict[str, bool]:
+        return {"ok": True}
+
+    async def allowed(key: str) -> bool:
+        return bool((await _ask(store, key))._data[4][0])
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        tasks = [asyncio.create_task(allowed(f"e{i % 4}")) for i in range(24)]
+        assert (await asyncio.gather(*tasks)).count(True) == 4 * 3  # 3/minute
+        task = asyncio.create_task(allowed("c"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.wait_for(allowed("c"), timeout=5)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            codes = await asyncio.gather(*(c.get("/e") for _ in range(25)))
+        assert sorted(r.status_code for r in codes) == [200] * 10 + [429] * 15
+
+    asyncio.run(run())
+    store.close()
+    limiter.close()
