@@ -357,9 +357,18 @@ def rapidlimit_redis_available(uri: str) -> str:
         from rapidlimit.storage import storage_from_string
 
         storage = storage_from_string(uri)
-        check = getattr(storage, "check", None)
-        if check is not None and not check():
-            raise BrokenBenchmark(f"rapidlimit Redis storage check() failed for {uri}")
+        try:
+            check = getattr(storage, "check", None)
+            if check is not None and not check():
+                raise BrokenBenchmark(
+                    f"rapidlimit Redis storage check() failed for {uri}"
+                )
+        finally:
+            # Left open, its I/O thread would log "cannot reach redis" once
+            # the section stops this redis-server.
+            close = getattr(storage, "close", None)
+            if close is not None:
+                close()
     except BrokenBenchmark:
         raise
     except Exception as exc:  # the package under test is broken, not absent
