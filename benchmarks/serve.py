@@ -26,6 +26,13 @@ def main() -> None:
     p.add_argument("--storage-uri", default="memory://")
     p.add_argument("--endpoint", default="async")
     p.add_argument("--key-prefix", default="")
+    p.add_argument(
+        "--gc-freeze",
+        type=int,
+        default=0,
+        help="1: gc.freeze() once the app is built (not used by the suite; "
+        "for comparing the latency tail by hand, see README)",
+    )
     a = p.parse_args()
     v = Variant(
         package=a.package,
@@ -53,8 +60,14 @@ def main() -> None:
 
         signal.signal(signal.SIGUSR1, on)
         signal.signal(signal.SIGUSR2, off)
+    app = make_app(v)
+    if a.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()
     uvicorn.run(
-        make_app(v),
+        app,
         host="127.0.0.1",
         port=a.port,
         workers=1,
