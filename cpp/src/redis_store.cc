@@ -711,9 +711,11 @@ bool Lane::TryInline(Op* op) {
     }
     if (!ReadLocked(&completed, &failed)) break;
   }
-  const bool broke = state_.load(std::memory_order_relaxed) != kUp;
+  // Still under conn_mu_: released first, the I/O thread could reconnect
+  // (setting accepting_) before this cleared it, leaving a lane that is up
+  // and refuses every queued request until the next disconnect.
+  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
   lock.unlock();
-  if (broke) StopAccepting(&failed);
   Finish(&completed, &failed);
   if (o.after_blocking != nullptr) o.after_blocking(token);
   return true;
@@ -735,6 +737,8 @@ void Lane::Finish(std::vector<Op*>* completed, std::vector<Op*>* failed) {
   failed->clear();
 }
 
+// Lock order: conn_mu_ may be held when taking q_mu_ (TryInline), never
+// the reverse.
 void Lane::StopAccepting(std::vector<Op*>* failed) {
   std::vector<Op*> queued;
   {
