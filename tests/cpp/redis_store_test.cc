@@ -750,7 +750,14 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
         {"HSET", key(Strategy::kSlidingWindowCounter, "LIMITER/bad-sw"), "f",
          "x"},
         {"SADD", key(Strategy::kTokenBucket, "LIMITER/bad-tb"), "x"},
-        {"SET", key(Strategy::kFixedWindow, "LIMITER/bad-str"), "hello"}};
+        {"SET", key(Strategy::kFixedWindow, "LIMITER/bad-str"), "hello"},
+        // Strings as long as a moving window's log, with no ring's header:
+        // read as one, '0's were an empty log to write over, 'x's an offset
+        // GETRANGE refused (a Lua error for the whole call).
+        {"SET", key(Strategy::kMovingWindow, "LIMITER/bad-mw0"),
+         std::string(100, '0')},
+        {"SET", key(Strategy::kMovingWindow, "LIMITER/bad-mwx"),
+         std::string(100, 'x')}};
     for (const auto& argv : foreign) ASSERT_TRUE(server_.Command(argv).ok());
     EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
 
@@ -785,6 +792,10 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
         {{{Strategy::kFixedWindow, "LIMITER/fw2"},
           {Strategy::kMovingWindow, "LIMITER/mw2"}},
          false},
+        {{{Strategy::kMovingWindow, "LIMITER/bad-mw0"}}, true},
+        {{{Strategy::kFixedWindow, "LIMITER/first-fw2"},
+          {Strategy::kMovingWindow, "LIMITER/bad-mwx"}},
+         true},
         {{{Strategy::kFixedWindow, "LIMITER/fw"}}, false},
         {{{Strategy::kFixedWindow, "LIMITER/fw"},
           {Strategy::kTokenBucket, "LIMITER/bad-tb"}},
@@ -877,6 +888,7 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
     EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw"), "none");
     EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/first-tb"), "none");
     EXPECT_EQ(type(Strategy::kMovingWindow, "LIMITER/first-mw"), "none");
+    EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw2"), "none");
     // The foreign values are as the application left them.
     const std::string list = key(Strategy::kFixedWindow, "LIMITER/bad-fw");
     EXPECT_EQ(server_.Command({"LLEN", list}).integer, 1);
@@ -884,6 +896,14 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
     EXPECT_EQ(type(Strategy::kSlidingWindowCounter, "LIMITER/bad-sw"), "hash");
     EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/bad-tb"), "set");
     EXPECT_EQ(get(Strategy::kFixedWindow, "LIMITER/bad-str").str, "hello");
+    for (const char* k : {"LIMITER/bad-mw0", "LIMITER/bad-mwx"}) {
+      SCOPED_TRACE(k);
+      const char fill = k[std::strlen(k) - 1] == '0' ? '0' : 'x';
+      EXPECT_EQ(get(Strategy::kMovingWindow, k).str, std::string(100, fill));
+      EXPECT_EQ(
+          server_.Command({"TTL", key(Strategy::kMovingWindow, k)}).integer,
+          -1);
+    }
     store->Close();
   }
 }

@@ -223,6 +223,14 @@ while pos < nargs do
         if code == 1 then
           v = try('GETRANGE', key, 0, 55)
           if #v ~= 56 and v ~= '' then bad, bi = v, i break end
+          if #v == 56 then  -- a ring's header? (see the loop's check)
+            local _, hd, sz, cp, _, xn = unpack('<dddddd', v)
+            if not (cp >= 1 and cp <= 1048576 and cp == floor(cp) and
+                    hd >= 0 and hd < cp and hd == floor(hd) and sz >= 0 and
+                    sz <= cp and sz == floor(sz) and xn >= 0 and xn < E9) then
+              bad, bi = v, i break
+            end
+          end
         elseif code ~= 3 or p1 > 0 then  -- a bucket of 0 is never read
           v = try('GET', key)
           local n = 32
@@ -417,6 +425,19 @@ while pos < nargs do
         local h = got
         if h == nil then h = try('GETRANGE', key, 0, 55) end
         if #h ~= 56 and h ~= '' then bad, bi = h, i break end
+        if #h == 56 then
+          -- An application's string of 56 bytes or more under the name has
+          -- no ring's header (whole head < cap <= the largest amount, size
+          -- <= cap, ns < 1e9; NaN fails every test): refused like a
+          -- foreign type, or its bytes would be read and overwritten as a
+          -- ring. Inline, like the prefetch's copy: no closure per call.
+          local _, hd, sz, cp, _, xn = unpack('<dddddd', h)
+          if not (cp >= 1 and cp <= 1048576 and cp == floor(cp) and
+                  hd >= 0 and hd < cp and hd == floor(hd) and sz >= 0 and
+                  sz <= cp and sz == floor(sz) and xn >= 0 and xn < E9) then
+            bad, bi = h, i break
+          end
+        end
         if not moving then
           -- A ring of the newest `amount` admission times in one string: a
           -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
