@@ -8,6 +8,7 @@
 #include <charconv>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -183,6 +184,15 @@ extern std::atomic<GetAddrInfoFunction> g_getaddrinfo;
 void LookupsForkPrepare();
 void LookupsForkParent();
 void LookupsForkChild();
+
+// Held around every creation of a store's socket or eventfd with the
+// publishing of its number, and every withdrawal of a number with the close
+// of its file; and across fork() (the store's pthread_atfork handlers).
+// Linux copies the file table before the memory, and other threads run on
+// in between: without it a child could find a published number that its
+// table does not have, or has for another file, and close that. Never held
+// while waiting.
+std::mutex& FilesMutex();
 
 // Waits until `fd` is ready for `events` (poll) or the deadline passes,
 // attending to `hook` (if non-null). Returns >0 ready, 0 timeout, <0

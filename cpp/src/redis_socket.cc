@@ -195,6 +195,11 @@ int ResolveBefore(const std::string& host, const std::string& port,
 std::atomic<GetAddrInfoFunction> g_getaddrinfo{&getaddrinfo};
 
 // Held across fork() so that the child's copy of the table is whole.
+std::mutex& FilesMutex() {
+  static auto* mu = new std::mutex;  // never destroyed: used at exit
+  return *mu;
+}
+
 void LookupsForkPrepare() { Lookups().mu.lock(); }
 void LookupsForkParent() { Lookups().mu.unlock(); }
 
@@ -255,10 +260,18 @@ int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook) {
 int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
                   std::string* error, WaitHook* hook,
                   std::atomic<int>* in_progress) {
-  // Published as soon as it exists, withdrawn before it is closed: a
-  // child never closes a number that meanwhile names another file.
-  auto publish = [in_progress](int fd) {
-    if (in_progress != nullptr) in_progress->store(fd);
+  // Made and published, withdrawn and closed, each under FilesMutex.
+  auto open_socket = [in_progress](int domain, int type, int protocol) {
+    std::lock_guard<std::mutex> lock(FilesMutex());
+    const int fd =
+        socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
+    if (fd >= 0 && in_progress != nullptr) in_progress->store(fd);
+    return fd;
+  };
+  auto close_socket = [in_progress](int fd) {
+    std::lock_guard<std::mutex> lock(FilesMutex());
+    if (in_progress != nullptr) in_progress->store(-1);
+    close(fd);
   };
   if (!o.unix_path.empty()) {
     sockaddr_un addr{};
@@ -268,18 +281,15 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
       return -1;
     }
     std::memcpy(addr.sun_path, o.unix_path.data(), o.unix_path.size());
-    const int fd =
-        socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    const int fd = open_socket(AF_UNIX, SOCK_STREAM, 0);
     if (fd < 0) {
       *error = std::strerror(errno);
       return -1;
     }
-    publish(fd);
     std::string why;
     if (!ConnectBefore(fd, reinterpret_cast<const sockaddr*>(&addr),
                        sizeof(addr), deadline, hook, &why)) {
-      publish(-1);
-      close(fd);
+      close_socket(fd);
       *error = "connect to " + o.unix_path + ": " + why;
       return -1;
     }
@@ -296,18 +306,15 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
   std::string why = "no address";
   int fd = -1;
   for (const addrinfo* ai = lookup->list; ai != nullptr; ai = ai->ai_next) {
-    fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                ai->ai_protocol);
+    fd = open_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
     if (fd < 0) {
       why = std::strerror(errno);
       continue;
     }
-    publish(fd);
     if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, hook, &why)) {
       break;
     }
-    publish(-1);
-    close(fd);
+    close_socket(fd);
     fd = -1;
     if (MonoNanos() >= deadline || (hook != nullptr && hook->cancelled)) {
       break;

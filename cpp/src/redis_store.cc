@@ -66,7 +66,6 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
-#include <utility>
 #include <vector>
 
 #include "rapidlimit/algorithms.h"
@@ -581,6 +580,7 @@ class Engine {
 // ------------------------------------------------------------ lane impl
 
 Lane::Lane(Engine* engine, size_t index) : engine_(engine), index_(index) {
+  std::lock_guard<std::mutex> lock(FilesMutex());
   efd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   backoff_ = engine_->options.reconnect_min_nanos;
 }
@@ -605,10 +605,9 @@ void Lane::Stop() {
   Wake();
   if (thread_.joinable()) thread_.join();
   std::lock_guard<std::mutex> lock(wake_mu_);
-  // Forgotten before closed: a fork in between leaves the child a copy to
-  // leak, never a number to close that meanwhile names another file.
-  const int efd = std::exchange(efd_, -1);
-  if (efd >= 0) close(efd);
+  std::lock_guard<std::mutex> files(FilesMutex());  // for a fork meanwhile
+  if (efd_ >= 0) close(efd_);
+  efd_ = -1;
 }
 
 void Lane::AbandonAfterFork() {
@@ -932,8 +931,11 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
 }
 
 void Lane::CloseLocked() {
-  const int fd = std::exchange(fd_, -1);  // as in Stop: forgotten, then closed
-  if (fd >= 0) close(fd);
+  {
+    std::lock_guard<std::mutex> files(FilesMutex());  // for a fork meanwhile
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
   if (reader_ != nullptr) redisReaderFree(reader_);
   reader_ = nullptr;
   out_.clear();
@@ -1119,6 +1121,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   if (fd >= 0) {
     reader = redisReaderCreate();
     if (!Handshake(fd, reader, deadline, hook, &error)) {
+      std::lock_guard<std::mutex> files(FilesMutex());
       connecting_fd_.store(-1);
       close(fd);
       fd = -1;
@@ -1581,12 +1584,14 @@ class RedisStoreImpl final : public RedisStore {
   }
 
   ~RedisStoreImpl() override {
+    // Closed while ForkChild still knows it: a fork meanwhile must not
+    // leave the child its sockets.
+    Close();
     {
       std::lock_guard<std::mutex> lock(StoresMutex());
       auto& stores = Stores();
       stores.erase(std::find(stores.begin(), stores.end(), this));
     }
-    Close();
     Engine* e = engine_.load();
     if (e->generation == g_fork_generation.load()) delete e;
   }
@@ -1932,12 +1937,15 @@ class RedisStoreImpl final : public RedisStore {
 void ForkPrepare() {
   StoresMutex().lock();
   LookupsForkPrepare();
+  FilesMutex().lock();
 }
 void ForkParent() {
+  FilesMutex().unlock();
   LookupsForkParent();
   StoresMutex().unlock();
 }
 void ForkChild() {
+  FilesMutex().unlock();
   LookupsForkChild();
   g_fork_generation.fetch_add(1, std::memory_order_relaxed);
   for (RedisStoreImpl* store : Stores()) {
