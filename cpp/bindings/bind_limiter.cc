@@ -162,30 +162,9 @@ PyObject* DecideMany(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                     "decide_many(requests, now=None, test=False)");
     return nullptr;
   }
-  PyObject* now_obj = nargs > 1 ? args[1] : nullptr;
-  PyObject* test_obj = nargs > 2 ? args[2] : nullptr;
-  if (kwnames != nullptr) {
-    const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
-    for (Py_ssize_t i = 0; i < nkw; ++i) {
-      PyObject* name = PyTuple_GET_ITEM(kwnames, i);
-      if (KeywordIs(name, g_str_now)) {
-        now_obj = args[nargs + i];
-      } else if (KeywordIs(name, g_str_test)) {
-        test_obj = args[nargs + i];
-      } else {
-        PyErr_Format(PyExc_TypeError, "unexpected keyword argument '%U'", name);
-        return nullptr;
-      }
-    }
-  }
   bool test = false;
-  if (test_obj != nullptr) {
-    const int truth = PyObject_IsTrue(test_obj);
-    if (truth < 0) return nullptr;
-    test = truth == 1;
-  }
   int64_t now = 0;
-  if (!NowFromPython(now_obj, &now)) return nullptr;
+  if (!NowAndTestArgs(args, nargs, kwnames, 1, &now, &test)) return nullptr;
 
   PyObject* seq = PySequence_Fast(args[0], "requests must be a sequence");
   if (seq == nullptr) return nullptr;
@@ -1134,6 +1113,33 @@ PyObject* MakeDecision(const Decision& d) {
 
 bool KeywordIs(PyObject* name, PyObject* interned) {
   return name == interned || PyUnicode_Compare(name, interned) == 0;
+}
+
+bool NowAndTestArgs(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
+                    Py_ssize_t fixed, int64_t* now, bool* test) {
+  PyObject* now_obj = nargs > fixed ? args[fixed] : nullptr;
+  PyObject* test_obj = nargs > fixed + 1 ? args[fixed + 1] : nullptr;
+  if (kwnames != nullptr) {
+    const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; ++i) {
+      PyObject* name = PyTuple_GET_ITEM(kwnames, i);
+      if (KeywordIs(name, g_str_now)) {
+        now_obj = args[nargs + i];
+      } else if (KeywordIs(name, g_str_test)) {
+        test_obj = args[nargs + i];
+      } else {
+        PyErr_Format(PyExc_TypeError, "unexpected keyword argument '%U'", name);
+        return false;
+      }
+    }
+  }
+  *test = false;
+  if (test_obj != nullptr) {
+    const int truth = PyObject_IsTrue(test_obj);
+    if (truth < 0) return false;
+    *test = truth == 1;
+  }
+  return NowFromPython(now_obj, now);
 }
 
 bool CostFromPython(PyObject* obj, int64_t* cost) {

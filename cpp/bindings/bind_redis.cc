@@ -41,8 +41,6 @@ PyTypeObject* g_item_type = nullptr;
 PyTypeObject* g_limiter_type = nullptr;
 PyTypeObject* g_redis_type = nullptr;
 PyObject* g_unavailable = nullptr;  // RedisUnavailableError
-PyObject* g_str_now = nullptr;
-PyObject* g_str_test = nullptr;
 PyObject* g_str_set_result = nullptr;
 PyObject* g_str_set_exception = nullptr;
 PyObject* g_str_create_future = nullptr;
@@ -218,29 +216,10 @@ bool ParseCall(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                  "%s(strategy, requests, now=None, test=False)", name);
     return false;
   }
-  PyObject* now_obj = nargs > 2 ? args[2] : nullptr;
-  PyObject* test_obj = nargs > 3 ? args[3] : nullptr;
-  if (kwnames != nullptr) {
-    const Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
-    for (Py_ssize_t i = 0; i < nkw; ++i) {
-      PyObject* kw = PyTuple_GET_ITEM(kwnames, i);
-      if (KeywordIs(kw, g_str_now)) {
-        now_obj = args[nargs + i];
-      } else if (KeywordIs(kw, g_str_test)) {
-        test_obj = args[nargs + i];
-      } else {
-        PyErr_Format(PyExc_TypeError, "unexpected keyword argument '%U'", kw);
-        return false;
-      }
-    }
+  if (!StrategyFromPython(args[0], &call->strategy) ||
+      !NowAndTestArgs(args, nargs, kwnames, 2, &call->now, &call->test)) {
+    return false;
   }
-  if (!StrategyFromPython(args[0], &call->strategy)) return false;
-  if (test_obj != nullptr) {
-    const int truth = PyObject_IsTrue(test_obj);
-    if (truth < 0) return false;
-    call->test = truth == 1;
-  }
-  if (!NowFromPython(now_obj, &call->now)) return false;
 
   PyObject* seq = PySequence_Fast(args[1], "requests must be a sequence");
   if (seq == nullptr) return false;
@@ -1495,8 +1474,6 @@ void BindRedis(py::module_& m) {
       reinterpret_cast<PyTypeObject*>(py::type::of<ItemHandle>().ptr());
   g_limiter_type =
       reinterpret_cast<PyTypeObject*>(py::type::of<LimiterHandle>().ptr());
-  g_str_now = PyUnicode_InternFromString("now");
-  g_str_test = PyUnicode_InternFromString("test");
   g_str_set_result = PyUnicode_InternFromString("set_result");
   g_str_set_exception = PyUnicode_InternFromString("set_exception");
   g_str_create_future = PyUnicode_InternFromString("create_future");

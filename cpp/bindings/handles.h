@@ -100,6 +100,11 @@ bool FingerprintKey(const ItemHandle& item, PyObject* const* ids, size_t n,
 PyObject* MakeDecision(const Decision& d);
 // Keyword `name` equals the interned string `interned`.
 bool KeywordIs(PyObject* name, PyObject* interned);
+// The optional `now=None, test=False` of a vectorcall whose first `fixed`
+// arguments are positional: after them by position, or by keyword. False
+// with a Python error set (an unknown keyword, a bad `now`).
+bool NowAndTestArgs(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
+                    Py_ssize_t fixed, int64_t* now, bool* test);
 // A cost in [0, kMaxAmount]; false with a Python error set otherwise.
 bool CostFromPython(PyObject* obj, int64_t* cost);
 

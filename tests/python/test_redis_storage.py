@@ -368,3 +368,25 @@ def test_reset_and_len(server: RedisServer) -> None:
     assert len(store) == 0
     assert server.client().get("other") == "1"
     store.close()
+
+
+def test_decide_many_arguments(server: RedisServer) -> None:
+    """``now`` and ``test`` by position or by keyword, for the limiter and
+    for the storage's own call (and its awaitable); an unknown keyword is a
+    TypeError naming it."""
+    storage = RedisStorage(server.uri)
+    item = parse("2/minute")
+    limiter = STRATEGIES["fixed-window"](storage)
+    reqs = [(item, "args", 1)]
+    assert limiter.decide_many(reqs, T0, True)[0].remaining == 2  # test: no hit
+    assert limiter.decide_many(reqs, T0, test=True)[0].remaining == 2
+    assert limiter.decide_many(reqs, now=T0)[0].remaining == 1  # a hit
+    assert storage.decide_many("fixed-window", reqs, T0, True)[0][2] == 1
+    assert storage.decide_many("fixed-window", reqs, now=T0, test=False)[0][2] == 0
+    with pytest.raises(TypeError, match="'tset'"):
+        limiter.decide_many(reqs, now=T0, tset=True)
+    with pytest.raises(TypeError, match="'tset'"):
+        storage.decide_many("fixed-window", reqs, now=T0, tset=True)
+    with pytest.raises(TypeError, match="'tset'"):
+        storage.decide_many_async("fixed-window", reqs, now=T0, tset=True)
+    storage.close()
