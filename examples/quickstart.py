@@ -33,16 +33,26 @@ async def mars(request: Request) -> dict[str, str]:
 
 
 def demo() -> None:
-    from fastapi.testclient import TestClient
+    # httpx's ASGI transport: in process, like Starlette's TestClient, which
+    # on Starlette 1.x warns that its httpx backend is deprecated.
+    import asyncio
 
-    with TestClient(app) as client:
-        for attempt in range(1, 8):
-            r = client.get("/home")
-            print(
-                f"request {attempt}: {r.status_code} {r.text!r:45}"
-                f" remaining={r.headers.get('X-RateLimit-Remaining')}"
-                f" retry-after={r.headers.get('Retry-After')}"
-            )
+    import httpx
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver"
+        ) as client:
+            for attempt in range(1, 8):
+                r = await client.get("/home")
+                print(
+                    f"request {attempt}: {r.status_code} {r.text!r:45}"
+                    f" remaining={r.headers.get('X-RateLimit-Remaining')}"
+                    f" retry-after={r.headers.get('Retry-After')}"
+                )
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

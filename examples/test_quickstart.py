@@ -68,3 +68,18 @@ def test_quickstart_serves_as_the_readme_runs_it() -> None:
         except subprocess.TimeoutExpired:  # never left running
             proc.kill()
             proc.wait()
+
+
+def test_quickstart_demo_as_the_readme_runs_it() -> None:
+    # `python3 examples/quickstart.py`: five 200s, then 429s, without the
+    # warning Starlette 1.x's TestClient printed (its httpx backend is
+    # deprecated).
+    script = Path(__file__).parent / "quickstart.py"
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    codes = [words[2] for words in lines if words and words[0] == "request"]
+    assert codes == ["200"] * 5 + ["429"] * 2
+    assert "Traceback" not in r.stderr and "TestClient" not in r.stderr, r.stderr
