@@ -193,6 +193,11 @@ void LookupsForkChild();
 // table does not have, or has for another file, and close that. Never held
 // while waiting.
 std::mutex& FilesMutex();
+// Under FilesMutex: closes `*fd` (if >= 0) and sets it to -1.
+void CloseFile(int* fd);
+// Under FilesMutex: withdraws `fd` from `published` (if non-null), then
+// closes it.
+void CloseFile(int fd, std::atomic<int>* published);
 
 // Waits until `fd` is ready for `events` (poll) or the deadline passes,
 // attending to `hook` (if non-null). Returns >0 ready, 0 timeout, <0

@@ -194,12 +194,24 @@ int ResolveBefore(const std::string& host, const std::string& port,
 
 std::atomic<GetAddrInfoFunction> g_getaddrinfo{&getaddrinfo};
 
-// Held across fork() so that the child's copy of the table is whole.
 std::mutex& FilesMutex() {
   static auto* mu = new std::mutex;  // never destroyed: used at exit
   return *mu;
 }
 
+void CloseFile(int* fd) {
+  std::lock_guard<std::mutex> lock(FilesMutex());
+  if (*fd >= 0) close(*fd);
+  *fd = -1;
+}
+
+void CloseFile(int fd, std::atomic<int>* published) {
+  std::lock_guard<std::mutex> lock(FilesMutex());
+  if (published != nullptr) published->store(-1);
+  close(fd);
+}
+
+// Held across fork() so that the child's copy of the table is whole.
 void LookupsForkPrepare() { Lookups().mu.lock(); }
 void LookupsForkParent() { Lookups().mu.unlock(); }
 
@@ -260,18 +272,13 @@ int WaitFd(int fd, short events, int64_t deadline, WaitHook* hook) {
 int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
                   std::string* error, WaitHook* hook,
                   std::atomic<int>* in_progress) {
-  // Made and published, withdrawn and closed, each under FilesMutex.
+  // Made and published under FilesMutex (closed by CloseFile).
   auto open_socket = [in_progress](int domain, int type, int protocol) {
     std::lock_guard<std::mutex> lock(FilesMutex());
     const int fd =
         socket(domain, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
     if (fd >= 0 && in_progress != nullptr) in_progress->store(fd);
     return fd;
-  };
-  auto close_socket = [in_progress](int fd) {
-    std::lock_guard<std::mutex> lock(FilesMutex());
-    if (in_progress != nullptr) in_progress->store(-1);
-    close(fd);
   };
   if (!o.unix_path.empty()) {
     sockaddr_un addr{};
@@ -289,7 +296,7 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
     std::string why;
     if (!ConnectBefore(fd, reinterpret_cast<const sockaddr*>(&addr),
                        sizeof(addr), deadline, hook, &why)) {
-      close_socket(fd);
+      CloseFile(fd, in_progress);
       *error = "connect to " + o.unix_path + ": " + why;
       return -1;
     }
@@ -314,7 +321,7 @@ int ConnectSocket(const RedisStoreOptions& o, int64_t deadline,
     if (ConnectBefore(fd, ai->ai_addr, ai->ai_addrlen, deadline, hook, &why)) {
       break;
     }
-    close_socket(fd);
+    CloseFile(fd, in_progress);
     fd = -1;
     if (MonoNanos() >= deadline || (hook != nullptr && hook->cancelled)) {
       break;

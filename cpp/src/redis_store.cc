@@ -605,9 +605,7 @@ void Lane::Stop() {
   Wake();
   if (thread_.joinable()) thread_.join();
   std::lock_guard<std::mutex> lock(wake_mu_);
-  std::lock_guard<std::mutex> files(FilesMutex());  // for a fork meanwhile
-  if (efd_ >= 0) close(efd_);
-  efd_ = -1;
+  CloseFile(&efd_);
 }
 
 void Lane::AbandonAfterFork() {
@@ -931,11 +929,7 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
 }
 
 void Lane::CloseLocked() {
-  {
-    std::lock_guard<std::mutex> files(FilesMutex());  // for a fork meanwhile
-    if (fd_ >= 0) close(fd_);
-    fd_ = -1;
-  }
+  CloseFile(&fd_);
   if (reader_ != nullptr) redisReaderFree(reader_);
   reader_ = nullptr;
   out_.clear();
@@ -1121,9 +1115,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   if (fd >= 0) {
     reader = redisReaderCreate();
     if (!Handshake(fd, reader, deadline, hook, &error)) {
-      std::lock_guard<std::mutex> files(FilesMutex());
-      connecting_fd_.store(-1);
-      close(fd);
+      CloseFile(fd, &connecting_fd_);
       fd = -1;
       redisReaderFree(reader);
       reader = nullptr;
