@@ -1891,6 +1891,28 @@ TEST_F(RedisStoreTest, ForkWhileAnotherThreadClosesTheStore) {
   EXPECT_EQ(WEXITSTATUS(*status), 0);
 }
 
+// A forked child that does nothing but hold what fork gave it, until this
+// goes out of scope.
+class IdleChild {
+ public:
+  IdleChild() : pid_(testing::ForkWhenQuiet()) {
+    if (pid_ == 0) {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+      _exit(0);
+    }
+  }
+  IdleChild(const IdleChild&) = delete;
+  IdleChild& operator=(const IdleChild&) = delete;
+  ~IdleChild() {
+    kill(pid_, SIGKILL);
+    EXPECT_TRUE(testing::WaitChild(pid_, std::chrono::seconds(5)).has_value())
+        << "the idle child did not die";
+  }
+
+ private:
+  const pid_t pid_;
+};
+
 // A child holding a copy of a socket keeps that connection open in Redis
 // (the server sees no close) for as long as it lives, whatever the parent
 // does with it.
@@ -1904,16 +1926,10 @@ TEST_F(RedisStoreTest, ForkedChildDoesNotKeepTheParentsConnectInFlight) {
   // which waits for the silent server's reply when the fork comes.
   std::thread maker([&] { store = Make(o); });
   ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
-  const pid_t pid = testing::ForkWhenQuiet();
-  if (pid == 0) {
-    std::this_thread::sleep_for(std::chrono::seconds(10));
-    _exit(0);
-  }
+  IdleChild child;
   maker.join();  // the parent gave the connect up after 300 ms
-  const bool closed = silent.WaitFirstClosed(std::chrono::milliseconds(2000));
-  kill(pid, SIGKILL);
-  ASSERT_TRUE(testing::WaitChild(pid, std::chrono::seconds(5)).has_value());
-  EXPECT_TRUE(closed) << "the child kept the connect's socket open";
+  EXPECT_TRUE(silent.WaitFirstClosed(std::chrono::milliseconds(2000)))
+      << "the child kept the connect's socket open";
 }
 
 TEST_F(RedisStoreTest, ForkedChildNotUsingTheStoreKeepsNoConnection) {
@@ -1929,19 +1945,13 @@ TEST_F(RedisStoreTest, ForkedChildNotUsingTheStoreKeepsNoConnection) {
   auto store = Make(Options());
   ASSERT_TRUE(store->Connected());
   ASSERT_EQ(clients(), 1);
-  const pid_t pid = testing::ForkWhenQuiet();
-  if (pid == 0) {
-    std::this_thread::sleep_for(std::chrono::seconds(10));
-    _exit(0);
-  }
+  IdleChild child;
   store->Close();
   int left = clients();
   for (int i = 0; i < 100 && left != 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     left = clients();
   }
-  kill(pid, SIGKILL);
-  ASSERT_TRUE(testing::WaitChild(pid, std::chrono::seconds(5)).has_value());
   EXPECT_EQ(left, 0) << "the idle child kept the parent's connection open";
 }
 
@@ -1993,7 +2003,9 @@ TEST_F(RedisStoreTest, ForkWhileAnotherThreadClosesLeavesTheChildNoSocket) {
     while (!go.load()) {
     }
     // A random moment of the close: its thread's join, the socket's close.
-    for (volatile uint32_t k = rng() % 4000; k > 0; k = k - 1) {
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::nanoseconds(rng() % 10'000);
+    while (std::chrono::steady_clock::now() < until) {
     }
     const pid_t pid = fork();
     if (pid == 0) _exit(std::min(sockets_to_redis(), 100));
