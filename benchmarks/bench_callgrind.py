@@ -36,6 +36,7 @@ from common import (
     RedisServer,
     SectionResult,
     Skip,
+    proc_stat,
     rapidlimit_redis_available,
 )
 
@@ -282,9 +283,8 @@ def _wait_exit(pid: int, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return
+            if proc_stat(pid)[0] in ("Z", "X"):
+                return
         except FileNotFoundError:
             return
         time.sleep(0.05)

@@ -42,6 +42,7 @@ from common import (
     cpu_count,
     free_port,
     pinned,
+    proc_stat,
     rapidlimit_redis_available,
     rapidlimit_web_available,
     terminate,
@@ -271,8 +272,7 @@ def wrk(port: int, seconds: float, connections: int) -> dict[str, float]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads included."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -234,6 +234,13 @@ def pinned(cmd: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd]
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold
+    spaces and parentheses): [0] the state, [11] and [12] utime and stime."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     if proc.poll() is not None:
         return
