@@ -416,8 +416,14 @@ class Lane {
   void AppendGroupLocked(Op* const* ops, size_t k);
   bool FlushLocked(std::vector<Op*>* failed);
   bool ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed);
-  // Stores `r` in ops[0..k); true to send them again (as EVAL).
-  bool HandleReply(Op* const* ops, size_t k, const redisReply* r);
+  // What the lane does with ops[0..k) once HandleReply has read their
+  // reply.
+  enum class Next { kDone, kResend, kBreak };
+  // Stores `r` in ops[0..k). kResend: send them again (as EVAL); kBreak:
+  // the server is no longer one to decide on (`*reason`): the ops get the
+  // failure policy and the connection is replaced.
+  Next HandleReply(Op* const* ops, size_t k, const redisReply* r,
+                   std::string* reason);
   // Closes the socket and drops its reader and unsent output.
   void CloseLocked();
   void BreakLocked(const std::string& why, std::vector<Op*>* failed);
@@ -850,10 +856,16 @@ bool Lane::ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed) {
     group_.assign(inflight_.begin(),
                   inflight_.begin() + inflight_.front()->group);
     inflight_.erase(inflight_.begin(), inflight_.begin() + group_.size());
-    const bool resend = HandleReply(group_.data(), group_.size(),
-                                    static_cast<redisReply*>(reply));
+    std::string why;
+    const Next next = HandleReply(group_.data(), group_.size(),
+                                  static_cast<redisReply*>(reply), &why);
     freeReplyObject(reply);
-    if (resend) {
+    if (next == Next::kBreak) {
+      failed->insert(failed->end(), group_.begin(), group_.end());
+      BreakLocked(why, failed);
+      return false;
+    }
+    if (next == Next::kResend) {
       AppendGroupLocked(group_.data(), group_.size());
       resent = true;
     } else {
@@ -863,11 +875,23 @@ bool Lane::ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed) {
   return !resent || FlushLocked(failed);
 }
 
-bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
+Lane::Next Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r,
+                             std::string* reason) {
+  if (r->type == REDIS_REPLY_ERROR &&
+      std::string_view(r->str, r->len).rfind("READONLY", 0) == 0) {
+    // The primary became a replica: a failover, after which the address
+    // (a DNS name, a proxy, a unix socket path) leads to the new primary
+    // only on a new connection. Every write would meet this error until
+    // then, and the reconnect's handshake refuses a replica, so the lane
+    // retries with backoff instead of at every batch.
+    *reason = "the server turned read-only, a failover? (" +
+              std::string(r->str, r->len) + ")";
+    return Next::kBreak;
+  }
   if (ops[0]->kind == Op::Kind::kRaw) {
     ops[0]->raw = CopyReply(r);
     ops[0]->result = Op::Result::kOk;
-    return false;
+    return Next::kDone;
   }
   const auto fail = [&](std::string_view why) {
     Add(engine_->counters->errors);
@@ -875,7 +899,7 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
       ops[i]->result = Op::Result::kError;
       ops[i]->error.assign(why);
     }
-    return false;
+    return Next::kDone;
   };
   if (r->type == REDIS_REPLY_ERROR) {
     const std::string_view msg(r->str, r->len);
@@ -884,7 +908,7 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
       // it again, so the next calls are back to EVALSHA.
       Add(engine_->counters->script_reloads);
       for (size_t i = 0; i < k; ++i) ops[i]->as_eval = true;
-      return true;
+      return Next::kResend;
     }
     if (!ops[0]->as_eval && (msg.find("unknown command") != std::string::npos ||
                              msg.rfind("NOPERM", 0) == 0)) {
@@ -894,7 +918,7 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
                          "); sending scripts with EVAL");
       }
       for (size_t i = 0; i < k; ++i) ops[i]->as_eval = true;
-      return true;
+      return Next::kResend;
     }
     // The script stopped for all requests of the call (none of its writes
     // was undone, as with any Redis script): each gets the failure policy.
@@ -925,7 +949,7 @@ bool Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r) {
     op->refused = true;
     op->result = Op::Result::kError;
   }
-  return false;
+  return Next::kDone;
 }
 
 void Lane::CloseLocked() {
@@ -1040,13 +1064,21 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
   resp.Array(1);
   resp.Bulk("PING");
   ++expected;
+  // Every decision writes, so a replica will not do: refused here, it is
+  // retried with backoff (after a failover the address may lead to the
+  // new primary) instead of taking every request's script and answering
+  // READONLY. A server or proxy that refuses ROLE is taken as it is.
+  const int role_at = expected;
+  resp.Array(1);
+  resp.Bulk("ROLE");
+  ++expected;
   // Load the script now rather than on a NOSCRIPT at the first batch. A
   // server that refuses SCRIPT gets EVAL later; its error is ignored.
   resp.Array(3);
   resp.Bulk("SCRIPT");
   resp.Bulk("LOAD");
   resp.Bulk(ScriptBody());
-  const int optional_from = expected;
+  const int optional_from = role_at;
   ++expected;
   int seen = 0;
   size_t off = 0;
@@ -1078,6 +1110,17 @@ bool Lane::Handshake(int fd, redisReader* reader, int64_t deadline,
         *error = std::string(r->str, r->len);
         freeReplyObject(reply);
         return false;
+      }
+      if (seen == role_at && r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+          r->element[0]->type == REDIS_REPLY_STRING) {
+        const std::string_view role(r->element[0]->str, r->element[0]->len);
+        if (role == "slave" || role == "replica" || role == "sentinel") {
+          *error = std::string("the server is a ") +
+                   (role == "sentinel" ? "Sentinel" : "replica") +
+                   ", not a primary (ROLE)";
+          freeReplyObject(reply);
+          return false;
+        }
       }
       freeReplyObject(reply);
       --expected;

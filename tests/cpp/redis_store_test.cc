@@ -1565,6 +1565,109 @@ class AsyncAnswer {
   std::future<Decision> future_ = promise_.get_future();
 };
 
+// A primary demoted to a replica answers every write with READONLY: a
+// failover, behind an address (a DNS name, a proxy, here a unix socket
+// path) that leads to the new primary only on a new connection.
+class RedisFailoverTest : public RedisStoreTest {
+ protected:
+  void SetUp() override {
+    RedisStoreTest::SetUp();
+    if (IsSkipped()) return;
+    std::string error;
+    ASSERT_TRUE(primary_.Start(0, &error)) << error;
+  }
+
+  // Makes server_ a replica of primary_ (it stays one until promoted).
+  void Demote() {
+    ASSERT_TRUE(server_
+                    .Command({"REPLICAOF", "127.0.0.1",
+                              std::to_string(primary_.port())})
+                    .ok());
+    ASSERT_EQ(server_.Command({"ROLE"}).elements.at(0).str, "slave");
+  }
+
+  RedisServer primary_;
+};
+
+TEST_F(RedisFailoverTest, ReplicaIsRefusedUntilPromoted) {
+  Demote();
+  LogLines log;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.log = log.Sink();
+  auto store = Make(o);
+  EXPECT_FALSE(store->Connected());
+  const Limit l = L("5 per minute");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailOpen);
+  EXPECT_EQ(log.Count(RedisLogLevel::kWarning,
+                      "the server is a replica, not a primary (ROLE)"),
+            1)
+      << log.All();
+  // Retried with backoff, not at every request, and reported once.
+  ASSERT_TRUE(server_.Command({"REPLICAOF", "NO", "ONE"}).ok());
+  ASSERT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).remaining, 4);
+  EXPECT_EQ(log.Count(RedisLogLevel::kWarning, "replica"), 1) << log.All();
+  EXPECT_EQ(log.Count(RedisLogLevel::kInfo,
+                      std::to_string(server_.port()) + " is back"),
+            1)
+      << log.All();
+}
+
+TEST_F(RedisFailoverTest, ReadOnlyReplyReconnectsToTheNewPrimary) {
+  for (const bool sync : {true, false}) {
+    const std::string link =
+        "/tmp/rapidlimit-test-" + std::to_string(getpid()) + "-failover.sock";
+    const auto point_at = [&link](const std::string& target) {
+      const std::string tmp = link + ".new";
+      unlink(tmp.c_str());
+      ASSERT_EQ(symlink(target.c_str(), tmp.c_str()), 0);
+      ASSERT_EQ(rename(tmp.c_str(), link.c_str()), 0);
+    };
+    point_at(server_.unix_path());
+    RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+    std::string error;
+    ASSERT_TRUE(ParseRedisUri("redis+unix://" + link, &o, &error)) << error;
+    LogLines log;
+    o.log = log.Sink();
+    auto store = Make(o);
+    const Limit l = L("5 per minute");
+    const std::string key = sync ? "sync" : "async";
+    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, key, kT0).remaining, 4);
+
+    Demote();
+    point_at(primary_.unix_path());
+    // The request that meets READONLY gets the policy; the lane replaces
+    // its connection at once, which now leads to the new primary.
+    Decision d;
+    if (sync) {
+      d = Hit(*store, Strategy::kFixedWindow, l, key, kT0);
+    } else {  // the I/O thread's path (asyncio's)
+      AsyncAnswer answer(*store, l, key, kT0);
+      const std::optional<Decision> got =
+          answer.Wait(std::chrono::milliseconds(5000));
+      ASSERT_TRUE(got.has_value());
+      d = *got;
+    }
+    EXPECT_EQ(d.source, DecisionSource::kFailClosed) << key;
+    EXPECT_EQ(log.Count(RedisLogLevel::kWarning, "READONLY"), 1) << log.All();
+    ASSERT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)))
+        << key << "\n"
+        << log.All();
+    // Counted on the new primary (which knew nothing of the old count: a
+    // replica's data is the primary's).
+    d = Hit(*store, Strategy::kFixedWindow, l, key, kT0);
+    EXPECT_EQ(d.source, DecisionSource::kStore) << key;
+    EXPECT_EQ(d.remaining, 4) << key;
+    EXPECT_GE(store->Stats().disconnects, 1u) << key;
+    unlink(link.c_str());
+    // The next round starts from a primary again.
+    ASSERT_TRUE(server_.Command({"REPLICAOF", "NO", "ONE"}).ok());
+    ASSERT_TRUE(primary_.Command({"FLUSHALL"}).ok());
+    ASSERT_TRUE(server_.Command({"FLUSHALL"}).ok());
+  }
+}
+
 class RedisLookupTest : public RedisStoreTest {
  protected:
   // Sync and async requests of a fail-closed store: none gets the policy.

@@ -470,6 +470,51 @@ def test_explicit_policy_wins(server: RedisServer) -> None:
     assert limiter._storage.on_error == "fail-closed"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_failover_reaches_the_new_primary(
+    server: RedisServer, path: str, tmp_path: Any
+) -> None:
+    """The primary is demoted to a replica (it answers writes with
+    READONLY) and the address now leads to the new primary, as a DNS name
+    or a proxy would after a failover; here a unix socket path, repointed.
+    One request gets the policy, then the limiter decides on the new
+    primary, without a restart of the app."""
+    primary = RedisServer()
+    primary.start()
+    try:
+        link = str(tmp_path / "redis.sock")
+        os.symlink(server.unix_path, link)
+        limiter = Limiter(
+            key_func=get_remote_address,
+            headers_enabled=True,
+            storage_uri=f"redis+unix://{link}",
+            storage_options=FAST,
+            default_limits=["3/minute"] if path.endswith("middleware") else None,
+        )
+        app = make_app(limiter, path)
+
+        async def main() -> tuple[int, list[int]]:
+            async with client_for(app) as client:
+                assert (await client.get("/r")).status_code == 200
+                server.client().replicaof("127.0.0.1", primary.port)
+                os.symlink(primary.unix_path, link + ".new")
+                os.replace(link + ".new", link)
+                met_readonly = (await client.get("/r")).status_code
+                await anyio.to_thread.run_sync(wait_recovered, limiter._storage)
+                return met_readonly, [
+                    (await client.get("/r")).status_code for _ in range(4)
+                ]
+
+        met_readonly, after = asyncio.run(main())
+        assert met_readonly == 503
+        # Counted afresh on the new primary: 3 per minute.
+        assert after == [200, 200, 200, 429]
+    finally:
+        # A primary with a replica waits for it at shutdown.
+        server.client().replicaof("NO", "ONE")
+        primary.stop()
+
+
 def test_sync_check_request_limit_raises_503(server: RedisServer) -> None:
     """slowapi's _check_request_limit (sync) while Redis is down."""
     limiter = limiter_for(server, "decorator", storage_options=FAST)
