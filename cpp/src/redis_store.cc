@@ -1643,8 +1643,13 @@ class RedisStoreImpl final : public RedisStore {
   // otherwise hold the parent's connections open in Redis after the parent
   // closes them.
   void CloseInheritedFiles() {
+    const uint64_t gen = g_fork_generation.load();
     Engine* e = engine_.load();
-    if (e->generation != g_fork_generation.load()) e->AbandonAfterFork();
+    if (e->generation != gen) e->AbandonAfterFork();
+    Engine* starting = starting_.load();
+    if (starting != nullptr && starting->generation != gen) {
+      starting->AbandonAfterFork();
+    }
   }
 
   size_t Decide(const Request* requests, size_t n, int64_t now, Mode mode,
@@ -1885,6 +1890,11 @@ class RedisStoreImpl final : public RedisStore {
       void* token = options_.before_blocking != nullptr
                         ? options_.before_blocking()
                         : nullptr;
+      // Known to ForkChild while it connects, as the constructor's engine
+      // is: a fork meanwhile (by another thread of this child) must not
+      // leave the grandchild that socket. Not yet engine_, which callers
+      // would use before it is up instead of waiting here for it.
+      starting_.store(fresh);
       fresh->Start();
       if (options_.after_blocking != nullptr) options_.after_blocking(token);
       fresh->Log(RedisLogLevel::kDebug, "forked child " +
@@ -1892,6 +1902,7 @@ class RedisStoreImpl final : public RedisStore {
                                             ": new connection to redis");
     }
     engine_.store(fresh, std::memory_order_release);
+    starting_.store(nullptr);
     return fresh;
   }
 
@@ -1964,6 +1975,8 @@ class RedisStoreImpl final : public RedisStore {
   Counters counters_;
   std::mutex engine_mu_;
   std::atomic<Engine*> engine_{nullptr};
+  // The engine Reinit is starting, until it becomes engine_.
+  std::atomic<Engine*> starting_{nullptr};
   bool closed_ = false;
 };
 

@@ -166,18 +166,22 @@ class SilentServer {
     }
   }
 
-  // Waits up to `limit` for the client to close the first connection
-  // taken, dropping what it sends meanwhile; false if it stays open.
-  bool WaitFirstClosed(std::chrono::milliseconds limit) {
+  // Connections taken so far.
+  size_t accepted() const { return accepted_.size(); }
+
+  // Waits up to `limit` for the client to close connection `i` (in the
+  // order taken), dropping what it sends meanwhile; false if it stays
+  // open.
+  bool WaitClosed(size_t i, std::chrono::milliseconds limit) {
     const auto end = std::chrono::steady_clock::now() + limit;
     char buf[256];
     while (true) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
           end - std::chrono::steady_clock::now());
-      if (accepted_.empty() || left.count() <= 0) return false;
-      pollfd p{accepted_.front(), POLLIN, 0};
+      if (i >= accepted_.size() || left.count() <= 0) return false;
+      pollfd p{accepted_[i], POLLIN, 0};
       if (poll(&p, 1, static_cast<int>(left.count())) <= 0) continue;
-      const ssize_t n = recv(accepted_.front(), buf, sizeof(buf), MSG_DONTWAIT);
+      const ssize_t n = recv(accepted_[i], buf, sizeof(buf), MSG_DONTWAIT);
       if (n == 0 || (n < 0 && errno == ECONNRESET)) return true;
     }
   }

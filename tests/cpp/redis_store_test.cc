@@ -2031,8 +2031,45 @@ TEST_F(RedisStoreTest, ForkedChildDoesNotKeepTheParentsConnectInFlight) {
   ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
   IdleChild child;
   maker.join();  // the parent gave the connect up after 300 ms
-  EXPECT_TRUE(silent.WaitFirstClosed(std::chrono::milliseconds(2000)))
+  EXPECT_TRUE(silent.WaitClosed(0, std::chrono::milliseconds(2000)))
       << "the child kept the connect's socket open";
+}
+
+// The same one generation down: a child's first call connects a new
+// engine while another thread of the child forks.
+TEST_F(RedisStoreTest, GrandchildDoesNotKeepTheChildsConnectInFlight) {
+  testing::SilentServer silent;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.port = silent.port();
+  o.connect_timeout_nanos = 600 * kMs;
+  // The parent tries once, here, and not again during the test.
+  o.reconnect_min_nanos = 60 * kSec;
+  o.reconnect_max_nanos = 60 * kSec;
+  auto store = Make(o);
+  silent.Drain();
+  const pid_t child = testing::ForkWhenQuiet();
+  if (child == 0) {
+    // Exit codes: 0 the grandchild let the connect go, 1 it kept it, 2
+    // the child's connect never came.
+    std::thread first_call(
+        [&] { Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0); });
+    const size_t taken = silent.accepted();
+    int code = 2;
+    if (silent.Accept(std::chrono::milliseconds(5000))) {
+      IdleChild grandchild;
+      first_call.join();  // the child gave the connect up
+      code = silent.WaitClosed(taken, std::chrono::milliseconds(2000)) ? 0 : 1;
+    } else {
+      first_call.join();
+    }
+    _exit(code);
+  }
+  const std::optional<int> status =
+      testing::WaitChild(child, std::chrono::seconds(20));
+  ASSERT_TRUE(status.has_value()) << "the child hung";
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0)
+      << "1: the grandchild kept the child's connect open; 2: no connect";
 }
 
 TEST_F(RedisStoreTest, ForkedChildNotUsingTheStoreKeepsNoConnection) {
