@@ -958,27 +958,24 @@ TEST_F(RedisStoreTest, RefusedKeyIsLoggedAndKnownToTheCaller) {
 }
 
 TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
-  // A Lua error (here: a moving-window header whose entries are missing,
-  // which no key refusal explains) still stops the script for every
-  // request of its call.
+  // A Lua error still stops the script for every request of its call.
+  // Here Redis refuses a write to a key the script's ACL user may only
+  // read: its read succeeded, so no value the script could refuse beforehand
+  // explains it (a moving window's log with entries missing did, before the
+  // script read the entries before writing).
+  ASSERT_TRUE(server_
+                  .Command({"ACL", "SETUSER", "ro", "on", "nopass", "+@all",
+                            "~*LIMITER/ok*", "%R~*LIMITER/bad*"})
+                  .ok());
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  std::string error;
+  ASSERT_TRUE(ParseRedisUri(
+      "redis://ro@127.0.0.1:" + std::to_string(server_.port()), &o, &error))
+      << error;
   o.command_timeout_nanos = 5 * kSec;
   o.blocked_cache = false;
   auto store = Make(o);
   const Limit l = L("1 per minute");
-  std::string header;
-  const int64_t now_s = kT0 / kSec;
-  for (int64_t v : {now_s, int64_t{0}, int64_t{3}, int64_t{5}, now_s + 1000,
-                    int64_t{0}, now_s + 2000}) {
-    const double d = static_cast<double>(v);
-    header.append(reinterpret_cast<const char*>(&d), sizeof(d));
-  }
-  ASSERT_TRUE(
-      server_
-          .Command({"SET",
-                    store->RedisKey(Strategy::kMovingWindow, "LIMITER/bad"),
-                    header})
-          .ok());
   const Decision alone =
       Hit(*store, Strategy::kMovingWindow, l, "LIMITER/bad", kT0);
   EXPECT_TRUE(alone.allowed);
@@ -1565,6 +1562,109 @@ class AsyncAnswer {
   std::future<Decision> future_ = promise_.get_future();
 };
 
+// A primary demoted to a replica answers every write with READONLY: a
+// failover, behind an address (a DNS name, a proxy, here a unix socket
+// path) that leads to the new primary only on a new connection.
+class RedisFailoverTest : public RedisStoreTest {
+ protected:
+  void SetUp() override {
+    RedisStoreTest::SetUp();
+    if (IsSkipped()) return;
+    std::string error;
+    ASSERT_TRUE(primary_.Start(0, &error)) << error;
+  }
+
+  // Makes server_ a replica of primary_ (it stays one until promoted).
+  void Demote() {
+    ASSERT_TRUE(server_
+                    .Command({"REPLICAOF", "127.0.0.1",
+                              std::to_string(primary_.port())})
+                    .ok());
+    ASSERT_EQ(server_.Command({"ROLE"}).elements.at(0).str, "slave");
+  }
+
+  RedisServer primary_;
+};
+
+TEST_F(RedisFailoverTest, ReplicaIsRefusedUntilPromoted) {
+  Demote();
+  LogLines log;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.log = log.Sink();
+  auto store = Make(o);
+  EXPECT_FALSE(store->Connected());
+  const Limit l = L("5 per minute");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailOpen);
+  EXPECT_EQ(log.Count(RedisLogLevel::kWarning,
+                      "the server is a replica, not a primary (ROLE)"),
+            1)
+      << log.All();
+  // Retried with backoff, not at every request, and reported once.
+  ASSERT_TRUE(server_.Command({"REPLICAOF", "NO", "ONE"}).ok());
+  ASSERT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).remaining, 4);
+  EXPECT_EQ(log.Count(RedisLogLevel::kWarning, "replica"), 1) << log.All();
+  EXPECT_EQ(log.Count(RedisLogLevel::kInfo,
+                      std::to_string(server_.port()) + " is back"),
+            1)
+      << log.All();
+}
+
+TEST_F(RedisFailoverTest, ReadOnlyReplyReconnectsToTheNewPrimary) {
+  for (const bool sync : {true, false}) {
+    const std::string link =
+        "/tmp/rapidlimit-test-" + std::to_string(getpid()) + "-failover.sock";
+    const auto point_at = [&link](const std::string& target) {
+      const std::string tmp = link + ".new";
+      unlink(tmp.c_str());
+      ASSERT_EQ(symlink(target.c_str(), tmp.c_str()), 0);
+      ASSERT_EQ(rename(tmp.c_str(), link.c_str()), 0);
+    };
+    point_at(server_.unix_path());
+    RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+    std::string error;
+    ASSERT_TRUE(ParseRedisUri("redis+unix://" + link, &o, &error)) << error;
+    LogLines log;
+    o.log = log.Sink();
+    auto store = Make(o);
+    const Limit l = L("5 per minute");
+    const std::string key = sync ? "sync" : "async";
+    EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, key, kT0).remaining, 4);
+
+    Demote();
+    point_at(primary_.unix_path());
+    // The request that meets READONLY gets the policy; the lane replaces
+    // its connection at once, which now leads to the new primary.
+    Decision d;
+    if (sync) {
+      d = Hit(*store, Strategy::kFixedWindow, l, key, kT0);
+    } else {  // the I/O thread's path (asyncio's)
+      AsyncAnswer answer(*store, l, key, kT0);
+      const std::optional<Decision> got =
+          answer.Wait(std::chrono::milliseconds(5000));
+      ASSERT_TRUE(got.has_value());
+      d = *got;
+    }
+    EXPECT_EQ(d.source, DecisionSource::kFailClosed) << key;
+    EXPECT_EQ(log.Count(RedisLogLevel::kWarning, "READONLY"), 1) << log.All();
+    ASSERT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)))
+        << key << "\n"
+        << log.All();
+    // Counted on the new primary (which knew nothing of the old count: a
+    // replica's data is the primary's).
+    d = Hit(*store, Strategy::kFixedWindow, l, key, kT0);
+    EXPECT_EQ(d.source, DecisionSource::kStore) << key;
+    EXPECT_EQ(d.remaining, 4) << key;
+    EXPECT_GE(store->Stats().disconnects, 1u) << key;
+    unlink(link.c_str());
+    // The next round starts from a primary again.
+    ASSERT_TRUE(server_.Command({"REPLICAOF", "NO", "ONE"}).ok());
+    ASSERT_TRUE(primary_.Command({"FLUSHALL"}).ok());
+    ASSERT_TRUE(server_.Command({"FLUSHALL"}).ok());
+  }
+}
+
 class RedisLookupTest : public RedisStoreTest {
  protected:
   // Sync and async requests of a fail-closed store: none gets the policy.
@@ -1928,8 +2028,45 @@ TEST_F(RedisStoreTest, ForkedChildDoesNotKeepTheParentsConnectInFlight) {
   ASSERT_TRUE(silent.Accept(std::chrono::milliseconds(2000)));
   IdleChild child;
   maker.join();  // the parent gave the connect up after 300 ms
-  EXPECT_TRUE(silent.WaitFirstClosed(std::chrono::milliseconds(2000)))
+  EXPECT_TRUE(silent.WaitClosed(0, std::chrono::milliseconds(2000)))
       << "the child kept the connect's socket open";
+}
+
+// The same one generation down: a child's first call connects a new
+// engine while another thread of the child forks.
+TEST_F(RedisStoreTest, GrandchildDoesNotKeepTheChildsConnectInFlight) {
+  testing::SilentServer silent;
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  o.port = silent.port();
+  o.connect_timeout_nanos = 600 * kMs;
+  // The parent tries once, here, and not again during the test.
+  o.reconnect_min_nanos = 60 * kSec;
+  o.reconnect_max_nanos = 60 * kSec;
+  auto store = Make(o);
+  silent.Drain();
+  const pid_t child = testing::ForkWhenQuiet();
+  if (child == 0) {
+    // Exit codes: 0 the grandchild let the connect go, 1 it kept it, 2
+    // the child's connect never came.
+    std::thread first_call(
+        [&] { Hit(*store, Strategy::kFixedWindow, L("1/second"), "k", kT0); });
+    const size_t taken = silent.accepted();
+    int code = 2;
+    if (silent.Accept(std::chrono::milliseconds(5000))) {
+      IdleChild grandchild;
+      first_call.join();  // the child gave the connect up
+      code = silent.WaitClosed(taken, std::chrono::milliseconds(2000)) ? 0 : 1;
+    } else {
+      first_call.join();
+    }
+    _exit(code);
+  }
+  const std::optional<int> status =
+      testing::WaitChild(child, std::chrono::seconds(20));
+  ASSERT_TRUE(status.has_value()) << "the child hung";
+  ASSERT_TRUE(WIFEXITED(*status));
+  EXPECT_EQ(WEXITSTATUS(*status), 0)
+      << "1: the grandchild kept the child's connect open; 2: no connect";
 }
 
 TEST_F(RedisStoreTest, ForkedChildNotUsingTheStoreKeepsNoConnection) {
