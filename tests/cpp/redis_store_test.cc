@@ -764,6 +764,30 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
         {"SET", key(Strategy::kMovingWindow, "LIMITER/bad-mwx"),
          std::string(100, 'x')}};
     for (const auto& argv : foreign) ASSERT_TRUE(server_.Command(argv).ok());
+    // A ring's header (base, head, size, cap, expiry, horizon; a log live
+    // at now) with the rest not a ring's: its entries missing, the string
+    // ending at the header or within them, which read as a ring was a Lua
+    // error (unpack of a short GETRANGE) once written to; a base out of
+    // range, which made the TTL a number PEXPIRE refused.
+    const auto ring = [](double base, double head, double size,
+                         int64_t entries) {
+      const double now_s = static_cast<double>(kT0 / kSec);
+      std::string v;
+      for (double d :
+           {base, head, size, 10.0, now_s + 1000, 0.0, now_s + 2000}) {
+        v.append(reinterpret_cast<const char*>(&d), sizeof(d));
+      }
+      return v + std::string(static_cast<size_t>(entries) * 8, '\0');
+    };
+    const double base = static_cast<double>(kT0 / kSec);
+    const std::vector<std::pair<std::string, std::string>> rings = {
+        {"LIMITER/bad-mw-cut", ring(base, 0, 3, 0)},
+        {"LIMITER/bad-mw-short", ring(base, 5, 10, 6)},
+        {"LIMITER/bad-mw-base", ring(1e300, 0, 1, 1)}};
+    for (const auto& [k, v] : rings) {
+      ASSERT_TRUE(
+          server_.Command({"SET", key(Strategy::kMovingWindow, k), v}).ok());
+    }
     EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
 
     // Alone in its call.
@@ -802,6 +826,17 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
           {Strategy::kMovingWindow, "LIMITER/bad-mwx"}},
          true},
         {{{Strategy::kFixedWindow, "LIMITER/fw"}}, false},
+        // Rings with a header and not the rest: alone, and after a limit
+        // of the request it leaves uncounted.
+        {{{Strategy::kMovingWindow, "LIMITER/bad-mw-cut"}}, true},
+        {{{Strategy::kFixedWindow, "LIMITER/first-fw3"},
+          {Strategy::kMovingWindow, "LIMITER/bad-mw-short"}},
+         true},
+        {{{Strategy::kMovingWindow, "LIMITER/first-mw3"},
+          {Strategy::kMovingWindow, "LIMITER/bad-mw-base"}},
+         true},
+        {{{Strategy::kMovingWindow, "LIMITER/bad-mw-short"}}, true},
+        {{{Strategy::kMovingWindow, "LIMITER/bad-mw-base"}}, true},
         {{{Strategy::kFixedWindow, "LIMITER/fw"},
           {Strategy::kTokenBucket, "LIMITER/bad-tb"}},
          true,
@@ -851,12 +886,20 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
           EXPECT_EQ(d.back().source, DecisionSource::kFailClosed);
           break;
         case RedisFailurePolicy::kFallback:
-          // Counted once, in memory (bad-fw was hit alone before).
+          // Counted once, in memory (bad-fw was hit alone before, and a
+          // key of an earlier refused request was counted there).
           EXPECT_TRUE(d.back().allowed);
           EXPECT_EQ(d.back().source, DecisionSource::kFallback);
           if (spec[r].mode == Mode::kHit) {
-            const bool twice = spec[r].limits[0].second == "LIMITER/bad-fw";
-            EXPECT_EQ(d[0].remaining, twice ? 8 : 9);
+            const std::string& k = spec[r].limits[0].second;
+            int64_t before = k == "LIMITER/bad-fw" ? 1 : 0;
+            for (size_t e = 0; e < r; ++e) {
+              if (!spec[e].bad || spec[e].mode != Mode::kHit) continue;
+              for (const auto& limit : spec[e].limits) {
+                before += limit.second == k;
+              }
+            }
+            EXPECT_EQ(d[0].remaining, 9 - before);
           }
           break;
         case RedisFailurePolicy::kFailOpen:
@@ -894,6 +937,8 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
     EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/first-tb"), "none");
     EXPECT_EQ(type(Strategy::kMovingWindow, "LIMITER/first-mw"), "none");
     EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw2"), "none");
+    EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw3"), "none");
+    EXPECT_EQ(type(Strategy::kMovingWindow, "LIMITER/first-mw3"), "none");
     // The foreign values are as the application left them.
     const std::string list = key(Strategy::kFixedWindow, "LIMITER/bad-fw");
     EXPECT_EQ(server_.Command({"LLEN", list}).integer, 1);
@@ -905,6 +950,13 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
       SCOPED_TRACE(k);
       const char fill = k[std::strlen(k) - 1] == '0' ? '0' : 'x';
       EXPECT_EQ(get(Strategy::kMovingWindow, k).str, std::string(100, fill));
+      EXPECT_EQ(
+          server_.Command({"TTL", key(Strategy::kMovingWindow, k)}).integer,
+          -1);
+    }
+    for (const auto& [k, v] : rings) {
+      SCOPED_TRACE(k);
+      EXPECT_EQ(get(Strategy::kMovingWindow, k).str, v);
       EXPECT_EQ(
           server_.Command({"TTL", key(Strategy::kMovingWindow, k)}).integer,
           -1);
@@ -958,27 +1010,24 @@ TEST_F(RedisStoreTest, RefusedKeyIsLoggedAndKnownToTheCaller) {
 }
 
 TEST_F(RedisStoreTest, ScriptErrorAppliesThePolicyToEveryRequestOfTheCall) {
-  // A Lua error (here: a moving-window header whose entries are missing,
-  // which no key refusal explains) still stops the script for every
-  // request of its call.
+  // A Lua error still stops the script for every request of its call.
+  // Here Redis refuses a write to a key the script's ACL user may only
+  // read: its read succeeded, so no value the script could refuse beforehand
+  // explains it (a moving window's log with entries missing did, before the
+  // script read the entries before writing).
+  ASSERT_TRUE(server_
+                  .Command({"ACL", "SETUSER", "ro", "on", "nopass", "+@all",
+                            "~*LIMITER/ok*", "%R~*LIMITER/bad*"})
+                  .ok());
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  std::string error;
+  ASSERT_TRUE(ParseRedisUri(
+      "redis://ro@127.0.0.1:" + std::to_string(server_.port()), &o, &error))
+      << error;
   o.command_timeout_nanos = 5 * kSec;
   o.blocked_cache = false;
   auto store = Make(o);
   const Limit l = L("1 per minute");
-  std::string header;
-  const int64_t now_s = kT0 / kSec;
-  for (int64_t v : {now_s, int64_t{0}, int64_t{3}, int64_t{5}, now_s + 1000,
-                    int64_t{0}, now_s + 2000}) {
-    const double d = static_cast<double>(v);
-    header.append(reinterpret_cast<const char*>(&d), sizeof(d));
-  }
-  ASSERT_TRUE(
-      server_
-          .Command({"SET",
-                    store->RedisKey(Strategy::kMovingWindow, "LIMITER/bad"),
-                    header})
-          .ok());
   const Decision alone =
       Hit(*store, Strategy::kMovingWindow, l, "LIMITER/bad", kT0);
   EXPECT_TRUE(alone.allowed);

@@ -49,7 +49,8 @@
 -- reply.
 -- A request whose key Redis refuses (a value of another type: WRONGTYPE;
 -- a key its ACL user may not read: NOPERM) or holds a string this script
--- did not write (a length no state of its strategy has) answers in place
+-- did not write (a length no state of its strategy has; for a moving
+-- window, a header no ring has or entries missing) answers in place
 -- of its blocks the flag byte 32, then its limit number and the message's
 -- length as doubles, then the message (one space longer where the whole
 -- would be 24 or 32 bytes, the lengths of a bare value). Such a request
@@ -61,7 +62,8 @@
 -- absent), so that the writes after it cannot meet WRONGTYPE, and Redis
 -- refuses a write for lack of memory only before a script's first write.
 -- A request with several limits reads all its keys before its first
--- write, so that a refused last key leaves the first uncounted.
+-- write (a moving window's entries too, up to a moving window that stops
+-- the request), so that a refused last key leaves the first uncounted.
 -- Every Lua string Redis makes is hashed byte by byte, so the argument
 -- and the reply are kept short.
 
@@ -81,8 +83,13 @@ local now_s, now_ns, slack, test
 -- Helpers that only some strategies need are created on first use.
 local moving, mul_lt
 -- The values a request with several limits read before its first write,
--- by limit (nil: read by the loop); one table for the whole call.
-local pre
+-- by limit (nil: read by the loop); one table for the whole call. pmv:
+-- its moving windows' limit numbers and headers; mst: what `moving` read
+-- of their logs, 9 values per limit.
+local pre, pmv, mst
+-- A value that starts with a moving window's header (its length unknown).
+local NOLOG = 'a string that is no moving window\'s log (a header or ' ..
+              'entries this script did not write)'
 
 -- The reply's pieces; a call for one request with one limit (88 bytes of
 -- argument) answers without them in the common case.
@@ -208,10 +215,11 @@ while pos < nargs do
     -- state of the limit's strategy has, and the limit's number.
     local bad, bi
     local prefetched = nk > 1 and not test
+    local nm = 0  -- moving windows the prefetch found, listed in pmv
     if prefetched then
       -- A test writes nothing, and a request with one limit reads before
       -- it writes: only these need the reads first.
-      if not pre then pre = {} end
+      if not pre then pre, pmv, mst = {}, {}, {} end
       for i = 1, nk do
         local key = keys[k0 + i]
         local code, p1 = c1, a1
@@ -223,14 +231,11 @@ while pos < nargs do
         if code == 1 then
           v = try('GETRANGE', key, 0, 55)
           if #v ~= 56 and v ~= '' then bad, bi = v, i break end
-          if #v == 56 then  -- a ring's header? (see the loop's check)
-            local _, hd, sz, cp, _, xn = unpack('<dddddd', v)
-            if not (cp >= 1 and cp <= 1048576 and cp == floor(cp) and
-                    hd >= 0 and hd < cp and hd == floor(hd) and sz >= 0 and
-                    sz <= cp and sz == floor(sz) and xn >= 0 and xn < E9) then
-              bad, bi = v, i break
-            end
-          end
+          -- The header and the entries are read below, once `moving`
+          -- exists.
+          pmv[2 * nm + 1] = i
+          pmv[2 * nm + 2] = v
+          nm = nm + 1
         elseif code ~= 3 or p1 > 0 then  -- a bucket of 0 is never read
           v = try('GET', key)
           local n = 32
@@ -243,6 +248,219 @@ while pos < nargs do
           if keys[k0 + j] == key then v = nil break end
         end
         pre[i] = v
+      end
+    end
+    if not moving and (c1 == 1 or nm > 0 or (test and nk > 1)) then
+      -- A ring of the newest `amount` admission times in one string: a
+      -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
+      -- horizon_s) and 8-byte entries pack(s - base_s, ns). The log is
+      -- void from its expiry on (last admission + period + 1 ns, as in
+      -- memory). Reads touch O(log amount) entries.
+      local HDR = 56
+      -- Nothing where the string ends before the entry: a value this
+      -- script did not write, which must not reach unpack (a Lua error).
+      local function entry(k, base, head, cap, idx)
+        local off = HDR + ((head + idx) % cap) * 8
+        local e = call('GETRANGE', k, off, off + 7)
+        if #e ~= 8 then return end
+        local rs, rn = unpack('<i4I4', e)
+        return base + rs, rn
+      end
+      -- a > b for (s, ns) pairs.
+      local function later(as, an, bs, bn)
+        return as > bs or (as == bs and an > bn)
+      end
+      -- h: the header as read (56 bytes, or none). j: nil to decide; i in
+      -- the prefetch of a request's limit i, which only reads (what it
+      -- read goes to mst); -i in the loop after it, which only writes.
+      -- Every read comes before the first write, so that a value that is
+      -- no log (nothing returned) is found before anything is written.
+      moving = function(k, cst, amount, ps, h, j)
+        local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
+        local fr = 1
+        if #h == HDR then
+          base, head, size, cap, xs, xn, hs = unpack('<ddddddd', h)
+          -- An application's string of 56 bytes or more under the name has
+          -- no ring's header (whole head < cap <= the largest amount, size
+          -- <= cap, ns < 1e9, a whole base within 2^40 s, which keeps the
+          -- TTLs computed from it integers Redis takes; NaN and infinities
+          -- fail every test): refused like a foreign type, or its bytes
+          -- would be read and overwritten as a ring.
+          if not (cap >= 1 and cap <= 1048576 and cap % 1 == 0 and
+                  head >= 0 and head < cap and head % 1 == 0 and
+                  size >= 0 and size <= cap and size % 1 == 0 and
+                  xn >= 0 and xn < E9 and base % 1 == 0 and
+                  base > -1099511627776 and base < 1099511627776) then
+            return
+          end
+          if later(xs, xn, now_s, now_ns) then fr = 0 end
+        elseif h ~= '' then
+          return
+        end
+        local ss, sn = now_s - ps, now_ns  -- since = now - period
+        local stored = size
+        if fr == 1 then size, head = 0, 0 end
+        local allowed, bs, bn, inw, os, on, es, en, parts
+        if j and j < 0 then
+          local m = -9 * j - 9
+          allowed, bs, bn, inw = mst[m + 1], mst[m + 2], mst[m + 3], mst[m + 4]
+          os, on, es, en, parts = mst[m + 5], mst[m + 6], mst[m + 7],
+                                  mst[m + 8], mst[m + 9]
+        else
+          allowed, bs, bn = cst <= amount, 0, 0
+          if allowed and amount - cst < size then
+            bs, bn = entry(k, base, head, cap, size - 1 - (amount - cst))
+            if not bs then return end
+            allowed = later(ss, sn, bs, bn)  -- blocker < since
+          end
+          es, en = now_s, now_ns  -- the time the new entries record
+          local add = 0  -- how many
+          if allowed and cst > 0 and not test then
+            add = cst
+            if size > 0 then
+              -- A clock behind the newest entry records at that entry's
+              -- time (as the memory store): the log stays in order and its
+              -- expiry never moves back. (xs, xn) is the newest entry's
+              -- time + period + 1 ns: a clock not behind it needs no
+              -- GETRANGE to know.
+              local ts, tn = now_s + ps, now_ns + 1
+              if tn >= E9 then ts, tn = ts + 1, tn - E9 end
+              if later(xs, xn, ts, tn) then
+                local ls, ln = entry(k, base, head, cap, size - 1)
+                if not ls then return end
+                if later(ls, ln, es, en) then es, en = ls, ln end
+              end
+              if cap ~= amount then
+                -- The limit changed for this key: the newest entries are
+                -- kept.
+                local keep = size
+                if keep > amount then keep = amount end
+                local t = {}
+                for idx = size - keep, size - 1 do
+                  local s, n = entry(k, base, head, cap, idx)
+                  if not s then return end
+                  t[#t + 1] = pack('<i4I4', s - base, n)
+                end
+                parts = table.concat(t)
+              end
+            end
+          end
+          -- Entries strictly inside the window after the write, by the
+          -- memory store's search, done on the log as found: the new
+          -- entries follow the old ones, and the log keeps the newest
+          -- `amount` of all.
+          local lo, hi = 0, size
+          while lo < hi do
+            local mid = lo + floor((hi - lo) / 2)
+            local ms, mn = entry(k, base, head, cap, mid)
+            if not ms then return end
+            if later(ms, mn, ss, sn) then hi = mid else lo = mid + 1 end
+          end
+          local n = size + add
+          if add > 0 then
+            if not later(es, en, ss, sn) then lo = n end
+            if lo < n - amount then lo = n - amount end  -- dropped
+          end
+          os, on = now_s, now_ns
+          if lo < size then
+            os, on = entry(k, base, head, cap, lo)
+            if not os then return end
+          elseif lo < n then
+            os, on = es, en
+          end
+          inw = n - lo
+          if j then
+            local m = 9 * j - 9
+            mst[m + 1], mst[m + 2], mst[m + 3], mst[m + 4] =
+                allowed, bs, bn, inw
+            mst[m + 5], mst[m + 6], mst[m + 7], mst[m + 8], mst[m + 9] =
+                os, on, es, en, parts
+            return true, allowed
+          end
+        end
+        if not test then
+          if allowed and cst > 0 then
+            if size == 0 then
+              base = now_s
+            elseif cap ~= amount then
+              local keep = size
+              if keep > amount then keep = amount end
+              call('SET', k, pack('<ddddddd', base, 0, keep, amount, xs, xn,
+                                  0) .. parts)
+              head, size, hs = 0, keep, 0
+            end
+            cap = amount
+            local e = pack('<i4I4', es - base, en)
+            if cst >= cap then
+              head, size = 0, cap
+              call('SETRANGE', k, HDR, string.rep(e, cap))
+            else
+              local tail = (head + size) % cap
+              local first = cap - tail
+              if first > cst then first = cst end
+              call('SETRANGE', k, HDR + tail * 8, string.rep(e, first))
+              if cst > first then
+                call('SETRANGE', k, HDR, string.rep(e, cst - first))
+              end
+              size = size + cst
+              if size > cap then
+                head, size = (head + size - cap) % cap, cap
+              end
+            end
+            -- More than once only for an entry's ns past 1e9 (not the
+            -- script's), which would make the header refused.
+            xs, xn = es + ps, en + 1
+            while xn >= E9 do xs, xn = xs + 1, xn - E9 end
+            if xs + 1 >= hs then
+              -- Room for two periods (at least 4 s): renewed at most about
+              -- once per period.
+              local room = 2 * ps
+              if room < 4 then room = 4 end
+              -- From the newest entry (later than now for a clock
+              -- behind).
+              hs = es + room
+              call('PEXPIRE', k, (hs - now_s) * 1000 + 1 + slack)
+            end
+            call('SETRANGE', k, 0,
+                 pack('<ddddddd', base, head, size, cap, xs, xn, hs))
+          elseif fr == 1 and stored > 0 then
+            call('DEL', k)  -- the memory store clears a stale log
+          end
+        end
+        return allowed, fr, bs, bn, inw, os, on
+      end
+    end
+    -- A log's entries are read before the request's first write too, by
+    -- `moving`, which keeps what it read for the loop: a log with entries
+    -- missing refuses the request with nothing written. The limits listed
+    -- all come before one the loop above refused.
+    for m = 1, nm do
+      local i, h = pmv[2 * m - 1], pmv[2 * m]
+      local key = keys[k0 + i]
+      local _, cost, p1, ps = unpack('<dddd', args, first + (i - 1) * 56)
+      local found, allowed = moving(key, cost, p1, ps, h, i)
+      if not found then
+        bad, bi = {err = NOLOG}, i
+        break
+      end
+      if pre[i] ~= nil then
+        -- The request stops at this limit: the loop reaches no later one,
+        -- whose logs need no reading (as many requests stop at their
+        -- first limit as are refused).
+        if not allowed then break end
+      elseif #h == 56 then
+        -- The loop reads this log again after an earlier limit wrote it
+        -- (the same key), so maybe at entries not read here: the log's
+        -- furthest entry present proves them all there (and the script's
+        -- writes keep it so).
+        local _, hd, sz, cp = unpack('<dddd', h)
+        local top = hd + sz
+        if top > cp then top = cp end
+        local off = 48 + top * 8
+        if top > 0 and #call('GETRANGE', key, off, off + 7) ~= 8 then
+          bad, bi = {err = NOLOG}, i
+          break
+        end
       end
     end
     local todo = nk
@@ -422,137 +640,20 @@ while pos < nargs do
         end
       elseif code == 1 then
         -- Moving window: p1 amount, p2 period in seconds.
-        local h = got
-        if h == nil then h = try('GETRANGE', key, 0, 55) end
-        if #h ~= 56 and h ~= '' then bad, bi = h, i break end
-        if #h == 56 then
-          -- An application's string of 56 bytes or more under the name has
-          -- no ring's header (whole head < cap <= the largest amount, size
-          -- <= cap, ns < 1e9; NaN fails every test): refused like a
-          -- foreign type, or its bytes would be read and overwritten as a
-          -- ring. Inline, like the prefetch's copy: no closure per call.
-          local _, hd, sz, cp, _, xn = unpack('<dddddd', h)
-          if not (cp >= 1 and cp <= 1048576 and cp == floor(cp) and
-                  hd >= 0 and hd < cp and hd == floor(hd) and sz >= 0 and
-                  sz <= cp and sz == floor(sz) and xn >= 0 and xn < E9) then
-            bad, bi = h, i break
-          end
-        end
-        if not moving then
-          -- A ring of the newest `amount` admission times in one string: a
-          -- 56-byte header pack(base_s, head, size, cap, expiry_s, expiry_ns,
-          -- horizon_s) and 8-byte entries pack(s - base_s, ns). The log is
-          -- void from its expiry on (last admission + period + 1 ns, as in
-          -- memory). Reads touch O(log amount) entries.
-          local HDR = 56
-          local function entry(k, base, head, cap, idx)
-            local off = HDR + ((head + idx) % cap) * 8
-            local rs, rn = unpack('<i4I4', call('GETRANGE', k, off, off + 7))
-            return base + rs, rn
-          end
-          -- a > b for (s, ns) pairs.
-          local function later(as, an, bs, bn)
-            return as > bs or (as == bs and an > bn)
-          end
-          -- h: the header as read (56 bytes, or none).
-          moving = function(k, cst, amount, ps, h)
-            local base, head, size, cap, xs, xn, hs = now_s, 0, 0, 0, 0, 0, 0
-            local fr = 1
-            if #h == HDR then
-              base, head, size, cap, xs, xn, hs = unpack('<ddddddd', h)
-              if later(xs, xn, now_s, now_ns) then fr = 0 end
-            end
-            local ss, sn = now_s - ps, now_ns  -- since = now - period
-            local stored = size
-            if fr == 1 then size, head = 0, 0 end
-            local allowed = cst <= amount
-            local bs, bn = 0, 0
-            if allowed and amount - cst < size then
-              bs, bn = entry(k, base, head, cap, size - 1 - (amount - cst))
-              allowed = later(ss, sn, bs, bn)  -- blocker < since
-            end
-            if not test then
-              if allowed and cst > 0 then
-                if size == 0 then
-                  base = now_s
-                elseif cap ~= amount then
-                  -- The limit changed for this key: keep the newest entries.
-                  local keep = size
-                  if keep > amount then keep = amount end
-                  local parts = {}
-                  for idx = size - keep, size - 1 do
-                    local es, en = entry(k, base, head, cap, idx)
-                    parts[#parts + 1] = pack('<i4I4', es - base, en)
-                  end
-                  call('SET', k, pack('<ddddddd', base, 0, keep, amount, xs, xn,
-                                      0) .. table.concat(parts))
-                  head, size, hs = 0, keep, 0
-                end
-                cap = amount
-                -- A clock behind the newest entry records at that entry's
-                -- time (as the memory store): the log stays in order and
-                -- its expiry never moves back.
-                local es, en = now_s, now_ns
-                if size > 0 then
-                  -- (xs, xn) is the newest entry's time + period + 1 ns: a
-                  -- clock not behind it needs no GETRANGE to know.
-                  local ts, tn = now_s + ps, now_ns + 1
-                  if tn >= E9 then ts, tn = ts + 1, tn - E9 end
-                  if later(xs, xn, ts, tn) then
-                    local ls, ln = entry(k, base, head, cap, size - 1)
-                    if later(ls, ln, es, en) then es, en = ls, ln end
-                  end
-                end
-                local e = pack('<i4I4', es - base, en)
-                if cst >= cap then
-                  head, size = 0, cap
-                  call('SETRANGE', k, HDR, string.rep(e, cap))
-                else
-                  local tail = (head + size) % cap
-                  local first = cap - tail
-                  if first > cst then first = cst end
-                  call('SETRANGE', k, HDR + tail * 8, string.rep(e, first))
-                  if cst > first then
-                    call('SETRANGE', k, HDR, string.rep(e, cst - first))
-                  end
-                  size = size + cst
-                  if size > cap then
-                    head, size = (head + size - cap) % cap, cap
-                  end
-                end
-                xs, xn = es + ps, en + 1
-                if xn >= E9 then xs, xn = xs + 1, xn - E9 end
-                if xs + 1 >= hs then
-                  -- Room for two periods (at least 4 s): renewed at most about
-                  -- once per period.
-                  local room = 2 * ps
-                  if room < 4 then room = 4 end
-                  -- From the newest entry (later than now for a clock
-                  -- behind).
-                  hs = es + room
-                  call('PEXPIRE', k, (hs - now_s) * 1000 + 1 + slack)
-                end
-                call('SETRANGE', k, 0,
-                     pack('<ddddddd', base, head, size, cap, xs, xn, hs))
-              elseif fr == 1 and stored > 0 then
-                call('DEL', k)  -- the memory store clears a stale log
-              end
-            end
-            -- Entries strictly inside the window, by the memory store's search.
-            local lo, hi = 0, size
-            while lo < hi do
-              local mid = lo + floor((hi - lo) / 2)
-              local ms, mn = entry(k, base, head, cap, mid)
-              if later(ms, mn, ss, sn) then hi = mid else lo = mid + 1 end
-            end
-            local os, on = now_s, now_ns
-            if lo < size then os, on = entry(k, base, head, cap, lo) end
-            return allowed, fr, bs, bn, size - lo, os, on
-          end
+        local h, j = got, nil
+        if h == nil then
+          h = try('GETRANGE', key, 0, 55)
+        elseif prefetched then
+          j = -i  -- read in the prefetch: the writes are left
         end
         slack = unpack('<d', args, at_slack)
         ok, fresh, x1, x2, x3, x4, x5 =
-            moving(key, cost, p1, (unpack('<d', args, at + 24)), h)
+            moving(key, cost, p1, (unpack('<d', args, at + 24)), h, j)
+        if ok == nil then
+          if #h == 56 then h = {err = NOLOG} end
+          bad, bi = h, i
+          break
+        end
       end
       -- The reply (see the header): the flag byte is a literal in the
       -- common case, and the found value goes back as the very bytes GET
