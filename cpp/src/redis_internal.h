@@ -99,8 +99,10 @@ constexpr uint8_t kReplyError = 32;
 // Reads one request's block at `*pos` of `reply` into `values` (processed,
 // then kValuesPerItem per processed limit: allowed, fresh, x1 .. x5) and
 // moves `*pos` past it; false if the block is malformed or has more than
-// `items` limits. A refused request (kReplyError) reads as {0, the index
-// of the limit whose key was refused}, with the message in `*error`.
+// `items` limits. A refused request (kReplyError), or one whose block
+// holds numbers no state has (a foreign string of a state's length), reads
+// as {0, the index of the limit whose key was refused}, with the message
+// in `*error`.
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
                     int64_t now, bool alone, std::vector<int64_t>* values,
                     std::string* error);

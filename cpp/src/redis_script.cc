@@ -81,6 +81,14 @@ bool ReadDoubles(const char* data, size_t n, int64_t* out) {
   return true;
 }
 
+// A value under a limit's key that has a state's length but numbers no
+// state has (infinities, NaN, beyond int64): another application's
+// string, read as a state by the script. Its request alone gets the
+// policy; a malformed reply would fail every request of the call, whose
+// writes the script has made.
+constexpr std::string_view kForeignState =
+    "a string that is no state this script wrote (numbers out of range)";
+
 bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
                     int64_t now, bool alone, std::vector<int64_t>* values,
                     std::string* error) {
@@ -94,12 +102,16 @@ bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
     // ...) has passed, as the script tests it.
     const size_t n = reply.size() / sizeof(double);
     int64_t v[kValuesPerItem] = {1, 0};
-    if (!ReadDoubles(reply.data(), n, v + 2)) return false;
+    *pos = reply.size();
+    if (!ReadDoubles(reply.data(), n, v + 2)) {
+      values->assign({0, 0});
+      error->assign(kForeignState);
+      return true;
+    }
     const int64_t end = n == 3 ? JoinTime(v[3], v[4]) : JoinTime(v[2], v[3]);
     v[1] = end <= now;
     values->assign(1, 1);
     values->insert(values->end(), v, v + kValuesPerItem);
-    *pos = reply.size();
     return true;
   }
   values->assign(1, 0);
@@ -121,6 +133,7 @@ bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
     *pos = at + static_cast<size_t>(head[1]);
     return true;
   }
+  size_t foreign = 0;  // the first limit whose numbers are out of range
   for (size_t processed = 1;; ++processed) {
     if (processed > items || at >= reply.size()) return false;
     const auto flags = static_cast<uint8_t>(reply[at++]);
@@ -146,12 +159,19 @@ bool ReadReplyBlock(std::string_view reply, size_t* pos, size_t items,
     int64_t v[kValuesPerItem] = {};
     v[0] = (flags & kReplyAllowed) != 0;
     v[1] = (flags & kReplyFresh) != 0;
-    if (!ReadDoubles(reply.data() + at, n, v + 2)) return false;
+    if (!ReadDoubles(reply.data() + at, n, v + 2) && foreign == 0) {
+      foreign = processed;
+    }
     at += n * sizeof(double);
     values->insert(values->end(), v, v + kValuesPerItem);
     if (flags & kReplyLast) {
-      (*values)[0] = static_cast<int64_t>(processed);
       *pos = at;
+      if (foreign != 0) {
+        values->assign({0, static_cast<int64_t>(foreign) - 1});
+        error->assign(kForeignState);
+        return true;
+      }
+      (*values)[0] = static_cast<int64_t>(processed);
       return true;
     }
   }

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -151,6 +153,47 @@ TEST(RedisReply, RefusedRequestBetweenDecidedOnes) {
   EXPECT_EQ(v, (std::vector<int64_t>{0, 0}));
   EXPECT_EQ(err, "7 bytes ");
   EXPECT_EQ(pos, alone.size());
+}
+
+// Another application's string of a state's length, read as a state:
+// numbers no state has refuse that request alone, whose block is whole.
+TEST(RedisReply, NumbersNoStateHasRefuseTheirRequestAlone) {
+  const auto bits = [](double d) {
+    std::string out(sizeof(d), '\0');
+    std::memcpy(out.data(), &d, sizeof(d));
+    return out;
+  };
+  const std::string inf = bits(std::numeric_limits<double>::infinity());
+  const std::string nan = bits(std::numeric_limits<double>::quiet_NaN());
+  const std::string huge = bits(8.8e228);
+  std::string second = Block(kReplyAllowed | kReplyFound3, {1, 2, 3});
+  second += static_cast<char>(kReplyLast | kReplyFound4);
+  second += Block(0, {1700000061, 0}).substr(1) + nan + inf;
+  const std::string reply =
+      Block(kReplyAllowed | kReplyLast | kReplyFound3, {5, 1700000060, 7}) +
+      second + Block(kReplyAllowed | kReplyLast | kReplyFound3, {1, 2, 3});
+  size_t pos = 0;
+  std::vector<int64_t> v;
+  std::string err;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
+  EXPECT_EQ(v[0], 1);
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 2, 0, false, &v, &err));
+  EXPECT_EQ(v, (std::vector<int64_t>{0, 1}));  // refused at its limit 2
+  EXPECT_NE(err.find("no state"), std::string::npos) << err;
+  ASSERT_TRUE(ReadReplyBlock(reply, &pos, 1, 0, false, &v, &err));
+  EXPECT_EQ(v[0], 1);
+  EXPECT_EQ(pos, reply.size());
+  // The bare value of a call's only request (24 bytes of text under a
+  // fixed window's key read as 8.8e228 and the like).
+  for (const std::string& bare :
+       {huge + huge + huge, Block(0, {1, 2, 3}).substr(1, 16) + nan}) {
+    pos = 0;
+    err.clear();
+    ASSERT_TRUE(ReadReplyBlock(bare, &pos, 1, 0, true, &v, &err));
+    EXPECT_EQ(v, (std::vector<int64_t>{0, 0}));
+    EXPECT_NE(err.find("no state"), std::string::npos);
+    EXPECT_EQ(pos, bare.size());
+  }
 }
 
 TEST(RedisReply, MalformedRefusalsAreRejected) {

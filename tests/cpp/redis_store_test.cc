@@ -965,6 +965,60 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
   }
 }
 
+TEST_F(RedisStoreTest, ForeignStringOfAStatesLengthGetsThePolicyAlone) {
+  // 24 bytes of an application's text under a fixed window's key have a
+  // state's length: the script reads them as one (and writes its count
+  // over the first 8), and its reply carries numbers no state has (about
+  // 1e190), which failed the whole call's reply after the script had
+  // counted the other requests.
+  const Limit l = L("10 per minute");
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+  o.command_timeout_nanos = 5 * kSec;
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const std::string text = "abcdefghijklmnopqrstuvwx";
+  ASSERT_TRUE(
+      server_
+          .Command(
+              {"SET", store->RedisKey(Strategy::kFixedWindow, "text"), text})
+          .ok());
+  // Alone in its call (the reply is the bare value).
+  const Decision alone = Hit(*store, Strategy::kFixedWindow, l, "text", kT0);
+  EXPECT_EQ(alone.source, DecisionSource::kFailClosed);
+  EXPECT_NE(RedisStore::LastError().find("no state"), std::string::npos)
+      << RedisStore::LastError();
+  // Between two innocent requests in one call.
+  const std::vector<std::string> keys = {"a", "text", "b"};
+  std::vector<Request> reqs;
+  for (const std::string& k : keys) {
+    reqs.push_back({Strategy::kFixedWindow, &l, k, 1});
+  }
+  std::vector<Slot> slots(keys.size());
+  AsyncWait w;
+  w.pending = static_cast<int>(keys.size());
+  const RedisStoreStats before = store->Stats();
+  for (size_t r = 0; r < keys.size(); ++r) {
+    slots[r].wait = &w;
+    store->DecideAsyncDeferred(&reqs[r], 1, kT0, Mode::kHit, &SlotDone,
+                               &slots[r]);
+  }
+  store->Flush();
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(30)));
+  ASSERT_EQ(store->Stats().scripts - before.scripts, 1u);
+  for (size_t r = 0; r < keys.size(); ++r) {
+    SCOPED_TRACE(keys[r]);
+    ASSERT_EQ(slots[r].decisions.size(), 1u);
+    const Decision& d = slots[r].decisions[0];
+    if (keys[r] == "text") {
+      EXPECT_EQ(d.source, DecisionSource::kFailClosed);
+    } else {
+      EXPECT_EQ(d.source, DecisionSource::kStore);
+      EXPECT_TRUE(d.allowed);
+      EXPECT_EQ(d.remaining, 9);
+    }
+  }
+}
+
 TEST_F(RedisStoreTest, RefusedKeyIsLoggedAndKnownToTheCaller) {
   RedisStoreOptions o = Options();
   o.command_timeout_nanos = 5 * kSec;
