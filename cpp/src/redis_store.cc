@@ -910,8 +910,13 @@ Lane::Next Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r,
       for (size_t i = 0; i < k; ++i) ops[i]->as_eval = true;
       return Next::kResend;
     }
+    // Only a refusal of the command itself: a NOPERM for the call's keys
+    // (an ACL key pattern the storage's prefix is outside of) would refuse
+    // EVAL the same way, and switching would send the whole script with
+    // every later call, for good, even once the ACL lets the keys in.
     if (!ops[0]->as_eval && (msg.find("unknown command") != std::string::npos ||
-                             msg.rfind("NOPERM", 0) == 0)) {
+                             (msg.rfind("NOPERM", 0) == 0 &&
+                              msg.find("'evalsha'") != std::string::npos))) {
       if (!engine_->use_eval.exchange(true)) {
         engine_->Log(RedisLogLevel::kWarning,
                      "EVALSHA refused (" + std::string(msg) +

@@ -67,6 +67,22 @@ def test_scheme_is_registered() -> None:
     assert storage.check() is True
 
 
+def test_an_empty_storage_is_true_as_limits_storages_are() -> None:
+    # Code written for limits tests a storage for truth (``storage or
+    # MemoryStorage()``, ``if not self._storage``); limits' storages have no
+    # __len__ and are always true, ours counts its keys with __len__.
+    theirs = storage_from_string("memory://")
+    ours = storage_from_string("rapidlimit+memory://")
+    assert len(ours) == 0
+    assert bool(theirs) is True
+    assert bool(ours) is True
+    kept = ours or storage_from_string("memory://")
+    assert kept is ours
+    ours.incr("k", 10)
+    assert len(ours) == 1
+    assert bool(ours) is True
+
+
 def test_options_from_uri_and_keywords() -> None:
     assert (
         storage_from_string("rapidlimit+memory://?max_keys=123").native.max_keys == 123

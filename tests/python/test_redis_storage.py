@@ -301,6 +301,49 @@ def test_script_reload_after_script_flush(server: RedisServer) -> None:
     store.close()
 
 
+def test_keys_an_acl_refuses_do_not_give_up_evalsha(own_server: RedisServer) -> None:
+    """A NOPERM for the call's keys (the storage's prefix outside the ACL
+    user's key pattern) is no refusal of EVALSHA: once the ACL lets the keys
+    in, calls go by EVALSHA again, not with the whole script each time. A
+    user refused EVALSHA itself still gets decisions, through EVAL."""
+    admin = own_server.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~other:*", "+@all")
+    store = RedisStorage(
+        own_server.uri,
+        username="app",
+        password="pw",
+        key_prefix="app:",
+        blocked_cache=False,
+    )
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("100/minute")
+    with pytest.raises(_core.RedisUnavailableError):
+        lim.decide_many([(item, "a", 1)], now=T0)
+    assert store.last_status() == "fail-closed"
+    assert "NOPERM" in store.last_error()
+
+    admin.execute_command("ACL", "SETUSER", "app", "~app:*")
+    own_server.reset_stats()
+    for i in range(5):
+        assert lim.decide_many([(item, "a", 1)], now=T0)[0].remaining == 99 - i
+        assert store.last_status() == "redis"
+    calls = own_server.command_calls()
+    assert calls.get("evalsha") == 5
+    assert "eval" not in calls
+    store.close()
+
+    admin.execute_command(
+        "ACL", "SETUSER", "noevalsha", "on", ">pw", "~*", "+@all", "-evalsha"
+    )
+    store = RedisStorage(own_server.uri, username="noevalsha", password="pw")
+    lim = STRATEGIES["fixed-window"](store)
+    own_server.reset_stats()
+    assert lim.decide_many([(item, "b", 1)], now=T0)[0].remaining == 99
+    assert store.last_status() == "redis"
+    assert own_server.command_calls().get("eval", 0) >= 1
+    store.close()
+
+
 # ------------------------------------------------------------- the GIL
 
 

@@ -241,6 +241,12 @@ class RapidlimitStorage(
     def __len__(self) -> int:
         return len(self.native)
 
+    def __bool__(self) -> bool:
+        # limits' storages are always true; without this, __len__ makes an
+        # empty store false, and code written for limits such as
+        # ``storage = storage or MemoryStorage()`` would drop it.
+        return True
+
     def close(self) -> None:
         """Releases a Redis store's connections and I/O threads (see
         ``Limiter.close``); later calls get its ``on_error`` policy."""
