@@ -180,6 +180,13 @@ bool ApplyRedisOption(std::string_view name, std::string_view value,
       return bad("a prefix without '{', '}', '*', '?', '[', ']' or '\\'");
     }
     o->key_prefix = std::string(value);
+    // limits and most Redis clients write prefix:key, and ACL key
+    // patterns (~myapp:*) are written for that: a prefix ending in a
+    // letter or digit gets the colon.
+    if (!value.empty() &&
+        std::isalnum(static_cast<unsigned char>(value.back())) != 0) {
+      o->key_prefix += ':';
+    }
   } else if (n == "on_error" || n == "failure_policy") {
     std::string v = Lower(value);
     std::replace(v.begin(), v.end(), '_', '-');

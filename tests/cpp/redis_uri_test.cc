@@ -95,6 +95,15 @@ TEST(RedisUri, QueryOptions) {
   EXPECT_EQ(o.pool_size, 3u);
 }
 
+TEST(RedisUri, PrefixGetsTheColonLimitsWrites) {
+  // As limits' prefix:key, so that ACL key patterns like ~app:* match.
+  EXPECT_EQ(Parse("redis://h?key_prefix=app").key_prefix, "app:");
+  EXPECT_EQ(Parse("redis://h?key_prefix=app2").key_prefix, "app2:");
+  EXPECT_EQ(Parse("redis://h?key_prefix=app:").key_prefix, "app:");
+  EXPECT_EQ(Parse("redis://h?key_prefix=app/").key_prefix, "app/");
+  EXPECT_EQ(Parse("redis://h?key_prefix=").key_prefix, "");
+}
+
 TEST(RedisUri, UnsupportedSchemesNameTheUri) {
   std::string e = ParseError("rediss://h:6380");
   EXPECT_NE(e.find("rediss://h:6380"), std::string::npos) << e;

@@ -293,6 +293,28 @@ def test_redis_py_style_options(server: RedisServer) -> None:
     assert server.client().keys("q:*")
 
 
+def test_prefix_without_colon_is_written_as_limits_writes_it(
+    own_server: RedisServer,
+) -> None:
+    """limits writes key_prefix="myapp" as myapp:<key>, and Redis ACL key
+    patterns are written for that (~myapp:*): the same prefix must not put
+    rapidlimit's keys outside the user's pattern (every call refused,
+    NOPERM)."""
+    admin = own_server.client()
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~myapp:*", "+@all")
+    for prefix in ("myapp", "myapp:"):
+        storage = limits.storage.storage_from_string(
+            f"rapidlimit+redis://app:pw@127.0.0.1:{own_server.port}/0",
+            key_prefix=prefix,
+        )
+        lim = limits.strategies.FixedWindowRateLimiter(storage)
+        assert lim.hit(limits.parse("2/minute"), prefix)
+        assert lim.get_window_stats(limits.parse("2/minute"), prefix).remaining == 1
+        storage.close()
+    keys = own_server.client().keys("*")
+    assert len(keys) == 2 and all(k.startswith("myapp:") for k in keys), keys
+
+
 # ------------------------------------------------------------ limits.aio
 
 

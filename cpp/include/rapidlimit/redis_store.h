@@ -54,7 +54,8 @@ struct RedisStoreOptions {
   // a connection pipelines hundreds of thousands of decisions a second).
   size_t pool_size = 1;
 
-  // Prepended to every Redis key. No '{', '}' or glob characters.
+  // Prepended to every Redis key. No '{', '}' or glob characters. Set by
+  // ApplyRedisOption, a prefix ending in a letter or digit gets ':'.
   std::string key_prefix = "rapidlimit:";
   // Extra lifetime given to Redis keys beyond the end of their state, so
   // that clock skew between app instances never loses live state.
