@@ -5,7 +5,6 @@ instances, and a Redis outage is a 503 that ends when Redis is back."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
+from app_server import spawn, stop, wait_started  # noqa: E402
 from redis_server import RedisServer, free_port  # noqa: E402
 
 
@@ -34,35 +34,7 @@ def spawn_instance(
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(os.environ, REDIS_URL=redis_uri, INSTANCE=name)
-    args = server_command(server, port)
-    # Dies with the test process, even when that one is killed.
-    setpriv = shutil.which("setpriv")
-    if setpriv is not None:
-        args = [setpriv, "--pdeathsig", "TERM", *args]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_started(name: str, proc: subprocess.Popen[bytes], url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"instance {name} exited with {proc.returncode}")
-        try:
-            httpx.get(f"{url}/docs", timeout=1.0)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise RuntimeError(f"instance {name} did not start")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return spawn(server_command(server, port), env), f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -86,7 +58,7 @@ def cluster() -> Iterator[tuple[RedisServer, list[str]]]:
             procs.append(proc)
             urls.append(url)
         for name, proc, url in zip(servers, procs, urls):
-            wait_started(name, proc, url)
+            wait_started(f"instance {name}", proc, f"{url}/docs")
         yield redis, urls
     finally:
         for proc in procs:
