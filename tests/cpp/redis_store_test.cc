@@ -2046,6 +2046,67 @@ TEST_F(RedisStoreTest, CloseDoesNotWaitForAReconnect) {
             DecisionSource::kFailOpen);
 }
 
+// Holds an I/O thread in its connect, once the new connection is
+// published, until released (redis::g_connected_hook).
+std::atomic<bool> g_hold_armed{false}, g_holding{false}, g_release{false};
+void HoldAfterConnect() {
+  if (!g_hold_armed.exchange(false)) return;
+  g_holding.store(true);
+  while (!g_release.load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// A caller running inline breaks a connection the moment the I/O thread
+// has published it, before that thread's connect has returned: the lane
+// is down, and requests must get the policy at once rather than queue for
+// the next connect attempt. The connect set accepting_ after publishing
+// the connection, outside conn_mu_, undoing the caller's StopAccepting:
+// the next request waited its whole timeout (fails on that code).
+TEST_F(RedisStoreTest, InlineBreakRightAfterAReconnectStopsAccepting) {
+  auto store = Make(Options(RedisFailurePolicy::kFailClosed));
+  const Limit l = L("1000 per minute");
+  ASSERT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kStore);
+  g_release.store(false);
+  g_holding.store(false);
+  g_hold_armed.store(true);
+  redis::g_connected_hook.store(&HoldAfterConnect);
+  struct Unhook {
+    ~Unhook() {
+      g_release.store(true);
+      redis::g_connected_hook.store(nullptr);
+    }
+  } unhook;
+  // Redis drops the idle connection: the I/O thread reconnects and stops
+  // in the hook with the new connection up.
+  ASSERT_TRUE(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).ok());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!g_holding.load() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(g_holding.load());
+  // Redis stops answering; a request run inline times out and breaks the
+  // new connection.
+  std::thread sleeper = server_.SleepInBackground("0.8");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailClosed);
+  EXPECT_FALSE(store->Connected());
+  const uint64_t timeouts = store->Stats().timeouts;
+  // The I/O thread finishes its connect and starts the next (the server
+  // still sleeps, so that one waits for its handshake's reply).
+  g_release.store(true);
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailClosed);
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(100));
+  EXPECT_EQ(store->Stats().timeouts, timeouts);
+  sleeper.join();
+  EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+}
+
 // -------------------------------------------------------------------- fork
 
 TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
