@@ -179,6 +179,11 @@ using GetAddrInfoFunction = int (*)(const char*, const char*, const addrinfo*,
                                     addrinfo**);
 extern std::atomic<GetAddrInfoFunction> g_getaddrinfo;
 
+// Tests only: when set, an I/O thread's successful connect calls it once
+// the new connection is published (up and accepting requests), before the
+// connect returns, so that a test can act on the connection meanwhile.
+extern std::atomic<void (*)()> g_connected_hook;
+
 // Name lookups in flight are shared by every connect to the same host and
 // port, in all stores. Around fork() (the store's pthread_atfork
 // handlers): the child gets their table whole, without the lookups (their

@@ -193,6 +193,7 @@ int ResolveBefore(const std::string& host, const std::string& port,
 }  // namespace
 
 std::atomic<GetAddrInfoFunction> g_getaddrinfo{&getaddrinfo};
+std::atomic<void (*)()> g_connected_hook{nullptr};
 
 std::mutex& FilesMutex() {
   static auto* mu = new std::mutex;  // never destroyed: used at exit

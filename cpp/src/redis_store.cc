@@ -740,8 +740,8 @@ void Lane::Finish(std::vector<Op*>* completed, std::vector<Op*>* failed) {
   failed->clear();
 }
 
-// Lock order: conn_mu_ may be held when taking q_mu_ (TryInline), never
-// the reverse.
+// Lock order: conn_mu_ may be held when taking q_mu_ (TryInline,
+// Connect), never the reverse.
 void Lane::StopAccepting(std::vector<Op*>* failed) {
   std::vector<Op*> queued;
   {
@@ -1198,6 +1198,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
     }
     return false;
   }
+  bool was_down;
   {
     std::lock_guard<std::mutex> lock(conn_mu_);
     fd_ = fd;
@@ -1205,22 +1206,34 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
     reader_ = reader;
     out_.clear();
     out_off_ = 0;
+    // Once kUp is published, a caller running inline (TryInline) may use
+    // the connection, meet a failure and break it: it reports the outage
+    // and calls StopAccepting, both under conn_mu_. accepting_ and
+    // reported_down_ are therefore settled here, under conn_mu_ too (taking
+    // q_mu_ under it is the lock order). Set after releasing it, accepting_
+    // could come after that caller's StopAccepting and leave a lane that is
+    // down yet accepting: requests then queued for the next connect
+    // attempt, each waiting up to its own timeout (async ones up to the
+    // connect timeout) instead of getting the failure policy at once, for
+    // as long as Redis stayed unreachable; and the outage's report was
+    // reset, so no "is back" followed it.
+    was_down = reported_down_.exchange(false);
     state_.store(kUp, std::memory_order_release);
-  }
-  {
-    std::lock_guard<std::mutex> lock(q_mu_);
+    std::lock_guard<std::mutex> q_lock(q_mu_);
     accepting_ = !stop_;
+  }
+  if (auto* connected = g_connected_hook.load(std::memory_order_relaxed)) {
+    connected();
   }
   backoff_ = o.reconnect_min_nanos;
   Add(engine_->counters->reconnects);
-  if (reported_down_) {
+  if (was_down) {
     engine_->Log(RedisLogLevel::kInfo,
                  "redis at " + engine_->Endpoint() + " is back");
   } else {
     engine_->Log(RedisLogLevel::kDebug,
                  "connected to redis at " + engine_->Endpoint());
   }
-  reported_down_ = false;
   return true;
 }
 

@@ -2046,6 +2046,151 @@ TEST_F(RedisStoreTest, CloseDoesNotWaitForAReconnect) {
             DecisionSource::kFailOpen);
 }
 
+// Every kind of call at once, on two connections, while Redis keeps
+// dropping them (CLIENT KILL: callers running a round trip inline meet the
+// break while the I/O threads reconnect), and then Close under the
+// traffic: every request is answered, each asynchronous one exactly once,
+// and nothing hangs. Meant for ThreadSanitizer as much as for its checks.
+TEST_F(RedisStoreTest, CallsOfEveryKindThroughDisconnectsAndClose) {
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFallback);
+  o.pool_size = 2;
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  ASSERT_TRUE(store->Connected());
+  // Low enough that rejections fill the blocked-key cache.
+  const Limit l = L("20 per second");
+  std::atomic<bool> stop{false};
+  struct Answers {
+    std::atomic<int> sent{0}, answered{0}, empty{0};
+  } async;
+  const DecideCallback done = [](void* ctx, const Decision*, size_t written,
+                                 size_t) {
+    auto* a = static_cast<Answers*>(ctx);
+    if (written == 0) a->empty.fetch_add(1);
+    a->answered.fetch_add(1);
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {  // synchronous callers
+    threads.emplace_back([&, t] {
+      for (int64_t i = 0; !stop.load(); ++i) {
+        const std::string key = "LIMITER/s" + std::to_string((i + t) % 5);
+        const int64_t now = kT0 + i * kMs;
+        Hit(*store, Strategy::kFixedWindow, l, key, now);
+        Hit(*store, Strategy::kMovingWindow, l, key, now);
+        if (i % 7 == 0) {
+          const Request r{Strategy::kSlidingWindowCounter, &l, key, 1};
+          store->Inspect(r, now);
+          store->Incr(key, kSec, 1, now, nullptr);
+        }
+      }
+    });
+  }
+  threads.emplace_back([&] {  // asynchronous callers, deferred or not
+    for (int64_t i = 0; !stop.load(); ++i) {
+      const std::string key = "LIMITER/a" + std::to_string(i % 5);
+      const Request r{Strategy::kTokenBucket, &l, key, 1};
+      async.sent.fetch_add(1);
+      if (i % 2 == 0) {
+        store->DecideAsync(&r, 1, kT0 + i * kMs, Mode::kHit, done, &async);
+      } else {
+        store->DecideAsyncDeferred(&r, 1, kT0 + i * kMs, Mode::kHit, done,
+                                   &async);
+        if (i % 8 == 7) store->Flush();
+      }
+      if (i % 64 == 63) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
+    store->Flush();
+  });
+  threads.emplace_back([&] {  // reads and resets
+    for (int i = 0; !stop.load(); ++i) {
+      (void)store->Stats();
+      (void)store->Connected();
+      store->Clear(Strategy::kFixedWindow, "LIMITER/s" + std::to_string(i % 5));
+      if (i % 10 == 0) store->Reset();
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  for (int i = 0; i < 8; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    server_.Command({"CLIENT", "KILL", "TYPE", "normal"});
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  store->Close();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  // Close answered whatever was queued or in flight; later requests were
+  // answered when submitted.
+  EXPECT_EQ(async.answered.load(), async.sent.load());
+  EXPECT_EQ(async.empty.load(), 0);
+  EXPECT_GT(store->Stats().disconnects, 0u);
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "LIMITER/late", kT0).source,
+            DecisionSource::kFallback);
+}
+
+// Holds an I/O thread in its connect, once the new connection is
+// published, until released (redis::g_connected_hook).
+std::atomic<bool> g_hold_armed{false}, g_holding{false}, g_release{false};
+void HoldAfterConnect() {
+  if (!g_hold_armed.exchange(false)) return;
+  g_holding.store(true);
+  while (!g_release.load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// A caller running inline breaks a connection the moment the I/O thread
+// has published it, before that thread's connect has returned: the lane
+// is down, and requests must get the policy at once rather than queue for
+// the next connect attempt. The connect set accepting_ after publishing
+// the connection, outside conn_mu_, undoing the caller's StopAccepting:
+// the next request waited its whole timeout (fails on that code).
+TEST_F(RedisStoreTest, InlineBreakRightAfterAReconnectStopsAccepting) {
+  auto store = Make(Options(RedisFailurePolicy::kFailClosed));
+  const Limit l = L("1000 per minute");
+  ASSERT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kStore);
+  g_release.store(false);
+  g_holding.store(false);
+  g_hold_armed.store(true);
+  redis::g_connected_hook.store(&HoldAfterConnect);
+  struct Unhook {
+    ~Unhook() {
+      g_release.store(true);
+      redis::g_connected_hook.store(nullptr);
+    }
+  } unhook;
+  // Redis drops the idle connection: the I/O thread reconnects and stops
+  // in the hook with the new connection up.
+  ASSERT_TRUE(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).ok());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!g_holding.load() && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(g_holding.load());
+  // Redis stops answering; a request run inline times out and breaks the
+  // new connection.
+  std::thread sleeper = server_.SleepInBackground("0.8");
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailClosed);
+  EXPECT_FALSE(store->Connected());
+  const uint64_t timeouts = store->Stats().timeouts;
+  // The I/O thread finishes its connect and starts the next (the server
+  // still sleeps, so that one waits for its handshake's reply).
+  g_release.store(true);
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailClosed);
+  EXPECT_LT(std::chrono::steady_clock::now() - start,
+            std::chrono::milliseconds(100));
+  EXPECT_EQ(store->Stats().timeouts, timeouts);
+  sleeper.join();
+  EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+}
+
 // -------------------------------------------------------------------- fork
 
 TEST_F(RedisStoreTest, ForkedChildGetsItsOwnConnection) {
