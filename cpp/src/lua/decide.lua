@@ -90,8 +90,7 @@ local moving, mul_lt
 -- of their logs, 9 values per limit.
 local pre, pmv, mst
 -- A value that starts with a moving window's header (its length unknown).
-local NOLOG = 'a string that is no moving window\'s log (a header or ' ..
-              'entries this script did not write)'
+local NOLOG = 'a string that is no moving window\'s log this script wrote'
 -- A value of a state's length whose numbers no state has where they would
 -- make a write's TTL one Redis refuses (a Lua error for the whole call).
 local NOSTATE = 'a string with numbers no state of its strategy has'
