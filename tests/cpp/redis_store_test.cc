@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <functional>
 #include <future>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -26,6 +27,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -788,13 +790,39 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
       ASSERT_TRUE(
           server_.Command({"SET", key(Strategy::kMovingWindow, k), v}).ok());
     }
+    // Values of a state's length whose numbers made a write's TTL one
+    // Redis refuses (a Lua error for the whole call): a live bucket's TAT
+    // ns of -1e18 (a negative PX when the TTL is renewed; with a horizon
+    // ahead the fast path wrote over the value instead), a sliding window's
+    // index 1e20 (a PX beyond what Redis reads as an integer).
+    const auto doubles = [](std::initializer_list<double> ds) {
+      std::string v;
+      for (double d : ds) v.append(reinterpret_cast<const char*>(&d), 8);
+      return v;
+    };
+    const std::vector<std::tuple<Strategy, std::string, std::string>> numbers =
+        {{Strategy::kTokenBucket, "LIMITER/bad-tb-ns",
+          doubles({base + 1, -1e18, 0, 0})},
+         {Strategy::kTokenBucket, "LIMITER/bad-tb-hs",
+          doubles({base + 1, -1e18, 0, base + 1e6})},
+         {Strategy::kSlidingWindowCounter, "LIMITER/bad-sw-ahead",
+          doubles({1e20, 1, 0, 0})}};
+    for (const auto& [s, k, v] : numbers) {
+      ASSERT_TRUE(server_.Command({"SET", key(s, k), v}).ok());
+    }
     EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
 
-    // Alone in its call.
-    const Decision alone =
-        Hit(*store, Strategy::kFixedWindow, l, "LIMITER/bad-fw", kT0);
-    EXPECT_NE(alone.source, DecisionSource::kStore);
-    EXPECT_EQ(store->Stats().errors, 1u);
+    // Alone in their calls.
+    const std::vector<std::pair<Strategy, std::string>> alone = {
+        {Strategy::kFixedWindow, "LIMITER/bad-fw"},
+        {Strategy::kTokenBucket, "LIMITER/bad-tb-ns"},
+        {Strategy::kTokenBucket, "LIMITER/bad-tb-hs"},
+        {Strategy::kSlidingWindowCounter, "LIMITER/bad-sw-ahead"}};
+    for (const auto& [s, k] : alone) {
+      SCOPED_TRACE(k);
+      EXPECT_NE(Hit(*store, s, l, k, kT0).source, DecisionSource::kStore);
+    }
+    EXPECT_EQ(store->Stats().errors, alone.size());
 
     struct Req {
       std::vector<std::pair<Strategy, std::string>> limits;
@@ -845,6 +873,25 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
           {Strategy::kTokenBucket, "LIMITER/tb"}},
          false,
          Mode::kTest},
+        // Numbers no state has: alone, after a limit of the request they
+        // leave uncounted, and in a test.
+        {{{Strategy::kTokenBucket, "LIMITER/bad-tb-ns"}}, true},
+        {{{Strategy::kTokenBucket, "LIMITER/bad-tb-hs"}}, true},
+        {{{Strategy::kSlidingWindowCounter, "LIMITER/bad-sw-ahead"}}, true},
+        {{{Strategy::kFixedWindow, "LIMITER/first-fw4"},
+          {Strategy::kTokenBucket, "LIMITER/bad-tb-ns"}},
+         true},
+        {{{Strategy::kTokenBucket, "LIMITER/first-tb2"},
+          {Strategy::kTokenBucket, "LIMITER/bad-tb-hs"}},
+         true},
+        {{{Strategy::kTokenBucket, "LIMITER/first-tb3"},
+          {Strategy::kSlidingWindowCounter, "LIMITER/bad-sw-ahead"}},
+         true},
+        {{{Strategy::kFixedWindow, "LIMITER/fw"},
+          {Strategy::kSlidingWindowCounter, "LIMITER/bad-sw-ahead"}},
+         true,
+         Mode::kTest},
+        {{{Strategy::kFixedWindow, "LIMITER/fw"}}, false},
     };
     const size_t n = spec.size();
     std::vector<std::vector<Request>> reqs(n);
@@ -886,13 +933,14 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
           EXPECT_EQ(d.back().source, DecisionSource::kFailClosed);
           break;
         case RedisFailurePolicy::kFallback:
-          // Counted once, in memory (bad-fw was hit alone before, and a
+          // Counted once, in memory (the keys hit alone before, and a
           // key of an earlier refused request was counted there).
           EXPECT_TRUE(d.back().allowed);
           EXPECT_EQ(d.back().source, DecisionSource::kFallback);
           if (spec[r].mode == Mode::kHit) {
             const std::string& k = spec[r].limits[0].second;
-            int64_t before = k == "LIMITER/bad-fw" ? 1 : 0;
+            int64_t before = 0;
+            for (const auto& one : alone) before += one.second == k;
             for (size_t e = 0; e < r; ++e) {
               if (!spec[e].bad || spec[e].mode != Mode::kHit) continue;
               for (const auto& limit : spec[e].limits) {
@@ -911,11 +959,11 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
     EXPECT_EQ(after.errors - before.errors, static_cast<uint64_t>(refused));
     EXPECT_EQ(after.mismatches, 0u);
 
-    // Counted once each, in Redis: "fw" by two requests.
+    // Counted once each, in Redis: "fw" by three requests.
     const auto stored = [&](Strategy s, const std::string& k) {
       return StoredDoubles(get(s, k).str);
     };
-    EXPECT_EQ(stored(Strategy::kFixedWindow, "LIMITER/fw").at(0), 2);
+    EXPECT_EQ(stored(Strategy::kFixedWindow, "LIMITER/fw").at(0), 3);
     EXPECT_EQ(stored(Strategy::kFixedWindow, "LIMITER/fw2").at(0), 1);
     // The moving window's header: base, head, size ...
     EXPECT_EQ(stored(Strategy::kMovingWindow, "LIMITER/mw").at(2), 1);
@@ -939,6 +987,9 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
     EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw2"), "none");
     EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw3"), "none");
     EXPECT_EQ(type(Strategy::kMovingWindow, "LIMITER/first-mw3"), "none");
+    EXPECT_EQ(type(Strategy::kFixedWindow, "LIMITER/first-fw4"), "none");
+    EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/first-tb2"), "none");
+    EXPECT_EQ(type(Strategy::kTokenBucket, "LIMITER/first-tb3"), "none");
     // The foreign values are as the application left them.
     const std::string list = key(Strategy::kFixedWindow, "LIMITER/bad-fw");
     EXPECT_EQ(server_.Command({"LLEN", list}).integer, 1);
@@ -960,6 +1011,11 @@ TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {
       EXPECT_EQ(
           server_.Command({"TTL", key(Strategy::kMovingWindow, k)}).integer,
           -1);
+    }
+    for (const auto& [s, k, v] : numbers) {
+      SCOPED_TRACE(k);
+      EXPECT_EQ(get(s, k).str, v);
+      EXPECT_EQ(server_.Command({"TTL", key(s, k)}).integer, -1);
     }
     store->Close();
   }

@@ -50,7 +50,9 @@
 -- A request whose key Redis refuses (a value of another type: WRONGTYPE;
 -- a key its ACL user may not read: NOPERM) or holds a string this script
 -- did not write (a length no state of its strategy has; for a moving
--- window, a header no ring has or entries missing) answers in place
+-- window, a header no ring has or entries missing; for a token bucket, a
+-- TAT's ns below 0; for a sliding window, a window so far ahead of now
+-- that its TTL would be one Redis refuses) answers in place
 -- of its blocks the flag byte 32, then its limit number and the message's
 -- length as doubles, then the message (one space longer where the whole
 -- would be 24 or 32 bytes, the lengths of a bare value). Such a request
@@ -88,8 +90,10 @@ local moving, mul_lt
 -- of their logs, 9 values per limit.
 local pre, pmv, mst
 -- A value that starts with a moving window's header (its length unknown).
-local NOLOG = 'a string that is no moving window\'s log (a header or ' ..
-              'entries this script did not write)'
+local NOLOG = 'a string that is no moving window\'s log this script wrote'
+-- A value of a state's length whose numbers no state has where they would
+-- make a write's TTL one Redis refuses (a Lua error for the whole call).
+local NOSTATE = 'a string with numbers no state of its strategy has'
 
 -- The reply's pieces; a call for one request with one limit (88 bytes of
 -- argument) answers without them in the common case.
@@ -144,61 +148,66 @@ while pos < nargs do
     v0 = try('GET', key)
     if v0 and #v0 == 32 then
       local x1, x2, x3, hs = unpack('<dddd', v0)
-      local p2, p3, p4, p5 = unpack('<dddd', args, first + 24)
-      local an, af = p2, p3
-      local live = x1 > now_s or (x1 == now_s and x2 > now_ns)
-      if live then
-        an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
-        if af >= a1 then an, af = an + 1, af - a1 end
-      end
-      -- A cost of 0 takes nothing: always allowed, nothing written (the
-      -- bucket may look more than empty to a clock behind the one that
-      -- charged it).
-      local ok = k1 == 0 or an < p4 or (an == p4 and af <= p5)
-      local done = true
-      if ok and k1 > 0 then
-        local t = now_ns + an
-        local sec = t / E9
-        sec = sec - sec % 1
-        t = t - sec * E9
-        if t < 0 then
-          sec, t = sec - 1, t + E9
-        elseif t >= E9 then
-          sec, t = sec + 1, t - E9
-        end
-        sec = now_s + sec
-        if sec < hs then
-          call('SETRANGE', key, '0', pack('<ddd', sec, t, af))
-        else
-          done = false  -- the loop renews the TTL
-        end
-      end
-      if done then
-        pos = first + 64
-        ki = ki + 1
-        nk = 0
+      -- A TAT's ns below 0 is no bucket's (the script writes 0 .. 1e9 - 1)
+      -- and could make the TTL negative (a Lua error for the whole call):
+      -- the loop refuses it. One comparison, on a value already unpacked.
+      if x2 >= 0 then
+        local p2, p3, p4, p5 = unpack('<dddd', args, first + 24)
+        local an, af = p2, p3
+        local live = x1 > now_s or (x1 == now_s and x2 > now_ns)
         if live then
-          local f = '\20'  -- the flags of the loop's reply below
-          if ok then
-            if nout == 0 and pos >= nargs then return v0 end
-            f = '\21'
+          an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
+          if af >= a1 then an, af = an + 1, af - a1 end
+        end
+        -- A cost of 0 takes nothing: always allowed, nothing written (the
+        -- bucket may look more than empty to a clock behind the one that
+        -- charged it).
+        local ok = k1 == 0 or an < p4 or (an == p4 and af <= p5)
+        local done = true
+        if ok and k1 > 0 then
+          local t = now_ns + an
+          local sec = t / E9
+          sec = sec - sec % 1
+          t = t - sec * E9
+          if t < 0 then
+            sec, t = sec - 1, t + E9
+          elseif t >= E9 then
+            sec, t = sec + 1, t - E9
           end
-          if nout == 0 and pos >= nargs then return f .. v0 end
-          out[nout + 1] = f
-          out[nout + 2] = v0
-          nout = nout + 2
-        else
-          -- A full bucket (fresh): its TAT means nothing to the caller, so
-          -- the flags say no values follow (24), which keeps 32 bytes out
-          -- of the batch's reply string.
-          local f = '\30'
-          if ok then
-            if nout == 0 and pos >= nargs then return v0 end
-            f = '\31'
+          sec = now_s + sec
+          if sec < hs then
+            call('SETRANGE', key, '0', pack('<ddd', sec, t, af))
+          else
+            done = false  -- the loop renews the TTL
           end
-          if nout == 0 and pos >= nargs then return f end
-          nout = nout + 1
-          out[nout] = f
+        end
+        if done then
+          pos = first + 64
+          ki = ki + 1
+          nk = 0
+          if live then
+            local f = '\20'  -- the flags of the loop's reply below
+            if ok then
+              if nout == 0 and pos >= nargs then return v0 end
+              f = '\21'
+            end
+            if nout == 0 and pos >= nargs then return f .. v0 end
+            out[nout + 1] = f
+            out[nout + 2] = v0
+            nout = nout + 2
+          else
+            -- A full bucket (fresh): its TAT means nothing to the caller, so
+            -- the flags say no values follow (24), which keeps 32 bytes out
+            -- of the batch's reply string.
+            local f = '\30'
+            if ok then
+              if nout == 0 and pos >= nargs then return v0 end
+              f = '\31'
+            end
+            if nout == 0 and pos >= nargs then return f end
+            nout = nout + 1
+            out[nout] = f
+          end
         end
       end
     end
@@ -241,6 +250,29 @@ while pos < nargs do
           local n = 32
           if code == 0 or code == 4 then n = 24 end
           if v and #v ~= n then bad, bi = v, i break end
+          -- The numbers the loop refuses (see there), before the first
+          -- write. A sliding window's key an earlier limit of the request
+          -- names too holds that limit's window by then, if later.
+          if code == 3 then
+            if v and not (unpack('<d', v, 9) >= 0) then
+              bad, bi = {err = NOSTATE}, i
+              break
+            end
+          elseif code == 2 then
+            local at = first + (i - 1) * 56
+            local p2, p3 = unpack('<dd', args, at + 24)
+            local w = v and unpack('<d', v)
+            for j = 1, i - 1 do
+              if keys[k0 + j] == key then
+                local cj, _, _, pj = unpack('<dddd', args, at - (i - j) * 56)
+                if cj == 2 and not (w and w >= pj) then w = pj end
+              end
+            end
+            if w and w > p2 and not ((w - p2) * p3 < 9e22) then
+              bad, bi = {err = NOSTATE}, i
+              break
+            end
+          end
         end
         -- A key an earlier limit of the request names too is read again
         -- by the loop, after that limit's write.
@@ -520,6 +552,8 @@ while pos < nargs do
           if v then
             if #v ~= 32 then bad, bi = v, i break end
             x1, x2, x3, hs = unpack('<dddd', v)
+            -- As in the fast path above (and the prefetch).
+            if not (x2 >= 0) then bad, bi = {err = NOSTATE}, i break end
             raw = v
             if x1 > now_s or (x1 == now_s and x2 > now_ns) then
               fresh = 0
@@ -574,7 +608,19 @@ while pos < nargs do
         -- time. A clock behind the newest window the key has counts in
         -- counts in that window, as at its start (nothing is lost).
         local w, pttl = p2, p4
-        if fresh == 0 and x1 > p2 then w, pttl = x1, p3 end
+        if fresh == 0 and x1 > p2 then
+          -- The TTL below is the lead over now's window plus at most
+          -- three periods and the slack: 1e17 ms or more reaches Redis in
+          -- exponent form (a Lua number of 17 digits), which it refuses. A
+          -- lead below 9e22 ns (2.9 million years; an int64 clock spans
+          -- 292) keeps it under. The prefetch checks this before a
+          -- request's first write.
+          if not ((x1 - p2) * p3 < 9e22) then
+            bad, bi = {err = NOSTATE}, i
+            break
+          end
+          w, pttl = x1, p3
+        end
         local c, p = x2, x3
         if fresh == 1 or x1 < w - 1 then
           c, p = 0, 0
