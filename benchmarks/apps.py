@@ -139,6 +139,14 @@ class Driver:
         self.statuses: Counter[int] = Counter()
         self.last_headers: list[tuple[bytes, bytes]] = []
 
+    def close(self) -> None:
+        """Closes the app's limiter where it can be (rapidlimit's): FastAPI
+        keeps a dropped app's endpoints in its caches, and with them a Redis
+        limiter's connection, whose reconnects log once its server stops."""
+        close = getattr(getattr(self.app.state, "limiter", None), "close", None)
+        if callable(close):
+            close()
+
     async def _receive(self) -> dict[str, Any]:
         return _REQUEST
 

@@ -288,6 +288,7 @@ def per_request(
                         f"{c} {x:.2f}" for c, x in sorted(breakdown.items())
                     )
                     res.log(f"{lbl}: commands per request: {pretty or 'none'}")
+                    d.close()
     finally:
         loop.close()
 
@@ -331,6 +332,8 @@ def concurrency(
         variants = {f"{pkg}.c{c}": sampler(pkg, c) for pkg in packages for c in levels}
         samples = interleaved(variants, reps)
     finally:
+        for _, d in drivers.values():
+            d.close()
         loop.close()
     for c in levels:
         for pkg in packages:
