@@ -66,6 +66,9 @@ void BindStorage(py::module_& m) {
       .def("check", [](StorageHandle&) { return true; })
       .def("reset", [](StorageHandle& h) { return h.store->Reset(); })
       .def("__len__", [](StorageHandle& h) { return h.store->Size(); })
+      // A store is true even when empty, as limits' storages are: code
+      // such as `limiter._storage or MemoryStorage()` must keep it.
+      .def("__bool__", [](StorageHandle&) { return true; })
       .def(
           "incr",
           [](StorageHandle& h, const std::string& key, double expiry,

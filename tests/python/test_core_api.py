@@ -302,6 +302,9 @@ def test_storage_reset_and_len() -> None:
     assert len(storage) == 12
     assert storage.reset() == 12
     assert len(storage) == 0
+    # True when empty, as limits' storages are: `storage or MemoryStorage()`
+    # keeps it.
+    assert storage and bool(MemoryStorage())
     for limiter in limiters:
         assert limiter.hit(item, "a", now=T0)
     assert storage.check() is True

@@ -409,6 +409,7 @@ def test_reset_and_len(server: RedisServer) -> None:
     server.client().set("other", "1")
     assert store.reset() == 4
     assert len(store) == 0
+    assert store  # true when empty, as limits' storages are
     assert server.client().get("other") == "1"
     store.close()
 
