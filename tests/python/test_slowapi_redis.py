@@ -96,13 +96,16 @@ def make_app(
     return app
 
 
-def limiter_for(server: RedisServer, path: str, **kwargs: Any) -> Limiter:
+def limiter_for(
+    server: RedisServer, path: str, uri: str | None = None, **kwargs: Any
+) -> Limiter:
+    """A limiter on ``server`` (or on ``uri``, another way to reach it)."""
     # With a middleware and no decorator, the route's limit is the default.
     options = kwargs.pop("storage_options", {})
     return Limiter(
         key_func=get_remote_address,
         headers_enabled=True,
-        storage_uri=server.uri,
+        storage_uri=uri or server.uri,
         storage_options=options,
         default_limits=["3/minute"] if path.endswith("middleware") else None,
         **kwargs,
@@ -484,12 +487,8 @@ def test_failover_reaches_the_new_primary(
     try:
         link = str(tmp_path / "redis.sock")
         os.symlink(server.unix_path, link)
-        limiter = Limiter(
-            key_func=get_remote_address,
-            headers_enabled=True,
-            storage_uri=f"redis+unix://{link}",
-            storage_options=FAST,
-            default_limits=["3/minute"] if path.endswith("middleware") else None,
+        limiter = limiter_for(
+            server, path, uri=f"redis+unix://{link}", storage_options=FAST
         )
         app = make_app(limiter, path)
 
