@@ -102,6 +102,11 @@ class TscClock {
                               seq, seq + 1, std::memory_order_acquire)) {
       return ns;  // another thread is re-anchoring
     }
+    // A reader that sees any of the stores below must also see the odd
+    // seq_ (the seqlock's writer side): the CAS's acquire alone lets them
+    // become visible before it under the C++ model (x86 does not reorder
+    // stores, so this costs no instruction there).
+    std::atomic_thread_fence(std::memory_order_release);
     if (origin_ns_ == 0) {  // the first anchor
       origin_tsc_ = tsc;
       origin_ns_ = ns;
