@@ -40,6 +40,12 @@ class Variant:
     # bench_http: a no-limiter server started and measured exactly as a
     # limited variant is (the method's own A/A check).
     control: bool = False
+    # serve.py's uvicorn protocol: "h11" (every suite figure) or "httptools"
+    # (uvicorn[standard]'s; by-hand comparisons through bench_callgrind.py).
+    http: str = "h11"
+    # "none" only: the endpoint awaits asyncio.sleep(0) once, suspending the
+    # request as awaiting a Redis decision does (bench_callgrind's floor).
+    awaits: bool = False
 
     @property
     def limit(self) -> str:
@@ -60,6 +66,8 @@ class Variant:
             f"--storage-uri={self.storage_uri}",
             f"--endpoint={self.endpoint}",
             f"--key-prefix={self.key_prefix}",
+            f"--http={self.http}",
+            f"--awaits={int(self.awaits)}",
         ]
 
 
@@ -80,6 +88,10 @@ def make_app(v: Variant) -> Any:
             return {"ok": True}
 
     if v.package == "none":
+        if v.headers:
+            endpoint = _sending_limit_headers(v)
+        elif v.awaits:
+            endpoint = _awaiting_once()
         app.get(ROUTE)(endpoint)
         return app
 
@@ -110,6 +122,49 @@ def make_app(v: Variant) -> Any:
         endpoint = limiter.limit(v.limit)(endpoint)
     app.get(ROUTE)(endpoint)
     return app
+
+
+# What a limiter with headers on adds to this app's responses (as rapidlimit
+# sends them for ALLOWED_LIMIT: names, order and value lengths).
+LIMIT_HEADERS = [
+    (b"x-ratelimit-limit", b"100000000"),
+    (b"x-ratelimit-remaining", b"99999997"),
+    (b"x-ratelimit-reset", b"1796502906"),
+    (b"retry-after", b"86400"),
+]
+
+
+def _sending_limit_headers(v: Variant) -> Any:
+    """The no-limiter endpoint with headers on: it adds the four headers
+    itself in the cheapest way FastAPI allows (no wrapper around it), so
+    that what the server and the framework spend on carrying them, which any
+    limiter sending them pays, can be told apart from the limiter's own."""
+    if v.endpoint == "async":
+
+        async def endpoint(request: Request, response: Response) -> dict[str, bool]:
+            response.headers.raw.extend(LIMIT_HEADERS)
+            return {"ok": True}
+
+    else:
+
+        def endpoint(request: Request, response: Response) -> dict[str, bool]:  # type: ignore[misc]
+            response.headers.raw.extend(LIMIT_HEADERS)
+            return {"ok": True}
+
+    return endpoint
+
+
+def _awaiting_once() -> Any:
+    """The no-limiter async endpoint suspended once, as every request whose
+    decision waits for Redis is: what suspending and resuming the request's
+    coroutines costs (and the garbage collections that requests suspended
+    together bring), which any limiter that awaits I/O pays."""
+
+    async def endpoint(request: Request, response: Response) -> dict[str, bool]:
+        await asyncio.sleep(0)
+        return {"ok": True}
+
+    return endpoint
 
 
 # ------------------------------------------------------------------ driver

@@ -60,6 +60,12 @@ SUBJECTS: dict[str, tuple[int, int, bool]] = {
     # 16 keep-alive connections: the end-to-end figures without the VM's
     # noise. Instructions of all the server's threads.
     "http.none": (100, 500, False),
+    # No limiter, the endpoint adding the four headers a limiter with
+    # headers on sends: what carrying them costs the server whoever sets them.
+    "http.none.headers": (100, 500, False),
+    # No limiter, the endpoint awaiting asyncio.sleep(0) once: what a request
+    # suspended on its Redis decision costs whatever it waits for.
+    "http.none.await": (100, 500, False),
     "http.rapidlimit": (100, 500, False),
     "http.rapidlimit.headers": (100, 500, False),
     "http.rapidlimit.headers.rejected": (100, 500, False),
@@ -228,7 +234,7 @@ def _instructions(subject: str, n: int, tmp: Path, toggle: str) -> int:
     return int(m.group(1))
 
 
-def _http_variant(subject: str, redis_uri: str) -> Any:
+def _http_variant(subject: str, redis_uri: str, http: str = "h11") -> Any:
     from apps import Variant
 
     parts = subject.split(".")[1:]
@@ -237,6 +243,8 @@ def _http_variant(subject: str, redis_uri: str) -> Any:
         headers="headers" in parts,
         traffic="rejected" if "rejected" in parts else "allowed",
         storage_uri=redis_uri if "redis" in parts else "memory://",
+        http=http,
+        awaits="await" in parts,
     )
 
 
@@ -292,7 +300,7 @@ def _wait_exit(pid: int, timeout: float) -> None:
 
 
 def _http_instructions(
-    subject: str, n: int, tmp: Path, toggle: str, redis_uri: str
+    subject: str, n: int, tmp: Path, toggle: str, redis_uri: str, http: str = "h11"
 ) -> int:
     """The server's instructions over a load of ``n`` requests (the switch
     goes on and off around it, each followed by one request so that the
@@ -300,7 +308,7 @@ def _http_instructions(
     import asyncio
     import signal
 
-    v = _http_variant(subject, redis_uri)
+    v = _http_variant(subject, redis_uri, http)
     out = tmp / f"cg.{subject}.{n}.out"
     env = dict(os.environ, PYTHONHASHSEED="0", RL_CG_TOGGLE=toggle)
     valgrind = [
@@ -424,6 +432,18 @@ def run(cfg: Config, res: SectionResult) -> None:
             per_op[allowed],
             better="lower",
         )
+    for floor, rap, what in (
+        ("http.none.headers", "http.rapidlimit.headers", "sending the same headers"),
+        ("http.none.await", "http.rapidlimit.redis", "awaiting once"),
+    ):
+        if floor in per_op and rap in per_op:
+            res.ratio(
+                f"{rap}.vs_{floor[5:].replace('.', '_')}",
+                f"{rap}: server instructions per request / no limiter {what}",
+                per_op[rap],
+                per_op[floor],
+                better="lower",
+            )
     for subject, samples in per_op.items():
         if (
             subject.startswith("http.")
@@ -449,8 +469,46 @@ def run(cfg: Config, res: SectionResult) -> None:
     )
 
 
+def _by_hand(argv: list[str]) -> None:
+    """``http [--http httptools] [--redis] SUBJECT...``: the server's
+    instructions per request for http subjects, one run pair each, printed
+    (for comparisons the suite does not make, such as uvicorn's httptools
+    protocol)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="bench_callgrind.py http")
+    p.add_argument("--http", default="h11", choices=("h11", "httptools"))
+    p.add_argument(
+        "subjects", nargs="+", choices=[s for s in SUBJECTS if s[:5] == "http."]
+    )
+    a = p.parse_args(argv)
+    with (
+        tempfile.TemporaryDirectory(prefix="rl-callgrind-") as tmpdir,
+        contextlib.ExitStack() as stack,
+    ):
+        tmp = Path(tmpdir)
+        toggle = _build_toggle(tmp)
+        redis_uri, why = _http_prerequisites(toggle, stack)
+        if not toggle:
+            raise SystemExit(why)
+        for subject in a.subjects:
+            if subject.endswith(".redis") and not redis_uri:
+                raise SystemExit(why)
+            n1, n2, _ = SUBJECTS[subject]
+            b = _http_instructions(subject, n2, tmp, toggle, redis_uri, a.http)
+            c = _http_instructions(subject, n1, tmp, toggle, redis_uri, a.http)
+            print(
+                f"{subject} ({a.http}): {(b - c) / (n2 - n1):,.0f} Ir/req", flush=True
+            )
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "worker":
         _worker(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "http":
+        _by_hand(sys.argv[2:])
     else:
-        raise SystemExit("usage: bench_callgrind.py worker SUBJECT N")
+        raise SystemExit(
+            "usage: bench_callgrind.py worker SUBJECT N\n"
+            "       bench_callgrind.py http [--http httptools] SUBJECT..."
+        )

@@ -180,8 +180,10 @@ def fmt_number(value: float) -> str:
         return f"{value:,.0f}"
     if mag >= 10:
         return f"{value:.1f}"
-    if mag >= 1:
+    if mag >= 1.1:
         return f"{value:.2f}"
+    # Ratios just above 1 keep the third decimal that those just below it
+    # have: the instruction ratios differ in it (1.006 against 1.010).
     return f"{value:.3f}"
 
 

@@ -27,6 +27,13 @@ def main() -> None:
     p.add_argument("--endpoint", default="async")
     p.add_argument("--key-prefix", default="")
     p.add_argument(
+        "--http",
+        default="h11",
+        choices=("h11", "httptools"),
+        help="uvicorn's HTTP protocol (the suite's figures: h11)",
+    )
+    p.add_argument("--awaits", type=int, default=0)
+    p.add_argument(
         "--gc-freeze",
         type=int,
         default=0,
@@ -42,6 +49,8 @@ def main() -> None:
         storage_uri=a.storage_uri,
         endpoint=a.endpoint,
         key_prefix=a.key_prefix,
+        http=a.http,
+        awaits=bool(a.awaits),
     )
     toggle = os.environ.get("RL_CG_TOGGLE")
     if toggle:
@@ -74,7 +83,7 @@ def main() -> None:
         log_level="warning",
         # Named, not "auto": installing uvicorn[standard] (uvloop, httptools)
         # must not change the server of earlier runs under the same figures.
-        http="h11",
+        http=a.http,
         loop="asyncio",
         access_log=False,
     )

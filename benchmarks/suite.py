@@ -352,9 +352,35 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "  floor: a no-limiter endpoint setting the same four headers itself, "
+        "vs no limiter (callgrind)",
+        "callgrind.http.none.headers.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  memory, headers on, vs that endpoint (callgrind)",
+        "callgrind.http.rapidlimit.headers.vs_none_headers",
+        "",
+        "",
+    ),
+    (
         "HTTP server instructions per request vs no limiter, Redis, headers off "
         "(callgrind)",
         "callgrind.http.rapidlimit.redis.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  floor: a no-limiter endpoint awaiting asyncio.sleep(0) once, vs no "
+        "limiter (callgrind)",
+        "callgrind.http.none.await.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  Redis, headers off, vs that endpoint (callgrind)",
+        "callgrind.http.rapidlimit.redis.vs_none_await",
         "",
         "",
     ),
