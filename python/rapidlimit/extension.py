@@ -2384,6 +2384,20 @@ class Limiter:
                     seconds = used[index][0]._granularity_seconds
                     best = index
             decision = decisions[best]
+            # slowapi reads the headers' counter once the whole request was
+            # counted: when a later limit of this request charged the same
+            # counter (a route limit also among the defaults), its decision
+            # is the counter's final state.
+            lim, key, scope = used[best]
+            for index in range(last, best, -1):
+                other = used[index]
+                if (
+                    other[1] == key
+                    and other[2] == scope
+                    and other[0].limit == lim.limit
+                ):
+                    decision = decisions[index]
+                    break
         lim, key, scope = used[best]
         state[_VIEW] = _make_view(lim, prefix, key, scope, decision)
         return None

@@ -308,6 +308,47 @@ def test_decorator_options_match_slowapi() -> None:
     _assert_same_keys(their_limiter, our_limiter)
 
 
+@pytest.mark.parametrize(
+    "strategy", ["fixed-window", "moving-window", "sliding-window-counter"]
+)
+def test_headers_of_a_counter_charged_twice_match_slowapi(strategy: str) -> None:
+    """A route limit that is also a default limit (override_defaults=False)
+    charges one counter twice per request; slowapi's headers read it after
+    both hits. Found by test_app_differential.py (seed 145): rapidlimit
+    reported the counter as the route limit's hit left it, one too high."""
+
+    def build(lib: types.SimpleNamespace) -> tuple[Starlette, Any]:
+        limiter = lib.Limiter(
+            key_func=lib.get_remote_address,
+            headers_enabled=True,
+            strategy=strategy,
+            default_limits=["5/hour"],
+        )
+        app = _app("starlette", lib, limiter)
+        _route(
+            app,
+            "starlette",
+            "/x",
+            limiter.limit("5/hour", override_defaults=False)(_view("async", "x")),
+        )
+        return app, limiter
+
+    steps = [GET, GET, 10, GET, GET]
+    # The sliding window's float reset (and the Retry-After slowapi derives
+    # from it): see test_decorator_matches_slowapi.
+    close: tuple[str, ...] = ()
+    if strategy == "sliding-window-counter":
+        close = ("x-ratelimit-reset", "retry-after")
+    _compare(build, steps, within_a_second=close)
+    ours, _ = _run("rapidlimit", build, steps)
+    assert [headers["x-ratelimit-remaining"] for *_, headers in ours] == [
+        "3",
+        "1",
+        "0",
+        "0",
+    ]
+
+
 @pytest.mark.parametrize("middleware", ["SlowAPIMiddleware", "SlowAPIASGIMiddleware"])
 @pytest.mark.parametrize("framework", ["fastapi", "starlette"])
 def test_middleware_defaults_match_slowapi(middleware: str, framework: str) -> None:
