@@ -8,7 +8,12 @@ cancelled out. The ``http.*`` subjects are a uvicorn server (serve.py, as in
 section 3) run under callgrind and loaded over HTTP by 16 keep-alive
 connections from this process: the end-to-end comparison with no limiter,
 free of the virtual machine's noise (user-space instructions only: the
-kernel's share of a request, its system calls, is not counted). When a C
+kernel's share of a request, its system calls, is not counted), next to two
+no-limiter floors that tell the limiter's own cost from what any limiter
+pays: the endpoint setting the four rate-limit headers itself, and the
+endpoint suspended once (``asyncio.sleep(0)``) as a request awaiting Redis
+is. ``bench_callgrind.py http [--http httptools] SUBJECT...`` measures http
+subjects by hand, with uvicorn's httptools protocol too. When a C
 compiler is at hand, a tiny helper (callgrind.h client requests, loaded with
 ctypes) switches instrumentation on only around the measured loop
 (``--instr-atstart=no``), which makes each run several times faster; the
