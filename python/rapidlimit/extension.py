@@ -883,6 +883,8 @@ async def wrapper({params}):
             return None
         return _rl_view  # the 429
     _rl_response = await {call}
+    if _rl_view is None and not _rl_limiter._auto_check:
+        _rl_view = _rl_limiter._view_checked_in(_rl_conn)
     if _rl_view is not None and _rl_limiter._headers_enabled:
         {merge}
     return _rl_response
@@ -1700,6 +1702,17 @@ class Limiter:
             self._retry_after != "http-date",  # the core's Retry-After applies
             self._merge_into,
         )
+
+    def _view_checked_in(self, conn: HTTPConnection) -> ViewRateLimit | None:
+        """With auto_check=False, the view a ``_check_request_limit`` call
+        made inside the endpoint left: slowapi's decorator adds the headers
+        of ``request.state.view_rate_limit`` after the endpoint whether or
+        not it checked itself, so a view that checks itself gets them."""
+        state = conn.scope.get("state") or {}
+        view = state.get(_VIEW)
+        if type(view) is ViewRateLimit and state.get(_BY) is self:
+            return view
+        return None
 
     def _merge_into(self, carrier: Response, view: ViewRateLimit) -> None:
         """merge_headers' general case: ``_MERGE_TEMPLATE`` for a response."""

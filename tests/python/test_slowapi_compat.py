@@ -431,3 +431,48 @@ def test_key_style_endpoint_matches_slowapi() -> None:
     steps = [("GET", "/items/1"), ("GET", "/items/2"), ("GET", "/items/3")]
     their_limiter, our_limiter = _compare(build, steps)
     _assert_same_keys(their_limiter, our_limiter)
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_auto_check_off_with_a_check_in_the_view_matches_slowapi(
+    framework: str, kind: str
+) -> None:
+    """auto_check=False, and the view checks itself with
+    ``_check_request_limit``: slowapi's decorator adds the headers of the
+    view that check left. Found by test_app_differential.py (seed 202):
+    rapidlimit's decorator added none once auto_check was off."""
+
+    def build(lib: types.SimpleNamespace) -> tuple[Starlette, Any]:
+        limiter = lib.Limiter(
+            key_func=lib.get_remote_address, headers_enabled=True, auto_check=False
+        )
+        app = _app(framework, lib, limiter)
+        views: list[Any] = []
+
+        if kind == "async":
+
+            async def x(request: Request) -> Response:
+                limiter._check_request_limit(request, views[0], False)
+                return PlainTextResponse("x")
+
+        else:
+
+            def x(request: Request) -> Response:  # type: ignore[misc]
+                limiter._check_request_limit(request, views[0], False)
+                return PlainTextResponse("x")
+
+        views.append(limiter.limit("2/minute")(x))
+        _route(app, framework, "/x", views[0])
+        return app, limiter
+
+    # slowapi computes Retry-After of a sync view in the worker thread, where
+    # freezegun gives the real clock (see test_decorator_matches_slowapi).
+    ignore = ("retry-after",) if kind == "sync" else ()
+    _compare(build, [GET, GET, GET, 61, GET], ignore)
+    ours, _ = _run("rapidlimit", build, [GET, GET, GET])
+    assert [headers.get("x-ratelimit-remaining") for *_, headers in ours] == [
+        "1",
+        "0",
+        "0",
+    ]
