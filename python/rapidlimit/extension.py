@@ -444,6 +444,26 @@ def _make_view(
     return view
 
 
+class _PartlyPrepared(Exception):
+    """A callable of one of a request's limits (key function, scope,
+    cost, exempt_when) raised after earlier limits were prepared. slowapi
+    charges a request's limits one by one, calling each limit's callables
+    just before its hit: it charges the limits before the one that fails
+    (stopping at a refusal, which is the answer then) and only then meets
+    the error. The limits before carry that order here."""
+
+    def __init__(
+        self,
+        requests: list[tuple[RateLimitItem, str, int]],
+        used: list[tuple[Limit, str, str]],
+        error: Exception,
+    ) -> None:
+        super().__init__()
+        self.requests = requests
+        self.used = used
+        self.error = error
+
+
 class _Unavailable:
     """The outcome of a check the storage refused to answer (a Redis
     storage whose policy is fail-closed): the request gets a 503."""
@@ -883,6 +903,8 @@ async def wrapper({params}):
             return None
         return _rl_view  # the 429
     _rl_response = await {call}
+    if _rl_view is None and not _rl_limiter._auto_check:
+        _rl_view = _rl_limiter._view_checked_in(_rl_conn)
     if _rl_view is not None and _rl_limiter._headers_enabled:
         {merge}
     return _rl_response
@@ -1701,6 +1723,17 @@ class Limiter:
             self._merge_into,
         )
 
+    def _view_checked_in(self, conn: HTTPConnection) -> ViewRateLimit | None:
+        """With auto_check=False, the view a ``_check_request_limit`` call
+        made inside the endpoint left: slowapi's decorator adds the headers
+        of ``request.state.view_rate_limit`` after the endpoint whether or
+        not it checked itself, so a view that checks itself gets them."""
+        state = conn.scope.get("state") or {}
+        view = state.get(_VIEW)
+        if type(view) is ViewRateLimit and state.get(_BY) is self:
+            return view
+        return None
+
     def _merge_into(self, carrier: Response, view: ViewRateLimit) -> None:
         """merge_headers' general case: ``_MERGE_TEMPLATE`` for a response."""
         raw = carrier.raw_headers
@@ -2067,7 +2100,12 @@ class Limiter:
         if self._storage_dead and not self._recovered():
             return self._check_in_fallback(conn, plan, state, endpoint_key)
         try:
-            prepared = self._prepare(conn, plan, state, endpoint_key)
+            partial: _PartlyPrepared | None = None
+            try:
+                prepared = self._prepare(conn, plan, state, endpoint_key)
+            except _PartlyPrepared as cut:
+                partial = cut
+                prepared = cut.requests, cut.used
             if prepared is None:
                 return None
             requests, used = prepared
@@ -2080,7 +2118,10 @@ class Limiter:
                 if _get_running_loop() is not None:
                     raise
                 pending = _decide_in_thread(storage, self._limiter, requests, now)
-            return self._conclude(await pending, used, state)
+            failed = self._conclude(await pending, used, state)
+            if partial is not None and failed is None:
+                raise partial.error
+            return failed
         except Exception as exc:
             return self._on_error(exc, conn, plan, state, endpoint_key)
 
@@ -2284,7 +2325,17 @@ class Limiter:
             )
             if failed is not _SKIP:
                 return failed  # type: ignore[no-any-return]
-        prepared = self._prepare(conn, plan, state, endpoint_key)
+        try:
+            prepared = self._prepare(conn, plan, state, endpoint_key)
+        except _PartlyPrepared as partial:
+            failed = self._conclude(
+                limiter.decide_many(partial.requests, now=time.time()),
+                partial.used,
+                state,
+            )
+            if failed is None:
+                raise partial.error from None
+            return failed
         if prepared is None:
             return None
         requests, used = prepared
@@ -2311,50 +2362,58 @@ class Limiter:
         used: list[tuple[Limit, str, str]] = []
         method = ""
         last_func: Any = None
-        for lim in limits:
-            if not lim._simple:
-                if not method:
-                    method = conn.scope.get("method") or "GET"
-                exempt_when = lim.exempt_when
-                if exempt_when is not None and (
-                    exempt_when(conn)
-                    if lim._exempt_when_takes_request
-                    else exempt_when()
-                ):
+        try:
+            for lim in limits:
+                if not lim._simple:
+                    if not method:
+                        method = conn.scope.get("method") or "GET"
+                    exempt_when = lim.exempt_when
+                    if exempt_when is not None and (
+                        exempt_when(conn)
+                        if lim._exempt_when_takes_request
+                        else exempt_when()
+                    ):
+                        continue
+                    if (
+                        lim._methods_upper is not None
+                        and method not in lim._methods_upper
+                    ):
+                        continue
+                func = lim.key_func
+                if func is not last_func:
+                    key = func(conn) if lim._key_takes_request else func()
+                    last_func = func
+                scope = lim._static_scope
+                if scope is None:
+                    scope_func = lim._scope_func
+                    if scope_func is None:
+                        scope = endpoint_key
+                    elif lim._scope_takes_request:
+                        scope = scope_func(conn)
+                    else:
+                        scope = scope_func(endpoint_key)
+                if lim.per_method:
+                    scope = f"{scope}:{method}"
+                if not key or not scope:
+                    self.logger.error(
+                        "Skipping limit: %s. Empty value found in parameters.",
+                        lim._text,
+                    )
                     continue
-                if lim._methods_upper is not None and method not in lim._methods_upper:
-                    continue
-            func = lim.key_func
-            if func is not last_func:
-                key = func(conn) if lim._key_takes_request else func()
-                last_func = func
-            scope = lim._static_scope
-            if scope is None:
-                scope_func = lim._scope_func
-                if scope_func is None:
-                    scope = endpoint_key
-                elif lim._scope_takes_request:
-                    scope = scope_func(conn)
-                else:
-                    scope = scope_func(endpoint_key)
-            if lim.per_method:
-                scope = f"{scope}:{method}"
-            if not key or not scope:
-                self.logger.error(
-                    "Skipping limit: %s. Empty value found in parameters.",
-                    lim._text,
+                cost_value = lim.cost
+                cost = cost_value(conn) if callable(cost_value) else cost_value
+                requests.append(
+                    (
+                        lim.limit,
+                        f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
+                        cost,
+                    )
                 )
-                continue
-            cost_value = lim.cost
-            cost = cost_value(conn) if callable(cost_value) else cost_value
-            requests.append(
-                (
-                    lim.limit,
-                    f"{prefix}/{key}/{scope}" if prefix else f"{key}/{scope}",
-                    cost,
-                )
-            )
-            used.append((lim, key, scope))
+                used.append((lim, key, scope))
+        except Exception as exc:
+            if requests:
+                raise _PartlyPrepared(requests, used, exc) from None
+            raise
         if not requests:
             state[_VIEW] = None
             return None

@@ -65,14 +65,20 @@ Builder = Callable[[types.SimpleNamespace], tuple[Starlette, Any]]
 
 
 def _run(
-    lib_name: str, build: Builder, steps: list[Step], ignore: tuple[str, ...] = ()
+    lib_name: str,
+    build: Builder,
+    steps: list[Step],
+    ignore: tuple[str, ...] = (),
+    raise_server_exceptions: bool = True,
 ) -> tuple[list[Any], Any]:
     lib = _lib(lib_name)
     # Built before freezing: FastAPI imports pydantic lazily, and pydantic's
     # date types cannot be defined while freezegun replaces datetime.date.
     app, limiter = build(lib)
     with freeze_time(FROZEN, real_asyncio=True) as frozen:
-        client = AsyncClientAdapter(app)
+        client = AsyncClientAdapter(
+            app, raise_server_exceptions=raise_server_exceptions
+        )
         seen = []
         for step in steps:
             if isinstance(step, (int, float)):
@@ -93,9 +99,14 @@ def _compare(
     steps: list[Step],
     ignore: tuple[str, ...] = (),
     within_a_second: tuple[str, ...] = (),
+    raise_server_exceptions: bool = True,
 ) -> tuple[Any, Any]:
-    theirs, their_limiter = _run("slowapi", build, steps, ignore)
-    ours, our_limiter = _run("rapidlimit", build, steps, ignore)
+    theirs, their_limiter = _run(
+        "slowapi", build, steps, ignore, raise_server_exceptions
+    )
+    ours, our_limiter = _run(
+        "rapidlimit", build, steps, ignore, raise_server_exceptions
+    )
     if within_a_second:
         for our_step, their_step in zip(ours, theirs):
             for name in within_a_second:
@@ -431,3 +442,83 @@ def test_key_style_endpoint_matches_slowapi() -> None:
     steps = [("GET", "/items/1"), ("GET", "/items/2"), ("GET", "/items/3")]
     their_limiter, our_limiter = _compare(build, steps)
     _assert_same_keys(their_limiter, our_limiter)
+
+
+@pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+@pytest.mark.parametrize("kind", ["async", "sync"])
+def test_auto_check_off_with_a_check_in_the_view_matches_slowapi(
+    framework: str, kind: str
+) -> None:
+    """auto_check=False, and the view checks itself with
+    ``_check_request_limit``: slowapi's decorator adds the headers of the
+    view that check left. Found by test_app_differential.py (seed 202):
+    rapidlimit's decorator added none once auto_check was off."""
+
+    def build(lib: types.SimpleNamespace) -> tuple[Starlette, Any]:
+        limiter = lib.Limiter(
+            key_func=lib.get_remote_address, headers_enabled=True, auto_check=False
+        )
+        app = _app(framework, lib, limiter)
+        views: list[Any] = []
+
+        if kind == "async":
+
+            async def x(request: Request) -> Response:
+                limiter._check_request_limit(request, views[0], False)
+                return PlainTextResponse("x")
+
+        else:
+
+            def x(request: Request) -> Response:  # type: ignore[misc]
+                limiter._check_request_limit(request, views[0], False)
+                return PlainTextResponse("x")
+
+        views.append(limiter.limit("2/minute")(x))
+        _route(app, framework, "/x", views[0])
+        return app, limiter
+
+    # slowapi computes Retry-After of a sync view in the worker thread, where
+    # freezegun gives the real clock (see test_decorator_matches_slowapi).
+    ignore = ("retry-after",) if kind == "sync" else ()
+    _compare(build, [GET, GET, GET, 61, GET], ignore)
+    ours, _ = _run("rapidlimit", build, [GET, GET, GET])
+    assert [headers.get("x-ratelimit-remaining") for *_, headers in ours] == [
+        "1",
+        "0",
+        "0",
+    ]
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_limit_refused_before_a_failing_key_function_matches_slowapi(
+    sync: bool,
+) -> None:
+    """slowapi calls each limit's key function just before charging it: a
+    request refused by an earlier limit gets its 429 although a later
+    limit's key function would raise, and one that an earlier limit lets
+    through is charged there before the error (a 500). Found by
+    test_app_differential.py (seed 218): rapidlimit called every key
+    function first, so the error came before any limit was charged."""
+
+    def boom_key(request: Request) -> str:
+        if "x-boom" in request.headers:
+            raise KeyError("no key for this request")
+        return "client"
+
+    def build(lib: types.SimpleNamespace) -> tuple[Starlette, Any]:
+        limiter = lib.Limiter(
+            key_func=boom_key, headers_enabled=True, default_limits=["5/minute"]
+        )
+        app = _app("starlette", lib, limiter)
+        limit = limiter.limit(
+            "2/minute", key_func=lambda: "all", override_defaults=False
+        )
+        _route(app, "starlette", "/x", limit(_view("sync" if sync else "async", "x")))
+        return app, limiter
+
+    boom = ("GET", "/x", {"x-boom": "1"})
+    steps = [GET, boom, GET, boom, 61, boom, GET]
+    ignore = ("retry-after",) if sync else ()
+    _compare(build, steps, ignore, raise_server_exceptions=False)
+    ours, _ = _run("rapidlimit", build, steps, ignore, raise_server_exceptions=False)
+    assert [status for _, _, status, *_ in ours] == [200, 500, 429, 429, 500, 200]
