@@ -1341,10 +1341,13 @@ void BindLimiter(py::module_& m) {
              return std::make_tuple(NanosToSeconds(stats.reset_nanos),
                                     stats.remaining);
            })
-      .def("clear",
-           [](LimiterHandle& h, const ItemHandle& item, const py::args& ids) {
-             h.store->Clear(h.strategy, KeyFromArgs(item, ids));
-           });
+      .def("clear", [](LimiterHandle& h, const ItemHandle& item,
+                       const py::args& ids) {
+        bool existed = false;
+        if (!h.store->TryClear(h.strategy, KeyFromArgs(item, ids), &existed)) {
+          RaiseStoreUnreachable("clear");
+        }
+      });
   g_limiter_type = reinterpret_cast<PyTypeObject*>(cls.ptr());
   for (PyMethodDef* def = kFastMethods; def->ml_name != nullptr; ++def) {
     PyObject* descr = PyDescr_NewMethod(g_limiter_type, def);

@@ -1468,6 +1468,26 @@ void RegisterAtFork() {
   });
 }
 
+void RaiseStoreUnreachable(const char* what) {
+  PyErr_Format(g_unavailable,
+               "redis did not answer every command of the storage's %s: it "
+               "may be only partly done",
+               what);
+  PyObject* type = nullptr;
+  PyObject* value = nullptr;
+  PyObject* tb = nullptr;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  // No Retry-After applies: this is no request's answer.
+  PyObject* none_retry = PyFloat_FromDouble(0.0);
+  if (value != nullptr && none_retry != nullptr) {
+    PyObject_SetAttrString(value, "retry_after", none_retry);
+  }
+  Py_XDECREF(none_retry);
+  PyErr_Restore(type, value, tb);
+  throw py::error_already_set();
+}
+
 void BindRedis(py::module_& m) {
   RegisterAtFork();
   g_item_type =
@@ -1503,8 +1523,10 @@ void BindRedis(py::module_& m) {
 
   g_unavailable = PyErr_NewExceptionWithDoc(
       "rapidlimit._core.RedisUnavailableError",
-      "Redis could not answer in time and the storage's policy is "
-      "fail-closed: answer 503 with Retry-After = retry_after seconds.",
+      "Redis could not answer in time: for a decision, when the storage's "
+      "policy is fail-closed (answer 503 with Retry-After = retry_after "
+      "seconds); for reset(), clear() and len(), whatever the policy "
+      "(retry_after 0).",
       PyExc_ConnectionError, nullptr);
   if (g_unavailable == nullptr) throw py::error_already_set();
   Py_INCREF(g_unavailable);

@@ -64,8 +64,18 @@ bool Acquire(StorageHandle& h, Strategy s, const std::string& key,
 void BindStorage(py::module_& m) {
   py::class_<StorageHandle>(m, "Storage")
       .def("check", [](StorageHandle&) { return true; })
-      .def("reset", [](StorageHandle& h) { return h.store->Reset(); })
-      .def("__len__", [](StorageHandle& h) { return h.store->Size(); })
+      .def("reset",
+           [](StorageHandle& h) {
+             size_t dropped = 0;
+             if (!h.store->TryReset(&dropped)) RaiseStoreUnreachable("reset");
+             return dropped;
+           })
+      .def("__len__",
+           [](StorageHandle& h) {
+             size_t size = 0;
+             if (!h.store->TrySize(&size)) RaiseStoreUnreachable("len");
+             return size;
+           })
       // A store is true even when empty, as limits' storages are: code
       // such as `limiter._storage or MemoryStorage()` must keep it.
       .def("__bool__", [](StorageHandle&) { return true; })
@@ -104,11 +114,14 @@ void BindStorage(py::module_& m) {
           "clear",
           [](StorageHandle& h, const std::string& key) {
             // limits' clear forgets counters and moving-window logs alike.
+            bool ok = true;
             for (Strategy s :
                  {Strategy::kFixedWindow, Strategy::kMovingWindow,
                   Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
-              h.store->Clear(s, key);
+              bool existed = false;
+              ok = h.store->TryClear(s, key, &existed) && ok;
             }
+            if (!ok) RaiseStoreUnreachable("clear");
           },
           py::arg("key"))
       .def(
@@ -156,7 +169,11 @@ void BindStorage(py::module_& m) {
       .def(
           "clear_sliding_window",
           [](StorageHandle& h, const std::string& key, double) {
-            h.store->Clear(Strategy::kSlidingWindowCounter, key);
+            bool existed = false;
+            if (!h.store->TryClear(Strategy::kSlidingWindowCounter, key,
+                                   &existed)) {
+              RaiseStoreUnreachable("clear");
+            }
           },
           py::arg("key"), py::arg("expiry"));
 

@@ -35,6 +35,11 @@ struct ItemHandle {
   internal::SipSuffix suffix_words;
 };
 
+// Raises RedisUnavailableError: a store kept elsewhere could not reach all
+// of its state for `what` (reset, clear, len), which must not pass for a
+// whole answer whatever the failure policy of decisions is.
+[[noreturn]] void RaiseStoreUnreachable(const char* what);
+
 // Base of every Python-visible storage.
 struct StorageHandle {
   virtual ~StorageHandle() = default;

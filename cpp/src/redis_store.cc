@@ -1796,40 +1796,67 @@ class RedisStoreImpl final : public RedisStore {
   }
 
   bool Clear(Strategy strategy, std::string_view key) override {
+    bool existed = false;
+    TryClear(strategy, key, &existed);
+    return existed;
+  }
+
+  bool TryClear(Strategy strategy, std::string_view key,
+                bool* existed) override {
     Engine* e = Acquire();
     e->cache.Erase(strategy, key);
     if (e->fallback != nullptr) e->fallback->Clear(strategy, key);
     const std::string redis_key = e->KeyFor(strategy, key);
     RawReply reply;
-    if (!Raw(e, {"DEL", redis_key}, &reply)) return false;
-    return reply.type == REDIS_REPLY_INTEGER && reply.integer > 0;
+    *existed = false;
+    if (!Raw(e, {"DEL", redis_key}, &reply) ||
+        reply.type != REDIS_REPLY_INTEGER) {
+      return false;
+    }
+    *existed = reply.integer > 0;
+    return true;
   }
 
   size_t Reset() override {
-    Engine* e = Acquire();
-    e->cache.Clear();
-    if (e->fallback != nullptr) e->fallback->Reset();
     size_t dropped = 0;
-    ForEachKeyBatch(e, [&](const std::vector<std::string>& keys) {
-      std::vector<std::string_view> argv;
-      argv.reserve(keys.size() + 1);
-      argv.push_back("UNLINK");
-      for (const std::string& k : keys) argv.push_back(k);
-      RawReply reply;
-      if (RawArgv(e, argv, &reply) && reply.type == REDIS_REPLY_INTEGER) {
-        dropped += static_cast<size_t>(reply.integer);
-      }
-    });
+    TryReset(&dropped);
     return dropped;
   }
 
+  bool TryReset(size_t* dropped) override {
+    Engine* e = Acquire();
+    e->cache.Clear();
+    if (e->fallback != nullptr) e->fallback->Reset();
+    *dropped = 0;
+    bool ok = true;
+    const bool listed =
+        ForEachKeyBatch(e, [&](const std::vector<std::string>& keys) {
+          std::vector<std::string_view> argv;
+          argv.reserve(keys.size() + 1);
+          argv.push_back("UNLINK");
+          for (const std::string& k : keys) argv.push_back(k);
+          RawReply reply;
+          if (RawArgv(e, argv, &reply) && reply.type == REDIS_REPLY_INTEGER) {
+            *dropped += static_cast<size_t>(reply.integer);
+          } else {
+            ok = false;
+          }
+        });
+    return listed && ok;
+  }
+
   size_t Size() const override {
+    size_t size = 0;
+    TrySize(&size);
+    return size;
+  }
+
+  bool TrySize(size_t* size) const override {
     auto* self = const_cast<RedisStoreImpl*>(this);
     Engine* e = self->Acquire();
-    size_t total = 0;
-    self->ForEachKeyBatch(
-        e, [&](const std::vector<std::string>& keys) { total += keys.size(); });
-    return total;
+    *size = 0;
+    return self->ForEachKeyBatch(
+        e, [&](const std::vector<std::string>& keys) { *size += keys.size(); });
   }
 
   void Close() override {
@@ -1964,8 +1991,9 @@ class RedisStoreImpl final : public RedisStore {
   }
 
   // Calls `fn` with batches of this store's keys (SCAN MATCH per strategy).
+  // False when a SCAN got no answer: the batches seen are then not all.
   template <class Fn>
-  void ForEachKeyBatch(Engine* e, Fn fn) {
+  bool ForEachKeyBatch(Engine* e, Fn fn) {
     for (Strategy s :
          {Strategy::kFixedWindow, Strategy::kMovingWindow,
           Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
@@ -1977,7 +2005,7 @@ class RedisStoreImpl final : public RedisStore {
         if (!Raw(e, {"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"},
                  &reply) ||
             reply.type != REDIS_REPLY_ARRAY || reply.elements.size() != 2) {
-          break;
+          return false;
         }
         cursor = reply.elements[0].str;
         std::vector<std::string> keys;
@@ -1987,6 +2015,7 @@ class RedisStoreImpl final : public RedisStore {
         if (!keys.empty()) fn(keys);
       } while (cursor != "0");
     }
+    return true;
   }
 
   RedisStoreOptions options_;

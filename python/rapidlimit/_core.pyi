@@ -91,8 +91,13 @@ class Storage:
     """Base of native stores. Not constructible."""
 
     def check(self) -> bool: ...
-    def reset(self) -> int: ...
-    def __len__(self) -> int: ...
+    def reset(self) -> int:
+        """Forgets every key; returns how many were dropped. On Redis,
+        raises RedisUnavailableError when Redis did not answer every command
+        (whatever ``on_error`` says: the reset may be partly done), after
+        clearing what the storage keeps in process."""
+    def __len__(self) -> int:
+        """Live keys; on Redis, RedisUnavailableError as ``reset``."""
     def __bool__(self) -> bool: ...
     # limits' Storage interface, on raw keys (used by rapidlimit.contrib.limits).
     def incr(
@@ -100,7 +105,8 @@ class Storage:
     ) -> int: ...
     def get(self, key: str, now: float | None = None) -> int: ...
     def get_expiry(self, key: str, now: float | None = None) -> float: ...
-    def clear(self, key: str) -> None: ...
+    def clear(self, key: str) -> None:
+        """Forgets ``key``; on Redis, RedisUnavailableError as ``reset``."""
     def acquire_entry(
         self,
         key: str,
@@ -133,8 +139,10 @@ class MemoryStorage(Storage):
         """Heap bytes held by the tables (excluding moving-window logs' slack)."""
 
 class RedisUnavailableError(ConnectionError):
-    """Redis could not answer in time and the storage's policy is
-    fail-closed: answer 503 with ``Retry-After: retry_after``."""
+    """Redis could not answer in time. From a decision: the storage's
+    policy is fail-closed, answer 503 with ``Retry-After: retry_after``.
+    From ``reset()``, ``clear()`` or ``len()``: whatever the policy, as
+    redis-py raises there (``retry_after`` 0)."""
 
     retry_after: float
 
@@ -390,7 +398,9 @@ class RateLimiter:
     def get_window_stats(
         self, item: RateLimitItem, /, *identifiers: object, now: float | None = None
     ) -> tuple[float, int]: ...
-    def clear(self, item: RateLimitItem, /, *identifiers: object) -> None: ...
+    def clear(self, item: RateLimitItem, /, *identifiers: object) -> None:
+        """Forgets the limit's state for the identifiers; on Redis,
+        RedisUnavailableError when Redis did not answer."""
     def decide_many(
         self,
         requests: Sequence[tuple[RateLimitItem, str, int]],

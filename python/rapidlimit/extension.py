@@ -1323,11 +1323,14 @@ class Limiter:
         return self._limiter
 
     def reset(self) -> None:
-        """Clears every counter (and the fallback store's)."""
+        """Clears every counter (and the fallback store's). Raises, as
+        slowapi does, when the storage cannot: a Redis storage that did not
+        answer raises ``RedisUnavailableError`` (a ``ConnectionError``),
+        whatever the failure policy, the in-process counts cleared first."""
         try:
-            self._storage.reset()
             if self._fallback_storage is not None:
                 self._fallback_storage.reset()
+            self._storage.reset()
             self.logger.info("Storage has been reset and all limits cleared")
         except NotImplementedError:
             self.logger.warning("This storage type does not support being reset")

@@ -543,6 +543,37 @@ TEST_F(RedisStoreTest, IncrClearResetSize) {
   EXPECT_EQ(server_.Command({"GET", "unrelated"}).str, "1");
 }
 
+TEST_F(RedisStoreTest, AdminCallsSayWhenRedisDidNotAnswer) {
+  // An administrator's reset must not pass for done when Redis did not
+  // answer; the in-process state (blocked-key cache, fallback) is cleared
+  // whatever happens.
+  auto store = Make(Options(RedisFailurePolicy::kFallback));
+  const Limit l = L("1 per minute");
+  EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).allowed);
+  EXPECT_FALSE(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 1).allowed);
+  size_t n = 0;
+  bool existed = false;
+  EXPECT_TRUE(store->TrySize(&n));
+  EXPECT_EQ(n, 1u);
+  EXPECT_TRUE(store->TryClear(Strategy::kFixedWindow, "nothing", &existed));
+  EXPECT_FALSE(existed);
+  server_.Kill();
+  // Counted in the fallback, and cached as blocked there.
+  EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "f", kT0).allowed);
+  EXPECT_FALSE(Hit(*store, Strategy::kFixedWindow, l, "f", kT0 + 1).allowed);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_FALSE(store->TrySize(&n));
+  EXPECT_FALSE(store->TryClear(Strategy::kFixedWindow, "k", &existed));
+  EXPECT_FALSE(existed);
+  EXPECT_FALSE(store->TryReset(&n));
+  EXPECT_EQ(n, 0u);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+  // The fallback's counts went with the reset.
+  const Decision d = Hit(*store, Strategy::kFixedWindow, l, "f", kT0 + 2);
+  EXPECT_TRUE(d.allowed);
+  EXPECT_EQ(d.source, DecisionSource::kFallback);
+}
+
 // ---------------------------------------------------------- concurrency
 
 TEST_F(RedisStoreTest, ExactAdmissionAcrossThreadsAndConnections) {

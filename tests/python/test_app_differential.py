@@ -603,10 +603,10 @@ def random_steps(cfg: Config) -> list[Step]:
         steps[cfg.stop_at].event = "stop-redis"
         for step in steps[cfg.stop_at + 1 :]:
             if step.event == "reset":
-                # While Redis is down slowapi's reset() raises the storage's
-                # error and clears nothing; rapidlimit's clears the
-                # in-memory counts and returns (README "Redis": "reset()
-                # while Redis is down").
+                # While Redis is down both resets raise, but slowapi's
+                # clears nothing and rapidlimit's clears the in-memory
+                # counts first (README "Redis": "reset() while Redis is
+                # down"), so the fallbacks' counts differ from there.
                 step.event = ""
     return steps
 

@@ -269,3 +269,55 @@ async def test_foreign_typed_key_affects_only_its_own_request(
     assert not any("unreachable" in m or "recovered" in m for m in messages)
     limiter.close()
     raw.close()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_reset_clear_and_len_raise_while_redis_is_down(
+    server: RedisServer, policy: str
+) -> None:
+    """An administrator's reset must not pass for done when Redis did not
+    answer (slowapi's raises redis-py's error there): whatever the policy
+    of decisions, reset(), clear() and len() raise RedisUnavailableError,
+    after clearing what the storage keeps in process; once Redis is back
+    they work again."""
+    store = RedisStorage(server.uri, on_error=policy, **FAST)
+    lim = STRATEGIES["fixed-window"](store)
+    item = parse("2/minute")
+    assert lim.hit(item, "a") and lim.hit(item, "a")
+    assert not lim.hit(item, "a")  # now in the blocked-key cache too
+    assert len(store) == 1
+    server.kill()
+    calls = {
+        "reset": store.reset,
+        "len": lambda: len(store),
+        "clear": lambda: store.clear("LIMITER/a/2/1/minute"),
+        "clear_sliding_window": lambda: store.clear_sliding_window("k", 60),
+        "strategy clear": lambda: lim.clear(item, "a"),
+    }
+    for name, call in calls.items():
+        start = time.monotonic()
+        with pytest.raises(_core.RedisUnavailableError) as info:
+            call()
+        assert time.monotonic() - start < 2.0, name
+        assert info.value.retry_after == 0.0, name
+        assert "partly done" in str(info.value), name
+    limiter = Limiter(key_func=get_remote_address, storage_uri=server.uri)
+    limiter._storage.close()
+    limiter._storage = store
+    with pytest.raises(ConnectionError):
+        limiter.reset()
+    # The blocked-key cache was cleared with the rest of what is in
+    # process: the next decision asks Redis (here: meets the policy).
+    lim.hit(item, "a")
+    assert store.last_status() != "cache"
+    server.restart()
+    assert wait_recovered(store)
+    assert lim.hit(item, "a") and lim.hit(item, "a")
+    assert not lim.hit(item, "a")
+    assert len(store) == 2  # "a" and wait_recovered's probe
+    lim.clear(item, "a")
+    assert lim.hit(item, "a")
+    assert store.reset() == 2
+    assert len(store) == 0
+    limiter.reset()
+    store.close()

@@ -145,6 +145,26 @@ class Store {
   // Number of live keys (expired keys may be counted until swept).
   virtual size_t Size() const = 0;
 
+  // Clear, Reset and Size that also say whether the store reached all of
+  // its state: a store kept elsewhere (Redis) can fail part way, and then
+  // returns false with a result that covers only what it reached (what it
+  // keeps in process, such as caches, is cleared either way). Callers that
+  // must not take a partial answer for a whole one (an administrator's
+  // reset) use these. In-process stores always succeed.
+  virtual bool TryClear(Strategy strategy, std::string_view key,
+                        bool* existed) {
+    *existed = Clear(strategy, key);
+    return true;
+  }
+  virtual bool TryReset(size_t* dropped) {
+    *dropped = Reset();
+    return true;
+  }
+  virtual bool TrySize(size_t* size) const {
+    *size = Size();
+    return true;
+  }
+
   // Whether Decide and Inspect honour Request::has_fingerprint. Constant
   // for a store's lifetime.
   virtual bool AcceptsFingerprints() const { return false; }
