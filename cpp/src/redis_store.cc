@@ -259,6 +259,41 @@ class BlockedCache {
     return true;
   }
 
+  // The state of a key cached as blocked at `now`, as Inspect reads it:
+  // the state this key's cached refusals are decided from, for a read
+  // while Redis cannot answer (the headers of such a refusal must not
+  // meet the failure policy, a 503 or an exception, instead).
+  bool Peek(Strategy s, std::string_view key, int64_t now, WindowState* out) {
+    if (!enabled_ || count_.load(std::memory_order_relaxed) == 0) return false;
+    thread_local std::string k;
+    MakeKey(s, key, &k);
+    Shard& shard = ShardFor(k);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    auto it = shard.map.find(k);
+    if (it == shard.map.end()) return false;
+    const Entry& e = it->second;
+    if (now >= e.until || now < e.since) return false;
+    switch (s) {
+      case Strategy::kFixedWindow:
+        *out = InspectFixedWindow(e.limit, now, false, e.post.counter);
+        break;
+      case Strategy::kTokenBucket:
+        *out = InspectTokenBucket(e.limit, now, false, e.post.counter);
+        break;
+      case Strategy::kSlidingWindowCounter:
+        *out = InspectSlidingWindow(e.limit, now, false, e.post.sliding);
+        break;
+      case Strategy::kMovingWindow:
+        // Cached only for cost 1, when the blocker is the oldest of a full
+        // log: until it leaves, the window holds `amount` hits.
+        *out = WindowState{};
+        out->count = e.limit.amount;
+        out->time_nanos = e.post.moving_blocker;
+        break;
+    }
+    return true;
+  }
+
   // Remembers a rejection the script charged at `now`.
   void Insert(const Item& item, int64_t now, const Decision& d,
               const PostState& post) {
@@ -1745,6 +1780,14 @@ class RedisStoreImpl final : public RedisStore {
     if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
       w = InterpretInspect(op->items[0], now, &op->values[1]);
       tl_last_source = DecisionSource::kStore;
+    } else if (e->cache.Peek(request.strategy, request.key, now, &w)) {
+      // Refused from the cache meanwhile, the key reads as those refusals
+      // were decided: through the limits adapter, slowapi reads the
+      // headers of a refusal with a separate call, which would otherwise
+      // meet the policy (fail-closed: an exception, a 500) for a request
+      // the store had answered.
+      e->NoteFailure(op, completed);
+      tl_last_source = DecisionSource::kCache;
     } else {
       CountFailure(e, op, completed);
       if (e->fallback != nullptr) {

@@ -1284,6 +1284,43 @@ TEST_F(RedisStoreTest, BlockedKeyCacheSendsNoCommand) {
   EXPECT_GE(store->Stats().cache_hits, 20u);
 }
 
+TEST_F(RedisStoreTest, CachedKeysReadAsTheirRefusalsWhileRedisIsDown) {
+  // Refused from the cache while Redis is down, a key must also read (the
+  // headers of that refusal) as the store saw it, not as the failure
+  // policy: fail-closed would make the read an exception (a 500 through
+  // slowapi on the limits adapter) for a request the store had answered.
+  auto store = Make(Options(RedisFailurePolicy::kFailClosed));
+  const Limit l = L("2 per minute");
+  const Strategy kinds[] = {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                            Strategy::kSlidingWindowCounter,
+                            Strategy::kTokenBucket};
+  std::vector<WindowState> seen;
+  for (Strategy s : kinds) {
+    const std::string key = "LIMITER/" + std::string(StrategyName(s));
+    EXPECT_TRUE(Hit(*store, s, l, key, kT0).allowed);
+    EXPECT_TRUE(Hit(*store, s, l, key, kT0 + 1).allowed);
+    EXPECT_FALSE(Hit(*store, s, l, key, kT0 + 2).allowed);
+    seen.push_back(store->Inspect({s, &l, key, 1}, kT0 + 3));
+  }
+  server_.Kill();
+  for (size_t i = 0; i < std::size(kinds); ++i) {
+    const Strategy s = kinds[i];
+    const std::string key = "LIMITER/" + std::string(StrategyName(s));
+    const Decision d = Hit(*store, s, l, key, kT0 + 3);
+    EXPECT_FALSE(d.allowed);
+    EXPECT_EQ(d.source, DecisionSource::kCache);
+    const WindowState w = store->Inspect({s, &l, key, 1}, kT0 + 3);
+    EXPECT_EQ(RedisStore::LastSource(), DecisionSource::kCache);
+    EXPECT_EQ(w.count, seen[i].count) << StrategyName(s);
+    EXPECT_EQ(w.time_nanos, seen[i].time_nanos) << StrategyName(s);
+    EXPECT_EQ(w.previous_count, seen[i].previous_count) << StrategyName(s);
+    EXPECT_EQ(w.current_ttl_nanos, seen[i].current_ttl_nanos);
+  }
+  // A key the cache does not hold still meets the policy.
+  store->Inspect({Strategy::kFixedWindow, &l, "LIMITER/other", 1}, kT0 + 3);
+  EXPECT_EQ(RedisStore::LastSource(), DecisionSource::kFailClosed);
+}
+
 TEST_F(RedisStoreTest, FullBlockedKeyCacheMakesRoomForNewKeys) {
   RedisStoreOptions o = Options();
   o.blocked_cache_max_keys = 32;

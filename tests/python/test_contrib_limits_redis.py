@@ -731,6 +731,27 @@ def test_slowapi_in_memory_fallback_when_redis_is_down(
     assert not ours(own_server, timeout=0.1).check()
 
 
+@pytest.mark.parametrize("strategy", ["moving-window", "sliding-window-counter"])
+def test_slowapi_refusal_from_the_cache_keeps_its_headers_when_redis_is_down(
+    own_server: RedisServer, quiet_slowapi: None, strategy: str, clock: Clock
+) -> None:
+    """A client the blocked-key cache holds as over its limit is refused
+    without Redis while it is down; slowapi then reads that refusal's
+    headers with a second call, which must answer from the same cached
+    state, not raise the fail-closed error (a 500: slowapi re-raises it
+    after its in-memory fallback filled the headers)."""
+    client = outage_app(own_server, strategy=strategy, in_memory_fallback_enabled=True)
+    first = [client.get("/r") for _ in range(4)]
+    assert [r.status_code for r in first] == [200, 200, 200, 429]
+    own_server.kill()
+    for _ in range(3):
+        response = client.get("/r")
+        assert response.status_code == 429
+        for name in HEADERS:
+            assert response.headers[name] == first[-1].headers[name], name
+        assert int(response.headers["retry-after"]) > 0
+
+
 def test_starlette_app_without_middleware(server: RedisServer) -> None:
     """The plainest slowapi setup: Starlette, a decorator, no middleware."""
     limiter = slowapi.Limiter(
