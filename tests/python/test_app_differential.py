@@ -457,11 +457,12 @@ def build_app(
         **(options or {}),
     )
     if lib is SLOWAPI:
-        if cfg.storage == "memory":
-            quiet_limits_storage(limiter._storage)
-        fallback = getattr(limiter, "_fallback_storage", None)
-        if fallback is not None:
-            quiet_limits_storage(fallback)
+        # limits' own memory storages only: slowapi may run on another
+        # (limits' redis://, or rapidlimit's adapter in
+        # test_adapter_differential.py).
+        for storage in (limiter._storage, getattr(limiter, "_fallback_storage", None)):
+            if isinstance(storage, limits_memory.MemoryStorage):
+                quiet_limits_storage(storage)
 
     def view_for(spec: RouteSpec) -> Callable[..., Any]:
         if cfg.auto_check:
@@ -518,18 +519,39 @@ class Step:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def random_steps(cfg: Config) -> list[Step]:
+def random_advance(rnd: random.Random, now: float) -> float:
+    """How far the clock moves before a step (0 mostly)."""
+    roll = rnd.random()
+    if roll < 0.15:
+        return rnd.choice([0.25, 0.5, 1, 2, 5, 9.75, 10, 30])
+    if roll < 0.25:
+        # To the next whole multiple of a window length: fixed windows
+        # of limits opened on such a multiple end exactly here, and the
+        # sliding window counter switches windows.
+        unit = rnd.choice([1, 5, 10, 60, 120, 900])
+        return (int(now) // unit + 1) * unit - now
+    if roll < 0.3:
+        return rnd.choice([59.75, 60, 60.25, 120, 900, 3600])
+    return 0.0
+
+
+def random_steps(cfg: Config, same_library: bool = False) -> list[Step]:
+    """The requests and events of a seed. ``same_library``: slowapi on both
+    sides (test_adapter_differential.py), so the steps around rapidlimit's
+    intended differences from slowapi are not taken."""
     rnd = random.Random(cfg.seed * 7919 + 1)
     routes = list(cfg.routes)
-    if cfg.middleware and cfg.application_limits:
+    if not same_library and cfg.middleware and cfg.application_limits:
         # With a middleware, rapidlimit applies application limits to
         # decorated routes too; slowapi skips them (README / extension
         # docstring: "With a middleware, application limits apply to every
         # routed request, decorated routes included"). Those requests would
         # also leave different counts for the routes that follow.
         routes = [r for r in routes if r.kind not in ("limit", "shared", "stacked")]
-    if cfg.middleware and (
-        cfg.default_limits or cfg.application_limits or cfg.headers_enabled
+    if (
+        not same_library
+        and cfg.middleware
+        and (cfg.default_limits or cfg.application_limits or cfg.headers_enabled)
     ):
         # slowapi's middlewares leave only routes with a static limit to the
         # decorator: a route whose limit is a callable is checked by the
@@ -542,18 +564,7 @@ def random_steps(cfg: Config) -> list[Step]:
     steps = []
     now = T0
     for _ in range(STEPS):
-        step = Step()
-        roll = rnd.random()
-        if roll < 0.15:
-            step.advance = rnd.choice([0.25, 0.5, 1, 2, 5, 9.75, 10, 30])
-        elif roll < 0.25:
-            # To the next whole multiple of a window length: fixed windows
-            # of limits opened on such a multiple end exactly here, and the
-            # sliding window counter switches windows.
-            unit = rnd.choice([1, 5, 10, 60, 120, 900])
-            step.advance = (int(now) // unit + 1) * unit - now
-        elif roll < 0.3:
-            step.advance = rnd.choice([59.75, 60, 60.25, 120, 900, 3600])
+        step = Step(advance=random_advance(rnd, now))
         now += step.advance
         roll = rnd.random()
         if roll < 0.03:
@@ -591,7 +602,7 @@ def random_steps(cfg: Config) -> list[Step]:
                 step.headers["x-boom"] = "key"
             elif roll < 0.1:
                 step.headers["x-boom"] = "cost"
-    if cfg.fallback:
+    if cfg.fallback and not same_library:
         # slowapi takes any error of a check for an unreachable storage when
         # a fallback is configured (a key or cost function's too): it
         # switches to the fallback while Redis is up (README, "What is
@@ -602,7 +613,7 @@ def random_steps(cfg: Config) -> list[Step]:
     if 0 <= cfg.stop_at < len(steps):
         steps[cfg.stop_at].event = "stop-redis"
         for step in steps[cfg.stop_at + 1 :]:
-            if step.event == "reset":
+            if step.event == "reset" and not same_library:
                 # While Redis is down both resets raise, but slowapi's
                 # clears nothing and rapidlimit's clears the in-memory
                 # counts first (README "Redis": "reset() while Redis is
@@ -1071,7 +1082,12 @@ def moving_window_edge_on_redis(
 
 
 def fixed_window_ttl_seconds(
-    cfg: Config, theirs: Outcome, ours: Outcome, slow_limiter: Any, now: float
+    cfg: Config,
+    theirs: Outcome,
+    ours: Outcome,
+    slow_limiter: Any,
+    now: float,
+    end: Fraction | None = None,
 ) -> bool:
     """limits' RedisStorage gives a fixed window's reset as ``time.time()
     + TTL``, Redis's TTL in whole seconds (rounded to the nearest, half a
@@ -1080,15 +1096,19 @@ def fixed_window_ttl_seconds(
     RedisStorage"). Accepted only on Redis, for slowapi's fixed window
     (not its in-memory fallback), when slowapi's reset is exactly that
     rounding of rapidlimit's and each side's Retry-After follows from its
-    own reset."""
+    own reset. ``end``: rapidlimit's window end when ``ours`` has no
+    decision (slowapi on rapidlimit's limits adapter)."""
     if cfg.storage != "redis" or cfg.strategy != "fixed-window":
         return False
     if slow_limiter._storage_dead or ours.raw_view is None:
         return False
-    decision = ours.raw_view.decision
-    if decision is None or len(theirs.raw_reset) != 1:
+    if len(theirs.raw_reset) != 1:
         return False
-    end = Fraction(decision.reset_time)
+    if end is None:
+        decision = ours.raw_view.decision
+        if decision is None:
+            return False
+        end = Fraction(decision.reset_time)
     rounded = math.ceil(end - Fraction(now) - Fraction(1, 2))
     raw = float(theirs.raw_reset[0])
     if raw != 1 + now + rounded or ours.rate_headers.get("x-ratelimit-reset") != [
