@@ -376,18 +376,14 @@ def compare(
         # floats and may count one hit less where the exact weight is
         # whole; the counts differ from here on.
         raise base.Diverged
-    refused = ours.status == 429 or (
-        ours.status == 500 and ours.error == "RedisUnavailableError"
-    )
-    if down and ours.cached and refused and theirs.status != 429:
+    if down and ours.cached and ours.status == 429 and theirs.status != 429:
         # README "Redis": "A client the blocked-key cache holds as blocked
         # stays refused until its window ends, whatever the failure
         # policy" (the adapter's store is the native one; README adapter
         # differences). limits' storage raises, and slowapi counts the
         # request in its fallback or lets it through; on the adapter the
-        # hit is refused from the cache, and slowapi's header read, which
-        # needs Redis, then raises unless swallow_errors (a 500). Counts
-        # differ from here on.
+        # hit is refused from the cache, and slowapi's header read answers
+        # from the same cached state. Counts differ from here on.
         raise base.Diverged
     ours.error = outage_name(ours.error, down)
     if theirs.rate_headers != ours.rate_headers:
