@@ -12,8 +12,8 @@
 # The test binary gets an rpath to that prefix, and the script checks that
 # it loads that library and that CMake reported that version.
 #
-# Not part of CI: about two minutes per version on 2 cores at -j1 (more
-# with SANITIZE=1), a quarter of an hour for the default list.
+# Not part of CI: about ten minutes on 2 cores at -j1 for the system's
+# hiredis and the default list (more with SANITIZE=1).
 #
 #   scripts/check-hiredis-versions.sh [PYPI_HIREDIS_VERSION ...]
 #
