@@ -40,17 +40,13 @@
 // rebuild hold while they wait, starts free in the child, and so does the
 // table of name lookups in flight (redis_socket.cc), emptied: the child
 // has none of their threads.
+#include "rapidlimit/redis_store.h"
+
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#if __has_include(<hiredis/hiredis.h>)
-#include <hiredis/hiredis.h>
-#else
-#include <hiredis.h>
-#endif
 
 #include <algorithm>
 #include <atomic>
@@ -68,9 +64,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "hiredis_include.h"
 #include "rapidlimit/algorithms.h"
 #include "rapidlimit/memory_store.h"
-#include "rapidlimit/redis_store.h"
 #include "redis_internal.h"
 
 namespace rapidlimit {

@@ -13,12 +13,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#if __has_include(<hiredis/hiredis.h>)
-#include <hiredis/hiredis.h>
-#else
-#include <hiredis.h>
-#endif
-
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -29,6 +23,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "hiredis_include.h"
 
 namespace rapidlimit::testing {
 
