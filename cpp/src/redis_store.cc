@@ -203,56 +203,9 @@ class BlockedCache {
   bool enabled() const { return enabled_; }
 
   bool Lookup(const Request& r, int64_t now, Decision* out) {
-    if (!enabled_ || count_.load(std::memory_order_relaxed) == 0) return false;
-    thread_local std::string k;
-    MakeKey(r.strategy, r.key, &k);
-    Shard& shard = ShardFor(k);
-    std::lock_guard<std::mutex> lock(shard.mu);
-    auto it = shard.map.find(k);
-    if (it == shard.map.end()) return false;
-    Entry& e = it->second;
-    if (now >= e.until || now < e.since) {
-      shard.map.erase(it);
-      count_.fetch_sub(1, std::memory_order_relaxed);
-      return false;
-    }
-    const Limit& l = *r.limit;
-    if (r.cost < e.cost || l.amount != e.limit.amount ||
-        l.PeriodNanos() != e.limit.PeriodNanos() ||
-        l.EffectiveBurst() != e.limit.EffectiveBurst()) {
-      return false;
-    }
-    Decision d;
-    switch (r.strategy) {
-      case Strategy::kFixedWindow: {
-        CounterState st = e.post.counter;
-        d = ApplyFixedWindow(l, r.cost, now, false, false, &st);
-        break;
-      }
-      case Strategy::kTokenBucket: {
-        CounterState st = e.post.counter;
-        d = ApplyTokenBucket(l, r.cost, now, false, false, &st);
-        break;
-      }
-      case Strategy::kSlidingWindowCounter: {
-        SlidingState st = e.post.sliding;
-        d = ApplySlidingWindow(l, r.cost, now, false, false, &st);
-        break;
-      }
-      case Strategy::kMovingWindow: {
-        if (r.cost != 1) return false;
-        const int64_t period = l.PeriodNanos();
-        d.limit = l.amount;
-        d.remaining = 0;
-        d.reset_nanos = e.post.moving_blocker + period;
-        d.retry_after_nanos = e.post.moving_blocker + period + 1 - now;
-        break;
-      }
-    }
-    if (d.allowed) return false;
-    d.source = DecisionSource::kCache;
-    *out = d;
-    return true;
+    return WithLiveEntry(r.strategy, r.key, now, [&](const Entry& e) {
+      return Decide(r, now, e, out);
+    });
   }
 
   // The state of a key cached as blocked at `now`, as Inspect reads it:
@@ -260,34 +213,27 @@ class BlockedCache {
   // while Redis cannot answer (the headers of such a refusal must not
   // meet the failure policy, a 503 or an exception, instead).
   bool Peek(Strategy s, std::string_view key, int64_t now, WindowState* out) {
-    if (!enabled_ || count_.load(std::memory_order_relaxed) == 0) return false;
-    thread_local std::string k;
-    MakeKey(s, key, &k);
-    Shard& shard = ShardFor(k);
-    std::lock_guard<std::mutex> lock(shard.mu);
-    auto it = shard.map.find(k);
-    if (it == shard.map.end()) return false;
-    const Entry& e = it->second;
-    if (now >= e.until || now < e.since) return false;
-    switch (s) {
-      case Strategy::kFixedWindow:
-        *out = InspectFixedWindow(e.limit, now, false, e.post.counter);
-        break;
-      case Strategy::kTokenBucket:
-        *out = InspectTokenBucket(e.limit, now, false, e.post.counter);
-        break;
-      case Strategy::kSlidingWindowCounter:
-        *out = InspectSlidingWindow(e.limit, now, false, e.post.sliding);
-        break;
-      case Strategy::kMovingWindow:
-        // Cached only for cost 1, when the blocker is the oldest of a full
-        // log: until it leaves, the window holds `amount` hits.
-        *out = WindowState{};
-        out->count = e.limit.amount;
-        out->time_nanos = e.post.moving_blocker;
-        break;
-    }
-    return true;
+    return WithLiveEntry(s, key, now, [&](const Entry& e) {
+      switch (s) {
+        case Strategy::kFixedWindow:
+          *out = InspectFixedWindow(e.limit, now, false, e.post.counter);
+          break;
+        case Strategy::kTokenBucket:
+          *out = InspectTokenBucket(e.limit, now, false, e.post.counter);
+          break;
+        case Strategy::kSlidingWindowCounter:
+          *out = InspectSlidingWindow(e.limit, now, false, e.post.sliding);
+          break;
+        case Strategy::kMovingWindow:
+          // Cached only for cost 1, when the blocker is the oldest of a
+          // full log: until it leaves, the window holds `amount` hits.
+          *out = WindowState{};
+          out->count = e.limit.amount;
+          out->time_nanos = e.post.moving_blocker;
+          break;
+      }
+      return true;
+    });
   }
 
   // Remembers a rejection the script charged at `now`.
@@ -350,6 +296,67 @@ class BlockedCache {
     std::mutex mu;
     std::unordered_map<std::string, Entry> map;
   };
+
+  // Calls `fn(entry)` under its shard's lock when `key` holds a live entry
+  // at `now` (a stale one is dropped); false when there is none.
+  template <class Fn>
+  bool WithLiveEntry(Strategy s, std::string_view key, int64_t now, Fn fn) {
+    if (!enabled_ || count_.load(std::memory_order_relaxed) == 0) return false;
+    thread_local std::string k;
+    MakeKey(s, key, &k);
+    Shard& shard = ShardFor(k);
+    std::lock_guard<std::mutex> lock(shard.mu);
+    auto it = shard.map.find(k);
+    if (it == shard.map.end()) return false;
+    if (now >= it->second.until || now < it->second.since) {
+      shard.map.erase(it);
+      count_.fetch_sub(1, std::memory_order_relaxed);
+      return false;
+    }
+    return fn(it->second);
+  }
+
+  // Lookup's decision from a live entry.
+  static bool Decide(const Request& r, int64_t now, const Entry& e,
+                     Decision* out) {
+    const Limit& l = *r.limit;
+    if (r.cost < e.cost || l.amount != e.limit.amount ||
+        l.PeriodNanos() != e.limit.PeriodNanos() ||
+        l.EffectiveBurst() != e.limit.EffectiveBurst()) {
+      return false;
+    }
+    Decision d;
+    switch (r.strategy) {
+      case Strategy::kFixedWindow: {
+        CounterState st = e.post.counter;
+        d = ApplyFixedWindow(l, r.cost, now, false, false, &st);
+        break;
+      }
+      case Strategy::kTokenBucket: {
+        CounterState st = e.post.counter;
+        d = ApplyTokenBucket(l, r.cost, now, false, false, &st);
+        break;
+      }
+      case Strategy::kSlidingWindowCounter: {
+        SlidingState st = e.post.sliding;
+        d = ApplySlidingWindow(l, r.cost, now, false, false, &st);
+        break;
+      }
+      case Strategy::kMovingWindow: {
+        if (r.cost != 1) return false;
+        const int64_t period = l.PeriodNanos();
+        d.limit = l.amount;
+        d.remaining = 0;
+        d.reset_nanos = e.post.moving_blocker + period;
+        d.retry_after_nanos = e.post.moving_blocker + period + 1 - now;
+        break;
+      }
+    }
+    if (d.allowed) return false;
+    d.source = DecisionSource::kCache;
+    *out = d;
+    return true;
+  }
 
   // A full shard drops its expired entries and, when that frees less than
   // an eighth of it, the live ones that expire first (their next request
