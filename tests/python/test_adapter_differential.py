@@ -49,8 +49,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
-import time
-from email.utils import formatdate
 from fractions import Fraction
 from typing import Any
 
@@ -64,7 +62,7 @@ from limits.storage import storage_from_string
 import rapidlimit.contrib.limits  # noqa: F401  (registers the rapidlimit+ schemes)
 import test_app_differential as base
 from redis_server import RedisServer
-from test_app_differential_redis import RedisClock
+from test_app_differential_redis import KilledRedis, RedisClock
 
 MEMORY_SEEDS = range(1000, 1120)  # random_config
 OPTION_SEEDS = range(1200, 1280)  # random_options(..., "memory")
@@ -99,7 +97,7 @@ class Sides(base.Backend):
                 close()
 
 
-class RedisSides(Sides):
+class RedisSides(Sides, KilledRedis):
     """limits' ``redis://`` on database 0 with RedisClock, the adapter on
     database 1; or, ``against_memory``, limits' ``memory://``."""
 
@@ -107,31 +105,13 @@ class RedisSides(Sides):
         theirs = f"redis://127.0.0.1:{server.port}/0"
         if against_memory:
             theirs = "memory://"
-        super().__init__(theirs, f"rapidlimit+redis://127.0.0.1:{server.port}/1")
-        self.server = server
-        self.clock = None if against_memory else RedisClock(server, 0)
-
-    def before_step(self, now: float) -> None:
-        if self.clock is not None:
-            self.clock.before_step(now)
-
-    def after_step(self, now: float) -> None:
-        if self.clock is not None:
-            self.clock.after_step(now)
+        Sides.__init__(self, theirs, f"rapidlimit+redis://127.0.0.1:{server.port}/1")
+        KilledRedis.__init__(
+            self, server, None if against_memory else RedisClock(server, 0)
+        )
 
     def stop(self, apps: dict[str, Any]) -> None:
-        if self.clock is not None:
-            self.clock.close()
-            self.clock = None
-        self.server.kill()
-        self.down = True
-        # The native engine sees the connection drop on its own thread: the
-        # next request must find it down, as limits' redis-py does.
-        native = apps[OURS][1]._storage.native
-        deadline = time.monotonic() + 10
-        while native.connected and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert not native.connected
+        self.kill(apps[OURS][1]._storage.native)
 
     def cache_hits(self, apps: dict[str, Any]) -> int:
         return int(apps[OURS][1]._storage.native.stats()["cache_hits"])
@@ -190,24 +170,16 @@ async def drive(
         if step.event == "stop-redis":
             sides.stop(apps)
         elif step.event == "reset":
-            # While Redis is down both raise (and neither clears anything).
+            # While Redis is down both raise (the adapter's native store
+            # clears its blocked-key cache first).
             reset = {side: raised(app[1].reset) for side, app in apps.items()}
         elif step.event == "toggle-enabled":
             for _, limiter in apps.values():
                 limiter.enabled = not limiter.enabled
         elif step.event == "toggle-flag":
             world.exempt_flag = not world.exempt_flag
-        for _, limiter in apps.values():
-            for storage in (
-                limiter._storage,
-                getattr(limiter, "_fallback_storage", None),
-            ):
-                if isinstance(storage, limits_memory.MemoryStorage):
-                    base.expire_strictly_before(storage, clock)
-        theirs = await base.send_request(apps[THEIRS][0], step)
-        cached = sides.cache_hits(apps)
-        ours = await base.send_request(apps[OURS][0], step)
-        ours.cached = sides.cache_hits(apps) > cached
+        base.expire_limits_memory([limiter for _, limiter in apps.values()], clock)
+        theirs, ours = await base.send_both(apps, THEIRS, OURS, step, sides)
         sides.after_step(clock.now)
         log.append(
             f"#{index} t=+{clock.now - base.T0:g} {step.event} {reset} "
@@ -344,15 +316,8 @@ def sliding_window_float_reset(
             return False
         if abs(Fraction(float(yours)) - exact) > Fraction(1, 10**6):
             return False
-
-    def retry(reset: str) -> str:
-        if cfg.retry_after == "http-date":
-            return formatdate(float(reset))
-        return str(int(float(reset) - now))
-
-    if theirs.rate_headers.get("retry-after") != [retry(printed[0][0])]:
-        return False
-    if ours.rate_headers.get("retry-after") != [retry(printed[0][1])]:
+    their_reset, our_reset = (float(r) for r in printed[0])
+    if not base.retry_afters_follow(cfg, theirs, ours, now, their_reset, our_reset):
         return False
     theirs.rate_headers = dict(ours.rate_headers)
     return True

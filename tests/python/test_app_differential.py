@@ -850,17 +850,9 @@ async def drive(
                 limiter.enabled = not limiter.enabled
         elif step.event == "toggle-flag":
             world.exempt_flag = not world.exempt_flag
-        slow_limiter = apps["slowapi"][1]
-        for storage in (
-            slow_limiter._storage,
-            getattr(slow_limiter, "_fallback_storage", None),
-        ):
-            if isinstance(storage, limits_memory.MemoryStorage):
-                expire_strictly_before(storage, clock)
-        theirs = normalise_slowapi(await send_request(apps["slowapi"][0], step))
-        cached = backend.cache_hits(apps)
-        ours = await send_request(apps["rapidlimit"][0], step)
-        ours.cached = backend.cache_hits(apps) > cached
+        expire_limits_memory([apps["slowapi"][1]], clock)
+        theirs, ours = await send_both(apps, "slowapi", "rapidlimit", step, backend)
+        theirs = normalise_slowapi(theirs)
         backend.after_step(clock.now)
         log.append(
             f"#{index} t=+{clock.now - T0:g} {step.event} {step.method} "
@@ -882,6 +874,30 @@ async def drive(
             )
 
 
+async def send_both(
+    apps: dict[str, Any], theirs: str, ours: str, step: Step, backend: Backend
+) -> tuple[Outcome, Outcome]:
+    """The step's request to both applications; ours is marked when the
+    blocked-key cache answered it."""
+    their_outcome = await send_request(apps[theirs][0], step)
+    cached = backend.cache_hits(apps)
+    our_outcome = await send_request(apps[ours][0], step)
+    our_outcome.cached = backend.cache_hits(apps) > cached
+    return their_outcome, our_outcome
+
+
+def expire_limits_memory(limiters: list[Any], clock: Clock) -> None:
+    """limits' timer pass on the limits MemoryStorages (main and fallback)
+    of these slowapi limiters."""
+    for limiter in limiters:
+        for storage in (
+            limiter._storage,
+            getattr(limiter, "_fallback_storage", None),
+        ):
+            if isinstance(storage, limits_memory.MemoryStorage):
+                expire_strictly_before(storage, clock)
+
+
 def expire_strictly_before(storage: Any, clock: Clock) -> None:
     """limits' timer pass for the entries that expired before now (times
     are on a 1/4 s grid, so 1 ms earlier is strictly before)."""
@@ -891,6 +907,30 @@ def expire_strictly_before(storage: Any, clock: Clock) -> None:
         storage._MemoryStorage__expire_events()
     finally:
         clock.now = now
+
+
+def retry_after_value(cfg: Config, reset: float, now: float) -> str:
+    """The Retry-After a reset time gives, as both libraries print it."""
+    if cfg.retry_after == "http-date":
+        return formatdate(reset)
+    return str(int(reset - now))
+
+
+def retry_afters_follow(
+    cfg: Config,
+    theirs: Outcome,
+    ours: Outcome,
+    now: float,
+    their_reset: float,
+    our_reset: float,
+) -> bool:
+    """Whether each side's Retry-After is the one its own reset gives (the
+    edge cases below accept a reset difference only with its Retry-After)."""
+    return theirs.rate_headers.get("retry-after") == [
+        retry_after_value(cfg, their_reset, now)
+    ] and ours.rate_headers.get("retry-after") == [
+        retry_after_value(cfg, our_reset, now)
+    ]
 
 
 def moving_window_edge(
@@ -922,12 +962,9 @@ def moving_window_edge(
     expected_reset = now + expiry + 1
     if ours.rate_headers.get("x-ratelimit-reset") != [str(int(expected_reset))]:
         return False
-    retry = (
-        formatdate(expected_reset)
-        if cfg.retry_after == "http-date"
-        else str(int(expected_reset - now))
-    )
-    if ours.rate_headers.get("retry-after") != [retry]:
+    if ours.rate_headers.get("retry-after") != [
+        retry_after_value(cfg, expected_reset, now)
+    ]:
         return False
     theirs.rate_headers["x-ratelimit-reset"] = ours.rate_headers["x-ratelimit-reset"]
     theirs.rate_headers["retry-after"] = ours.rate_headers["retry-after"]
@@ -956,15 +993,7 @@ def sliding_window_rounding(
         return False
     if ours.rate_headers.get("x-ratelimit-reset") != [str(int(exact))]:
         return False
-
-    def retry(reset: float) -> str:
-        if cfg.retry_after == "http-date":
-            return formatdate(reset)
-        return str(int(reset - now))
-
-    if theirs.rate_headers.get("retry-after") != [retry(raw)]:
-        return False
-    if ours.rate_headers.get("retry-after") != [retry(exact)]:
+    if not retry_afters_follow(cfg, theirs, ours, now, raw, exact):
         return False
     theirs.rate_headers["x-ratelimit-reset"] = ours.rate_headers["x-ratelimit-reset"]
     theirs.rate_headers["retry-after"] = ours.rate_headers["retry-after"]
@@ -1067,15 +1096,7 @@ def moving_window_edge_on_redis(
             return False
         if ours.rate_headers.get(name) != ours_expected[name]:
             return False
-
-    def retry(reset: float) -> str:
-        if cfg.retry_after == "http-date":
-            return formatdate(reset)
-        return str(int(reset - now))
-
-    if theirs.rate_headers.get("retry-after") != [retry(1 + now)]:
-        return False
-    if ours.rate_headers.get("retry-after") != [retry(1 + ours_reset)]:
+    if not retry_afters_follow(cfg, theirs, ours, now, 1 + now, 1 + ours_reset):
         return False
     theirs.rate_headers = dict(ours.rate_headers)
     return True
@@ -1115,15 +1136,7 @@ def fixed_window_ttl_seconds(
         str(int(1 + end))
     ]:
         return False
-
-    def retry(reset: float) -> str:
-        if cfg.retry_after == "http-date":
-            return formatdate(reset)
-        return str(int(reset - now))
-
-    if theirs.rate_headers.get("retry-after") != [retry(raw)]:
-        return False
-    if ours.rate_headers.get("retry-after") != [retry(float(1 + end))]:
+    if not retry_afters_follow(cfg, theirs, ours, now, raw, float(1 + end)):
         return False
     theirs.rate_headers["x-ratelimit-reset"] = ours.rate_headers["x-ratelimit-reset"]
     theirs.rate_headers["retry-after"] = ours.rate_headers["retry-after"]

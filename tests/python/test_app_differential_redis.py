@@ -121,14 +121,13 @@ class RedisClock:
         self.client.close()
 
 
-class RedisBackend(base.Backend):
-    def __init__(self, server: RedisServer) -> None:
-        self.server = server
-        self.clock: RedisClock | None = RedisClock(server, 0)
+class KilledRedis(base.Backend):
+    """A redis-server a seed may kill, with the RedisClock that moves
+    limits' expiry on its database 0 (None when limits is not on Redis)."""
 
-    def options(self, lib: base.Lib) -> dict[str, Any]:
-        db = 0 if lib is base.SLOWAPI else 1
-        return {"storage_uri": f"redis://127.0.0.1:{self.server.port}/{db}"}
+    def __init__(self, server: RedisServer, clock: RedisClock | None) -> None:
+        self.server = server
+        self.clock = clock
 
     def before_step(self, now: float) -> None:
         if self.clock is not None:
@@ -138,19 +137,31 @@ class RedisBackend(base.Backend):
         if self.clock is not None:
             self.clock.after_step(now)
 
-    def stop(self, apps: dict[str, Any]) -> None:
+    def kill(self, native: Any) -> None:
+        """Kills the server and waits for the native store to notice."""
         if self.clock is not None:
             self.clock.close()
             self.clock = None
         self.server.kill()
         self.down = True
-        # rapidlimit's engine sees the connection drop on its own thread:
-        # the next request must find it down, as slowapi's redis-py does.
-        storage = apps["rapidlimit"][1]._storage
+        # The native engine sees the connection drop on its own thread: the
+        # next request must find it down, as redis-py does.
         deadline = time.monotonic() + 10
-        while storage.connected and time.monotonic() < deadline:
+        while native.connected and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert not storage.connected
+        assert not native.connected
+
+
+class RedisBackend(KilledRedis):
+    def __init__(self, server: RedisServer) -> None:
+        super().__init__(server, RedisClock(server, 0))
+
+    def options(self, lib: base.Lib) -> dict[str, Any]:
+        db = 0 if lib is base.SLOWAPI else 1
+        return {"storage_uri": f"redis://127.0.0.1:{self.server.port}/{db}"}
+
+    def stop(self, apps: dict[str, Any]) -> None:
+        self.kill(apps["rapidlimit"][1]._storage)
 
     def cache_hits(self, apps: dict[str, Any]) -> int:
         return int(apps["rapidlimit"][1]._storage.stats()["cache_hits"])
