@@ -122,12 +122,8 @@ void CloseAll() {
 // ------------------------------------------------------------ decisions
 
 // RedisUnavailableError("...", retry_after=...), not raised.
-PyObject* MakeUnavailable(const Decision& d) {
-  const double retry = static_cast<double>(d.retry_after_nanos) /
-                       static_cast<double>(kNanosPerSecond);
-  PyObject* exc = PyObject_CallFunction(
-      g_unavailable, "s",
-      "redis is unavailable and the storage's policy is fail-closed");
+PyObject* MakeUnavailable(const char* message, double retry) {
+  PyObject* exc = PyObject_CallFunction(g_unavailable, "s", message);
   if (exc == nullptr) return nullptr;
   PyObject* value = PyFloat_FromDouble(retry);
   if (value == nullptr ||
@@ -138,6 +134,13 @@ PyObject* MakeUnavailable(const Decision& d) {
   }
   Py_DECREF(value);
   return exc;
+}
+
+PyObject* MakeUnavailable(const Decision& d) {
+  return MakeUnavailable(
+      "redis is unavailable and the storage's policy is fail-closed",
+      static_cast<double>(d.retry_after_nanos) /
+          static_cast<double>(kNanosPerSecond));
 }
 
 // The Python result of a decide_many call: a list, or an exception object
@@ -1469,22 +1472,15 @@ void RegisterAtFork() {
 }
 
 void RaiseStoreUnreachable(const char* what) {
-  PyErr_Format(g_unavailable,
-               "redis did not answer every command of the storage's %s: it "
-               "may be only partly done",
-               what);
-  PyObject* type = nullptr;
-  PyObject* value = nullptr;
-  PyObject* tb = nullptr;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
+  const std::string message =
+      std::string("redis did not answer every command of the storage's ") +
+      what + ": it may be only partly done";
   // No Retry-After applies: this is no request's answer.
-  PyObject* none_retry = PyFloat_FromDouble(0.0);
-  if (value != nullptr && none_retry != nullptr) {
-    PyObject_SetAttrString(value, "retry_after", none_retry);
+  PyObject* exc = MakeUnavailable(message.c_str(), 0.0);
+  if (exc != nullptr) {
+    PyErr_SetObject(g_unavailable, exc);
+    Py_DECREF(exc);
   }
-  Py_XDECREF(none_retry);
-  PyErr_Restore(type, value, tb);
   throw py::error_already_set();
 }
 
