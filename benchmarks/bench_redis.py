@@ -16,8 +16,9 @@ CPU 0; this process moves itself to the last CPU for the section.
 * Redis time per decision of rapidlimit's script (commandstats ``usec`` of
   EVALSHA, which includes the commands the script runs), fixed window and
   token bucket, one decision at a time and 64 concurrent, next to the floor
-  of any script on the same server: an EVALSHA that only returns, and one
-  that runs a GET and a SET (redis-py, sequential and pipelined).
+  of any script on the same server and on keys like the decisions' (as
+  many, with a TTL, in the same order): an EVALSHA that only returns, and
+  one that runs a GET and a SET (redis-py, sequential and pipelined).
 * Decisions/s at 1, 16 and 64 concurrent requests on one event loop: at
   the limiter (rapidlimit's awaitable decision against the blocking
   ``limits`` call slowapi makes), through the whole app, and from threads.
@@ -371,11 +372,12 @@ async def _in_flight(one: Callable[[str], Awaitable[bool]], c: int, per: int) ->
     return sum(await asyncio.gather(*(worker(i) for i in range(c))))
 
 
-# The floors of any script, and of one that reads and writes one key.
+# The floors of any script, and of one that reads and writes one key: a
+# value as long as a fixed window's state, its TTL kept.
 _NOP = "return 0"
 _GET_SET = (
     "local v = redis.call('GET', KEYS[1]) "
-    "redis.call('SET', KEYS[1], 'x', 'KEEPTTL') return 0"
+    "redis.call('SET', KEYS[1], 'abcdefghijklmnopqrstuvwx', 'KEEPTTL') return 0"
 )
 
 _SCRIPT_CMDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
@@ -404,18 +406,28 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
         "get_set": client.script_load(_GET_SET),
     }
 
+    # The floors run on keys like the decisions' (as many, as long, with a
+    # TTL, visited in the same order): Redis finds a key it has not touched
+    # for a while in a colder cache, and a key with a TTL in two tables.
+    floor_keys = [f"rapidlimit:fl:{{{k}}}{k}" for k in KEYS]
+    pipe = client.pipeline(transaction=False)
+    for k in floor_keys:
+        pipe.set(k, "abcdefghijklmnopqrstuvwx", px=86_400_000)
+    pipe.execute()
+
     def floor(sha: str, pipelined: bool) -> Callable[[], float]:
         def once() -> float:
             client.config_resetstat()
             if pipelined:
-                for _ in range(n // 64):
+                # As _in_flight's 64 workers: worker w's i-th key.
+                for i in range(n // 64):
                     pipe = client.pipeline(transaction=False)
-                    for i in range(64):
-                        pipe.evalsha(sha, 1, f"floor-{i}")
+                    for w in range(64):
+                        pipe.evalsha(sha, 1, floor_keys[(w * 7 + i) % len(KEYS)])
                     pipe.execute()
             else:
                 for i in range(n // 64 * 64):
-                    client.evalsha(sha, 1, f"floor-{i % 64}")
+                    client.evalsha(sha, 1, floor_keys[i % len(KEYS)])
             calls, usec = _script_usec(client)
             return usec / calls
 
