@@ -17,8 +17,11 @@ CPU 0; this process moves itself to the last CPU for the section.
   EVALSHA, which includes the commands the script runs), fixed window and
   token bucket, one decision at a time and 64 concurrent, next to the floor
   of any script on the same server and on keys like the decisions' (as
-  many, with a TTL, in the same order): an EVALSHA that only returns, and
-  one that runs a GET and a SET (redis-py, sequential and pipelined).
+  many, with a TTL, in the same order): an EVALSHA that only returns, one
+  that runs a GET and a SET, and one that does no more than an exact
+  fixed-window hit must (redis-py, sequential and pipelined). One at a
+  time, the decision runs behind the event loop (the figure the target
+  reads) and from a blocking caller, whose cadence is the floors'.
 * Decisions/s at 1, 16 and 64 concurrent requests on one event loop: at
   the limiter (rapidlimit's awaitable decision against the blocking
   ``limits`` call slowapi makes), through the whole app, and from threads.
@@ -165,9 +168,27 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
         variants["rapidlimit"] = _per_hit(rlim, rapidlimit.parse(LIMIT), n)
         if callable(getattr(rstorage, "ping", None)):
             variants["ping_rapidlimit"] = _per_op(rstorage.ping, n)
+        # The same decision awaited on an event loop, one at a time: the
+        # loop hands it to the store's I/O thread and is woken by it.
+        loop = asyncio.new_event_loop()
+        ritem = rapidlimit.parse(LIMIT)
+
+        async def awaited() -> None:
+            decide = rstorage.decide_many_async
+            for _ in range(n):
+                await decide("fixed-window", [(ritem, "x", 1)])
+
+        def awaited_once() -> float:
+            start = time.perf_counter_ns()
+            loop.run_until_complete(awaited())
+            return (time.perf_counter_ns() - start) / n / 1000.0
+
+        variants["rapidlimit_awaited"] = awaited_once
     for fn in variants.values():  # warm-up: connections, script loading
         fn()
     samples = interleaved(variants, reps)
+    if rapid:
+        loop.close()
     for conn in (raw, nop, get_set):
         conn.close()
     res.add("latency.ping_raw", "bare PING, raw socket", "µs", samples["ping_raw"])
@@ -201,6 +222,13 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
             "latency.rapidlimit_over_ping",
             "rapidlimit hit / raw PING",
             samples["rapidlimit"],
+            samples["ping_raw"],
+            better="lower",
+        )
+        res.ratio(
+            "latency.rapidlimit_awaited_over_ping",
+            "rapidlimit decision awaited on an event loop / raw PING",
+            samples["rapidlimit_awaited"],
             samples["ping_raw"],
             better="lower",
         )
@@ -380,6 +408,26 @@ _GET_SET = (
     "redis.call('SET', KEYS[1], 'abcdefghijklmnopqrstuvwx', 'KEEPTTL') return 0"
 )
 
+# The least an exact fixed-window decision can ask of Redis: read the state
+# (count, expiry as seconds and nanoseconds), compare, rewrite the count in
+# place. ARGV[1]: pack("<dddd", now_s, now_ns, cost, amount). Answers the
+# state read, as rapidlimit's script does; 0 when there was no live window
+# (a broken floor).
+_MIN_FIXED_WINDOW = """
+local now_s, now_ns, cost, amount = struct.unpack('<dddd', ARGV[1])
+local key = KEYS[1]
+local v = redis.call('GET', key)
+if v and #v == 24 then
+  local c, xs, xn = struct.unpack('<ddd', v)
+  if xs > now_s or (xs == now_s and xn > now_ns) then
+    c = c + cost
+    redis.call('SETRANGE', key, '0', struct.pack('<d', c))
+    if c <= amount then return v end
+  end
+end
+return 0
+"""
+
 _SCRIPT_CMDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -401,21 +449,35 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
     n = cfg.pick(400, 4000)
     reps = cfg.pick(2, 5)
     client = rs.client()
-    floors = {
-        "nop": client.script_load(_NOP),
-        "get_set": client.script_load(_GET_SET),
-    }
-
     # The floors run on keys like the decisions' (as many, as long, with a
     # TTL, visited in the same order): Redis finds a key it has not touched
     # for a while in a colder cache, and a key with a TTL in two tables.
-    floor_keys = [f"rapidlimit:fl:{{{k}}}{k}" for k in KEYS]
+    # Each floor has keys of its own, holding a live fixed window's state.
+    now = int(time.time())
+    state = struct.pack("<ddd", 0, now + 86_400, 0)
+    arg = struct.pack("<dddd", now, 0, 1, 1e15)  # never over the limit
+    floors = {  # name: (sha, args after the key)
+        "nop": (client.script_load(_NOP), ()),
+        "get_set": (client.script_load(_GET_SET), ()),
+        "min_fixed_window": (client.script_load(_MIN_FIXED_WINDOW), (arg,)),
+    }
+    floor_keys = {
+        name: [f"rapidlimit:f{i}:{{{k}}}{k}" for k in KEYS]
+        for i, name in enumerate(floors)
+    }
     pipe = client.pipeline(transaction=False)
-    for k in floor_keys:
-        pipe.set(k, "abcdefghijklmnopqrstuvwx", px=86_400_000)
+    for keys in floor_keys.values():
+        for k in keys:
+            pipe.set(k, state, px=86_400_000)
     pipe.execute()
+    sha, extra = floors["min_fixed_window"]
+    if client.evalsha(sha, 1, floor_keys["min_fixed_window"][0], *extra) != state:
+        raise BrokenBenchmark("the minimal fixed-window script found no window")
 
-    def floor(sha: str, pipelined: bool) -> Callable[[], float]:
+    def floor(name: str, pipelined: bool) -> Callable[[], float]:
+        sha, extra = floors[name]
+        keys = floor_keys[name]
+
         def once() -> float:
             client.config_resetstat()
             if pipelined:
@@ -423,19 +485,19 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
                 for i in range(n // 64):
                     pipe = client.pipeline(transaction=False)
                     for w in range(64):
-                        pipe.evalsha(sha, 1, floor_keys[(w * 7 + i) % len(KEYS)])
+                        pipe.evalsha(sha, 1, keys[(w * 7 + i) % len(keys)], *extra)
                     pipe.execute()
             else:
                 for i in range(n // 64 * 64):
-                    client.evalsha(sha, 1, floor_keys[i % len(KEYS)])
+                    client.evalsha(sha, 1, keys[i % len(keys)], *extra)
             calls, usec = _script_usec(client)
             return usec / calls
 
         return once
 
     variants: dict[str, Callable[[], float]] = {
-        f"floor.{name}.{mode}": floor(sha, mode == "c64")
-        for name, sha in floors.items()
+        f"floor.{name}.{mode}": floor(name, mode == "c64")
+        for name in floors
         for mode in ("c1", "c64")
     }
     loop = asyncio.new_event_loop()
@@ -472,9 +534,36 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
 
             return once
 
+        def rapid_sync_cost(strategy: str) -> Callable[[], float]:
+            """One at a time from a blocking caller (a sync endpoint's
+            thread), which writes and reads the socket itself: Redis waits
+            less between two calls than behind the event loop's round trip."""
+
+            def once() -> float:
+                client.config_resetstat()
+                decided = n // 64 * 64
+                allowed = sum(
+                    bool(
+                        storage.decide_many(strategy, [(item, KEYS[i % 1000], 1)])[
+                            -1
+                        ].allowed
+                    )
+                    for i in range(decided)
+                )
+                calls, usec = _script_usec(client)
+                if allowed != decided or calls != decided:
+                    raise BrokenBenchmark(
+                        f"{strategy} sync: {allowed} allowed, {calls:.0f} script "
+                        f"calls for {decided} decisions"
+                    )
+                return usec / decided
+
+            return once
+
         for strategy in ("fixed-window", "token-bucket"):
             for c in (1, 64):
                 variants[f"rapidlimit.{strategy}.c{c}"] = rapid_cost(strategy, c)
+            variants[f"rapidlimit.{strategy}.c1sync"] = rapid_sync_cost(strategy)
     try:
         for fn in variants.values():
             fn()  # warm-up: scripts loaded, keys created
@@ -494,6 +583,13 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
             "µs",
             samples[f"floor.get_set.{c}"],
         )
+        res.add(
+            f"script_usec.floor.min_fixed_window.{c}",
+            "script doing no more than a fixed-window hit must (GET, compare, "
+            f"SETRANGE of the count), {how}",
+            "µs",
+            samples[f"floor.min_fixed_window.{c}"],
+        )
         if rapid:
             for strategy in ("fixed-window", "token-bucket"):
                 res.add(
@@ -502,6 +598,15 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
                     "µs",
                     samples[f"rapidlimit.{strategy}.{c}"],
                 )
+    if rapid:
+        for strategy in ("fixed-window", "token-bucket"):
+            res.add(
+                f"script_usec.rapidlimit.{strategy}.c1sync",
+                f"rapidlimit {strategy} decision script, one at a time from a "
+                "blocking caller (the floors' cadence)",
+                "µs",
+                samples[f"rapidlimit.{strategy}.c1sync"],
+            )
     res.log(
         "script time: INFO commandstats usec of EVALSHA per decision (the "
         "commands a script runs are inside its time; the per-command rows of "
