@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #ifdef RAPIDLIMIT_HAVE_HIREDIS
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #endif
 
@@ -869,6 +871,17 @@ struct LoopBridge {
   // flushed by one call_soon callback at its end.
   std::vector<std::shared_ptr<Store>> to_flush;
   py::object flush_callback;
+  // Loop thread only: the store whose connection this loop drives itself
+  // (RedisStore::LoopFlush; the first Redis store it flushes, the others
+  // go through their I/O thread), the connection it watches (`io.fd`, a
+  // duplicate of the store's socket, owned by the reader callback: closed
+  // once the loop has dropped that reader, so that its number is not taken
+  // while the selector still lists it) and the deadline check.
+  std::shared_ptr<Store> io_store;
+  RedisStore::LoopConnection io;
+  bool watching = false;
+  bool watchdog_armed = false;
+  py::object watchdog_callback;
 
   // Made before this process was forked from its parent (see
   // g_bridge_generation): `mu`, `done`, `signaled` and `dead` are never
@@ -933,6 +946,9 @@ void Orphan(Pending* p) {
 // preempt the I/O thread on a shared CPU, resume one task, and send its
 // next request alone: batches would shrink to one request each way.
 thread_local int tl_run_depth = 0;
+// The bridge whose loop is completing requests itself (LoopRead,
+// LoopWatch): their answers are resolved right after, without a wake-up.
+thread_local LoopBridge* tl_direct = nullptr;
 thread_local std::vector<std::shared_ptr<LoopBridge>> tl_owed;
 
 void Signal(int efd) {
@@ -961,6 +977,7 @@ void PushDone(const std::shared_ptr<LoopBridge>& bridge, Pending* p) {
       return;
     }
     b->done.push_back(p);
+    if (tl_direct == b) return;
     if (!b->signaled) {
       b->signaled = true;
       wake = true;
@@ -1035,19 +1052,23 @@ void Resolve(Pending* p, bool direct, PyObject** fatal) {
   Py_XDECREF(result);
 }
 
-void Drain(LoopBridge* bridge) {
+// `signaled`: woken through the eventfd (the I/O thread's answers), else
+// called by the loop right after completing requests itself (tl_direct).
+void Drain(LoopBridge* bridge, bool signaled = true) {
   // A loop inherited from the parent wakes for the parent's completions:
   // the eventfd is shared, and reading it would take the wake-up that the
   // parent's loop waits for (its I/O thread writes once per drain).
   if (bridge->Inherited()) return;
-  uint64_t value;
-  while (read(bridge->efd, &value, sizeof(value)) < 0 && errno == EINTR) {
+  if (signaled) {
+    uint64_t value;
+    while (read(bridge->efd, &value, sizeof(value)) < 0 && errno == EINTR) {
+    }
   }
   std::vector<Pending*> items;
   {
     std::lock_guard<std::mutex> lock(bridge->mu);
     items.swap(bridge->done);
-    bridge->signaled = false;
+    if (signaled) bridge->signaled = false;
   }
   PyObject* fatal = nullptr;
   for (Pending* p : items) {
@@ -1108,6 +1129,8 @@ void RetireBridge(const std::shared_ptr<LoopBridge>& bridge) {
   // on the I/O thread, without the GIL: drop the Python objects (and
   // stores) it keeps now, while the GIL is held.
   bridge->flush_callback = py::object();
+  bridge->watchdog_callback = py::object();
+  bridge->io_store.reset();
   std::vector<std::shared_ptr<Store>> stores;
   stores.swap(bridge->to_flush);
   stores.clear();
@@ -1146,6 +1169,124 @@ PyMethodDef kOnLoopCollected = {"_rapidlimit_loop_collected", OnLoopCollected,
                                 METH_O, nullptr};
 
 std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop);
+
+// ------------------------------------------------- loop-driven connection
+
+// A descriptor closed with its owner: the reader callback that watches it.
+struct OwnedFd {
+  int fd;
+  explicit OwnedFd(int f) : fd(f) {}
+  ~OwnedFd() {
+    if (fd >= 0) close(fd);
+  }
+  OwnedFd(const OwnedFd&) = delete;
+  OwnedFd& operator=(const OwnedFd&) = delete;
+};
+
+void Unwatch(LoopBridge* b) {
+  if (!b->watching) return;
+  b->watching = false;
+  const int fd = b->io.fd;
+  b->io = RedisStore::LoopConnection();
+  // Drops the reader's callback, whose OwnedFd closes the duplicate (after
+  // this callback returns, when it is the one running).
+  py::handle(b->loop).attr("remove_reader")(fd);
+}
+
+// Sets tl_direct for its scope.
+class DirectCompletions {
+ public:
+  explicit DirectCompletions(LoopBridge* b) { tl_direct = b; }
+  ~DirectCompletions() { tl_direct = nullptr; }
+  DirectCompletions(const DirectCompletions&) = delete;
+  DirectCompletions& operator=(const DirectCompletions&) = delete;
+};
+
+void LoopReadable(const std::weak_ptr<LoopBridge>& weak) {
+  std::shared_ptr<LoopBridge> b = weak.lock();
+  if (b == nullptr || b->Inherited() || !b->watching) return;
+  auto* store = static_cast<RedisStore*>(b->io_store.get());
+  bool keep;
+  {
+    DirectCompletions direct(b.get());
+    keep = store->LoopRead(b->io.generation);
+  }
+  if (!keep) Unwatch(b.get());
+  Drain(b.get(), /*signaled=*/false);
+}
+
+void ArmWatchdog(LoopBridge* b, int64_t nanos) {
+  py::handle(b->loop).attr("call_later")(static_cast<double>(nanos) / 1e9,
+                                         b->watchdog_callback);
+  b->watchdog_armed = true;
+}
+
+void LoopWatchdog(const std::weak_ptr<LoopBridge>& weak) {
+  std::shared_ptr<LoopBridge> b = weak.lock();
+  if (b == nullptr || b->Inherited()) return;
+  b->watchdog_armed = false;
+  if (!b->watching) return;
+  auto* store = static_cast<RedisStore*>(b->io_store.get());
+  int64_t next;
+  {
+    DirectCompletions direct(b.get());
+    next = store->LoopWatch(b->io.generation);
+  }
+  if (next < 0) Unwatch(b.get());
+  if (next > 0) ArmWatchdog(b.get(), next);
+  Drain(b.get(), /*signaled=*/false);
+}
+
+// Watches connection `c` of the bridge's store: a duplicate of its socket
+// in the loop's selector.
+void Watch(const std::shared_ptr<LoopBridge>& b,
+           const RedisStore::LoopConnection& c) {
+  const int dup = fcntl(c.fd, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) {
+    PyErr_SetFromErrno(PyExc_OSError);
+    throw py::error_already_set();
+  }
+  auto owned = std::make_shared<OwnedFd>(dup);
+  std::weak_ptr<LoopBridge> weak = b;
+  py::cpp_function readable([weak, owned]() { LoopReadable(weak); });
+  py::handle(b->loop).attr("add_reader")(dup, readable);
+  b->io.fd = dup;
+  b->io.generation = c.generation;
+  b->watching = true;
+}
+
+// Sends what `store` queued this iteration from the loop thread when its
+// connection is idle, else wakes its I/O thread (Flush).
+void FlushFromLoop(const std::shared_ptr<LoopBridge>& b,
+                   const std::shared_ptr<Store>& s) {
+  auto* store = static_cast<RedisStore*>(s.get());
+  if (b->io_store != nullptr && b->io_store != s) {
+    store->Flush();
+    return;
+  }
+  RedisStore::LoopConnection c = b->io;
+  RedisStore::LoopResult r = store->LoopFlush(&c);
+  if (r == RedisStore::LoopResult::kNewConnection) {
+    Unwatch(b.get());
+    b->io_store = s;
+    try {
+      Watch(b, c);
+    } catch (...) {
+      store->Flush();
+      throw;
+    }
+    r = store->LoopFlush(&c);
+  }
+  if (r != RedisStore::LoopResult::kSent) {
+    store->Flush();
+    return;
+  }
+  if (!b->watchdog_armed) {
+    const int64_t next = store->LoopWatch(b->io.generation);
+    if (next > 0) ArmWatchdog(b.get(), next);
+    if (next < 0) Unwatch(b.get());
+  }
+}
 
 // The bridge for `loop`, created (and registered with add_reader) on first
 // use. Called with the GIL, on the loop's thread.
@@ -1207,9 +1348,21 @@ std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
     if (auto b = weak.lock()) {
       std::vector<std::shared_ptr<Store>> stores;
       stores.swap(b->to_flush);
-      for (auto& s : stores) static_cast<RedisStore*>(s.get())->Flush();
+      // Every store is flushed, whatever one of them raised: the others'
+      // requests would otherwise wait for their timeout.
+      std::exception_ptr first;
+      for (auto& s : stores) {
+        try {
+          FlushFromLoop(b, s);
+        } catch (...) {
+          if (!first) first = std::current_exception();
+        }
+      }
+      if (first) std::rethrow_exception(first);
     }
   });
+  bridge->watchdog_callback =
+      py::cpp_function([weak]() { LoopWatchdog(weak); });
   PyObject* callback = PyCFunction_New(&kOnLoopCollected, nullptr);
   if (callback == nullptr) throw py::error_already_set();
   bridge->weakref = PyWeakref_NewRef(loop, callback);
@@ -1638,6 +1791,7 @@ void BindRedis(py::module_& m) {
         d["scripts"] = s.scripts;
         d["writes"] = s.writes;
         d["inline_calls"] = s.inline_calls;
+        d["loop_writes"] = s.loop_writes;
         d["cache_hits"] = s.cache_hits;
         d["fail_open"] = s.fail_open;
         d["fail_closed"] = s.fail_closed;

@@ -98,7 +98,7 @@ struct Counters {
   std::atomic<uint64_t> decisions{0}, calls{0}, writes{0}, inline_calls{0},
       cache_hits{0}, fail_open{0}, fail_closed{0}, fallback{0}, timeouts{0},
       errors{0}, disconnects{0}, reconnects{0}, script_reloads{0},
-      mismatches{0}, scripts{0};
+      mismatches{0}, scripts{0}, loop_writes{0};
 };
 
 inline void Add(std::atomic<uint64_t>& c, uint64_t v = 1) {
@@ -439,6 +439,10 @@ class Lane {
   // Runs `op` on the calling thread when the connection is idle. True if
   // the op is complete.
   bool TryInline(Op* op);
+  // See RedisStore::LoopFlush, LoopRead and LoopWatch.
+  RedisStore::LoopResult LoopSend(RedisStore::LoopConnection* connection);
+  bool LoopRead(uint64_t generation);
+  int64_t LoopWatch(uint64_t generation);
 
  private:
   void Run();
@@ -452,6 +456,10 @@ class Lane {
   // Sends ops[0..k) as one command: a raw op alone, script ops as one
   // script call.
   void AppendGroupLocked(Op* const* ops, size_t k);
+  // Appends the queued `batch` (emptied) as script groups, failing into
+  // `failed` the ops whose deadline `now` has passed.
+  void AppendBatchLocked(std::vector<Op*>* batch, int64_t now,
+                         std::vector<Op*>* failed);
   bool FlushLocked(std::vector<Op*>* failed);
   bool ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed);
   // What the lane does with ops[0..k) once HandleReply has read their
@@ -503,7 +511,11 @@ class Lane {
   std::string out_;
   size_t out_off_ = 0;
   std::deque<Op*> inflight_;
-  int64_t last_read_ = 0;   // MonoNanos of the last bytes received
+  int64_t last_read_ = 0;    // MonoNanos of the last bytes received
+  uint64_t generation_ = 0;  // of fd_: one per connection made (conn_mu_)
+  // A caller's inline exchange holds conn_mu_ (TryInline), waiting for
+  // its reply: LoopRead, finding conn_mu_ taken, stops watching.
+  std::atomic<bool> inline_busy_{false};
   std::vector<Op*> group_;  // ReadLocked's scratch
   static constexpr size_t kEagerBatch = 32;
   static constexpr int64_t kIdleCheckNanos = 20'000'000;
@@ -716,6 +728,97 @@ void Lane::Flush() {
   if (wake) Wake();
 }
 
+RedisStore::LoopResult Lane::LoopSend(RedisStore::LoopConnection* connection) {
+  std::unique_lock<std::mutex> conn(conn_mu_, std::try_to_lock);
+  // Only an idle connection: the I/O thread then waits for no reply (it
+  // polls the socket for a hang-up only), so the replies to what the loop
+  // sends reach the loop alone; with commands in flight it polls for them
+  // and would be woken anyway.
+  if (!conn.owns_lock() || state_.load(std::memory_order_relaxed) != kUp ||
+      !inflight_.empty() || out_off_ < out_.size()) {
+    return RedisStore::LoopResult::kNotIdle;
+  }
+  if (connection->generation != generation_) {
+    connection->fd = fd_;
+    connection->generation = generation_;
+    return RedisStore::LoopResult::kNewConnection;
+  }
+  std::vector<Op*> batch, completed, failed;
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    if (queue_.empty()) return RedisStore::LoopResult::kNotIdle;
+    batch.swap(queue_);
+  }
+  AppendBatchLocked(&batch, MonoNanos(), &failed);
+  Add(engine_->counters->loop_writes);
+  FlushLocked(&failed);
+  // A write Redis did not take whole is finished by the I/O thread, which
+  // then waits for the replies as well.
+  const bool unfinished = out_off_ < out_.size();
+  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
+  conn.unlock();
+  if (unfinished) Wake();
+  Finish(&completed, &failed);
+  return RedisStore::LoopResult::kSent;
+}
+
+bool Lane::LoopRead(uint64_t generation) {
+  std::unique_lock<std::mutex> conn(conn_mu_, std::try_to_lock);
+  if (!conn.owns_lock()) {
+    // A caller reading its own reply inline, which it sent only with
+    // nothing in flight: the bytes are its, and the loop stops watching
+    // rather than be woken by them again and again. Otherwise a moment's
+    // contention (the I/O thread, or an inline attempt backing off from
+    // the loop's commands in flight): the loop reads at its next turn,
+    // as no one else may be waiting for these replies.
+    return !inline_busy_.load(std::memory_order_acquire);
+  }
+  // Another connection: the loop's next send watches the new one.
+  if (state_.load(std::memory_order_relaxed) != kUp ||
+      generation != generation_) {
+    return false;
+  }
+  if (inflight_.empty()) {
+    // Another reader (the I/O thread, awake for a batch of its own) took
+    // the replies, and the loop keeps watching; but bytes no command
+    // waits for, or the end of the connection, are the I/O thread's to
+    // handle, and would wake the loop again and again meanwhile.
+    char byte;
+    const ssize_t n = recv(fd_, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+  }
+  std::vector<Op*> completed, failed;
+  bool ok = ReadLocked(&completed, &failed);
+  // A reply that asks for a command again (NOSCRIPT: sent as EVAL) left
+  // it in out_.
+  if (ok && out_off_ < out_.size()) ok = FlushLocked(&failed);
+  const bool unfinished = ok && out_off_ < out_.size();
+  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
+  conn.unlock();
+  if (unfinished) Wake();
+  Finish(&completed, &failed);
+  return ok && !unfinished;
+}
+
+int64_t Lane::LoopWatch(uint64_t generation) {
+  std::unique_lock<std::mutex> conn(conn_mu_, std::try_to_lock);
+  if (!conn.owns_lock()) return 1'000'000;  // busy: again in a millisecond
+  if (state_.load(std::memory_order_relaxed) != kUp ||
+      generation != generation_) {
+    return -1;
+  }
+  if (inflight_.empty()) return 0;
+  const int64_t left = inflight_.front()->deadline - MonoNanos();
+  if (left > 0) return left;
+  std::vector<Op*> completed, failed;
+  Add(engine_->counters->timeouts);
+  BreakLocked("no reply within the timeout", &failed);
+  StopAccepting(&failed);
+  conn.unlock();
+  Finish(&completed, &failed);
+  return -1;
+}
+
 bool Lane::TryInline(Op* op) {
   if (!Up()) return false;
   std::unique_lock<std::mutex> lock(conn_mu_, std::try_to_lock);
@@ -735,6 +838,7 @@ bool Lane::TryInline(Op* op) {
   const RedisStoreOptions& o = engine_->options;
   void* token = o.before_blocking != nullptr ? o.before_blocking() : nullptr;
   Add(engine_->counters->inline_calls);
+  inline_busy_.store(true, std::memory_order_relaxed);
   op->refs.fetch_add(1, std::memory_order_relaxed);
   std::vector<Op*> completed, failed;
   AppendLocked(op);
@@ -756,6 +860,7 @@ bool Lane::TryInline(Op* op) {
   // (setting accepting_) before this cleared it, leaving a lane that is up
   // and refuses every queued request until the next disconnect.
   if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
+  inline_busy_.store(false, std::memory_order_release);
   lock.unlock();
   Finish(&completed, &failed);
   if (o.after_blocking != nullptr) o.after_blocking(token);
@@ -790,6 +895,35 @@ void Lane::StopAccepting(std::vector<Op*>* failed) {
   }
   failed->insert(failed->end(), queued.begin(), queued.end());
   Wake();  // the I/O thread reconnects
+}
+
+void Lane::AppendBatchLocked(std::vector<Op*>* batch, int64_t now,
+                             std::vector<Op*>* failed) {
+  for (size_t i = 0; i < batch->size();) {
+    Op* op = (*batch)[i];
+    // A command that missed its deadline in the queue (it raced a
+    // reconnect) is failed here rather than sent.
+    if (op->deadline <= now) {
+      Add(engine_->counters->timeouts);
+      failed->push_back(op);
+      ++i;
+      continue;
+    }
+    // Script requests queued together share one script command (their
+    // keys may lie in different slots: Redis Cluster, not supported yet,
+    // will need a group per slot).
+    size_t j = i + 1;
+    if (op->kind == Op::Kind::kScript) {
+      while (j < batch->size() && j - i < kMaxGroup &&
+             (*batch)[j]->kind == Op::Kind::kScript &&
+             (*batch)[j]->deadline > now) {
+        ++j;
+      }
+    }
+    AppendGroupLocked(&(*batch)[i], j - i);
+    i = j;
+  }
+  batch->clear();
 }
 
 void Lane::AppendGroupLocked(Op* const* ops, size_t k) {
@@ -996,6 +1130,10 @@ Lane::Next Lane::HandleReply(Op* const* ops, size_t k, const redisReply* r,
 }
 
 void Lane::CloseLocked() {
+  // An event loop may watch a duplicate of the socket (LoopRead), which
+  // would keep the connection open past close(): shutdown ends it for
+  // every descriptor, and the loop's sees the end and lets its go.
+  if (fd_ >= 0) shutdown(fd_, SHUT_RDWR);
   CloseFile(&fd_);
   if (reader_ != nullptr) redisReaderFree(reader_);
   reader_ = nullptr;
@@ -1240,6 +1378,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
   {
     std::lock_guard<std::mutex> lock(conn_mu_);
     fd_ = fd;
+    ++generation_;
     connecting_fd_.store(-1);
     reader_ = reader;
     out_.clear();
@@ -1303,31 +1442,7 @@ void Lane::Run() {
         state_.store(kClosed, std::memory_order_release);  // silences Break
         if (fd_ >= 0) BreakLocked("store closed", &failed);
       } else if (state_.load(std::memory_order_relaxed) == kUp) {
-        for (size_t i = 0; i < batch.size();) {
-          Op* op = batch[i];
-          // A command that missed its deadline in the queue (it raced a
-          // reconnect) is failed here rather than sent.
-          if (op->deadline <= now) {
-            Add(engine_->counters->timeouts);
-            failed.push_back(op);
-            ++i;
-            continue;
-          }
-          // Script requests queued together share one script command
-          // (their keys may lie in different slots: Redis Cluster, not
-          // supported yet, will need a group per slot).
-          size_t j = i + 1;
-          if (op->kind == Op::Kind::kScript) {
-            while (j < batch.size() && j - i < kMaxGroup &&
-                   batch[j]->kind == Op::Kind::kScript &&
-                   batch[j]->deadline > now) {
-              ++j;
-            }
-          }
-          AppendGroupLocked(&batch[i], j - i);
-          i = j;
-        }
-        batch.clear();
+        AppendBatchLocked(&batch, now, &failed);
         // Read only what poll reported: a speculative recv() would cost a
         // syscall per batch.
         if (FlushLocked(&failed) &&
@@ -1748,6 +1863,19 @@ class RedisStoreImpl final : public RedisStore {
   }
 
   void Flush() override { Acquire()->Flush(); }
+  LoopResult LoopFlush(LoopConnection* connection) override {
+    Engine* e = Acquire();
+    if (e->lanes.size() != 1) return LoopResult::kNotIdle;
+    return e->lanes[0]->LoopSend(connection);
+  }
+  bool LoopRead(uint64_t generation) override {
+    Engine* e = Acquire();
+    return e->lanes.size() == 1 && e->lanes[0]->LoopRead(generation);
+  }
+  int64_t LoopWatch(uint64_t generation) override {
+    Engine* e = Acquire();
+    return e->lanes.size() == 1 ? e->lanes[0]->LoopWatch(generation) : -1;
+  }
 
   void Async(const Request* requests, size_t n, int64_t now, Mode mode,
              DecideCallback done, void* context, bool defer) {
@@ -1951,6 +2079,7 @@ class RedisStoreImpl final : public RedisStore {
     s.script_reloads = get(counters_.script_reloads);
     s.mismatches = get(counters_.mismatches);
     s.scripts = get(counters_.scripts);
+    s.loop_writes = get(counters_.loop_writes);
     return s;
   }
 

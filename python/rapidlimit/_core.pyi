@@ -183,7 +183,8 @@ class RedisStorage(Storage):
     def stats(self) -> dict[str, int]:
         """Counters since creation: decisions, calls (requests' script
         calls), scripts (script commands: requests waiting together share
-        one), writes, inline_calls, cache_hits, fail_open, fail_closed,
+        one), writes, inline_calls, loop_writes (batches an event loop
+        sent itself), cache_hits, fail_open, fail_closed,
         fallback, timeouts, errors, disconnects, reconnects, script_reloads,
         mismatches (must stay 0)."""
     @staticmethod

@@ -6,6 +6,7 @@
 #include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 
@@ -1230,6 +1231,127 @@ TEST_F(RedisStoreTest, DeferredDecisionsWaitForFlushAndShareOneScript) {
   const RedisStoreStats after = store->Stats();
   EXPECT_EQ(after.writes - before.writes, 1u);
   EXPECT_EQ(after.scripts - before.scripts, 1u);
+}
+
+// LoopFlush, retried while the I/O thread still holds the connection a
+// moment after the request before (kNotIdle, where a loop would let the
+// I/O thread send instead).
+RedisStore::LoopResult SendFromLoop(RedisStore& store,
+                                    RedisStore::LoopConnection* c) {
+  RedisStore::LoopResult r = RedisStore::LoopResult::kNotIdle;
+  for (int i = 0; i < 100 && r == RedisStore::LoopResult::kNotIdle; ++i) {
+    r = store.LoopFlush(c);
+    if (r == RedisStore::LoopResult::kNotIdle) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  return r;
+}
+
+// LoopWatch, again while the I/O thread holds the connection (1 ms).
+int64_t WatchFromLoop(RedisStore& store, uint64_t generation) {
+  int64_t r = store.LoopWatch(generation);
+  for (int i = 0; i < 100 && r == 1'000'000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    r = store.LoopWatch(generation);
+  }
+  return r;
+}
+
+// LoopRead where no reply is the loop's: true only while the I/O thread
+// holds the connection (read again), then false.
+bool ReadFromLoop(RedisStore& store, uint64_t generation) {
+  bool r = store.LoopRead(generation);
+  for (int i = 0; i < 100 && r; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    r = store.LoopRead(generation);
+  }
+  return r;
+}
+
+// What an event loop does with RedisStore::LoopFlush/LoopRead/LoopWatch,
+// with poll() for its selector: the batch leaves from this thread and the
+// replies are read here.
+TEST_F(RedisStoreTest, LoopDrivesAnIdleConnection) {
+  const Limit l = L("3 per minute");
+  auto store = MakeConnected(l);
+  const RedisStoreStats before = store->Stats();
+  RedisStore::LoopConnection c;
+  AsyncWait w;
+  w.pending = 4;
+  for (int i = 0; i < 4; ++i) {
+    Request r{Strategy::kFixedWindow, &l, "LIMITER/loop", 1};
+    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  }
+  // The first call names the connection to watch; nothing is sent yet.
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
+  ASSERT_GE(c.fd, 0);
+  EXPECT_EQ(store->Stats().writes, before.writes);
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
+  EXPECT_GT(store->LoopWatch(c.generation), 0);  // in flight: a deadline
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(w.mu);
+      if (w.pending == 0) break;
+    }
+    ASSERT_LT(std::chrono::steady_clock::now() - start,
+              std::chrono::seconds(5));
+    pollfd p{c.fd, POLLIN, 0};
+    ASSERT_GE(poll(&p, 1, 1000), 0);
+    // False when the I/O thread, woken by its periodic check, took the
+    // replies first (then the requests are complete all the same).
+    if (p.revents & POLLIN) store->LoopRead(c.generation);
+  }
+  EXPECT_EQ(w.allowed, 3);
+  EXPECT_EQ(WatchFromLoop(*store, c.generation), 0);  // nothing in flight
+  const RedisStoreStats after = store->Stats();
+  EXPECT_EQ(after.loop_writes - before.loop_writes, 1u);
+  EXPECT_EQ(after.writes - before.writes, 1u);
+  // Nothing in flight and nothing to read: the loop keeps watching.
+  EXPECT_TRUE(store->LoopRead(c.generation));
+}
+
+TEST_F(RedisStoreTest, LoopWatchFailsARequestRedisDoesNotAnswer) {
+  const Limit l = L("3 per minute");
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
+  auto store = Make(o);
+  ASSERT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+  RedisStore::LoopConnection c;
+  AsyncWait w;
+  w.pending = 1;
+  Request r{Strategy::kFixedWindow, &l, "LIMITER/held", 1};
+  std::thread sleeper = server_.SleepInBackground("1");
+  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
+  const int64_t left = store->LoopWatch(c.generation);
+  ASSERT_GT(left, 0);
+  EXPECT_LE(left, o.command_timeout_nanos);
+  // No reply by the deadline: the loop's check fails the request (the
+  // I/O thread, which waits for no reply, would only at its periodic
+  // wake-up), and the connection is replaced.
+  std::this_thread::sleep_for(std::chrono::nanoseconds(left) +
+                              std::chrono::milliseconds(20));
+  EXPECT_EQ(WatchFromLoop(*store, c.generation), -1);
+  sleeper.join();
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
+  EXPECT_EQ(w.allowed, 1);  // fail-open
+  EXPECT_EQ(w.sources[0], DecisionSource::kFailOpen);
+  EXPECT_EQ(store->Stats().timeouts, 1u);
+  // The next connection is another to watch.
+  for (int i = 0; i < 200 && !store->Connected(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  w.pending = 1;
+  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  RedisStore::LoopConnection next = c;
+  ASSERT_EQ(SendFromLoop(*store, &next),
+            RedisStore::LoopResult::kNewConnection);
+  EXPECT_NE(next.generation, c.generation);
+  EXPECT_FALSE(ReadFromLoop(*store, c.generation));  // the old one is not read
+  store->Flush();  // left to the I/O thread this time
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
 }
 
 TEST_F(RedisStoreTest, DeferredDecisionsLeaveInBatches) {

@@ -124,6 +124,7 @@ struct RedisStoreStats {
                                 // one when requests wait together)
   uint64_t writes = 0;          // socket writes carrying commands (batches)
   uint64_t inline_calls = 0;    // calls done on the caller's thread
+  uint64_t loop_writes = 0;     // batches an event loop sent itself
   uint64_t cache_hits = 0;      // requests answered by the blocked-key cache
   uint64_t fail_open = 0;       // requests allowed by the failure policy
   uint64_t fail_closed = 0;     // requests rejected by the failure policy
@@ -163,6 +164,40 @@ class RedisStore : public Store {
                                    int64_t now_nanos, Mode mode,
                                    DecideCallback done, void* context) = 0;
   virtual void Flush() = 0;
+
+  // An event loop driving the connection itself, which spares the I/O
+  // thread's two wake-ups per batch (and, on a CPU the two threads share,
+  // the switches between them). Loop thread only; for a store of one
+  // connection (pool_size 1), otherwise LoopFlush never sends.
+  //
+  // The loop watches the socket `fd` (through a duplicate it owns: the
+  // store may close its own at any time, and shuts the connection down
+  // when it does) for readability, calling LoopRead; and calls LoopWatch
+  // when it says, so that a reply Redis never sends still meets the
+  // timeout.
+  // `generation` names the connection: a new one (after a reconnect) has
+  // a new socket to watch.
+  struct LoopConnection {
+    int fd = -1;
+    uint64_t generation = 0;
+  };
+  enum class LoopResult {
+    kSent,           // the queue went out from this thread
+    kNotIdle,        // not sent: Flush() instead (the I/O thread sends)
+    kNewConnection,  // not sent: *connection names the socket to watch now
+  };
+  // Sends what DecideAsyncDeferred queued when the connection is idle (no
+  // command in flight, none being sent) and is `connection->generation`.
+  virtual LoopResult LoopFlush(LoopConnection* connection) = 0;
+  // Reads the replies available on connection `generation`, completing
+  // their requests (callbacks run on this thread). False: stop watching
+  // (another connection, none of the loop's commands in flight, or the
+  // connection broke).
+  virtual bool LoopRead(uint64_t generation) = 0;
+  // Fails the commands in flight past their deadline (the connection is
+  // replaced). Returns in how many nanoseconds to call again, 0 when
+  // nothing is in flight, or -1 to stop watching.
+  virtual int64_t LoopWatch(uint64_t generation) = 0;
 
   // Source of the last Decide on the calling thread (any RedisStore).
   static DecisionSource LastSource();
