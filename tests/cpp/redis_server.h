@@ -390,12 +390,19 @@ class RedisServer {
     return pid;
   }
 
+  // Ready when the server answering on the port is ours: a test run in
+  // parallel (ctest -j) may have been given the same free port and started
+  // its server first, and ours, unable to bind, would still be exiting
+  // when that one answered the PING: the two tests would share a server.
   bool WaitReady(std::chrono::seconds limit) const {
     const auto deadline = std::chrono::steady_clock::now() + limit;
+    const std::string ours = "process_id:" + std::to_string(pid_) + "\r\n";
     while (std::chrono::steady_clock::now() < deadline) {
       if (waitpid(pid_, nullptr, WNOHANG) == pid_) return false;
-      const Reply r = Command({"PING"});
-      if (r.type == REDIS_REPLY_STATUS && r.str == "PONG") return true;
+      const Reply r = Command({"INFO", "server"});
+      if (r.type == REDIS_REPLY_STRING) {
+        return r.str.find(ours) != std::string::npos;
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     return false;

@@ -180,8 +180,10 @@ class RedisServer:
                 return False
             client = self.client()
             try:
-                if client.ping():
-                    return True
+                # Ours, not a server another test (pytest-xdist, a second
+                # run) started first on the same free port while ours,
+                # unable to bind, is still exiting.
+                return bool(client.info("server")["process_id"] == self.proc.pid)
             except Exception:
                 pass
             finally:
