@@ -634,6 +634,13 @@ class Outcome:
     raw_reset: list[str] = field(default_factory=list)  # slowapi's floats
     cached: bool = False  # answered by rapidlimit's blocked-key cache
 
+    def adopt(self, other: Outcome) -> None:
+        """Takes ``other``'s compared fields: the difference a README entry
+        accepts, so that the comparison after it finds none."""
+        self.status, self.body, self.view = other.status, other.body, other.view
+        self.content_type, self.error = other.content_type, other.error
+        self.rate_headers = other.rate_headers
+
     def show(self) -> str:
         return (
             f"status={self.status} body={self.body!r} "
@@ -1049,8 +1056,7 @@ def swallowed_error(cfg: Config, theirs: Outcome, ours: Outcome) -> bool:
         return False
     if ours.status != 200 or ours.rate_headers or ours.view is not None or ours.error:
         return False
-    theirs.status, theirs.body = ours.status, ours.body
-    theirs.content_type, theirs.error = ours.content_type, ours.error
+    theirs.adopt(ours)  # view and rate headers: None and none on both sides
     return True
 
 
@@ -1169,9 +1175,7 @@ def failed_closed(cfg: Config, theirs: Outcome, ours: Outcome, down: bool) -> bo
         return False
     if set(ours.rate_headers) != {"retry-after"}:
         return False
-    theirs.status, theirs.body, theirs.view = ours.status, ours.body, ours.view
-    theirs.content_type, theirs.error = ours.content_type, ours.error
-    theirs.rate_headers = ours.rate_headers
+    theirs.adopt(ours)
     return True
 
 
@@ -1198,9 +1202,7 @@ def failed_open(
             return False
         if not 0 <= decision.remaining <= item.amount:
             return False
-    theirs.status, theirs.body, theirs.view = ours.status, ours.body, ours.view
-    theirs.content_type, theirs.error = ours.content_type, ours.error
-    theirs.rate_headers = ours.rate_headers
+    theirs.adopt(ours)
     return True
 
 
