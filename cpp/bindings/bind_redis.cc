@@ -1215,8 +1215,13 @@ void LoopReadable(const std::weak_ptr<LoopBridge>& weak) {
   Drain(b.get(), /*signaled=*/false);
 }
 
-void ArmWatchdog(LoopBridge* b, int64_t nanos) {
-  py::handle(b->loop).attr("call_later")(static_cast<double>(nanos) / 1e9,
+// Acts on what RedisStore::LoopWatch answered: the deadline check again in
+// `next` nanoseconds, none while nothing is in flight (0), or no more
+// watching (-1).
+void FollowWatch(LoopBridge* b, int64_t next) {
+  if (next < 0) Unwatch(b);
+  if (next <= 0) return;
+  py::handle(b->loop).attr("call_later")(static_cast<double>(next) / 1e9,
                                          b->watchdog_callback);
   b->watchdog_armed = true;
 }
@@ -1232,8 +1237,7 @@ void LoopWatchdog(const std::weak_ptr<LoopBridge>& weak) {
     DirectCompletions direct(b.get());
     next = store->LoopWatch(b->io.generation);
   }
-  if (next < 0) Unwatch(b.get());
-  if (next > 0) ArmWatchdog(b.get(), next);
+  FollowWatch(b.get(), next);
   Drain(b.get(), /*signaled=*/false);
 }
 
@@ -1281,11 +1285,8 @@ void FlushFromLoop(const std::shared_ptr<LoopBridge>& b,
     store->Flush();
     return;
   }
-  if (!b->watchdog_armed) {
-    const int64_t next = store->LoopWatch(b->io.generation);
-    if (next > 0) ArmWatchdog(b.get(), next);
-    if (next < 0) Unwatch(b.get());
-  }
+  if (!b->watchdog_armed)
+    FollowWatch(b.get(), store->LoopWatch(b->io.generation));
 }
 
 // The bridge for `loop`, created (and registered with add_reader) on first
