@@ -288,6 +288,32 @@ TEST_F(RedisStoreTest, SameSemanticsMixedBatches) {
   EXPECT_EQ(store->Stats().mismatches, 0u);
 }
 
+// A hit whose theoretical arrival time (TAT) crosses into the next second
+// stores it carried into the seconds: a hit later in that second, before
+// the TAT, must still find the bucket partly used. The random comparison
+// above meets this case only in long runs.
+TEST_F(RedisStoreTest, TokenBucketTatCarriedIntoTheNextSecond) {
+  RedisStoreOptions o = CompareOptions();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  auto memory = NewMemoryStore();
+  const Limit l = L("3 per second");
+  const int64_t s0 = (kT0 / kSec + 1) * kSec;
+  Request r;
+  r.strategy = Strategy::kTokenBucket;
+  r.limit = &l;
+  r.key = "LIMITER/tb/carry";
+  // .5: a fresh bucket (TAT .833); .6: TAT 1.167, past the second; 1.05:
+  // before that TAT (TAT 1.5); 1.06: what 1.05 left.
+  for (int64_t at : {500 * kMs, 600 * kMs, 1050 * kMs, 1060 * kMs}) {
+    Decision a, b;
+    ASSERT_EQ(memory->Decide(&r, 1, s0 + at, Mode::kHit, &a),
+              store->Decide(&r, 1, s0 + at, Mode::kHit, &b));
+    ExpectSame(a, b, "at +" + std::to_string(at / kMs) + " ms");
+  }
+  EXPECT_EQ(store->Stats().mismatches, 0u);
+}
+
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
   // With the cache on, decisions are the same; only the fixed window's
   // counter (visible to Inspect) stops counting rejected hits.

@@ -73,7 +73,7 @@ local pack = struct.pack
 local unpack = struct.unpack
 local args = ARGV[1]
 local nargs = #args
-local floor = math.floor
+local floor  -- math.floor, looked up by the loop below: the fast paths need none
 local call = redis.call
 local try = redis.pcall  -- reads: an error comes back as a table {err=...}
 local E9 = 1000000000
@@ -152,33 +152,47 @@ while pos < nargs do
       -- and could make the TTL negative (a Lua error for the whole call):
       -- the loop refuses it. One comparison, on a value already unpacked.
       if x2 >= 0 then
-        local p2, p3, p4, p5 = unpack('<dddd', args, first + 24)
-        local an, af = p2, p3
+        -- p5 (the burst's fraction) only matters at a level exactly p4.
+        local p2, p3, p4 = unpack('<ddd', args, first + 24)
+        -- The TAT after this hit, (s, t ns, af): the stored one plus the
+        -- cost's interval while it is later than now, else now plus it.
+        -- Built from the stored pair rather than from now, it needs no
+        -- carry into the seconds unless the interval crosses one.
+        local s, t, af = now_s, now_ns + p2, p3
         local live = x1 > now_s or (x1 == now_s and x2 > now_ns)
         if live then
-          an, af = an + (x1 - now_s) * E9 + (x2 - now_ns), af + x3
-          if af >= a1 then an, af = an + 1, af - a1 end
+          s, t, af = x1, x2 + p2, x3 + p3
+          if af >= a1 then t, af = t + 1, af - a1 end
         end
+        -- How far ahead of now that TAT lies: the bucket's level with the
+        -- cost added, against the burst's.
+        local an = (s - now_s) * E9 + (t - now_ns)
         -- A cost of 0 takes nothing: always allowed, nothing written (the
         -- bucket may look more than empty to a clock behind the one that
         -- charged it).
-        local ok = k1 == 0 or an < p4 or (an == p4 and af <= p5)
+        local ok = an < p4 or k1 == 0 or
+                   (an == p4 and af <= unpack('<d', args, first + 48))
         local done = true
         if ok and k1 > 0 then
-          local t = now_ns + an
-          local sec = t / E9
-          sec = sec - sec % 1
-          t = t - sec * E9
-          if t < 0 then
-            sec, t = sec - 1, t + E9
-          elseif t >= E9 then
-            sec, t = sec + 1, t - E9
+          if t >= E9 then
+            local q = t / E9
+            q = q - q % 1  -- floor without a function call
+            s, t = s + q, t - q * E9
+            -- The quotient rounded in the double's last bit.
+            if t < 0 then
+              s, t = s - 1, t + E9
+            elseif t >= E9 then
+              s, t = s + 1, t - E9
+            end
           end
-          sec = now_s + sec
-          if sec < hs then
-            call('SETRANGE', key, '0', pack('<ddd', sec, t, af))
-          else
+          if not (s < hs) then  -- (a NaN found fails it too)
             done = false  -- the loop renews the TTL
+          elseif af == x3 then
+            -- The fraction stored is already right (always, when the
+            -- period divides by the amount): 16 bytes rewritten, not 24.
+            call('SETRANGE', key, '0', pack('<dd', s, t))
+          else
+            call('SETRANGE', key, '0', pack('<ddd', s, t, af))
           end
         end
         if done then
@@ -213,6 +227,7 @@ while pos < nargs do
     end
   end
   if nk ~= 0 then  -- not decided above
+    floor = math.floor
     test = nk < 0
     if test then nk = -nk end
     pos = first + nk * 56 + 8
