@@ -104,7 +104,9 @@ async def test_loop_keeps_serving_while_redis_is_slow(server: RedisServer) -> No
         during = ticker.ticks - before
         assert held.held  # answered by the timeout, not by Redis
     assert decisions[0].allowed  # fail-open
-    assert 0.15 < waited < 0.45  # the 0.2 s timeout
+    # The 0.2 s timeout; the I/O thread's idle wake-up, a second, would be
+    # far above the bound, which leaves room for a busy CI machine.
+    assert 0.15 < waited < 0.7
     assert during >= 10  # the loop ran other tasks meanwhile
     assert store.stats()["timeouts"] >= 1
     await ticker.stop()

@@ -58,7 +58,9 @@ async def test_loop_driven_request_meets_the_timeout(server: RedisServer) -> Non
     # The request went out from the loop (its I/O thread slept through it)
     # and the loop's own deadline check failed it.
     assert store.stats()["loop_writes"] == sent + 1
-    assert 0.15 < waited < 0.45
+    # The 0.2 s timeout; the I/O thread's idle wake-up, a second, would be
+    # far above the bound, which leaves room for a busy CI machine.
+    assert 0.15 < waited < 0.7
     assert store.stats()["timeouts"] >= 1
     # The connection was replaced; the loop watches the new one.
     deadline = time.monotonic() + 5
