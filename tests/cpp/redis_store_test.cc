@@ -314,6 +314,44 @@ TEST_F(RedisStoreTest, TokenBucketTatCarriedIntoTheNextSecond) {
   EXPECT_EQ(store->Stats().mismatches, 0u);
 }
 
+// A bucket filled exactly to its burst in whole nanoseconds, but past it
+// by a fraction of one: refused, as in memory. With 7 per 3 seconds and a
+// burst of 3 the interval is 428,571,428 + 4/7 ns; the fourth hit leaves
+// the TAT at 4 intervals (a fraction of 2/7) and the fifth, 857,142,857 ns
+// after the first, would take the level to the burst's 1,285,714,285 ns
+// with 6/7 against the burst's 5/7.
+TEST_F(RedisStoreTest, TokenBucketRefusesAFractionPastTheBurst) {
+  RedisStoreOptions o = CompareOptions();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  auto memory = NewMemoryStore();
+  const Limit l = L("7 per 3 seconds", 3);
+  const Limit wide = L("1000 per hour");
+  // Alone (the script's shortcut), then with a second limit after it (the
+  // script's general loop).
+  for (size_t n : {1, 2}) {
+    SCOPED_TRACE(std::to_string(n) + " limit(s)");
+    Request r[2];
+    const std::string key = "LIMITER/tb/fraction/" + std::to_string(n);
+    r[0].strategy = Strategy::kTokenBucket;
+    r[0].limit = &l;
+    r[0].key = key;
+    r[1].limit = &wide;
+    r[1].key = "LIMITER/fw/wide";
+    const int64_t at[] = {0, 0, 0, 428'571'429, 857'142'857};
+    std::vector<bool> allowed;
+    for (int64_t t : at) {
+      Decision a[2], b[2];
+      ASSERT_EQ(memory->Decide(r, n, kT0 + t, Mode::kHit, a),
+                store->Decide(r, n, kT0 + t, Mode::kHit, b));
+      ExpectSame(a[0], b[0], "at +" + std::to_string(t) + " ns");
+      allowed.push_back(b[0].allowed);
+    }
+    EXPECT_EQ(allowed, (std::vector<bool>{true, true, true, true, false}));
+  }
+  EXPECT_EQ(store->Stats().mismatches, 0u);
+}
+
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
   // With the cache on, decisions are the same; only the fixed window's
   // counter (visible to Inspect) stops counting rejected hits.
