@@ -352,6 +352,44 @@ TEST_F(RedisStoreTest, TokenBucketRefusesAFractionPastTheBurst) {
   EXPECT_EQ(store->Stats().mismatches, 0u);
 }
 
+// The sliding window weighs the previous window's count exactly, also where
+// the product of count and time passes 2^53 and doubles would round: here
+// 67,489 * 1,280,208,626,591 ns is one less than 1,000 days in ns, so the
+// weighted count is 999, which the third hit's room of 999 just admits
+// (a double product rounds up to 1,000 days and refuses it).
+TEST_F(RedisStoreTest, SlidingWindowWeighsExactlyPastDoublePrecision) {
+  RedisStoreOptions o = CompareOptions();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  auto memory = NewMemoryStore();
+  const Limit l = L("1000000 per day");
+  const int64_t day = 86'400 * kSec;
+  const int64_t pttl = 1'280'208'626'591;  // time left of the current day
+  const int64_t start = (kT0 / day + 1) * day;
+  Request r;
+  r.strategy = Strategy::kSlidingWindowCounter;
+  r.limit = &l;
+  r.key = "LIMITER/sw/exact";
+  struct Hit {
+    int64_t at, cost;
+  };
+  const Hit hits[] = {{start - 10 * kSec, 67'489},
+                      {start + day - pttl, 999'000},
+                      {start + day - pttl, 1},
+                      {start + day - pttl, 1}};
+  std::vector<bool> allowed;
+  for (const Hit& h : hits) {
+    r.cost = h.cost;
+    Decision a, b;
+    ASSERT_EQ(memory->Decide(&r, 1, h.at, Mode::kHit, &a),
+              store->Decide(&r, 1, h.at, Mode::kHit, &b));
+    ExpectSame(a, b, "cost " + std::to_string(h.cost));
+    allowed.push_back(b.allowed);
+  }
+  EXPECT_EQ(allowed, (std::vector<bool>{true, true, true, false}));
+  EXPECT_EQ(store->Stats().mismatches, 0u);
+}
+
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
   // With the cache on, decisions are the same; only the fixed window's
   // counter (visible to Inspect) stops counting rejected hits.
