@@ -288,15 +288,41 @@ TEST_F(RedisStoreTest, SameSemanticsMixedBatches) {
   EXPECT_EQ(store->Stats().mismatches, 0u);
 }
 
+// One call of a boundary test below: at `at`, the first limit costing
+// `cost`.
+struct BoundaryHit {
+  int64_t at;
+  int64_t cost = 1;
+};
+
+// Sends the limits r[0..n) through a fresh memory store and `redis` at each
+// hit, compares the first limit's decisions and returns Redis's admissions
+// of it. The random comparison above meets these boundaries rarely or never.
+std::vector<bool> AdmissionsLikeMemory(RedisStore& redis, Request* r, size_t n,
+                                       const std::vector<BoundaryHit>& hits) {
+  auto memory = NewMemoryStore();
+  std::vector<bool> allowed;
+  for (const BoundaryHit& h : hits) {
+    r[0].cost = h.cost;
+    Decision a[2], b[2];
+    EXPECT_EQ(memory->Decide(r, n, h.at, Mode::kHit, a),
+              redis.Decide(r, n, h.at, Mode::kHit, b));
+    ExpectSame(
+        a[0], b[0],
+        "at " + std::to_string(h.at) + " cost " + std::to_string(h.cost));
+    allowed.push_back(b[0].allowed);
+  }
+  EXPECT_EQ(redis.Stats().mismatches, 0u);
+  return allowed;
+}
+
 // A hit whose theoretical arrival time (TAT) crosses into the next second
 // stores it carried into the seconds: a hit later in that second, before
-// the TAT, must still find the bucket partly used. The random comparison
-// above meets this case only in long runs.
+// the TAT, must still find the bucket partly used.
 TEST_F(RedisStoreTest, TokenBucketTatCarriedIntoTheNextSecond) {
   RedisStoreOptions o = CompareOptions();
   o.blocked_cache = false;
   auto store = Make(o);
-  auto memory = NewMemoryStore();
   const Limit l = L("3 per second");
   const int64_t s0 = (kT0 / kSec + 1) * kSec;
   Request r;
@@ -305,13 +331,12 @@ TEST_F(RedisStoreTest, TokenBucketTatCarriedIntoTheNextSecond) {
   r.key = "LIMITER/tb/carry";
   // .5: a fresh bucket (TAT .833); .6: TAT 1.167, past the second; 1.05:
   // before that TAT (TAT 1.5); 1.06: what 1.05 left.
-  for (int64_t at : {500 * kMs, 600 * kMs, 1050 * kMs, 1060 * kMs}) {
-    Decision a, b;
-    ASSERT_EQ(memory->Decide(&r, 1, s0 + at, Mode::kHit, &a),
-              store->Decide(&r, 1, s0 + at, Mode::kHit, &b));
-    ExpectSame(a, b, "at +" + std::to_string(at / kMs) + " ms");
-  }
-  EXPECT_EQ(store->Stats().mismatches, 0u);
+  EXPECT_EQ(AdmissionsLikeMemory(*store, &r, 1,
+                                 {{s0 + 500 * kMs},
+                                  {s0 + 600 * kMs},
+                                  {s0 + 1050 * kMs},
+                                  {s0 + 1060 * kMs}}),
+            (std::vector<bool>{true, true, true, true}));
 }
 
 // A bucket filled exactly to its burst in whole nanoseconds, but past it
@@ -324,7 +349,6 @@ TEST_F(RedisStoreTest, TokenBucketRefusesAFractionPastTheBurst) {
   RedisStoreOptions o = CompareOptions();
   o.blocked_cache = false;
   auto store = Make(o);
-  auto memory = NewMemoryStore();
   const Limit l = L("7 per 3 seconds", 3);
   const Limit wide = L("1000 per hour");
   // Alone (the script's shortcut), then with a second limit after it (the
@@ -338,18 +362,12 @@ TEST_F(RedisStoreTest, TokenBucketRefusesAFractionPastTheBurst) {
     r[0].key = key;
     r[1].limit = &wide;
     r[1].key = "LIMITER/fw/wide";
-    const int64_t at[] = {0, 0, 0, 428'571'429, 857'142'857};
-    std::vector<bool> allowed;
-    for (int64_t t : at) {
-      Decision a[2], b[2];
-      ASSERT_EQ(memory->Decide(r, n, kT0 + t, Mode::kHit, a),
-                store->Decide(r, n, kT0 + t, Mode::kHit, b));
-      ExpectSame(a[0], b[0], "at +" + std::to_string(t) + " ns");
-      allowed.push_back(b[0].allowed);
-    }
-    EXPECT_EQ(allowed, (std::vector<bool>{true, true, true, true, false}));
+    EXPECT_EQ(
+        AdmissionsLikeMemory(
+            *store, r, n,
+            {{kT0}, {kT0}, {kT0}, {kT0 + 428'571'429}, {kT0 + 857'142'857}}),
+        (std::vector<bool>{true, true, true, true, false}));
   }
-  EXPECT_EQ(store->Stats().mismatches, 0u);
 }
 
 // The sliding window weighs the previous window's count exactly, also where
@@ -361,33 +379,18 @@ TEST_F(RedisStoreTest, SlidingWindowWeighsExactlyPastDoublePrecision) {
   RedisStoreOptions o = CompareOptions();
   o.blocked_cache = false;
   auto store = Make(o);
-  auto memory = NewMemoryStore();
   const Limit l = L("1000000 per day");
   const int64_t day = 86'400 * kSec;
   const int64_t pttl = 1'280'208'626'591;  // time left of the current day
-  const int64_t start = (kT0 / day + 1) * day;
+  const int64_t late = (kT0 / day + 2) * day - pttl;
   Request r;
   r.strategy = Strategy::kSlidingWindowCounter;
   r.limit = &l;
   r.key = "LIMITER/sw/exact";
-  struct Hit {
-    int64_t at, cost;
-  };
-  const Hit hits[] = {{start - 10 * kSec, 67'489},
-                      {start + day - pttl, 999'000},
-                      {start + day - pttl, 1},
-                      {start + day - pttl, 1}};
-  std::vector<bool> allowed;
-  for (const Hit& h : hits) {
-    r.cost = h.cost;
-    Decision a, b;
-    ASSERT_EQ(memory->Decide(&r, 1, h.at, Mode::kHit, &a),
-              store->Decide(&r, 1, h.at, Mode::kHit, &b));
-    ExpectSame(a, b, "cost " + std::to_string(h.cost));
-    allowed.push_back(b.allowed);
-  }
-  EXPECT_EQ(allowed, (std::vector<bool>{true, true, true, false}));
-  EXPECT_EQ(store->Stats().mismatches, 0u);
+  EXPECT_EQ(AdmissionsLikeMemory(
+                *store, &r, 1,
+                {{late - day, 67'489}, {late, 999'000}, {late}, {late}}),
+            (std::vector<bool>{true, true, true, false}));
 }
 
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
