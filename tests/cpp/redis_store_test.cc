@@ -393,6 +393,56 @@ TEST_F(RedisStoreTest, SlidingWindowWeighsExactlyPastDoublePrecision) {
             (std::vector<bool>{true, true, true, false}));
 }
 
+// A moving window's entries leave it one period after they were made, to
+// the nanosecond: at exactly one period the blocker still counts, one
+// nanosecond later it does not, and the log is void from its last entry
+// plus a period plus 1 ns on.
+TEST_F(RedisStoreTest, MovingWindowEdgesToTheNanosecond) {
+  RedisStoreOptions o = CompareOptions();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const Limit l = L("2 per second");
+  Request r;
+  r.strategy = Strategy::kMovingWindow;
+  r.limit = &l;
+  r.key = "LIMITER/mw/edges";
+  const int64_t t = kT0;
+  EXPECT_EQ(AdmissionsLikeMemory(*store, &r, 1,
+                                 {{t},
+                                  {t},
+                                  {t + kSec},
+                                  {t + kSec + 1},
+                                  {t + 2 * kSec + 1},
+                                  {t + 2 * kSec + 2},
+                                  {t + 2 * kSec + 2}}),
+            (std::vector<bool>{true, true, false, true, true, true, false}));
+}
+
+// A clock behind the sliding window's newest window (an instance behind
+// the others) counts in that window as at its start: the previous
+// window's count weighs in full, not by the time left of the caller's own
+// window.
+TEST_F(RedisStoreTest, SlidingWindowClockBehindCountsInTheNewestWindow) {
+  RedisStoreOptions o = CompareOptions();
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const Limit l = L("10 per second");
+  Request r;
+  r.strategy = Strategy::kSlidingWindowCounter;
+  r.limit = &l;
+  r.key = "LIMITER/sw/behind";
+  const int64_t w = (kT0 / kSec + 2) * kSec;  // a window's start
+  std::vector<BoundaryHit> hits(5, {w - 500 * kMs});
+  // 4 of the 5 weigh in at w + 0.1 s: 5 more fit.
+  hits.insert(hits.end(), 5, {w + 100 * kMs});
+  // 5 weighed in full + 5 + 1 > 10 (by the time left of the caller's own
+  // window, 0.05 s, the 5 would weigh nothing).
+  hits.push_back({w - 50 * kMs});
+  std::vector<bool> expected(10, true);
+  expected.push_back(false);
+  EXPECT_EQ(AdmissionsLikeMemory(*store, &r, 1, hits), expected);
+}
+
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
   // With the cache on, decisions are the same; only the fixed window's
   // counter (visible to Inspect) stops counting rejected hits.
