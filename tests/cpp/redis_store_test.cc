@@ -97,6 +97,14 @@ class RedisStoreTest : public ::testing::Test {
     return store;
   }
 
+  // A store whose every decision goes to Redis (no blocked-key cache), for
+  // comparisons with the memory store.
+  std::unique_ptr<RedisStore> MakeUncached() {
+    RedisStoreOptions o = CompareOptions();
+    o.blocked_cache = false;
+    return Make(o);
+  }
+
   // A store on `silent`, which accepts and never answers: its first
   // connect (here) timed out; the I/O thread's next one, waiting
   // `connect_timeout` for a reply, has arrived when this returns.
@@ -316,22 +324,27 @@ std::vector<bool> AdmissionsLikeMemory(RedisStore& redis, Request* r, size_t n,
   return allowed;
 }
 
+// The same for one limit of `strategy` on `key`.
+std::vector<bool> AdmissionsLikeMemory(RedisStore& redis, Strategy strategy,
+                                       const Limit& limit, std::string_view key,
+                                       const std::vector<BoundaryHit>& hits) {
+  Request r;
+  r.strategy = strategy;
+  r.limit = &limit;
+  r.key = key;
+  return AdmissionsLikeMemory(redis, &r, 1, hits);
+}
+
 // A hit whose theoretical arrival time (TAT) crosses into the next second
 // stores it carried into the seconds: a hit later in that second, before
 // the TAT, must still find the bucket partly used.
 TEST_F(RedisStoreTest, TokenBucketTatCarriedIntoTheNextSecond) {
-  RedisStoreOptions o = CompareOptions();
-  o.blocked_cache = false;
-  auto store = Make(o);
-  const Limit l = L("3 per second");
+  auto store = MakeUncached();
   const int64_t s0 = (kT0 / kSec + 1) * kSec;
-  Request r;
-  r.strategy = Strategy::kTokenBucket;
-  r.limit = &l;
-  r.key = "LIMITER/tb/carry";
   // .5: a fresh bucket (TAT .833); .6: TAT 1.167, past the second; 1.05:
   // before that TAT (TAT 1.5); 1.06: what 1.05 left.
-  EXPECT_EQ(AdmissionsLikeMemory(*store, &r, 1,
+  EXPECT_EQ(AdmissionsLikeMemory(*store, Strategy::kTokenBucket,
+                                 L("3 per second"), "LIMITER/tb/carry",
                                  {{s0 + 500 * kMs},
                                   {s0 + 600 * kMs},
                                   {s0 + 1050 * kMs},
@@ -346,9 +359,7 @@ TEST_F(RedisStoreTest, TokenBucketTatCarriedIntoTheNextSecond) {
 // after the first, would take the level to the burst's 1,285,714,285 ns
 // with 6/7 against the burst's 5/7.
 TEST_F(RedisStoreTest, TokenBucketRefusesAFractionPastTheBurst) {
-  RedisStoreOptions o = CompareOptions();
-  o.blocked_cache = false;
-  auto store = Make(o);
+  auto store = MakeUncached();
   const Limit l = L("7 per 3 seconds", 3);
   const Limit wide = L("1000 per hour");
   // Alone (the script's shortcut), then with a second limit after it (the
@@ -376,19 +387,13 @@ TEST_F(RedisStoreTest, TokenBucketRefusesAFractionPastTheBurst) {
 // weighted count is 999, which the third hit's room of 999 just admits
 // (a double product rounds up to 1,000 days and refuses it).
 TEST_F(RedisStoreTest, SlidingWindowWeighsExactlyPastDoublePrecision) {
-  RedisStoreOptions o = CompareOptions();
-  o.blocked_cache = false;
-  auto store = Make(o);
-  const Limit l = L("1000000 per day");
+  auto store = MakeUncached();
   const int64_t day = 86'400 * kSec;
   const int64_t pttl = 1'280'208'626'591;  // time left of the current day
   const int64_t late = (kT0 / day + 2) * day - pttl;
-  Request r;
-  r.strategy = Strategy::kSlidingWindowCounter;
-  r.limit = &l;
-  r.key = "LIMITER/sw/exact";
   EXPECT_EQ(AdmissionsLikeMemory(
-                *store, &r, 1,
+                *store, Strategy::kSlidingWindowCounter, L("1000000 per day"),
+                "LIMITER/sw/exact",
                 {{late - day, 67'489}, {late, 999'000}, {late}, {late}}),
             (std::vector<bool>{true, true, true, false}));
 }
@@ -398,16 +403,10 @@ TEST_F(RedisStoreTest, SlidingWindowWeighsExactlyPastDoublePrecision) {
 // nanosecond later it does not, and the log is void from its last entry
 // plus a period plus 1 ns on.
 TEST_F(RedisStoreTest, MovingWindowEdgesToTheNanosecond) {
-  RedisStoreOptions o = CompareOptions();
-  o.blocked_cache = false;
-  auto store = Make(o);
-  const Limit l = L("2 per second");
-  Request r;
-  r.strategy = Strategy::kMovingWindow;
-  r.limit = &l;
-  r.key = "LIMITER/mw/edges";
+  auto store = MakeUncached();
   const int64_t t = kT0;
-  EXPECT_EQ(AdmissionsLikeMemory(*store, &r, 1,
+  EXPECT_EQ(AdmissionsLikeMemory(*store, Strategy::kMovingWindow,
+                                 L("2 per second"), "LIMITER/mw/edges",
                                  {{t},
                                   {t},
                                   {t + kSec},
@@ -423,14 +422,7 @@ TEST_F(RedisStoreTest, MovingWindowEdgesToTheNanosecond) {
 // window's count weighs in full, not by the time left of the caller's own
 // window.
 TEST_F(RedisStoreTest, SlidingWindowClockBehindCountsInTheNewestWindow) {
-  RedisStoreOptions o = CompareOptions();
-  o.blocked_cache = false;
-  auto store = Make(o);
-  const Limit l = L("10 per second");
-  Request r;
-  r.strategy = Strategy::kSlidingWindowCounter;
-  r.limit = &l;
-  r.key = "LIMITER/sw/behind";
+  auto store = MakeUncached();
   const int64_t w = (kT0 / kSec + 2) * kSec;  // a window's start
   std::vector<BoundaryHit> hits(5, {w - 500 * kMs});
   // 4 of the 5 weigh in at w + 0.1 s: 5 more fit.
@@ -440,7 +432,9 @@ TEST_F(RedisStoreTest, SlidingWindowClockBehindCountsInTheNewestWindow) {
   hits.push_back({w - 50 * kMs});
   std::vector<bool> expected(10, true);
   expected.push_back(false);
-  EXPECT_EQ(AdmissionsLikeMemory(*store, &r, 1, hits), expected);
+  EXPECT_EQ(AdmissionsLikeMemory(*store, Strategy::kSlidingWindowCounter,
+                                 L("10 per second"), "LIMITER/sw/behind", hits),
+            expected);
 }
 
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
