@@ -435,6 +435,52 @@ TEST_F(RedisStoreTest, SlidingWindowClockBehindCountsInTheNewestWindow) {
   EXPECT_EQ(AdmissionsLikeMemory(*store, Strategy::kSlidingWindowCounter,
                                  L("10 per second"), "LIMITER/sw/behind", hits),
             expected);
+  // A previous count of 1 weighs 1 there too (in the caller's own window it
+  // would weigh less than 1, that is 0).
+  EXPECT_EQ(
+      AdmissionsLikeMemory(*store, Strategy::kSlidingWindowCounter,
+                           L("2 per second"), "LIMITER/sw/behind-one",
+                           {{w - 500 * kMs}, {w + 900 * kMs}, {w - 50 * kMs}}),
+      (std::vector<bool>{true, true, false}));
+}
+
+// A test (Mode::kTest) evaluates every limit of the request, also those
+// after one that would refuse it, and writes nothing.
+TEST_F(RedisStoreTest, TestModeEvaluatesEveryLimitAfterARefusal) {
+  auto store = MakeUncached();
+  auto memory = NewMemoryStore();
+  const Limit one = L("1 per minute"), ten = L("10 per minute");
+  Request r[2];
+  r[0].limit = &one;
+  r[0].key = "LIMITER/test/one";
+  r[1].limit = &ten;
+  r[1].key = "LIMITER/test/ten";
+  for (Strategy s : {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+    SCOPED_TRACE(std::string(StrategyName(s)));
+    r[0].strategy = r[1].strategy = s;
+    {
+      // The second limit charged once, the first used up.
+      Decision a[2], b[2];
+      ASSERT_EQ(memory->Decide(r, 2, kT0, Mode::kHit, a),
+                store->Decide(r, 2, kT0, Mode::kHit, b));
+    }
+    for (Mode m : {Mode::kTest, Mode::kTest, Mode::kHit}) {
+      Decision a[2], b[2];  // fresh: nothing left from an earlier call
+      // Both answer 0: the request stops being admitted at its first limit.
+      ASSERT_EQ(memory->Decide(r, 2, kT0 + kSec, m, a), 0u);
+      ASSERT_EQ(store->Decide(r, 2, kT0 + kSec, m, b), 0u);
+      EXPECT_FALSE(b[0].allowed);
+      ExpectSame(a[0], b[0], "first limit");
+      if (m == Mode::kTest) {
+        EXPECT_TRUE(b[1].allowed);
+        EXPECT_EQ(b[1].remaining, 9);
+        ExpectSame(a[1], b[1], "second limit");
+      }
+    }
+    store->Reset();
+    memory->Reset();
+  }
 }
 
 TEST_F(RedisStoreTest, SameDecisionsWithBlockedKeyCache) {
