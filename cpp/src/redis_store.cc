@@ -460,6 +460,14 @@ class Lane {
   // `failed` the ops whose deadline `now` has passed.
   void AppendBatchLocked(std::vector<Op*>* batch, int64_t now,
                          std::vector<Op*>* failed);
+  // Up, with no command in flight and none being sent (conn_mu_ held): a
+  // caller may then exchange on the connection from its own thread.
+  bool IdleLocked() const;
+  // Ends an exchange a caller made holding `conn` (conn_mu_): stops
+  // accepting if the connection broke, releases `conn`, wakes the I/O
+  // thread if `wake`, then finishes the ops.
+  void EndExchange(std::unique_lock<std::mutex>* conn, bool wake,
+                   std::vector<Op*>* completed, std::vector<Op*>* failed);
   bool FlushLocked(std::vector<Op*>* failed);
   bool ReadLocked(std::vector<Op*>* completed, std::vector<Op*>* failed);
   // What the lane does with ops[0..k) once HandleReply has read their
@@ -734,8 +742,7 @@ RedisStore::LoopResult Lane::LoopSend(RedisStore::LoopConnection* connection) {
   // polls the socket for a hang-up only), so the replies to what the loop
   // sends reach the loop alone; with commands in flight it polls for them
   // and would be woken anyway.
-  if (!conn.owns_lock() || state_.load(std::memory_order_relaxed) != kUp ||
-      !inflight_.empty() || out_off_ < out_.size()) {
+  if (!conn.owns_lock() || !IdleLocked()) {
     return RedisStore::LoopResult::kNotIdle;
   }
   if (connection->generation != generation_) {
@@ -754,11 +761,7 @@ RedisStore::LoopResult Lane::LoopSend(RedisStore::LoopConnection* connection) {
   FlushLocked(&failed);
   // A write Redis did not take whole is finished by the I/O thread, which
   // then waits for the replies as well.
-  const bool unfinished = out_off_ < out_.size();
-  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
-  conn.unlock();
-  if (unfinished) Wake();
-  Finish(&completed, &failed);
+  EndExchange(&conn, out_off_ < out_.size(), &completed, &failed);
   return RedisStore::LoopResult::kSent;
 }
 
@@ -793,10 +796,7 @@ bool Lane::LoopRead(uint64_t generation) {
   // it in out_.
   if (ok && out_off_ < out_.size()) ok = FlushLocked(&failed);
   const bool unfinished = ok && out_off_ < out_.size();
-  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
-  conn.unlock();
-  if (unfinished) Wake();
-  Finish(&completed, &failed);
+  EndExchange(&conn, unfinished, &completed, &failed);
   return ok && !unfinished;
 }
 
@@ -813,19 +813,14 @@ int64_t Lane::LoopWatch(uint64_t generation) {
   std::vector<Op*> completed, failed;
   Add(engine_->counters->timeouts);
   BreakLocked("no reply within the timeout", &failed);
-  StopAccepting(&failed);
-  conn.unlock();
-  Finish(&completed, &failed);
+  EndExchange(&conn, false, &completed, &failed);
   return -1;
 }
 
 bool Lane::TryInline(Op* op) {
   if (!Up()) return false;
   std::unique_lock<std::mutex> lock(conn_mu_, std::try_to_lock);
-  if (!lock.owns_lock() || state_.load(std::memory_order_relaxed) != kUp ||
-      !inflight_.empty() || out_off_ < out_.size()) {
-    return false;
-  }
+  if (!lock.owns_lock() || !IdleLocked()) return false;
   // A connection idle for a while may have been closed by Redis (its
   // `timeout`, CLIENT KILL, a proxy) before the I/O thread, woken by the
   // hang-up, took it: sent on it, the request would get the failure
@@ -856,13 +851,8 @@ bool Lane::TryInline(Op* op) {
     }
     if (!ReadLocked(&completed, &failed)) break;
   }
-  // Still under conn_mu_: released first, the I/O thread could reconnect
-  // (setting accepting_) before this cleared it, leaving a lane that is up
-  // and refuses every queued request until the next disconnect.
-  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(&failed);
   inline_busy_.store(false, std::memory_order_release);
-  lock.unlock();
-  Finish(&completed, &failed);
+  EndExchange(&lock, false, &completed, &failed);
   if (o.after_blocking != nullptr) o.after_blocking(token);
   return true;
 }
@@ -881,6 +871,22 @@ void Lane::Finish(std::vector<Op*>* completed, std::vector<Op*>* failed) {
   if (o.completions_end != nullptr) o.completions_end();
   completed->clear();
   failed->clear();
+}
+
+bool Lane::IdleLocked() const {
+  return state_.load(std::memory_order_relaxed) == kUp && inflight_.empty() &&
+         out_off_ >= out_.size();
+}
+
+void Lane::EndExchange(std::unique_lock<std::mutex>* conn, bool wake,
+                       std::vector<Op*>* completed, std::vector<Op*>* failed) {
+  // Still under conn_mu_: released first, the I/O thread could reconnect
+  // (setting accepting_) before this cleared it, leaving a lane that is up
+  // and refuses every queued request until the next disconnect.
+  if (state_.load(std::memory_order_relaxed) != kUp) StopAccepting(failed);
+  conn->unlock();
+  if (wake) Wake();
+  Finish(completed, failed);
 }
 
 // Lock order: conn_mu_ may be held when taking q_mu_ (TryInline,
