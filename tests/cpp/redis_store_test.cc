@@ -1428,40 +1428,38 @@ TEST_F(RedisStoreTest, DeferredDecisionsWaitForFlushAndShareOneScript) {
   EXPECT_EQ(after.scripts - before.scripts, 1u);
 }
 
-// LoopFlush, retried while the I/O thread still holds the connection a
-// moment after the request before (kNotIdle, where a loop would let the
-// I/O thread send instead).
-RedisStore::LoopResult SendFromLoop(RedisStore& store,
-                                    RedisStore::LoopConnection* c) {
-  RedisStore::LoopResult r = RedisStore::LoopResult::kNotIdle;
-  for (int i = 0; i < 100 && r == RedisStore::LoopResult::kNotIdle; ++i) {
-    r = store.LoopFlush(c);
-    if (r == RedisStore::LoopResult::kNotIdle) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+// Calls `call` again while `busy` says its answer only meant the I/O
+// thread held the connection a moment (up to 100 times, 1 ms apart).
+template <typename Call, typename Busy>
+auto RetriedWhileBusy(Call call, Busy busy) {
+  auto r = call();
+  for (int i = 0; i < 100 && busy(r); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    r = call();
   }
   return r;
 }
 
-// LoopWatch, again while the I/O thread holds the connection (1 ms).
+// LoopFlush: kNotIdle where a loop would let the I/O thread send instead.
+RedisStore::LoopResult SendFromLoop(RedisStore& store,
+                                    RedisStore::LoopConnection* c) {
+  return RetriedWhileBusy([&] { return store.LoopFlush(c); },
+                          [](RedisStore::LoopResult r) {
+                            return r == RedisStore::LoopResult::kNotIdle;
+                          });
+}
+
+// LoopWatch: again in 1 ms.
 int64_t WatchFromLoop(RedisStore& store, uint64_t generation) {
-  int64_t r = store.LoopWatch(generation);
-  for (int i = 0; i < 100 && r == 1'000'000; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    r = store.LoopWatch(generation);
-  }
-  return r;
+  return RetriedWhileBusy([&] { return store.LoopWatch(generation); },
+                          [](int64_t r) { return r == 1'000'000; });
 }
 
 // LoopRead where no reply is the loop's: true only while the I/O thread
 // holds the connection (read again), then false.
 bool ReadFromLoop(RedisStore& store, uint64_t generation) {
-  bool r = store.LoopRead(generation);
-  for (int i = 0; i < 100 && r; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    r = store.LoopRead(generation);
-  }
-  return r;
+  return RetriedWhileBusy([&] { return store.LoopRead(generation); },
+                          [](bool r) { return r; });
 }
 
 // What an event loop does with RedisStore::LoopFlush/LoopRead/LoopWatch,
