@@ -169,7 +169,7 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
         if callable(getattr(rstorage, "ping", None)):
             variants["ping_rapidlimit"] = _per_op(rstorage.ping, n)
         # The same decision awaited on an event loop, one at a time: the
-        # loop hands it to the store's I/O thread and is woken by it.
+        # loop sends it and reads the reply itself (the connection is idle).
         loop = asyncio.new_event_loop()
         ritem = rapidlimit.parse(LIMIT)
 
@@ -461,6 +461,12 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
         "get_set": (client.script_load(_GET_SET), ()),
         "min_fixed_window": (client.script_load(_MIN_FIXED_WINDOW), (arg,)),
     }
+    floor_labels = {
+        "nop": "empty script (EVALSHA return 0)",
+        "get_set": "script with one GET and one SET",
+        "min_fixed_window": "script doing no more than a fixed-window hit must "
+        "(GET, compare, SETRANGE of the count)",
+    }
     floor_keys = {
         name: [f"rapidlimit:f{i}:{{{k}}}{k}" for k in KEYS]
         for i, name in enumerate(floors)
@@ -571,25 +577,13 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
     finally:
         loop.close()
     for c, how in (("c1", "one at a time"), ("c64", "64 in flight")):
-        res.add(
-            f"script_usec.floor.nop.{c}",
-            f"empty script (EVALSHA return 0), {how}",
-            "µs",
-            samples[f"floor.nop.{c}"],
-        )
-        res.add(
-            f"script_usec.floor.get_set.{c}",
-            f"script with one GET and one SET, {how}",
-            "µs",
-            samples[f"floor.get_set.{c}"],
-        )
-        res.add(
-            f"script_usec.floor.min_fixed_window.{c}",
-            "script doing no more than a fixed-window hit must (GET, compare, "
-            f"SETRANGE of the count), {how}",
-            "µs",
-            samples[f"floor.min_fixed_window.{c}"],
-        )
+        for name, what in floor_labels.items():
+            res.add(
+                f"script_usec.floor.{name}.{c}",
+                f"{what}, {how}",
+                "µs",
+                samples[f"floor.{name}.{c}"],
+            )
         if rapid:
             for strategy in ("fixed-window", "token-bucket"):
                 res.add(
