@@ -52,6 +52,19 @@ inline size_t PayloadHeap(const MovingState& s) {
   return s.log == nullptr ? 0 : sizeof(MovingLog) + s.log->HeapBytes();
 }
 
+// Expired entries are dropped (by the sweep, a rebuild or the cap) only
+// once they are this far past their expiry. Until then a caller whose
+// clock is behind the one that wrote an entry still finds it, as it
+// would on Redis, whose key TTLs carry the same 1 s slack; without the
+// grace the answer would depend on whether the sweep cursor, placed by
+// the per-process hash key, had passed the entry yet.
+constexpr int64_t kExpiryGraceNanos = 1'000'000'000;
+
+// Whether an entry expiring at `expiry_nanos` may be dropped at `now`.
+inline bool Droppable(int64_t expiry_nanos, int64_t now) {
+  return expiry_nanos <= now - kExpiryGraceNanos;
+}
+
 template <class P>
 struct Slot {
   uint64_t h1;
@@ -150,14 +163,15 @@ class Table {
     return std::max(kMinCapacity, n + n / 2 + 1);
   }
 
-  // Drops expired entries among the `budget` slots after the sweep cursor.
+  // Drops entries past their grace among the `budget` slots after the
+  // sweep cursor.
   size_t SweepSome(int64_t now, size_t budget) {
     if (size_ == 0) return 0;
     size_t dropped = 0;
     while (budget-- > 0) {
       if (cursor_ >= cap_) cursor_ = 0;
       Slot<P>& s = slots_[cursor_];
-      if (s.h1 != 0 && s.payload.expiry_nanos <= now) {
+      if (s.h1 != 0 && Droppable(s.payload.expiry_nanos, now)) {
         // Backward shift may move a later entry here: look at it next time.
         Erase(&s);
         ++dropped;
@@ -494,28 +508,33 @@ class MemoryStore final : public Store {
     if (shard.Size() >= shard.cap) Evict(shard, now);
     if (table.Full()) {
       // Growing is the moment to drop whatever has expired.
-      const size_t live = CountLive(table, now);
-      table.Rebuild(
-          Table<P>::CapacityFor(std::max(live + 1, table.size() / 2)),
-          [now](const Slot<P>& s) { return s.payload.expiry_nanos > now; });
+      const size_t kept = CountKept(table, now);
+      table.Rebuild(Table<P>::CapacityFor(std::max(kept + 1, table.size() / 2)),
+                    [now](const Slot<P>& s) {
+                      return !Droppable(s.payload.expiry_nanos, now);
+                    });
     }
     return table.Insert(k);
   }
 
   template <class P>
-  static size_t CountLive(const Table<P>& table, int64_t now) {
-    size_t live = 0;
-    table.ForEach(
-        [&](const Slot<P>& s) { live += s.payload.expiry_nanos > now; });
-    return live;
+  static size_t CountKept(const Table<P>& table, int64_t now) {
+    size_t kept = 0;
+    table.ForEach([&](const Slot<P>& s) {
+      kept += !Droppable(s.payload.expiry_nanos, now);
+    });
+    return kept;
   }
 
-  // The shard is at its cap: drop expired keys, and if that frees less
-  // than a sixteenth of the cap, the least recently used ones too. Freeing
-  // a batch makes the O(shard) scan cost O(1) per insert on average.
+  // The shard is at its cap: drop keys past their expiry's grace, and if
+  // that frees less than a sixteenth of the cap, the least recently used
+  // ones too. Freeing a batch makes the O(shard) scan cost O(1) per insert
+  // on average.
   void Evict(Shard& shard, int64_t now) {
-    auto live = [now](const auto& s) { return s.payload.expiry_nanos > now; };
-    RebuildAll(shard, live);
+    auto kept = [now](const auto& s) {
+      return !Droppable(s.payload.expiry_nanos, now);
+    };
+    RebuildAll(shard, kept);
     const size_t target = std::max<size_t>(1, shard.cap / 16);
     if (shard.Size() + target <= shard.cap) return;
     const size_t need = shard.Size() + target - shard.cap;

@@ -475,7 +475,8 @@ TEST(MemoryStoreEvictionTest, ExpiredKeysGoBeforeLiveOnes) {
     clock.Advance(20 * kMs);
   }
   ASSERT_EQ(store->Size(), 8u);
-  clock.Advance(2 * kSec);  // the short ones have expired
+  // The short ones have expired, and their 1 s grace has passed.
+  clock.Advance(3 * kSec);
   for (int i = 0; i < 4; ++i) {
     Hit(*store, Strategy::kSlidingWindowCounter, long_lived,
         "new" + std::to_string(i), clock.NowNanos());
@@ -664,6 +665,41 @@ TEST(MemoryStoreEvictionTest, ExpiredKeysAreSweptIncrementally) {
         later);
   }
   EXPECT_EQ(store->Size(), 2000u) << "every expired key was swept";
+}
+
+// A clock up to the 1 s grace behind another still reads what that one
+// wrote, whether or not new keys have swept or rebuilt the table since:
+// the answer must not depend on where the per-process hash key placed the
+// entry relative to the sweep cursor (Redis keeps its keys as long).
+TEST_P(PerStrategy, SweepingNeverChangesAnAnswerWithinTheGrace) {
+  const Limit l = MakeLimit(5, 1);
+  const int64_t hits[] = {kT0, kT0 + 100 * kMs, kT0 + 300 * kMs};
+  for (int64_t swept_at = kT0 + 400 * kMs; swept_at <= kT0 + 3 * kSec;
+       swept_at += 100 * kMs) {
+    const int64_t behind = swept_at - 900 * kMs;
+    auto swept = SingleShard(1'000'000);
+    auto untouched = SingleShard(1'000'000);
+    for (int64_t t : hits) {
+      Hit(*swept, GetParam(), l, "k", t);
+      Hit(*untouched, GetParam(), l, "k", t);
+    }
+    // Enough new keys to rebuild the table several times.
+    for (int i = 0; i < 2000; ++i) {
+      Hit(*swept, GetParam(), l, "new" + std::to_string(i), swept_at);
+    }
+    const Decision a = Peek(*swept, GetParam(), l, "k", behind);
+    const Decision b = Peek(*untouched, GetParam(), l, "k", behind);
+    const std::string at = std::to_string((swept_at - kT0) / kMs) + " ms";
+    EXPECT_EQ(a.allowed, b.allowed) << at;
+    EXPECT_EQ(a.remaining, b.remaining) << at;
+    EXPECT_EQ(a.reset_nanos, b.reset_nanos) << at;
+    EXPECT_EQ(a.retry_after_nanos, b.retry_after_nanos) << at;
+    const WindowState x = swept->Inspect(Req(GetParam(), l, "k"), behind);
+    const WindowState y = untouched->Inspect(Req(GetParam(), l, "k"), behind);
+    EXPECT_EQ(x.count, y.count) << at;
+    EXPECT_EQ(x.time_nanos, y.time_nanos) << at;
+    EXPECT_EQ(x.previous_count, y.previous_count) << at;
+  }
 }
 
 // Moving-window logs of evicted, expired, swept and cleared keys are freed;

@@ -15,6 +15,9 @@ struct MemoryStoreOptions {
   // Hard cap on live keys across all strategies. When a shard reaches its
   // share, it first drops expired keys and then the least recently used
   // ones, so a flood of random keys cannot grow memory without bound.
+  // Expired keys are dropped (here, by the incremental sweep or when a
+  // table grows) only 1 s after their expiry, so that a caller whose clock
+  // is up to 1 s behind still reads them, as on Redis.
   size_t max_keys = 1'000'000;
   // Independent lock domains. Rounded up to a power of two; 1 makes the
   // cap and LRU order exact, which tests rely on.
