@@ -614,6 +614,20 @@ class Engine {
   // Queues `op`; its callback runs when it completes. Consumes the
   // caller's reference.
   void RunAsync(Op* op, bool defer = false);
+  // The lane an event loop drives (RedisStore::LoopFlush): a deferred op
+  // comes from an event loop, and goes to it while it is up, so that the
+  // loop's batches leave from the loop's own thread whatever the pool
+  // size. Spread over the lanes, they went through the I/O threads, with
+  // a thread switch each way, in smaller batches: under uvicorn and
+  // wrk -c16, 0.9 context switches and 3.9 decisions per script at
+  // pool_size 2 against 0.1 and 10.5 at 1, and 8 % fewer requests per
+  // second. Redis runs one script at a time, so one connection per loop
+  // loses nothing; the other lanes serve sync callers and stand in while
+  // it is down.
+  Lane* LoopLane() {
+    Lane* lane = lanes[0].get();
+    return lanes.size() == 1 || lane->Up() ? lane : PickLane();
+  }
   void Flush() {
     for (auto& lane : lanes) lane->Flush();
   }
@@ -1621,7 +1635,7 @@ bool Engine::RunSync(Op* op) {
 }
 
 void Engine::RunAsync(Op* op, bool defer) {
-  if (!PickLane()->Submit(op, defer)) {
+  if (!(defer ? LoopLane() : PickLane())->Submit(op, defer)) {
     op->result = Op::Result::kUnavailable;
     op->refs.fetch_add(1, std::memory_order_relaxed);
     Complete(op);
@@ -1871,16 +1885,19 @@ class RedisStoreImpl final : public RedisStore {
   void Flush() override { Acquire()->Flush(); }
   LoopResult LoopFlush(LoopConnection* connection) override {
     Engine* e = Acquire();
-    if (e->lanes.size() != 1) return LoopResult::kNotIdle;
-    return e->lanes[0]->LoopSend(connection);
+    const LoopResult r = e->lanes[0]->LoopSend(connection);
+    // What was deferred to another lane while the loop's was down goes
+    // out through that lane's I/O thread (kNotIdle flushes them all).
+    if (r == LoopResult::kSent) {
+      for (size_t i = 1; i < e->lanes.size(); ++i) e->lanes[i]->Flush();
+    }
+    return r;
   }
   bool LoopRead(uint64_t generation) override {
-    Engine* e = Acquire();
-    return e->lanes.size() == 1 && e->lanes[0]->LoopRead(generation);
+    return Acquire()->lanes[0]->LoopRead(generation);
   }
   int64_t LoopWatch(uint64_t generation) override {
-    Engine* e = Acquire();
-    return e->lanes.size() == 1 ? e->lanes[0]->LoopWatch(generation) : -1;
+    return Acquire()->lanes[0]->LoopWatch(generation);
   }
 
   void Async(const Request* requests, size_t n, int64_t now, Mode mode,

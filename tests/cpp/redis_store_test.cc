@@ -123,9 +123,11 @@ class RedisStoreTest : public ::testing::Test {
 
   // A store whose connection is up and script loaded (one hit of `l`
   // done), with a timeout that a loaded machine does not reach.
-  std::unique_ptr<RedisStore> MakeConnected(const Limit& l) {
+  std::unique_ptr<RedisStore> MakeConnected(const Limit& l,
+                                            size_t pool_size = 1) {
     RedisStoreOptions o = Options();
     o.command_timeout_nanos = 2 * kSec;
+    o.pool_size = pool_size;
     auto store = Make(o);
     EXPECT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
     return store;
@@ -1464,10 +1466,15 @@ bool ReadFromLoop(RedisStore& store, uint64_t generation) {
 
 // What an event loop does with RedisStore::LoopFlush/LoopRead/LoopWatch,
 // with poll() for its selector: the batch leaves from this thread and the
-// replies are read here.
-TEST_F(RedisStoreTest, LoopDrivesAnIdleConnection) {
+// replies are read here. In a pool, the loop drives the first connection.
+class RedisLoopTest : public RedisStoreTest,
+                      public ::testing::WithParamInterface<size_t> {};
+
+INSTANTIATE_TEST_SUITE_P(PoolSizes, RedisLoopTest, ::testing::Values(1, 3));
+
+TEST_P(RedisLoopTest, LoopDrivesAnIdleConnection) {
   const Limit l = L("3 per minute");
-  auto store = MakeConnected(l);
+  auto store = MakeConnected(l, GetParam());
   const RedisStoreStats before = store->Stats();
   RedisStore::LoopConnection c;
   AsyncWait w;
@@ -2247,6 +2254,32 @@ class RedisLookupTest : public RedisStoreTest {
     return o;
   }
 
+  // The id Redis gives the client connected through socket `fd`, or "".
+  std::string ClientIdOf(int fd) const {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+      return "";
+    }
+    const uint16_t port =
+        addr.ss_family == AF_INET6
+            ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
+            : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+    const std::string where = ":" + std::to_string(port) + " ";
+    std::stringstream lines(server_.Command({"CLIENT", "LIST"}).str);
+    std::string line;
+    while (std::getline(lines, line)) {
+      const size_t at = line.find(" addr=");
+      if (line.rfind("id=", 0) != 0 || at == std::string::npos) continue;
+      if (line.compare(line.find(' ', at + 1) - where.size() + 1, where.size(),
+                       where) != 0) {
+        continue;
+      }
+      return line.substr(3, line.find(' ') - 3);
+    }
+    return "";
+  }
+
   // The ids of the server's clients other than the one asking.
   std::vector<std::string> OtherClientIds() const {
     std::vector<std::string> ids;
@@ -2324,6 +2357,9 @@ TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOthersNeverConnected) {
   ExpectEveryRequestAnsweredByRedis(*store);
 }
 
+// The lane that lost its connection is the first, which an event loop
+// drives: the loop's deferred requests go to a lane that is up too (the
+// I/O threads send them).
 TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
   LogLines log;
   RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailClosed);
@@ -2331,17 +2367,36 @@ TEST_F(RedisLookupTest, RequestsGoToALaneThatIsUpWhenOneLostItsConnection) {
   o.command_timeout_nanos = 2 * kSec;
   o.log = log.Sink();
   auto store = Make(o);
-  const std::vector<std::string> ids = OtherClientIds();
-  ASSERT_EQ(ids.size(), 3u);
+  ASSERT_EQ(OtherClientIds().size(), 3u);
+  RedisStore::LoopConnection c;
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
+  const std::string id = ClientIdOf(c.fd);
+  ASSERT_FALSE(id.empty());
   // The name no longer resolves: the lane whose connection Redis closes
   // cannot reconnect and stays down.
   LookupGate::Get().AnswerOnly(0);
-  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "ID", ids[0]}).integer, 1);
+  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "ID", id}).integer, 1);
   ASSERT_TRUE(log.WaitCount(RedisLogLevel::kWarning, "cannot reach redis", 1,
                             std::chrono::milliseconds(5000)))
       << log.All();
   EXPECT_EQ(OtherClientIds().size(), 2u);
   ExpectEveryRequestAnsweredByRedis(*store);
+  const Limit l = L("1000 per minute");
+  AsyncWait w;
+  w.pending = 6;
+  for (int i = 0; i < 6; ++i) {
+    Request r{Strategy::kFixedWindow, &l, "LIMITER/deferred", 1};
+    store->DecideAsyncDeferred(&r, 1, kT0 + i, Mode::kHit, &AsyncDone, &w);
+  }
+  // What a loop does when its connection cannot take the batch.
+  EXPECT_NE(store->LoopFlush(&c), RedisStore::LoopResult::kSent);
+  store->Flush();
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(10)));
+  EXPECT_EQ(w.allowed, 6);
+  for (DecisionSource source : w.sources) {
+    EXPECT_EQ(source, DecisionSource::kStore);
+  }
+  EXPECT_EQ(store->Stats().fail_closed, 0u);
 }
 
 TEST_F(RedisLookupTest, AttemptsShareTheNameLookupInFlight) {

@@ -26,8 +26,12 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_an_idle_connection_is_driven_by_the_loop(server: RedisServer) -> None:
-    store = RedisStorage(server.uri)
+@pytest.mark.parametrize("pool_size", [1, 3])
+async def test_an_idle_connection_is_driven_by_the_loop(
+    server: RedisServer, pool_size: int
+) -> None:
+    # In a pool, the loop drives the first connection.
+    store = RedisStorage(server.uri, pool_size=pool_size)
     item = parse("5/minute")
     got = [
         (await store.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed

@@ -167,8 +167,9 @@ class RedisStore : public Store {
 
   // An event loop driving the connection itself, which spares the I/O
   // thread's two wake-ups per batch (and, on a CPU the two threads share,
-  // the switches between them). Loop thread only; for a store of one
-  // connection (pool_size 1), otherwise LoopFlush never sends.
+  // the switches between them). Loop thread only. The loop drives the
+  // store's first connection, to which deferred requests go while it is
+  // up (the others serve the rest, and stand in while it is down).
   //
   // The loop watches the socket `fd` (through a duplicate it owns: the
   // store may close its own at any time, and shuts the connection down
