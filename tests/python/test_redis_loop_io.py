@@ -150,12 +150,16 @@ def test_loops_leave_no_descriptor_behind(server: RedisServer) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("pool_size", [1, 3])
 async def test_blocking_callers_and_the_loop_share_the_connection(
-    server: RedisServer,
+    server: RedisServer, pool_size: int
 ) -> None:
     """A thread deciding inline (it writes and reads the socket itself when
-    the connection is idle) and the loop's tasks, on one key: exact."""
-    store = RedisStorage(server.uri, blocked_cache=False, timeout=2.0)
+    the connection is idle) and the loop's tasks, on one key: exact. In a
+    pool, the thread's calls go round the connections, the loop's first."""
+    store = RedisStorage(
+        server.uri, blocked_cache=False, timeout=2.0, pool_size=pool_size
+    )
     item = parse("300/hour")
     allowed_sync = 0
     stop = threading.Event()
@@ -188,8 +192,13 @@ async def test_blocking_callers_and_the_loop_share_the_connection(
     store.close()
 
 
-def test_two_loops_in_two_threads_share_the_connection(server: RedisServer) -> None:
-    store = RedisStorage(server.uri, blocked_cache=False, timeout=2.0)
+@pytest.mark.parametrize("pool_size", [1, 3])
+def test_two_loops_in_two_threads_share_the_connection(
+    server: RedisServer, pool_size: int
+) -> None:
+    store = RedisStorage(
+        server.uri, blocked_cache=False, timeout=2.0, pool_size=pool_size
+    )
     item = parse("500/hour")
     allowed = [0, 0]
 
