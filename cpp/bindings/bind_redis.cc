@@ -872,8 +872,9 @@ struct LoopBridge {
   std::vector<std::shared_ptr<Store>> to_flush;
   py::object flush_callback;
   // Loop thread only: the store whose connection this loop drives itself
-  // (RedisStore::LoopFlush; the first Redis store it flushes, the others
-  // go through their I/O thread), the connection it watches (`io.fd`, a
+  // (RedisStore::LoopFlush; the first Redis store it flushes while no
+  // other's connection is watched, the others go through their I/O
+  // thread), the connection it watches (`io.fd`, a
   // duplicate of the store's socket, owned by the reader callback: closed
   // once the loop has dropped that reader, so that its number is not taken
   // while the selector still lists it) and the deadline check.
@@ -1264,7 +1265,11 @@ void Watch(const std::shared_ptr<LoopBridge>& b,
 void FlushFromLoop(const std::shared_ptr<LoopBridge>& b,
                    const std::shared_ptr<Store>& s) {
   auto* store = static_cast<RedisStore*>(s.get());
-  if (b->io_store != nullptr && b->io_store != s) {
+  // The loop drives one store's connection at a time, the others' I/O
+  // threads send. A store whose connection the loop no longer watches
+  // (closed, or its connection lost) gives way to the next that flushes,
+  // so that a store replacing a closed one is driven by the loop too.
+  if (b->io_store != nullptr && b->io_store != s && b->watching) {
     store->Flush();
     return;
   }

@@ -224,6 +224,25 @@ def test_two_loops_in_two_threads_share_the_connection(
     store.close()
 
 
+async def test_a_closed_store_leaves_the_loop_to_the_next(server: RedisServer) -> None:
+    """An event loop drives one store's connection at a time: a store made
+    to replace a closed one (a limiter rebuilt on the same loop) is driven
+    by the loop, not left to its I/O thread."""
+    item = parse("10/minute")
+    first = RedisStorage(server.uri)
+    assert (await first.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed
+    assert first.stats()["loop_writes"] == 1
+    first.close()
+    # The loop sees the closed connection's end at its next turn.
+    await asyncio.sleep(0.05)
+    second = RedisStorage(server.uri)
+    for key in ("a", "b", "c"):
+        got = await second.decide_many_async("fixed-window", [(item, key, 1)])
+        assert got[0].allowed
+    assert second.stats()["loop_writes"] == 3
+    second.close()
+
+
 async def test_noscript_from_the_loop(server: RedisServer) -> None:
     store = RedisStorage(server.uri, blocked_cache=False)
     item = parse("3/minute")
