@@ -65,6 +65,14 @@ inline bool Droppable(int64_t expiry_nanos, int64_t now) {
   return expiry_nanos <= now - kExpiryGraceNanos;
 }
 
+// The entries to keep at `now`, for Table::Rebuild and counting: those not
+// yet droppable.
+inline auto KeptAt(int64_t now) {
+  return [now](const auto& slot) {
+    return !Droppable(slot.payload.expiry_nanos, now);
+  };
+}
+
 template <class P>
 struct Slot {
   uint64_t h1;
@@ -510,19 +518,16 @@ class MemoryStore final : public Store {
       // Growing is the moment to drop whatever has expired.
       const size_t kept = CountKept(table, now);
       table.Rebuild(Table<P>::CapacityFor(std::max(kept + 1, table.size() / 2)),
-                    [now](const Slot<P>& s) {
-                      return !Droppable(s.payload.expiry_nanos, now);
-                    });
+                    KeptAt(now));
     }
     return table.Insert(k);
   }
 
   template <class P>
   static size_t CountKept(const Table<P>& table, int64_t now) {
+    const auto keep = KeptAt(now);
     size_t kept = 0;
-    table.ForEach([&](const Slot<P>& s) {
-      kept += !Droppable(s.payload.expiry_nanos, now);
-    });
+    table.ForEach([&](const Slot<P>& s) { kept += keep(s); });
     return kept;
   }
 
@@ -531,10 +536,7 @@ class MemoryStore final : public Store {
   // ones too. Freeing a batch makes the O(shard) scan cost O(1) per insert
   // on average.
   void Evict(Shard& shard, int64_t now) {
-    auto kept = [now](const auto& s) {
-      return !Droppable(s.payload.expiry_nanos, now);
-    };
-    RebuildAll(shard, kept);
+    RebuildAll(shard, KeptAt(now));
     const size_t target = std::max<size_t>(1, shard.cap / 16);
     if (shard.Size() + target <= shard.cap) return;
     const size_t need = shard.Size() + target - shard.cap;

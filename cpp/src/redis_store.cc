@@ -626,7 +626,7 @@ class Engine {
   // it is down.
   Lane* LoopLane() {
     Lane* lane = lanes[0].get();
-    return lanes.size() == 1 || lane->Up() ? lane : PickLane();
+    return lane->Up() ? lane : PickLane();
   }
   void Flush() {
     for (auto& lane : lanes) lane->Flush();

@@ -2254,6 +2254,18 @@ class RedisLookupTest : public RedisStoreTest {
     return o;
   }
 
+  // The server's clients (CLIENT LIST) as their id and whole line.
+  std::vector<std::pair<std::string, std::string>> Clients() const {
+    std::vector<std::pair<std::string, std::string>> clients;
+    std::stringstream lines(server_.Command({"CLIENT", "LIST"}).str);
+    std::string line;
+    while (std::getline(lines, line)) {
+      if (line.rfind("id=", 0) != 0) continue;
+      clients.emplace_back(line.substr(3, line.find(' ') - 3), line);
+    }
+    return clients;
+  }
+
   // The id Redis gives the client connected through socket `fd`, or "".
   std::string ClientIdOf(int fd) const {
     sockaddr_storage addr{};
@@ -2265,17 +2277,12 @@ class RedisLookupTest : public RedisStoreTest {
         addr.ss_family == AF_INET6
             ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
             : ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
-    const std::string where = ":" + std::to_string(port) + " ";
-    std::stringstream lines(server_.Command({"CLIENT", "LIST"}).str);
-    std::string line;
-    while (std::getline(lines, line)) {
+    for (const auto& [id, line] : Clients()) {
       const size_t at = line.find(" addr=");
-      if (line.rfind("id=", 0) != 0 || at == std::string::npos) continue;
-      if (line.compare(line.find(' ', at + 1) - where.size() + 1, where.size(),
-                       where) != 0) {
-        continue;
-      }
-      return line.substr(3, line.find(' ') - 3);
+      if (at == std::string::npos) continue;
+      const std::string peer =
+          line.substr(at + 6, line.find(' ', at + 1) - at - 6);
+      if (peer.substr(peer.rfind(':') + 1) == std::to_string(port)) return id;
     }
     return "";
   }
@@ -2283,13 +2290,8 @@ class RedisLookupTest : public RedisStoreTest {
   // The ids of the server's clients other than the one asking.
   std::vector<std::string> OtherClientIds() const {
     std::vector<std::string> ids;
-    std::stringstream lines(server_.Command({"CLIENT", "LIST"}).str);
-    std::string line;
-    while (std::getline(lines, line)) {
-      if (line.find(" cmd=client") != std::string::npos) continue;
-      const size_t at = line.find("id=");
-      if (at != 0) continue;
-      ids.push_back(line.substr(3, line.find(' ') - 3));
+    for (const auto& [id, line] : Clients()) {
+      if (line.find(" cmd=client") == std::string::npos) ids.push_back(id);
     }
     return ids;
   }
