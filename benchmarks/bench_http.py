@@ -8,21 +8,27 @@ for the whole section. The status codes of every response are counted
 (wrk_report.lua) and must all be 200 (allowed traffic) or all 429 (rejected
 traffic). Besides req/s, the server's CPU time per request (user + system, all
 threads, from /proc) is recorded: less sensitive than throughput to other
-tenants of a virtual machine.
+tenants of a virtual machine; and so are its garbage collections (serve.py
+--gc-stats: time and full collections per request), which a request
+suspended while others run brings about.
 
 The variants the end-to-end targets check (the async rapidlimit decorator,
 allowed traffic, headers on and off, memory and Redis) get more repetitions
 than the rest, and so does a control: a fresh no-limiter server measured
 exactly as a limited variant, whose ratio to the no-limiter runs shows what
-the method itself reads for two identical servers (1.0 but for noise).
+the method itself reads for two identical servers (1.0 but for noise), and a
+floor: the no-limiter endpoint awaiting asyncio.sleep(0) once, suspending
+each request as awaiting a Redis decision does, with nothing else added.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from apps import ROUTE, Variant
 from common import (
@@ -110,6 +117,9 @@ def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Va
                     )
         if ep == "async" and not cfg.quick:
             out.append(Variant("none", endpoint=ep, control=True))
+            # What any limiter that awaits I/O pays before its own work: the
+            # request suspended once.
+            out.append(Variant("none", endpoint=ep, awaits=True))
             for pkg in packages:
                 out.append(Variant(pkg, "middleware", True, "allowed", endpoint=ep))
                 out.append(
@@ -120,7 +130,11 @@ def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Va
 
 def vkey(v: Variant) -> str:
     if v.package == "none":
-        return f"{v.endpoint}.none" + (".control" if v.control else "")
+        return (
+            f"{v.endpoint}.none"
+            + (".control" if v.control else "")
+            + (".await" if v.awaits else "")
+        )
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
     hdr = "headers" if v.headers else "noheaders"
     return f"{v.endpoint}.{v.package}.{storage}.{v.path}.{hdr}.{v.traffic}"
@@ -129,16 +143,16 @@ def vkey(v: Variant) -> str:
 def is_baseline(v: Variant) -> bool:
     """The no-limiter server every other variant is paired with (the control
     is a no-limiter server measured as one of those variants)."""
-    return v.package == "none" and not v.control
+    return v.package == "none" and not v.control and not v.awaits
 
 
 def is_target(v: Variant) -> bool:
     """The async ones of the variants whose ratio to the no-limiter run a
     target checks (rapidlimit decorator, allowed traffic; the sync ones stay
-    far above the targets), and the control: they get more repetitions than
-    the others, since one pair of runs here varies by a few per cent, as
-    much as the 97 % target leaves."""
-    if v.control:
+    far above the targets), the control and the awaiting floor: they get
+    more repetitions than the others, since one pair of runs here varies by
+    a few per cent, as much as the 97 % target leaves."""
+    if v.control or v.awaits:
         return True
     return (v.package, v.path, v.traffic, v.endpoint) == (
         "rapidlimit",
@@ -152,6 +166,8 @@ def vlabel(v: Variant) -> str:
     if v.package == "none":
         if v.control:
             return f"{v.endpoint:<5} no limiter, fresh server (control)"
+        if v.awaits:
+            return f"{v.endpoint:<5} no limiter, awaiting once (floor)"
         return f"{v.endpoint:<5} no limiter"
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
     hdr = "hdr" if v.headers else "nohdr"
@@ -167,12 +183,14 @@ def server(
     prefix: Sequence[str] = (),
     env: dict[str, str] | None = None,
     start_timeout: float = 30,
+    gc_stats: str = "",
 ) -> Iterator[tuple[int, int]]:
     """A uvicorn server for the variant, pinned to the server CPU, run under
-    ``prefix`` (bench_callgrind's valgrind) if given. Its stderr goes to a
-    file, not a pipe: slowapi logs a warning per rejected request and a full
-    pipe would stall the server. A BrokenBenchmark raised inside the block
-    gets the tail of that file."""
+    ``prefix`` (bench_callgrind's valgrind) if given, counting its garbage
+    collections into ``gc_stats`` if given (see gc_totals). Its stderr goes
+    to a file, not a pipe: slowapi logs a warning per rejected request and a
+    full pipe would stall the server. A BrokenBenchmark raised inside the
+    block gets the tail of that file."""
     port = free_port()
     cmd = [
         *prefix,
@@ -181,6 +199,8 @@ def server(
         f"--port={port}",
         *v.to_args(),
     ]
+    if gc_stats:
+        cmd.append(f"--gc-stats={gc_stats}")
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             pinned(cmd, server_cpu()),
@@ -276,23 +296,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def gc_totals(pid: int, path: str) -> tuple[list[int], list[float]]:
+    """The server's garbage collections since start-up, per generation:
+    counts and seconds (serve.py --gc-stats writes them on SIGHUP)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise BrokenBenchmark("the server wrote no garbage collection totals")
+        time.sleep(0.005)
+    with open(path) as f:
+        got = json.load(f)
+    return got["collections"], got["seconds"]
+
+
+class Server(NamedTuple):
+    port: int
+    pid: int
+    gc_stats: str
+
+
 def start(
     v: Variant, cfg: Config, connections: int, stack: contextlib.ExitStack
-) -> tuple[int, int]:
-    """Starts, probes and warms up the variant's server; returns port, pid."""
-    port, pid = stack.enter_context(server(v))
+) -> Server:
+    """Starts, probes and warms up the variant's server."""
+    gc_stats = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "gc")
+    port, pid = stack.enter_context(server(v, gc_stats=gc_stats))
     probe(v, port)
     wrk(port, cfg.pick(1, 2), connections)  # warm-up, not counted
-    return port, pid
+    return Server(port, pid, gc_stats)
 
 
 def measure(
-    v: Variant, port: int, pid: int, seconds: float, connections: int
+    v: Variant, srv: Server, seconds: float, connections: int
 ) -> dict[str, float]:
-    """One timed wrk load; adds req/s and the server's CPU µs per request."""
-    cpu0 = cpu_seconds(pid)
-    r = wrk(port, seconds, connections)
-    cpu = cpu_seconds(pid) - cpu0
+    """One timed wrk load; adds req/s, the server's CPU µs per request, its
+    time in garbage collection per request and its full collections per
+    10,000 requests."""
+    n0, s0 = gc_totals(srv.pid, srv.gc_stats)
+    cpu0 = cpu_seconds(srv.pid)
+    r = wrk(srv.port, seconds, connections)
+    cpu = cpu_seconds(srv.pid) - cpu0
+    n1, s1 = gc_totals(srv.pid, srv.gc_stats)
     statuses = {k: n for k, n in r.items() if k.startswith("status_")}
     want = f"status_{v.expected_status}"
     total = sum(statuses.values())
@@ -303,6 +350,8 @@ def measure(
         )
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     r["cpu_us"] = cpu * 1e6 / r["requests"]
+    r["gc_us"] = (sum(s1) - sum(s0)) * 1e6 / r["requests"]
+    r["gc_full"] = (n1[2] - n0[2]) * 1e4 / r["requests"]
     return r
 
 
@@ -372,7 +421,7 @@ def run(cfg: Config, res: SectionResult) -> None:
         limited = [v for v in variants if not is_baseline(v)]
 
         def base_run(ep: str) -> dict[str, float]:
-            b = measure(baselines[ep], *base_srv[ep], seconds, connections)
+            b = measure(baselines[ep], base_srv[ep], seconds, connections)
             results[vkey(baselines[ep])].append(b)
             return b
 
@@ -387,9 +436,9 @@ def run(cfg: Config, res: SectionResult) -> None:
             for v in now[shift:] + now[:shift]:
                 ep = v.endpoint
                 with contextlib.ExitStack() as vs:
-                    port, pid = start(v, cfg, connections, vs)
+                    srv = start(v, cfg, connections, vs)
                     b0 = before[1] if before and before[0] == ep else base_run(ep)
-                    r = measure(v, port, pid, seconds, connections)
+                    r = measure(v, srv, seconds, connections)
                 results[vkey(v)].append(r)
                 b1 = base_run(ep)
                 before = (ep, b1)
@@ -431,6 +480,18 @@ def run(cfg: Config, res: SectionResult) -> None:
             f"{vlabel(v)}: server CPU per request",
             "µs",
             [r["cpu_us"] for r in runs],
+        )
+        res.add(
+            f"{k}.gc",
+            f"{vlabel(v)}: server time in garbage collection per request",
+            "µs",
+            [r["gc_us"] for r in runs],
+        )
+        res.add(
+            f"{k}.gc_full",
+            f"{vlabel(v)}: full garbage collections per 10,000 requests",
+            "per 10k",
+            [r["gc_full"] for r in runs],
         )
         if not is_baseline(v):
             res.ratio(

@@ -34,6 +34,13 @@ def main() -> None:
     )
     p.add_argument("--awaits", type=int, default=0)
     p.add_argument(
+        "--gc-stats",
+        default="",
+        help="a file path: count CPython's garbage collections and their time "
+        "by generation, and write them there as JSON on SIGHUP (bench_http's "
+        "GC figures)",
+    )
+    p.add_argument(
         "--gc-freeze",
         type=int,
         default=0,
@@ -69,6 +76,8 @@ def main() -> None:
 
         signal.signal(signal.SIGUSR1, on)
         signal.signal(signal.SIGUSR2, off)
+    if a.gc_stats:
+        _count_collections(a.gc_stats)
     app = make_app(v)
     if a.gc_freeze:
         import gc
@@ -87,6 +96,35 @@ def main() -> None:
         loop="asyncio",
         access_log=False,
     )
+
+
+def _count_collections(path: str) -> None:
+    """Totals per generation since start-up: collections and seconds spent.
+    SIGHUP writes them to ``path`` (whole, through a rename), so the reader
+    takes the difference across a load."""
+    import gc
+    import json
+    import time
+
+    count = [0, 0, 0]
+    seconds = [0.0, 0.0, 0.0]
+    began = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            gen = info["generation"]
+            count[gen] += 1
+            seconds[gen] += time.perf_counter() - began[0]
+
+    def dump(*_: Any) -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"collections": count, "seconds": seconds}, f)
+        os.replace(path + ".tmp", path)
+
+    gc.callbacks.append(timed)
+    signal.signal(signal.SIGHUP, dump)
 
 
 if __name__ == "__main__":

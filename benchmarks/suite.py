@@ -338,6 +338,31 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "  floor: a no-limiter endpoint awaiting asyncio.sleep(0) once, vs no limiter",
+        "http.async.none.await.vs_none",
+        "",
+        "",
+    ),
+    (
+        "HTTP server time in garbage collection per request, Redis, allowed, "
+        "headers on (µs)",
+        _HTTP.format("rapidlimit", "redis", "allowed").replace("vs_none", "gc"),
+        _HTTP.format("slowapi", "redis", "allowed").replace("vs_none", "gc"),
+        "",
+    ),
+    (
+        "  the same, no limiter (µs)",
+        "http.async.none.gc",
+        "",
+        "",
+    ),
+    (
+        "  the same, the no-limiter endpoint awaiting once (µs)",
+        "http.async.none.await.gc",
+        "",
+        "",
+    ),
+    (
         "HTTP server instructions per request vs no limiter, memory, headers off "
         "(callgrind)",
         "callgrind.http.rapidlimit.vs_none",
