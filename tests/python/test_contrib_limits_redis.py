@@ -10,6 +10,9 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -634,6 +637,114 @@ def test_outage_raises_for_limits_and_check_is_false(
         time.sleep(0.05)
     assert plain.check()
     assert plain.incr("k", 60) == 1  # the restarted server is empty
+
+
+# (our scheme, limits' own scheme for the same server, options): limits'
+# own storage raises its client library's errors, redis-py's, valkey-py's
+# or, for limits.aio, coredis' unless `implementation` names another.
+VALKEY = needs_limits_5("no valkey:// in every limits 4")
+CLIENT_LIBRARIES = [
+    ("rapidlimit+redis", "redis", {}),
+    pytest.param("rapidlimit+valkey", "valkey", {}, marks=VALKEY),
+    ("async+rapidlimit+redis", "async+redis", {}),
+    ("async+rapidlimit+redis", "async+redis", {"implementation": "redispy"}),
+    pytest.param("async+rapidlimit+valkey", "async+valkey", {}, marks=VALKEY),
+]
+
+
+def _raised(
+    loop: asyncio.AbstractEventLoop, storage: Any, call: Callable[[Any], Any]
+) -> BaseException:
+    """What ``call(storage)`` raises, awaited on ``loop`` for a limits.aio
+    storage (one loop for all: coredis keeps its connections to one)."""
+    try:
+        result = call(storage)
+        if asyncio.iscoroutine(result):
+            loop.run_until_complete(result)
+    except Exception as e:
+        return e
+    raise AssertionError(f"{storage!r}: no exception")
+
+
+@pytest.mark.parametrize(("scheme", "their_scheme", "options"), CLIENT_LIBRARIES)
+def test_errors_are_also_the_client_librarys_as_limits_raises_them(
+    own_server: RedisServer, scheme: str, their_scheme: str, options: dict[str, Any]
+) -> None:
+    # Code written for limits' own storage catches its client library's
+    # classes: a key Redis refuses raises its ResponseError, an outage its
+    # ConnectionError. Ours are instances of the same classes (the library
+    # is loaded: limits' storage imported it), and RedisUnavailableErrors.
+    redis = own_server.client()
+    loop = asyncio.new_event_loop()
+    mine = ours(own_server, scheme, timeout=0.2, **options)
+    # On database 0, as ours.
+    their = limits.storage.storage_from_string(
+        f"{their_scheme}://127.0.0.1:{own_server.port}/0", **options
+    )
+    refused: list[BaseException] = []
+    for storage in (their, mine):
+        redis.flushall()
+        first = storage.incr("k", 60)
+        if asyncio.iscoroutine(first):
+            loop.run_until_complete(first)
+        (key,) = redis.keys("*")
+        redis.delete(key)
+        redis.rpush(key, "app data")
+        refused.append(_raised(loop, storage, lambda s: s.incr("k", 60)))
+    their_refusal, my_refusal = refused
+    library = sys.modules[type(their_refusal).__module__]  # its exceptions
+    assert isinstance(their_refusal, library.ResponseError)
+    assert isinstance(my_refusal, library.ResponseError)
+    assert isinstance(my_refusal, _core.RedisUnavailableError)
+    assert "WRONGTYPE" in str(my_refusal) and "WRONGTYPE" in repr(my_refusal)
+    # The attributes the library's __init__ sets (redis-py's status_code...)
+    assert set(vars(their_refusal)) <= set(dir(my_refusal))
+    own_server.kill()
+    their_outage = _raised(loop, their, lambda s: s.incr("k", 60))
+    assert isinstance(their_outage, library.ConnectionError)
+    assert not isinstance(their_outage, _core.RedisUnavailableError)
+    for call in (
+        lambda s: s.incr("k", 60),
+        lambda s: s.acquire_entry("m", 5, 60),
+        lambda s: s.get_sliding_window("s", 60),
+        lambda s: s.clear("k"),
+        lambda s: s.reset(),
+    ):
+        outage = _raised(loop, mine, call)
+        assert isinstance(outage, library.ConnectionError), type(outage).__mro__
+        assert isinstance(outage, _core.RedisUnavailableError)
+        assert not isinstance(outage, library.ResponseError)
+        assert "redis" in repr(outage)
+        assert set(vars(their_outage)) <= set(dir(outage))
+        copy = pickle.loads(pickle.dumps(outage))
+        assert isinstance(copy, _core.RedisUnavailableError)
+        assert str(copy) == str(outage)
+    mine.close()
+    loop.close()
+
+
+def test_an_error_never_imports_a_client_library(own_server: RedisServer) -> None:
+    # Only code that has loaded a client library can catch its classes: the
+    # adapter does not import one to raise its errors (a plain
+    # RedisUnavailableError then).
+    own_server.kill()
+    code = f"""
+import sys, limits.storage, rapidlimit.contrib.limits
+from rapidlimit import _core
+storage = limits.storage.storage_from_string(
+    "rapidlimit+redis://127.0.0.1:{own_server.port}", timeout=0.1)
+try:
+    storage.incr("k", 60)
+except _core.RedisUnavailableError as e:
+    assert type(e) is _core.RedisUnavailableError, type(e).__mro__
+loaded = [m for m in ("redis", "valkey", "coredis") if m in sys.modules]
+assert not loaded, loaded
+print("plain")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "plain", done.stderr
 
 
 @pytest.mark.parametrize("strategy", NAMES)

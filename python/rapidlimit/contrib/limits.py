@@ -53,25 +53,33 @@ other tasks while Redis answers; no thread is started per call.
 
 Redis outage: with the storage's default policy, ``on_error="fail-closed"``,
 a call Redis cannot answer in time raises ``RedisUnavailableError`` (a
-``ConnectionError``, listed in ``base_exceptions``): ``limits`` wraps it in
+``ConnectionError``, listed in ``base_exceptions``; when the process has
+loaded the client library ``limits``' own storage would use for the URI,
+also an instance of that library's ``ConnectionError``: redis-py's for
+``rapidlimit+redis://``, valkey-py's for the valkey schemes, and for
+``limits.aio`` the ``implementation``'s, coredis by default, as
+``async+redis://`` would raise): ``limits`` wraps it in
 ``StorageError`` when ``wrap_exceptions=True``, and slowapi's
 ``in_memory_fallback`` applies. ``check()`` returns False then, it never
 raises. With ``on_error="fail-open"`` (admit) or ``"fallback"`` (count in
 process) the calls answer without raising, which is what an app using
 slowapi's ``swallow_errors`` wants: slowapi 0.1.10 itself answers 500 when a
 storage raises under ``swallow_errors``, with ``limits``' own ``redis://``
-as well. ``clear()`` and ``reset()`` during an outage do nothing.
+as well. ``clear()`` and ``reset()`` Redis does not confirm raise the same
+error, whatever the policy (a clear must not pass for done).
 
 A key holding a value of another type (a list an application pushed under
 the same name, say) is refused by Redis for that call alone and left as it
 is: the call gets the policy like an outage, and with ``fail-closed``
-raises ``RedisUnavailableError`` with Redis's error and the key (limits' own
-``RedisStorage`` raises Redis's ``WRONGTYPE`` error).
+raises ``RedisUnavailableError`` with Redis's error and the key, an
+instance of the client library's ``ResponseError`` as well when it is loaded
+(limits' own ``RedisStorage`` raises Redis's ``WRONGTYPE`` error as one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -106,6 +114,18 @@ _REDIS_SCHEMES = [
 ]
 
 
+def _client_library(uri: str | None, options: dict[str, Any], aio: bool) -> str:
+    """The package whose exceptions ``limits``' own storage for this URI
+    raises: valkey-py for the valkey schemes, for ``limits.aio`` the
+    ``implementation`` it would use (coredis by default), else redis-py."""
+    if "+valkey" in (uri or "").partition("://")[0]:
+        return "valkey"
+    if not aio:
+        return "redis"
+    implementation = options.get("implementation", "coredis")
+    return {"redispy": "redis", "valkey": "valkey"}.get(implementation, "coredis")
+
+
 def _native(uri: str | None, options: dict[str, Any]) -> _core.Storage:
     """The native store for a ``[async+]rapidlimit+...://`` URI (memory when
     none is given). Unknown schemes raise ValueError naming the URI; they are
@@ -121,26 +141,88 @@ def _native(uri: str | None, options: dict[str, Any]) -> _core.Storage:
 # in_memory_fallback expect to see it.
 _ERRORS = (RuntimeError, MemoryError, _core.RedisUnavailableError)
 
+# RedisUnavailableError joined with a client library's class, by that class.
+_JOINED: dict[type[Exception], type[_core.RedisUnavailableError]] = {}
 
-def _checked(remote: bool, method: Callable[..., T], *args: Any) -> T:
-    """``method(*args)``; on Redis, raises RedisUnavailableError when the
-    answer came from the fail-closed policy (limits' storage calls return
-    counts, which cannot say so). Only for the calls that record where their
-    answer came from (incr, get, get_expiry, acquire_*, get_*_window)."""
+
+def _join(base: type[Exception]) -> type[_core.RedisUnavailableError] | None:
+    def __init__(self: Exception, *args: Any) -> None:
+        _core.RedisUnavailableError.__init__(self, *args)
+        # redis-py's RedisError sets the attributes its __repr__ reads;
+        # OSError's __init__ does not pass the call on.
+        base.__init__(self, *args)
+
+    try:
+        joined = type(
+            "RedisUnavailableError",
+            (_core.RedisUnavailableError, base),
+            # redis-py's __repr__ leaves the message out. No module holds
+            # the class by its name: pickled (for another process, which
+            # may not have the library loaded), it is the plain class.
+            {
+                "__init__": __init__,
+                "__repr__": _core.RedisUnavailableError.__repr__,
+                "__reduce__": lambda self: (_core.RedisUnavailableError, self.args),
+                "__module__": __name__,
+            },
+        )
+    except TypeError:  # a base whose layout cannot join OSError's
+        return None
+    return joined
+
+
+def _unavailable(
+    library: str, message: str, refused: bool = False
+) -> _core.RedisUnavailableError:
+    """RedisUnavailableError, also an instance of ``library``'s
+    ConnectionError (ResponseError for a key Redis refused) when the process
+    has loaded that library, so that code written for ``limits``' own
+    storage catches it. Never imports the library: code that names its
+    classes has imported it."""
+    module = sys.modules.get(f"{library}.exceptions")
+    base = getattr(module, "ResponseError" if refused else "ConnectionError", None)
+    if not (isinstance(base, type) and issubclass(base, Exception)):
+        return _core.RedisUnavailableError(message)
+    joined = _JOINED.get(base)
+    if joined is None:
+        joined = _JOINED.setdefault(base, _join(base) or _core.RedisUnavailableError)
+    return joined(message)
+
+
+def _checked(library: str | None, method: Callable[..., T], *args: Any) -> T:
+    """``method(*args)``; on Redis (``library`` names its client package,
+    None for memory), raises RedisUnavailableError when the answer came from
+    the fail-closed policy (limits' storage calls return counts, which cannot
+    say so). Only for the calls that record where their answer came from
+    (incr, get, get_expiry, acquire_*, get_*_window)."""
     result = method(*args)
-    if remote and _core.RedisStorage.last_status() == "fail-closed":
+    if library and _core.RedisStorage.last_status() == "fail-closed":
         # Redis may have answered, refusing the call's key (WRONGTYPE for
         # a key holding another type of value): say so, as limits' own
         # RedisStorage would raise Redis's error.
         error = _core.RedisStorage.last_error()
         if error:
-            raise _core.RedisUnavailableError(
-                f"redis answered an error: {error}; the storage's policy is fail-closed"
+            raise _unavailable(
+                library,
+                f"redis answered an error: {error}; the storage's policy is "
+                "fail-closed",
+                refused=True,
             )
-        raise _core.RedisUnavailableError(
-            "redis is unavailable and the storage's policy is fail-closed"
+        raise _unavailable(
+            library, "redis is unavailable and the storage's policy is fail-closed"
         )
     return result
+
+
+def _admin(library: str | None, method: Callable[..., T], *args: Any) -> T:
+    """clear/reset: the store raises RedisUnavailableError itself when Redis
+    does not confirm; raised again as :func:`_unavailable`'s class."""
+    try:
+        return method(*args)
+    except _core.RedisUnavailableError as e:
+        if not library or type(e) is not _core.RedisUnavailableError:
+            raise
+        raise _unavailable(library, str(e)) from None
 
 
 def _close(native: Any) -> None:
@@ -176,11 +258,16 @@ class RapidlimitStorage(
         **options: Any,
     ) -> None:
         self.native = _native(uri, options)
-        self._remote = isinstance(self.native, _core.RedisStorage)
+        # The client package of limits' own storage for the URI (None: memory).
+        self._library = (
+            _client_library(uri, options, aio=False)
+            if isinstance(self.native, _core.RedisStorage)
+            else None
+        )
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     def _call(self, method: Callable[..., T], *args: Any) -> T:
-        return _checked(self._remote, method, *args)
+        return _checked(self._library, method, *args)
 
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
@@ -203,10 +290,10 @@ class RapidlimitStorage(
         return self.native.check()
 
     def reset(self) -> int | None:
-        return self.native.reset()
+        return _admin(self._library, self.native.reset)
 
     def clear(self, key: str) -> None:
-        self.native.clear(key)
+        _admin(self._library, self.native.clear, key)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         return self._call(
@@ -236,7 +323,7 @@ class RapidlimitStorage(
         return self._call(self.native.get_sliding_window, key, expiry, time.time())
 
     def clear_sliding_window(self, key: str, expiry: int) -> None:
-        self.native.clear_sliding_window(key, expiry)
+        _admin(self._library, self.native.clear_sliding_window, key, expiry)
 
     def __len__(self) -> int:
         return len(self.native)
@@ -274,7 +361,11 @@ class AsyncRapidlimitStorage(
         **options: Any,
     ) -> None:
         self.native = _native(uri, options)
-        self._remote = isinstance(self.native, _core.RedisStorage)
+        self._library = (
+            _client_library(uri, options, aio=True)
+            if isinstance(self.native, _core.RedisStorage)
+            else None
+        )
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     @property
@@ -288,16 +379,18 @@ class AsyncRapidlimitStorage(
     async def _run(self, method: Callable[..., T], *args: Any) -> T:
         """A counting call: raises RedisUnavailableError for a fail-closed
         answer (read on the executor thread that made the call)."""
-        if not self._remote:
+        if not self._library:
             return method(*args)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, _checked, True, method, *args)
+        return await loop.run_in_executor(None, _checked, self._library, method, *args)
 
     async def _run_plain(self, method: Callable[..., T], *args: Any) -> T:
-        """check/reset/clear: no fail-closed answer to turn into an error."""
-        if not self._remote:
+        """check/reset/clear: no fail-closed answer to turn into an error (a
+        clear or reset Redis did not confirm raises)."""
+        if not self._library:
             return method(*args)
-        return await asyncio.get_running_loop().run_in_executor(None, method, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, _admin, self._library, method, *args)
 
     async def incr(
         self, key: str, expiry: int, amount: int = 1, *, elastic_expiry: bool = False
