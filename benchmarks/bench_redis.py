@@ -400,6 +400,43 @@ async def _in_flight(one: Callable[[str], Awaitable[bool]], c: int, per: int) ->
     return sum(await asyncio.gather(*(worker(i) for i in range(c))))
 
 
+def _in_flight_samples(
+    loop: asyncio.AbstractEventLoop,
+    deciders: dict[str, Callable[[str], Awaitable[bool]]],
+    levels: tuple[int, ...],
+    n: int,
+    reps: int,
+    label: str = "",
+) -> dict[str, list[float]]:
+    """Decisions/s of each decider with C in flight on ``loop``, by
+    "<name>.c<C>" for every level, interleaved after a warm-up (connections,
+    scripts); a rejected decision is a broken benchmark."""
+
+    def sampler(lib: str, c: int) -> Callable[[], float]:
+        one = deciders[lib]
+
+        def once() -> float:
+            per = n // c
+            coro = _in_flight(one, c, per)
+            start = time.perf_counter_ns()
+            allowed = loop.run_until_complete(coro)
+            elapsed = time.perf_counter_ns() - start
+            if allowed != per * c:
+                raise BrokenBenchmark(
+                    f"{label}{lib} x{c}: {per * c - allowed} rejected"
+                )
+            return per * c / (elapsed / 1e9)
+
+        return once
+
+    for lib in deciders:
+        sampler(lib, 1)()
+    return interleaved(
+        {f"{lib}.c{c}": sampler(lib, c) for lib in deciders for c in levels},
+        reps,
+    )
+
+
 # The floors of any script, and of one that reads and writes one key: a
 # value as long as a fixed window's state, its TTL kept.
 _NOP = "return 0"
@@ -651,29 +688,8 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
         else:
             res.skip("rapidlimit decisions/s: RedisStorage has no decide_many_async")
     loop = asyncio.new_event_loop()
-
-    def sampler(lib: str, c: int) -> Callable[[], float]:
-        one = deciders[lib]
-
-        def once() -> float:
-            per = n // c
-            coro = _in_flight(one, c, per)
-            start = time.perf_counter_ns()
-            allowed = loop.run_until_complete(coro)
-            elapsed = time.perf_counter_ns() - start
-            if allowed != per * c:
-                raise BrokenBenchmark(f"{lib} x{c}: {per * c - allowed} rejected")
-            return per * c / (elapsed / 1e9)
-
-        return once
-
     try:
-        for lib in deciders:
-            sampler(lib, 1)()  # warm-up: connections, scripts
-        samples = interleaved(
-            {f"{lib}.c{c}": sampler(lib, c) for lib in deciders for c in levels},
-            reps,
-        )
+        samples = _in_flight_samples(loop, deciders, levels, n, reps)
     finally:
         loop.close()
     for c in levels:
@@ -694,6 +710,73 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
                 samples[f"slowapi.c{c}"],
                 better="higher",
             )
+
+
+def aio_adapter(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
+    """Hits/s of limits.aio's fixed window with C tasks in flight on one
+    event loop, for an application written against limits.aio that only
+    changes its storage URI: ``async+rapidlimit+redis://`` against limits'
+    own ``async+redis://`` (coredis, its default) and the same with
+    ``implementation="redispy"``."""
+    import limits
+    import limits.aio.strategies
+    import limits.storage
+
+    n = cfg.pick(384, 6000)
+    reps = cfg.pick(2, 5)
+    levels = (1, 64)
+    item = limits.parse(LIMIT)
+    uris: dict[str, tuple[str, dict[str, str]]] = {
+        "coredis": (f"async+{rs.uri}", {}),
+        "redispy": (f"async+{rs.uri}", {"implementation": "redispy"}),
+    }
+    if rapid:
+        import rapidlimit.contrib.limits  # noqa: F401  (registers the schemes)
+
+        uris["rapidlimit"] = (f"async+rapidlimit+{rs.rapid_uri}", {})
+    loop = asyncio.new_event_loop()
+    hitters: dict[str, Callable[[str], Awaitable[bool]]] = {}
+
+    async def made(uri: str, options: dict[str, str]) -> Any:
+        # coredis binds its connections to the loop that makes the storage.
+        return limits.aio.strategies.FixedWindowRateLimiter(
+            limits.storage.storage_from_string(uri, **options)
+        )
+
+    for lib, (uri, options) in uris.items():
+        try:
+            limiter = loop.run_until_complete(made(uri, options))
+        except (ImportError, limits.errors.ConfigurationError) as e:
+            res.skip(f"limits.aio adapter, {lib}: {e}")
+            continue
+
+        async def one(key: str, limiter: Any = limiter) -> bool:
+            return bool(await limiter.hit(item, key))
+
+        hitters[lib] = one
+
+    try:
+        samples = _in_flight_samples(loop, hitters, levels, n, reps, "aio ")
+    finally:
+        loop.close()
+    for c in levels:
+        for lib in hitters:
+            res.add(
+                f"aio.{lib}.c{c}",
+                f"limits.aio fixed-window hit, {lib:<10} {c:>2} concurrent",
+                "hits/s",
+                samples[f"{lib}.c{c}"],
+                better="higher",
+            )
+        for other in ("coredis", "redispy"):
+            if "rapidlimit" in hitters and other in hitters:
+                res.ratio(
+                    f"aio.speedup.{other}.c{c}",
+                    f"limits.aio hits/s async+rapidlimit+redis/{other} at {c}",
+                    samples[f"rapidlimit.c{c}"],
+                    samples[f"{other}.c{c}"],
+                    better="higher",
+                )
 
 
 def threads(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> None:
@@ -799,6 +882,7 @@ def run(cfg: Config, res: SectionResult) -> None:
         per_request(cfg, res, rs, packages)
         script_cost(cfg, res, rs, rapid)
         decisions(cfg, res, rs, rapid)
+        aio_adapter(cfg, res, rs, rapid)
         concurrency(cfg, res, rs, packages)
         if not cfg.quick:
             threads(cfg, res, rs, rapid)

@@ -916,6 +916,20 @@ struct Pending {
   // scope; strong) and its clock, made into the view on the loop thread.
   PyObject* view[5] = {};
   double now_seconds = 0;
+  // The limits adapter's single calls (incr_async ...): what the result
+  // is made of, the answer, and the fail-closed policy's retry-after.
+  enum class Single : uint8_t {
+    kNone,
+    kIncr,
+    kGet,
+    kGetExpiry,
+    kMovingWindow,
+    kSlidingWindow,
+    kAcquire,
+  };
+  Single single = Single::kNone;
+  RedisStore::SingleAnswer answer;
+  int64_t retry_after_nanos = 0;
 
   // Deleted with the GIL held (see LoopBridge for the other case).
   ~Pending() {
@@ -992,15 +1006,80 @@ void PushDone(const std::shared_ptr<LoopBridge>& bridge, Pending* p) {
   Signal(b->efd);
 }
 
-void OnAsyncDone(void* context, const Decision* d, size_t written, size_t) {
-  auto* p = static_cast<Pending*>(context);
-  p->decisions.assign(d, d + written);
+// `p` has its answer: to its loop (or to Submit, when it came at once).
+void Answered(Pending* p) {
   if (tl_submitting == p) {
     p->inline_done = true;  // resolved by decide_many_async itself
     return;
   }
   std::shared_ptr<LoopBridge> bridge = p->bridge;
   PushDone(bridge, p);
+}
+
+void OnAsyncDone(void* context, const Decision* d, size_t written, size_t) {
+  auto* p = static_cast<Pending*>(context);
+  p->decisions.assign(d, d + written);
+  Answered(p);
+}
+
+void OnSingleDone(void* context, const RedisStore::SingleAnswer& answer) {
+  auto* p = static_cast<Pending*>(context);
+  p->answer = answer;
+  Answered(p);
+}
+
+// A single call's result as the synchronous method returns it, or the
+// fail-closed exception (with Redis's error, if it answered one, as
+// `redis_error`).
+PyObject* BuildSingle(const Pending* p, bool* is_error) {
+  const RedisStore::SingleAnswer& a = p->answer;
+  if (a.source == DecisionSource::kFailClosed) {
+    *is_error = true;
+    const std::string message =
+        a.error.empty()
+            ? std::string(
+                  "redis is unavailable and the storage's policy is "
+                  "fail-closed")
+            : "redis answered an error: " + a.error +
+                  "; the storage's policy is fail-closed";
+    PyObject* exc = MakeUnavailable(message.c_str(),
+                                    static_cast<double>(p->retry_after_nanos) /
+                                        static_cast<double>(kNanosPerSecond));
+    if (exc == nullptr) return nullptr;
+    PyObject* error = PyUnicode_FromStringAndSize(
+        a.error.data(), static_cast<Py_ssize_t>(a.error.size()));
+    if (error == nullptr ||
+        PyObject_SetAttrString(exc, "redis_error", error) < 0) {
+      Py_XDECREF(error);
+      Py_DECREF(exc);
+      return nullptr;
+    }
+    Py_DECREF(error);
+    return exc;
+  }
+  const WindowState& w = a.window;
+  switch (p->single) {
+    case Pending::Single::kIncr:
+      return PyLong_FromLongLong(a.count);
+    case Pending::Single::kGet:
+      return PyLong_FromLongLong(w.count);
+    case Pending::Single::kGetExpiry:
+      return PyFloat_FromDouble(NanosToSeconds(w.time_nanos));
+    case Pending::Single::kMovingWindow:
+      return Py_BuildValue("(dL)", NanosToSeconds(w.time_nanos),
+                           static_cast<long long>(w.count));
+    case Pending::Single::kSlidingWindow:
+      return Py_BuildValue("(LdLd)", static_cast<long long>(w.previous_count),
+                           NanosToSeconds(w.previous_ttl_nanos),
+                           static_cast<long long>(w.count),
+                           NanosToSeconds(w.current_ttl_nanos));
+    case Pending::Single::kAcquire:
+      return PyBool_FromLong(a.decision.allowed);
+    case Pending::Single::kNone:
+      break;
+  }
+  PyErr_SetString(PyExc_RuntimeError, "no answer");
+  return nullptr;
 }
 
 // decide_view_async's result: the view, or the fail-closed exception.
@@ -1024,7 +1103,8 @@ PyObject* BuildView(const Pending* p, bool* is_error) {
 void Resolve(Pending* p, bool direct, PyObject** fatal) {
   bool is_error = false;
   PyObject* result =
-      p->view[0] != nullptr
+      p->single != Pending::Single::kNone ? BuildSingle(p, &is_error)
+      : p->view[0] != nullptr
           ? BuildView(p, &is_error)
           : BuildResult(p->decisions.data(), p->decisions.size(), &is_error);
   if (result == nullptr) {
@@ -1379,13 +1459,13 @@ std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
   return bridge;
 }
 
-// Queues `requests` for `p` (new, owned from here on) and returns the
-// future the loop's reader completes; null with a Python error set.
-// With `waiter`, a Waiter instead of an asyncio.Future, given `finish`
-// (five objects, see Waiter) when not null.
-PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
-                 int64_t now, Mode mode, Pending* p, bool waiter,
-                 PyObject* const* finish = nullptr) {
+// Queues `p` (new, owned from here on) by `send(p)`, which hands the
+// store its call, and returns the future the loop's reader completes; null
+// with a Python error set. With `waiter`, a Waiter instead of an
+// asyncio.Future, given `finish` (five objects, see Waiter) when not null.
+template <typename Send>
+PyObject* SubmitWith(RedisStorageHandle* storage, Pending* p, bool waiter,
+                     PyObject* const* finish, Send send) {
   std::unique_ptr<Pending> owned(p);
   ReleaseOrphans();
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
@@ -1442,7 +1522,7 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
   Py_INCREF(future);  // one for the caller, one for the completion
   owned.release();
   tl_submitting = p;
-  storage->redis->DecideAsyncDeferred(requests, n, now, mode, &OnAsyncDone, p);
+  send(p);
   tl_submitting = nullptr;
   if (p->inline_done) {
     // Answered without Redis (blocked-key cache, or Redis down): the
@@ -1452,6 +1532,29 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
     delete p;
   }
   return future;
+}
+
+// SubmitWith for the decisions of `requests`.
+PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
+                 int64_t now, Mode mode, Pending* p, bool waiter,
+                 PyObject* const* finish = nullptr) {
+  return SubmitWith(storage, p, waiter, finish, [&](Pending* q) {
+    storage->redis->DecideAsyncDeferred(requests, n, now, mode, &OnAsyncDone,
+                                        q);
+  });
+}
+
+// SubmitWith for a single call of the limits adapter, answered as `kind`.
+template <typename Send>
+PyObject* SubmitSingle(RedisStorageHandle* storage, Pending::Single kind,
+                       Send send) {
+  auto* p = new Pending;
+  p->single = kind;
+  p->retry_after_nanos =
+      storage->redis->options().fail_closed_retry_after_nanos;
+  return SubmitWith(storage, p, /*waiter=*/true, nullptr, [&](Pending* q) {
+    send(&OnSingleDone, static_cast<void*>(q));
+  });
 }
 
 // decide_many_async(strategy, requests, now=None, test=False)
@@ -1527,6 +1630,113 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
   p->now_seconds = now_seconds;
   return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true,
                 nargs == 14 ? args + 9 : nullptr);
+}
+
+py::object Awaitable(PyObject* waiter) {
+  if (waiter == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(waiter);
+}
+
+// The limits adapter's calls from an event loop (limits.aio): awaitables
+// resolving to what the synchronous method of the same name returns,
+// without a thread; fail-closed raises RedisUnavailableError instead
+// (`redis_error`: Redis's error, when it answered one).
+void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
+  using Single = Pending::Single;
+  // A call reading `key`'s state for `strategy` under `l`, answered as
+  // `kind`.
+  auto inspect = [](RedisStorageHandle& h, Single kind, Strategy strategy,
+                    const Limit& l, const std::string& key,
+                    const py::object& now) {
+    FlushLogs();
+    const int64_t t = NowArg(now);
+    const Request r = MakeRequest(strategy, l, key, 0);
+    return Awaitable(SubmitSingle(&h, kind, [&](auto done, void* context) {
+      h.redis->InspectDeferred(r, t, done, context);
+    }));
+  };
+  auto acquire = [](RedisStorageHandle& h, Strategy strategy,
+                    const std::string& key, int64_t limit, double expiry,
+                    int64_t amount, const py::object& now) {
+    FlushLogs();
+    const Limit l = WindowLimit(limit, expiry);
+    if (!CheckStrategyLimit(strategy, l)) throw py::error_already_set();
+    const int64_t t = NowArg(now);
+    const Request r = MakeRequest(strategy, l, key, amount);
+    return Awaitable(
+        SubmitSingle(&h, Single::kAcquire, [&](auto done, void* context) {
+          h.redis->DecideOneDeferred(r, t, done, context);
+        }));
+  };
+  cls.def(
+         "incr_async",
+         [](RedisStorageHandle& h, const std::string& key, double expiry,
+            int64_t amount, const py::object& now) {
+           FlushLogs();
+           CheckExpiry(expiry, 0);
+           const int64_t t = NowArg(now);
+           return Awaitable(
+               SubmitSingle(&h, Single::kIncr, [&](auto done, void* context) {
+                 h.redis->IncrDeferred(key, SecondsToNanos(expiry), amount, t,
+                                       done, context);
+               }));
+         },
+         py::arg("key"), py::arg("expiry"), py::arg("amount") = 1,
+         py::arg("now") = py::none())
+      .def(
+          "get_async",
+          [inspect](RedisStorageHandle& h, const std::string& key,
+                    const py::object& now) {
+            return inspect(h, Single::kGet, Strategy::kFixedWindow,
+                           WindowLimit(0, 1), key, now);
+          },
+          py::arg("key"), py::arg("now") = py::none())
+      .def(
+          "get_expiry_async",
+          [inspect](RedisStorageHandle& h, const std::string& key,
+                    const py::object& now) {
+            return inspect(h, Single::kGetExpiry, Strategy::kFixedWindow,
+                           WindowLimit(0, 1), key, now);
+          },
+          py::arg("key"), py::arg("now") = py::none())
+      .def(
+          "acquire_entry_async",
+          [acquire](RedisStorageHandle& h, const std::string& key,
+                    int64_t limit, double expiry, int64_t amount,
+                    const py::object& now) {
+            return acquire(h, Strategy::kMovingWindow, key, limit, expiry,
+                           amount, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "get_moving_window_async",
+          [inspect](RedisStorageHandle& h, const std::string& key,
+                    int64_t limit, double expiry, const py::object& now) {
+            return inspect(h, Single::kMovingWindow, Strategy::kMovingWindow,
+                           WindowLimit(limit, expiry), key, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("now") = py::none())
+      .def(
+          "acquire_sliding_window_entry_async",
+          [acquire](RedisStorageHandle& h, const std::string& key,
+                    int64_t limit, double expiry, int64_t amount,
+                    const py::object& now) {
+            return acquire(h, Strategy::kSlidingWindowCounter, key, limit,
+                           expiry, amount, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "get_sliding_window_async",
+          [inspect](RedisStorageHandle& h, const std::string& key,
+                    double expiry, const py::object& now) {
+            return inspect(h, Single::kSlidingWindow,
+                           Strategy::kSlidingWindowCounter,
+                           WindowLimit(0, expiry), key, now);
+          },
+          py::arg("key"), py::arg("expiry"), py::arg("now") = py::none());
 }
 
 #endif  // RAPIDLIMIT_HAVE_HIREDIS
@@ -1810,6 +2020,9 @@ void BindRedis(py::module_& m) {
         d["mismatches"] = s.mismatches;
         return d;
       });
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+  BindSingleCalls(cls);
+#endif
   g_redis_type = reinterpret_cast<PyTypeObject*>(cls.ptr());
   for (PyMethodDef* def = kFastMethods; def->ml_name != nullptr; ++def) {
     PyObject* descr = PyDescr_NewMethod(g_redis_type, def);

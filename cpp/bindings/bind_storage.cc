@@ -9,16 +9,15 @@
 #include "rapidlimit/memory_store.h"
 
 namespace rapidlimit::bindings {
-namespace {
 
-int64_t Now(const py::object& now) {
+int64_t NowArg(const py::object& now) {
   int64_t out = 0;
   if (!NowFromPython(now.ptr(), &out)) throw py::error_already_set();
   return out;
 }
 
-// `limits` hands storages a window length in seconds; bounded as parsed
-// periods are (past about 292 years the nanoseconds would overflow).
+// Bounded as parsed periods are (past about 292 years the nanoseconds
+// would overflow).
 void CheckExpiry(double expiry_seconds, int at_least) {
   if (!std::isfinite(expiry_seconds) || expiry_seconds < at_least ||
       expiry_seconds > static_cast<double>(kMaxPeriodSeconds)) {
@@ -28,7 +27,6 @@ void CheckExpiry(double expiry_seconds, int at_least) {
   }
 }
 
-// A window length in whole seconds.
 Limit WindowLimit(int64_t amount, double expiry_seconds) {
   CheckExpiry(expiry_seconds, 1);
   Limit l;
@@ -48,6 +46,8 @@ Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
   return r;
 }
 
+namespace {
+
 bool Acquire(StorageHandle& h, Strategy s, const std::string& key,
              int64_t limit, double expiry, int64_t amount,
              const py::object& now) {
@@ -55,7 +55,7 @@ bool Acquire(StorageHandle& h, Strategy s, const std::string& key,
   if (!CheckStrategyLimit(s, l)) throw py::error_already_set();
   const Request r = MakeRequest(s, l, key, amount);
   Decision d;
-  h.store->Decide(&r, 1, Now(now), Mode::kHit, &d);
+  h.store->Decide(&r, 1, NowArg(now), Mode::kHit, &d);
   return d.allowed;
 }
 
@@ -84,8 +84,8 @@ void BindStorage(py::module_& m) {
           [](StorageHandle& h, const std::string& key, double expiry,
              int64_t amount, const py::object& now) {
             CheckExpiry(expiry, 0);
-            return h.store->Incr(key, SecondsToNanos(expiry), amount, Now(now),
-                                 nullptr);
+            return h.store->Incr(key, SecondsToNanos(expiry), amount,
+                                 NowArg(now), nullptr);
           },
           py::arg("key"), py::arg("expiry"), py::arg("amount") = 1,
           py::arg("now") = py::none())
@@ -95,7 +95,7 @@ void BindStorage(py::module_& m) {
             const Limit l = WindowLimit(0, 1);
             return h.store
                 ->Inspect(MakeRequest(Strategy::kFixedWindow, l, key, 0),
-                          Now(now))
+                          NowArg(now))
                 .count;
           },
           py::arg("key"), py::arg("now") = py::none())
@@ -106,7 +106,7 @@ void BindStorage(py::module_& m) {
             return NanosToSeconds(
                 h.store
                     ->Inspect(MakeRequest(Strategy::kFixedWindow, l, key, 0),
-                              Now(now))
+                              NowArg(now))
                     .time_nanos);
           },
           py::arg("key"), py::arg("now") = py::none())
@@ -139,7 +139,7 @@ void BindStorage(py::module_& m) {
              double expiry, const py::object& now) {
             const Limit l = WindowLimit(limit, expiry);
             const WindowState w = h.store->Inspect(
-                MakeRequest(Strategy::kMovingWindow, l, key, 0), Now(now));
+                MakeRequest(Strategy::kMovingWindow, l, key, 0), NowArg(now));
             return std::make_tuple(NanosToSeconds(w.time_nanos), w.count);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
@@ -160,7 +160,7 @@ void BindStorage(py::module_& m) {
             const Limit l = WindowLimit(0, expiry);
             const WindowState w = h.store->Inspect(
                 MakeRequest(Strategy::kSlidingWindowCounter, l, key, 0),
-                Now(now));
+                NowArg(now));
             return std::make_tuple(
                 w.previous_count, NanosToSeconds(w.previous_ttl_nanos), w.count,
                 NanosToSeconds(w.current_ttl_nanos));

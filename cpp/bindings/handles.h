@@ -113,6 +113,17 @@ bool NowAndTestArgs(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames,
 // A cost in [0, kMaxAmount]; false with a Python error set otherwise.
 bool CostFromPython(PyObject* obj, int64_t* cost);
 
+// The limits adapter's arguments (bind_storage.cc), throwing
+// error_already_set or ValueError: `now` in epoch seconds (None: the
+// system clock) as nanoseconds; an `expiry` in seconds checked to lie in
+// [at_least, kMaxPeriodSeconds]; a window of `expiry_seconds` whole
+// seconds; and a request of `l` (kept by reference) for `key`.
+int64_t NowArg(const py::object& now);
+void CheckExpiry(double expiry_seconds, int at_least);
+Limit WindowLimit(int64_t amount, double expiry_seconds);
+Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
+                    int64_t cost);
+
 // True, with RedisUnavailableError set, when `d` was answered by a Redis
 // store's fail-closed policy: callers that return decisions raise instead.
 bool RaiseIfFailClosed(const Decision& d);

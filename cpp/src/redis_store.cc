@@ -178,6 +178,12 @@ struct Op {
   // Completion.
   bool async = false;
   DecideCallback callback = nullptr;
+  // A single call (RedisStore::DecideOneDeferred, InspectDeferred,
+  // IncrDeferred; the synchronous Inspect and Incr too): answered by
+  // FinishSingle, asynchronously through `single_callback`.
+  enum class Single : uint8_t { kNone, kDecide, kInspect, kIncr };
+  Single single = Single::kNone;
+  RedisStore::SingleCallback single_callback = nullptr;
   void* context = nullptr;
   std::mutex mu;
   std::condition_variable cv;
@@ -638,6 +644,9 @@ class Engine {
   void NoteFailure(const Op* op, bool completed);
   // Turns a script op's result (or failure) into decisions.
   void FinishScript(Op* op, bool timed_out);
+  // Turns a single call's result (or failure) into its answer; `completed`
+  // as RunSync returns it (false: the results must not be read).
+  void FinishSingle(Op* op, bool completed, RedisStore::SingleAnswer* out);
 
   // Scans `requests` for a cached rejection. Returns how many requests
   // must go to Redis (those before it); `*tail` gets the rejection.
@@ -1659,7 +1668,11 @@ void Engine::NoteFailure(const Op* op, bool completed) {
 }
 
 void Engine::Complete(Op* op) {
-  if (op->async) {
+  if (op->async && op->single != Op::Single::kNone) {
+    RedisStore::SingleAnswer answer;
+    FinishSingle(op, true, &answer);
+    op->single_callback(op->context, answer);
+  } else if (op->async) {
     FinishScript(op, false);
     op->callback(op->context, op->decisions.data(), op->written,
                  op->first_reject);
@@ -1774,6 +1787,67 @@ void Engine::FinishScript(Op* op, bool timed_out) {
     op->written = n + 1;
   }
   Add(counters->decisions, op->written);
+}
+
+void Engine::FinishSingle(Op* op, bool completed,
+                          RedisStore::SingleAnswer* out) {
+  const Item& item = op->items[0];
+  const int64_t now = op->now;
+  if (op->single == Op::Single::kDecide) {
+    FinishScript(op, !completed);
+    out->decision = op->decisions[0];
+    out->source = out->decision.source;
+  } else if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
+    if (op->single == Op::Single::kIncr) {
+      out->count =
+          InterpretIncr(item, now, &op->values[1], &out->expiry_at_nanos);
+    } else {
+      out->window = InterpretInspect(item, now, &op->values[1]);
+    }
+    return;
+  } else if (op->single == Op::Single::kInspect &&
+             cache.Peek(item.strategy, item.key, now, &out->window)) {
+    // Refused from the cache meanwhile, the key reads as those refusals
+    // were decided: through the limits adapter, slowapi reads the
+    // headers of a refusal with a separate call, which would otherwise
+    // meet the policy (fail-closed: an exception, a 500) for a request
+    // the store had answered.
+    NoteFailure(op, completed);
+    out->source = DecisionSource::kCache;
+  } else {
+    NoteFailure(op, completed);
+    Request r;
+    r.strategy = item.strategy;
+    r.limit = &item.limit;
+    r.key = item.key;
+    r.cost = item.cost;
+    switch (options.on_error) {
+      case RedisFailurePolicy::kFailOpen:
+        Add(counters->fail_open);
+        out->source = DecisionSource::kFailOpen;
+        out->window.time_nanos = now;
+        out->expiry_at_nanos = now + item.incr_period;
+        break;
+      case RedisFailurePolicy::kFailClosed:
+        Add(counters->fail_closed);
+        out->source = DecisionSource::kFailClosed;
+        out->window.time_nanos = now;
+        out->count = std::numeric_limits<int64_t>::max();
+        out->expiry_at_nanos = now + options.fail_closed_retry_after_nanos;
+        break;
+      case RedisFailurePolicy::kFallback:
+        Add(counters->fallback);
+        out->source = DecisionSource::kFallback;
+        if (op->single == Op::Single::kIncr) {
+          out->count = fallback->Incr(item.key, item.incr_period, item.cost,
+                                      now, &out->expiry_at_nanos);
+        } else {
+          out->window = fallback->Inspect(r, now);
+        }
+        break;
+    }
+  }
+  if (completed && op->result == Op::Result::kError) out->error = op->error;
 }
 
 // ---------------------------------------------------------------- store
@@ -1929,67 +2003,55 @@ class RedisStoreImpl final : public RedisStore {
   WindowState Inspect(const Request& request, int64_t now) override {
     Engine* e = Acquire();
     Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
-    const bool completed = e->RunSync(op);
-    WindowState w;
-    if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
-      w = InterpretInspect(op->items[0], now, &op->values[1]);
-      tl_last_source = DecisionSource::kStore;
-    } else if (e->cache.Peek(request.strategy, request.key, now, &w)) {
-      // Refused from the cache meanwhile, the key reads as those refusals
-      // were decided: through the limits adapter, slowapi reads the
-      // headers of a refusal with a separate call, which would otherwise
-      // meet the policy (fail-closed: an exception, a 500) for a request
-      // the store had answered.
-      e->NoteFailure(op, completed);
-      tl_last_source = DecisionSource::kCache;
-    } else {
-      CountFailure(e, op, completed);
-      if (e->fallback != nullptr) {
-        w = e->fallback->Inspect(request, now);
-      } else {
-        w.time_nanos = now;
-      }
-    }
+    op->single = Op::Single::kInspect;
+    SingleAnswer answer;
+    e->FinishSingle(op, e->RunSync(op), &answer);
+    tl_last_source = answer.source;
     Release(op);
-    return w;
+    return answer.window;
   }
 
   int64_t Incr(std::string_view key, int64_t expiry_nanos, int64_t amount,
                int64_t now, int64_t* expiry_at) override {
     Engine* e = Acquire();
-    Limit dummy;
-    Request r;
-    r.strategy = Strategy::kFixedWindow;
-    r.limit = &dummy;
-    r.key = key;
-    r.cost = amount;
-    Op* op = e->NewScriptOp(&r, 1, now, Mode::kHit, true, expiry_nanos);
-    const bool completed = e->RunSync(op);
-    int64_t count;
-    if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
-      count = InterpretIncr(op->items[0], now, &op->values[1], expiry_at);
-      tl_last_source = DecisionSource::kStore;
-    } else {
-      CountFailure(e, op, completed);
-      switch (options_.on_error) {
-        case RedisFailurePolicy::kFallback:
-          count = e->fallback->Incr(key, expiry_nanos, amount, now, expiry_at);
-          break;
-        case RedisFailurePolicy::kFailOpen:
-          count = 0;
-          if (expiry_at != nullptr) *expiry_at = now + expiry_nanos;
-          break;
-        case RedisFailurePolicy::kFailClosed:
-        default:
-          count = std::numeric_limits<int64_t>::max();
-          if (expiry_at != nullptr) {
-            *expiry_at = now + options_.fail_closed_retry_after_nanos;
-          }
-          break;
-      }
-    }
+    Op* op = NewIncrOp(e, key, expiry_nanos, amount, now);
+    SingleAnswer answer;
+    e->FinishSingle(op, e->RunSync(op), &answer);
+    tl_last_source = answer.source;
+    if (expiry_at != nullptr) *expiry_at = answer.expiry_at_nanos;
     Release(op);
-    return count;
+    return answer.count;
+  }
+
+  void DecideOneDeferred(const Request& request, int64_t now,
+                         SingleCallback done, void* context) override {
+    Engine* e = Acquire();
+    SingleAnswer answer;
+    bool cached = false;
+    e->CacheScan(&request, 1, now, &answer.decision, &cached);
+    if (cached) {
+      Add(counters_.decisions);
+      answer.source = DecisionSource::kCache;
+      done(context, answer);
+      return;
+    }
+    Op* op = e->NewScriptOp(&request, 1, now, Mode::kHit);
+    op->single = Op::Single::kDecide;
+    RunSingle(e, op, done, context);
+  }
+
+  void InspectDeferred(const Request& request, int64_t now, SingleCallback done,
+                       void* context) override {
+    Engine* e = Acquire();
+    Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
+    op->single = Op::Single::kInspect;
+    RunSingle(e, op, done, context);
+  }
+
+  void IncrDeferred(std::string_view key, int64_t expiry_nanos, int64_t amount,
+                    int64_t now, SingleCallback done, void* context) override {
+    Engine* e = Acquire();
+    RunSingle(e, NewIncrOp(e, key, expiry_nanos, amount, now), done, context);
   }
 
   bool Clear(Strategy strategy, std::string_view key) override {
@@ -2149,24 +2211,26 @@ class RedisStoreImpl final : public RedisStore {
     return fresh;
   }
 
-  void CountFailure(Engine* e, Op* op, bool completed) {
-    e->NoteFailure(op, completed);
-    // Raw calls (Incr, Inspect) report their source too: the limits
-    // adapter turns a fail-closed answer into an exception.
-    switch (options_.on_error) {
-      case RedisFailurePolicy::kFailOpen:
-        Add(counters_.fail_open);
-        tl_last_source = DecisionSource::kFailOpen;
-        break;
-      case RedisFailurePolicy::kFailClosed:
-        Add(counters_.fail_closed);
-        tl_last_source = DecisionSource::kFailClosed;
-        break;
-      case RedisFailurePolicy::kFallback:
-        Add(counters_.fallback);
-        tl_last_source = DecisionSource::kFallback;
-        break;
-    }
+  // limits' Storage.incr as a script op (strategy code 4: a fixed window
+  // that never rejects, its window `expiry_nanos` long).
+  static Op* NewIncrOp(Engine* e, std::string_view key, int64_t expiry_nanos,
+                       int64_t amount, int64_t now) {
+    Limit unused;
+    Request r;
+    r.strategy = Strategy::kFixedWindow;
+    r.limit = &unused;
+    r.key = key;
+    r.cost = amount;
+    Op* op = e->NewScriptOp(&r, 1, now, Mode::kHit, true, expiry_nanos);
+    op->single = Op::Single::kIncr;
+    return op;
+  }
+
+  static void RunSingle(Engine* e, Op* op, SingleCallback done, void* context) {
+    op->async = true;
+    op->single_callback = done;
+    op->context = context;
+    e->RunAsync(op, /*defer=*/true);
   }
 
   bool RawArgv(Engine* e, const std::vector<std::string_view>& argv,

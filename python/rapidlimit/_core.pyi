@@ -215,6 +215,40 @@ class RedisStorage(Storage):
         test: bool = False,
     ) -> asyncio.Future[list[Decision]]:
         """The same as an awaitable that never blocks the running loop."""
+    # The limits adapter's calls from an event loop (limits.aio): what the
+    # synchronous method of the same name returns, awaited without a thread
+    # and pipelined with the loop's other Redis calls; a fail-closed answer
+    # raises RedisUnavailableError (``redis_error``: Redis's error, if it
+    # answered one, such as WRONGTYPE for a key of another type).
+    def incr_async(
+        self, key: str, expiry: float, amount: int = 1, now: float | None = None
+    ) -> RedisWaiter[int]: ...
+    def get_async(self, key: str, now: float | None = None) -> RedisWaiter[int]: ...
+    def get_expiry_async(
+        self, key: str, now: float | None = None
+    ) -> RedisWaiter[float]: ...
+    def acquire_entry_async(
+        self,
+        key: str,
+        limit: int,
+        expiry: float,
+        amount: int = 1,
+        now: float | None = None,
+    ) -> RedisWaiter[bool]: ...
+    def get_moving_window_async(
+        self, key: str, limit: int, expiry: float, now: float | None = None
+    ) -> RedisWaiter[tuple[float, int]]: ...
+    def acquire_sliding_window_entry_async(
+        self,
+        key: str,
+        limit: int,
+        expiry: float,
+        amount: int = 1,
+        now: float | None = None,
+    ) -> RedisWaiter[bool]: ...
+    def get_sliding_window_async(
+        self, key: str, expiry: float, now: float | None = None
+    ) -> RedisWaiter[tuple[int, float, int, float]]: ...
     @overload
     def decide_view_async(
         self,

@@ -1430,6 +1430,185 @@ TEST_F(RedisStoreTest, DeferredDecisionsWaitForFlushAndShareOneScript) {
   EXPECT_EQ(after.scripts - before.scripts, 1u);
 }
 
+// The answer of one single call (DecideOneDeferred, InspectDeferred,
+// IncrDeferred) made by `call(done, context)`, after a Flush. On a timeout
+// `store` is closed first, which completes the call: its callback must
+// run while `w` (on this stack) still exists.
+struct SingleWait {
+  std::mutex mu;
+  std::condition_variable cv;
+  int calls = 0;
+  std::thread::id thread;
+  RedisStore::SingleAnswer answer;
+};
+
+void SingleDone(void* ctx, const RedisStore::SingleAnswer& a) {
+  auto* w = static_cast<SingleWait*>(ctx);
+  std::lock_guard<std::mutex> lock(w->mu);
+  ++w->calls;
+  w->thread = std::this_thread::get_id();
+  w->answer = a;
+  w->cv.notify_all();
+}
+
+template <typename Call>
+RedisStore::SingleAnswer Single(RedisStore& store, Call call,
+                                bool* inline_answer = nullptr) {
+  SingleWait w;
+  call(&SingleDone, &w);
+  {
+    std::lock_guard<std::mutex> lock(w.mu);
+    if (inline_answer != nullptr) *inline_answer = w.calls == 1;
+  }
+  store.Flush();
+  std::unique_lock<std::mutex> lock(w.mu);
+  if (!w.cv.wait_for(lock, std::chrono::seconds(10),
+                     [&] { return w.calls > 0; })) {
+    lock.unlock();
+    store.Close();
+    lock.lock();
+    w.cv.wait(lock, [&] { return w.calls > 0; });
+    ADD_FAILURE() << "no answer within 10 s";
+  }
+  EXPECT_EQ(w.calls, 1);
+  return w.answer;
+}
+
+TEST_F(RedisStoreTest, SingleCallsDeferredAnswerAsTheSyncCalls) {
+  // The limits adapter's calls from an event loop: the same answers as
+  // the blocking calls on a key with the same history.
+  auto store = MakeConnected(L("1 per second"));
+  RedisStore& rs = *store;
+  int64_t sync_expiry = 0;
+  for (int i = 0; i < 3; ++i) {
+    const int64_t now = kT0 + i * kSec;
+    const auto a = Single(rs, [&](auto done, void* ctx) {
+      rs.IncrDeferred("LIMITER/ia", 10 * kSec, i + 1, now, done, ctx);
+    });
+    EXPECT_EQ(a.count,
+              rs.Incr("LIMITER/ib", 10 * kSec, i + 1, now, &sync_expiry));
+    EXPECT_EQ(a.count, (i + 1) * (i + 2) / 2);
+    EXPECT_EQ(a.expiry_at_nanos, sync_expiry);
+    EXPECT_EQ(a.source, DecisionSource::kStore);
+    EXPECT_TRUE(a.error.empty());
+  }
+  const Limit l = L("2 per minute");
+  for (Strategy s : {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+    const std::string name(StrategyName(s));
+    const std::string ka = "LIMITER/a-" + name;
+    const std::string kb = "LIMITER/b-" + name;
+    for (int i = 0; i < 3; ++i) {
+      const int64_t now = kT0 + i * kMs;
+      bool inline_answer = true;
+      const auto a = Single(
+          rs,
+          [&](auto done, void* ctx) {
+            rs.DecideOneDeferred({s, &l, ka, 1}, now, done, ctx);
+          },
+          &inline_answer);
+      EXPECT_FALSE(inline_answer) << name;  // Redis answers, after Flush
+      ExpectSame(a.decision, Hit(rs, s, l, kb, now), name);
+      EXPECT_EQ(a.decision.allowed, i < 2) << name;
+      EXPECT_EQ(a.source, DecisionSource::kStore) << name;
+    }
+    // Over its limit: the blocked-key cache answers before the call
+    // returns, without Redis.
+    const RedisStoreStats before = rs.Stats();
+    bool inline_answer = false;
+    const auto cached = Single(
+        rs,
+        [&](auto done, void* ctx) {
+          rs.DecideOneDeferred({s, &l, ka, 1}, kT0 + 3 * kMs, done, ctx);
+        },
+        &inline_answer);
+    EXPECT_TRUE(inline_answer) << name;
+    EXPECT_FALSE(cached.decision.allowed) << name;
+    EXPECT_EQ(cached.source, DecisionSource::kCache) << name;
+    EXPECT_EQ(rs.Stats().calls, before.calls) << name;
+    const int64_t later = kT0 + 30 * kSec;
+    const auto w = Single(rs, [&](auto done, void* ctx) {
+      rs.InspectDeferred({s, &l, ka, 1}, later, done, ctx);
+    });
+    ExpectSame(w.window, rs.Inspect({s, &l, kb, 1}, later), name);
+    EXPECT_GT(w.window.count, 0) << name;
+    EXPECT_EQ(w.source, DecisionSource::kStore) << name;
+  }
+}
+
+TEST_F(RedisStoreTest, SingleCallsDeferredGetThePolicy) {
+  const Limit l = L("5 per minute");
+  for (RedisFailurePolicy policy :
+       {RedisFailurePolicy::kFailClosed, RedisFailurePolicy::kFailOpen,
+        RedisFailurePolicy::kFallback}) {
+    if (policy != RedisFailurePolicy::kFailClosed) {  // SetUp started one
+      std::string error;
+      ASSERT_TRUE(server_.Start(0, &error)) << error;
+    }
+    const std::string name(RedisFailurePolicyName(policy));
+    auto store = Make(Options(policy));
+    RedisStore& rs = *store;
+    // A key Redis refuses (a list under its name) fails its call alone,
+    // with Redis's error.
+    server_.Command({"RPUSH", rs.RedisKey(Strategy::kFixedWindow, "LIMITER/l"),
+                     "app data"});
+    const auto refused = Single(rs, [&](auto done, void* ctx) {
+      rs.IncrDeferred("LIMITER/l", 60 * kSec, 1, kT0, done, ctx);
+    });
+    EXPECT_NE(refused.error.find("WRONGTYPE"), std::string::npos) << name;
+    EXPECT_NE(refused.source, DecisionSource::kStore) << name;
+    server_.Kill();
+    const auto incr = Single(rs, [&](auto done, void* ctx) {
+      rs.IncrDeferred("LIMITER/i", 60 * kSec, 2, kT0, done, ctx);
+    });
+    const auto inspect = Single(rs, [&](auto done, void* ctx) {
+      rs.InspectDeferred({Strategy::kMovingWindow, &l, "LIMITER/m", 1}, kT0,
+                         done, ctx);
+    });
+    const auto decide = Single(rs, [&](auto done, void* ctx) {
+      rs.DecideOneDeferred({Strategy::kMovingWindow, &l, "LIMITER/m", 1}, kT0,
+                           done, ctx);
+    });
+    for (const auto* a : {&incr, &inspect, &decide}) {
+      EXPECT_TRUE(a->error.empty()) << name << ": " << a->error;
+    }
+    switch (policy) {
+      case RedisFailurePolicy::kFailClosed:
+        EXPECT_EQ(refused.source, DecisionSource::kFailClosed);
+        EXPECT_EQ(incr.source, DecisionSource::kFailClosed);
+        EXPECT_EQ(incr.count, std::numeric_limits<int64_t>::max());
+        EXPECT_EQ(incr.expiry_at_nanos, kT0 + kSec);  // the retry-after
+        EXPECT_EQ(inspect.source, DecisionSource::kFailClosed);
+        EXPECT_EQ(inspect.window.time_nanos, kT0);
+        EXPECT_EQ(decide.source, DecisionSource::kFailClosed);
+        EXPECT_FALSE(decide.decision.allowed);
+        break;
+      case RedisFailurePolicy::kFailOpen:
+        EXPECT_EQ(incr.source, DecisionSource::kFailOpen);
+        EXPECT_EQ(incr.count, 0);
+        EXPECT_EQ(incr.expiry_at_nanos, kT0 + 60 * kSec);
+        EXPECT_EQ(inspect.source, DecisionSource::kFailOpen);
+        EXPECT_EQ(decide.source, DecisionSource::kFailOpen);
+        EXPECT_TRUE(decide.decision.allowed);
+        break;
+      case RedisFailurePolicy::kFallback: {
+        EXPECT_EQ(incr.source, DecisionSource::kFallback);
+        EXPECT_EQ(incr.count, 2);
+        EXPECT_EQ(decide.source, DecisionSource::kFallback);
+        EXPECT_TRUE(decide.decision.allowed);
+        // The fallback counted that hit.
+        const auto after = Single(rs, [&](auto done, void* ctx) {
+          rs.InspectDeferred({Strategy::kMovingWindow, &l, "LIMITER/m", 1},
+                             kT0 + 1, done, ctx);
+        });
+        EXPECT_EQ(after.source, DecisionSource::kFallback);
+        EXPECT_EQ(after.window.count, 1);
+        break;
+      }
+    }
+  }
+}
+
 // Calls `call` again while `busy` says its answer only meant the I/O
 // thread held the connection a moment (up to 100 times, 1 ms apart).
 template <typename Call, typename Busy>

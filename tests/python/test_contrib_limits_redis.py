@@ -378,24 +378,82 @@ class RefusingExecutor(concurrent.futures.ThreadPoolExecutor):
         raise AssertionError("the memory store must not use the executor")
 
 
-def test_async_redis_calls_use_the_default_executor(server: RedisServer) -> None:
-    """Redis calls go through the loop's default executor (bounded threads,
-    none per call); concurrent hits are counted exactly."""
+@pytest.mark.parametrize("strategy", NAMES)
+def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
+    server: RedisServer, strategy: str
+) -> None:
+    """The counting calls are awaited on the loop: no executor, no thread.
+    Those a loop's tasks make together share script calls, and concurrent
+    hits are counted exactly. clear (a plain Redis command) still waits in
+    the default executor."""
     item = limits.parse("20/minute")
     storage = ours(server, "async+rapidlimit+redis")
-    executor = CountingExecutor(max_workers=3)
+    executor = CountingExecutor(max_workers=2)
 
-    async def main() -> list[bool]:
+    async def main() -> tuple[list[bool], list[Any], list[bool]]:
         asyncio.get_running_loop().set_default_executor(executor)
-        lim = limits.aio.strategies.FixedWindowRateLimiter(storage)
+        lim = ASYNC[strategy](storage)
         threads_before = threading.active_count()
+        before = storage.native.stats()
         answers = await asyncio.gather(*(lim.hit(item, "k") for _ in range(50)))
-        assert threading.active_count() <= threads_before + 3
-        return list(answers)
+        stats = await asyncio.gather(
+            *(lim.get_window_stats(item, "k") for _ in range(10))
+        )
+        tests = await asyncio.gather(*(lim.test(item, "k") for _ in range(10)))
+        after = storage.native.stats()
+        assert executor.submitted == 0
+        assert threading.active_count() == threads_before
+        calls = after["calls"] - before["calls"]
+        assert calls >= 70
+        assert (after["scripts"] - before["scripts"]) * 4 < calls
+        await lim.clear(item, "k")
+        assert executor.submitted == 1
+        assert await lim.hit(item, "k")
+        return list(answers), list(stats), list(tests)
 
-    answers = asyncio.run(main())
+    answers, stats, tests = asyncio.run(main())
     assert answers.count(True) == 20
-    assert executor.submitted == 50
+    assert [s.remaining for s in stats] == [0] * 10
+    assert not any(tests)
+    storage.close()
+
+
+@pytest.mark.parametrize("policy", ["fail-open", "fallback"])
+@pytest.mark.parametrize("strategy", NAMES)
+def test_async_calls_get_the_policy_while_redis_is_down(
+    own_server: RedisServer, strategy: str, policy: str
+) -> None:
+    # As the blocking calls: fail-open admits and reads nothing, fallback
+    # counts in process; neither raises, and both recover with Redis.
+    item = limits.parse("2/minute")
+    storage = ours(own_server, "async+rapidlimit+redis", timeout=0.2, on_error=policy)
+    lim = ASYNC[strategy](storage)
+
+    async def main() -> tuple[list[bool], list[int]]:
+        hits = [await lim.hit(item, "k") for _ in range(3)]
+        remaining = [(await lim.get_window_stats(item, "k")).remaining]
+        return hits, remaining
+
+    async def recovered() -> bool:
+        for _ in range(100):
+            if await storage.check():
+                return bool(await lim.hit(item, "k"))
+            await asyncio.sleep(0.05)
+        return False
+
+    own_server.kill()
+    hits, remaining = asyncio.run(main())
+    if policy == "fallback":
+        assert hits == [True, True, False]
+        assert remaining == [0]
+    else:
+        assert hits == [True, True, True]
+        assert remaining == [2]
+    stats = storage.native.stats()
+    assert stats[policy.replace("-", "_")] >= 4
+    own_server.restart()
+    assert asyncio.run(recovered())
+    storage.close()
 
 
 def test_async_memory_calls_stay_on_the_loop() -> None:

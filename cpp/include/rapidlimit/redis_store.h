@@ -165,6 +165,30 @@ class RedisStore : public Store {
                                    DecideCallback done, void* context) = 0;
   virtual void Flush() = 0;
 
+  // The limits adapter's single calls, asynchronously and deferred as
+  // DecideAsyncDeferred is: Decide of one request in hit mode, Inspect and
+  // Incr. `done` runs once, with what the synchronous call would return
+  // and LastSource() / LastError() say after it, on the thread that
+  // completes the call (the caller's own, before this returns, for a
+  // request the blocked-key cache answers or that fails at once); it must
+  // not block. `request.key` and the limit are copied.
+  struct SingleAnswer {
+    Decision decision;            // DecideOneDeferred
+    WindowState window;           // InspectDeferred
+    int64_t count = 0;            // IncrDeferred: the counter after the call
+    int64_t expiry_at_nanos = 0;  // IncrDeferred: when the counter expires
+    DecisionSource source = DecisionSource::kStore;
+    std::string error;  // a failure policy's answer: Redis's error, if any
+  };
+  using SingleCallback = void (*)(void* context, const SingleAnswer& answer);
+  virtual void DecideOneDeferred(const Request& request, int64_t now_nanos,
+                                 SingleCallback done, void* context) = 0;
+  virtual void InspectDeferred(const Request& request, int64_t now_nanos,
+                               SingleCallback done, void* context) = 0;
+  virtual void IncrDeferred(std::string_view key, int64_t expiry_nanos,
+                            int64_t amount, int64_t now_nanos,
+                            SingleCallback done, void* context) = 0;
+
   // An event loop driving the connection itself, which spares the I/O
   // thread's two wake-ups per batch (and, on a CPU the two threads share,
   // the switches between them). Loop thread only. The loop drives the

@@ -47,9 +47,11 @@ without a Redis command (the blocked-key cache): a ``clear()`` or
 ``?blocked_cache=false`` asks Redis every time.
 
 ``limits.aio``: on the memory store the async class calls the store directly
-(it never blocks). On Redis each call runs in the event loop's default
-executor (``loop.run_in_executor(None, ...)``), so the loop keeps serving
-other tasks while Redis answers; no thread is started per call.
+(it never blocks). On Redis its counting calls are awaited on the event loop
+(``RedisStorage.incr_async`` and the like: no thread), so the loop keeps
+serving other tasks while Redis answers, and the calls its tasks make
+together share one script call; ``check()``, ``clear()`` and ``reset()``
+wait in the loop's default executor.
 
 Redis outage: with the storage's default policy, ``on_error="fail-closed"``,
 a call Redis cannot answer in time raises ``RedisUnavailableError`` (a
@@ -81,8 +83,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from limits.aio.storage import MovingWindowSupport as AsyncMovingWindowSupport
 from limits.aio.storage import SlidingWindowCounterSupport as AsyncSlidingSupport
@@ -346,8 +348,10 @@ class AsyncRapidlimitStorage(
     AsyncSlidingSupport,
     TimestampedSlidingWindow,
 ):
-    """The same store for ``limits.aio``: memory calls answer at once, Redis
-    calls wait in the loop's default executor, never on the loop."""
+    """The same store for ``limits.aio``: memory calls answer at once; Redis
+    calls are awaited on the loop (no thread), pipelined with the loop's
+    other Redis calls; check, reset and clear wait in the loop's default
+    executor."""
 
     STORAGE_SCHEME = [
         "async+rapidlimit+memory",
@@ -377,12 +381,20 @@ class AsyncRapidlimitStorage(
         _close(self.native)
 
     async def _run(self, method: Callable[..., T], *args: Any) -> T:
-        """A counting call: raises RedisUnavailableError for a fail-closed
-        answer (read on the executor thread that made the call)."""
+        """The counting call ``method``: on Redis through the store's
+        awaitable of the same name (``incr_async`` for ``incr``, answered on
+        the loop without a thread), raising RedisUnavailableError for a
+        fail-closed answer."""
         if not self._library:
             return method(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, _checked, self._library, method, *args)
+        native_async = getattr(self.native, f"{method.__name__}_async")
+        try:
+            return await cast(Awaitable[T], native_async(*args))
+        except _core.RedisUnavailableError as e:
+            if type(e) is not _core.RedisUnavailableError:
+                raise
+            refused = bool(getattr(e, "redis_error", ""))
+            raise _unavailable(self._library, str(e), refused) from None
 
     async def _run_plain(self, method: Callable[..., T], *args: Any) -> T:
         """check/reset/clear: no fail-closed answer to turn into an error (a
@@ -417,14 +429,23 @@ class AsyncRapidlimitStorage(
         self, key: str, limit: int, expiry: int, amount: int = 1
     ) -> bool:
         return await self._run(
-            self.native.acquire_entry, key, limit, expiry, amount, time.time()
+            self.native.acquire_entry,
+            key,
+            limit,
+            expiry,
+            amount,
+            time.time(),
         )
 
     async def get_moving_window(
         self, key: str, limit: int, expiry: int
     ) -> tuple[float, int]:
         return await self._run(
-            self.native.get_moving_window, key, limit, expiry, time.time()
+            self.native.get_moving_window,
+            key,
+            limit,
+            expiry,
+            time.time(),
         )
 
     async def acquire_sliding_window_entry(
@@ -442,7 +463,12 @@ class AsyncRapidlimitStorage(
     async def get_sliding_window(
         self, key: str, expiry: int
     ) -> tuple[int, float, int, float]:
-        return await self._run(self.native.get_sliding_window, key, expiry, time.time())
+        return await self._run(
+            self.native.get_sliding_window,
+            key,
+            expiry,
+            time.time(),
+        )
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
         await self._run_plain(self.native.clear_sliding_window, key, expiry)
