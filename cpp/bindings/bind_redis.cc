@@ -138,11 +138,13 @@ PyObject* MakeUnavailable(const char* message, double retry) {
   return exc;
 }
 
+constexpr char kFailClosedMessage[] =
+    "redis is unavailable and the storage's policy is fail-closed";
+
 PyObject* MakeUnavailable(const Decision& d) {
-  return MakeUnavailable(
-      "redis is unavailable and the storage's policy is fail-closed",
-      static_cast<double>(d.retry_after_nanos) /
-          static_cast<double>(kNanosPerSecond));
+  return MakeUnavailable(kFailClosedMessage,
+                         static_cast<double>(d.retry_after_nanos) /
+                             static_cast<double>(kNanosPerSecond));
 }
 
 // The Python result of a decide_many call: a list, or an exception object
@@ -1036,12 +1038,9 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
   if (a.source == DecisionSource::kFailClosed) {
     *is_error = true;
     const std::string message =
-        a.error.empty()
-            ? std::string(
-                  "redis is unavailable and the storage's policy is "
-                  "fail-closed")
-            : "redis answered an error: " + a.error +
-                  "; the storage's policy is fail-closed";
+        a.error.empty() ? std::string(kFailClosedMessage)
+                        : "redis answered an error: " + a.error +
+                              "; the storage's policy is fail-closed";
     PyObject* exc = MakeUnavailable(message.c_str(),
                                     static_cast<double>(p->retry_after_nanos) /
                                         static_cast<double>(kNanosPerSecond));

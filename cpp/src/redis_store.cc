@@ -1816,11 +1816,6 @@ void Engine::FinishSingle(Op* op, bool completed,
     out->source = DecisionSource::kCache;
   } else {
     NoteFailure(op, completed);
-    Request r;
-    r.strategy = item.strategy;
-    r.limit = &item.limit;
-    r.key = item.key;
-    r.cost = item.cost;
     switch (options.on_error) {
       case RedisFailurePolicy::kFailOpen:
         Add(counters->fail_open);
@@ -1842,6 +1837,7 @@ void Engine::FinishSingle(Op* op, bool completed,
           out->count = fallback->Incr(item.key, item.incr_period, item.cost,
                                       now, &out->expiry_at_nanos);
         } else {
+          const Request r{item.strategy, &item.limit, item.key, item.cost};
           out->window = fallback->Inspect(r, now);
         }
         break;
