@@ -90,6 +90,18 @@ void BindStorage(py::module_& m) {
           py::arg("key"), py::arg("expiry"), py::arg("amount") = 1,
           py::arg("now") = py::none())
       .def(
+          "incr_expiry",
+          [](StorageHandle& h, const std::string& key, double expiry,
+             int64_t amount, const py::object& now) {
+            CheckExpiry(expiry, 0);
+            int64_t at = 0;
+            const int64_t count = h.store->Incr(key, SecondsToNanos(expiry),
+                                                amount, NowArg(now), &at);
+            return std::make_tuple(count, NanosToSeconds(at));
+          },
+          py::arg("key"), py::arg("expiry"), py::arg("amount") = 1,
+          py::arg("now") = py::none())
+      .def(
           "get",
           [](StorageHandle& h, const std::string& key, const py::object& now) {
             const Limit l = WindowLimit(0, 1);

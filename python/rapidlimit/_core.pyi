@@ -103,6 +103,10 @@ class Storage:
     def incr(
         self, key: str, expiry: float, amount: int = 1, now: float | None = None
     ) -> int: ...
+    def incr_expiry(
+        self, key: str, expiry: float, amount: int = 1, now: float | None = None
+    ) -> tuple[int, float]:
+        """``incr``, with the counter's expiry (what ``get_expiry`` reads)."""
     def get(self, key: str, now: float | None = None) -> int: ...
     def get_expiry(self, key: str, now: float | None = None) -> float: ...
     def clear(self, key: str) -> None:

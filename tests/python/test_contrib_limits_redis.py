@@ -404,7 +404,11 @@ def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
         assert executor.submitted == 0
         assert threading.active_count() == threads_before
         calls = after["calls"] - before["calls"]
-        assert calls >= 70
+        # Hits sent once the first answers came (a refusal) meet the
+        # blocked-key cache instead of Redis.
+        stats_calls = 2 if strategy == "fixed-window" else 1  # get + get_expiry
+        expected = 50 + 10 * stats_calls + 10
+        assert calls + after["cache_hits"] - before["cache_hits"] == expected
         assert (after["scripts"] - before["scripts"]) * 4 < calls
         await lim.clear(item, "k")
         assert executor.submitted == 1
@@ -583,6 +587,64 @@ def test_unchanged_slowapi_app_as_with_limits_redis(
         # One minute from the first hit, on X-RateLimit-Reset's "1 +".
         assert [a[5] for a in got] == [pytest.approx(T0 + 61, abs=0.01)] * 7
         assert all(a[4] in (60, 61) for a in got)
+
+
+def test_slowapi_fixed_window_with_headers_is_one_script_call_per_request(
+    server: RedisServer, clock: Clock
+) -> None:
+    # slowapi reads the window's stats (get_expiry, get) right after the
+    # hit for its headers, allowed or refused: the hit's own answer gives
+    # them, so each request costs one script call, as the native Limiter's.
+    app, _ = slowapi_app(f"rapidlimit+redis://127.0.0.1:{server.port}/0")
+    client = TestClient(app)
+    client.get("/r")  # connected, script loaded
+    server.client().flushall()
+    server.reset_stats()
+    got = run_requests(client)
+    assert [a[1] for a in got] == [200, 200, 200, 429, 200, 200, 429]
+    assert [a[3] for a in got] == ["2", "1", "0", "0", "1", "0", "0"]
+    calls = server.command_calls()
+    scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+    assert scripts == len(got), calls
+
+
+def test_stats_after_an_incr_come_from_it_once(
+    own_server: RedisServer, clock: Clock
+) -> None:
+    server = own_server
+    mine = ours(server)
+    other = ours(server)  # another process counting on the same key
+    server.reset_stats()
+    assert mine.incr("k", 60) == 1
+    assert other.incr("k", 60) == 2
+    # The reads right after an incr give that incr's answer, without Redis,
+    # once each (the first from another thread: slowapi reads a 429's
+    # headers in the thread pool); then Redis again.
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(mine.get("k")))
+    reader.start()
+    reader.join()
+    assert (seen, mine.get_expiry("k")) == ([1], T0 + 60)
+    assert server.command_calls()["evalsha"] == 2
+    assert (mine.get("k"), mine.get_expiry("k")) == (2, T0 + 60)
+    assert server.command_calls()["evalsha"] == 4
+    # Not another key's, nor after a clear or past the window's end.
+    mine.incr("k", 60)
+    assert mine.get("j") == 0
+    mine.clear("k")
+    assert mine.get("k") == 0
+    mine.incr("k", 60)
+    clock.tick(61)
+    assert (mine.get("k"), mine.get_expiry("k")) == (0, T0 + 61)
+    # Nor when the incr failed: the reads meet the policy too.
+    mine.incr("k", 60)
+    server.kill()
+    with pytest.raises(_core.RedisUnavailableError):
+        mine.incr("k", 60)
+    with pytest.raises(_core.RedisUnavailableError):
+        mine.get("k")
+    mine.close()
+    other.close()
 
 
 def test_two_slowapi_apps_share_limits_through_redis(server: RedisServer) -> None:

@@ -44,7 +44,11 @@ On Redis, a key rejected until time T is answered in process until T
 without a Redis command (the blocked-key cache): a ``clear()`` or
 ``reset()`` made by another process reaches this one's ``hit()`` only then
 (``test()`` and ``get_window_stats()`` read Redis and see it at once).
-``?blocked_cache=false`` asks Redis every time.
+``?blocked_cache=false`` asks Redis every time. A ``get()`` and a
+``get_expiry()`` of a key right after this process's ``incr()`` of it (what
+slowapi reads for its headers) get that ``incr()``'s answer, once each,
+until the window ends: one script call per fixed-window request with
+headers on.
 
 ``limits.aio``: on the memory store the async class calls the store directly
 (it never blocks). On Redis its counting calls are awaited on the event loop
@@ -81,8 +85,10 @@ instance of the client library's ``ResponseError`` as well when it is loaded
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -98,6 +104,9 @@ from rapidlimit.storage import storage_from_string
 __all__ = ["AsyncRapidlimitStorage", "RapidlimitStorage"]
 
 T = TypeVar("T")
+
+# Keys whose last incr RapidlimitStorage keeps for the reads after it.
+_INCRS_KEPT = 1024
 
 # limits passes its own flags through **options; the native store ignores them.
 _LIMITS_OPTIONS = frozenset({"wrap_exceptions", "implementation"})
@@ -266,6 +275,14 @@ class RapidlimitStorage(
             if isinstance(self.native, _core.RedisStorage)
             else None
         )
+        # On Redis, the answers of this process's last incr of each key
+        # ([count, expiry, parts unread: 1 the count, 2 the expiry]), each
+        # part given once to a get / get_expiry of that key before the
+        # window ends: slowapi reads a fixed window's stats for its headers
+        # right after the hit (from another thread for a 429), two more
+        # round trips that would read what the hit just wrote, less what
+        # other processes counted meanwhile.
+        self._incrs: OrderedDict[str, list[Any]] = OrderedDict()
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     def _call(self, method: Callable[..., T], *args: Any) -> T:
@@ -279,12 +296,36 @@ class RapidlimitStorage(
         self, key: str, expiry: int, amount: int = 1, *, elastic_expiry: bool = False
     ) -> int:
         _no_elastic_expiry(elastic_expiry)
-        return self._call(self.native.incr, key, expiry, amount, time.time())
+        if not self._library:
+            return self.native.incr(key, expiry, amount, time.time())
+        incrs = self._incrs
+        incrs.pop(key, None)  # a failed incr leaves no answer behind
+        count, expiry_at = self._call(
+            self.native.incr_expiry, key, expiry, amount, time.time()
+        )
+        incrs[key] = [count, expiry_at, 3]
+        if len(incrs) > _INCRS_KEPT:
+            with contextlib.suppress(KeyError):  # emptied meanwhile
+                incrs.popitem(last=False)
+        return count
+
+    def _unread(self, key: str, part: int) -> list[Any] | None:
+        """The last incr of ``key``, if its ``part`` is still unread (then
+        read) and its window has not ended."""
+        last = self._incrs.get(key)
+        if last is None or not last[2] & part or not time.time() < last[1]:
+            return None
+        last[2] &= ~part
+        return last
 
     def get(self, key: str) -> int:
+        if self._library and (last := self._unread(key, 1)) is not None:
+            return int(last[0])
         return self._call(self.native.get, key, time.time())
 
     def get_expiry(self, key: str) -> float:
+        if self._library and (last := self._unread(key, 2)) is not None:
+            return float(last[1])
         return self._call(self.native.get_expiry, key, time.time())
 
     def check(self) -> bool:
@@ -292,9 +333,11 @@ class RapidlimitStorage(
         return self.native.check()
 
     def reset(self) -> int | None:
+        self._incrs.clear()
         return _admin(self._library, self.native.reset)
 
     def clear(self, key: str) -> None:
+        self._incrs.pop(key, None)
         _admin(self._library, self.native.clear, key)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
