@@ -918,7 +918,7 @@ struct Pending {
   // scope; strong) and its clock, made into the view on the loop thread.
   PyObject* view[5] = {};
   double now_seconds = 0;
-  // The limits adapter's single calls (incr_async ...): what the result
+  // The limits adapter's single calls (get_async ...): what the result
   // is made of, the answer, and the fail-closed policy's retry-after.
   enum class Single : uint8_t {
     kNone,
@@ -1059,7 +1059,8 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
   const WindowState& w = a.window;
   switch (p->single) {
     case Pending::Single::kIncr:
-      return PyLong_FromLongLong(a.count);
+      return Py_BuildValue("(Ld)", static_cast<long long>(a.count),
+                           NanosToSeconds(a.expiry_at_nanos));
     case Pending::Single::kGet:
       return PyLong_FromLongLong(w.count);
     case Pending::Single::kGetExpiry:
@@ -1668,7 +1669,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
         }));
   };
   cls.def(
-         "incr_async",
+         "incr_expiry_async",
          [](RedisStorageHandle& h, const std::string& key, double expiry,
             int64_t amount, const py::object& now) {
            FlushLogs();

@@ -224,9 +224,9 @@ class RedisStorage(Storage):
     # and pipelined with the loop's other Redis calls; a fail-closed answer
     # raises RedisUnavailableError (``redis_error``: Redis's error, if it
     # answered one, such as WRONGTYPE for a key of another type).
-    def incr_async(
+    def incr_expiry_async(
         self, key: str, expiry: float, amount: int = 1, now: float | None = None
-    ) -> RedisWaiter[int]: ...
+    ) -> RedisWaiter[tuple[int, float]]: ...
     def get_async(self, key: str, now: float | None = None) -> RedisWaiter[int]: ...
     def get_expiry_async(
         self, key: str, now: float | None = None

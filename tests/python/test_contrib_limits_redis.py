@@ -406,8 +406,10 @@ def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
         calls = after["calls"] - before["calls"]
         # Hits sent once the first answers came (a refusal) meet the
         # blocked-key cache instead of Redis.
-        stats_calls = 2 if strategy == "fixed-window" else 1  # get + get_expiry
-        expected = 50 + 10 * stats_calls + 10
+        # The fixed window's stats are get + get_expiry, and the first
+        # after the hits takes both from the last hit's answer.
+        stats_calls = 2 * 10 - 2 if strategy == "fixed-window" else 10
+        expected = 50 + stats_calls + 10
         assert calls + after["cache_hits"] - before["cache_hits"] == expected
         assert (after["scripts"] - before["scripts"]) * 4 < calls
         await lim.clear(item, "k")
@@ -454,7 +456,8 @@ def test_async_calls_get_the_policy_while_redis_is_down(
         assert hits == [True, True, True]
         assert remaining == [2]
     stats = storage.native.stats()
-    assert stats[policy.replace("-", "_")] >= 4
+    # (The fixed window's stats read the last hit's answer.)
+    assert stats[policy.replace("-", "_")] >= 3
     own_server.restart()
     assert asyncio.run(recovered())
     storage.close()

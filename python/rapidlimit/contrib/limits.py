@@ -52,7 +52,7 @@ headers on.
 
 ``limits.aio``: on the memory store the async class calls the store directly
 (it never blocks). On Redis its counting calls are awaited on the event loop
-(``RedisStorage.incr_async`` and the like: no thread), so the loop keeps
+(``RedisStorage.get_async`` and the like: no thread), so the loop keeps
 serving other tasks while Redis answers, and the calls its tasks make
 together share one script call; ``check()``, ``clear()`` and ``reset()``
 wait in the loop's default executor.
@@ -254,6 +254,45 @@ def _no_elastic_expiry(elastic_expiry: bool) -> None:
         )
 
 
+class _IncrAnswers:
+    """On Redis, the answers of this process's last incr of each key, each
+    part (the count, the expiry) given once to a get / get_expiry of that
+    key before the window ends: slowapi reads a fixed window's stats for
+    its headers right after the hit (from another thread for a 429), and
+    limits' get_window_stats does, two more round trips that would read
+    what the hit just wrote, less what other processes counted meanwhile.
+    Thread-safe under the GIL (OrderedDict's operations are single calls)."""
+
+    COUNT, EXPIRY = 1, 2
+
+    def __init__(self) -> None:
+        self._last: OrderedDict[str, list[Any]] = OrderedDict()
+
+    def forget(self, key: str | None = None) -> None:
+        """Drops ``key``'s answer (every answer: None), before the incr
+        that may fail, a clear or a reset."""
+        if key is None:
+            self._last.clear()
+        else:
+            self._last.pop(key, None)
+
+    def keep(self, key: str, count: int, expiry: float) -> None:
+        last = self._last
+        last[key] = [count, expiry, self.COUNT | self.EXPIRY]
+        if len(last) > _INCRS_KEPT:
+            with contextlib.suppress(KeyError):  # emptied meanwhile
+                last.popitem(last=False)
+
+    def take(self, key: str, part: int) -> list[Any] | None:
+        """``key``'s answer ([count, expiry, unread parts]) if ``part`` is
+        unread (then read) and the window has not ended."""
+        last = self._last.get(key)
+        if last is None or not last[2] & part or not time.time() < last[1]:
+            return None
+        last[2] &= ~part
+        return last
+
+
 class RapidlimitStorage(
     Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
 ):
@@ -275,14 +314,7 @@ class RapidlimitStorage(
             if isinstance(self.native, _core.RedisStorage)
             else None
         )
-        # On Redis, the answers of this process's last incr of each key
-        # ([count, expiry, parts unread: 1 the count, 2 the expiry]), each
-        # part given once to a get / get_expiry of that key before the
-        # window ends: slowapi reads a fixed window's stats for its headers
-        # right after the hit (from another thread for a 429), two more
-        # round trips that would read what the hit just wrote, less what
-        # other processes counted meanwhile.
-        self._incrs: OrderedDict[str, list[Any]] = OrderedDict()
+        self._incrs = _IncrAnswers()
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     def _call(self, method: Callable[..., T], *args: Any) -> T:
@@ -298,33 +330,20 @@ class RapidlimitStorage(
         _no_elastic_expiry(elastic_expiry)
         if not self._library:
             return self.native.incr(key, expiry, amount, time.time())
-        incrs = self._incrs
-        incrs.pop(key, None)  # a failed incr leaves no answer behind
+        self._incrs.forget(key)  # a failed incr leaves no answer behind
         count, expiry_at = self._call(
             self.native.incr_expiry, key, expiry, amount, time.time()
         )
-        incrs[key] = [count, expiry_at, 3]
-        if len(incrs) > _INCRS_KEPT:
-            with contextlib.suppress(KeyError):  # emptied meanwhile
-                incrs.popitem(last=False)
+        self._incrs.keep(key, count, expiry_at)
         return count
 
-    def _unread(self, key: str, part: int) -> list[Any] | None:
-        """The last incr of ``key``, if its ``part`` is still unread (then
-        read) and its window has not ended."""
-        last = self._incrs.get(key)
-        if last is None or not last[2] & part or not time.time() < last[1]:
-            return None
-        last[2] &= ~part
-        return last
-
     def get(self, key: str) -> int:
-        if self._library and (last := self._unread(key, 1)) is not None:
+        if self._library and (last := self._incrs.take(key, _IncrAnswers.COUNT)):
             return int(last[0])
         return self._call(self.native.get, key, time.time())
 
     def get_expiry(self, key: str) -> float:
-        if self._library and (last := self._unread(key, 2)) is not None:
+        if self._library and (last := self._incrs.take(key, _IncrAnswers.EXPIRY)):
             return float(last[1])
         return self._call(self.native.get_expiry, key, time.time())
 
@@ -333,11 +352,11 @@ class RapidlimitStorage(
         return self.native.check()
 
     def reset(self) -> int | None:
-        self._incrs.clear()
+        self._incrs.forget()
         return _admin(self._library, self.native.reset)
 
     def clear(self, key: str) -> None:
-        self._incrs.pop(key, None)
+        self._incrs.forget(key)
         _admin(self._library, self.native.clear, key)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
@@ -413,6 +432,7 @@ class AsyncRapidlimitStorage(
             if isinstance(self.native, _core.RedisStorage)
             else None
         )
+        self._incrs = _IncrAnswers()
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     @property
@@ -425,7 +445,7 @@ class AsyncRapidlimitStorage(
 
     async def _run(self, method: Callable[..., T], *args: Any) -> T:
         """The counting call ``method``: on Redis through the store's
-        awaitable of the same name (``incr_async`` for ``incr``, answered on
+        awaitable of the same name (``get_async`` for ``get``, answered on
         the loop without a thread), raising RedisUnavailableError for a
         fail-closed answer."""
         if not self._library:
@@ -451,21 +471,34 @@ class AsyncRapidlimitStorage(
         self, key: str, expiry: int, amount: int = 1, *, elastic_expiry: bool = False
     ) -> int:
         _no_elastic_expiry(elastic_expiry)
-        return await self._run(self.native.incr, key, expiry, amount, time.time())
+        if not self._library:
+            return self.native.incr(key, expiry, amount, time.time())
+        self._incrs.forget(key)
+        count, expiry_at = await self._run(
+            self.native.incr_expiry, key, expiry, amount, time.time()
+        )
+        self._incrs.keep(key, count, expiry_at)
+        return count
 
     async def get(self, key: str) -> int:
+        if self._library and (last := self._incrs.take(key, _IncrAnswers.COUNT)):
+            return int(last[0])
         return await self._run(self.native.get, key, time.time())
 
     async def get_expiry(self, key: str) -> float:
+        if self._library and (last := self._incrs.take(key, _IncrAnswers.EXPIRY)):
+            return float(last[1])
         return await self._run(self.native.get_expiry, key, time.time())
 
     async def check(self) -> bool:
         return await self._run_plain(self.native.check)
 
     async def reset(self) -> int | None:
+        self._incrs.forget()
         return await self._run_plain(self.native.reset)
 
     async def clear(self, key: str) -> None:
+        self._incrs.forget(key)
         await self._run_plain(self.native.clear, key)
 
     async def acquire_entry(
