@@ -241,6 +241,23 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
         )
 
 
+# An unchanged slowapi app whose storage_uri names rapidlimit's scheme
+# (limits talks to the native store through rapidlimit.contrib.limits).
+SLOWAPI_ON_RAPIDLIMIT = "slowapi+rl"
+
+
+def _app_variant(pkg: str, rs: RedisServer, **kw: Any) -> Variant:
+    """The decorator variant of ``pkg`` (a package, or SLOWAPI_ON_RAPIDLIMIT)
+    on ``rs``."""
+    if pkg == SLOWAPI_ON_RAPIDLIMIT:
+        import rapidlimit.contrib.limits  # noqa: F401  (registers the schemes)
+
+        return Variant(
+            "slowapi", "decorator", storage_uri=f"rapidlimit+{rs.rapid_uri}", **kw
+        )
+    return Variant(pkg, "decorator", storage_uri=rs.uri_for(pkg), **kw)
+
+
 def _redis_counters(client: Any) -> tuple[int, float, dict[str, dict[str, float]]]:
     stats = client.info("stats")
     cpu = client.info("cpu")
@@ -260,12 +277,11 @@ def per_request(
         for pkg in packages:
             for headers in (False, True):
                 for traffic in ("allowed", "rejected"):
-                    v = Variant(
+                    v = _app_variant(
                         pkg,
-                        "decorator",
-                        headers,
-                        traffic,
-                        storage_uri=rs.uri_for(pkg),
+                        rs,
+                        headers=headers,
+                        traffic=traffic,
                         key_prefix=f"rt-{pkg}-{headers}-{traffic}",
                     )
                     d = Driver(make_app(v))
@@ -332,13 +348,8 @@ def concurrency(
     try:
         drivers: dict[str, tuple[Variant, Driver]] = {}
         for pkg in packages:
-            v = Variant(
-                pkg,
-                "decorator",
-                False,
-                "allowed",
-                storage_uri=rs.uri_for(pkg),
-                key_prefix=f"cc-{pkg}",
+            v = _app_variant(
+                pkg, rs, headers=False, traffic="allowed", key_prefix=f"cc-{pkg}"
             )
             d = Driver(make_app(v))
             prime(loop, v, d)
@@ -378,6 +389,14 @@ def concurrency(
                 f"requests.speedup.c{c}",
                 f"app, rapidlimit/slowapi req/s at {c} concurrent",
                 samples[f"rapidlimit.c{c}"],
+                samples[f"slowapi.c{c}"],
+                better="higher",
+            )
+        if SLOWAPI_ON_RAPIDLIMIT in packages:
+            res.ratio(
+                f"requests.adapter_speedup.c{c}",
+                f"app, slowapi on rapidlimit+redis/on redis req/s at {c} concurrent",
+                samples[f"{SLOWAPI_ON_RAPIDLIMIT}.c{c}"],
                 samples[f"slowapi.c{c}"],
                 better="higher",
             )
@@ -874,6 +893,8 @@ def run(cfg: Config, res: SectionResult) -> None:
             res.skip(f"rapidlimit Redis: {why}")
         web = rapidlimit_web_available()
         packages = ["slowapi"]
+        if rapid:
+            packages.append(SLOWAPI_ON_RAPIDLIMIT)
         if rapid and not web:
             packages.append("rapidlimit")
         elif web:
