@@ -45,7 +45,7 @@ without a Redis command (the blocked-key cache): a ``clear()`` or
 ``reset()`` made by another process reaches this one's ``hit()`` only then
 (``test()`` and ``get_window_stats()`` read Redis and see it at once).
 ``?blocked_cache=false`` asks Redis every time. A ``get()`` and a
-``get_expiry()`` of a key right after this process's ``incr()`` of it (what
+``get_expiry()`` of a key right after the storage's ``incr()`` of it (what
 slowapi reads for its headers) get that ``incr()``'s answer, once each,
 until the window ends: one script call per fixed-window request with
 headers on.
@@ -255,7 +255,7 @@ def _no_elastic_expiry(elastic_expiry: bool) -> None:
 
 
 class _IncrAnswers:
-    """On Redis, the answers of this process's last incr of each key, each
+    """On Redis, the answers of a storage's last incr of each key, each
     part (the count, the expiry) given once to a get / get_expiry of that
     key before the window ends: slowapi reads a fixed window's stats for
     its headers right after the hit (from another thread for a 429), and
