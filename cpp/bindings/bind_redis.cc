@@ -928,10 +928,12 @@ struct Pending {
     kMovingWindow,
     kSlidingWindow,
     kAcquire,
+    kAcquireStats,
   };
   Single single = Single::kNone;
   RedisStore::SingleAnswer answer;
   int64_t retry_after_nanos = 0;
+  Limit limit;  // kAcquireStats: the window
 
   // Deleted with the GIL held (see LoopBridge for the other case).
   ~Pending() {
@@ -1075,6 +1077,8 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
                            NanosToSeconds(w.current_ttl_nanos));
     case Pending::Single::kAcquire:
       return PyBool_FromLong(a.decision.allowed);
+    case Pending::Single::kAcquireStats:
+      return AcquireStats(a.decision, p->limit);
     case Pending::Single::kNone:
       break;
   }
@@ -1547,9 +1551,10 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
 // SubmitWith for a single call of the limits adapter, answered as `kind`.
 template <typename Send>
 PyObject* SubmitSingle(RedisStorageHandle* storage, Pending::Single kind,
-                       Send send) {
+                       Send send, const Limit* limit = nullptr) {
   auto* p = new Pending;
   p->single = kind;
+  if (limit != nullptr) p->limit = *limit;
   p->retry_after_nanos =
       storage->redis->options().fail_closed_retry_after_nanos;
   return SubmitWith(storage, p, /*waiter=*/true, nullptr, [&](Pending* q) {
@@ -1655,7 +1660,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
       h.redis->InspectDeferred(r, t, done, context);
     }));
   };
-  auto acquire = [](RedisStorageHandle& h, Strategy strategy,
+  auto acquire = [](RedisStorageHandle& h, Single kind, Strategy strategy,
                     const std::string& key, int64_t limit, double expiry,
                     int64_t amount, const py::object& now) {
     FlushLogs();
@@ -1663,10 +1668,12 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
     if (!CheckStrategyLimit(strategy, l)) throw py::error_already_set();
     const int64_t t = NowArg(now);
     const Request r = MakeRequest(strategy, l, key, amount);
-    return Awaitable(
-        SubmitSingle(&h, Single::kAcquire, [&](auto done, void* context) {
+    return Awaitable(SubmitSingle(
+        &h, kind,
+        [&](auto done, void* context) {
           h.redis->DecideOneDeferred(r, t, done, context);
-        }));
+        },
+        &l));
   };
   cls.def(
          "incr_expiry_async",
@@ -1704,8 +1711,18 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
           [acquire](RedisStorageHandle& h, const std::string& key,
                     int64_t limit, double expiry, int64_t amount,
                     const py::object& now) {
-            return acquire(h, Strategy::kMovingWindow, key, limit, expiry,
-                           amount, now);
+            return acquire(h, Single::kAcquire, Strategy::kMovingWindow, key,
+                           limit, expiry, amount, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "acquire_entry_stats_async",
+          [acquire](RedisStorageHandle& h, const std::string& key,
+                    int64_t limit, double expiry, int64_t amount,
+                    const py::object& now) {
+            return acquire(h, Single::kAcquireStats, Strategy::kMovingWindow,
+                           key, limit, expiry, amount, now);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("amount") = 1, py::arg("now") = py::none())
@@ -1723,8 +1740,8 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
           [acquire](RedisStorageHandle& h, const std::string& key,
                     int64_t limit, double expiry, int64_t amount,
                     const py::object& now) {
-            return acquire(h, Strategy::kSlidingWindowCounter, key, limit,
-                           expiry, amount, now);
+            return acquire(h, Single::kAcquire, Strategy::kSlidingWindowCounter,
+                           key, limit, expiry, amount, now);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("amount") = 1, py::arg("now") = py::none())

@@ -1,6 +1,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -46,17 +47,30 @@ Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
   return r;
 }
 
+PyObject* AcquireStats(const Decision& d, const Limit& l) {
+  const int64_t period = l.PeriodNanos();
+  const bool decided = d.source == DecisionSource::kStore ||
+                       d.source == DecisionSource::kFallback;
+  const int64_t count = d.limit - d.remaining;
+  const bool known = decided && d.remaining > 0 && count > 0 &&
+                     d.reset_nanos != std::numeric_limits<int64_t>::max();
+  return Py_BuildValue("(OdLd)", d.allowed ? Py_True : Py_False,
+                       known ? NanosToSeconds(d.reset_nanos - period) : 0.0,
+                       static_cast<long long>(known ? count : -1),
+                       known ? NanosToSeconds(d.reset_nanos) : 0.0);
+}
+
 namespace {
 
-bool Acquire(StorageHandle& h, Strategy s, const std::string& key,
-             int64_t limit, double expiry, int64_t amount,
-             const py::object& now) {
-  const Limit l = WindowLimit(limit, expiry);
-  if (!CheckStrategyLimit(s, l)) throw py::error_already_set();
-  const Request r = MakeRequest(s, l, key, amount);
+Decision Acquire(StorageHandle& h, Strategy s, const std::string& key,
+                 int64_t limit, double expiry, int64_t amount,
+                 const py::object& now, Limit* l) {
+  *l = WindowLimit(limit, expiry);
+  if (!CheckStrategyLimit(s, *l)) throw py::error_already_set();
+  const Request r = MakeRequest(s, *l, key, amount);
   Decision d;
   h.store->Decide(&r, 1, NowArg(now), Mode::kHit, &d);
-  return d.allowed;
+  return d;
 }
 
 }  // namespace
@@ -140,8 +154,23 @@ void BindStorage(py::module_& m) {
           "acquire_entry",
           [](StorageHandle& h, const std::string& key, int64_t limit,
              double expiry, int64_t amount, const py::object& now) {
+            Limit l;
             return Acquire(h, Strategy::kMovingWindow, key, limit, expiry,
-                           amount, now);
+                           amount, now, &l)
+                .allowed;
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "acquire_entry_stats",
+          [](StorageHandle& h, const std::string& key, int64_t limit,
+             double expiry, int64_t amount, const py::object& now) {
+            Limit l;
+            const Decision d = Acquire(h, Strategy::kMovingWindow, key, limit,
+                                       expiry, amount, now, &l);
+            PyObject* out = AcquireStats(d, l);
+            if (out == nullptr) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(out);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("amount") = 1, py::arg("now") = py::none())
@@ -160,8 +189,10 @@ void BindStorage(py::module_& m) {
           "acquire_sliding_window_entry",
           [](StorageHandle& h, const std::string& key, int64_t limit,
              double expiry, int64_t amount, const py::object& now) {
+            Limit l;
             return Acquire(h, Strategy::kSlidingWindowCounter, key, limit,
-                           expiry, amount, now);
+                           expiry, amount, now, &l)
+                .allowed;
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("amount") = 1, py::arg("now") = py::none())

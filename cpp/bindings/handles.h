@@ -124,6 +124,15 @@ Limit WindowLimit(int64_t amount, double expiry_seconds);
 Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
                     int64_t cost);
 
+// acquire_entry_stats' answer for the moving-window decision `d` under
+// `l`: (allowed, window start, entries in the window, until), times in
+// epoch seconds: the middle two are what get_moving_window reads right
+// after it, until the oldest entry leaves the window. The count is -1 when
+// `d` cannot tell: no room left (after a lowered limit a window may hold
+// more than it), an empty window (whose start is the reading's time), or
+// an answer the store did not decide (fail-open invents one).
+PyObject* AcquireStats(const Decision& d, const Limit& l);
+
 // True, with RedisUnavailableError set, when `d` was answered by a Redis
 // store's fail-closed policy: callers that return decisions raise instead.
 bool RaiseIfFailClosed(const Decision& d);

@@ -119,6 +119,18 @@ class Storage:
         amount: int = 1,
         now: float | None = None,
     ) -> bool: ...
+    def acquire_entry_stats(
+        self,
+        key: str,
+        limit: int,
+        expiry: float,
+        amount: int = 1,
+        now: float | None = None,
+    ) -> tuple[bool, float, int, float]:
+        """``acquire_entry``, with what ``get_moving_window`` reads right
+        after it and until when: (allowed, window start, entries, until),
+        entries -1 when the decision cannot tell (no room left, an empty
+        window, fail-open)."""
     def get_moving_window(
         self, key: str, limit: int, expiry: float, now: float | None = None
     ) -> tuple[float, int]: ...
@@ -239,6 +251,14 @@ class RedisStorage(Storage):
         amount: int = 1,
         now: float | None = None,
     ) -> RedisWaiter[bool]: ...
+    def acquire_entry_stats_async(
+        self,
+        key: str,
+        limit: int,
+        expiry: float,
+        amount: int = 1,
+        now: float | None = None,
+    ) -> RedisWaiter[tuple[bool, float, int, float]]: ...
     def get_moving_window_async(
         self, key: str, limit: int, expiry: float, now: float | None = None
     ) -> RedisWaiter[tuple[float, int]]: ...

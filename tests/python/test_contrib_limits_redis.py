@@ -592,13 +592,24 @@ def test_unchanged_slowapi_app_as_with_limits_redis(
         assert all(a[4] in (60, 61) for a in got)
 
 
-def test_slowapi_fixed_window_with_headers_is_one_script_call_per_request(
-    server: RedisServer, clock: Clock
+@pytest.mark.parametrize(
+    ("strategy", "scripts"),
+    [
+        ("fixed-window", [1] * 7),
+        # The last allowed and the refused requests of a moving window read
+        # Redis: a full window's decision cannot tell how many it holds.
+        ("moving-window", [1, 1, 2, 2, 1, 2, 2]),
+        ("sliding-window-counter", [2] * 7),
+    ],
+)
+def test_slowapi_with_headers_reads_the_hits_answer(
+    server: RedisServer, clock: Clock, strategy: str, scripts: list[int]
 ) -> None:
-    # slowapi reads the window's stats (get_expiry, get) right after the
-    # hit for its headers, allowed or refused: the hit's own answer gives
-    # them, so each request costs one script call, as the native Limiter's.
-    app, _ = slowapi_app(f"rapidlimit+redis://127.0.0.1:{server.port}/0")
+    # slowapi reads the window's stats right after the hit for its headers,
+    # allowed or refused: the hit's own answer gives them, so a fixed-window
+    # request costs one script call, as the native Limiter's; a moving
+    # window while it has room.
+    app, _ = slowapi_app(f"rapidlimit+redis://127.0.0.1:{server.port}/0", strategy)
     client = TestClient(app)
     client.get("/r")  # connected, script loaded
     server.client().flushall()
@@ -607,8 +618,7 @@ def test_slowapi_fixed_window_with_headers_is_one_script_call_per_request(
     assert [a[1] for a in got] == [200, 200, 200, 429, 200, 200, 429]
     assert [a[3] for a in got] == ["2", "1", "0", "0", "1", "0", "0"]
     calls = server.command_calls()
-    scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
-    assert scripts == len(got), calls
+    assert calls.get("evalsha", 0) + calls.get("eval", 0) == sum(scripts), calls
 
 
 def test_stats_after_an_incr_come_from_it_once(
@@ -646,6 +656,33 @@ def test_stats_after_an_incr_come_from_it_once(
         mine.incr("k", 60)
     with pytest.raises(_core.RedisUnavailableError):
         mine.get("k")
+    mine.close()
+    other.close()
+
+
+def test_moving_window_after_an_acquire_comes_from_it_once(
+    server: RedisServer, clock: Clock
+) -> None:
+    mine = ours(server, key_prefix="mw-once")
+    other = ours(server, key_prefix="mw-once")
+    assert mine.acquire_entry("m", 3, 60)
+    clock.tick(1)
+    assert other.acquire_entry("m", 3, 60)
+    # The acquire's answer once (Redis holds two entries by then), then Redis.
+    assert mine.get_moving_window("m", 3, 60) == (T0, 1)
+    assert mine.get_moving_window("m", 3, 60) == (T0, 2)
+    # Only for the same limit and window.
+    assert mine.acquire_entry("m", 3, 60)
+    assert mine.get_moving_window("m", 4, 60) == (T0, 3)
+    # A full window's decision does not say how many it holds; a later read
+    # does not get an earlier acquire's answer either.
+    assert not mine.acquire_entry("m", 3, 60)
+    assert mine.get_moving_window("m", 3, 60) == (T0, 3)
+    # Nor once its oldest entry has left the window.
+    mine.clear("m")
+    assert mine.acquire_entry("m", 3, 60)
+    clock.tick(60)
+    assert mine.get_moving_window("m", 3, 60) == (T0 + 61, 0)
     mine.close()
     other.close()
 

@@ -48,7 +48,9 @@ without a Redis command (the blocked-key cache): a ``clear()`` or
 ``get_expiry()`` of a key right after the storage's ``incr()`` of it (what
 slowapi reads for its headers) get that ``incr()``'s answer, once each,
 until the window ends: one script call per fixed-window request with
-headers on.
+headers on. Likewise a ``get_moving_window()`` after an
+``acquire_entry()`` that left room in the window, until its oldest entry
+leaves it.
 
 ``limits.aio``: on the memory store the async class calls the store directly
 (it never blocks). On Redis its counting calls are awaited on the event loop
@@ -105,8 +107,8 @@ __all__ = ["AsyncRapidlimitStorage", "RapidlimitStorage"]
 
 T = TypeVar("T")
 
-# Keys whose last incr RapidlimitStorage keeps for the reads after it.
-_INCRS_KEPT = 1024
+# Keys whose last answer a storage keeps for the reads after it.
+_ANSWERS_KEPT = 1024
 
 # limits passes its own flags through **options; the native store ignores them.
 _LIMITS_OPTIONS = frozenset({"wrap_exceptions", "implementation"})
@@ -254,43 +256,60 @@ def _no_elastic_expiry(elastic_expiry: bool) -> None:
         )
 
 
-class _IncrAnswers:
-    """On Redis, the answers of a storage's last incr of each key, each
-    part (the count, the expiry) given once to a get / get_expiry of that
-    key before the window ends: slowapi reads a fixed window's stats for
-    its headers right after the hit (from another thread for a 429), and
-    limits' get_window_stats does, two more round trips that would read
-    what the hit just wrote, less what other processes counted meanwhile.
-    Thread-safe under the GIL (OrderedDict's operations are single calls)."""
+class _Answers:
+    """On Redis, the answers of a storage's last counting call on each key,
+    for the reads right after it: slowapi reads a window's stats for its
+    headers right after the hit (from another thread for a 429), as limits'
+    get_window_stats does, round trips that would read what the hit just
+    wrote, less what other processes counted meanwhile. Each part is given
+    once, until the answer expires (a fixed window's end, a moving window's
+    oldest entry leaving it). Thread-safe under the GIL (OrderedDict's
+    operations are single calls)."""
 
-    COUNT, EXPIRY = 1, 2
+    COUNT, EXPIRY, WINDOW = 1, 2, 4
 
     def __init__(self) -> None:
-        self._last: OrderedDict[str, list[Any]] = OrderedDict()
+        # key -> [value, until, unread parts]
+        self._last: OrderedDict[Any, list[Any]] = OrderedDict()
 
-    def forget(self, key: str | None = None) -> None:
-        """Drops ``key``'s answer (every answer: None), before the incr
+    def forget(self, key: Any = None) -> None:
+        """Drops ``key``'s answer (every answer: None), before the call
         that may fail, a clear or a reset."""
         if key is None:
             self._last.clear()
         else:
             self._last.pop(key, None)
 
-    def keep(self, key: str, count: int, expiry: float) -> None:
+    def keep(self, key: Any, value: Any, until: float, parts: int) -> None:
         last = self._last
-        last[key] = [count, expiry, self.COUNT | self.EXPIRY]
-        if len(last) > _INCRS_KEPT:
+        last[key] = [value, until, parts]
+        if len(last) > _ANSWERS_KEPT:
             with contextlib.suppress(KeyError):  # emptied meanwhile
                 last.popitem(last=False)
 
-    def take(self, key: str, part: int) -> list[Any] | None:
-        """``key``'s answer ([count, expiry, unread parts]) if ``part`` is
-        unread (then read) and the window has not ended."""
+    def take(self, key: Any, part: int) -> Any:
+        """``key``'s answer if ``part`` is unread (then read) and it has
+        not expired, else None."""
         last = self._last.get(key)
         if last is None or not last[2] & part or not time.time() < last[1]:
             return None
         last[2] &= ~part
-        return last
+        return last[0]
+
+    def kept_incr(self, key: str, count: int, expiry: float) -> int:
+        self.keep(key, (count, expiry), expiry, self.COUNT | self.EXPIRY)
+        return count
+
+    def kept_acquire(
+        self, key: str, limit: int, expiry: int, stats: tuple[bool, float, int, float]
+    ) -> bool:
+        allowed, start, count, until = stats
+        moving = ("moving", key, limit, expiry)
+        if count >= 0:
+            self.keep(moving, (start, count), until, self.WINDOW)
+        else:  # nor an earlier call's, answered before this one
+            self.forget(moving)
+        return allowed
 
 
 class RapidlimitStorage(
@@ -314,7 +333,7 @@ class RapidlimitStorage(
             if isinstance(self.native, _core.RedisStorage)
             else None
         )
-        self._incrs = _IncrAnswers()
+        self._answers = _Answers()
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     def _call(self, method: Callable[..., T], *args: Any) -> T:
@@ -330,20 +349,18 @@ class RapidlimitStorage(
         _no_elastic_expiry(elastic_expiry)
         if not self._library:
             return self.native.incr(key, expiry, amount, time.time())
-        self._incrs.forget(key)  # a failed incr leaves no answer behind
-        count, expiry_at = self._call(
-            self.native.incr_expiry, key, expiry, amount, time.time()
+        self._answers.forget(key)  # a failed incr leaves no answer behind
+        return self._answers.kept_incr(
+            key, *self._call(self.native.incr_expiry, key, expiry, amount, time.time())
         )
-        self._incrs.keep(key, count, expiry_at)
-        return count
 
     def get(self, key: str) -> int:
-        if self._library and (last := self._incrs.take(key, _IncrAnswers.COUNT)):
+        if self._library and (last := self._answers.take(key, _Answers.COUNT)):
             return int(last[0])
         return self._call(self.native.get, key, time.time())
 
     def get_expiry(self, key: str) -> float:
-        if self._library and (last := self._incrs.take(key, _IncrAnswers.EXPIRY)):
+        if self._library and (last := self._answers.take(key, _Answers.EXPIRY)):
             return float(last[1])
         return self._call(self.native.get_expiry, key, time.time())
 
@@ -352,19 +369,30 @@ class RapidlimitStorage(
         return self.native.check()
 
     def reset(self) -> int | None:
-        self._incrs.forget()
+        self._answers.forget()
         return _admin(self._library, self.native.reset)
 
     def clear(self, key: str) -> None:
-        self._incrs.forget(key)
+        self._answers.forget()  # the key's moving windows too
         _admin(self._library, self.native.clear, key)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        return self._call(
-            self.native.acquire_entry, key, limit, expiry, amount, time.time()
+        if not self._library:
+            return self.native.acquire_entry(key, limit, expiry, amount, time.time())
+        self._answers.forget(("moving", key, limit, expiry))
+        return self._answers.kept_acquire(
+            key,
+            limit,
+            expiry,
+            self._call(
+                self.native.acquire_entry_stats, key, limit, expiry, amount, time.time()
+            ),
         )
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        moving = ("moving", key, limit, expiry)
+        if self._library and (last := self._answers.take(moving, _Answers.WINDOW)):
+            return (float(last[0]), int(last[1]))
         return self._call(
             self.native.get_moving_window, key, limit, expiry, time.time()
         )
@@ -432,7 +460,7 @@ class AsyncRapidlimitStorage(
             if isinstance(self.native, _core.RedisStorage)
             else None
         )
-        self._incrs = _IncrAnswers()
+        self._answers = _Answers()
         super().__init__(uri, wrap_exceptions=wrap_exceptions)
 
     @property
@@ -473,20 +501,19 @@ class AsyncRapidlimitStorage(
         _no_elastic_expiry(elastic_expiry)
         if not self._library:
             return self.native.incr(key, expiry, amount, time.time())
-        self._incrs.forget(key)
-        count, expiry_at = await self._run(
-            self.native.incr_expiry, key, expiry, amount, time.time()
+        self._answers.forget(key)
+        return self._answers.kept_incr(
+            key,
+            *await self._run(self.native.incr_expiry, key, expiry, amount, time.time()),
         )
-        self._incrs.keep(key, count, expiry_at)
-        return count
 
     async def get(self, key: str) -> int:
-        if self._library and (last := self._incrs.take(key, _IncrAnswers.COUNT)):
+        if self._library and (last := self._answers.take(key, _Answers.COUNT)):
             return int(last[0])
         return await self._run(self.native.get, key, time.time())
 
     async def get_expiry(self, key: str) -> float:
-        if self._library and (last := self._incrs.take(key, _IncrAnswers.EXPIRY)):
+        if self._library and (last := self._answers.take(key, _Answers.EXPIRY)):
             return float(last[1])
         return await self._run(self.native.get_expiry, key, time.time())
 
@@ -494,28 +521,30 @@ class AsyncRapidlimitStorage(
         return await self._run_plain(self.native.check)
 
     async def reset(self) -> int | None:
-        self._incrs.forget()
+        self._answers.forget()
         return await self._run_plain(self.native.reset)
 
     async def clear(self, key: str) -> None:
-        self._incrs.forget(key)
+        self._answers.forget()  # the key's moving windows too
         await self._run_plain(self.native.clear, key)
 
     async def acquire_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
     ) -> bool:
-        return await self._run(
-            self.native.acquire_entry,
-            key,
-            limit,
-            expiry,
-            amount,
-            time.time(),
+        if not self._library:
+            return self.native.acquire_entry(key, limit, expiry, amount, time.time())
+        self._answers.forget(("moving", key, limit, expiry))
+        stats = await self._run(
+            self.native.acquire_entry_stats, key, limit, expiry, amount, time.time()
         )
+        return self._answers.kept_acquire(key, limit, expiry, stats)
 
     async def get_moving_window(
         self, key: str, limit: int, expiry: int
     ) -> tuple[float, int]:
+        moving = ("moving", key, limit, expiry)
+        if self._library and (last := self._answers.take(moving, _Answers.WINDOW)):
+            return (float(last[0]), int(last[1]))
         return await self._run(
             self.native.get_moving_window,
             key,
