@@ -923,17 +923,15 @@ struct Pending {
   enum class Single : uint8_t {
     kNone,
     kIncr,
-    kGet,
-    kGetExpiry,
-    kMovingWindow,
-    kSlidingWindow,
+    kRead,
     kAcquire,
     kAcquireStats,
   };
   Single single = Single::kNone;
   RedisStore::SingleAnswer answer;
   int64_t retry_after_nanos = 0;
-  Limit limit;  // kAcquireStats: the window
+  WindowRead read = WindowRead::kCount;  // kRead: which
+  Limit limit;                           // kAcquireStats: the window
 
   // Deleted with the GIL held (see LoopBridge for the other case).
   ~Pending() {
@@ -1058,23 +1056,12 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
     Py_DECREF(error);
     return exc;
   }
-  const WindowState& w = a.window;
   switch (p->single) {
     case Pending::Single::kIncr:
       return Py_BuildValue("(Ld)", static_cast<long long>(a.count),
                            NanosToSeconds(a.expiry_at_nanos));
-    case Pending::Single::kGet:
-      return PyLong_FromLongLong(w.count);
-    case Pending::Single::kGetExpiry:
-      return PyFloat_FromDouble(NanosToSeconds(w.time_nanos));
-    case Pending::Single::kMovingWindow:
-      return Py_BuildValue("(dL)", NanosToSeconds(w.time_nanos),
-                           static_cast<long long>(w.count));
-    case Pending::Single::kSlidingWindow:
-      return Py_BuildValue("(LdLd)", static_cast<long long>(w.previous_count),
-                           NanosToSeconds(w.previous_ttl_nanos),
-                           static_cast<long long>(w.count),
-                           NanosToSeconds(w.current_ttl_nanos));
+    case Pending::Single::kRead:
+      return ReadResult(p->read, a.window);
     case Pending::Single::kAcquire:
       return PyBool_FromLong(a.decision.allowed);
     case Pending::Single::kAcquireStats:
@@ -1551,9 +1538,11 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
 // SubmitWith for a single call of the limits adapter, answered as `kind`.
 template <typename Send>
 PyObject* SubmitSingle(RedisStorageHandle* storage, Pending::Single kind,
-                       Send send, const Limit* limit = nullptr) {
+                       Send send, const Limit* limit = nullptr,
+                       WindowRead read = WindowRead::kCount) {
   auto* p = new Pending;
   p->single = kind;
+  p->read = read;
   if (limit != nullptr) p->limit = *limit;
   p->retry_after_nanos =
       storage->redis->options().fail_closed_retry_after_nanos;
@@ -1637,28 +1626,26 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
                 nargs == 14 ? args + 9 : nullptr);
 }
 
-py::object Awaitable(PyObject* waiter) {
-  if (waiter == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::object>(waiter);
-}
-
 // The limits adapter's calls from an event loop (limits.aio): awaitables
 // resolving to what the synchronous method of the same name returns,
 // without a thread; fail-closed raises RedisUnavailableError instead
 // (`redis_error`: Redis's error, when it answered one).
 void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
   using Single = Pending::Single;
-  // A call reading `key`'s state for `strategy` under `l`, answered as
-  // `kind`.
-  auto inspect = [](RedisStorageHandle& h, Single kind, Strategy strategy,
-                    const Limit& l, const std::string& key,
+  // The read `read` of `key`'s state (see ReadRequest).
+  auto inspect = [](RedisStorageHandle& h, WindowRead read,
+                    const std::string& key, int64_t limit, double expiry,
                     const py::object& now) {
     FlushLogs();
+    Limit l;
+    const Request r = ReadRequest(read, key, limit, expiry, &l);
     const int64_t t = NowArg(now);
-    const Request r = MakeRequest(strategy, l, key, 0);
-    return Awaitable(SubmitSingle(&h, kind, [&](auto done, void* context) {
-      h.redis->InspectDeferred(r, t, done, context);
-    }));
+    return Steal(SubmitSingle(
+        &h, Single::kRead,
+        [&](auto done, void* context) {
+          h.redis->InspectDeferred(r, t, done, context);
+        },
+        nullptr, read));
   };
   auto acquire = [](RedisStorageHandle& h, Single kind, Strategy strategy,
                     const std::string& key, int64_t limit, double expiry,
@@ -1668,7 +1655,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
     if (!CheckStrategyLimit(strategy, l)) throw py::error_already_set();
     const int64_t t = NowArg(now);
     const Request r = MakeRequest(strategy, l, key, amount);
-    return Awaitable(SubmitSingle(
+    return Steal(SubmitSingle(
         &h, kind,
         [&](auto done, void* context) {
           h.redis->DecideOneDeferred(r, t, done, context);
@@ -1682,7 +1669,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
            FlushLogs();
            CheckExpiry(expiry, 0);
            const int64_t t = NowArg(now);
-           return Awaitable(
+           return Steal(
                SubmitSingle(&h, Single::kIncr, [&](auto done, void* context) {
                  h.redis->IncrDeferred(key, SecondsToNanos(expiry), amount, t,
                                        done, context);
@@ -1694,16 +1681,14 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
           "get_async",
           [inspect](RedisStorageHandle& h, const std::string& key,
                     const py::object& now) {
-            return inspect(h, Single::kGet, Strategy::kFixedWindow,
-                           WindowLimit(0, 1), key, now);
+            return inspect(h, WindowRead::kCount, key, 0, 0, now);
           },
           py::arg("key"), py::arg("now") = py::none())
       .def(
           "get_expiry_async",
           [inspect](RedisStorageHandle& h, const std::string& key,
                     const py::object& now) {
-            return inspect(h, Single::kGetExpiry, Strategy::kFixedWindow,
-                           WindowLimit(0, 1), key, now);
+            return inspect(h, WindowRead::kExpiry, key, 0, 0, now);
           },
           py::arg("key"), py::arg("now") = py::none())
       .def(
@@ -1730,8 +1715,8 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
           "get_moving_window_async",
           [inspect](RedisStorageHandle& h, const std::string& key,
                     int64_t limit, double expiry, const py::object& now) {
-            return inspect(h, Single::kMovingWindow, Strategy::kMovingWindow,
-                           WindowLimit(limit, expiry), key, now);
+            return inspect(h, WindowRead::kMovingWindow, key, limit, expiry,
+                           now);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("now") = py::none())
@@ -1749,9 +1734,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
           "get_sliding_window_async",
           [inspect](RedisStorageHandle& h, const std::string& key,
                     double expiry, const py::object& now) {
-            return inspect(h, Single::kSlidingWindow,
-                           Strategy::kSlidingWindowCounter,
-                           WindowLimit(0, expiry), key, now);
+            return inspect(h, WindowRead::kSlidingWindow, key, 0, expiry, now);
           },
           py::arg("key"), py::arg("expiry"), py::arg("now") = py::none());
 }

@@ -47,6 +47,41 @@ Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
   return r;
 }
 
+Request ReadRequest(WindowRead read, const std::string& key, int64_t limit,
+                    double expiry, Limit* l) {
+  switch (read) {
+    case WindowRead::kCount:
+    case WindowRead::kExpiry:
+      *l = WindowLimit(0, 1);
+      return MakeRequest(Strategy::kFixedWindow, *l, key, 0);
+    case WindowRead::kMovingWindow:
+      *l = WindowLimit(limit, expiry);
+      return MakeRequest(Strategy::kMovingWindow, *l, key, 0);
+    case WindowRead::kSlidingWindow:
+      break;
+  }
+  *l = WindowLimit(0, expiry);
+  return MakeRequest(Strategy::kSlidingWindowCounter, *l, key, 0);
+}
+
+PyObject* ReadResult(WindowRead read, const WindowState& w) {
+  switch (read) {
+    case WindowRead::kCount:
+      return PyLong_FromLongLong(w.count);
+    case WindowRead::kExpiry:
+      return PyFloat_FromDouble(NanosToSeconds(w.time_nanos));
+    case WindowRead::kMovingWindow:
+      return Py_BuildValue("(dL)", NanosToSeconds(w.time_nanos),
+                           static_cast<long long>(w.count));
+    case WindowRead::kSlidingWindow:
+      break;
+  }
+  return Py_BuildValue("(LdLd)", static_cast<long long>(w.previous_count),
+                       NanosToSeconds(w.previous_ttl_nanos),
+                       static_cast<long long>(w.count),
+                       NanosToSeconds(w.current_ttl_nanos));
+}
+
 PyObject* AcquireStats(const Decision& d, const Limit& l) {
   const int64_t period = l.PeriodNanos();
   const bool decided = d.source == DecisionSource::kStore ||
@@ -61,6 +96,14 @@ PyObject* AcquireStats(const Decision& d, const Limit& l) {
 }
 
 namespace {
+
+// The state `read` reads (see ReadRequest for `limit` and `expiry`).
+py::object Read(StorageHandle& h, WindowRead read, const std::string& key,
+                int64_t limit, double expiry, const py::object& now) {
+  Limit l;
+  const Request r = ReadRequest(read, key, limit, expiry, &l);
+  return Steal(ReadResult(read, h.store->Inspect(r, NowArg(now))));
+}
 
 Decision Acquire(StorageHandle& h, Strategy s, const std::string& key,
                  int64_t limit, double expiry, int64_t amount,
@@ -118,22 +161,13 @@ void BindStorage(py::module_& m) {
       .def(
           "get",
           [](StorageHandle& h, const std::string& key, const py::object& now) {
-            const Limit l = WindowLimit(0, 1);
-            return h.store
-                ->Inspect(MakeRequest(Strategy::kFixedWindow, l, key, 0),
-                          NowArg(now))
-                .count;
+            return Read(h, WindowRead::kCount, key, 0, 0, now);
           },
           py::arg("key"), py::arg("now") = py::none())
       .def(
           "get_expiry",
           [](StorageHandle& h, const std::string& key, const py::object& now) {
-            const Limit l = WindowLimit(0, 1);
-            return NanosToSeconds(
-                h.store
-                    ->Inspect(MakeRequest(Strategy::kFixedWindow, l, key, 0),
-                              NowArg(now))
-                    .time_nanos);
+            return Read(h, WindowRead::kExpiry, key, 0, 0, now);
           },
           py::arg("key"), py::arg("now") = py::none())
       .def(
@@ -168,9 +202,7 @@ void BindStorage(py::module_& m) {
             Limit l;
             const Decision d = Acquire(h, Strategy::kMovingWindow, key, limit,
                                        expiry, amount, now, &l);
-            PyObject* out = AcquireStats(d, l);
-            if (out == nullptr) throw py::error_already_set();
-            return py::reinterpret_steal<py::object>(out);
+            return Steal(AcquireStats(d, l));
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("amount") = 1, py::arg("now") = py::none())
@@ -178,10 +210,7 @@ void BindStorage(py::module_& m) {
           "get_moving_window",
           [](StorageHandle& h, const std::string& key, int64_t limit,
              double expiry, const py::object& now) {
-            const Limit l = WindowLimit(limit, expiry);
-            const WindowState w = h.store->Inspect(
-                MakeRequest(Strategy::kMovingWindow, l, key, 0), NowArg(now));
-            return std::make_tuple(NanosToSeconds(w.time_nanos), w.count);
+            return Read(h, WindowRead::kMovingWindow, key, limit, expiry, now);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("now") = py::none())
@@ -200,13 +229,7 @@ void BindStorage(py::module_& m) {
           "get_sliding_window",
           [](StorageHandle& h, const std::string& key, double expiry,
              const py::object& now) {
-            const Limit l = WindowLimit(0, expiry);
-            const WindowState w = h.store->Inspect(
-                MakeRequest(Strategy::kSlidingWindowCounter, l, key, 0),
-                NowArg(now));
-            return std::make_tuple(
-                w.previous_count, NanosToSeconds(w.previous_ttl_nanos), w.count,
-                NanosToSeconds(w.current_ttl_nanos));
+            return Read(h, WindowRead::kSlidingWindow, key, 0, expiry, now);
           },
           py::arg("key"), py::arg("expiry"), py::arg("now") = py::none())
       .def(

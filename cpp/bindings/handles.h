@@ -124,6 +124,27 @@ Limit WindowLimit(int64_t amount, double expiry_seconds);
 Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
                     int64_t cost);
 
+// The limits adapter's reads of a key's state: get, get_expiry,
+// get_moving_window, get_sliding_window.
+enum class WindowRead : uint8_t {
+  kCount,
+  kExpiry,
+  kMovingWindow,
+  kSlidingWindow,
+};
+// The request `read` makes for `key` (`limit` and `expiry` as limits
+// passes them; the fixed window's reads have neither), its window in `*l`.
+Request ReadRequest(WindowRead read, const std::string& key, int64_t limit,
+                    double expiry, Limit* l);
+// What `read` returns for the state `w`; null with a Python error set.
+PyObject* ReadResult(WindowRead read, const WindowState& w);
+
+// `obj` (a new reference) as a py::object; error_already_set when null.
+inline py::object Steal(PyObject* obj) {
+  if (obj == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(obj);
+}
+
 // acquire_entry_stats' answer for the moving-window decision `d` under
 // `l`: (allowed, window start, entries in the window, until), times in
 // epoch seconds: the middle two are what get_moving_window reads right

@@ -300,16 +300,35 @@ class _Answers:
         self.keep(key, (count, expiry), expiry, self.COUNT | self.EXPIRY)
         return count
 
+    def count(self, key: str) -> int | None:
+        last = self.take(key, self.COUNT)
+        return None if last is None else int(last[0])
+
+    def expiry(self, key: str) -> float | None:
+        last = self.take(key, self.EXPIRY)
+        return None if last is None else float(last[1])
+
+    @staticmethod
+    def _moving(key: str, limit: int, expiry: int) -> tuple[str, str, int, int]:
+        return ("moving", key, limit, expiry)
+
+    def forget_window(self, key: str, limit: int, expiry: int) -> None:
+        self.forget(self._moving(key, limit, expiry))
+
     def kept_acquire(
         self, key: str, limit: int, expiry: int, stats: tuple[bool, float, int, float]
     ) -> bool:
         allowed, start, count, until = stats
-        moving = ("moving", key, limit, expiry)
+        moving = self._moving(key, limit, expiry)
         if count >= 0:
             self.keep(moving, (start, count), until, self.WINDOW)
         else:  # nor an earlier call's, answered before this one
             self.forget(moving)
         return allowed
+
+    def window(self, key: str, limit: int, expiry: int) -> tuple[float, int] | None:
+        last = self.take(self._moving(key, limit, expiry), self.WINDOW)
+        return None if last is None else (float(last[0]), int(last[1]))
 
 
 class RapidlimitStorage(
@@ -355,13 +374,13 @@ class RapidlimitStorage(
         )
 
     def get(self, key: str) -> int:
-        if self._library and (last := self._answers.take(key, _Answers.COUNT)):
-            return int(last[0])
+        if self._library and (count := self._answers.count(key)) is not None:
+            return count
         return self._call(self.native.get, key, time.time())
 
     def get_expiry(self, key: str) -> float:
-        if self._library and (last := self._answers.take(key, _Answers.EXPIRY)):
-            return float(last[1])
+        if self._library and (at := self._answers.expiry(key)) is not None:
+            return at
         return self._call(self.native.get_expiry, key, time.time())
 
     def check(self) -> bool:
@@ -379,7 +398,7 @@ class RapidlimitStorage(
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if not self._library:
             return self.native.acquire_entry(key, limit, expiry, amount, time.time())
-        self._answers.forget(("moving", key, limit, expiry))
+        self._answers.forget_window(key, limit, expiry)
         return self._answers.kept_acquire(
             key,
             limit,
@@ -390,9 +409,8 @@ class RapidlimitStorage(
         )
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        moving = ("moving", key, limit, expiry)
-        if self._library and (last := self._answers.take(moving, _Answers.WINDOW)):
-            return (float(last[0]), int(last[1]))
+        if self._library and (window := self._answers.window(key, limit, expiry)):
+            return window
         return self._call(
             self.native.get_moving_window, key, limit, expiry, time.time()
         )
@@ -508,13 +526,13 @@ class AsyncRapidlimitStorage(
         )
 
     async def get(self, key: str) -> int:
-        if self._library and (last := self._answers.take(key, _Answers.COUNT)):
-            return int(last[0])
+        if self._library and (count := self._answers.count(key)) is not None:
+            return count
         return await self._run(self.native.get, key, time.time())
 
     async def get_expiry(self, key: str) -> float:
-        if self._library and (last := self._answers.take(key, _Answers.EXPIRY)):
-            return float(last[1])
+        if self._library and (at := self._answers.expiry(key)) is not None:
+            return at
         return await self._run(self.native.get_expiry, key, time.time())
 
     async def check(self) -> bool:
@@ -533,7 +551,7 @@ class AsyncRapidlimitStorage(
     ) -> bool:
         if not self._library:
             return self.native.acquire_entry(key, limit, expiry, amount, time.time())
-        self._answers.forget(("moving", key, limit, expiry))
+        self._answers.forget_window(key, limit, expiry)
         stats = await self._run(
             self.native.acquire_entry_stats, key, limit, expiry, amount, time.time()
         )
@@ -542,9 +560,8 @@ class AsyncRapidlimitStorage(
     async def get_moving_window(
         self, key: str, limit: int, expiry: int
     ) -> tuple[float, int]:
-        moving = ("moving", key, limit, expiry)
-        if self._library and (last := self._answers.take(moving, _Answers.WINDOW)):
-            return (float(last[0]), int(last[1]))
+        if self._library and (window := self._answers.window(key, limit, expiry)):
+            return window
         return await self._run(
             self.native.get_moving_window,
             key,
