@@ -140,6 +140,9 @@ PyObject* MakeUnavailable(const char* message, double retry) {
 
 constexpr char kFailClosedMessage[] =
     "redis is unavailable and the storage's policy is fail-closed";
+constexpr char kTimedOutMessage[] =
+    "redis did not answer within the command timeout and the storage's "
+    "policy is fail-closed";
 
 PyObject* MakeUnavailable(const Decision& d) {
   return MakeUnavailable(kFailClosedMessage,
@@ -1032,15 +1035,16 @@ void OnSingleDone(void* context, const RedisStore::SingleAnswer& answer) {
 
 // A single call's result as the synchronous method returns it, or the
 // fail-closed exception (with Redis's error, if it answered one, as
-// `redis_error`).
+// `redis_error`, and `timed_out`: no reply came within the timeout).
 PyObject* BuildSingle(const Pending* p, bool* is_error) {
   const RedisStore::SingleAnswer& a = p->answer;
   if (a.source == DecisionSource::kFailClosed) {
     *is_error = true;
     const std::string message =
-        a.error.empty() ? std::string(kFailClosedMessage)
-                        : "redis answered an error: " + a.error +
-                              "; the storage's policy is fail-closed";
+        !a.error.empty() ? "redis answered an error: " + a.error +
+                               "; the storage's policy is fail-closed"
+        : a.timed_out ? std::string(kTimedOutMessage)
+                      : std::string(kFailClosedMessage);
     PyObject* exc = MakeUnavailable(message.c_str(),
                                     static_cast<double>(p->retry_after_nanos) /
                                         static_cast<double>(kNanosPerSecond));
@@ -1048,7 +1052,9 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
     PyObject* error = PyUnicode_FromStringAndSize(
         a.error.data(), static_cast<Py_ssize_t>(a.error.size()));
     if (error == nullptr ||
-        PyObject_SetAttrString(exc, "redis_error", error) < 0) {
+        PyObject_SetAttrString(exc, "redis_error", error) < 0 ||
+        PyObject_SetAttrString(exc, "timed_out",
+                               a.timed_out ? Py_True : Py_False) < 0) {
       Py_XDECREF(error);
       Py_DECREF(exc);
       return nullptr;
@@ -1990,6 +1996,7 @@ void BindRedis(py::module_& m) {
            })
       .def_static("last_status",
                   []() { return SourceName(RedisStore::LastSource()); })
+      .def_static("last_timed_out", &RedisStore::LastTimedOut)
       .def_static("last_error",
                   []() {
                     const std::string& e = RedisStore::LastError();

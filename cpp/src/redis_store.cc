@@ -91,6 +91,8 @@ thread_local DecisionSource tl_last_source = DecisionSource::kStore;
 // The Redis error behind the calling thread's last policy answer (empty
 // when the policy answered for want of a reply).
 thread_local std::string tl_last_error;
+// Whether that answer came for want of a reply within the timeout.
+thread_local bool tl_last_timed_out = false;
 
 // ----------------------------------------------------------------- stats
 
@@ -167,6 +169,9 @@ struct Op {
   Result result = Result::kPending;
   std::string error;
   bool refused = false;  // the error is Redis refusing one of its keys
+  // Unavailable because no reply came by the deadline (a lane's timeout,
+  // not a refused connection): limits' clients raise TimeoutError then.
+  bool timed_out = false;
   std::vector<int64_t> values;
   RawReply raw;
 
@@ -487,6 +492,9 @@ class Lane {
   // Closes the socket and drops its reader and unsent output.
   void CloseLocked();
   void BreakLocked(const std::string& why, std::vector<Op*>* failed);
+  // BreakLocked for the command in flight that missed its deadline: it
+  // and the ones behind it fail as timed out.
+  void TimeOutLocked(std::vector<Op*>* failed);
   // After Redis hung up on the idle connection `fd` (its `timeout`
   // setting, CLIENT KILL, a restart): reconnects at once, keeping the
   // queue, so that the next request does not find the connection dead.
@@ -834,8 +842,7 @@ int64_t Lane::LoopWatch(uint64_t generation) {
   const int64_t left = inflight_.front()->deadline - MonoNanos();
   if (left > 0) return left;
   std::vector<Op*> completed, failed;
-  Add(engine_->counters->timeouts);
-  BreakLocked("no reply within the timeout", &failed);
+  TimeOutLocked(&failed);
   EndExchange(&conn, false, &completed, &failed);
   return -1;
 }
@@ -864,8 +871,7 @@ bool Lane::TryInline(Op* op) {
     const short events = POLLIN | (out_off_ < out_.size() ? POLLOUT : 0);
     const int ready = WaitFd(fd_, events, inflight_.front()->deadline);
     if (ready == 0) {
-      Add(engine_->counters->timeouts);
-      BreakLocked("no reply within the timeout", &failed);
+      TimeOutLocked(&failed);
       break;
     }
     if (ready < 0) {
@@ -934,6 +940,7 @@ void Lane::AppendBatchLocked(std::vector<Op*>* batch, int64_t now,
     // reconnect) is failed here rather than sent.
     if (op->deadline <= now) {
       Add(engine_->counters->timeouts);
+      op->timed_out = true;
       failed->push_back(op);
       ++i;
       continue;
@@ -1186,6 +1193,12 @@ void Lane::BreakLocked(const std::string& why, std::vector<Op*>* failed) {
   }
 }
 
+void Lane::TimeOutLocked(std::vector<Op*>* failed) {
+  Add(engine_->counters->timeouts);
+  for (Op* op : inflight_) op->timed_out = true;
+  BreakLocked("no reply within the timeout", failed);
+}
+
 void Lane::ReconnectIdle(int fd, std::vector<Op*>* failed) {
   {
     std::lock_guard<std::mutex> lock(conn_mu_);
@@ -1229,6 +1242,7 @@ int64_t Lane::ExpireQueued() {
     size_t kept = 0;
     for (Op* op : queue_) {
       if (op->deadline <= now) {
+        op->timed_out = true;
         expired.push_back(op);
       } else {
         next = std::min(next, op->deadline);
@@ -1477,8 +1491,7 @@ void Lane::Run() {
         if (FlushLocked(&failed) &&
             (!readable || ReadLocked(&completed, &failed)) &&
             !inflight_.empty() && inflight_.front()->deadline <= now) {
-          Add(engine_->counters->timeouts);
-          BreakLocked("no reply within the timeout", &failed);
+          TimeOutLocked(&failed);
         }
         if (state_.load(std::memory_order_relaxed) == kUp) {
           wait_fd = fd_;
@@ -1653,6 +1666,9 @@ void Engine::RunAsync(Op* op, bool defer) {
 }
 
 void Engine::NoteFailure(const Op* op, bool completed) {
+  // Not completed: the caller's wait ended at the deadline, and the lane
+  // (which may still hold the op) is not to be read.
+  tl_last_timed_out = !completed || op->timed_out;
   if (!completed || op->result != Op::Result::kError) {
     tl_last_error.clear();
     return;
@@ -1844,6 +1860,7 @@ void Engine::FinishSingle(Op* op, bool completed,
     }
   }
   if (completed && op->result == Op::Result::kError) out->error = op->error;
+  out->timed_out = !completed || op->timed_out;
 }
 
 // ---------------------------------------------------------------- store
@@ -2314,6 +2331,7 @@ void ForkChild() {
 DecisionSource RedisStore::LastSource() { return redis::tl_last_source; }
 
 const std::string& RedisStore::LastError() { return redis::tl_last_error; }
+bool RedisStore::LastTimedOut() { return redis::tl_last_timed_out; }
 
 bool RedisStoreAvailable() { return true; }
 

@@ -212,6 +212,12 @@ class RedisStorage(Storage):
         """When ``last_status()`` is a failure policy: the error Redis
         answered for that call (such as WRONGTYPE, with the key, for a key
         holding another type of value), or "" when Redis did not answer."""
+    @staticmethod
+    def last_timed_out() -> bool:
+        """When ``last_status()`` is a failure policy: whether no reply came
+        within the command timeout (a hung connection, a busy Redis, a
+        reconnect outlasting it), rather than a connection that is down or
+        an error Redis answered."""
     def decide_many(
         self,
         strategy: str | RateLimiter,
@@ -235,7 +241,8 @@ class RedisStorage(Storage):
     # synchronous method of the same name returns, awaited without a thread
     # and pipelined with the loop's other Redis calls; a fail-closed answer
     # raises RedisUnavailableError (``redis_error``: Redis's error, if it
-    # answered one, such as WRONGTYPE for a key of another type).
+    # answered one, such as WRONGTYPE for a key of another type;
+    # ``timed_out``: no reply came within the command timeout).
     def incr_expiry_async(
         self, key: str, expiry: float, amount: int = 1, now: float | None = None
     ) -> RedisWaiter[tuple[int, float]]: ...

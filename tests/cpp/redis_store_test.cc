@@ -1609,6 +1609,44 @@ TEST_F(RedisStoreTest, SingleCallsDeferredGetThePolicy) {
   }
 }
 
+// A policy's answer says whether it came for want of a reply in time (the
+// limits adapter raises its client's TimeoutError then) or for a
+// connection that is down (ConnectionError): blocking and deferred calls.
+TEST_F(RedisStoreTest, PolicyAnswersSayWhetherTheyTimedOut) {
+  const Limit l = L("5 per minute");
+  auto store = Make(Options(RedisFailurePolicy::kFailClosed));
+  RedisStore& rs = *store;
+  ASSERT_TRUE(Hit(rs, Strategy::kFixedWindow, l, "warm", kT0).allowed);
+  auto incr = [&rs] {
+    return Single(rs, [&](auto done, void* ctx) {
+      rs.IncrDeferred("LIMITER/i", 60 * kSec, 1, kT0, done, ctx);
+    });
+  };
+  {
+    std::thread sleeper = server_.SleepInBackground("0.5");
+    EXPECT_EQ(Hit(rs, Strategy::kFixedWindow, l, "k", kT0).source,
+              DecisionSource::kFailClosed);
+    EXPECT_TRUE(RedisStore::LastTimedOut());
+    sleeper.join();
+  }
+  ASSERT_TRUE(WaitRecovered(rs, std::chrono::milliseconds(3000)));
+  {
+    std::thread sleeper = server_.SleepInBackground("0.5");
+    const auto timed_out = incr();
+    EXPECT_EQ(timed_out.source, DecisionSource::kFailClosed);
+    EXPECT_TRUE(timed_out.timed_out);
+    sleeper.join();
+  }
+  ASSERT_TRUE(WaitRecovered(rs, std::chrono::milliseconds(3000)));
+  server_.Kill();
+  EXPECT_EQ(Hit(rs, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kFailClosed);
+  EXPECT_FALSE(RedisStore::LastTimedOut());
+  const auto down = incr();
+  EXPECT_EQ(down.source, DecisionSource::kFailClosed);
+  EXPECT_FALSE(down.timed_out);
+}
+
 // Calls `call` again while `busy` says its answer only meant the I/O
 // thread held the connection a moment (up to 100 times, 1 ms apart).
 template <typename Call, typename Busy>

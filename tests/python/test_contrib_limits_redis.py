@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib
 import logging
 import os
 import pickle
@@ -812,6 +813,15 @@ CLIENT_LIBRARIES = [
 ]
 
 
+# A call of each kind the store answers (incr, a moving window's entry, a
+# sliding window's read), sync or limits.aio.
+COUNTING_CALLS: tuple[Callable[[Any], Any], ...] = (
+    lambda s: s.incr("k", 60),
+    lambda s: s.acquire_entry("m", 5, 60),
+    lambda s: s.get_sliding_window("s", 60),
+)
+
+
 def _raised(
     loop: asyncio.AbstractEventLoop, storage: Any, call: Callable[[Any], Any]
 ) -> BaseException:
@@ -863,13 +873,7 @@ def test_errors_are_also_the_client_librarys_as_limits_raises_them(
     their_outage = _raised(loop, their, lambda s: s.incr("k", 60))
     assert isinstance(their_outage, library.ConnectionError)
     assert not isinstance(their_outage, _core.RedisUnavailableError)
-    for call in (
-        lambda s: s.incr("k", 60),
-        lambda s: s.acquire_entry("m", 5, 60),
-        lambda s: s.get_sliding_window("s", 60),
-        lambda s: s.clear("k"),
-        lambda s: s.reset(),
-    ):
+    for call in (*COUNTING_CALLS, lambda s: s.clear("k"), lambda s: s.reset()):
         outage = _raised(loop, mine, call)
         assert isinstance(outage, library.ConnectionError), type(outage).__mro__
         assert isinstance(outage, _core.RedisUnavailableError)
@@ -880,6 +884,48 @@ def test_errors_are_also_the_client_librarys_as_limits_raises_them(
         assert isinstance(copy, _core.RedisUnavailableError)
         assert str(copy) == str(outage)
     mine.close()
+    loop.close()
+
+
+# The exceptions module of the library limits' own storage uses, by the
+# scheme and options of CLIENT_LIBRARIES.
+def _library_of(their_scheme: str, options: dict[str, Any]) -> Any:
+    name = their_scheme.removeprefix("async+")
+    if their_scheme.startswith("async+") and name == "redis":
+        name = "redis" if options.get("implementation") == "redispy" else "coredis"
+    return importlib.import_module(f"{name}.exceptions")
+
+
+@pytest.mark.parametrize(("scheme", "their_scheme", "options"), CLIENT_LIBRARIES)
+def test_a_reply_missing_its_timeout_raises_the_librarys_timeout_error(
+    own_server: RedisServer, scheme: str, their_scheme: str, options: dict[str, Any]
+) -> None:
+    # A Redis that accepts and never answers (held: stopped) makes limits'
+    # own storage raise its client's TimeoutError at the socket timeout, not
+    # its ConnectionError; ours raise the same class at the command timeout.
+    library = _library_of(their_scheme, options)
+    loop = asyncio.new_event_loop()
+    if not their_scheme.startswith("async+"):
+        their = theirs(own_server, their_scheme, socket_timeout=0.2)
+        their.incr("k", 60)
+        with own_server.hold():
+            their_timeout = _raised(loop, their, lambda s: s.incr("k", 60))
+        assert isinstance(their_timeout, library.TimeoutError)
+        assert not isinstance(their_timeout, library.ConnectionError)
+    for call in COUNTING_CALLS:
+        # A connection up and idle, which the next call finds hung.
+        mine = ours(own_server, scheme, timeout=0.2, **options)
+        warm = mine.get("k")
+        if asyncio.iscoroutine(warm):
+            loop.run_until_complete(warm)
+        with own_server.hold():
+            timeout = _raised(loop, mine, call)
+        assert isinstance(timeout, library.TimeoutError), type(timeout).__mro__
+        assert isinstance(timeout, _core.RedisUnavailableError)
+        assert not isinstance(timeout, library.ConnectionError)
+        assert "within the command timeout" in str(timeout)
+        assert "within the command timeout" in repr(timeout)
+        mine.close()
     loop.close()
 
 

@@ -168,8 +168,8 @@ class RedisStore : public Store {
   // The limits adapter's single calls, asynchronously and deferred as
   // DecideAsyncDeferred is: Decide of one request in hit mode, Inspect and
   // Incr. `done` runs once, with what the synchronous call would return
-  // and LastSource() / LastError() say after it, on the thread that
-  // completes the call (the caller's own, before this returns, for a
+  // and LastSource() / LastError() / LastTimedOut() say after it, on the thread
+  // that completes the call (the caller's own, before this returns, for a
   // request the blocked-key cache answers or that fails at once); it must
   // not block. `request.key` and the limit are copied.
   struct SingleAnswer {
@@ -178,7 +178,8 @@ class RedisStore : public Store {
     int64_t count = 0;            // IncrDeferred: the counter after the call
     int64_t expiry_at_nanos = 0;  // IncrDeferred: when the counter expires
     DecisionSource source = DecisionSource::kStore;
-    std::string error;  // a failure policy's answer: Redis's error, if any
+    std::string error;       // a failure policy's answer: Redis's error, if any
+    bool timed_out = false;  // a failure policy's answer: no reply in time
   };
   using SingleCallback = void (*)(void* context, const SingleAnswer& answer);
   virtual void DecideOneDeferred(const Request& request, int64_t now_nanos,
@@ -230,6 +231,11 @@ class RedisStore : public Store {
   // that call (such as WRONGTYPE for a key holding another type of value),
   // or empty when Redis did not answer.
   static const std::string& LastError();
+  // When LastSource() is a failure policy: whether it answered because no
+  // reply came within the command timeout (a connection that hung, a
+  // reconnect or a busy Redis outlasting it), rather than for a connection
+  // that is down or an error Redis answered.
+  static bool LastTimedOut();
 };
 
 // Creates a store and connects to Redis (synchronously, bounded by the

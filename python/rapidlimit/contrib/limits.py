@@ -66,7 +66,9 @@ loaded the client library ``limits``' own storage would use for the URI,
 also an instance of that library's ``ConnectionError``: redis-py's for
 ``rapidlimit+redis://``, valkey-py's for the valkey schemes, and for
 ``limits.aio`` the ``implementation``'s, coredis by default, as
-``async+redis://`` would raise): ``limits`` wraps it in
+``async+redis://`` would raise; that library's ``TimeoutError`` instead
+when no reply came within the command timeout, as its client raises on a
+socket timeout, the message saying so): ``limits`` wraps it in
 ``StorageError`` when ``wrap_exceptions=True``, and slowapi's
 ``in_memory_fallback`` applies. ``check()`` returns False then, it never
 raises. With ``on_error="fail-open"`` (admit) or ``"fallback"`` (count in
@@ -185,15 +187,16 @@ def _join(base: type[Exception]) -> type[_core.RedisUnavailableError] | None:
 
 
 def _unavailable(
-    library: str, message: str, refused: bool = False
+    library: str, message: str, kind: str = "ConnectionError"
 ) -> _core.RedisUnavailableError:
-    """RedisUnavailableError, also an instance of ``library``'s
-    ConnectionError (ResponseError for a key Redis refused) when the process
-    has loaded that library, so that code written for ``limits``' own
-    storage catches it. Never imports the library: code that names its
-    classes has imported it."""
+    """RedisUnavailableError, also an instance of ``library``'s exception
+    ``kind`` when the process has loaded that library, so that code written
+    for ``limits``' own storage catches it: ConnectionError, ResponseError
+    for a key Redis refused, TimeoutError for a reply that did not come in
+    time (as its client raises on a socket timeout). Never imports the
+    library: code that names its classes has imported it."""
     module = sys.modules.get(f"{library}.exceptions")
-    base = getattr(module, "ResponseError" if refused else "ConnectionError", None)
+    base = getattr(module, kind, None)
     if not (isinstance(base, type) and issubclass(base, Exception)):
         return _core.RedisUnavailableError(message)
     joined = _JOINED.get(base)
@@ -219,7 +222,14 @@ def _checked(library: str | None, method: Callable[..., T], *args: Any) -> T:
                 library,
                 f"redis answered an error: {error}; the storage's policy is "
                 "fail-closed",
-                refused=True,
+                "ResponseError",
+            )
+        if _core.RedisStorage.last_timed_out():
+            raise _unavailable(
+                library,
+                "redis did not answer within the command timeout and the "
+                "storage's policy is fail-closed",
+                "TimeoutError",
             )
         raise _unavailable(
             library, "redis is unavailable and the storage's policy is fail-closed"
@@ -502,8 +512,12 @@ class AsyncRapidlimitStorage(
         except _core.RedisUnavailableError as e:
             if type(e) is not _core.RedisUnavailableError:
                 raise
-            refused = bool(getattr(e, "redis_error", ""))
-            raise _unavailable(self._library, str(e), refused) from None
+            kind = "ConnectionError"
+            if getattr(e, "redis_error", ""):
+                kind = "ResponseError"
+            elif getattr(e, "timed_out", False):
+                kind = "TimeoutError"
+            raise _unavailable(self._library, str(e), kind) from None
 
     async def _run_plain(self, method: Callable[..., T], *args: Any) -> T:
         """check/reset/clear: no fail-closed answer to turn into an error (a
