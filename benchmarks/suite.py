@@ -330,6 +330,18 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "  Redis, allowed, headers off, checked by SlowAPIASGIMiddleware",
+        "http.async.rapidlimit.redis.asgi-middleware.noheaders.allowed.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  Redis, allowed, headers on, checked by SlowAPIASGIMiddleware",
+        "http.async.rapidlimit.redis.asgi-middleware.headers.allowed.vs_none",
+        "",
+        "",
+    ),
+    (
         "HTTP server CPU per request vs no limiter, Redis, allowed, headers on",
         _HTTP.format("rapidlimit", "redis", "allowed").replace(
             "vs_none", "cpu_vs_none"
@@ -348,6 +360,12 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "headers on (µs)",
         _HTTP.format("rapidlimit", "redis", "allowed").replace("vs_none", "gc"),
         _HTTP.format("slowapi", "redis", "allowed").replace("vs_none", "gc"),
+        "",
+    ),
+    (
+        "  the same, checked by SlowAPIASGIMiddleware (µs)",
+        "http.async.rapidlimit.redis.asgi-middleware.headers.allowed.gc",
+        "",
         "",
     ),
     (
@@ -406,6 +424,19 @@ HEADLINE: list[tuple[str, str, str, str]] = [
     (
         "  Redis, headers off, vs that endpoint (callgrind)",
         "callgrind.http.rapidlimit.redis.vs_none_await",
+        "",
+        "",
+    ),
+    (
+        "  Redis, headers off, checked by SlowAPIASGIMiddleware, vs no limiter "
+        "(callgrind)",
+        "callgrind.http.rapidlimit.redis.asgi.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  the same, vs the endpoint awaiting once (callgrind)",
+        "callgrind.http.rapidlimit.redis.asgi.vs_none_await",
         "",
         "",
     ),

@@ -752,6 +752,30 @@ def _request_factory() -> Callable[[Scope, Receive, Send], Request]:
 _make_request = _request_factory()
 
 
+class _ScopeFinish:
+    """Limiter._scope_check_async's end of the check, which the storage's
+    waiter calls for a request it did not allow (as it calls the Limiter's
+    own _finish_endpoint for the decorator's)."""
+
+    __slots__ = ("limiter", "receive", "send")
+
+    def __init__(self, limiter: Limiter, receive: Receive, send: Send) -> None:
+        self.limiter = limiter
+        self.receive = receive
+        self.send = send
+
+    def _finish_endpoint(
+        self,
+        view: ViewRateLimit | None,
+        exc: Exception | None,
+        scope: Scope,
+        plan: _Plan,
+    ) -> Failure | None:
+        return self.limiter._single_failure(
+            view, exc, scope, plan, None, (self.receive, self.send)
+        )
+
+
 async def _ready(value: Any) -> Any:
     """An awaitable of ``value``."""
     return value
@@ -1954,22 +1978,98 @@ class Limiter:
         """The end of :meth:`_check_in_endpoint_async`'s check for anything
         but an allowed request: ``view`` was rejected (and is the state's
         view already), or the storage raised ``exc``."""
-        scope = conn.scope
-        state = scope["state"]
+        state = conn.scope["state"]
+        failed = self._single_failure(view, exc, conn.scope, plan, conn)
+        return self._outcome(conn, failed, state)
+
+    def _single_failure(
+        self,
+        view: ViewRateLimit | None,
+        exc: Exception | None,
+        scope: Scope,
+        plan: _Plan,
+        conn: HTTPConnection | None = None,
+        parts: tuple[Receive, Send] | None = None,
+    ) -> Failure | None:
+        """What failed a single-limit check that was not allowed: the limit
+        (``view`` rejected), or what the storage's error ``exc`` comes to
+        (:meth:`_on_error`, given ``conn`` or one made from ``scope`` and
+        ``parts``)."""
         single = plan.single
         assert single is not None
-        failed: Failure | None
         try:
             if exc is not None:
                 raise exc
             assert view is not None
             if self.logger.isEnabledFor(logging.DEBUG):
                 self._log_rejection(single, view._data[2], view._data[3])
-            failed = single
+            return single
         except Exception as error:
+            if conn is None:
+                assert parts is not None
+                conn = _make_request(scope, *parts)
             endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
-            failed = self._on_error(error, conn, plan, state, endpoint_key or "")
-        return self._outcome(conn, failed, state)
+            return self._on_error(error, conn, plan, scope["state"], endpoint_key or "")
+
+    def _scope_check_async(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        plan: _Plan,
+        state: dict[str, Any],
+    ) -> Awaitable[Any] | None:
+        """The ASGI middleware's check of an HTTP request on Redis for the
+        usual plan (one limit keyed by the peer's address): the storage's
+        waiter, resolving to the view when the request is allowed, else to
+        what failed it (the limit, or :class:`_Unavailable`; None when the
+        storage's error lets it through). No Request is made unless the
+        storage fails. None: use :meth:`_check_async`.
+
+        The middleware awaits this before the framework builds the
+        request's objects, which a request suspended inside the endpoint
+        keeps alive meanwhile: with many requests waiting on Redis
+        together, those objects alone set off CPython's garbage
+        collections."""
+        single = plan.single
+        if (
+            single is None
+            or not single._peer_key
+            or self._storage_dead
+            or self._request_filters
+        ):
+            return None
+        endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
+        if not endpoint_key:
+            return None
+        state[_DONE] = True
+        state[_BY] = self
+        key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+        storage: RedisStorage = self._storage  # type: ignore[assignment]
+        try:
+            return storage.decide_view_async(
+                self._limiter,
+                single.limit,
+                key,
+                single._static_scope or endpoint_key,
+                single.cost,  # type: ignore[arg-type]
+                time.time(),
+                self._core_names,
+                single,
+                self._key_prefix,
+                state,
+                _VIEW,
+                _ScopeFinish(self, receive, send),
+                scope,
+                plan,
+            )
+        except RuntimeError:
+            if _get_running_loop() is not None:
+                raise
+            return None  # no asyncio loop: _check_async decides in a thread
+        except Exception as exc:
+            failed = self._single_failure(None, exc, scope, plan, None, (receive, send))
+            return _ready(failed)
 
     async def _check_in_endpoint_general(
         self, conn: HTTPConnection, target: Any

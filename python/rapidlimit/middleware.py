@@ -290,11 +290,18 @@ class SlowAPIASGIMiddleware:
             await self.app(scope, receive, send)
             return
         if limiter._remote:
+            pending = None
             if kind == "http":
-                conn: Any = _make_request(scope, receive, send)
+                pending = limiter._scope_check_async(scope, receive, send, plan, state)
+            if pending is not None:
+                outcome = await pending
+                failed = None if type(outcome) is ViewRateLimit else outcome
             else:
-                conn = WebSocket(scope, receive, send)
-            failed = await limiter._check_async(conn, plan, state)
+                if kind == "http":
+                    conn: Any = _make_request(scope, receive, send)
+                else:
+                    conn = WebSocket(scope, receive, send)
+                failed = await limiter._check_async(conn, plan, state)
         elif kind == "http":
             # The usual plan (one limit keyed by the peer's address,
             # memory store) in one core call, as the decorator does.

@@ -17,14 +17,15 @@ from rapidlimit import Limiter, _core, _rate_limit_exceeded_handler, parse
 from rapidlimit.errors import RateLimitExceeded
 from rapidlimit.middleware import SlowAPIASGIMiddleware
 from rapidlimit.storage import RedisStorage
+from rapidlimit.util import get_remote_address
 from redis_server import RedisServer
 
 trio = pytest.importorskip("trio")
 
 
 def _app(uri: str, **options: Any) -> FastAPI:
+    options.setdefault("key_func", lambda request: request.headers.get("x-key", "k"))
     limiter = Limiter(
-        key_func=lambda request: request.headers.get("x-key", "k"),
         storage_uri=uri,
         headers_enabled=True,
         application_limits=["3/minute"],
@@ -73,6 +74,18 @@ def _check_counts(app: FastAPI) -> None:
 @pytest.mark.skipif(not _core.redis_available(), reason="built without hiredis")
 def test_redis_limits_on_trio(server: RedisServer) -> None:
     _check_counts(_app(server.uri))
+
+
+@pytest.mark.skipif(not _core.redis_available(), reason="built without hiredis")
+def test_redis_middleware_keyed_by_address_on_trio(server: RedisServer) -> None:
+    # The middleware's own way for the usual limit (the peer's address, one
+    # limit) on Redis awaits the storage's asyncio waiter: on trio it takes
+    # the general way, through a worker thread.
+    app = _app(server.uri, key_func=get_remote_address)
+    got = trio.run(_get, app, "/plain", 4, "unused")
+    assert [r.status_code for r in got] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining"] for r in got] == list("2100")
+    app.state.limiter.close()
 
 
 def test_memory_limits_on_trio() -> None:
