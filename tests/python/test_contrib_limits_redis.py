@@ -107,6 +107,12 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 def ours(srv: RedisServer, scheme: str = "rapidlimit+redis", **options: Any) -> Any:
+    # Unless the test is about timeouts, not the 0.2 s default: a loaded CI
+    # machine once stalled a test's event loop past it (a fail-closed
+    # TimeoutError in the middle of its hits); a reply that never comes
+    # still fails the test.
+    if "timeout" not in options and "socket_timeout" not in options:
+        options["timeout"] = 5.0
     return limits.storage.storage_from_string(
         f"{scheme}://127.0.0.1:{srv.port}/0", **options
     )
