@@ -755,14 +755,22 @@ _make_request = _request_factory()
 class _ScopeFinish:
     """Limiter._scope_check_async's end of the check, which the storage's
     waiter calls for a request it did not allow (as it calls the Limiter's
-    own _finish_endpoint for the decorator's)."""
+    own _finish_endpoint for the decorator's). ``conn``: the Request the
+    key function was given, if one was made."""
 
-    __slots__ = ("limiter", "receive", "send")
+    __slots__ = ("limiter", "receive", "send", "conn")
 
-    def __init__(self, limiter: Limiter, receive: Receive, send: Send) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        receive: Receive,
+        send: Send,
+        conn: HTTPConnection | None,
+    ) -> None:
         self.limiter = limiter
         self.receive = receive
         self.send = send
+        self.conn = conn
 
     def _finish_endpoint(
         self,
@@ -772,7 +780,7 @@ class _ScopeFinish:
         plan: _Plan,
     ) -> Failure | None:
         return self.limiter._single_failure(
-            view, exc, scope, plan, None, (self.receive, self.send)
+            view, exc, scope, plan, self.conn, (self.receive, self.send)
         )
 
 
@@ -2020,10 +2028,10 @@ class Limiter:
         state: dict[str, Any],
     ) -> Awaitable[Any] | None:
         """The ASGI middleware's check of an HTTP request on Redis for the
-        usual plan (one limit keyed by the peer's address): the storage's
-        waiter, resolving to the view when the request is allowed, else to
-        what failed it (the limit, or :class:`_Unavailable`; None when the
-        storage's error lets it through). No Request is made unless the
+        usual plan (one limit): the storage's waiter, resolving to the view
+        when the request is allowed, else to what failed it (the limit, or
+        :class:`_Unavailable`; None when the storage's error lets it
+        through). Keyed by the peer's address, no Request is made unless the
         storage fails. None: use :meth:`_check_async`.
 
         The middleware awaits this before the framework builds the
@@ -2032,43 +2040,49 @@ class Limiter:
         together, those objects alone set off CPython's garbage
         collections."""
         single = plan.single
-        if (
-            single is None
-            or not single._peer_key
-            or self._storage_dead
-            or self._request_filters
-        ):
+        if single is None or self._storage_dead or self._request_filters:
             return None
         endpoint_key = scope.get("path") if self._url_keys else plan.endpoint_name
         if not endpoint_key:
             return None
         state[_DONE] = True
         state[_BY] = self
-        key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+        conn: HTTPConnection | None = None
         storage: RedisStorage = self._storage  # type: ignore[assignment]
         try:
-            return storage.decide_view_async(
-                self._limiter,
-                single.limit,
-                key,
-                single._static_scope or endpoint_key,
-                single.cost,  # type: ignore[arg-type]
-                time.time(),
-                self._core_names,
-                single,
-                self._key_prefix,
-                state,
-                _VIEW,
-                _ScopeFinish(self, receive, send),
-                scope,
-                plan,
-            )
-        except RuntimeError:
-            if _get_running_loop() is not None:
-                raise
+            if single._peer_key:  # get_remote_address, inlined
+                key = (scope.get("client") or _NO_PEER)[0] or _LOCALHOST
+            else:
+                conn = _make_request(scope, receive, send)
+                func = single.key_func
+                key = func(conn) if single._key_takes_request else func()
+                if not key:  # the general path logs it
+                    return None
+                if key.__class__ is not str:  # keyed as f"{key}" elsewhere
+                    key = f"{key}"
+            try:
+                return storage.decide_view_async(
+                    self._limiter,
+                    single.limit,
+                    key,
+                    single._static_scope or endpoint_key,
+                    single.cost,  # type: ignore[arg-type]
+                    time.time(),
+                    self._core_names,
+                    single,
+                    self._key_prefix,
+                    state,
+                    _VIEW,
+                    _ScopeFinish(self, receive, send, conn),
+                    scope,
+                    plan,
+                )
+            except RuntimeError:
+                if _get_running_loop() is not None:
+                    raise
             return None  # no asyncio loop: _check_async decides in a thread
         except Exception as exc:
-            failed = self._single_failure(None, exc, scope, plan, None, (receive, send))
+            failed = self._single_failure(None, exc, scope, plan, conn, (receive, send))
             return _ready(failed)
 
     async def _check_in_endpoint_general(

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from typing import Any
+from uuid import uuid4
 
 import anyio
 import httpx
@@ -152,6 +153,54 @@ def test_counts_through_redis(server: RedisServer, path: str) -> None:
             return (await client.get("/r")).status_code
 
     assert asyncio.run(again()) == 429
+
+
+def _api_key(request: Request) -> str:
+    key = request.headers.get("x-api-key", "")
+    if key == "boom":
+        raise ValueError("no such API key")
+    return key
+
+
+@pytest.mark.parametrize("middleware", [SlowAPIMiddleware, SlowAPIASGIMiddleware])
+def test_middleware_keyed_by_api_key_as_on_memory(
+    server: RedisServer, middleware: type
+) -> None:
+    # A key function of the app's own (an API key from a header) through
+    # the middleware on Redis: each key counted apart, an empty key and a
+    # key function that raises answered, all as on the memory store.
+    keys = ["a", "a", "b", "a", "a", "", "boom", "b", "a"]
+
+    def run(uri: str) -> list[tuple[int, str | None, str]]:
+        limiter = Limiter(
+            key_func=_api_key,
+            headers_enabled=True,
+            storage_uri=uri,
+            default_limits=["3/minute"],
+            key_prefix=f"api-{uuid4().hex}",
+        )
+        app = FastAPI()
+        app.state.limiter = limiter
+        app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+        app.add_middleware(middleware)
+
+        @app.get("/r")
+        async def route() -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        async def main() -> list[httpx.Response]:
+            async with client_for(app) as client:
+                return [await client.get("/r", headers={"x-api-key": k}) for k in keys]
+
+        got = asyncio.run(main())
+        limiter.close()
+        return [
+            (r.status_code, r.headers.get("x-ratelimit-remaining"), r.text) for r in got
+        ]
+
+    on_redis = run(server.uri)
+    assert on_redis == run("memory://")
+    assert [status for status, _, _ in on_redis[:5]] == [200, 200, 200, 200, 429]
 
 
 @pytest.mark.parametrize("path", PATHS)
