@@ -213,28 +213,38 @@ def _checked(library: str | None, method: Callable[..., T], *args: Any) -> T:
     (incr, get, get_expiry, acquire_*, get_*_window)."""
     result = method(*args)
     if library and _core.RedisStorage.last_status() == "fail-closed":
-        # Redis may have answered, refusing the call's key (WRONGTYPE for
-        # a key holding another type of value): say so, as limits' own
-        # RedisStorage would raise Redis's error.
-        error = _core.RedisStorage.last_error()
-        if error:
-            raise _unavailable(
-                library,
-                f"redis answered an error: {error}; the storage's policy is "
-                "fail-closed",
-                "ResponseError",
-            )
-        if _core.RedisStorage.last_timed_out():
-            raise _unavailable(
-                library,
-                "redis did not answer within the command timeout and the "
-                "storage's policy is fail-closed",
-                "TimeoutError",
-            )
-        raise _unavailable(
-            library, "redis is unavailable and the storage's policy is fail-closed"
+        raise _fail_closed(
+            library,
+            _core.RedisStorage.last_error(),
+            _core.RedisStorage.last_timed_out(),
         )
     return result
+
+
+def _fail_closed(
+    library: str, redis_error: str, timed_out: bool
+) -> _core.RedisUnavailableError:
+    """The error for a call the fail-closed policy answered, blocking or
+    awaited: Redis may have answered, refusing the call's key (WRONGTYPE for
+    a key holding another type of value; limits' own RedisStorage raises
+    Redis's error), or not within the command timeout, or not at all."""
+    if redis_error:
+        return _unavailable(
+            library,
+            f"redis answered an error: {redis_error}; the storage's policy is "
+            "fail-closed",
+            "ResponseError",
+        )
+    if timed_out:
+        return _unavailable(
+            library,
+            "redis did not answer within the command timeout and the storage's "
+            "policy is fail-closed",
+            "TimeoutError",
+        )
+    return _unavailable(
+        library, "redis is unavailable and the storage's policy is fail-closed"
+    )
 
 
 def _admin(library: str | None, method: Callable[..., T], *args: Any) -> T:
@@ -512,12 +522,11 @@ class AsyncRapidlimitStorage(
         except _core.RedisUnavailableError as e:
             if type(e) is not _core.RedisUnavailableError:
                 raise
-            kind = "ConnectionError"
-            if getattr(e, "redis_error", ""):
-                kind = "ResponseError"
-            elif getattr(e, "timed_out", False):
-                kind = "TimeoutError"
-            raise _unavailable(self._library, str(e), kind) from None
+            raise _fail_closed(
+                self._library,
+                getattr(e, "redis_error", ""),
+                getattr(e, "timed_out", False),
+            ) from None
 
     async def _run_plain(self, method: Callable[..., T], *args: Any) -> T:
         """check/reset/clear: no fail-closed answer to turn into an error (a
