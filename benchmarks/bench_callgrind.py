@@ -71,10 +71,13 @@ SUBJECTS: dict[str, tuple[int, int, bool]] = {
     # No limiter, the endpoint awaiting asyncio.sleep(0) once: what a request
     # suspended on its Redis decision costs whatever it waits for.
     "http.none.await": (100, 500, False),
+    # Both: the floor under rapidlimit on Redis with headers on.
+    "http.none.await.headers": (100, 500, False),
     "http.rapidlimit": (100, 500, False),
     "http.rapidlimit.headers": (100, 500, False),
     "http.rapidlimit.headers.rejected": (100, 500, False),
     "http.rapidlimit.redis": (100, 500, False),
+    "http.rapidlimit.redis.headers": (100, 500, False),
     # The same limit checked by SlowAPIASGIMiddleware (the route's default
     # limit) rather than the decorator: it awaits Redis before the framework
     # builds the request's objects.
@@ -446,6 +449,11 @@ def run(cfg: Config, res: SectionResult) -> None:
         ("http.none.headers", "http.rapidlimit.headers", "sending the same headers"),
         ("http.none.await", "http.rapidlimit.redis", "awaiting once"),
         ("http.none.await", "http.rapidlimit.redis.asgi", "awaiting once"),
+        (
+            "http.none.await.headers",
+            "http.rapidlimit.redis.headers",
+            "awaiting once and sending the same headers",
+        ),
     ):
         if floor in per_op and rap in per_op:
             res.ratio(

@@ -19,7 +19,9 @@ and so does a control: a fresh no-limiter server measured
 exactly as a limited variant, whose ratio to the no-limiter runs shows what
 the method itself reads for two identical servers (1.0 but for noise), and a
 floor: the no-limiter endpoint awaiting asyncio.sleep(0) once, suspending
-each request as awaiting a Redis decision does, with nothing else added.
+each request as awaiting a Redis decision does, with nothing else added; and
+that endpoint setting the four rate-limit headers too, the floor under the
+Redis target with headers on.
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Va
             # What any limiter that awaits I/O pays before its own work: the
             # request suspended once.
             out.append(Variant("none", endpoint=ep, awaits=True))
+            # The same with the four headers set by the endpoint: the floor
+            # under the Redis target with headers on, which pays both.
+            out.append(Variant("none", headers=True, endpoint=ep, awaits=True))
             for pkg in packages:
                 out.append(Variant(pkg, "middleware", True, "allowed", endpoint=ep))
                 out.append(
@@ -149,6 +154,7 @@ def vkey(v: Variant) -> str:
             f"{v.endpoint}.none"
             + (".control" if v.control else "")
             + (".await" if v.awaits else "")
+            + (".headers" if v.headers else "")
         )
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
     hdr = "headers" if v.headers else "noheaders"
@@ -183,7 +189,8 @@ def vlabel(v: Variant) -> str:
         if v.control:
             return f"{v.endpoint:<5} no limiter, fresh server (control)"
         if v.awaits:
-            return f"{v.endpoint:<5} no limiter, awaiting once (floor)"
+            also = ", setting the headers" if v.headers else ""
+            return f"{v.endpoint:<5} no limiter, awaiting once{also} (floor)"
         return f"{v.endpoint:<5} no limiter"
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
     hdr = "hdr" if v.headers else "nohdr"
@@ -463,7 +470,7 @@ def run(cfg: Config, res: SectionResult) -> None:
         res.log(
             f"{reps} repetition(s) x {len(limited)} variants ({target_reps} for "
             "the async rapidlimit decorator with allowed traffic, the ASGI "
-            "middleware on Redis, the control and the floor), each between two "
+            "middleware on Redis, the control and the floors), each between two "
             f"runs of the no-limiter server; {seconds:g} s per run, "
             f"wrk -t1 -c{connections}; server CPU {server_cpu()}, wrk and Redis "
             f"CPU {client_cpu()}; {time.monotonic() - started:.0f} s"

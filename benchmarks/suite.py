@@ -356,6 +356,12 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "  floor: the same endpoint also setting the four headers, vs no limiter",
+        "http.async.none.await.headers.vs_none",
+        "",
+        "",
+    ),
+    (
         "HTTP server time in garbage collection per request, Redis, allowed, "
         "headers on (µs)",
         _HTTP.format("rapidlimit", "redis", "allowed").replace("vs_none", "gc"),
@@ -424,6 +430,26 @@ HEADLINE: list[tuple[str, str, str, str]] = [
     (
         "  Redis, headers off, vs that endpoint (callgrind)",
         "callgrind.http.rapidlimit.redis.vs_none_await",
+        "",
+        "",
+    ),
+    (
+        "HTTP server instructions per request vs no limiter, Redis, headers on "
+        "(callgrind)",
+        "callgrind.http.rapidlimit.redis.headers.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  floor: a no-limiter endpoint awaiting once and setting the four "
+        "headers, vs no limiter (callgrind)",
+        "callgrind.http.none.await.headers.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  Redis, headers on, vs that endpoint (callgrind)",
+        "callgrind.http.rapidlimit.redis.headers.vs_none_await_headers",
         "",
         "",
     ),
