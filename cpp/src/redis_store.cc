@@ -51,6 +51,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -518,6 +519,14 @@ class Lane {
   std::mutex wake_mu_;
   int efd_ = -1;
 
+  // Set by the I/O thread when it first blocks (to poll or to connect):
+  // Start waits for it, so that an event loop's first batch, sent right
+  // after the store is made, does not find the connection held by the
+  // thread's first pass and take the hand-off to the thread instead.
+  std::mutex started_mu_;
+  std::condition_variable started_cv_;
+  bool started_ = false;
+
   std::mutex q_mu_;  // guards queue_, woken_, accepting_, stop_
   std::vector<Op*> queue_;
   bool woken_ = false;  // the I/O thread was woken for queue_
@@ -689,6 +698,14 @@ Lane::~Lane() {
 void Lane::Start(int64_t deadline) {
   Connect(deadline);
   thread_ = std::thread([this] { Run(); });
+  // Bounded like the connect: a thread the system is slow to schedule
+  // delays the store's creation by at most what is left of its timeout.
+  std::unique_lock<std::mutex> lock(started_mu_);
+  const int64_t left = deadline - MonoNanos();
+  if (left > 0) {
+    started_cv_.wait_for(lock, std::chrono::nanoseconds(left),
+                         [this] { return started_; });
+  }
 }
 
 void Lane::Stop() {
@@ -1461,6 +1478,16 @@ void Lane::Run() {
   std::vector<Op*> batch, completed, failed;
   bool readable = false;
   int hung_up = -1;  // the idle connection poll saw Redis close
+  bool announced = false;
+  auto announce = [&] {
+    if (announced) return;
+    announced = true;
+    {
+      std::lock_guard<std::mutex> lock(started_mu_);
+      started_ = true;
+    }
+    started_cv_.notify_all();
+  };
   for (;;) {
     if (hung_up >= 0) {
       ReconnectIdle(hung_up, &failed);
@@ -1513,7 +1540,10 @@ void Lane::Run() {
     }
     if (broke || stopping) StopAccepting(&failed);
     Finish(&completed, &failed);
-    if (stopping) return;
+    if (stopping) {
+      announce();
+      return;
+    }
     if (state_.load(std::memory_order_relaxed) == kDown) {
       if (MonoNanos() >= next_retry_) {
         readable = false;
@@ -1526,11 +1556,13 @@ void Lane::Run() {
           std::lock_guard<std::mutex> lock(q_mu_);
           return stop_ ? kCancelWait : std::numeric_limits<int64_t>::max();
         };
+        announce();
         Connect(0, &hook);
         continue;
       }
       wake_at = std::min(wake_at, next_retry_);
     }
+    announce();
     pollfd fds[2] = {{efd_, POLLIN, 0}, {wait_fd, wait_events, 0}};
     const int64_t left = wake_at - MonoNanos();
     const int ms = left <= 0 ? 0

@@ -1735,6 +1735,56 @@ TEST_P(RedisLoopTest, LoopDrivesAnIdleConnection) {
   EXPECT_TRUE(store->LoopRead(c.generation));
 }
 
+// A store is made with its I/O thread past its first pass over the
+// connection: an event loop's first batch, sent right after, finds the
+// connection free and leaves from the loop (it used to meet that pass now
+// and then, and go to the I/O thread instead). No retry here, unlike the
+// other loop tests.
+TEST_F(RedisStoreTest, AFreshStoreLeavesItsConnectionToTheLoop) {
+  const Limit l = L("1000 per minute");
+  int handed_off = 0;
+  for (int i = 0; i < 100; ++i) {
+    RedisStoreOptions o = Options();
+    o.command_timeout_nanos = 2 * kSec;
+    auto store = Make(o);
+    ASSERT_NE(store, nullptr);
+    AsyncWait w;
+    w.pending = 1;
+    Request r{Strategy::kFixedWindow, &l, "LIMITER/fresh", 1};
+    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+    // Whenever the loop comes: at once, or up to 200 µs later (a Python
+    // loop's turn), wherever that falls in the thread's first pass.
+    std::this_thread::sleep_for(std::chrono::microseconds(i % 50 * 4));
+    RedisStore::LoopConnection c;
+    RedisStore::LoopResult got = store->LoopFlush(&c);
+    if (got == RedisStore::LoopResult::kNewConnection) {
+      got = store->LoopFlush(&c);
+    }
+    if (got != RedisStore::LoopResult::kSent) {
+      ++handed_off;
+      store->Flush();  // as a loop does: the I/O thread sends it
+    }
+    const auto start = std::chrono::steady_clock::now();
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(w.mu);
+        if (w.pending == 0) break;
+      }
+      ASSERT_LT(std::chrono::steady_clock::now() - start,
+                std::chrono::seconds(5));
+      if (got != RedisStore::LoopResult::kSent) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        continue;
+      }
+      pollfd p{c.fd, POLLIN, 0};
+      ASSERT_GE(poll(&p, 1, 1000), 0);
+      if (p.revents & POLLIN) store->LoopRead(c.generation);
+    }
+    EXPECT_EQ(w.allowed, 1);
+  }
+  EXPECT_EQ(handed_off, 0);
+}
+
 TEST_F(RedisStoreTest, LoopWatchFailsARequestRedisDoesNotAnswer) {
   const Limit l = L("3 per minute");
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
