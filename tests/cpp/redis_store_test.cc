@@ -1681,6 +1681,28 @@ bool ReadFromLoop(RedisStore& store, uint64_t generation) {
                           [](bool r) { return r; });
 }
 
+// Reads the replies to what the loop sent on `c` as its selector would,
+// until `w`'s requests are complete; false after 5 s (the store closed).
+bool ReadFromSelector(RedisStore& store, const RedisStore::LoopConnection& c,
+                      AsyncWait& w) {
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    {
+      std::lock_guard<std::mutex> lock(w.mu);
+      if (w.pending == 0) return true;
+    }
+    pollfd p{c.fd, POLLIN, 0};
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(5) ||
+        poll(&p, 1, 1000) < 0) {
+      store.Close();
+      return false;
+    }
+    // False when the I/O thread, woken by its periodic check, took the
+    // replies first (then the requests are complete all the same).
+    if (p.revents & POLLIN) store.LoopRead(c.generation);
+  }
+}
+
 // What an event loop does with RedisStore::LoopFlush/LoopRead/LoopWatch,
 // with poll() for its selector: the batch leaves from this thread and the
 // replies are read here. In a pool, the loop drives the first connection.
@@ -1712,20 +1734,7 @@ TEST_P(RedisLoopTest, LoopDrivesAnIdleConnection) {
   const int64_t watch = store->LoopWatch(c.generation);
   EXPECT_GE(watch, 0);
   EXPECT_LE(watch, 2 * kSec);  // MakeConnected's timeout
-  const auto start = std::chrono::steady_clock::now();
-  while (true) {
-    {
-      std::lock_guard<std::mutex> lock(w.mu);
-      if (w.pending == 0) break;
-    }
-    ASSERT_LT(std::chrono::steady_clock::now() - start,
-              std::chrono::seconds(5));
-    pollfd p{c.fd, POLLIN, 0};
-    ASSERT_GE(poll(&p, 1, 1000), 0);
-    // False when the I/O thread, woken by its periodic check, took the
-    // replies first (then the requests are complete all the same).
-    if (p.revents & POLLIN) store->LoopRead(c.generation);
-  }
+  ASSERT_TRUE(ReadFromSelector(*store, c, w));
   EXPECT_EQ(w.allowed, 3);
   EXPECT_EQ(WatchFromLoop(*store, c.generation), 0);  // nothing in flight
   const RedisStoreStats after = store->Stats();
@@ -1760,25 +1769,12 @@ TEST_F(RedisStoreTest, AFreshStoreLeavesItsConnectionToTheLoop) {
     if (got == RedisStore::LoopResult::kNewConnection) {
       got = store->LoopFlush(&c);
     }
-    if (got != RedisStore::LoopResult::kSent) {
+    if (got == RedisStore::LoopResult::kSent) {
+      ASSERT_TRUE(ReadFromSelector(*store, c, w));
+    } else {
       ++handed_off;
       store->Flush();  // as a loop does: the I/O thread sends it
-    }
-    const auto start = std::chrono::steady_clock::now();
-    while (true) {
-      {
-        std::lock_guard<std::mutex> lock(w.mu);
-        if (w.pending == 0) break;
-      }
-      ASSERT_LT(std::chrono::steady_clock::now() - start,
-                std::chrono::seconds(5));
-      if (got != RedisStore::LoopResult::kSent) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        continue;
-      }
-      pollfd p{c.fd, POLLIN, 0};
-      ASSERT_GE(poll(&p, 1, 1000), 0);
-      if (p.revents & POLLIN) store->LoopRead(c.generation);
+      ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
     }
     EXPECT_EQ(w.allowed, 1);
   }
