@@ -520,9 +520,10 @@ class Lane {
   int efd_ = -1;
 
   // Set by the I/O thread when it first blocks (to poll or to connect):
-  // Start waits for it, so that an event loop's first batch, sent right
-  // after the store is made, does not find the connection held by the
-  // thread's first pass and take the hand-off to the thread instead.
+  // Start waits for it, so that an event loop's first batch, queued right
+  // after the store is made, does not meet the thread's first pass, which
+  // would take it from the queue and send it itself (the loop's flush then
+  // finds nothing to send, or the connection held).
   std::mutex started_mu_;
   std::condition_variable started_cv_;
   bool started_ = false;
