@@ -66,6 +66,11 @@ SECTIONS: dict[str, ModuleType] = {
 # ----------------------------------------------------------------- targets
 
 
+def _stated(f: Figure) -> str:
+    """A figure as a target's detail names it: label, median, unit."""
+    return f"{f.label.strip()}: {fmt_number(f.median)} {f.unit}".replace("  ", " ")
+
+
 @dataclass
 class Target:
     text: str
@@ -97,20 +102,13 @@ class Target:
             else f.median >= self.threshold
             for f in found
         ]
-        shown = ", ".join(
-            f"{f.label.strip()}: {fmt_number(f.median)} {f.unit}".replace("  ", " ")
-            for f in found
-        )
+        shown = ", ".join(_stated(f) for f in found)
         missing = [k for k in keys if k not in figs]
         if missing:
             note = (
                 note + "; " if note else ""
             ) + f"{len(missing)} figure(s) not measured"
-        context = [figs[k] for k in self.context or () if k in figs]
-        about = "; ".join(
-            f"{f.label.strip()}: {fmt_number(f.median)} {f.unit}".replace("  ", " ")
-            for f in context
-        )
+        about = "; ".join(_stated(figs[k]) for k in self.context or () if k in figs)
         return {
             "target": self.text,
             "status": "MET" if all(ok) else "NOT MET",
@@ -121,27 +119,30 @@ class Target:
         }
 
 
-# What each end-to-end target's figure stands on: the control (what the
-# method reads for two identical servers), the floor any limiter in that
-# place pays and rapidlimit's instructions against it.
+# What the method reads for two identical servers: beside every end-to-end
+# target.
+_CONTROL = "http.async.none.control.vs_none"
+
+# What each end-to-end target's figure stands on: the control, the floor
+# any limiter in that place pays and rapidlimit's instructions against it.
 _E2E_CONTEXT: dict[tuple[str, str], list[str]] = {
     ("memory", "noheaders"): [
-        "http.async.none.control.vs_none",
+        _CONTROL,
         "callgrind.http.rapidlimit.vs_none",
     ],
     ("memory", "headers"): [
-        "http.async.none.control.vs_none",
+        _CONTROL,
         "callgrind.http.none.headers.vs_none",
         "callgrind.http.rapidlimit.headers.vs_none_headers",
     ],
     ("Redis", "noheaders"): [
-        "http.async.none.control.vs_none",
+        _CONTROL,
         "http.async.none.await.vs_none",
         "callgrind.http.rapidlimit.redis.vs_none_await",
         "http.async.rapidlimit.redis.asgi-middleware.noheaders.allowed.vs_none",
     ],
     ("Redis", "headers"): [
-        "http.async.none.control.vs_none",
+        _CONTROL,
         "http.async.none.await.headers.vs_none",
         "callgrind.http.rapidlimit.redis.headers.vs_none_await_headers",
         "http.async.rapidlimit.redis.asgi-middleware.headers.allowed.vs_none",
@@ -220,7 +221,7 @@ TARGETS = [
         ">=",
         1.0,
         context=[
-            "http.async.none.control.vs_none",
+            _CONTROL,
             "callgrind.http.rapidlimit.headers.rejected.vs_allowed",
         ],
     ),
@@ -339,7 +340,7 @@ HEADLINE: list[tuple[str, str, str, str]] = [
     ),
     (
         "HTTP req/s, a fresh no-limiter server vs no limiter (control)",
-        "http.async.none.control.vs_none",
+        _CONTROL,
         "",
         "",
     ),
