@@ -469,7 +469,8 @@ class Lane {
   // script call.
   void AppendGroupLocked(Op* const* ops, size_t k);
   // Appends the queued `batch` (emptied) as script groups, failing into
-  // `failed` the ops whose deadline `now` has passed.
+  // `failed` the ops whose deadline `now` has passed; an asynchronous
+  // op queued on this connection gets its timeout from `now`.
   void AppendBatchLocked(std::vector<Op*>* batch, int64_t now,
                          std::vector<Op*>* failed);
   // Up, with no command in flight and none being sent (conn_mu_ held): a
@@ -543,8 +544,9 @@ class Lane {
   std::string out_;
   size_t out_off_ = 0;
   std::deque<Op*> inflight_;
-  int64_t last_read_ = 0;    // MonoNanos of the last bytes received
-  uint64_t generation_ = 0;  // of fd_: one per connection made (conn_mu_)
+  int64_t last_read_ = 0;     // MonoNanos of the last bytes received
+  uint64_t generation_ = 0;   // of fd_: one per connection made (conn_mu_)
+  int64_t connected_at_ = 0;  // MonoNanos when fd_ was made (conn_mu_)
   // A caller's inline exchange holds conn_mu_ (TryInline), waiting for
   // its reply: LoopRead, finding conn_mu_ taken, stops watching.
   std::atomic<bool> inline_busy_{false};
@@ -952,10 +954,20 @@ void Lane::StopAccepting(std::vector<Op*>* failed) {
 
 void Lane::AppendBatchLocked(std::vector<Op*>* batch, int64_t now,
                              std::vector<Op*>* failed) {
+  const int64_t timeout = engine_->options.command_timeout_nanos;
   for (size_t i = 0; i < batch->size();) {
     Op* op = (*batch)[i];
-    // A command that missed its deadline in the queue (it raced a
-    // reconnect) is failed here rather than sent.
+    // An asynchronous request queued on this connection waited for its
+    // event loop's flush (an iteration held up by a full garbage
+    // collection of a big heap, or by a handler computing on the loop) or
+    // for this thread, not for Redis, and its caller keeps no clock of its
+    // own: its timeout starts now. One queued before the connection was
+    // made waited for the reconnect, which its deadline bounds
+    // (ExpireQueued); a synchronous caller stops waiting at its deadline
+    // (RunSync): their requests, if late, are failed rather than sent.
+    if (op->async && op->deadline - timeout >= connected_at_) {
+      op->deadline = now + timeout;
+    }
     if (op->deadline <= now) {
       Add(engine_->counters->timeouts);
       op->timed_out = true;
@@ -1440,6 +1452,7 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
     std::lock_guard<std::mutex> lock(conn_mu_);
     fd_ = fd;
     ++generation_;
+    connected_at_ = MonoNanos();
     connecting_fd_.store(-1);
     reader_ = reader;
     out_.clear();
@@ -1515,12 +1528,17 @@ void Lane::Run() {
       } else if (state_.load(std::memory_order_relaxed) == kUp) {
         AppendBatchLocked(&batch, now, &failed);
         // Read only what poll reported: a speculative recv() would cost a
-        // syscall per batch.
-        if (FlushLocked(&failed) &&
-            (!readable || ReadLocked(&completed, &failed)) &&
-            !inflight_.empty() && inflight_.front()->deadline <= now) {
-          TimeOutLocked(&failed);
-        }
+        // syscall per batch. Before timing commands out, though: their
+        // replies may have come in time and wait for an event loop that
+        // sent them and was then held up before it read them (this pass
+        // then is the idle one a second, which watches for hang-ups only).
+        const auto late = [&] {
+          return !inflight_.empty() && inflight_.front()->deadline <= now;
+        };
+        bool ok = FlushLocked(&failed) &&
+                  (!readable || ReadLocked(&completed, &failed));
+        if (ok && !readable && late()) ok = ReadLocked(&completed, &failed);
+        if (ok && late()) TimeOutLocked(&failed);
         if (state_.load(std::memory_order_relaxed) == kUp) {
           wait_fd = fd_;
           if (!inflight_.empty()) {

@@ -1781,6 +1781,57 @@ TEST_F(RedisStoreTest, AFreshStoreLeavesItsConnectionToTheLoop) {
   EXPECT_EQ(handed_off, 0);
 }
 
+// An event loop sends its batch at the end of its iteration, which a
+// full garbage collection or a handler computing on the loop can hold up
+// past the command timeout: Redis has not been waited for, and the batch
+// is sent and answered (it was failed unsent, a timeout without Redis).
+TEST_F(RedisStoreTest, LoopHeldUpBeforeItsFlushTimesNothingOut) {
+  const Limit l = L("3 per minute");
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+  o.command_timeout_nanos = 100 * kMs;
+  auto store = Make(o);
+  AsyncWait w;
+  w.pending = 2;
+  for (int i = 0; i < 2; ++i) {
+    Request r{Strategy::kFixedWindow, &l, "LIMITER/late", 1};
+    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  RedisStore::LoopConnection c;
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
+  ASSERT_TRUE(ReadFromSelector(*store, c, w));
+  EXPECT_EQ(w.allowed, 2);
+  EXPECT_EQ(w.sources, std::vector<DecisionSource>(2, DecisionSource::kStore));
+  EXPECT_EQ(store->Stats().timeouts, 0u);
+}
+
+// Replies that came in time but that the loop, held up, has not read past
+// their deadline: the I/O thread's periodic pass (one a second, polling
+// the idle connection for a hang-up only) reads them rather than time the
+// commands out and drop the connection.
+TEST_F(RedisStoreTest, RepliesALoopHasNotReadByTheDeadlineAreReadNotTimedOut) {
+  const Limit l = L("3 per minute");
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+  o.command_timeout_nanos = 100 * kMs;
+  auto store = Make(o);
+  AsyncWait w;
+  w.pending = 1;
+  Request r{Strategy::kFixedWindow, &l, "LIMITER/unread", 1};
+  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  RedisStore::LoopConnection c;
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
+  ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
+  // Within 1.3 s the thread has a pass past the deadline.
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(2)));
+  EXPECT_EQ(w.allowed, 1);
+  EXPECT_EQ(w.sources, std::vector<DecisionSource>{DecisionSource::kStore});
+  const RedisStoreStats stats = store->Stats();
+  EXPECT_EQ(stats.timeouts, 0u);
+  EXPECT_EQ(stats.disconnects, 0u);
+  EXPECT_TRUE(store->Connected());
+}
+
 TEST_F(RedisStoreTest, LoopWatchFailsARequestRedisDoesNotAnswer) {
   const Limit l = L("3 per minute");
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
@@ -2906,6 +2957,34 @@ void HoldAfterConnect() {
   }
 }
 
+// Holds the next connect (HoldAfterConnect) for its scope.
+class HeldConnect {
+ public:
+  HeldConnect() {
+    g_release.store(false);
+    g_holding.store(false);
+    g_hold_armed.store(true);
+    redis::g_connected_hook.store(&HoldAfterConnect);
+  }
+  ~HeldConnect() {
+    Release();
+    redis::g_connected_hook.store(nullptr);
+  }
+  HeldConnect(const HeldConnect&) = delete;
+  HeldConnect& operator=(const HeldConnect&) = delete;
+
+  // Whether an I/O thread is held, within 5 s.
+  bool WaitHolding() const {
+    const auto until =
+        std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!g_holding.load() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return g_holding.load();
+  }
+  void Release() { g_release.store(true); }
+};
+
 // A caller running inline breaks a connection the moment the I/O thread
 // has published it, before that thread's connect has returned: the lane
 // is down, and requests must get the policy at once rather than queue for
@@ -2917,24 +2996,11 @@ TEST_F(RedisStoreTest, InlineBreakRightAfterAReconnectStopsAccepting) {
   const Limit l = L("1000 per minute");
   ASSERT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
             DecisionSource::kStore);
-  g_release.store(false);
-  g_holding.store(false);
-  g_hold_armed.store(true);
-  redis::g_connected_hook.store(&HoldAfterConnect);
-  struct Unhook {
-    ~Unhook() {
-      g_release.store(true);
-      redis::g_connected_hook.store(nullptr);
-    }
-  } unhook;
+  HeldConnect held;
   // Redis drops the idle connection: the I/O thread reconnects and stops
   // in the hook with the new connection up.
   ASSERT_TRUE(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).ok());
-  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (!g_holding.load() && std::chrono::steady_clock::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  ASSERT_TRUE(g_holding.load());
+  ASSERT_TRUE(held.WaitHolding());
   // Redis stops answering; a request run inline times out and breaks the
   // new connection.
   std::thread sleeper = server_.SleepInBackground("0.8");
@@ -2944,7 +3010,7 @@ TEST_F(RedisStoreTest, InlineBreakRightAfterAReconnectStopsAccepting) {
   const uint64_t timeouts = store->Stats().timeouts;
   // The I/O thread finishes its connect and starts the next (the server
   // still sleeps, so that one waits for its handshake's reply).
-  g_release.store(true);
+  held.Release();
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   const auto start = std::chrono::steady_clock::now();
   EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
@@ -2954,6 +3020,41 @@ TEST_F(RedisStoreTest, InlineBreakRightAfterAReconnectStopsAccepting) {
   EXPECT_EQ(store->Stats().timeouts, timeouts);
   sleeper.join();
   EXPECT_TRUE(WaitRecovered(*store, std::chrono::milliseconds(3000)));
+}
+
+// An asynchronous request's timeout starts when it is sent, unless it
+// waited for a reconnect: that wait is Redis's, and its deadline bounds it.
+// Here the request is queued while the I/O thread waits for the name of a
+// reconnect, which then completes, and the thread is held past the
+// request's deadline before it sends the queue: the request gets the
+// policy. (Restarted at the send, its timeout let the caller wait for
+// the reconnect and then a whole timeout more: Redis answered it.)
+TEST_F(RedisLookupTest, AsyncRequestThatWaitedForAReconnectKeepsItsDeadline) {
+  LookupGate& gate = LookupGate::Get();
+  RedisStoreOptions o = NamedOptions(RedisFailurePolicy::kFailOpen);
+  o.command_timeout_nanos = 300 * kMs;
+  o.connect_timeout_nanos = 20 * kSec;
+  auto store = Make(o);
+  OpenGateAtEnd open_at_end;
+  ASSERT_TRUE(store->Connected());
+  const Limit l = L("5 per minute");
+  ASSERT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0).source,
+            DecisionSource::kStore);
+  HeldConnect held;
+  gate.Shut();
+  ASSERT_EQ(server_.Command({"CLIENT", "KILL", "TYPE", "normal"}).integer, 1);
+  ASSERT_TRUE(gate.WaitCalls(2, std::chrono::milliseconds(5000)));
+  AsyncAnswer queued(*store, l, "k", kT0 + 1);
+  gate.Open();
+  ASSERT_TRUE(held.WaitHolding());
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  held.Release();
+  const std::optional<Decision> d = queued.Wait(std::chrono::seconds(10));
+  ASSERT_TRUE(d.has_value()) << "no answer";
+  EXPECT_EQ(d->source, DecisionSource::kFailOpen);
+  // The reconnect was no outage: the next request is Redis's.
+  EXPECT_EQ(Hit(*store, Strategy::kFixedWindow, l, "k", kT0 + 2).source,
+            DecisionSource::kStore);
 }
 
 // -------------------------------------------------------------------- fork

@@ -162,6 +162,43 @@ async def test_cancelled_and_abandoned_futures(server: RedisServer) -> None:
     store.close()
 
 
+async def test_a_loop_stalled_before_its_flush_times_nothing_out(
+    server: RedisServer,
+) -> None:
+    """The loop sends what it queued at the end of its iteration; an
+    iteration held up past the timeout (a full garbage collection of a big
+    heap, a handler computing on the loop) has kept Redis waiting for
+    nothing: the timeout counts from the send."""
+    store = RedisStorage(server.uri, timeout=0.1, on_error="fail-closed")
+    item = parse("10/second")
+    future = store.decide_many_async("fixed-window", [(item, "a", 1)])
+    time.sleep(0.3)  # blocks the loop
+    assert (await future)[0].allowed
+    stats = store.stats()
+    assert stats["timeouts"] == 0, stats
+    assert stats["loop_writes"] >= 1, stats
+    store.close()
+
+
+async def test_a_loop_stalled_before_reading_its_replies_times_nothing_out(
+    server: RedisServer,
+) -> None:
+    """Replies that came in time but wait unread behind a stalled loop are
+    read, not timed out, by the I/O thread's periodic pass (at least one a
+    second) that finds their deadline past."""
+    store = RedisStorage(server.uri, timeout=0.1, on_error="fail-closed")
+    item = parse("10/second")
+    future = store.decide_many_async("fixed-window", [(item, "a", 1)])
+    await asyncio.sleep(0)  # the loop's flush sends it
+    assert store.stats()["loop_writes"] == 1
+    time.sleep(1.3)  # blocks the loop past the deadline and a periodic pass
+    assert (await future)[0].allowed
+    stats = store.stats()
+    assert stats["timeouts"] == 0, stats
+    assert stats["disconnects"] == 0, stats
+    store.close()
+
+
 def test_needs_a_running_loop(server: RedisServer) -> None:
     store = RedisStorage(server.uri)
     with pytest.raises(RuntimeError, match="running asyncio event loop"):
