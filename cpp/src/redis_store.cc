@@ -553,6 +553,8 @@ class Lane {
   std::vector<Op*> group_;  // ReadLocked's scratch
   static constexpr size_t kEagerBatch = 32;
   static constexpr int64_t kIdleCheckNanos = 20'000'000;
+  // How long an event loop's deferred requests are left to its flush.
+  static constexpr int64_t kLoopGraceNanos = 100'000'000;
   // Requests sharing one script command at most: bounds the script's run
   // (Redis serves nobody else meanwhile) and its reply.
   static constexpr size_t kMaxGroup = 32;
@@ -1491,7 +1493,8 @@ bool Lane::Connect(int64_t deadline, WaitHook* hook) {
 void Lane::Run() {
   std::vector<Op*> batch, completed, failed;
   bool readable = false;
-  int hung_up = -1;  // the idle connection poll saw Redis close
+  bool timer_pass = false;  // poll timed out: no wake-up, nothing to read
+  int hung_up = -1;         // the idle connection poll saw Redis close
   bool announced = false;
   auto announce = [&] {
     if (announced) return;
@@ -1508,14 +1511,24 @@ void Lane::Run() {
       hung_up = -1;
       Finish(&completed, &failed);
     }
+    const int64_t now = MonoNanos();
     bool stopping;
     {
       std::lock_guard<std::mutex> lock(q_mu_);
-      batch.swap(queue_);
-      woken_ = false;
+      // A pass no one woke us for (the idle one a second) leaves an event
+      // loop's deferred requests to the loop, whose flush at the end of
+      // its iteration would otherwise now and then find them gone (their
+      // answers are the same, but a batch leaves from here). Those that
+      // waited longer than a loop's iteration takes are sent: a loop
+      // closed before its flush ran never sends them.
+      if (woken_ || stop_ || !timer_pass || queue_.empty() ||
+          queue_.front()->deadline - engine_->options.command_timeout_nanos <=
+              now - kLoopGraceNanos) {
+        batch.swap(queue_);
+        woken_ = false;
+      }
       stopping = stop_;
     }
-    const int64_t now = MonoNanos();
     int wait_fd = -1;
     short wait_events = 0;
     int64_t wake_at = now + 1'000'000'000;
@@ -1588,6 +1601,7 @@ void Lane::Run() {
                              : static_cast<int>(std::min<int64_t>(
                                    (left + 999'999) / 1'000'000, 1'000));
     const int rc = poll(fds, wait_fd >= 0 ? 2 : 1, ms);
+    timer_pass = rc == 0;
     readable = rc > 0 && wait_fd >= 0 &&
                (fds[1].revents & (POLLIN | POLLERR | POLLHUP)) != 0;
     if (rc > 0 && wait_fd >= 0 && wait_events == POLLRDHUP &&

@@ -1832,6 +1832,64 @@ TEST_F(RedisStoreTest, RepliesALoopHasNotReadByTheDeadlineAreReadNotTimedOut) {
   EXPECT_TRUE(store->Connected());
 }
 
+// The I/O thread's idle pass (one a second, no one woke it) leaves an
+// event loop's deferred requests to the loop's flush: it used to take and
+// send them when it fell between their queueing and the flush. Here the
+// loop's iterations take 10 ms and one always has a request queued, so
+// the idle pass (at least one in 1.3 s) falls in one.
+TEST_F(RedisStoreTest, TheIdlePassLeavesALoopItsDeferredRequests) {
+  const Limit l = L("100000 per minute");
+  RedisStoreOptions o = Options();
+  o.command_timeout_nanos = 2 * kSec;
+  auto store = Make(o);
+  RedisStore::LoopConnection c;
+  int sent = 0, handed_off = 0;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(1) +
+                   std::chrono::milliseconds(300);
+  while (std::chrono::steady_clock::now() < end) {
+    AsyncWait w;
+    w.pending = 1;
+    Request r{Strategy::kFixedWindow, &l, "LIMITER/idle-pass", 1};
+    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    RedisStore::LoopResult got = SendFromLoop(*store, &c);
+    if (got == RedisStore::LoopResult::kNewConnection) {
+      got = SendFromLoop(*store, &c);
+    }
+    if (got == RedisStore::LoopResult::kSent) {
+      ++sent;
+      ASSERT_TRUE(ReadFromSelector(*store, c, w));
+    } else {
+      ++handed_off;
+      store->Flush();
+      ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
+    }
+    EXPECT_EQ(w.allowed, 1);
+  }
+  EXPECT_EQ(handed_off, 0);
+  EXPECT_GT(sent, 50);
+}
+
+// Deferred requests whose loop never flushes them (closed before its
+// flush ran) are sent by the I/O thread's idle pass once they have waited
+// longer than a loop's iteration.
+TEST_F(RedisStoreTest, DeferredRequestsNoLoopFlushesAreSentAllTheSame) {
+  const Limit l = L("3 per minute");
+  RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
+  o.command_timeout_nanos = 100 * kMs;
+  auto store = Make(o);
+  AsyncWait w;
+  w.pending = 1;
+  Request r{Strategy::kFixedWindow, &l, "LIMITER/orphan", 1};
+  const auto start = std::chrono::steady_clock::now();
+  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3));
+  EXPECT_EQ(w.allowed, 1);
+  EXPECT_EQ(w.sources, std::vector<DecisionSource>{DecisionSource::kStore});
+  EXPECT_EQ(store->Stats().loop_writes, 0u);
+}
+
 TEST_F(RedisStoreTest, LoopWatchFailsARequestRedisDoesNotAnswer) {
   const Limit l = L("3 per minute");
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailOpen);
