@@ -1744,6 +1744,27 @@ TEST_P(RedisLoopTest, LoopDrivesAnIdleConnection) {
   EXPECT_TRUE(store->LoopRead(c.generation));
 }
 
+// What an event loop does at the end of its iteration with the one
+// request it queued (`w`): sends it itself on `c`, retrying while the I/O
+// thread holds the connection a moment if `retry`, and reads its reply;
+// or, finding the request gone or the connection busy, has the I/O thread
+// send it. True if the loop sent it; either way `w` is answered.
+bool FlushOneFromLoop(RedisStore& store, RedisStore::LoopConnection* c,
+                      AsyncWait& w, bool retry) {
+  const auto flush = [&] {
+    return retry ? SendFromLoop(store, c) : store.LoopFlush(c);
+  };
+  RedisStore::LoopResult got = flush();
+  if (got == RedisStore::LoopResult::kNewConnection) got = flush();
+  if (got == RedisStore::LoopResult::kSent) {
+    EXPECT_TRUE(ReadFromSelector(store, *c, w));
+    return true;
+  }
+  store.Flush();
+  EXPECT_TRUE(WaitAll(w, store, std::chrono::seconds(5)));
+  return false;
+}
+
 // A store is made with its I/O thread past its first pass over the
 // connection: an event loop's first batch, sent right after, finds the
 // connection free and leaves from the loop (it used to meet that pass now
@@ -1765,17 +1786,7 @@ TEST_F(RedisStoreTest, AFreshStoreLeavesItsConnectionToTheLoop) {
     // loop's turn), wherever that falls in the thread's first pass.
     std::this_thread::sleep_for(std::chrono::microseconds(i % 50 * 4));
     RedisStore::LoopConnection c;
-    RedisStore::LoopResult got = store->LoopFlush(&c);
-    if (got == RedisStore::LoopResult::kNewConnection) {
-      got = store->LoopFlush(&c);
-    }
-    if (got == RedisStore::LoopResult::kSent) {
-      ASSERT_TRUE(ReadFromSelector(*store, c, w));
-    } else {
-      ++handed_off;
-      store->Flush();  // as a loop does: the I/O thread sends it
-      ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
-    }
+    if (!FlushOneFromLoop(*store, &c, w, /*retry=*/false)) ++handed_off;
     EXPECT_EQ(w.allowed, 1);
   }
   EXPECT_EQ(handed_off, 0);
@@ -1852,18 +1863,7 @@ TEST_F(RedisStoreTest, TheIdlePassLeavesALoopItsDeferredRequests) {
     Request r{Strategy::kFixedWindow, &l, "LIMITER/idle-pass", 1};
     store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    RedisStore::LoopResult got = SendFromLoop(*store, &c);
-    if (got == RedisStore::LoopResult::kNewConnection) {
-      got = SendFromLoop(*store, &c);
-    }
-    if (got == RedisStore::LoopResult::kSent) {
-      ++sent;
-      ASSERT_TRUE(ReadFromSelector(*store, c, w));
-    } else {
-      ++handed_off;
-      store->Flush();
-      ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
-    }
+    ++(FlushOneFromLoop(*store, &c, w, /*retry=*/true) ? sent : handed_off);
     EXPECT_EQ(w.allowed, 1);
   }
   EXPECT_EQ(handed_off, 0);
