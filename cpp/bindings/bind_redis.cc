@@ -929,6 +929,8 @@ struct Pending {
     kRead,
     kAcquire,
     kAcquireStats,
+    kClear,  // None, or RaiseStoreUnreachable's error
+    kCheck,  // whether Redis answered
   };
   Single single = Single::kNone;
   RedisStore::SingleAnswer answer;
@@ -1038,6 +1040,12 @@ void OnSingleDone(void* context, const RedisStore::SingleAnswer& answer) {
 // `redis_error`, and `timed_out`: no reply came within the timeout).
 PyObject* BuildSingle(const Pending* p, bool* is_error) {
   const RedisStore::SingleAnswer& a = p->answer;
+  if (p->single == Pending::Single::kCheck) return PyBool_FromLong(a.answered);
+  if (p->single == Pending::Single::kClear) {
+    if (a.answered) Py_RETURN_NONE;
+    *is_error = true;
+    return MakeStoreUnreachable("clear");
+  }
   if (a.source == DecisionSource::kFailClosed) {
     *is_error = true;
     const std::string message =
@@ -1072,6 +1080,8 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
       return PyBool_FromLong(a.decision.allowed);
     case Pending::Single::kAcquireStats:
       return AcquireStats(a.decision, p->limit);
+    case Pending::Single::kClear:
+    case Pending::Single::kCheck:
     case Pending::Single::kNone:
       break;
   }
@@ -1668,6 +1678,14 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
         },
         &l));
   };
+  auto clear = [](RedisStorageHandle& h, const Strategy* strategies, size_t n,
+                  const std::string& key) {
+    FlushLogs();
+    return Steal(
+        SubmitSingle(&h, Single::kClear, [&](auto done, void* context) {
+          h.redis->ClearDeferred(strategies, n, key, done, context);
+        }));
+  };
   cls.def(
          "incr_expiry_async",
          [](RedisStorageHandle& h, const std::string& key, double expiry,
@@ -1742,7 +1760,31 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
                     double expiry, const py::object& now) {
             return inspect(h, WindowRead::kSlidingWindow, key, 0, expiry, now);
           },
-          py::arg("key"), py::arg("expiry"), py::arg("now") = py::none());
+          py::arg("key"), py::arg("expiry"), py::arg("now") = py::none())
+      .def(
+          "clear_async",
+          [clear](RedisStorageHandle& h, const std::string& key) {
+            static constexpr Strategy kAll[] = {
+                Strategy::kFixedWindow, Strategy::kMovingWindow,
+                Strategy::kSlidingWindowCounter, Strategy::kTokenBucket};
+            return clear(h, kAll, 4, key);
+          },
+          py::arg("key"))
+      .def(
+          "clear_sliding_window_async",
+          [clear](RedisStorageHandle& h, const std::string& key, double) {
+            static constexpr Strategy kSliding[] = {
+                Strategy::kSlidingWindowCounter};
+            return clear(h, kSliding, 1, key);
+          },
+          py::arg("key"), py::arg("expiry"))
+      .def("check_async", [](RedisStorageHandle& h) {
+        FlushLogs();
+        return Steal(
+            SubmitSingle(&h, Single::kCheck, [&](auto done, void* context) {
+              h.redis->PingDeferred(done, context);
+            }));
+      });
 }
 
 #endif  // RAPIDLIMIT_HAVE_HIREDIS
@@ -1846,12 +1888,16 @@ void RegisterAtFork() {
   });
 }
 
-void RaiseStoreUnreachable(const char* what) {
+PyObject* MakeStoreUnreachable(const char* what) {
   const std::string message =
       std::string("redis did not answer every command of the storage's ") +
       what + ": it may be only partly done";
   // No Retry-After applies: this is no request's answer.
-  PyObject* exc = MakeUnavailable(message.c_str(), 0.0);
+  return MakeUnavailable(message.c_str(), 0.0);
+}
+
+void RaiseStoreUnreachable(const char* what) {
+  PyObject* exc = MakeStoreUnreachable(what);
   if (exc != nullptr) {
     PyErr_SetObject(g_unavailable, exc);
     Py_DECREF(exc);

@@ -39,6 +39,9 @@ struct ItemHandle {
 // of its state for `what` (reset, clear, len), which must not pass for a
 // whole answer whatever the failure policy of decisions is.
 [[noreturn]] void RaiseStoreUnreachable(const char* what);
+// That error, made (new reference) rather than raised; null with a Python
+// error set.
+PyObject* MakeStoreUnreachable(const char* what);
 
 // Base of every Python-visible storage.
 struct StorageHandle {

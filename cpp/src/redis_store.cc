@@ -187,7 +187,7 @@ struct Op {
   // A single call (RedisStore::DecideOneDeferred, InspectDeferred,
   // IncrDeferred; the synchronous Inspect and Incr too): answered by
   // FinishSingle, asynchronously through `single_callback`.
-  enum class Single : uint8_t { kNone, kDecide, kInspect, kIncr };
+  enum class Single : uint8_t { kNone, kDecide, kInspect, kIncr, kRaw };
   Single single = Single::kNone;
   RedisStore::SingleCallback single_callback = nullptr;
   void* context = nullptr;
@@ -1872,6 +1872,16 @@ void Engine::FinishScript(Op* op, bool timed_out) {
 
 void Engine::FinishSingle(Op* op, bool completed,
                           RedisStore::SingleAnswer* out) {
+  if (op->single == Op::Single::kRaw) {
+    // No policy answers a plain command: the caller learns whether Redis
+    // answered (an error reply is Redis's no), as the blocking call does.
+    const bool ok = completed && op->result == Op::Result::kOk;
+    out->answered = ok && op->raw.type != REDIS_REPLY_ERROR;
+    out->count = ok ? op->raw.integer : 0;
+    if (ok && op->raw.type == REDIS_REPLY_ERROR) out->error = op->raw.str;
+    out->timed_out = !completed || op->timed_out;
+    return;
+  }
   const Item& item = op->items[0];
   const int64_t now = op->now;
   if (op->single == Op::Single::kDecide) {
@@ -2304,6 +2314,37 @@ class RedisStoreImpl final : public RedisStore {
     return op;
   }
 
+  void ClearDeferred(const Strategy* strategies, size_t n, std::string_view key,
+                     SingleCallback done, void* context) override {
+    Engine* e = Acquire();
+    std::vector<std::string> keys;
+    keys.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      e->cache.Erase(strategies[i], key);
+      if (e->fallback != nullptr) e->fallback->Clear(strategies[i], key);
+      keys.push_back(e->KeyFor(strategies[i], key));
+    }
+    // One DEL: a key's states share its hash tag, and so a cluster slot.
+    std::vector<std::string_view> argv{"DEL"};
+    argv.insert(argv.end(), keys.begin(), keys.end());
+    RunSingle(e, NewRawOp(e, argv), done, context);
+  }
+
+  void PingDeferred(SingleCallback done, void* context) override {
+    Engine* e = Acquire();
+    RunSingle(e, NewRawOp(e, {"PING"}), done, context);
+  }
+
+  Op* NewRawOp(Engine* e, const std::vector<std::string_view>& argv) {
+    auto* op = new Op(e, Op::Kind::kRaw);
+    op->single = Op::Single::kRaw;  // answered by FinishSingle if async
+    op->deadline = MonoNanos() + options_.command_timeout_nanos;
+    Resp resp(&op->args);
+    resp.Array(argv.size());
+    for (std::string_view a : argv) resp.Bulk(a);
+    return op;
+  }
+
   static void RunSingle(Engine* e, Op* op, SingleCallback done, void* context) {
     op->async = true;
     op->single_callback = done;
@@ -2313,11 +2354,7 @@ class RedisStoreImpl final : public RedisStore {
 
   bool RawArgv(Engine* e, const std::vector<std::string_view>& argv,
                RawReply* reply) {
-    auto* op = new Op(e, Op::Kind::kRaw);
-    op->deadline = MonoNanos() + options_.command_timeout_nanos;
-    Resp resp(&op->args);
-    resp.Array(argv.size());
-    for (std::string_view a : argv) resp.Bulk(a);
+    Op* op = NewRawOp(e, argv);
     const bool completed = e->RunSync(op);
     const bool ok = completed && op->result == Op::Result::kOk;
     if (ok) *reply = std::move(op->raw);

@@ -280,6 +280,13 @@ class RedisStorage(Storage):
     def get_sliding_window_async(
         self, key: str, expiry: float, now: float | None = None
     ) -> RedisWaiter[tuple[int, float, int, float]]: ...
+    def clear_async(self, key: str) -> RedisWaiter[None]:
+        """``clear`` awaited on the loop: one DEL for the key's states."""
+    def clear_sliding_window_async(
+        self, key: str, expiry: float
+    ) -> RedisWaiter[None]: ...
+    def check_async(self) -> RedisWaiter[bool]:
+        """``check`` awaited on the loop: whether Redis answered a PING."""
     @overload
     def decide_view_async(
         self,

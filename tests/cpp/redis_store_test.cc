@@ -1536,6 +1536,60 @@ TEST_F(RedisStoreTest, SingleCallsDeferredAnswerAsTheSyncCalls) {
   }
 }
 
+// limits.aio's clear and check from an event loop: a key's states under
+// every strategy go in one DEL (their keys share a slot), a PING checks
+// the connection; Redis's answer, never a policy's.
+TEST_F(RedisStoreTest, ClearAndPingDeferred) {
+  const Limit l = L("1 per minute");
+  auto store = MakeConnected(l);
+  RedisStore& rs = *store;
+  const Strategy all[] = {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                          Strategy::kSlidingWindowCounter,
+                          Strategy::kTokenBucket};
+  for (Strategy s : {Strategy::kFixedWindow, Strategy::kTokenBucket}) {
+    ASSERT_TRUE(Hit(rs, s, l, "LIMITER/c", kT0).allowed);
+    // Over the limit: the blocked-key cache knows the key too.
+    ASSERT_EQ(Hit(rs, s, l, "LIMITER/c", kT0).source, DecisionSource::kStore);
+    ASSERT_EQ(Hit(rs, s, l, "LIMITER/c", kT0).source, DecisionSource::kCache);
+  }
+  server_.Command({"CONFIG", "RESETSTAT"});
+  const auto cleared = Single(rs, [&](auto done, void* ctx) {
+    rs.ClearDeferred(all, 4, "LIMITER/c", done, ctx);
+  });
+  EXPECT_TRUE(cleared.answered);
+  EXPECT_EQ(cleared.count, 2);
+  EXPECT_EQ(server_.CommandCalls()["del"], 1);
+  for (Strategy s : {Strategy::kFixedWindow, Strategy::kTokenBucket}) {
+    const Decision d = Hit(rs, s, l, "LIMITER/c", kT0);
+    EXPECT_TRUE(d.allowed) << StrategyName(s);
+    EXPECT_EQ(d.source, DecisionSource::kStore) << StrategyName(s);
+  }
+  const auto again = Single(rs, [&](auto done, void* ctx) {
+    rs.ClearDeferred(all + 1, 1, "LIMITER/c", done, ctx);
+  });
+  EXPECT_TRUE(again.answered);
+  EXPECT_EQ(again.count, 0);  // no moving window under that key
+  const auto pong =
+      Single(rs, [&](auto done, void* ctx) { rs.PingDeferred(done, ctx); });
+  EXPECT_TRUE(pong.answered);
+  // Redis refusing the command is no answer, and says why.
+  server_.Command({"ACL", "SETUSER", "default", "-del"});
+  const auto refused = Single(rs, [&](auto done, void* ctx) {
+    rs.ClearDeferred(all, 4, "LIMITER/c", done, ctx);
+  });
+  server_.Command({"ACL", "SETUSER", "default", "+del"});
+  EXPECT_FALSE(refused.answered);
+  EXPECT_NE(refused.error.find("NOPERM"), std::string::npos) << refused.error;
+  server_.Kill();
+  const auto down = Single(rs, [&](auto done, void* ctx) {
+    rs.ClearDeferred(all, 4, "LIMITER/c", done, ctx);
+  });
+  EXPECT_FALSE(down.answered);
+  EXPECT_FALSE(Single(rs, [&](auto done, void* ctx) {
+                 rs.PingDeferred(done, ctx);
+               }).answered);
+}
+
 TEST_F(RedisStoreTest, SingleCallsDeferredGetThePolicy) {
   const Limit l = L("5 per minute");
   for (RedisFailurePolicy policy :

@@ -391,8 +391,8 @@ def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
 ) -> None:
     """The counting calls are awaited on the loop: no executor, no thread.
     Those a loop's tasks make together share script calls, and concurrent
-    hits are counted exactly. clear (a plain Redis command) still waits in
-    the default executor."""
+    hits are counted exactly. clear and check (plain Redis commands) are
+    awaited on the loop too: clear is one DEL, whatever the strategy."""
     item = limits.parse("20/minute")
     storage = ours(server, "async+rapidlimit+redis")
     executor = CountingExecutor(max_workers=2)
@@ -419,8 +419,12 @@ def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
         expected = 50 + stats_calls + 10
         assert calls + after["cache_hits"] - before["cache_hits"] == expected
         assert (after["scripts"] - before["scripts"]) * 4 < calls
+        server.reset_stats()
         await lim.clear(item, "k")
-        assert executor.submitted == 1
+        assert server.command_calls().get("del") == 1
+        assert await storage.check()
+        assert executor.submitted == 0
+        assert threading.active_count() == threads_before
         assert await lim.hit(item, "k")
         return list(answers), list(stats), list(tests)
 

@@ -180,6 +180,10 @@ class RedisStore : public Store {
     DecisionSource source = DecisionSource::kStore;
     std::string error;       // a failure policy's answer: Redis's error, if any
     bool timed_out = false;  // a failure policy's answer: no reply in time
+    // ClearDeferred, PingDeferred: Redis answered (no policy answers them;
+    // `error` and `timed_out` say why not). ClearDeferred: `count` keys
+    // were removed.
+    bool answered = false;
   };
   using SingleCallback = void (*)(void* context, const SingleAnswer& answer);
   virtual void DecideOneDeferred(const Request& request, int64_t now_nanos,
@@ -189,6 +193,12 @@ class RedisStore : public Store {
   virtual void IncrDeferred(std::string_view key, int64_t expiry_nanos,
                             int64_t amount, int64_t now_nanos,
                             SingleCallback done, void* context) = 0;
+  // TryClear of `key` under strategies[0..n), in one command, and Ping,
+  // deferred as the calls above.
+  virtual void ClearDeferred(const Strategy* strategies, size_t n,
+                             std::string_view key, SingleCallback done,
+                             void* context) = 0;
+  virtual void PingDeferred(SingleCallback done, void* context) = 0;
 
   // An event loop driving the connection itself, which spares the I/O
   // thread's two wake-ups per batch (and, on a CPU the two threads share,

@@ -56,8 +56,9 @@ leaves it.
 (it never blocks). On Redis its counting calls are awaited on the event loop
 (``RedisStorage.get_async`` and the like: no thread), so the loop keeps
 serving other tasks while Redis answers, and the calls its tasks make
-together share one script call; ``check()``, ``clear()`` and ``reset()``
-wait in the loop's default executor.
+together share one script call; ``check()`` and ``clear()`` are awaited
+on the loop too (a PING; one DEL for a key's states), and ``reset()``, a
+SCAN over the prefix, waits in the loop's default executor.
 
 Redis outage: with the storage's default policy, ``on_error="fail-closed"``,
 a call Redis cannot answer in time raises ``RedisUnavailableError`` (a
@@ -478,8 +479,7 @@ class AsyncRapidlimitStorage(
 ):
     """The same store for ``limits.aio``: memory calls answer at once; Redis
     calls are awaited on the loop (no thread), pipelined with the loop's
-    other Redis calls; check, reset and clear wait in the loop's default
-    executor."""
+    other Redis calls; reset waits in the loop's default executor."""
 
     STORAGE_SCHEME = [
         "async+rapidlimit+memory",
@@ -509,11 +509,15 @@ class AsyncRapidlimitStorage(
         """As :meth:`RapidlimitStorage.close`."""
         _close(self.native)
 
-    async def _run(self, method: Callable[..., T], *args: Any) -> T:
-        """The counting call ``method``: on Redis through the store's
-        awaitable of the same name (``get_async`` for ``get``, answered on
-        the loop without a thread), raising RedisUnavailableError for a
-        fail-closed answer."""
+    async def _run(
+        self, method: Callable[..., T], *args: Any, admin: bool = False
+    ) -> T:
+        """The call ``method``: on Redis through the store's awaitable of the
+        same name (``get_async`` for ``get``, answered on the loop without a
+        thread). Its RedisUnavailableError is raised again as one of the
+        client library's classes too: a counting call's fail-closed answer;
+        for check and clear (``admin``), a clear Redis did not confirm, as
+        the blocking call raises it."""
         if not self._library:
             return method(*args)
         native_async = getattr(self.native, f"{method.__name__}_async")
@@ -522,19 +526,13 @@ class AsyncRapidlimitStorage(
         except _core.RedisUnavailableError as e:
             if type(e) is not _core.RedisUnavailableError:
                 raise
+            if admin:
+                raise _unavailable(self._library, str(e)) from None
             raise _fail_closed(
                 self._library,
                 getattr(e, "redis_error", ""),
                 getattr(e, "timed_out", False),
             ) from None
-
-    async def _run_plain(self, method: Callable[..., T], *args: Any) -> T:
-        """check/reset/clear: no fail-closed answer to turn into an error (a
-        clear or reset Redis did not confirm raises)."""
-        if not self._library:
-            return method(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, _admin, self._library, method, *args)
 
     async def incr(
         self, key: str, expiry: int, amount: int = 1, *, elastic_expiry: bool = False
@@ -559,15 +557,22 @@ class AsyncRapidlimitStorage(
         return await self._run(self.native.get_expiry, key, time.time())
 
     async def check(self) -> bool:
-        return await self._run_plain(self.native.check)
+        return await self._run(self.native.check, admin=True)
 
     async def reset(self) -> int | None:
+        """Waits in the loop's default executor: a SCAN over the prefix,
+        one command after another."""
         self._answers.forget()
-        return await self._run_plain(self.native.reset)
+        if not self._library:
+            return self.native.reset()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, _admin, self._library, self.native.reset
+        )
 
     async def clear(self, key: str) -> None:
         self._answers.forget()  # the key's moving windows too
-        await self._run_plain(self.native.clear, key)
+        await self._run(self.native.clear, key, admin=True)
 
     async def acquire_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
@@ -616,4 +621,4 @@ class AsyncRapidlimitStorage(
         )
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
-        await self._run_plain(self.native.clear_sliding_window, key, expiry)
+        await self._run(self.native.clear_sliding_window, key, expiry, admin=True)
