@@ -1764,10 +1764,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
       .def(
           "clear_async",
           [clear](RedisStorageHandle& h, const std::string& key) {
-            static constexpr Strategy kAll[] = {
-                Strategy::kFixedWindow, Strategy::kMovingWindow,
-                Strategy::kSlidingWindowCounter, Strategy::kTokenBucket};
-            return clear(h, kAll, 4, key);
+            return clear(h, kEveryStrategy, std::size(kEveryStrategy), key);
           },
           py::arg("key"))
       .def(

@@ -173,15 +173,11 @@ void BindStorage(py::module_& m) {
       .def(
           "clear",
           [](StorageHandle& h, const std::string& key) {
-            // limits' clear forgets counters and moving-window logs alike.
-            bool ok = true;
-            for (Strategy s :
-                 {Strategy::kFixedWindow, Strategy::kMovingWindow,
-                  Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
-              bool existed = false;
-              ok = h.store->TryClear(s, key, &existed) && ok;
+            size_t cleared = 0;
+            if (!h.store->TryClearMany(
+                    kEveryStrategy, std::size(kEveryStrategy), key, &cleared)) {
+              RaiseStoreUnreachable("clear");
             }
-            if (!ok) RaiseStoreUnreachable("clear");
           },
           py::arg("key"))
       .def(

@@ -4,6 +4,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <iterator>
 #include <memory>
 #include <string>
 
@@ -34,6 +35,11 @@ struct ItemHandle {
   // key_suffix, which ends every key with identifiers, ready to hash.
   internal::SipSuffix suffix_words;
 };
+
+// What limits' clear forgets: counters and moving-window logs alike.
+inline constexpr Strategy kEveryStrategy[] = {
+    Strategy::kFixedWindow, Strategy::kMovingWindow,
+    Strategy::kSlidingWindowCounter, Strategy::kTokenBucket};
 
 // Raises RedisUnavailableError: a store kept elsewhere could not reach all
 // of its state for `what` (reset, clear, len), which must not pass for a

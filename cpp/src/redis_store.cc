@@ -2150,18 +2150,22 @@ class RedisStoreImpl final : public RedisStore {
 
   bool TryClear(Strategy strategy, std::string_view key,
                 bool* existed) override {
+    size_t cleared = 0;
+    const bool ok = TryClearMany(&strategy, 1, key, &cleared);
+    *existed = cleared > 0;
+    return ok;
+  }
+
+  bool TryClearMany(const Strategy* strategies, size_t n, std::string_view key,
+                    size_t* cleared) override {
     Engine* e = Acquire();
-    e->cache.Erase(strategy, key);
-    if (e->fallback != nullptr) e->fallback->Clear(strategy, key);
-    const std::string redis_key = e->KeyFor(strategy, key);
-    RawReply reply;
-    *existed = false;
-    if (!Raw(e, {"DEL", redis_key}, &reply) ||
-        reply.type != REDIS_REPLY_INTEGER) {
-      return false;
-    }
-    *existed = reply.integer > 0;
-    return true;
+    Op* op = NewClearOp(e, strategies, n, key);
+    const bool completed = e->RunSync(op);
+    const bool ok = completed && op->result == Op::Result::kOk &&
+                    op->raw.type == REDIS_REPLY_INTEGER;
+    *cleared = ok ? static_cast<size_t>(op->raw.integer) : 0;
+    Release(op);
+    return ok;
   }
 
   size_t Reset() override {
@@ -2317,6 +2321,14 @@ class RedisStoreImpl final : public RedisStore {
   void ClearDeferred(const Strategy* strategies, size_t n, std::string_view key,
                      SingleCallback done, void* context) override {
     Engine* e = Acquire();
+    RunSingle(e, NewClearOp(e, strategies, n, key), done, context);
+  }
+
+  // The DEL of `key`'s states under strategies[0..n), which it first
+  // forgets in process (blocked-key cache, fallback store). One command:
+  // a key's states share its hash tag, and so a cluster slot.
+  Op* NewClearOp(Engine* e, const Strategy* strategies, size_t n,
+                 std::string_view key) {
     std::vector<std::string> keys;
     keys.reserve(n);
     for (size_t i = 0; i < n; ++i) {
@@ -2324,10 +2336,9 @@ class RedisStoreImpl final : public RedisStore {
       if (e->fallback != nullptr) e->fallback->Clear(strategies[i], key);
       keys.push_back(e->KeyFor(strategies[i], key));
     }
-    // One DEL: a key's states share its hash tag, and so a cluster slot.
     std::vector<std::string_view> argv{"DEL"};
     argv.insert(argv.end(), keys.begin(), keys.end());
-    RunSingle(e, NewRawOp(e, argv), done, context);
+    return NewRawOp(e, argv);
   }
 
   void PingDeferred(SingleCallback done, void* context) override {

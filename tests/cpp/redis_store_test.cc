@@ -1853,7 +1853,7 @@ TEST_F(RedisStoreTest, AFreshStoreLeavesItsConnectionToTheLoop) {
 TEST_F(RedisStoreTest, LoopHeldUpBeforeItsFlushTimesNothingOut) {
   const Limit l = L("3 per minute");
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
-  o.command_timeout_nanos = 100 * kMs;
+  o.command_timeout_nanos = 200 * kMs;
   auto store = Make(o);
   AsyncWait w;
   w.pending = 2;
@@ -1861,7 +1861,7 @@ TEST_F(RedisStoreTest, LoopHeldUpBeforeItsFlushTimesNothingOut) {
     Request r{Strategy::kFixedWindow, &l, "LIMITER/late", 1};
     store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
   RedisStore::LoopConnection c;
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
@@ -1878,7 +1878,7 @@ TEST_F(RedisStoreTest, LoopHeldUpBeforeItsFlushTimesNothingOut) {
 TEST_F(RedisStoreTest, RepliesALoopHasNotReadByTheDeadlineAreReadNotTimedOut) {
   const Limit l = L("3 per minute");
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
-  o.command_timeout_nanos = 100 * kMs;
+  o.command_timeout_nanos = 300 * kMs;
   auto store = Make(o);
   AsyncWait w;
   w.pending = 1;
@@ -1930,7 +1930,7 @@ TEST_F(RedisStoreTest, TheIdlePassLeavesALoopItsDeferredRequests) {
 TEST_F(RedisStoreTest, DeferredRequestsNoLoopFlushesAreSentAllTheSame) {
   const Limit l = L("3 per minute");
   RedisStoreOptions o = Options(RedisFailurePolicy::kFailClosed);
-  o.command_timeout_nanos = 100 * kMs;
+  o.command_timeout_nanos = 300 * kMs;
   auto store = Make(o);
   AsyncWait w;
   w.pending = 1;

@@ -435,6 +435,34 @@ def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
     storage.close()
 
 
+@pytest.mark.parametrize("scheme", ["rapidlimit+redis", "async+rapidlimit+redis"])
+def test_clear_is_one_command_for_every_strategy(
+    server: RedisServer, scheme: str
+) -> None:
+    """limits' clear forgets a key's counter and moving window alike: one
+    DEL, blocking or awaited (the states share a hash tag)."""
+    item = limits.parse("1/minute")
+    storage = ours(server, scheme)
+    strategies = limits.aio.strategies if "async" in scheme else limits.strategies
+
+    async def awaited(result: Any) -> Any:
+        return await result if asyncio.iscoroutine(result) else result
+
+    async def main() -> list[Any]:
+        fixed = strategies.FixedWindowRateLimiter(storage)
+        moving = strategies.MovingWindowRateLimiter(storage)
+        seen = [await awaited(lim.hit(item, "k")) for lim in (fixed, moving) * 2]
+        server.reset_stats()
+        await awaited(storage.clear(item.key_for("k")))
+        seen.append(server.command_calls().get("del"))
+        seen.append(server.client().dbsize())
+        seen += [await awaited(lim.hit(item, "k")) for lim in (fixed, moving)]
+        return seen
+
+    assert asyncio.run(main()) == [True, True, False, False, 1, 0, True, True]
+    storage.close()
+
+
 @pytest.mark.parametrize("policy", ["fail-open", "fallback"])
 @pytest.mark.parametrize("strategy", NAMES)
 def test_async_calls_get_the_policy_while_redis_is_down(

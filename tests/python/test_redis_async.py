@@ -169,10 +169,10 @@ async def test_a_loop_stalled_before_its_flush_times_nothing_out(
     iteration held up past the timeout (a full garbage collection of a big
     heap, a handler computing on the loop) has kept Redis waiting for
     nothing: the timeout counts from the send."""
-    store = RedisStorage(server.uri, timeout=0.1, on_error="fail-closed")
+    store = RedisStorage(server.uri, timeout=0.2, on_error="fail-closed")
     item = parse("10/second")
     future = store.decide_many_async("fixed-window", [(item, "a", 1)])
-    time.sleep(0.3)  # blocks the loop
+    time.sleep(0.5)  # blocks the loop
     assert (await future)[0].allowed
     stats = store.stats()
     assert stats["timeouts"] == 0, stats
@@ -186,7 +186,7 @@ async def test_a_loop_stalled_before_reading_its_replies_times_nothing_out(
     """Replies that came in time but wait unread behind a stalled loop are
     read, not timed out, by the I/O thread's periodic pass (at least one a
     second) that finds their deadline past."""
-    store = RedisStorage(server.uri, timeout=0.1, on_error="fail-closed")
+    store = RedisStorage(server.uri, timeout=0.3, on_error="fail-closed")
     item = parse("10/second")
     future = store.decide_many_async("fixed-window", [(item, "a", 1)])
     await asyncio.sleep(0)  # the loop's flush sends it

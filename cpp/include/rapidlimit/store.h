@@ -156,6 +156,19 @@ class Store {
     *existed = Clear(strategy, key);
     return true;
   }
+  // TryClear of `key` under strategies[0..n) at once (one command on
+  // Redis); `*cleared` counts the states that existed.
+  virtual bool TryClearMany(const Strategy* strategies, size_t n,
+                            std::string_view key, size_t* cleared) {
+    *cleared = 0;
+    bool ok = true;
+    for (size_t i = 0; i < n; ++i) {
+      bool existed = false;
+      ok = TryClear(strategies[i], key, &existed) && ok;
+      *cleared += existed ? 1 : 0;
+    }
+    return ok;
+  }
   virtual bool TryReset(size_t* dropped) {
     *dropped = Reset();
     return true;
