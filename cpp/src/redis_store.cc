@@ -226,24 +226,29 @@ class BlockedCache {
   // meet the failure policy, a 503 or an exception, instead).
   bool Peek(Strategy s, std::string_view key, int64_t now, WindowState* out) {
     return WithLiveEntry(s, key, now, [&](const Entry& e) {
-      switch (s) {
-        case Strategy::kFixedWindow:
-          *out = InspectFixedWindow(e.limit, now, false, e.post.counter);
-          break;
-        case Strategy::kTokenBucket:
-          *out = InspectTokenBucket(e.limit, now, false, e.post.counter);
-          break;
-        case Strategy::kSlidingWindowCounter:
-          *out = InspectSlidingWindow(e.limit, now, false, e.post.sliding);
-          break;
-        case Strategy::kMovingWindow:
-          // Cached only for cost 1, when the blocker is the oldest of a
-          // full log: until it leaves, the window holds `amount` hits.
-          *out = WindowState{};
-          out->count = e.limit.amount;
-          out->time_nanos = e.post.moving_blocker;
-          break;
+      StateOf(s, e, now, out);
+      return true;
+    });
+  }
+
+  // Inspect's answer for a moving or sliding window cached as blocked, so
+  // that slowapi's read of a refusal's window for its headers needs no
+  // Redis command: neither strategy writes for a refusal, so the cached
+  // state is Redis's, but for what other processes wrote meanwhile (as for
+  // Lookup). A read of another limit (amount, where the read names one, or
+  // period) misses.
+  bool Read(const Request& r, int64_t now, WindowState* out) {
+    if (r.strategy != Strategy::kMovingWindow &&
+        r.strategy != Strategy::kSlidingWindowCounter) {
+      return false;
+    }
+    const Limit& l = *r.limit;
+    return WithLiveEntry(r.strategy, r.key, now, [&](const Entry& e) {
+      if (l.PeriodNanos() != e.limit.PeriodNanos() ||
+          (l.amount > 0 && l.amount != e.limit.amount)) {
+        return false;
       }
+      StateOf(r.strategy, e, now, out);
       return true;
     });
   }
@@ -326,6 +331,29 @@ class BlockedCache {
       return false;
     }
     return fn(it->second);
+  }
+
+  // The state a live entry's refusals are decided from, at `now`.
+  static void StateOf(Strategy s, const Entry& e, int64_t now,
+                      WindowState* out) {
+    switch (s) {
+      case Strategy::kFixedWindow:
+        *out = InspectFixedWindow(e.limit, now, false, e.post.counter);
+        break;
+      case Strategy::kTokenBucket:
+        *out = InspectTokenBucket(e.limit, now, false, e.post.counter);
+        break;
+      case Strategy::kSlidingWindowCounter:
+        *out = InspectSlidingWindow(e.limit, now, false, e.post.sliding);
+        break;
+      case Strategy::kMovingWindow:
+        // Cached only for cost 1, when the blocker is the oldest of a full
+        // log: until it leaves, the window holds `amount` hits.
+        *out = WindowState{};
+        out->count = e.limit.amount;
+        out->time_nanos = e.post.moving_blocker;
+        break;
+    }
   }
 
   // Lookup's decision from a live entry.
@@ -2090,6 +2118,11 @@ class RedisStoreImpl final : public RedisStore {
 
   WindowState Inspect(const Request& request, int64_t now) override {
     Engine* e = Acquire();
+    WindowState cached;
+    if (ReadCached(e, request, now, &cached)) {
+      tl_last_source = DecisionSource::kCache;
+      return cached;
+    }
     Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
     op->single = Op::Single::kInspect;
     SingleAnswer answer;
@@ -2131,6 +2164,12 @@ class RedisStoreImpl final : public RedisStore {
   void InspectDeferred(const Request& request, int64_t now, SingleCallback done,
                        void* context) override {
     Engine* e = Acquire();
+    SingleAnswer answer;
+    if (ReadCached(e, request, now, &answer.window)) {
+      answer.source = DecisionSource::kCache;
+      done(context, answer);
+      return;
+    }
     Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
     op->single = Op::Single::kInspect;
     RunSingle(e, op, done, context);
@@ -2354,6 +2393,14 @@ class RedisStoreImpl final : public RedisStore {
     resp.Array(argv.size());
     for (std::string_view a : argv) resp.Bulk(a);
     return op;
+  }
+
+  // BlockedCache::Read, counted as a cache hit.
+  bool ReadCached(Engine* e, const Request& request, int64_t now,
+                  WindowState* out) {
+    if (!e->cache.Read(request, now, out)) return false;
+    Add(counters_.cache_hits);
+    return true;
   }
 
   static void RunSingle(Engine* e, Op* op, SingleCallback done, void* context) {

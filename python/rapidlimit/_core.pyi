@@ -200,7 +200,8 @@ class RedisStorage(Storage):
         """Counters since creation: decisions, calls (requests' script
         calls), scripts (script commands: requests waiting together share
         one), writes, inline_calls, loop_writes (batches an event loop
-        sent itself), cache_hits, fail_open, fail_closed,
+        sent itself), cache_hits (requests and reads the blocked-key cache
+        answered), fail_open, fail_closed,
         fallback, timeouts, errors, disconnects, reconnects, script_reloads,
         mismatches (must stay 0)."""
     @staticmethod

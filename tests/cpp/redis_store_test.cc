@@ -1479,6 +1479,9 @@ TEST_F(RedisStoreTest, SingleCallsDeferredAnswerAsTheSyncCalls) {
   // the blocking calls on a key with the same history.
   auto store = MakeConnected(L("1 per second"));
   RedisStore& rs = *store;
+  RedisStoreOptions no_cache = Options();
+  no_cache.blocked_cache = false;
+  auto uncached = Make(no_cache);  // reads Redis
   int64_t sync_expiry = 0;
   for (int i = 0; i < 3; ++i) {
     const int64_t now = kT0 + i * kSec;
@@ -1532,7 +1535,19 @@ TEST_F(RedisStoreTest, SingleCallsDeferredAnswerAsTheSyncCalls) {
     });
     ExpectSame(w.window, rs.Inspect({s, &l, kb, 1}, later), name);
     EXPECT_GT(w.window.count, 0) << name;
-    EXPECT_EQ(w.source, DecisionSource::kStore) << name;
+    // A moving or sliding window over its limit is read from the blocked-key
+    // cache (BlockedCache::Read), the same state as Redis's.
+    const bool cached_read =
+        s == Strategy::kMovingWindow || s == Strategy::kSlidingWindowCounter;
+    EXPECT_EQ(w.source,
+              cached_read ? DecisionSource::kCache : DecisionSource::kStore)
+        << name;
+    EXPECT_EQ(RedisStore::LastSource(), w.source) << name;  // sync Inspect's
+    ExpectSame(w.window, uncached->Inspect({s, &l, ka, 1}, later), name);
+    // Another limit's read of the key is Redis's.
+    const Limit other = L("2 per hour");
+    rs.Inspect({s, &other, ka, 1}, later);
+    EXPECT_EQ(RedisStore::LastSource(), DecisionSource::kStore) << name;
   }
 }
 

@@ -118,14 +118,15 @@ bool ApplyRedisOption(std::string_view name, std::string_view value,
 bool RedisStoreAvailable();
 
 struct RedisStoreStats {
-  uint64_t decisions = 0;       // requests decided (a batch counts each)
-  uint64_t calls = 0;           // requests' script calls sent to Redis
-  uint64_t scripts = 0;         // script commands (several calls may share
-                                // one when requests wait together)
-  uint64_t writes = 0;          // socket writes carrying commands (batches)
-  uint64_t inline_calls = 0;    // calls done on the caller's thread
-  uint64_t loop_writes = 0;     // batches an event loop sent itself
-  uint64_t cache_hits = 0;      // requests answered by the blocked-key cache
+  uint64_t decisions = 0;     // requests decided (a batch counts each)
+  uint64_t calls = 0;         // requests' script calls sent to Redis
+  uint64_t scripts = 0;       // script commands (several calls may share
+                              // one when requests wait together)
+  uint64_t writes = 0;        // socket writes carrying commands (batches)
+  uint64_t inline_calls = 0;  // calls done on the caller's thread
+  uint64_t loop_writes = 0;   // batches an event loop sent itself
+  uint64_t cache_hits =
+      0;  // requests and reads answered by the blocked-key cache
   uint64_t fail_open = 0;       // requests allowed by the failure policy
   uint64_t fail_closed = 0;     // requests rejected by the failure policy
   uint64_t fallback = 0;        // requests decided by the fallback store
