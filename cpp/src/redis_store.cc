@@ -2198,13 +2198,15 @@ class RedisStoreImpl final : public RedisStore {
   bool TryClearMany(const Strategy* strategies, size_t n, std::string_view key,
                     size_t* cleared) override {
     Engine* e = Acquire();
-    Op* op = NewClearOp(e, strategies, n, key);
-    const bool completed = e->RunSync(op);
-    const bool ok = completed && op->result == Op::Result::kOk &&
-                    op->raw.type == REDIS_REPLY_INTEGER;
-    *cleared = ok ? static_cast<size_t>(op->raw.integer) : 0;
-    Release(op);
-    return ok;
+    std::vector<std::string> keys;
+    RawReply reply;
+    *cleared = 0;
+    if (!RawArgv(e, ClearArgv(e, strategies, n, key, &keys), &reply) ||
+        reply.type != REDIS_REPLY_INTEGER) {
+      return false;
+    }
+    *cleared = static_cast<size_t>(reply.integer);
+    return true;
   }
 
   size_t Reset() override {
@@ -2360,24 +2362,28 @@ class RedisStoreImpl final : public RedisStore {
   void ClearDeferred(const Strategy* strategies, size_t n, std::string_view key,
                      SingleCallback done, void* context) override {
     Engine* e = Acquire();
-    RunSingle(e, NewClearOp(e, strategies, n, key), done, context);
+    std::vector<std::string> keys;
+    RunSingle(e, NewRawOp(e, ClearArgv(e, strategies, n, key, &keys)), done,
+              context);
   }
 
-  // The DEL of `key`'s states under strategies[0..n), which it first
-  // forgets in process (blocked-key cache, fallback store). One command:
-  // a key's states share its hash tag, and so a cluster slot.
-  Op* NewClearOp(Engine* e, const Strategy* strategies, size_t n,
-                 std::string_view key) {
-    std::vector<std::string> keys;
-    keys.reserve(n);
+  // The DEL of `key`'s states under strategies[0..n), which are first
+  // forgotten in process (blocked-key cache, fallback store); its
+  // arguments point into `*keys`. One command: a key's states share its
+  // hash tag, and so a cluster slot.
+  static std::vector<std::string_view> ClearArgv(
+      Engine* e, const Strategy* strategies, size_t n, std::string_view key,
+      std::vector<std::string>* keys) {
+    keys->clear();
+    keys->reserve(n);
     for (size_t i = 0; i < n; ++i) {
       e->cache.Erase(strategies[i], key);
       if (e->fallback != nullptr) e->fallback->Clear(strategies[i], key);
-      keys.push_back(e->KeyFor(strategies[i], key));
+      keys->push_back(e->KeyFor(strategies[i], key));
     }
     std::vector<std::string_view> argv{"DEL"};
-    argv.insert(argv.end(), keys.begin(), keys.end());
-    return NewRawOp(e, argv);
+    argv.insert(argv.end(), keys->begin(), keys->end());
+    return argv;
   }
 
   void PingDeferred(SingleCallback done, void* context) override {
