@@ -931,12 +931,14 @@ struct Pending {
     kAcquireStats,
     kClear,  // None, or RaiseStoreUnreachable's error
     kCheck,  // whether Redis answered
+    kSlidingStats,
   };
   Single single = Single::kNone;
   RedisStore::SingleAnswer answer;
   int64_t retry_after_nanos = 0;
   WindowRead read = WindowRead::kCount;  // kRead: which
-  Limit limit;                           // kAcquireStats: the window
+  Limit limit;      // kAcquireStats, kSlidingStats: the window
+  int64_t now = 0;  // kSlidingStats: the decision's time
 
   // Deleted with the GIL held (see LoopBridge for the other case).
   ~Pending() {
@@ -1035,6 +1037,27 @@ void OnSingleDone(void* context, const RedisStore::SingleAnswer& answer) {
   Answered(p);
 }
 
+// acquire_sliding_window_entry_stats' answer for `a`, decided at `now`
+// under `l`: (allowed, previous count, previous ttl, current count,
+// current ttl, until): the middle four are what get_sliding_window reads
+// right after it, and until `until` (the end of the window, epoch
+// seconds) with both ttls shortened by the time since. The current count
+// is -1 when the answer did not come from Redis's state (the blocked-key
+// cache, a failure policy).
+PyObject* SlidingStats(const RedisStore::SingleAnswer& a, const Limit& l,
+                       int64_t now) {
+  const WindowState& w = a.window;
+  const bool known = a.has_window;
+  return Py_BuildValue(
+      "(OLdLdd)", a.decision.allowed ? Py_True : Py_False,
+      static_cast<long long>(known ? w.previous_count : 0),
+      known ? NanosToSeconds(w.previous_ttl_nanos) : 0.0,
+      static_cast<long long>(known ? w.count : -1),
+      known ? NanosToSeconds(w.current_ttl_nanos) : 0.0,
+      known ? NanosToSeconds(now + w.current_ttl_nanos - l.PeriodNanos())
+            : 0.0);
+}
+
 // A single call's result as the synchronous method returns it, or the
 // fail-closed exception (with Redis's error, if it answered one, as
 // `redis_error`, and `timed_out`: no reply came within the timeout).
@@ -1080,6 +1103,8 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
       return PyBool_FromLong(a.decision.allowed);
     case Pending::Single::kAcquireStats:
       return AcquireStats(a.decision, p->limit);
+    case Pending::Single::kSlidingStats:
+      return SlidingStats(a, p->limit, p->now);
     case Pending::Single::kClear:
     case Pending::Single::kCheck:
     case Pending::Single::kNone:
@@ -1555,10 +1580,11 @@ PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
 template <typename Send>
 PyObject* SubmitSingle(RedisStorageHandle* storage, Pending::Single kind,
                        Send send, const Limit* limit = nullptr,
-                       WindowRead read = WindowRead::kCount) {
+                       WindowRead read = WindowRead::kCount, int64_t now = 0) {
   auto* p = new Pending;
   p->single = kind;
   p->read = read;
+  p->now = now;
   if (limit != nullptr) p->limit = *limit;
   p->retry_after_nanos =
       storage->redis->options().fail_closed_retry_after_nanos;
@@ -1676,7 +1702,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
         [&](auto done, void* context) {
           h.redis->DecideOneDeferred(r, t, done, context);
         },
-        &l));
+        &l, WindowRead::kCount, t));
   };
   auto clear = [](RedisStorageHandle& h, const Strategy* strategies, size_t n,
                   const std::string& key) {
@@ -1751,6 +1777,35 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
                     const py::object& now) {
             return acquire(h, Single::kAcquire, Strategy::kSlidingWindowCounter,
                            key, limit, expiry, amount, now);
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "acquire_sliding_window_entry_stats",
+          [](RedisStorageHandle& h, const std::string& key, int64_t limit,
+             double expiry, int64_t amount, const py::object& now) {
+            FlushLogs();
+            const Limit l = WindowLimit(limit, expiry);
+            if (!CheckStrategyLimit(Strategy::kSlidingWindowCounter, l)) {
+              throw py::error_already_set();
+            }
+            const int64_t t = NowArg(now);
+            const Request r =
+                MakeRequest(Strategy::kSlidingWindowCounter, l, key, amount);
+            const RedisStore::SingleAnswer a = h.redis->DecideOne(r, t);
+            FlushLogs();
+            return Steal(SlidingStats(a, l, t));
+          },
+          py::arg("key"), py::arg("limit"), py::arg("expiry"),
+          py::arg("amount") = 1, py::arg("now") = py::none())
+      .def(
+          "acquire_sliding_window_entry_stats_async",
+          [acquire](RedisStorageHandle& h, const std::string& key,
+                    int64_t limit, double expiry, int64_t amount,
+                    const py::object& now) {
+            return acquire(h, Single::kSlidingStats,
+                           Strategy::kSlidingWindowCounter, key, limit, expiry,
+                           amount, now);
           },
           py::arg("key"), py::arg("limit"), py::arg("expiry"),
           py::arg("amount") = 1, py::arg("now") = py::none())

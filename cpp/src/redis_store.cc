@@ -178,6 +178,9 @@ struct Op {
 
   // Filled by FinishScript.
   std::vector<Decision> decisions;
+  // A single sliding-window decision's state after it (SingleAnswer).
+  WindowState window;
+  bool has_window = false;
   size_t written = 0;
   size_t first_reject = 0;
 
@@ -1829,6 +1832,16 @@ void Engine::FinishScript(Op* op, bool timed_out) {
         Add(counters->mismatches);
         d.allowed = script_allowed;
       }
+      // Only in the caller's own window (a clock behind the newest window
+      // reads at that window's start, not at `now`).
+      if (op->single == Op::Single::kDecide &&
+          item.strategy == Strategy::kSlidingWindowCounter &&
+          post.sliding.window ==
+              FloorDivNanos(op->now, item.limit.PeriodNanos())) {
+        op->window =
+            InspectSlidingWindow(item.limit, op->now, false, post.sliding);
+        op->has_window = true;
+      }
       if (!d.allowed) {
         if (op->first_reject == n) op->first_reject = i;
         if (charge) cache.Insert(item, op->now, d, post);
@@ -1916,6 +1929,8 @@ void Engine::FinishSingle(Op* op, bool completed,
     FinishScript(op, !completed);
     out->decision = op->decisions[0];
     out->source = out->decision.source;
+    out->window = op->window;
+    out->has_window = op->has_window;
   } else if (completed && op->result == Op::Result::kOk && op->values[0] == 1) {
     if (op->single == Op::Single::kIncr) {
       out->count =
@@ -2148,17 +2163,40 @@ class RedisStoreImpl final : public RedisStore {
                          SingleCallback done, void* context) override {
     Engine* e = Acquire();
     SingleAnswer answer;
-    bool cached = false;
-    e->CacheScan(&request, 1, now, &answer.decision, &cached);
-    if (cached) {
-      Add(counters_.decisions);
-      answer.source = DecisionSource::kCache;
+    if (DecidedFromCache(e, request, now, &answer)) {
       done(context, answer);
       return;
     }
+    RunSingle(e, NewDecideOp(e, request, now), done, context);
+  }
+
+  SingleAnswer DecideOne(const Request& request, int64_t now) override {
+    Engine* e = Acquire();
+    SingleAnswer answer;
+    if (!DecidedFromCache(e, request, now, &answer)) {
+      Op* op = NewDecideOp(e, request, now);
+      e->FinishSingle(op, e->RunSync(op), &answer);
+      Release(op);
+    }
+    tl_last_source = answer.source;
+    return answer;
+  }
+
+  // A single decision the blocked-key cache answers (into `*answer`).
+  bool DecidedFromCache(Engine* e, const Request& request, int64_t now,
+                        SingleAnswer* answer) {
+    bool cached = false;
+    e->CacheScan(&request, 1, now, &answer->decision, &cached);
+    if (!cached) return false;
+    Add(counters_.decisions);
+    answer->source = DecisionSource::kCache;
+    return true;
+  }
+
+  static Op* NewDecideOp(Engine* e, const Request& request, int64_t now) {
     Op* op = e->NewScriptOp(&request, 1, now, Mode::kHit);
     op->single = Op::Single::kDecide;
-    RunSingle(e, op, done, context);
+    return op;
   }
 
   void InspectDeferred(const Request& request, int64_t now, SingleCallback done,

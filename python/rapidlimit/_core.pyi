@@ -281,6 +281,27 @@ class RedisStorage(Storage):
     def get_sliding_window_async(
         self, key: str, expiry: float, now: float | None = None
     ) -> RedisWaiter[tuple[int, float, int, float]]: ...
+    def acquire_sliding_window_entry_stats(
+        self,
+        key: str,
+        limit: int,
+        expiry: float,
+        amount: int = 1,
+        now: float | None = None,
+    ) -> tuple[bool, int, float, int, float, float]:
+        """``acquire_sliding_window_entry``, with what ``get_sliding_window``
+        reads right after it and until when: (allowed, previous count,
+        previous ttl, current count, current ttl, until), the ttls to be
+        shortened by the time since; current count -1 when the answer did
+        not come from Redis's state (the blocked-key cache, a policy)."""
+    def acquire_sliding_window_entry_stats_async(
+        self,
+        key: str,
+        limit: int,
+        expiry: float,
+        amount: int = 1,
+        now: float | None = None,
+    ) -> RedisWaiter[tuple[bool, int, float, int, float, float]]: ...
     def clear_async(self, key: str) -> RedisWaiter[None]:
         """``clear`` awaited on the loop: one DEL for the key's states."""
     def clear_sliding_window_async(

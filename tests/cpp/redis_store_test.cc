@@ -1514,6 +1514,18 @@ TEST_F(RedisStoreTest, SingleCallsDeferredAnswerAsTheSyncCalls) {
       ExpectSame(a.decision, Hit(rs, s, l, kb, now), name);
       EXPECT_EQ(a.decision.allowed, i < 2) << name;
       EXPECT_EQ(a.source, DecisionSource::kStore) << name;
+      // A sliding window's state after the decision, as a read gets it;
+      // the blocking DecideOne's answer is the same.
+      const bool sliding = s == Strategy::kSlidingWindowCounter;
+      EXPECT_EQ(a.has_window, sliding) << name;
+      const RedisStore::SingleAnswer c =
+          rs.DecideOne({s, &l, "LIMITER/c-" + name, 1}, now);
+      ExpectSame(c.decision, a.decision, name);
+      EXPECT_EQ(c.has_window, sliding) << name;
+      if (sliding) {
+        ExpectSame(a.window, uncached->Inspect({s, &l, ka, 1}, now), name);
+        ExpectSame(c.window, a.window, name);
+      }
     }
     // Over its limit: the blocked-key cache answers before the call
     // returns, without Redis.

@@ -174,8 +174,11 @@ class RedisStore : public Store {
   // request the blocked-key cache answers or that fails at once); it must
   // not block. `request.key` and the limit are copied.
   struct SingleAnswer {
-    Decision decision;            // DecideOneDeferred
-    WindowState window;           // InspectDeferred
+    Decision decision;  // DecideOneDeferred
+    // InspectDeferred; DecideOneDeferred of a sliding window that Redis
+    // decided (`has_window`): the state a read right after it gets.
+    WindowState window;
+    bool has_window = false;
     int64_t count = 0;            // IncrDeferred: the counter after the call
     int64_t expiry_at_nanos = 0;  // IncrDeferred: when the counter expires
     DecisionSource source = DecisionSource::kStore;
@@ -189,6 +192,8 @@ class RedisStore : public Store {
   using SingleCallback = void (*)(void* context, const SingleAnswer& answer);
   virtual void DecideOneDeferred(const Request& request, int64_t now_nanos,
                                  SingleCallback done, void* context) = 0;
+  // DecideOneDeferred's answer, waited for (with the blocking hooks).
+  virtual SingleAnswer DecideOne(const Request& request, int64_t now_nanos) = 0;
   virtual void InspectDeferred(const Request& request, int64_t now_nanos,
                                SingleCallback done, void* context) = 0;
   virtual void IncrDeferred(std::string_view key, int64_t expiry_nanos,

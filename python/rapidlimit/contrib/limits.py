@@ -351,6 +351,45 @@ class _Answers:
         last = self.take(self._moving(key, limit, expiry), self.WINDOW)
         return None if last is None else (float(last[0]), int(last[1]))
 
+    @staticmethod
+    def _sliding(key: str, expiry: int) -> tuple[str, str, int]:
+        return ("sliding", key, expiry)
+
+    def forget_sliding(self, key: str, expiry: int) -> None:
+        self.forget(self._sliding(key, expiry))
+
+    def kept_sliding(
+        self,
+        key: str,
+        expiry: int,
+        now: float,
+        stats: tuple[bool, int, float, int, float, float],
+    ) -> bool:
+        """Keeps what a sliding window's read gets right after its hit at
+        ``now``, until the window ends (its ttls then shortened by the time
+        since, as Redis's would be)."""
+        allowed, previous, previous_ttl, current, current_ttl, until = stats
+        sliding = self._sliding(key, expiry)
+        if current >= 0:
+            value = (previous, previous_ttl, current, current_ttl, now)
+            self.keep(sliding, value, until, self.WINDOW)
+        else:  # nor an earlier call's, answered before this one
+            self.forget(sliding)
+        return allowed
+
+    def sliding(self, key: str, expiry: int) -> tuple[int, float, int, float] | None:
+        last = self.take(self._sliding(key, expiry), self.WINDOW)
+        if last is None:
+            return None
+        previous, previous_ttl, current, current_ttl, at = last
+        since = time.time() - at
+        return (
+            int(previous),
+            max(0.0, previous_ttl - since) if previous else 0.0,
+            int(current),
+            current_ttl - since,
+        )
+
 
 class RapidlimitStorage(
     Storage, MovingWindowSupport, SlidingWindowCounterSupport, TimestampedSlidingWindow
@@ -439,21 +478,27 @@ class RapidlimitStorage(
     def acquire_sliding_window_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
     ) -> bool:
-        return self._call(
-            self.native.acquire_sliding_window_entry,
-            key,
-            limit,
-            expiry,
-            amount,
-            time.time(),
+        now = time.time()
+        if not self._library:
+            return self.native.acquire_sliding_window_entry(
+                key, limit, expiry, amount, now
+            )
+        self._answers.forget_sliding(key, expiry)
+        native = cast(_core.RedisStorage, self.native)
+        stats = self._call(
+            native.acquire_sliding_window_entry_stats, key, limit, expiry, amount, now
         )
+        return self._answers.kept_sliding(key, expiry, now, stats)
 
     def get_sliding_window(
         self, key: str, expiry: int
     ) -> tuple[int, float, int, float]:
+        if self._library and (window := self._answers.sliding(key, expiry)):
+            return window
         return self._call(self.native.get_sliding_window, key, expiry, time.time())
 
     def clear_sliding_window(self, key: str, expiry: int) -> None:
+        self._answers.forget_sliding(key, expiry)
         _admin(self._library, self.native.clear_sliding_window, key, expiry)
 
     def __len__(self) -> int:
@@ -601,18 +646,23 @@ class AsyncRapidlimitStorage(
     async def acquire_sliding_window_entry(
         self, key: str, limit: int, expiry: int, amount: int = 1
     ) -> bool:
-        return await self._run(
-            self.native.acquire_sliding_window_entry,
-            key,
-            limit,
-            expiry,
-            amount,
-            time.time(),
+        now = time.time()
+        if not self._library:
+            return self.native.acquire_sliding_window_entry(
+                key, limit, expiry, amount, now
+            )
+        self._answers.forget_sliding(key, expiry)
+        native = cast(_core.RedisStorage, self.native)
+        stats = await self._run(
+            native.acquire_sliding_window_entry_stats, key, limit, expiry, amount, now
         )
+        return self._answers.kept_sliding(key, expiry, now, stats)
 
     async def get_sliding_window(
         self, key: str, expiry: int
     ) -> tuple[int, float, int, float]:
+        if self._library and (window := self._answers.sliding(key, expiry)):
+            return window
         return await self._run(
             self.native.get_sliding_window,
             key,
@@ -621,4 +671,5 @@ class AsyncRapidlimitStorage(
         )
 
     async def clear_sliding_window(self, key: str, expiry: int) -> None:
+        self._answers.forget_sliding(key, expiry)
         await self._run(self.native.clear_sliding_window, key, expiry, admin=True)
