@@ -87,7 +87,9 @@ PyObject* AcquireStats(const Decision& d, const Limit& l) {
   const bool decided = d.source == DecisionSource::kStore ||
                        d.source == DecisionSource::kFallback;
   const int64_t count = d.limit - d.remaining;
-  const bool known = decided && d.remaining > 0 && count > 0 &&
+  // An allowed hit leaves at most `limit` entries (the log keeps the newest
+  // `limit`), so its count is exact when it filled the window too.
+  const bool known = decided && (d.remaining > 0 || d.allowed) && count > 0 &&
                      d.reset_nanos != std::numeric_limits<int64_t>::max();
   return Py_BuildValue("(OdLd)", d.allowed ? Py_True : Py_False,
                        known ? NanosToSeconds(d.reset_nanos - period) : 0.0,

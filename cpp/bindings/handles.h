@@ -158,9 +158,10 @@ inline py::object Steal(PyObject* obj) {
 // `l`: (allowed, window start, entries in the window, until), times in
 // epoch seconds: the middle two are what get_moving_window reads right
 // after it, until the oldest entry leaves the window. The count is -1 when
-// `d` cannot tell: no room left (after a lowered limit a window may hold
-// more than it), an empty window (whose start is the reading's time), or
-// an answer the store did not decide (fail-open invents one).
+// `d` cannot tell: a refusal with no room left (after a lowered limit a
+// window may hold more than it), an empty window (whose start is the
+// reading's time), or an answer the store did not decide (fail-open
+// invents one).
 PyObject* AcquireStats(const Decision& d, const Limit& l);
 
 // True, with RedisUnavailableError set, when `d` was answered by a Redis

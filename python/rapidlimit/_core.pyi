@@ -129,8 +129,8 @@ class Storage:
     ) -> tuple[bool, float, int, float]:
         """``acquire_entry``, with what ``get_moving_window`` reads right
         after it and until when: (allowed, window start, entries, until),
-        entries -1 when the decision cannot tell (no room left, an empty
-        window, fail-open)."""
+        entries -1 when the decision cannot tell (a refusal with no room
+        left, an empty window, fail-open)."""
     def get_moving_window(
         self, key: str, limit: int, expiry: float, now: float | None = None
     ) -> tuple[float, int]: ...

@@ -638,10 +638,9 @@ def test_unchanged_slowapi_app_as_with_limits_redis(
     ("strategy", "scripts"),
     [
         ("fixed-window", [1] * 7),
-        # The last allowed request of a moving window reads Redis: a full
-        # window's decision cannot tell how many it holds. A refused moving
-        # window's stats are read from the blocked-key cache.
-        ("moving-window", [1, 1, 2, 1, 1, 2, 1]),
+        # A refused moving window's stats are read from the blocked-key
+        # cache.
+        ("moving-window", [1] * 7),
         ("sliding-window-counter", [1] * 7),
     ],
 )
@@ -651,7 +650,7 @@ def test_slowapi_with_headers_reads_the_hits_answer(
     # slowapi reads the window's stats right after the hit for its headers,
     # allowed or refused: the hit's own answer gives them, so a fixed-window
     # request costs one script call, as the native Limiter's; a sliding
-    # window too; a moving window while it has room, and when refused.
+    # or moving window too.
     app, _ = slowapi_app(f"rapidlimit+redis://127.0.0.1:{server.port}/0", strategy)
     client = TestClient(app)
     client.get("/r")  # connected, script loaded
@@ -714,8 +713,12 @@ def test_moving_window_after_an_acquire_comes_from_it_once(
     # The acquire's answer once (Redis holds two entries by then), then Redis.
     assert mine.get_moving_window("m", 3, 60) == (T0, 1)
     assert mine.get_moving_window("m", 3, 60) == (T0, 2)
-    # Only for the same limit and window.
+    # Only for the same limit and window; also from the acquire that
+    # filled the window (which leaves `limit` entries: no more are kept).
     assert mine.acquire_entry("m", 3, 60)
+    server.reset_stats()
+    assert mine.get_moving_window("m", 3, 60) == (T0, 3)
+    assert "evalsha" not in server.command_calls()
     assert mine.get_moving_window("m", 4, 60) == (T0, 3)
     # A full window's decision does not say how many it holds; a later read
     # does not get an earlier acquire's answer either.
