@@ -24,6 +24,8 @@ PACKAGES = ("none", "slowapi", "rapidlimit")
 PATHS = ("decorator", "middleware", "asgi-middleware")
 # Never reached in a benchmark run / reached by the first request.
 ALLOWED_LIMIT = "100000000/day"
+# A moving window logs every hit: rapidlimit allows at most 2^20 a window.
+MOVING_ALLOWED_LIMIT = "1000000/day"
 REJECT_LIMIT = "1/day"
 ROUTE = "/a"
 
@@ -46,10 +48,16 @@ class Variant:
     # "none" only: the endpoint awaits asyncio.sleep(0) once, suspending the
     # request as awaiting a Redis decision does (bench_callgrind's floor).
     awaits: bool = False
+    # The Limiter's strategy (bench_redis's per-request costs of the others).
+    strategy: str = "fixed-window"
 
     @property
     def limit(self) -> str:
-        return REJECT_LIMIT if self.traffic == "rejected" else ALLOWED_LIMIT
+        if self.traffic == "rejected":
+            return REJECT_LIMIT
+        if self.strategy == "moving-window":
+            return MOVING_ALLOWED_LIMIT
+        return ALLOWED_LIMIT
 
     @property
     def expected_status(self) -> int:
@@ -68,6 +76,7 @@ class Variant:
             f"--key-prefix={self.key_prefix}",
             f"--http={self.http}",
             f"--awaits={int(self.awaits)}",
+            f"--strategy={self.strategy}",
         ]
 
 
@@ -107,6 +116,7 @@ def make_app(v: Variant) -> Any:
         headers_enabled=v.headers,
         storage_uri=v.storage_uri,
         key_prefix=v.key_prefix,
+        strategy=v.strategy,
     )
     app.state.limiter = limiter
     app.add_exception_handler(

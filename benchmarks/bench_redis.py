@@ -273,67 +273,79 @@ def per_request(
     reps = cfg.pick(2, 5)
     client = rs.client()
     loop = asyncio.new_event_loop()
+    # slowapi reads a limit's window for its headers right after each hit:
+    # what the moving and sliding windows cost there too, on limits'
+    # redis:// and on rapidlimit's scheme.
+    cases = [(pkg, "fixed-window", h) for pkg in packages for h in (False, True)]
+    cases += [
+        (pkg, strategy, True)
+        for pkg in packages
+        if pkg in ("slowapi", SLOWAPI_ON_RAPIDLIMIT)
+        for strategy in ("moving-window", "sliding-window-counter")
+    ]
     try:
-        for pkg in packages:
-            for headers in (False, True):
-                for traffic in ("allowed", "rejected"):
-                    v = _app_variant(
-                        pkg,
-                        rs,
-                        headers=headers,
-                        traffic=traffic,
-                        key_prefix=f"rt-{pkg}-{headers}-{traffic}",
-                    )
-                    d = Driver(make_app(v))
-                    prime(loop, v, d)
-                    trips, cpu_us, cmd_us, ncmds = [], [], [], []
-                    breakdown: dict[str, float] = {}
-                    for _ in range(reps):
-                        client.config_resetstat()
-                        reads0, cpu0, _ = _redis_counters(client)
-                        d.statuses.clear()
-                        loop.run_until_complete(d.run(n))
-                        reads1, cpu1, cmds = _redis_counters(client)
-                        check_statuses(f"{v}", d.statuses, v.expected_status, n, d)
-                        # Each INFO round (3 commands on our own connection)
-                        # is 3 reads; the first round's reads are counted
-                        # after its snapshot except for its first command.
-                        trips.append((reads1 - reads0 - 3) / n)
-                        cpu_us.append((cpu1 - cpu0) * 1e6 / n)
-                        own = {"info", "config", "config|resetstat"}
-                        mine = {
-                            name.removeprefix("cmdstat_"): st
-                            for name, st in cmds.items()
-                            if name.removeprefix("cmdstat_") not in own
-                        }
-                        cmd_us.append(sum(float(s["usec"]) for s in mine.values()) / n)
-                        ncmds.append(sum(float(s["calls"]) for s in mine.values()) / n)
-                        breakdown = {k: float(s["calls"]) / n for k, s in mine.items()}
-                    hdr = "headers" if headers else "noheaders"
-                    k = f"{pkg}.{hdr}.{traffic}"
-                    on_off = "headers on" if headers else "headers off"
-                    lbl = f"{pkg:<10} {on_off:<11} {traffic}"
-                    res.add(
-                        f"round_trips.{k}",
-                        f"{lbl}: round trips/request",
-                        "trips",
-                        trips,
-                    )
-                    res.add(
-                        f"commands.{k}", f"{lbl}: Redis commands/request", "cmds", ncmds
-                    )
-                    res.add(f"redis_cpu.{k}", f"{lbl}: Redis CPU/request", "µs", cpu_us)
-                    res.add(
-                        f"redis_cmd_usec.{k}",
-                        f"{lbl}: Redis command time/request",
-                        "µs",
-                        cmd_us,
-                    )
-                    pretty = ", ".join(
-                        f"{c} {x:.2f}" for c, x in sorted(breakdown.items())
-                    )
-                    res.log(f"{lbl}: commands per request: {pretty or 'none'}")
-                    d.close()
+        for pkg, strategy, headers in cases:
+            fixed = strategy == "fixed-window"
+            subject = pkg if fixed else f"{pkg}.{strategy}"
+            for traffic in ("allowed", "rejected"):
+                v = _app_variant(
+                    pkg,
+                    rs,
+                    headers=headers,
+                    traffic=traffic,
+                    key_prefix=f"rt-{subject}-{headers}-{traffic}",
+                    strategy=strategy,
+                )
+                d = Driver(make_app(v))
+                prime(loop, v, d)
+                trips, cpu_us, cmd_us, ncmds = [], [], [], []
+                breakdown: dict[str, float] = {}
+                for _ in range(reps):
+                    client.config_resetstat()
+                    reads0, cpu0, _ = _redis_counters(client)
+                    d.statuses.clear()
+                    loop.run_until_complete(d.run(n))
+                    reads1, cpu1, cmds = _redis_counters(client)
+                    check_statuses(f"{v}", d.statuses, v.expected_status, n, d)
+                    # Each INFO round (3 commands on our own connection)
+                    # is 3 reads; the first round's reads are counted
+                    # after its snapshot except for its first command.
+                    trips.append((reads1 - reads0 - 3) / n)
+                    cpu_us.append((cpu1 - cpu0) * 1e6 / n)
+                    own = {"info", "config", "config|resetstat"}
+                    mine = {
+                        name.removeprefix("cmdstat_"): st
+                        for name, st in cmds.items()
+                        if name.removeprefix("cmdstat_") not in own
+                    }
+                    cmd_us.append(sum(float(s["usec"]) for s in mine.values()) / n)
+                    ncmds.append(sum(float(s["calls"]) for s in mine.values()) / n)
+                    breakdown = {k: float(s["calls"]) / n for k, s in mine.items()}
+                hdr = "headers" if headers else "noheaders"
+                k = f"{subject}.{hdr}.{traffic}"
+                on_off = "headers on" if headers else "headers off"
+                lbl = f"{pkg:<10} {on_off:<11} {traffic}"
+                if not fixed:
+                    lbl += f", {strategy}"
+                res.add(
+                    f"round_trips.{k}",
+                    f"{lbl}: round trips/request",
+                    "trips",
+                    trips,
+                )
+                res.add(
+                    f"commands.{k}", f"{lbl}: Redis commands/request", "cmds", ncmds
+                )
+                res.add(f"redis_cpu.{k}", f"{lbl}: Redis CPU/request", "µs", cpu_us)
+                res.add(
+                    f"redis_cmd_usec.{k}",
+                    f"{lbl}: Redis command time/request",
+                    "µs",
+                    cmd_us,
+                )
+                pretty = ", ".join(f"{c} {x:.2f}" for c, x in sorted(breakdown.items()))
+                res.log(f"{lbl}: commands per request: {pretty or 'none'}")
+                d.close()
     finally:
         loop.close()
 
