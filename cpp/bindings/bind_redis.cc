@@ -1693,10 +1693,9 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
                     const std::string& key, int64_t limit, double expiry,
                     int64_t amount, const py::object& now) {
     FlushLogs();
-    const Limit l = WindowLimit(limit, expiry);
-    if (!CheckStrategyLimit(strategy, l)) throw py::error_already_set();
+    Limit l;
+    const Request r = AcquireRequest(strategy, key, limit, expiry, amount, &l);
     const int64_t t = NowArg(now);
-    const Request r = MakeRequest(strategy, l, key, amount);
     return Steal(SubmitSingle(
         &h, kind,
         [&](auto done, void* context) {
@@ -1785,13 +1784,10 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
           [](RedisStorageHandle& h, const std::string& key, int64_t limit,
              double expiry, int64_t amount, const py::object& now) {
             FlushLogs();
-            const Limit l = WindowLimit(limit, expiry);
-            if (!CheckStrategyLimit(Strategy::kSlidingWindowCounter, l)) {
-              throw py::error_already_set();
-            }
+            Limit l;
+            const Request r = AcquireRequest(Strategy::kSlidingWindowCounter,
+                                             key, limit, expiry, amount, &l);
             const int64_t t = NowArg(now);
-            const Request r =
-                MakeRequest(Strategy::kSlidingWindowCounter, l, key, amount);
             const RedisStore::SingleAnswer a = h.redis->DecideOne(r, t);
             FlushLogs();
             return Steal(SlidingStats(a, l, t));

@@ -47,6 +47,13 @@ Request MakeRequest(Strategy s, const Limit& l, const std::string& key,
   return r;
 }
 
+Request AcquireRequest(Strategy s, const std::string& key, int64_t limit,
+                       double expiry, int64_t amount, Limit* l) {
+  *l = WindowLimit(limit, expiry);
+  if (!CheckStrategyLimit(s, *l)) throw py::error_already_set();
+  return MakeRequest(s, *l, key, amount);
+}
+
 Request ReadRequest(WindowRead read, const std::string& key, int64_t limit,
                     double expiry, Limit* l) {
   switch (read) {
@@ -110,9 +117,7 @@ py::object Read(StorageHandle& h, WindowRead read, const std::string& key,
 Decision Acquire(StorageHandle& h, Strategy s, const std::string& key,
                  int64_t limit, double expiry, int64_t amount,
                  const py::object& now, Limit* l) {
-  *l = WindowLimit(limit, expiry);
-  if (!CheckStrategyLimit(s, *l)) throw py::error_already_set();
-  const Request r = MakeRequest(s, *l, key, amount);
+  const Request r = AcquireRequest(s, key, limit, expiry, amount, l);
   Decision d;
   h.store->Decide(&r, 1, NowArg(now), Mode::kHit, &d);
   return d;

@@ -145,6 +145,12 @@ enum class WindowRead : uint8_t {
 // passes them; the fixed window's reads have neither), its window in `*l`.
 Request ReadRequest(WindowRead read, const std::string& key, int64_t limit,
                     double expiry, Limit* l);
+// The request of an acquire (limits' acquire_entry,
+// acquire_sliding_window_entry): `amount` of `limit` per `expiry` seconds
+// for `key` under `s`, its window in `*l`; throws error_already_set for a
+// limit the strategy refuses.
+Request AcquireRequest(Strategy s, const std::string& key, int64_t limit,
+                       double expiry, int64_t amount, Limit* l);
 // What `read` returns for the state `w`; null with a Python error set.
 PyObject* ReadResult(WindowRead read, const WindowState& w);
 

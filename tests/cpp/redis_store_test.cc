@@ -813,6 +813,18 @@ void AsyncDone(void* ctx, const Decision* d, size_t written, size_t) {
   if (--w->pending == 0) w->cv.notify_all();
 }
 
+// Queues a deferred fixed-window hit of `key` at kT0, one more answer for
+// `w` to wait for.
+void DeferHit(RedisStore& store, const Limit& l, const std::string& key,
+              AsyncWait* w) {
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    ++w->pending;
+  }
+  Request r{Strategy::kFixedWindow, &l, key, 1};
+  store.DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, w);
+}
+
 // Waits up to `limit` for `w`'s requests. On a timeout `store` is closed
 // first, which completes the requests left: their callbacks must run
 // while what they write to (on the test's stack) still exists.
@@ -1410,13 +1422,10 @@ TEST_F(RedisStoreTest, DeferredDecisionsWaitForFlushAndShareOneScript) {
   const RedisStoreStats before = store->Stats();
   AsyncWait w;
   const int kOps = 5;
-  w.pending = kOps;
   // Redis is idle: still nothing leaves before Flush (an early start of
   // the first would split the batch, and the split would persist).
   for (int i = 0; i < kOps; ++i) {
-    const std::string key = "LIMITER/idle" + std::to_string(i);
-    Request r{Strategy::kFixedWindow, &l, key, 1};
-    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+    DeferHit(*store, l, "LIMITER/idle" + std::to_string(i), &w);
   }
   const auto start = std::chrono::steady_clock::now();
   store->Flush();
@@ -1798,11 +1807,7 @@ TEST_P(RedisLoopTest, LoopDrivesAnIdleConnection) {
   const RedisStoreStats before = store->Stats();
   RedisStore::LoopConnection c;
   AsyncWait w;
-  w.pending = 4;
-  for (int i = 0; i < 4; ++i) {
-    Request r{Strategy::kFixedWindow, &l, "LIMITER/loop", 1};
-    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
-  }
+  for (int i = 0; i < 4; ++i) DeferHit(*store, l, "LIMITER/loop", &w);
   // The first call names the connection to watch; nothing is sent yet.
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
   ASSERT_GE(c.fd, 0);
@@ -1860,9 +1865,7 @@ TEST_F(RedisStoreTest, AFreshStoreLeavesItsConnectionToTheLoop) {
     auto store = Make(o);
     ASSERT_NE(store, nullptr);
     AsyncWait w;
-    w.pending = 1;
-    Request r{Strategy::kFixedWindow, &l, "LIMITER/fresh", 1};
-    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+    DeferHit(*store, l, "LIMITER/fresh", &w);
     // Whenever the loop comes: at once, or up to 200 µs later (a Python
     // loop's turn), wherever that falls in the thread's first pass.
     std::this_thread::sleep_for(std::chrono::microseconds(i % 50 * 4));
@@ -1883,11 +1886,7 @@ TEST_F(RedisStoreTest, LoopHeldUpBeforeItsFlushTimesNothingOut) {
   o.command_timeout_nanos = 200 * kMs;
   auto store = Make(o);
   AsyncWait w;
-  w.pending = 2;
-  for (int i = 0; i < 2; ++i) {
-    Request r{Strategy::kFixedWindow, &l, "LIMITER/late", 1};
-    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
-  }
+  for (int i = 0; i < 2; ++i) DeferHit(*store, l, "LIMITER/late", &w);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   RedisStore::LoopConnection c;
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
@@ -1908,9 +1907,7 @@ TEST_F(RedisStoreTest, RepliesALoopHasNotReadByTheDeadlineAreReadNotTimedOut) {
   o.command_timeout_nanos = 300 * kMs;
   auto store = Make(o);
   AsyncWait w;
-  w.pending = 1;
-  Request r{Strategy::kFixedWindow, &l, "LIMITER/unread", 1};
-  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  DeferHit(*store, l, "LIMITER/unread", &w);
   RedisStore::LoopConnection c;
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
@@ -1940,9 +1937,7 @@ TEST_F(RedisStoreTest, TheIdlePassLeavesALoopItsDeferredRequests) {
                    std::chrono::milliseconds(300);
   while (std::chrono::steady_clock::now() < end) {
     AsyncWait w;
-    w.pending = 1;
-    Request r{Strategy::kFixedWindow, &l, "LIMITER/idle-pass", 1};
-    store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+    DeferHit(*store, l, "LIMITER/idle-pass", &w);
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
     ++(FlushOneFromLoop(*store, &c, w, /*retry=*/true) ? sent : handed_off);
     EXPECT_EQ(w.allowed, 1);
@@ -1960,10 +1955,8 @@ TEST_F(RedisStoreTest, DeferredRequestsNoLoopFlushesAreSentAllTheSame) {
   o.command_timeout_nanos = 300 * kMs;
   auto store = Make(o);
   AsyncWait w;
-  w.pending = 1;
-  Request r{Strategy::kFixedWindow, &l, "LIMITER/orphan", 1};
   const auto start = std::chrono::steady_clock::now();
-  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  DeferHit(*store, l, "LIMITER/orphan", &w);
   ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(5)));
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(3));
   EXPECT_EQ(w.allowed, 1);
@@ -1978,10 +1971,8 @@ TEST_F(RedisStoreTest, LoopWatchFailsARequestRedisDoesNotAnswer) {
   ASSERT_TRUE(Hit(*store, Strategy::kFixedWindow, l, "warm", kT0).allowed);
   RedisStore::LoopConnection c;
   AsyncWait w;
-  w.pending = 1;
-  Request r{Strategy::kFixedWindow, &l, "LIMITER/held", 1};
   std::thread sleeper = server_.SleepInBackground("1");
-  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  DeferHit(*store, l, "LIMITER/held", &w);
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kNewConnection);
   ASSERT_EQ(SendFromLoop(*store, &c), RedisStore::LoopResult::kSent);
   const int64_t left = store->LoopWatch(c.generation);
@@ -2002,8 +1993,7 @@ TEST_F(RedisStoreTest, LoopWatchFailsARequestRedisDoesNotAnswer) {
   for (int i = 0; i < 200 && !store->Connected(); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  w.pending = 1;
-  store->DecideAsyncDeferred(&r, 1, kT0, Mode::kHit, &AsyncDone, &w);
+  DeferHit(*store, l, "LIMITER/held", &w);
   RedisStore::LoopConnection next = c;
   ASSERT_EQ(SendFromLoop(*store, &next),
             RedisStore::LoopResult::kNewConnection);

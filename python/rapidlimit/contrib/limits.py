@@ -383,9 +383,10 @@ class _Answers:
             return None
         previous, previous_ttl, current, current_ttl, at = last
         since = time.time() - at
+        # A window with no previous hits has a previous ttl of 0.
         return (
             int(previous),
-            max(0.0, previous_ttl - since) if previous else 0.0,
+            max(0.0, previous_ttl - since),
             int(current),
             current_ttl - since,
         )
