@@ -929,8 +929,10 @@ struct Pending {
     kRead,
     kAcquire,
     kAcquireStats,
-    kClear,  // None, or RaiseStoreUnreachable's error
-    kCheck,  // whether Redis answered
+    kClear,   // None, or RaiseStoreUnreachable's error
+    kCheck,   // whether Redis answered
+    kScan,    // (next cursor, keys), or RaiseStoreUnreachable's error
+    kUnlink,  // the keys removed, or RaiseStoreUnreachable's error
     kSlidingStats,
   };
   Single single = Single::kNone;
@@ -1069,6 +1071,34 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
     *is_error = true;
     return MakeStoreUnreachable("clear");
   }
+  if (p->single == Pending::Single::kScan ||
+      p->single == Pending::Single::kUnlink) {
+    if (!a.answered) {
+      *is_error = true;
+      return MakeStoreUnreachable("reset");
+    }
+    if (p->single == Pending::Single::kUnlink) {
+      return PyLong_FromLongLong(static_cast<long long>(a.count));
+    }
+    PyObject* keys = PyList_New(static_cast<Py_ssize_t>(a.keys.size()));
+    if (keys == nullptr) return nullptr;
+    for (size_t i = 0; i < a.keys.size(); ++i) {
+      PyObject* key = PyBytes_FromStringAndSize(
+          a.keys[i].data(), static_cast<Py_ssize_t>(a.keys[i].size()));
+      if (key == nullptr) {
+        Py_DECREF(keys);
+        return nullptr;
+      }
+      PyList_SET_ITEM(keys, static_cast<Py_ssize_t>(i), key);
+    }
+    PyObject* cursor = PyUnicode_FromStringAndSize(
+        a.cursor.data(), static_cast<Py_ssize_t>(a.cursor.size()));
+    if (cursor == nullptr) {
+      Py_DECREF(keys);
+      return nullptr;
+    }
+    return Py_BuildValue("(NN)", cursor, keys);
+  }
   if (a.source == DecisionSource::kFailClosed) {
     *is_error = true;
     const std::string message =
@@ -1107,6 +1137,8 @@ PyObject* BuildSingle(const Pending* p, bool* is_error) {
       return SlidingStats(a, p->limit, p->now);
     case Pending::Single::kClear:
     case Pending::Single::kCheck:
+    case Pending::Single::kScan:
+    case Pending::Single::kUnlink:
     case Pending::Single::kNone:
       break;
   }
@@ -1826,13 +1858,43 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
             return clear(h, kSliding, 1, key);
           },
           py::arg("key"), py::arg("expiry"))
-      .def("check_async", [](RedisStorageHandle& h) {
-        FlushLogs();
-        return Steal(
-            SubmitSingle(&h, Single::kCheck, [&](auto done, void* context) {
-              h.redis->PingDeferred(done, context);
-            }));
-      });
+      .def("check_async",
+           [](RedisStorageHandle& h) {
+             FlushLogs();
+             return Steal(SubmitSingle(&h, Single::kCheck,
+                                       [&](auto done, void* context) {
+                                         h.redis->PingDeferred(done, context);
+                                       }));
+           })
+      .def("forget_in_process",
+           [](RedisStorageHandle& h) { h.redis->ForgetInProcess(); })
+      .def(
+          "scan_async",
+          [](RedisStorageHandle& h, const std::string& strategy,
+             const std::string& cursor) {
+            FlushLogs();
+            const auto s = StrategyFromName(strategy);
+            if (!s) {
+              throw py::value_error("unknown strategy '" + strategy + "'");
+            }
+            return Steal(
+                SubmitSingle(&h, Single::kScan, [&](auto done, void* context) {
+                  h.redis->ScanDeferred(*s, cursor, done, context);
+                }));
+          },
+          py::arg("strategy"), py::arg("cursor"))
+      .def(
+          "unlink_async",
+          [](RedisStorageHandle& h, const std::vector<std::string>& keys) {
+            FlushLogs();
+            // UNLINK needs a key: Redis's error would read as an outage.
+            if (keys.empty()) throw py::value_error("unlink_async: no keys");
+            return Steal(SubmitSingle(
+                &h, Single::kUnlink, [&](auto done, void* context) {
+                  h.redis->UnlinkDeferred(keys, done, context);
+                }));
+          },
+          py::arg("keys"));
 }
 
 #endif  // RAPIDLIMIT_HAVE_HIREDIS

@@ -118,6 +118,19 @@ struct RawReply {
   std::vector<RawReply> elements;
 };
 
+// A SCAN reply's next cursor and page of keys; false for another reply.
+bool ParseScan(const RawReply& reply, std::string* cursor,
+               std::vector<std::string>* keys) {
+  if (reply.type != REDIS_REPLY_ARRAY || reply.elements.size() != 2) {
+    return false;
+  }
+  *cursor = reply.elements[0].str;
+  keys->clear();
+  keys->reserve(reply.elements[1].elements.size());
+  for (const RawReply& k : reply.elements[1].elements) keys->push_back(k.str);
+  return true;
+}
+
 RawReply CopyReply(const redisReply* r) {
   RawReply out;
   out.type = r->type;
@@ -1919,6 +1932,10 @@ void Engine::FinishSingle(Op* op, bool completed,
     const bool ok = completed && op->result == Op::Result::kOk;
     out->answered = ok && op->raw.type != REDIS_REPLY_ERROR;
     out->count = ok ? op->raw.integer : 0;
+    // The only plain command answered with an array is SCAN.
+    if (out->answered && op->raw.type == REDIS_REPLY_ARRAY) {
+      out->answered = ParseScan(op->raw, &out->cursor, &out->keys);
+    }
     if (ok && op->raw.type == REDIS_REPLY_ERROR) out->error = op->raw.str;
     out->timed_out = !completed || op->timed_out;
     return;
@@ -2255,18 +2272,14 @@ class RedisStoreImpl final : public RedisStore {
 
   bool TryReset(size_t* dropped) override {
     Engine* e = Acquire();
-    e->cache.Clear();
-    if (e->fallback != nullptr) e->fallback->Reset();
+    Forget(e);
     *dropped = 0;
     bool ok = true;
     const bool listed =
         ForEachKeyBatch(e, [&](const std::vector<std::string>& keys) {
-          std::vector<std::string_view> argv;
-          argv.reserve(keys.size() + 1);
-          argv.push_back("UNLINK");
-          for (const std::string& k : keys) argv.push_back(k);
           RawReply reply;
-          if (RawArgv(e, argv, &reply) && reply.type == REDIS_REPLY_INTEGER) {
+          if (RawArgv(e, UnlinkArgv(keys), &reply) &&
+              reply.type == REDIS_REPLY_INTEGER) {
             *dropped += static_cast<size_t>(reply.integer);
           } else {
             ok = false;
@@ -2429,6 +2442,45 @@ class RedisStoreImpl final : public RedisStore {
     RunSingle(e, NewRawOp(e, {"PING"}), done, context);
   }
 
+  void ForgetInProcess() override { Forget(Acquire()); }
+
+  void ScanDeferred(Strategy strategy, std::string_view cursor,
+                    SingleCallback done, void* context) override {
+    Engine* e = Acquire();
+    std::string pattern;
+    RunSingle(e, NewRawOp(e, ScanArgv(strategy, cursor, &pattern)), done,
+              context);
+  }
+
+  void UnlinkDeferred(const std::vector<std::string>& keys, SingleCallback done,
+                      void* context) override {
+    Engine* e = Acquire();
+    RunSingle(e, NewRawOp(e, UnlinkArgv(keys)), done, context);
+  }
+
+  static void Forget(Engine* e) {
+    e->cache.Clear();
+    if (e->fallback != nullptr) e->fallback->Reset();
+  }
+
+  // One page of this store's keys under `strategy`; the arguments point
+  // into `*pattern` and `cursor`.
+  std::vector<std::string_view> ScanArgv(Strategy strategy,
+                                         std::string_view cursor,
+                                         std::string* pattern) const {
+    *pattern = options_.key_prefix + std::string(StrategyCode(strategy)) + "{*";
+    return {"SCAN", cursor, "MATCH", *pattern, "COUNT", "1000"};
+  }
+
+  static std::vector<std::string_view> UnlinkArgv(
+      const std::vector<std::string>& keys) {
+    std::vector<std::string_view> argv;
+    argv.reserve(keys.size() + 1);
+    argv.push_back("UNLINK");
+    for (const std::string& k : keys) argv.push_back(k);
+    return argv;
+  }
+
   Op* NewRawOp(Engine* e, const std::vector<std::string_view>& argv) {
     auto* op = new Op(e, Op::Kind::kRaw);
     op->single = Op::Single::kRaw;  // answered by FinishSingle if async
@@ -2476,20 +2528,14 @@ class RedisStoreImpl final : public RedisStore {
     for (Strategy s :
          {Strategy::kFixedWindow, Strategy::kMovingWindow,
           Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
-      const std::string pattern =
-          options_.key_prefix + std::string(StrategyCode(s)) + "{*";
+      std::string pattern;
       std::string cursor = "0";
+      std::vector<std::string> keys;
       do {
         RawReply reply;
-        if (!Raw(e, {"SCAN", cursor, "MATCH", pattern, "COUNT", "1000"},
-                 &reply) ||
-            reply.type != REDIS_REPLY_ARRAY || reply.elements.size() != 2) {
+        if (!RawArgv(e, ScanArgv(s, cursor, &pattern), &reply) ||
+            !ParseScan(reply, &cursor, &keys)) {
           return false;
-        }
-        cursor = reply.elements[0].str;
-        std::vector<std::string> keys;
-        for (const RawReply& k : reply.elements[1].elements) {
-          keys.push_back(k.str);
         }
         if (!keys.empty()) fn(keys);
       } while (cursor != "0");

@@ -309,6 +309,18 @@ class RedisStorage(Storage):
     ) -> RedisWaiter[None]: ...
     def check_async(self) -> RedisWaiter[bool]:
         """``check`` awaited on the loop: whether Redis answered a PING."""
+    def forget_in_process(self) -> None:
+        """What ``reset`` forgets before its scan: the blocked-key cache and
+        the fallback store of this process."""
+    def scan_async(
+        self, strategy: str, cursor: str
+    ) -> RedisWaiter[tuple[str, list[bytes]]]:
+        """One SCAN page of the store's keys under ``strategy``, from
+        ``cursor`` ("0" first): (the next cursor, "0" once complete; the
+        page's keys). Raises RedisUnavailableError if Redis did not answer."""
+    def unlink_async(self, keys: list[bytes]) -> RedisWaiter[int]:
+        """One UNLINK of ``keys`` (at least one): how many Redis removed.
+        Raises RedisUnavailableError if Redis did not answer."""
     @overload
     def decide_view_async(
         self,

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -1623,6 +1624,83 @@ TEST_F(RedisStoreTest, ClearAndPingDeferred) {
   EXPECT_FALSE(down.answered);
   EXPECT_FALSE(Single(rs, [&](auto done, void* ctx) {
                  rs.PingDeferred(done, ctx);
+               }).answered);
+}
+
+// limits.aio's reset from an event loop: ForgetInProcess, then SCAN pages
+// and an UNLINK per page, as TryReset does them blocking.
+TEST_F(RedisStoreTest, ResetInDeferredSteps) {
+  const Limit l = L("1 per minute");
+  auto store = MakeConnected(l);
+  RedisStore& rs = *store;
+  RedisStoreOptions other_options = Options(RedisFailurePolicy::kFailClosed);
+  other_options.key_prefix = "other:";
+  auto other = Make(other_options);
+  constexpr int kKeys = 1200;  // more than one page (COUNT 1000)
+  for (int i = 0; i < kKeys; ++i) {
+    ASSERT_TRUE(Hit(rs, Strategy::kFixedWindow, l, "k" + std::to_string(i), kT0)
+                    .allowed);
+  }
+  for (Strategy s : {Strategy::kMovingWindow, Strategy::kTokenBucket}) {
+    ASSERT_TRUE(Hit(rs, s, l, "k0", kT0).allowed);
+  }
+  ASSERT_TRUE(Hit(*other, Strategy::kFixedWindow, l, "k0", kT0).allowed);
+  Hit(rs, Strategy::kFixedWindow, l, "k0", kT0);
+  ASSERT_EQ(Hit(rs, Strategy::kFixedWindow, l, "k0", kT0).source,
+            DecisionSource::kCache);
+  rs.ForgetInProcess();
+  EXPECT_EQ(Hit(rs, Strategy::kFixedWindow, l, "k0", kT0).source,
+            DecisionSource::kStore);
+  server_.Command({"CONFIG", "RESETSTAT"});
+  size_t pages = 0;
+  long long unlinks = 0;
+  int64_t dropped = 0;
+  std::set<std::string> seen;
+  for (Strategy s : {Strategy::kFixedWindow, Strategy::kMovingWindow,
+                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+    std::string cursor = "0";
+    do {
+      const auto page = Single(rs, [&](auto done, void* ctx) {
+        rs.ScanDeferred(s, cursor, done, ctx);
+      });
+      ASSERT_TRUE(page.answered) << StrategyName(s);
+      ++pages;
+      cursor = page.cursor;
+      const std::string any = rs.RedisKey(s, "k");
+      const std::string prefix = any.substr(0, any.find('{') + 1);
+      for (const std::string& k : page.keys) {
+        EXPECT_EQ(k.rfind(prefix, 0), 0u) << k;
+        seen.insert(k);
+      }
+      if (page.keys.empty()) continue;
+      const auto unlinked = Single(rs, [&](auto done, void* ctx) {
+        rs.UnlinkDeferred(page.keys, done, ctx);
+      });
+      ASSERT_TRUE(unlinked.answered);
+      ++unlinks;
+      dropped += unlinked.count;
+    } while (cursor != "0");
+  }
+  // With MakeConnected's "warm" key, the moving window's and the bucket's.
+  EXPECT_EQ(seen.size(), kKeys + 3u);
+  EXPECT_EQ(dropped, kKeys + 3);
+  EXPECT_GT(pages, 4u);
+  auto calls = server_.CommandCalls();
+  EXPECT_EQ(calls["scan"], static_cast<long long>(pages));
+  EXPECT_EQ(calls["unlink"], unlinks);  // one per page with keys
+  EXPECT_GE(unlinks, 3);
+  size_t left = 0;
+  ASSERT_TRUE(other->TrySize(&left));
+  EXPECT_EQ(left, 1u);
+  ASSERT_TRUE(rs.TrySize(&left));
+  EXPECT_EQ(left, 0u);
+  server_.Kill();
+  const auto down = Single(rs, [&](auto done, void* ctx) {
+    rs.ScanDeferred(Strategy::kFixedWindow, "0", done, ctx);
+  });
+  EXPECT_FALSE(down.answered);
+  EXPECT_FALSE(Single(rs, [&](auto done, void* ctx) {
+                 rs.UnlinkDeferred({"k"}, done, ctx);
                }).answered);
 }
 

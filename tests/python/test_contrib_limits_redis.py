@@ -382,7 +382,7 @@ class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
 
 class RefusingExecutor(concurrent.futures.ThreadPoolExecutor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the memory store must not use the executor")
+        raise AssertionError("the call must run on the event loop, not a thread")
 
 
 @pytest.mark.parametrize("strategy", NAMES)
@@ -436,6 +436,59 @@ def test_async_redis_calls_run_on_the_loop_and_share_script_calls(
     assert [s.remaining for s in stats] == [0] * 10
     assert not any(tests)
     storage.close()
+
+
+def test_async_reset_is_awaited_on_the_loop(server: RedisServer) -> None:
+    """limits.aio's reset on Redis: the SCAN pages of every strategy's keys,
+    each page's keys removed by one UNLINK, all awaited on the loop (no
+    executor, no thread). Another prefix's keys stay; what the process
+    kept of the keys (the blocked-key cache) is forgotten."""
+    import rapidlimit
+
+    redis = server.client()
+    redis.flushall()
+    item = limits.parse("1/minute")
+    storage = ours(server, "async+rapidlimit+redis")
+    other = ours(server, "async+rapidlimit+redis", key_prefix="other")
+    fixed = ASYNC["fixed-window"](storage)
+    # More keys than one SCAN page (COUNT 1000) of the fixed window's.
+    many = 1500
+
+    async def main() -> tuple[int, dict[str, int], list[bool]]:
+        asyncio.get_running_loop().set_default_executor(RefusingExecutor())
+        await asyncio.gather(*(fixed.hit(item, f"k{i}") for i in range(many)))
+        for name in NAMES:
+            assert await ASYNC[name](storage).hit(item, "x")
+        await storage.native.decide_many_async(
+            "token-bucket", [(rapidlimit.parse("1/minute"), "x", 1)]
+        )
+        moving = ASYNC["moving-window"](storage)
+        hits = storage.native.stats()["cache_hits"]
+        assert [await moving.hit(item, "x") for _ in range(2)] == [False] * 2
+        assert storage.native.stats()["cache_hits"] == hits + 1  # blocked
+        assert await ASYNC["fixed-window"](other).hit(item, "k0")
+        assert redis.dbsize() == many + len(NAMES) + 1 + 1
+        threads = threading.active_count()
+        server.reset_stats()
+        dropped = await storage.reset()
+        calls = server.command_calls()
+        assert threading.active_count() == threads
+        assert redis.dbsize() == 1  # the other prefix's key
+        again = [
+            await moving.hit(item, "x"),
+            await ASYNC["fixed-window"](other).hit(item, "k0"),
+        ]
+        return dropped, calls, again
+
+    dropped, calls, again = asyncio.run(main())
+    assert dropped == many + len(NAMES) + 1
+    # At least one page per strategy, two of the fixed windows' keys; one
+    # UNLINK per page that had keys.
+    assert calls["scan"] >= 5
+    assert 5 <= calls["unlink"] <= calls["scan"]
+    assert again == [True, False]
+    storage.close()
+    other.close()
 
 
 @pytest.mark.parametrize("scheme", ["rapidlimit+redis", "async+rapidlimit+redis"])

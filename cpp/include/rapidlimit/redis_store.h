@@ -19,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "rapidlimit/memory_store.h"
 #include "rapidlimit/store.h"
@@ -184,10 +185,14 @@ class RedisStore : public Store {
     DecisionSource source = DecisionSource::kStore;
     std::string error;       // a failure policy's answer: Redis's error, if any
     bool timed_out = false;  // a failure policy's answer: no reply in time
-    // ClearDeferred, PingDeferred: Redis answered (no policy answers them;
-    // `error` and `timed_out` say why not). ClearDeferred: `count` keys
-    // were removed.
+    // ClearDeferred, PingDeferred, ScanDeferred, UnlinkDeferred: Redis
+    // answered (no policy answers them; `error` and `timed_out` say why
+    // not). ClearDeferred, UnlinkDeferred: `count` keys were removed.
     bool answered = false;
+    // ScanDeferred: the page's keys and the cursor of the next page ("0"
+    // when the scan is complete).
+    std::vector<std::string> keys;
+    std::string cursor;
   };
   using SingleCallback = void (*)(void* context, const SingleAnswer& answer);
   virtual void DecideOneDeferred(const Request& request, int64_t now_nanos,
@@ -205,6 +210,19 @@ class RedisStore : public Store {
                              std::string_view key, SingleCallback done,
                              void* context) = 0;
   virtual void PingDeferred(SingleCallback done, void* context) = 0;
+
+  // TryReset in steps an event loop awaits, deferred as the calls above:
+  // ForgetInProcess() first (what TryReset forgets before its scan: the
+  // blocked-key cache, the fallback store), then for each strategy the
+  // SCAN pages of this store's keys from cursor "0" until the answer's
+  // cursor is "0" again, each page's keys removed with UnlinkDeferred
+  // (one command; `keys` are copied). A SCAN returns a key present from
+  // the first page to the last at least once, the others at most once.
+  virtual void ForgetInProcess() = 0;
+  virtual void ScanDeferred(Strategy strategy, std::string_view cursor,
+                            SingleCallback done, void* context) = 0;
+  virtual void UnlinkDeferred(const std::vector<std::string>& keys,
+                              SingleCallback done, void* context) = 0;
 
   // An event loop driving the connection itself, which spares the I/O
   // thread's two wake-ups per batch (and, on a CPU the two threads share,

@@ -56,9 +56,9 @@ leaves it.
 (it never blocks). On Redis its counting calls are awaited on the event loop
 (``RedisStorage.get_async`` and the like: no thread), so the loop keeps
 serving other tasks while Redis answers, and the calls its tasks make
-together share one script call; ``check()`` and ``clear()`` are awaited
-on the loop too (a PING; one DEL for a key's states), and ``reset()``, a
-SCAN over the prefix, waits in the loop's default executor.
+together share one script call; ``check()``, ``clear()`` and ``reset()``
+are awaited on the loop too (a PING; one DEL for a key's states; a SCAN
+over the prefix, one UNLINK per page of keys).
 
 Redis outage: with the storage's default policy, ``on_error="fail-closed"``,
 a call Redis cannot answer in time raises ``RedisUnavailableError`` (a
@@ -89,7 +89,6 @@ instance of the client library's ``ResponseError`` as well when it is loaded
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sys
 import time
@@ -246,6 +245,15 @@ def _fail_closed(
     return _unavailable(
         library, "redis is unavailable and the storage's policy is fail-closed"
     )
+
+
+# The strategies whose keys a store's reset removes.
+_STRATEGY_NAMES = (
+    "fixed-window",
+    "moving-window",
+    "sliding-window-counter",
+    "token-bucket",
+)
 
 
 def _admin(library: str | None, method: Callable[..., T], *args: Any) -> T:
@@ -525,7 +533,7 @@ class AsyncRapidlimitStorage(
 ):
     """The same store for ``limits.aio``: memory calls answer at once; Redis
     calls are awaited on the loop (no thread), pipelined with the loop's
-    other Redis calls; reset waits in the loop's default executor."""
+    other Redis calls."""
 
     STORAGE_SCHEME = [
         "async+rapidlimit+memory",
@@ -606,15 +614,28 @@ class AsyncRapidlimitStorage(
         return await self._run(self.native.check, admin=True)
 
     async def reset(self) -> int | None:
-        """Waits in the loop's default executor: a SCAN over the prefix,
-        one command after another."""
+        """On Redis a SCAN over the prefix, each page's keys removed with
+        one UNLINK, every command awaited on the loop."""
         self._answers.forget()
         if not self._library:
             return self.native.reset()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, _admin, self._library, self.native.reset
-        )
+        native = cast(_core.RedisStorage, self.native)  # as _library says
+        native.forget_in_process()
+        dropped = 0
+        try:
+            for strategy in _STRATEGY_NAMES:
+                cursor = "0"
+                while True:
+                    cursor, keys = await native.scan_async(strategy, cursor)
+                    if keys:
+                        dropped += await native.unlink_async(keys)
+                    if cursor == "0":
+                        break
+        except _core.RedisUnavailableError as e:
+            if type(e) is not _core.RedisUnavailableError:
+                raise
+            raise _unavailable(self._library, str(e)) from None
+        return dropped
 
     async def clear(self, key: str) -> None:
         self._answers.forget()  # the key's moving windows too
