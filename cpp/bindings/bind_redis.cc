@@ -860,6 +860,24 @@ struct Pending;
 // is the parent's too, so the child reads none of it and makes its own.
 std::atomic<uint64_t> g_bridge_generation{0};
 
+// A Redis store whose connection an event loop drives itself
+// (RedisStore::LoopFlush). Loop thread only, with the GIL: the connection
+// it watches (`io.fd`, a duplicate of the store's socket, owned by the
+// reader callback: closed once the loop has dropped that reader, so that
+// its number is not taken while the selector still lists it) and the
+// deadline check.
+struct DrivenStore {
+  std::shared_ptr<Store> store;
+  RedisStore::LoopConnection io;
+  bool watching = false;
+  bool watchdog_armed = false;
+  py::object watchdog_callback;
+};
+
+// How many stores' connections one loop drives at most; the others' I/O
+// threads send (an app has one or two Redis stores).
+constexpr size_t kMaxDrivenStores = 4;
+
 // Completions for one event loop: the I/O thread appends and writes the
 // eventfd; the loop's reader callback resolves the futures.
 struct LoopBridge {
@@ -876,18 +894,8 @@ struct LoopBridge {
   // flushed by one call_soon callback at its end.
   std::vector<std::shared_ptr<Store>> to_flush;
   py::object flush_callback;
-  // Loop thread only: the store whose connection this loop drives itself
-  // (RedisStore::LoopFlush; the first Redis store it flushes while no
-  // other's connection is watched, the others go through their I/O
-  // thread), the connection it watches (`io.fd`, a
-  // duplicate of the store's socket, owned by the reader callback: closed
-  // once the loop has dropped that reader, so that its number is not taken
-  // while the selector still lists it) and the deadline check.
-  std::shared_ptr<Store> io_store;
-  RedisStore::LoopConnection io;
-  bool watching = false;
-  bool watchdog_armed = false;
-  py::object watchdog_callback;
+  // Loop thread only: the stores whose connections this loop drives.
+  std::vector<std::shared_ptr<DrivenStore>> driven;
 
   // Made before this process was forked from its parent (see
   // g_bridge_generation): `mu`, `done`, `signaled` and `dead` are never
@@ -1274,8 +1282,7 @@ void RetireBridge(const std::shared_ptr<LoopBridge>& bridge) {
   // on the I/O thread, without the GIL: drop the Python objects (and
   // stores) it keeps now, while the GIL is held.
   bridge->flush_callback = py::object();
-  bridge->watchdog_callback = py::object();
-  bridge->io_store.reset();
+  bridge->driven.clear();
   std::vector<std::shared_ptr<Store>> stores;
   stores.swap(bridge->to_flush);
   stores.clear();
@@ -1328,11 +1335,11 @@ struct OwnedFd {
   OwnedFd& operator=(const OwnedFd&) = delete;
 };
 
-void Unwatch(LoopBridge* b) {
-  if (!b->watching) return;
-  b->watching = false;
-  const int fd = b->io.fd;
-  b->io = RedisStore::LoopConnection();
+void Unwatch(LoopBridge* b, DrivenStore* d) {
+  if (!d->watching) return;
+  d->watching = false;
+  const int fd = d->io.fd;
+  d->io = RedisStore::LoopConnection();
   // Drops the reader's callback, whose OwnedFd closes the duplicate (after
   // this callback returns, when it is the one running).
   py::handle(b->loop).attr("remove_reader")(fd);
@@ -1347,48 +1354,53 @@ class DirectCompletions {
   DirectCompletions& operator=(const DirectCompletions&) = delete;
 };
 
-void LoopReadable(const std::weak_ptr<LoopBridge>& weak) {
-  std::shared_ptr<LoopBridge> b = weak.lock();
-  if (b == nullptr || b->Inherited() || !b->watching) return;
-  auto* store = static_cast<RedisStore*>(b->io_store.get());
+void LoopReadable(const std::weak_ptr<LoopBridge>& weak_bridge,
+                  const std::weak_ptr<DrivenStore>& weak_driven) {
+  std::shared_ptr<LoopBridge> b = weak_bridge.lock();
+  std::shared_ptr<DrivenStore> d = weak_driven.lock();
+  if (b == nullptr || b->Inherited() || d == nullptr || !d->watching) return;
+  auto* store = static_cast<RedisStore*>(d->store.get());
   bool keep;
   {
     DirectCompletions direct(b.get());
-    keep = store->LoopRead(b->io.generation);
+    keep = store->LoopRead(d->io.generation);
   }
-  if (!keep) Unwatch(b.get());
+  if (!keep) Unwatch(b.get(), d.get());
   Drain(b.get(), /*signaled=*/false);
 }
 
 // Acts on what RedisStore::LoopWatch answered: the deadline check again in
 // `next` nanoseconds, none while nothing is in flight (0), or no more
 // watching (-1).
-void FollowWatch(LoopBridge* b, int64_t next) {
-  if (next < 0) Unwatch(b);
+void FollowWatch(LoopBridge* b, DrivenStore* d, int64_t next) {
+  if (next < 0) Unwatch(b, d);
   if (next <= 0) return;
   py::handle(b->loop).attr("call_later")(static_cast<double>(next) / 1e9,
-                                         b->watchdog_callback);
-  b->watchdog_armed = true;
+                                         d->watchdog_callback);
+  d->watchdog_armed = true;
 }
 
-void LoopWatchdog(const std::weak_ptr<LoopBridge>& weak) {
-  std::shared_ptr<LoopBridge> b = weak.lock();
-  if (b == nullptr || b->Inherited()) return;
-  b->watchdog_armed = false;
-  if (!b->watching) return;
-  auto* store = static_cast<RedisStore*>(b->io_store.get());
+void LoopWatchdog(const std::weak_ptr<LoopBridge>& weak_bridge,
+                  const std::weak_ptr<DrivenStore>& weak_driven) {
+  std::shared_ptr<LoopBridge> b = weak_bridge.lock();
+  std::shared_ptr<DrivenStore> d = weak_driven.lock();
+  if (b == nullptr || b->Inherited() || d == nullptr) return;
+  d->watchdog_armed = false;
+  if (!d->watching) return;
+  auto* store = static_cast<RedisStore*>(d->store.get());
   int64_t next;
   {
     DirectCompletions direct(b.get());
-    next = store->LoopWatch(b->io.generation);
+    next = store->LoopWatch(d->io.generation);
   }
-  FollowWatch(b.get(), next);
+  FollowWatch(b.get(), d.get(), next);
   Drain(b.get(), /*signaled=*/false);
 }
 
-// Watches connection `c` of the bridge's store: a duplicate of its socket
-// in the loop's selector.
+// Watches connection `c` of `d`'s store: a duplicate of its socket in the
+// loop's selector.
 void Watch(const std::shared_ptr<LoopBridge>& b,
+           const std::shared_ptr<DrivenStore>& d,
            const RedisStore::LoopConnection& c) {
   const int dup = fcntl(c.fd, F_DUPFD_CLOEXEC, 0);
   if (dup < 0) {
@@ -1396,12 +1408,42 @@ void Watch(const std::shared_ptr<LoopBridge>& b,
     throw py::error_already_set();
   }
   auto owned = std::make_shared<OwnedFd>(dup);
-  std::weak_ptr<LoopBridge> weak = b;
-  py::cpp_function readable([weak, owned]() { LoopReadable(weak); });
+  std::weak_ptr<LoopBridge> weak_bridge = b;
+  std::weak_ptr<DrivenStore> weak_driven = d;
+  py::cpp_function readable([weak_bridge, weak_driven, owned]() {
+    LoopReadable(weak_bridge, weak_driven);
+  });
   py::handle(b->loop).attr("add_reader")(dup, readable);
-  b->io.fd = dup;
-  b->io.generation = c.generation;
-  b->watching = true;
+  d->io.fd = dup;
+  d->io.generation = c.generation;
+  d->watching = true;
+}
+
+// The loop's entry for store `s`, made if there is room: entries of
+// stores whose connection the loop no longer watches (closed, or their
+// connection lost: a new entry watches the new one), or that nothing but
+// the entry holds any more (the app dropped them), give way first.
+std::shared_ptr<DrivenStore> DrivenFor(const std::shared_ptr<LoopBridge>& b,
+                                       const std::shared_ptr<Store>& s) {
+  for (const auto& d : b->driven) {
+    if (d->store == s) return d;
+  }
+  auto& all = b->driven;
+  for (size_t i = all.size(); i-- > 0;) {
+    if (!all[i]->watching || all[i]->store.use_count() == 1) {
+      Unwatch(b.get(), all[i].get());
+      all.erase(all.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+  }
+  if (all.size() >= kMaxDrivenStores) return nullptr;
+  auto d = std::make_shared<DrivenStore>();
+  d->store = s;
+  std::weak_ptr<LoopBridge> weak_bridge = b;
+  std::weak_ptr<DrivenStore> weak_driven = d;
+  d->watchdog_callback = py::cpp_function(
+      [weak_bridge, weak_driven]() { LoopWatchdog(weak_bridge, weak_driven); });
+  all.push_back(d);
+  return d;
 }
 
 // Sends what `store` queued this iteration from the loop thread when its
@@ -1409,21 +1451,19 @@ void Watch(const std::shared_ptr<LoopBridge>& b,
 void FlushFromLoop(const std::shared_ptr<LoopBridge>& b,
                    const std::shared_ptr<Store>& s) {
   auto* store = static_cast<RedisStore*>(s.get());
-  // The loop drives one store's connection at a time, the others' I/O
-  // threads send. A store whose connection the loop no longer watches
-  // (closed, or its connection lost) gives way to the next that flushes,
-  // so that a store replacing a closed one is driven by the loop too.
-  if (b->io_store != nullptr && b->io_store != s && b->watching) {
+  // The loop drives up to kMaxDrivenStores stores' connections, the
+  // others' I/O threads send.
+  const std::shared_ptr<DrivenStore> d = DrivenFor(b, s);
+  if (d == nullptr) {
     store->Flush();
     return;
   }
-  RedisStore::LoopConnection c = b->io;
+  RedisStore::LoopConnection c = d->io;
   RedisStore::LoopResult r = store->LoopFlush(&c);
   if (r == RedisStore::LoopResult::kNewConnection) {
-    Unwatch(b.get());
-    b->io_store = s;
+    Unwatch(b.get(), d.get());
     try {
-      Watch(b, c);
+      Watch(b, d, c);
     } catch (...) {
       store->Flush();
       throw;
@@ -1434,8 +1474,9 @@ void FlushFromLoop(const std::shared_ptr<LoopBridge>& b,
     store->Flush();
     return;
   }
-  if (!b->watchdog_armed)
-    FollowWatch(b.get(), store->LoopWatch(b->io.generation));
+  if (!d->watchdog_armed) {
+    FollowWatch(b.get(), d.get(), store->LoopWatch(d->io.generation));
+  }
 }
 
 // The bridge for `loop`, created (and registered with add_reader) on first
@@ -1511,8 +1552,6 @@ std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
       if (first) std::rethrow_exception(first);
     }
   });
-  bridge->watchdog_callback =
-      py::cpp_function([weak]() { LoopWatchdog(weak); });
   PyObject* callback = PyCFunction_New(&kOnLoopCollected, nullptr);
   if (callback == nullptr) throw py::error_already_set();
   bridge->weakref = PyWeakref_NewRef(loop, callback);

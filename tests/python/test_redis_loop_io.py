@@ -224,10 +224,53 @@ def test_two_loops_in_two_threads_share_the_connection(
     store.close()
 
 
+async def test_the_loop_drives_several_stores(server: RedisServer) -> None:
+    """Two limiters on two stores (two prefixes) awaited together from one
+    loop: each store's batches go out from the loop, none from an I/O
+    thread, and each store's replies come back to it. A fifth store, over
+    the stores one loop drives, is served by its I/O thread."""
+    item = parse("10/minute")
+    stores = [RedisStorage(server.uri, key_prefix=f"s{i}:") for i in range(5)]
+    for _ in range(3):
+        got = await asyncio.gather(
+            *(s.decide_many_async("fixed-window", [(item, "a", 1)]) for s in stores)
+        )
+        assert all(d[0].allowed for d in got)
+    stats = [s.stats() for s in stores]
+    assert [st["loop_writes"] for st in stats[:4]] == [3] * 4
+    assert [st["writes"] for st in stats[:4]] == [3] * 4
+    assert stats[4]["loop_writes"] == 0 and stats[4]["writes"] == 3
+    # Every store counted its own key: three hits each.
+    for cost, allowed in ((7, True), (8, False)):
+        for s in stores:
+            got = s.decide_many("fixed-window", [(item, "a", cost)], test=True)
+            assert got[0].allowed is allowed
+    for s in stores:
+        s.close()
+
+
+async def test_a_dropped_store_makes_room_for_another(server: RedisServer) -> None:
+    """A store the app no longer holds leaves its place among the stores
+    the loop drives to the next one (and is closed with its last
+    reference)."""
+    item = parse("10/minute")
+    held = [RedisStorage(server.uri, key_prefix=f"h{i}:") for i in range(3)]
+    dropped = RedisStorage(server.uri, key_prefix="d:")
+    for store in [*held, dropped]:
+        got = await store.decide_many_async("fixed-window", [(item, "a", 1)])
+        assert got[0].allowed
+    assert [s.stats()["loop_writes"] for s in [*held, dropped]] == [1] * 4
+    del store, dropped
+    late = RedisStorage(server.uri, key_prefix="late:")
+    assert (await late.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed
+    assert late.stats()["loop_writes"] == 1
+    for s in [*held, late]:
+        s.close()
+
+
 async def test_a_closed_store_leaves_the_loop_to_the_next(server: RedisServer) -> None:
-    """An event loop drives one store's connection at a time: a store made
-    to replace a closed one (a limiter rebuilt on the same loop) is driven
-    by the loop, not left to its I/O thread."""
+    """A store made to replace a closed one (a limiter rebuilt on the same
+    loop) is driven by the loop, not left to its I/O thread."""
     item = parse("10/minute")
     first = RedisStorage(server.uri)
     assert (await first.decide_many_async("fixed-window", [(item, "a", 1)]))[0].allowed
