@@ -10,7 +10,9 @@ baseline pays for the same FastAPI work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
+import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +50,10 @@ class Variant:
     # "none" only: the endpoint awaits asyncio.sleep(0) once, suspending the
     # request as awaiting a Redis decision does (bench_callgrind's floor).
     awaits: bool = False
+    # With ``awaits``: the endpoint awaits one Redis PING instead (the server
+    # ``storage_uri`` names) through a minimal pipelined client: what
+    # awaiting any reply from Redis costs, before a limiter's own work.
+    awaits_redis: bool = False
     # The Limiter's strategy (bench_redis's per-request costs of the others).
     strategy: str = "fixed-window"
 
@@ -76,6 +82,7 @@ class Variant:
             f"--key-prefix={self.key_prefix}",
             f"--http={self.http}",
             f"--awaits={int(self.awaits)}",
+            f"--awaits-redis={int(self.awaits_redis)}",
             f"--strategy={self.strategy}",
         ]
 
@@ -97,7 +104,9 @@ def make_app(v: Variant) -> Any:
             return {"ok": True}
 
     if v.package == "none":
-        if v.awaits:
+        if v.awaits and v.awaits_redis:
+            endpoint = _awaiting_redis(v.storage_uri, v.headers)
+        elif v.awaits:
             endpoint = _awaiting_once(v.headers)
         elif v.headers:
             endpoint = _sending_limit_headers(v)
@@ -183,6 +192,81 @@ def _awaiting_once(headers: bool) -> Any:
         async def endpoint(request: Request, response: Response) -> dict[str, bool]:
             await asyncio.sleep(0)
             return {"ok": True}
+
+    return endpoint
+
+
+class _PingClient(asyncio.Protocol):
+    """The least an endpoint awaiting Redis can do: the PINGs one turn of
+    the loop asks for leave in one write at its end, and each reply
+    resolves the oldest waiting future. No script, no parsing beyond line
+    ends (every reply is ``+PONG``)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.queued = 0
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        while self.waiting:
+            f = self.waiting.popleft()
+            if not f.done():
+                f.set_exception(ConnectionError("redis closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        data = self.tail + data
+        replies = data.count(b"\r\n")
+        self.tail = data[data.rfind(b"\r\n") + 2 :] if replies else data
+        for _ in range(replies):
+            f = self.waiting.popleft()
+            if not f.done():
+                f.set_result(None)
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"PING\r\n" * self.queued)
+        self.queued = 0
+
+    def ping(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        f: asyncio.Future[None] = loop.create_future()
+        self.waiting.append(f)
+        self.queued += 1
+        if self.queued == 1:
+            loop.call_soon(self._flush)
+        return f
+
+
+def _awaiting_redis(uri: str, headers: bool) -> Any:
+    """The no-limiter async endpoint awaiting one Redis PING: the floor
+    under a limiter on Redis that counts the real wait (the reply comes
+    after other requests have run), which ``asyncio.sleep(0)`` does not.
+    With ``headers`` it also sets the four headers."""
+    parts = urllib.parse.urlsplit(uri)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    connected: list[asyncio.Future[_PingClient]] = []
+
+    async def connect() -> _PingClient:
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(_PingClient, host, port)
+        return client
+
+    async def client() -> _PingClient:
+        # The first request connects; the others await the same connection
+        # (a done future returns at once, without suspending).
+        if not connected:
+            connected.append(asyncio.ensure_future(connect()))
+        return await connected[0]
+
+    async def endpoint(request: Request, response: Response) -> dict[str, bool]:
+        await (await client()).ping()
+        if headers:
+            response.headers.raw.extend(LIMIT_HEADERS)
+        return {"ok": True}
 
     return endpoint
 

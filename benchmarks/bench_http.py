@@ -126,6 +126,20 @@ def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Va
             # The same with the four headers set by the endpoint: the floor
             # under the Redis target with headers on, which pays both.
             out.append(Variant("none", headers=True, endpoint=ep, awaits=True))
+            if redis_ok.get("slowapi"):
+                # The same two, awaiting a Redis reply instead of one turn
+                # of the loop: the floor under any limiter on Redis.
+                for headers in (False, True):
+                    out.append(
+                        Variant(
+                            "none",
+                            headers=headers,
+                            endpoint=ep,
+                            awaits=True,
+                            awaits_redis=True,
+                            storage_uri="redis",
+                        )
+                    )
             for pkg in packages:
                 out.append(Variant(pkg, "middleware", True, "allowed", endpoint=ep))
                 out.append(
@@ -154,6 +168,7 @@ def vkey(v: Variant) -> str:
             f"{v.endpoint}.none"
             + (".control" if v.control else "")
             + (".await" if v.awaits else "")
+            + (".redis" if v.awaits_redis else "")
             + (".headers" if v.headers else "")
         )
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
@@ -190,7 +205,8 @@ def vlabel(v: Variant) -> str:
             return f"{v.endpoint:<5} no limiter, fresh server (control)"
         if v.awaits:
             also = ", setting the headers" if v.headers else ""
-            return f"{v.endpoint:<5} no limiter, awaiting once{also} (floor)"
+            what = "a Redis PING" if v.awaits_redis else "once"
+            return f"{v.endpoint:<5} no limiter, awaiting {what}{also} (floor)"
         return f"{v.endpoint:<5} no limiter"
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
     hdr = "hdr" if v.headers else "nohdr"

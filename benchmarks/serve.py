@@ -33,6 +33,7 @@ def main() -> None:
         help="uvicorn's HTTP protocol (the suite's figures: h11)",
     )
     p.add_argument("--awaits", type=int, default=0)
+    p.add_argument("--awaits-redis", type=int, default=0)
     p.add_argument("--strategy", default="fixed-window")
     p.add_argument(
         "--gc-stats",
@@ -59,6 +60,7 @@ def main() -> None:
         key_prefix=a.key_prefix,
         http=a.http,
         awaits=bool(a.awaits),
+        awaits_redis=bool(a.awaits_redis),
         strategy=a.strategy,
     )
     toggle = os.environ.get("RL_CG_TOGGLE")

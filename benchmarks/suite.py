@@ -138,12 +138,14 @@ _E2E_CONTEXT: dict[tuple[str, str], list[str]] = {
     ("Redis", "noheaders"): [
         _CONTROL,
         "http.async.none.await.vs_none",
+        "http.async.none.await.redis.vs_none",
         "callgrind.http.rapidlimit.redis.vs_none_await",
         "http.async.rapidlimit.redis.asgi-middleware.noheaders.allowed.vs_none",
     ],
     ("Redis", "headers"): [
         _CONTROL,
         "http.async.none.await.headers.vs_none",
+        "http.async.none.await.redis.headers.vs_none",
         "callgrind.http.rapidlimit.redis.headers.vs_none_await_headers",
         "http.async.rapidlimit.redis.asgi-middleware.headers.allowed.vs_none",
     ],
@@ -411,6 +413,19 @@ HEADLINE: list[tuple[str, str, str, str]] = [
     (
         "  floor: the same endpoint also setting the four headers, vs no limiter",
         "http.async.none.await.headers.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  floor: a no-limiter endpoint awaiting one Redis PING (a minimal "
+        "pipelined client), vs no limiter",
+        "http.async.none.await.redis.vs_none",
+        "",
+        "",
+    ),
+    (
+        "  floor: the same endpoint also setting the four headers, vs no limiter",
+        "http.async.none.await.redis.headers.vs_none",
         "",
         "",
     ),
