@@ -1886,7 +1886,7 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
       .def(
           "clear_async",
           [clear](RedisStorageHandle& h, const std::string& key) {
-            return clear(h, kEveryStrategy, std::size(kEveryStrategy), key);
+            return clear(h, kStrategies, std::size(kStrategies), key);
           },
           py::arg("key"))
       .def(

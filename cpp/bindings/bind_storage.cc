@@ -180,9 +180,10 @@ void BindStorage(py::module_& m) {
       .def(
           "clear",
           [](StorageHandle& h, const std::string& key) {
+            // limits' clear forgets counters and moving-window logs alike.
             size_t cleared = 0;
-            if (!h.store->TryClearMany(
-                    kEveryStrategy, std::size(kEveryStrategy), key, &cleared)) {
+            if (!h.store->TryClearMany(kStrategies, std::size(kStrategies), key,
+                                       &cleared)) {
               RaiseStoreUnreachable("clear");
             }
           },

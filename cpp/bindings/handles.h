@@ -36,11 +36,6 @@ struct ItemHandle {
   internal::SipSuffix suffix_words;
 };
 
-// What limits' clear forgets: counters and moving-window logs alike.
-inline constexpr Strategy kEveryStrategy[] = {
-    Strategy::kFixedWindow, Strategy::kMovingWindow,
-    Strategy::kSlidingWindowCounter, Strategy::kTokenBucket};
-
 // Raises RedisUnavailableError: a store kept elsewhere could not reach all
 // of its state for `what` (reset, clear, len), which must not pass for a
 // whole answer whatever the failure policy of decisions is.

@@ -2155,8 +2155,7 @@ class RedisStoreImpl final : public RedisStore {
       tl_last_source = DecisionSource::kCache;
       return cached;
     }
-    Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
-    op->single = Op::Single::kInspect;
+    Op* op = NewInspectOp(e, request, now);
     SingleAnswer answer;
     e->FinishSingle(op, e->RunSync(op), &answer);
     tl_last_source = answer.source;
@@ -2216,6 +2215,12 @@ class RedisStoreImpl final : public RedisStore {
     return op;
   }
 
+  static Op* NewInspectOp(Engine* e, const Request& request, int64_t now) {
+    Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
+    op->single = Op::Single::kInspect;
+    return op;
+  }
+
   void InspectDeferred(const Request& request, int64_t now, SingleCallback done,
                        void* context) override {
     Engine* e = Acquire();
@@ -2225,9 +2230,7 @@ class RedisStoreImpl final : public RedisStore {
       done(context, answer);
       return;
     }
-    Op* op = e->NewScriptOp(&request, 1, now, Mode::kTest);
-    op->single = Op::Single::kInspect;
-    RunSingle(e, op, done, context);
+    RunSingle(e, NewInspectOp(e, request, now), done, context);
   }
 
   void IncrDeferred(std::string_view key, int64_t expiry_nanos, int64_t amount,
@@ -2525,9 +2528,7 @@ class RedisStoreImpl final : public RedisStore {
   // False when a SCAN got no answer: the batches seen are then not all.
   template <class Fn>
   bool ForEachKeyBatch(Engine* e, Fn fn) {
-    for (Strategy s :
-         {Strategy::kFixedWindow, Strategy::kMovingWindow,
-          Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+    for (Strategy s : kStrategies) {
       std::string pattern;
       std::string cursor = "0";
       std::vector<std::string> keys;

@@ -17,8 +17,7 @@ std::string_view StrategyName(Strategy s) {
 }
 
 std::optional<Strategy> StrategyFromName(std::string_view name) {
-  for (Strategy s : {Strategy::kFixedWindow, Strategy::kMovingWindow,
-                     Strategy::kSlidingWindowCounter, Strategy::kTokenBucket}) {
+  for (Strategy s : kStrategies) {
     if (StrategyName(s) == name) return s;
   }
   return std::nullopt;

@@ -29,6 +29,11 @@ enum class Strategy : uint8_t {
   kTokenBucket,
 };
 
+// Every strategy, in declaration order.
+inline constexpr Strategy kStrategies[] = {
+    Strategy::kFixedWindow, Strategy::kMovingWindow,
+    Strategy::kSlidingWindowCounter, Strategy::kTokenBucket};
+
 // "fixed-window", "moving-window", "sliding-window-counter", "token-bucket".
 std::string_view StrategyName(Strategy s);
 // Inverse of StrategyName; nullopt for an unknown name.
