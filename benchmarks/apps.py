@@ -290,6 +290,15 @@ _HEADERS = [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench")]
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 
 
+def close_rapidlimit(thing: Any) -> None:
+    """``thing.close()`` if ``thing`` is rapidlimit's (a limiter or a
+    storage): its Redis connection would otherwise outlive the benchmark's
+    redis-server and log its reconnects. Others' objects are left alone."""
+    close = getattr(thing, "close", None)
+    if callable(close) and type(thing).__module__.startswith("rapidlimit"):
+        close()
+
+
 class Driver:
     """Calls an ASGI app directly: no sockets, no HTTP parsing, no httpx."""
 
@@ -299,12 +308,13 @@ class Driver:
         self.last_headers: list[tuple[bytes, bytes]] = []
 
     def close(self) -> None:
-        """Closes the app's limiter where it can be (rapidlimit's): FastAPI
+        """Closes the app's limiter where it can be (rapidlimit's, or
+        slowapi's storage when it is rapidlimit's limits adapter): FastAPI
         keeps a dropped app's endpoints in its caches, and with them a Redis
         limiter's connection, whose reconnects log once its server stops."""
-        close = getattr(getattr(self.app.state, "limiter", None), "close", None)
-        if callable(close):
-            close()
+        limiter = getattr(self.app.state, "limiter", None)
+        close_rapidlimit(limiter)
+        close_rapidlimit(getattr(limiter, "_storage", None))
 
     async def _receive(self) -> dict[str, Any]:
         return _REQUEST

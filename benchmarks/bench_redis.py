@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from apps import Driver, Variant, check_statuses, make_app, prime
+from apps import Driver, Variant, check_statuses, close_rapidlimit, make_app, prime
 from common import (
     RAPID_REDIS_OPTIONS,
     BrokenBenchmark,
@@ -189,6 +189,7 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
     samples = interleaved(variants, reps)
     if rapid:
         loop.close()
+        rstorage.close()
     for conn in (raw, nop, get_set):
         conn.close()
     res.add("latency.ping_raw", "bare PING, raw socket", "µs", samples["ping_raw"])
@@ -644,6 +645,8 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
         samples = interleaved(variants, reps)
     finally:
         loop.close()
+        if rapid:
+            storage.close()
     for c, how in (("c1", "one at a time"), ("c64", "64 in flight")):
         for name, what in floor_labels.items():
             res.add(
@@ -703,6 +706,7 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
         return bool(lim.hit(litem, key))
 
     deciders: dict[str, Callable[[str], Awaitable[bool]]] = {"slowapi": slowapi_one}
+    storage: Any = None
     if rapid:
         import rapidlimit
         import rapidlimit.storage
@@ -723,6 +727,7 @@ def decisions(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> 
         samples = _in_flight_samples(loop, deciders, levels, n, reps)
     finally:
         loop.close()
+        close_rapidlimit(storage)
     for c in levels:
         for lib in deciders:
             what = "decide_many_async" if lib == "rapidlimit" else "limits hit"
@@ -767,6 +772,7 @@ def aio_adapter(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
         uris["rapidlimit"] = (f"async+rapidlimit+{rs.rapid_uri}", {})
     loop = asyncio.new_event_loop()
     hitters: dict[str, Callable[[str], Awaitable[bool]]] = {}
+    made_storages: list[Any] = []
 
     async def made(uri: str, options: dict[str, str]) -> Any:
         # coredis binds its connections to the loop that makes the storage.
@@ -785,11 +791,14 @@ def aio_adapter(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
             return bool(await limiter.hit(item, key))
 
         hitters[lib] = one
+        made_storages.append(limiter.storage)
 
     try:
         samples = _in_flight_samples(loop, hitters, levels, n, reps, "aio ")
     finally:
         loop.close()
+        for storage in made_storages:
+            close_rapidlimit(storage)
     for c in levels:
         for lib in hitters:
             res.add(
@@ -875,9 +884,13 @@ def threads(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
 
     for fn in (sampler(lib, 1) for lib in libs):
         fn()  # warm-up
-    samples = interleaved(
-        {f"{lib}.t{c}": sampler(lib, c) for lib in libs for c in levels}, reps
-    )
+    try:
+        samples = interleaved(
+            {f"{lib}.t{c}": sampler(lib, c) for lib in libs for c in levels}, reps
+        )
+    finally:
+        for limiter, _ in libs.values():
+            close_rapidlimit(limiter.storage)
     for c in levels:
         for lib in libs:
             res.add(

@@ -1909,19 +1909,14 @@ void BindSingleCalls(py::class_<RedisStorageHandle, StorageHandle>& cls) {
            [](RedisStorageHandle& h) { h.redis->ForgetInProcess(); })
       .def(
           "scan_async",
-          [](RedisStorageHandle& h, const std::string& strategy,
-             const std::string& cursor) {
+          [](RedisStorageHandle& h, const std::string& cursor) {
             FlushLogs();
-            const auto s = StrategyFromName(strategy);
-            if (!s) {
-              throw py::value_error("unknown strategy '" + strategy + "'");
-            }
             return Steal(
                 SubmitSingle(&h, Single::kScan, [&](auto done, void* context) {
-                  h.redis->ScanDeferred(*s, cursor, done, context);
+                  h.redis->ScanDeferred(cursor, done, context);
                 }));
           },
-          py::arg("strategy"), py::arg("cursor"))
+          py::arg("cursor"))
       .def(
           "unlink_async",
           [](RedisStorageHandle& h, const std::vector<std::string>& keys) {

@@ -118,8 +118,27 @@ struct RawReply {
   std::vector<RawReply> elements;
 };
 
-// A SCAN reply's next cursor and page of keys; false for another reply.
-bool ParseScan(const RawReply& reply, std::string* cursor,
+// The part of a Redis key that names its strategy, after the prefix.
+std::string_view StrategyCode(Strategy s) {
+  switch (s) {
+    case Strategy::kFixedWindow:
+      return "fw:";
+    case Strategy::kMovingWindow:
+      return "mw:";
+    case Strategy::kSlidingWindowCounter:
+      return "sw:";
+    case Strategy::kTokenBucket:
+      return "tb:";
+  }
+  return "xx:";
+}
+
+// A SCAN reply's next cursor and page of keys (false for another reply):
+// the keys MATCH `<prefix>[fmst][wb]:{*` listed, kept only where those two
+// letters are one of StrategyCode's. The one pattern lets a reset or a
+// size visit the keyspace once for every strategy; the four other pairs it
+// matches are no key of this store.
+bool ParseScan(const RawReply& reply, size_t prefix_size, std::string* cursor,
                std::vector<std::string>* keys) {
   if (reply.type != REDIS_REPLY_ARRAY || reply.elements.size() != 2) {
     return false;
@@ -127,7 +146,16 @@ bool ParseScan(const RawReply& reply, std::string* cursor,
   *cursor = reply.elements[0].str;
   keys->clear();
   keys->reserve(reply.elements[1].elements.size());
-  for (const RawReply& k : reply.elements[1].elements) keys->push_back(k.str);
+  for (const RawReply& k : reply.elements[1].elements) {
+    if (k.str.size() < prefix_size + 3) continue;
+    const std::string_view code(k.str.data() + prefix_size, 3);
+    for (Strategy s : kStrategies) {
+      if (code == StrategyCode(s)) {
+        keys->push_back(k.str);
+        break;
+      }
+    }
+  }
   return true;
 }
 
@@ -1659,20 +1687,6 @@ void Lane::Run() {
 
 // ---------------------------------------------------------- engine impl
 
-std::string_view StrategyCode(Strategy s) {
-  switch (s) {
-    case Strategy::kFixedWindow:
-      return "fw:";
-    case Strategy::kMovingWindow:
-      return "mw:";
-    case Strategy::kSlidingWindowCounter:
-      return "sw:";
-    case Strategy::kTokenBucket:
-      return "tb:";
-  }
-  return "xx:";
-}
-
 // The hash tag: the first identifier after the namespace
 // ("LIMITER/<this>/..."), which is the client for slowapi's keys, so that
 // all limits of one client share a cluster slot.
@@ -1934,7 +1948,8 @@ void Engine::FinishSingle(Op* op, bool completed,
     out->count = ok ? op->raw.integer : 0;
     // The only plain command answered with an array is SCAN.
     if (out->answered && op->raw.type == REDIS_REPLY_ARRAY) {
-      out->answered = ParseScan(op->raw, &out->cursor, &out->keys);
+      out->answered = ParseScan(op->raw, options.key_prefix.size(),
+                                &out->cursor, &out->keys);
     }
     if (ok && op->raw.type == REDIS_REPLY_ERROR) out->error = op->raw.str;
     out->timed_out = !completed || op->timed_out;
@@ -2447,12 +2462,11 @@ class RedisStoreImpl final : public RedisStore {
 
   void ForgetInProcess() override { Forget(Acquire()); }
 
-  void ScanDeferred(Strategy strategy, std::string_view cursor,
-                    SingleCallback done, void* context) override {
+  void ScanDeferred(std::string_view cursor, SingleCallback done,
+                    void* context) override {
     Engine* e = Acquire();
     std::string pattern;
-    RunSingle(e, NewRawOp(e, ScanArgv(strategy, cursor, &pattern)), done,
-              context);
+    RunSingle(e, NewRawOp(e, ScanArgv(cursor, &pattern)), done, context);
   }
 
   void UnlinkDeferred(const std::vector<std::string>& keys, SingleCallback done,
@@ -2466,12 +2480,11 @@ class RedisStoreImpl final : public RedisStore {
     if (e->fallback != nullptr) e->fallback->Reset();
   }
 
-  // One page of this store's keys under `strategy`; the arguments point
-  // into `*pattern` and `cursor`.
-  std::vector<std::string_view> ScanArgv(Strategy strategy,
-                                         std::string_view cursor,
+  // One page of this store's keys, every strategy's (see ParseScan); the
+  // arguments point into `*pattern` and `cursor`.
+  std::vector<std::string_view> ScanArgv(std::string_view cursor,
                                          std::string* pattern) const {
-    *pattern = options_.key_prefix + std::string(StrategyCode(strategy)) + "{*";
+    *pattern = options_.key_prefix + "[fmst][wb]:{*";
     return {"SCAN", cursor, "MATCH", *pattern, "COUNT", "1000"};
   }
 
@@ -2524,23 +2537,21 @@ class RedisStoreImpl final : public RedisStore {
     return RawArgv(e, std::vector<std::string_view>(argv), reply);
   }
 
-  // Calls `fn` with batches of this store's keys (SCAN MATCH per strategy).
+  // Calls `fn` with batches of this store's keys (one SCAN over them all).
   // False when a SCAN got no answer: the batches seen are then not all.
   template <class Fn>
   bool ForEachKeyBatch(Engine* e, Fn fn) {
-    for (Strategy s : kStrategies) {
-      std::string pattern;
-      std::string cursor = "0";
-      std::vector<std::string> keys;
-      do {
-        RawReply reply;
-        if (!RawArgv(e, ScanArgv(s, cursor, &pattern), &reply) ||
-            !ParseScan(reply, &cursor, &keys)) {
-          return false;
-        }
-        if (!keys.empty()) fn(keys);
-      } while (cursor != "0");
-    }
+    std::string pattern;
+    std::string cursor = "0";
+    std::vector<std::string> keys;
+    do {
+      RawReply reply;
+      if (!RawArgv(e, ScanArgv(cursor, &pattern), &reply) ||
+          !ParseScan(reply, options_.key_prefix.size(), &cursor, &keys)) {
+        return false;
+      }
+      if (!keys.empty()) fn(keys);
+    } while (cursor != "0");
     return true;
   }
 

@@ -312,10 +312,8 @@ class RedisStorage(Storage):
     def forget_in_process(self) -> None:
         """What ``reset`` forgets before its scan: the blocked-key cache and
         the fallback store of this process."""
-    def scan_async(
-        self, strategy: str, cursor: str
-    ) -> RedisWaiter[tuple[str, list[bytes]]]:
-        """One SCAN page of the store's keys under ``strategy``, from
+    def scan_async(self, cursor: str) -> RedisWaiter[tuple[str, list[bytes]]]:
+        """One SCAN page of the store's keys, every strategy's, from
         ``cursor`` ("0" first): (the next cursor, "0" once complete; the
         page's keys). Raises RedisUnavailableError if Redis did not answer."""
     def unlink_async(self, keys: list[bytes]) -> RedisWaiter[int]:

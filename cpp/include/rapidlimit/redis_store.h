@@ -213,14 +213,14 @@ class RedisStore : public Store {
 
   // TryReset in steps an event loop awaits, deferred as the calls above:
   // ForgetInProcess() first (what TryReset forgets before its scan: the
-  // blocked-key cache, the fallback store), then for each strategy the
-  // SCAN pages of this store's keys from cursor "0" until the answer's
+  // blocked-key cache, the fallback store), then the SCAN pages of this
+  // store's keys, every strategy's, from cursor "0" until the answer's
   // cursor is "0" again, each page's keys removed with UnlinkDeferred
   // (one command; `keys` are copied). A SCAN returns a key present from
   // the first page to the last at least once, the others at most once.
   virtual void ForgetInProcess() = 0;
-  virtual void ScanDeferred(Strategy strategy, std::string_view cursor,
-                            SingleCallback done, void* context) = 0;
+  virtual void ScanDeferred(std::string_view cursor, SingleCallback done,
+                            void* context) = 0;
   virtual void UnlinkDeferred(const std::vector<std::string>& keys,
                               SingleCallback done, void* context) = 0;
 

@@ -247,15 +247,6 @@ def _fail_closed(
     )
 
 
-# The strategies whose keys a store's reset removes.
-_STRATEGY_NAMES = (
-    "fixed-window",
-    "moving-window",
-    "sliding-window-counter",
-    "token-bucket",
-)
-
-
 def _admin(library: str | None, method: Callable[..., T], *args: Any) -> T:
     """clear/reset: the store raises RedisUnavailableError itself when Redis
     does not confirm; raised again as :func:`_unavailable`'s class."""
@@ -623,14 +614,13 @@ class AsyncRapidlimitStorage(
         native.forget_in_process()
         dropped = 0
         try:
-            for strategy in _STRATEGY_NAMES:
-                cursor = "0"
-                while True:
-                    cursor, keys = await native.scan_async(strategy, cursor)
-                    if keys:
-                        dropped += await native.unlink_async(keys)
-                    if cursor == "0":
-                        break
+            cursor = "0"
+            while True:
+                cursor, keys = await native.scan_async(cursor)
+                if keys:
+                    dropped += await native.unlink_async(keys)
+                if cursor == "0":
+                    break
         except _core.RedisUnavailableError as e:
             if type(e) is not _core.RedisUnavailableError:
                 raise
