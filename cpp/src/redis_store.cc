@@ -133,11 +133,23 @@ std::string_view StrategyCode(Strategy s) {
   return "xx:";
 }
 
+// A glob matching every StrategyCode: the first letters of the codes, then
+// their second letters, then ':'. It also matches pairs no strategy has
+// ("tw:"), which ParseScan leaves out.
+std::string CodePattern() {
+  std::string first, second;
+  for (Strategy s : kStrategies) {
+    const std::string_view code = StrategyCode(s);
+    if (first.find(code[0]) == std::string::npos) first.push_back(code[0]);
+    if (second.find(code[1]) == std::string::npos) second.push_back(code[1]);
+  }
+  return "[" + first + "][" + second + "]:";
+}
+
 // A SCAN reply's next cursor and page of keys (false for another reply):
-// the keys MATCH `<prefix>[fmst][wb]:{*` listed, kept only where those two
-// letters are one of StrategyCode's. The one pattern lets a reset or a
-// size visit the keyspace once for every strategy; the four other pairs it
-// matches are no key of this store.
+// the keys MATCH `<prefix>` CodePattern() `{*` listed, kept only where they
+// name a strategy's code. The one pattern lets a reset or a size visit the
+// keyspace once for every strategy.
 bool ParseScan(const RawReply& reply, size_t prefix_size, std::string* cursor,
                std::vector<std::string>* keys) {
   if (reply.type != REDIS_REPLY_ARRAY || reply.elements.size() != 2) {
@@ -2484,7 +2496,7 @@ class RedisStoreImpl final : public RedisStore {
   // arguments point into `*pattern` and `cursor`.
   std::vector<std::string_view> ScanArgv(std::string_view cursor,
                                          std::string* pattern) const {
-    *pattern = options_.key_prefix + "[fmst][wb]:{*";
+    *pattern = options_.key_prefix + CodePattern() + "{*";
     return {"SCAN", cursor, "MATCH", *pattern, "COUNT", "1000"};
   }
 
