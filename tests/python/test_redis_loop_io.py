@@ -225,10 +225,10 @@ def test_two_loops_in_two_threads_share_the_connection(
 
 
 async def test_the_loop_drives_several_stores(server: RedisServer) -> None:
-    """Two limiters on two stores (two prefixes) awaited together from one
-    loop: each store's batches go out from the loop, none from an I/O
-    thread, and each store's replies come back to it. A fifth store, over
-    the stores one loop drives, is served by its I/O thread."""
+    """Five stores (five prefixes) awaited together from one loop: each of
+    the first four sends its batches from the loop, none from an I/O
+    thread, and each store's replies come back to it. The fifth, over the
+    stores one loop drives, is served by its I/O thread."""
     item = parse("10/minute")
     stores = [RedisStorage(server.uri, key_prefix=f"s{i}:") for i in range(5)]
     for _ in range(3):
