@@ -524,6 +524,13 @@ TEST_F(RedisStoreTest, MovingWindowLimitChangeKeepsNewestEntries) {
   EXPECT_EQ(store->Stats().mismatches, 0u);
 }
 
+// The doubles of a state the script stored (little-endian).
+std::vector<double> StoredDoubles(const std::string& value) {
+  std::vector<double> out(value.size() / sizeof(double));
+  std::memcpy(out.data(), value.data(), out.size() * sizeof(double));
+  return out;
+}
+
 TEST_F(RedisStoreTest, KeysOutliveTheirStateBySlack) {
   // TTLs only collect garbage, but must never drop live state: after every
   // write, PTTL >= (end of the key's state - now) + slack.
@@ -558,7 +565,9 @@ TEST_F(RedisStoreTest, KeysOutliveTheirStateBySlack) {
           end = now + l.PeriodNanos() + 1;  // at most: newest is <= now
           break;
       }
-      if (end <= now) continue;
+      // Every strategy's state outlives a hit (a state Inspect could not
+      // read comes back empty).
+      ASSERT_GT(end, now) << StrategyName(s) << " step " << step;
       const testing::Reply pttl =
           server_.Command({"PTTL", store->RedisKey(s, key)});
       ASSERT_EQ(pttl.type, REDIS_REPLY_INTEGER);
@@ -571,6 +580,17 @@ TEST_F(RedisStoreTest, KeysOutliveTheirStateBySlack) {
         const testing::Reply len =
             server_.Command({"STRLEN", store->RedisKey(s, key)});
         EXPECT_EQ(len.integer, s == Strategy::kFixedWindow ? 24 : 32)
+            << StrategyName(s) << " step " << step;
+      }
+      if (s == Strategy::kTokenBucket || s == Strategy::kSlidingWindowCounter) {
+        // Their fourth value is the horizon, the caller-time second up to
+        // which the TTL keeps the key; a write that would outlive it renews
+        // the TTL. Redis' own clock hardly moves in this test, so PTTL
+        // above cannot tell a renewal from none: the horizon can.
+        const std::vector<double> v = StoredDoubles(
+            server_.Command({"GET", store->RedisKey(s, key)}).str);
+        ASSERT_EQ(v.size(), 4u) << StrategyName(s);
+        EXPECT_GE(static_cast<int64_t>(v[3]) * kSec, end)
             << StrategyName(s) << " step " << step;
       }
     }
@@ -963,6 +983,25 @@ TEST_F(RedisStoreTest, RequestsQueuedTogetherShareScriptCallsWithSameAnswers) {
     }
     if (HasFailure()) return;
   }
+  // Each bucket's TTL was renewed within the shared calls whenever a TAT
+  // reached the stored horizon (see KeysOutliveTheirStateBySlack): the TAT
+  // stored is before the horizon, in whole seconds.
+  int buckets = 0;
+  for (size_t li = 0; li < limits.size(); ++li) {
+    for (int c = 0; c < 3; ++c) {
+      const std::string k =
+          "LIMITER/c" + std::to_string(c) + "/" + std::to_string(li);
+      const std::string value =
+          server_.Command({"GET", store->RedisKey(Strategy::kTokenBucket, k)})
+              .str;
+      if (value.empty()) continue;
+      const std::vector<double> v = StoredDoubles(value);
+      ASSERT_EQ(v.size(), 4u) << k;
+      EXPECT_LT(v[0], v[3]) << k;  // (tat_s, tat_ns, tat_frac, horizon_s)
+      ++buckets;
+    }
+  }
+  EXPECT_GE(buckets, 6);
   const RedisStoreStats s = store->Stats();
   EXPECT_EQ(s.calls, static_cast<uint64_t>(kRequests));
   EXPECT_LT(s.scripts, s.calls / 4);  // shared calls, not one per request
@@ -970,11 +1009,42 @@ TEST_F(RedisStoreTest, RequestsQueuedTogetherShareScriptCallsWithSameAnswers) {
   EXPECT_EQ(s.errors, 0u);
 }
 
-// The doubles of a state the script stored (little-endian).
-std::vector<double> StoredDoubles(const std::string& value) {
-  std::vector<double> out(value.size() / sizeof(double));
-  std::memcpy(out.data(), value.data(), out.size() * sizeof(double));
-  return out;
+TEST_F(RedisStoreTest, BucketsHitInSharedCallsRenewTheirTtl) {
+  // A token-bucket hit alone in its request but in a call shared with
+  // others takes the script's fast path for such requests; one whose TAT
+  // reaches the stored horizon must renew the key's TTL there too, as a
+  // lone call does (KeysOutliveTheirStateBySlack): the horizon moves on.
+  RedisStoreOptions o = Options();
+  o.command_timeout_nanos = 5 * kSec;
+  o.blocked_cache = false;
+  auto store = Make(o);
+  const Limit l = L("20 per second");  // 2 s of horizon at a time
+  const int kRequests = 200;           // 10 per second for 20 s
+  const Request req{Strategy::kTokenBucket, &l, "LIMITER/renew", 1};
+  std::vector<Slot> slots(kRequests);
+  AsyncWait w;
+  w.pending = kRequests;
+  for (int r = 0; r < kRequests; ++r) {
+    slots[r].wait = &w;
+    store->DecideAsyncDeferred(&req, 1, kT0 + r * 100 * kMs, Mode::kHit,
+                               &SlotDone, &slots[r]);
+  }
+  store->Flush();
+  ASSERT_TRUE(WaitAll(w, *store, std::chrono::seconds(30)));
+  for (const Slot& s : slots) {
+    ASSERT_EQ(s.decisions.size(), 1u);
+    EXPECT_TRUE(s.decisions[0].allowed);
+  }
+  EXPECT_LT(store->Stats().scripts, kRequests / 4);
+  const std::vector<double> v =
+      StoredDoubles(server_
+                        .Command({"GET", store->RedisKey(Strategy::kTokenBucket,
+                                                         "LIMITER/renew")})
+                        .str);
+  ASSERT_EQ(v.size(), 4u);  // (tat_s, tat_ns, tat_frac, horizon_s)
+  EXPECT_EQ(static_cast<int64_t>(v[0]) * kSec + static_cast<int64_t>(v[1]),
+            kT0 + 199 * 100 * kMs + 50 * kMs);
+  EXPECT_LT(v[0], v[3]);
 }
 
 TEST_F(RedisStoreTest, RefusedKeyGetsThePolicyAloneInItsScriptCall) {

@@ -78,6 +78,78 @@ local call = redis.call
 local try = redis.pcall  -- reads: an error comes back as a table {err=...}
 local E9 = 1000000000
 local keys = KEYS
+
+-- A call for one request with one limit (88 bytes of argument), a hit on
+-- a fixed window or a token bucket whose state is live: the commonest
+-- call when requests come one at a time, decided here in the fewest steps
+-- (about 4 % of what Redis spends on the call, against the same decision
+-- by the loop's fast paths below, which serve such requests within a
+-- batch). Anything else this block does not answer, it leaves to the loop
+-- with what GET read of the key in `lone` (nil: nothing read).
+local lone
+if nargs == 88 then
+  local nk, ns, nn, code, cost, amount = unpack('<dddddd', args)
+  if nk == 1 and code == 0 then
+    local key = keys[1]
+    lone = try('GET', key)
+    if lone and #lone == 24 then
+      local x1, x2, x3 = unpack('<ddd', lone)
+      if x1 ~= 0 and (x2 > ns or (x2 == ns and x3 > nn)) then
+        local c = x1 + cost
+        call('SETRANGE', key, '0', pack('<d', c))
+        if c <= amount then return lone end
+        return '\12' .. lone  -- flags: see the loop's reply below
+      end
+    end
+  elseif nk == 1 and code == 3 and amount > 0 then
+    -- As the loop's token-bucket fast path, which explains each step.
+    local key = keys[1]
+    lone = try('GET', key)
+    if lone and #lone == 32 then
+      local x1, x2, x3, hs = unpack('<dddd', lone)
+      if x2 >= 0 then
+        local p2, p3, p4 = unpack('<ddd', args, 49)
+        local s, t, af = ns, nn + p2, p3
+        local live = x1 > ns or (x1 == ns and x2 > nn)
+        if live then
+          s, t, af = x1, x2 + p2, x3 + p3
+          if af >= amount then t, af = t + 1, af - amount end
+        end
+        local an = (s - ns) * E9 + (t - nn)
+        local ok = an < p4 or cost == 0 or
+                   (an == p4 and af <= unpack('<d', args, 73))
+        if ok and cost > 0 then
+          if t >= E9 then
+            local q = t / E9
+            q = q - q % 1
+            s, t = s + q, t - q * E9
+            if t < 0 then
+              s, t = s - 1, t + E9
+            elseif t >= E9 then
+              s, t = s + 1, t - E9
+            end
+          end
+          -- A TAT at or past the horizon (or a NaN found) renews the TTL:
+          -- the loop's.
+          if s < hs then
+            if af == x3 then
+              call('SETRANGE', key, '0', pack('<dd', s, t))
+            else
+              call('SETRANGE', key, '0', pack('<ddd', s, t, af))
+            end
+            return lone
+          end
+        elseif ok then
+          return lone
+        elseif live then
+          return '\20' .. lone
+        else
+          return '\30'
+        end
+      end
+    end
+  end
+end
 -- The current request's header, read by the helpers below as upvalues.
 local now_s, now_ns, slack, test
 -- Every EVALSHA runs this body afresh, so the hot paths are written
@@ -117,10 +189,15 @@ while pos < nargs do
   -- than they use; a decision they make sets nk to 0, which skips the
   -- loop's set-up.
   local v0
-  if nk == 1 and c1 == 0 then
-    -- A fixed-window hit alone in its request, in the current window: the
-    -- commonest decision, in fewer steps than the loop below takes (which
-    -- handles the other cases with the value read here).
+  if lone ~= nil then
+    v0 = lone  -- the lone request's block above read the key
+    lone = nil
+  elseif nk == 1 and c1 == 0 then
+    -- A fixed-window hit alone in its request, in the current window, in
+    -- a call for several requests (a lone request's is decided above, in
+    -- the same steps: a change here is one there): the commonest
+    -- decision, in fewer steps than the loop below takes (which handles
+    -- the other cases with the value read here).
     local key = keys[ki + 1]
     v0 = try('GET', key)  -- an error table leaves the decision to the loop
     if v0 and #v0 == 24 then
@@ -132,18 +209,15 @@ while pos < nargs do
         ki = ki + 1
         nk = 0
         local f = '\12'  -- the flags of the loop's reply below
-        if c <= a1 then
-          if nout == 0 and pos >= nargs then return v0 end
-          f = '\13'
-        end
-        if nout == 0 and pos >= nargs then return f .. v0 end
+        if c <= a1 then f = '\13' end
         out[nout + 1] = f
         out[nout + 2] = v0
         nout = nout + 2
       end
     end
   elseif nk == 1 and c1 == 3 and a1 > 0 then
-    -- Likewise a token-bucket hit that keeps the key's TTL.
+    -- Likewise a token-bucket hit that keeps the key's TTL (the lone
+    -- request's block above repeats these steps).
     local key = keys[ki + 1]
     v0 = try('GET', key)
     if v0 and #v0 == 32 then
@@ -201,11 +275,7 @@ while pos < nargs do
           nk = 0
           if live then
             local f = '\20'  -- the flags of the loop's reply below
-            if ok then
-              if nout == 0 and pos >= nargs then return v0 end
-              f = '\21'
-            end
-            if nout == 0 and pos >= nargs then return f .. v0 end
+            if ok then f = '\21' end
             out[nout + 1] = f
             out[nout + 2] = v0
             nout = nout + 2
@@ -214,11 +284,7 @@ while pos < nargs do
             -- the flags say no values follow (24), which keeps 32 bytes out
             -- of the batch's reply string.
             local f = '\30'
-            if ok then
-              if nout == 0 and pos >= nargs then return v0 end
-              f = '\31'
-            end
-            if nout == 0 and pos >= nargs then return f end
+            if ok then f = '\31' end
             nout = nout + 1
             out[nout] = f
           end
