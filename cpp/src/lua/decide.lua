@@ -81,11 +81,11 @@ local keys = KEYS
 
 -- A call for one request with one limit (88 bytes of argument), a hit on
 -- a fixed window or a token bucket whose state is live: the commonest
--- call when requests come one at a time, decided here in the fewest steps
--- (about 4 % of what Redis spends on the call, against the same decision
--- by the loop's fast paths below, which serve such requests within a
--- batch). Anything else this block does not answer, it leaves to the loop
--- with what GET read of the key in `lone` (nil: nothing read).
+-- call when requests come one at a time, decided here before the loop's
+-- bookkeeping, which would add about 4 % to what Redis spends on the call
+-- (the loop's own fast paths serve such requests within a shared call).
+-- What this block does not answer it leaves to the loop, with what GET
+-- read of the key in `lone` (nil: nothing read).
 local lone
 if nargs == 88 then
   local nk, ns, nn, code, cost, amount = unpack('<dddddd', args)
@@ -182,12 +182,12 @@ while pos < nargs do
   local nk, c1, k1, a1
   nk, now_s, now_ns, c1, k1, a1 = unpack('<dddddd', args, pos)
   local first = pos + 24  -- the first limit's 7 values
-  -- What a fast path below read of the key, for the loop when the fast
-  -- path leaves the decision to it: nil if nothing, else GET's reply (a
-  -- string, false for a missing key, or an error table). The fast paths
-  -- take one limit in hit mode (nk is -n in test mode) and set up no more
-  -- than they use; a decision they make sets nk to 0, which skips the
-  -- loop's set-up.
+  -- What a fast path below (or the lone request's block above) read of
+  -- the key, for the loop when the fast path leaves the decision to it:
+  -- nil if nothing, else GET's reply (a string, false for a missing key,
+  -- or an error table). The fast paths take one limit in hit mode (nk is
+  -- -n in test mode) and set up no more than they use; a decision they
+  -- make sets nk to 0, which skips the loop's set-up.
   local v0
   if lone ~= nil then
     v0 = lone  -- the lone request's block above read the key
