@@ -251,7 +251,11 @@ bool ParseCall(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
         UnwrapFast(PyTuple_GET_ITEM(entry, 0), g_item_type, "RateLimitItem"));
     int64_t cost = 0;
     PyObject* identity = PyTuple_GET_ITEM(entry, 1);
-    if (item == nullptr || !CostFromPython(PyTuple_GET_ITEM(entry, 2), &cost) ||
+    // A moving-window limit too large for its log is refused here, as the
+    // limiters refuse it: the script would write a log it cannot read back
+    // and refuse every later hit of the key as a fault of Redis.
+    if (item == nullptr || !CheckStrategyLimit(call->strategy, item->limit) ||
+        !CostFromPython(PyTuple_GET_ITEM(entry, 2), &cost) ||
         !BuildKey(*item, &identity, 1, &keys[i])) {
       Py_DECREF(seq);
       return false;

@@ -435,3 +435,25 @@ def test_decide_many_arguments(server: RedisServer) -> None:
     with pytest.raises(TypeError, match="'tset'"):
         storage.decide_many_async("fixed-window", reqs, now=T0, tset=True)
     storage.close()
+
+
+def test_a_moving_window_limit_too_large_is_refused_before_redis(
+    server: RedisServer,
+) -> None:
+    """The storage's own calls refuse a moving-window limit its log cannot
+    hold, as the limiters do, with nothing sent: written, such a log made
+    every later hit of the key a refusal of Redis (fail-closed: a 503)."""
+    storage = RedisStorage(server.uri)
+    big = parse("2000000/day")
+    reqs = [(parse("5/minute"), "ok", 1), (big, "big", 1)]
+    client = server.client()
+    client.config_resetstat()
+    for call in (storage.decide_many, storage.decide_many_async):
+        with pytest.raises(ValueError, match="'2000000 per 1 day' is too large"):
+            call("moving-window", reqs, now=T0)
+    assert "cmdstat_evalsha" not in client.info("commandstats")
+    assert storage.decide_many("sliding-window-counter", reqs, now=T0)[1][0]
+    largest = parse(f"{_core.MAX_MOVING_WINDOW_AMOUNT}/day")
+    for _ in range(2):  # the log written is read back
+        assert storage.decide_many("moving-window", [(largest, "k", 1)], now=T0)[0][0]
+    storage.close()
