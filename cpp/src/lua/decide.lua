@@ -85,23 +85,26 @@ local keys = KEYS
 -- bookkeeping, which would add about 4 % to what Redis spends on the call
 -- (the loop's own fast paths serve such requests within a shared call).
 -- What this block does not answer it leaves to the loop, with what GET
--- read of the key in `lone` (nil: nothing read).
+-- read of the key in `lone` (nil: nothing read). The first request's
+-- header (see the loop) is unpacked here once, for both.
 local lone
-if nargs == 88 then
-  local nk, ns, nn, code, cost, amount = unpack('<dddddd', args)
-  if nk == 1 and code == 0 then
+local h_nk, h_ns, h_nn, h_code, h_cost, h_amount = unpack('<dddddd', args)
+if h_code == 0 then  -- the other strategies leave after two comparisons
+  if nargs == 88 and h_nk == 1 then
     local key = keys[1]
     lone = try('GET', key)
     if lone and #lone == 24 then
       local x1, x2, x3 = unpack('<ddd', lone)
-      if x1 ~= 0 and (x2 > ns or (x2 == ns and x3 > nn)) then
-        local c = x1 + cost
+      if x1 ~= 0 and (x2 > h_ns or (x2 == h_ns and x3 > h_nn)) then
+        local c = x1 + h_cost
         call('SETRANGE', key, '0', pack('<d', c))
-        if c <= amount then return lone end
+        if c <= h_amount then return lone end
         return '\12' .. lone  -- flags: see the loop's reply below
       end
     end
-  elseif nk == 1 and code == 3 and amount > 0 then
+  end
+elseif h_code == 3 then
+  if nargs == 88 and h_nk == 1 and h_amount > 0 then
     -- As the loop's token-bucket fast path, which explains each step.
     local key = keys[1]
     lone = try('GET', key)
@@ -109,16 +112,16 @@ if nargs == 88 then
       local x1, x2, x3, hs = unpack('<dddd', lone)
       if x2 >= 0 then
         local p2, p3, p4 = unpack('<ddd', args, 49)
-        local s, t, af = ns, nn + p2, p3
-        local live = x1 > ns or (x1 == ns and x2 > nn)
+        local s, t, af = h_ns, h_nn + p2, p3
+        local live = x1 > h_ns or (x1 == h_ns and x2 > h_nn)
         if live then
           s, t, af = x1, x2 + p2, x3 + p3
-          if af >= amount then t, af = t + 1, af - amount end
+          if af >= h_amount then t, af = t + 1, af - h_amount end
         end
-        local an = (s - ns) * E9 + (t - nn)
-        local ok = an < p4 or cost == 0 or
+        local an = (s - h_ns) * E9 + (t - h_nn)
+        local ok = an < p4 or h_cost == 0 or
                    (an == p4 and af <= unpack('<d', args, 73))
-        if ok and cost > 0 then
+        if ok and h_cost > 0 then
           if t >= E9 then
             local q = t / E9
             q = q - q % 1
@@ -180,7 +183,11 @@ while pos < nargs do
   -- unpack (most requests have one); each value unpacked costs Redis about
   -- as much as a few lines of Lua, so the rest is read where it is used.
   local nk, c1, k1, a1
-  nk, now_s, now_ns, c1, k1, a1 = unpack('<dddddd', args, pos)
+  if pos == 1 then  -- unpacked above
+    nk, now_s, now_ns, c1, k1, a1 = h_nk, h_ns, h_nn, h_code, h_cost, h_amount
+  else
+    nk, now_s, now_ns, c1, k1, a1 = unpack('<dddddd', args, pos)
+  end
   local first = pos + 24  -- the first limit's 7 values
   -- What a fast path below (or the lone request's block above) read of
   -- the key, for the loop when the fast path leaves the decision to it:
