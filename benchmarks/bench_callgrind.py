@@ -199,6 +199,15 @@ _TOTALS = re.compile(r"^totals:\s+(\d+)", re.M)
 _SUMMARY = re.compile(r"^summary:\s+(\d+)", re.M)
 
 
+def callgrind_total(out: Path, subject: str) -> int:
+    """The instructions the callgrind dump ``out`` counts."""
+    text = out.read_text()
+    m = _TOTALS.search(text) or _SUMMARY.search(text)
+    if not m:
+        raise BrokenBenchmark(f"callgrind {subject}: no totals in {out}")
+    return int(m.group(1))
+
+
 def _build_toggle(tmp: Path) -> str:
     """Compiles the instrumentation switch; '' if it cannot be built."""
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -239,11 +248,7 @@ def _instructions(subject: str, n: int, tmp: Path, toggle: str) -> int:
         raise BrokenBenchmark(
             f"callgrind {subject} n={n} failed: {proc.stderr[-1500:]}"
         )
-    text = out.read_text()
-    m = _TOTALS.search(text) or _SUMMARY.search(text)
-    if not m:
-        raise BrokenBenchmark(f"callgrind {subject}: no totals in {out}")
-    return int(m.group(1))
+    return callgrind_total(out, subject)
 
 
 def _http_variant(subject: str, redis_uri: str, http: str = "h11") -> Any:
@@ -345,11 +350,7 @@ def _http_instructions(
         # Callgrind writes its counts as the server exits.
         os.kill(pid, signal.SIGINT)
         _wait_exit(pid, 300)
-    text = out.read_text()
-    m = _TOTALS.search(text) or _SUMMARY.search(text)
-    if not m:
-        raise BrokenBenchmark(f"callgrind {subject}: no totals in {out}")
-    return int(m.group(1))
+    return callgrind_total(out, subject)
 
 
 def _http_prerequisites(toggle: str, stack: contextlib.ExitStack) -> tuple[str, str]:

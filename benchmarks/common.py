@@ -260,8 +260,20 @@ RAPID_REDIS_OPTIONS = "timeout=5&connect_timeout=5"
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1, no persistence."""
 
-    def __init__(self, cpu: int | None = None) -> None:
+    def __init__(
+        self,
+        cpu: int | None = None,
+        wrapper: Sequence[str] = (),
+        exe: str | None = None,
+        wait: float = 10,
+    ) -> None:
+        """``wrapper``: a command the server runs under (valgrind), in the
+        same process; ``exe``: another redis-server than PATH's; ``wait``:
+        seconds it may take to listen."""
         self.cpu = cpu
+        self.wrapper = list(wrapper)
+        self.exe = exe
+        self.wait = wait
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -281,7 +293,7 @@ class RedisServer:
         return self.rapid_uri if package == "rapidlimit" else self.uri
 
     def __enter__(self) -> RedisServer:
-        exe = shutil.which("redis-server")
+        exe = self.exe or shutil.which("redis-server")
         if exe is None:
             raise Skip(
                 "redis-server not installed (scripts/install-deps.sh, "
@@ -289,6 +301,7 @@ class RedisServer:
             )
         self.port = free_port()
         cmd = [
+            *self.wrapper,
             exe,
             "--port",
             str(self.port),
@@ -308,7 +321,7 @@ class RedisServer:
             pinned(cmd, self.cpu), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            wait_port(self.port, 10, self.proc)
+            wait_port(self.port, self.wait, self.proc)
         except BaseException:  # __exit__ is not called when __enter__ fails
             terminate(self.proc)
             raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import free_port
+from bench_callgrind import callgrind_total
+from common import RedisServer, Skip
 
 STRATEGIES = ("fixed-window", "token-bucket", "sliding-window-counter", "moving-window")
 LIMIT = "100000000/day"
@@ -38,116 +38,59 @@ MOVING_LIMIT = "1000/day"
 KEYS = [f"client-{i}" for i in range(1000)]
 
 
-def _total(dump: Path) -> int:
-    """The instructions a callgrind dump counts (its summary line)."""
-    m = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
-    if m is None:
-        raise SystemExit(f"no totals in {dump}")
-    return int(m.group(1))
+def _zero(rs: RedisServer) -> None:
+    """Starts counting afresh."""
+    assert rs.proc is not None
+    subprocess.run(
+        ["callgrind_control", "-z", str(rs.proc.pid)], check=True, capture_output=True
+    )
 
 
-class Server:
-    def __init__(self, out: Path) -> None:
-        exe = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-        for tool, path in (
-            ("redis-server", exe),
-            ("valgrind", shutil.which("valgrind")),
-        ):
-            if path is None:
-                raise SystemExit(f"{tool} not found (scripts/install-deps.sh --bench)")
-        self.out = out
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={out}/cg.out",
-                str(exe),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def zero(self) -> None:
-        subprocess.run(
-            ["callgrind_control", "-z", str(self.proc.pid)],
-            check=True,
-            capture_output=True,
-        )
-
-    def dump(self) -> int:
-        """The instructions counted since the last zero, dumped to a new
-        file (cg.out.1, cg.out.2 ... as callgrind numbers its dumps)."""
-        before = set(self.out.iterdir())
-        subprocess.run(
-            ["callgrind_control", "-d", str(self.proc.pid)],
-            check=True,
-            capture_output=True,
-        )
-        for _ in range(300):  # the server's own thread writes it
-            new = [f for f in set(self.out.iterdir()) - before if f.stat().st_size > 0]
-            if new:
-                time.sleep(0.2)  # written whole
-                return _total(new[0])
-            time.sleep(0.1)
-        raise SystemExit(f"callgrind wrote no dump in {self.out}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+def _dump(rs: RedisServer, out: Path, what: str) -> int:
+    """The instructions counted since the last zero, dumped to a new file
+    (cg.out.1, cg.out.2 ... as callgrind numbers its dumps)."""
+    assert rs.proc is not None
+    before = set(out.iterdir())
+    subprocess.run(
+        ["callgrind_control", "-d", str(rs.proc.pid)], check=True, capture_output=True
+    )
+    for _ in range(300):  # the server's own thread writes it
+        new = [f for f in set(out.iterdir()) - before if f.stat().st_size > 0]
+        if new:
+            time.sleep(0.2)  # written whole
+            return callgrind_total(new[0], what)
+        time.sleep(0.1)
+    raise SystemExit(f"callgrind wrote no dump in {out}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--calls", type=int, default=1000)
-    p.add_argument("--keep", help="a directory to keep the callgrind dumps in")
-    a = p.parse_args()
-    import redis  # redis-py, to wait for the server
-
+def measure(rs: RedisServer, out: Path, n: int) -> None:
+    """Prints the instructions per decision of every strategy."""
     import rapidlimit
     import rapidlimit.storage
 
-    out = Path(a.keep or tempfile.mkdtemp(prefix="redis-callgrind-"))
-    out.mkdir(parents=True, exist_ok=True)
-    server = Server(out)
+    # Valgrind slows the server fifty times: rapidlimit's 0.2 s default
+    # timeout would fail decisions.
+    storage = rapidlimit.storage.storage_from_string(
+        f"{rs.uri}?timeout=30&connect_timeout=30"
+    )
+    loop = asyncio.new_event_loop()
+    print(
+        f"redis-server under callgrind, {n} decisions per figure, limit "
+        f"{LIMIT} ({MOVING_LIMIT} for the moving window)"
+    )
+    print("instructions per decision:")
+    print(f"{'strategy':24} {'lone call':>12} {'64 shared':>12}")
     try:
-        client = redis.Redis(port=server.port, socket_timeout=60)
-        for _ in range(300):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
-        # Valgrind slows the server fifty times: rapidlimit's 0.2 s default
-        # timeout would fail decisions.
-        uri = f"redis://127.0.0.1:{server.port}?timeout=30&connect_timeout=30"
-        storage = rapidlimit.storage.storage_from_string(uri)
-        loop = asyncio.new_event_loop()
-        n = a.calls
-        print(
-            f"redis-server under callgrind, {n} decisions per figure, limit "
-            f"{LIMIT} ({MOVING_LIMIT} for the moving window)"
-        )
-        print("instructions per decision:")
-        print(f"{'strategy':24} {'lone call':>12} {'64 shared':>12}")
         for strategy in STRATEGIES:
             item = rapidlimit.parse(
                 MOVING_LIMIT if strategy == "moving-window" else LIMIT
             )
             for key in KEYS:  # live state on every key
                 storage.decide_many(strategy, [(item, key, 1)])
-            server.zero()
+            _zero(rs)
             for i in range(n):
                 storage.decide_many(strategy, [(item, KEYS[i % len(KEYS)], 1)])
-            lone = server.dump() / n
+            lone = _dump(rs, out, strategy) / n
 
             async def shared(strategy: str = strategy, item: Any = item) -> None:
                 for i in range(0, n, 64):
@@ -160,14 +103,37 @@ def main() -> None:
                         )
                     )
 
-            server.zero()
+            _zero(rs)
             loop.run_until_complete(shared())
-            batch = server.dump() / (-(-n // 64) * 64)
+            batch = _dump(rs, out, strategy) / (-(-n // 64) * 64)
             print(f"{strategy:24} {lone:12,.0f} {batch:12,.0f}", flush=True)
+    finally:
         loop.close()
         storage.close()
-    finally:
-        server.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--keep", help="a directory to keep the callgrind dumps in")
+    a = p.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found (scripts/install-deps.sh --bench)")
+    out = Path(a.keep or tempfile.mkdtemp(prefix="redis-callgrind-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with RedisServer(
+            wrapper=[
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}/cg.out",
+            ],
+            exe=os.environ.get("REDIS_SERVER"),
+            wait=60,  # valgrind's start-up
+        ) as rs:
+            measure(rs, out, a.calls)
+    except Skip as e:  # no redis-server
+        raise SystemExit(str(e)) from None
     if a.keep:
         print(f"dumps in {out}", file=sys.stderr)
     else:
