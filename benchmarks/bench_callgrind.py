@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_http
+import redis_callgrind
 from common import (
     HERE,
     BrokenBenchmark,
@@ -41,6 +41,7 @@ from common import (
     RedisServer,
     SectionResult,
     Skip,
+    callgrind_total,
     proc_stat,
     rapidlimit_redis_available,
 )
@@ -192,20 +193,6 @@ def _worker(subject: str, n: int) -> None:
 
 
 # ------------------------------------------------------------------ driver
-
-# "totals:" is the sum over the run; "summary:" can be 0 when the
-# instrumentation starts late, so it is only the fallback.
-_TOTALS = re.compile(r"^totals:\s+(\d+)", re.M)
-_SUMMARY = re.compile(r"^summary:\s+(\d+)", re.M)
-
-
-def callgrind_total(out: Path, subject: str) -> int:
-    """The instructions the callgrind dump ``out`` counts."""
-    text = out.read_text()
-    m = _TOTALS.search(text) or _SUMMARY.search(text)
-    if not m:
-        raise BrokenBenchmark(f"callgrind {subject}: no totals in {out}")
-    return int(m.group(1))
 
 
 def _build_toggle(tmp: Path) -> str:
@@ -477,6 +464,7 @@ def run(cfg: Config, res: SectionResult) -> None:
                 per_op["http.none"],
                 better="lower",
             )
+    _redis_server(cfg, res, reps)
     method = (
         "one run, instrumented loop / n2"
         if cfg.quick and toggle
@@ -486,6 +474,70 @@ def run(cfg: Config, res: SectionResult) -> None:
         f"{reps} run(s) per subject; PYTHONHASHSEED=0; per-op = {method}; "
         "instrumentation "
         + ("around the loop only" if toggle else "from the start (no C compiler)")
+    )
+
+
+def _redis_server(cfg: Config, res: SectionResult, reps: int) -> None:
+    """The ``redis.*`` figures: a redis-server's own instructions per
+    decision (redis_callgrind.py), rapidlimit's script against ``limits``'
+    commands and the floor of any script call."""
+    strategies = cfg.pick(("fixed-window",), redis_callgrind.STRATEGIES)
+    n = cfg.pick(512, 1024)  # whole batches of SHARED
+    got: dict[str, list[float]] = {}
+    try:
+        with redis_callgrind.CountingServer() as cs:
+            why = rapidlimit_redis_available(cs.rapid_uri)
+            if why:
+                res.skip(f"redis server instructions: {why}")
+                return
+            for _ in range(reps):
+                for strategy in strategies:
+                    for call, v in redis_callgrind.rapidlimit_decisions(
+                        cs, strategy, n
+                    ).items():
+                        got.setdefault(f"rapidlimit.{strategy}.{call}", []).append(v)
+                for stats, name in ((False, "hit"), (True, "hit_stats")):
+                    got.setdefault(f"limits.fixed-window.{name}", []).append(
+                        redis_callgrind.limits_hits(cs, n, stats)
+                    )
+                got.setdefault("empty-script", []).append(
+                    redis_callgrind.empty_script(cs, n)
+                )
+    except Skip as e:
+        res.skip(f"redis server instructions: {e}")
+        return
+    labels = {
+        "lone": "one request at a time",
+        "shared": f"{redis_callgrind.SHARED} awaited together",
+        "hit": "hit",
+        "hit_stats": "hit + get_window_stats (slowapi, headers on)",
+    }
+    for key, samples in got.items():
+        if key == "empty-script":
+            label = "redis-server: EVALSHA of a script that returns at once"
+            unit = "Ir/call"
+        else:
+            lib, strategy, call = key.split(".")
+            label = f"redis-server: {lib} {strategy}, {labels[call]}"
+            unit = "Ir/decision"
+        res.add(f"redis.{key}", label, unit, samples)
+    lone = got["rapidlimit.fixed-window.lone"]
+    for floor, what in (
+        ("limits.fixed-window.hit", "limits' hit"),
+        ("limits.fixed-window.hit_stats", "limits' hit + window stats"),
+        ("empty-script", "an empty script's call"),
+    ):
+        res.ratio(
+            f"redis.fixed-window.lone.vs_{floor.split('.')[-1].replace('-', '_')}",
+            f"redis-server: rapidlimit fixed-window decision / {what}",
+            lone,
+            got[floor],
+            better="lower",
+        )
+    res.log(
+        f"redis-server under callgrind: {n} decisions per figure on "
+        f"{len(redis_callgrind.KEYS)} live keys, whole server (command, script, "
+        "reply); by hand: benchmarks/redis_callgrind.py"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -252,6 +253,21 @@ def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# "totals:" is the sum over the run; "summary:" can be 0 when the
+# instrumentation starts late, so it is only the fallback.
+_CG_TOTALS = re.compile(r"^totals:\s+(\d+)", re.M)
+_CG_SUMMARY = re.compile(r"^summary:\s+(\d+)", re.M)
+
+
+def callgrind_total(out: Path, subject: str) -> int:
+    """The instructions the callgrind dump ``out`` counts."""
+    text = out.read_text()
+    m = _CG_TOTALS.search(text) or _CG_SUMMARY.search(text)
+    if not m:
+        raise BrokenBenchmark(f"callgrind {subject}: no totals in {out}")
+    return int(m.group(1))
 
 
 RAPID_REDIS_OPTIONS = "timeout=5&connect_timeout=5"
