@@ -40,6 +40,7 @@ from typing import Any
 
 from apps import Driver, Variant, check_statuses, close_rapidlimit, make_app, prime
 from common import (
+    NOP_SCRIPT,
     RAPID_REDIS_OPTIONS,
     BrokenBenchmark,
     Config,
@@ -149,7 +150,7 @@ def latency(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -> No
     lim = limits.strategies.FixedWindowRateLimiter(
         limits.storage.storage_from_string(rs.uri)
     )
-    nop = RawScript(rs.port, client.script_load(_NOP), "floor")
+    nop = RawScript(rs.port, client.script_load(NOP_SCRIPT), "floor")
     get_set = RawScript(rs.port, client.script_load(_GET_SET), "floor")
     variants: dict[str, Callable[[], float]] = {
         "ping_raw": _per_op(raw.ping, n),
@@ -469,9 +470,8 @@ def _in_flight_samples(
     )
 
 
-# The floors of any script, and of one that reads and writes one key: a
-# value as long as a fixed window's state, its TTL kept.
-_NOP = "return 0"
+# The floor of one script that reads and writes one key (NOP_SCRIPT is that
+# of any script): a value as long as a fixed window's state, its TTL kept.
 _GET_SET = (
     "local v = redis.call('GET', KEYS[1]) "
     "redis.call('SET', KEYS[1], 'abcdefghijklmnopqrstuvwx', 'KEEPTTL') return 0"
@@ -526,7 +526,7 @@ def script_cost(cfg: Config, res: SectionResult, rs: RedisServer, rapid: bool) -
     state = struct.pack("<ddd", 0, now + 86_400, 0)
     arg = struct.pack("<dddd", now, 0, 1, 1e15)  # never over the limit
     floors = {  # name: (sha, args after the key)
-        "nop": (client.script_load(_NOP), ()),
+        "nop": (client.script_load(NOP_SCRIPT), ()),
         "get_set": (client.script_load(_GET_SET), ()),
         "min_fixed_window": (client.script_load(_MIN_FIXED_WINDOW), (arg,)),
     }

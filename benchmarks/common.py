@@ -272,6 +272,10 @@ def callgrind_total(out: Path, subject: str) -> int:
 
 RAPID_REDIS_OPTIONS = "timeout=5&connect_timeout=5"
 
+# The floor of any script call: a script that returns at once (sections 4
+# and 6).
+NOP_SCRIPT = "return 0"
+
 
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1, no persistence."""

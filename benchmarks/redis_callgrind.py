@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from common import BrokenBenchmark, RedisServer, Skip, callgrind_total
+from common import NOP_SCRIPT, BrokenBenchmark, RedisServer, Skip, callgrind_total
 
 STRATEGIES = ("fixed-window", "token-bucket", "sliding-window-counter", "moving-window")
 LIMIT = "100000000/day"
@@ -46,8 +46,8 @@ LIMIT = "100000000/day"
 MOVING_LIMIT = "1000/day"
 KEYS = [f"client-{i}" for i in range(1000)]
 SHARED = 64  # decisions awaited together
-# rapidlimit's lone call: one key, one argument of 88 bytes.
-EMPTY_SCRIPT = "return 1"
+# The argument of rapidlimit's lone call, which the empty script's call
+# (one key) is given too.
 LONE_ARGUMENT = bytes(88)
 
 
@@ -231,7 +231,7 @@ def limits_hits(cs: CountingServer, n: int, stats: bool = False) -> float:
 def empty_script(cs: CountingServer, n: int) -> float:
     """Instructions per EVALSHA of a script that returns at once."""
     r = cs.client()
-    sha = r.script_load(EMPTY_SCRIPT)
+    sha = r.script_load(NOP_SCRIPT)
     keys = [f"floor:{{{k}}}" for k in KEYS]
 
     def run() -> int:
