@@ -709,7 +709,22 @@ enum SpecField : Py_ssize_t {
   kSpecHeaders,
   kSpecFused,
   kSpecMergeFallback,
+  kSpecSend,
   kSpecFields
+};
+
+// The middleware's send wrapper's `spec` (Limiter._send_spec), shared by
+// every request of a limiter: what adds the headers when the response
+// starts.
+enum SendField : Py_ssize_t {
+  kSendNames,       // HeaderNames, with the view class
+  kSendViewKey,     // the state's key of the request's view
+  kSendMergeNames,  // set: a response header of these names is merged
+  kSendFused,       // True: the core's formatted Retry-After applies
+  kSendFallback,    // callable(message, view): every other case
+  kSendMarkKey,     // state[mark_key] = mark_value: the middleware adds
+  kSendMarkValue,   //   the headers (the decorator then leaves them)
+  kSendFields
 };
 
 // decide_scope(scope, spec) -> view | False | None
@@ -728,17 +743,7 @@ enum SpecField : Py_ssize_t {
 // RateLimiter): the caller's general path then handles the request.
 // Errors of the decision itself are raised after the state was marked, as
 // the general path would have it.
-PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
-                      Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 2 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "decide_scope(scope, spec) takes exactly 2 positional "
-                    "arguments");
-    return nullptr;
-  }
-  PyObject* const scope = args[0];
-  PyObject* const spec = args[1];
+PyObject* DecideScopeFor(PyObject* scope, PyObject* spec) {
   if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(spec) ||
       PyTuple_GET_SIZE(spec) != kSpecFields) {
     Py_RETURN_NONE;
@@ -861,6 +866,307 @@ PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
   return view;
 }
 
+PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
+                      Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 2 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_scope(scope, spec) takes exactly 2 positional "
+                    "arguments");
+    return nullptr;
+  }
+  return DecideScopeFor(args[0], args[1]);
+}
+
+// HeaderSend(send, state, spec): the middleware's `send`, adding the
+// rate-limit headers of state[view_key] to the response's start message
+// (spec: SendField). A C callable rather than a Python closure: it runs
+// for every message of every response, and as Python it cost more than
+// the decision.
+struct HeaderSendObject {
+  PyObject_HEAD vectorcallfunc vectorcall;
+  PyObject* send;
+  PyObject* state;
+  PyObject* spec;
+};
+
+PyTypeObject* g_header_send_type = nullptr;
+PyObject* g_str_type = nullptr;
+PyObject* g_str_headers = nullptr;
+constexpr char kResponseStart[] = "http.response.start";
+
+bool IsResponseStart(PyObject* type) {
+  constexpr Py_ssize_t kLength = sizeof(kResponseStart) - 1;
+  return PyUnicode_CheckExact(type) && PyUnicode_IS_COMPACT_ASCII(type) &&
+         PyUnicode_GET_LENGTH(type) == kLength &&
+         std::memcmp(PyUnicode_DATA(type), kResponseStart, kLength) == 0;
+}
+
+// The core's formatted header pairs of `view` (a tuple), when it is a view
+// of spec's HeaderNames carrying a decision of the core; null otherwise.
+// Borrowed.
+PyObject* FormattedPairs(PyObject* view, PyObject* names_obj) {
+  if (Py_TYPE(names_obj) != g_names_type) return nullptr;
+  auto* inst = reinterpret_cast<py::detail::instance*>(names_obj);
+  if (!inst->simple_layout || inst->simple_value_holder[0] == nullptr) {
+    return nullptr;
+  }
+  const auto* names =
+      static_cast<const HeaderNamesHandle*>(inst->simple_value_holder[0]);
+  if (!names->view_type ||
+      reinterpret_cast<PyObject*>(Py_TYPE(view)) != names->view_type.ptr()) {
+    return nullptr;
+  }
+  PyObject* const data = *reinterpret_cast<PyObject**>(
+      reinterpret_cast<char*>(view) + names->view_data_offset);
+  if (data == nullptr || !PyTuple_CheckExact(data) ||
+      PyTuple_GET_SIZE(data) != 5) {
+    return nullptr;
+  }
+  PyObject* const result = PyTuple_GET_ITEM(data, 4);
+  if (!PyTuple_CheckExact(result) || PyTuple_GET_SIZE(result) != 6) {
+    return nullptr;
+  }
+  PyObject* const pairs = PyTuple_GET_ITEM(result, 5);
+  return PyTuple_CheckExact(pairs) ? pairs : nullptr;
+}
+
+// Appends `pairs` (a tuple) to the header list `raw` when none of its
+// names is in `merge_names`: 1 when appended, 0 when a name is there or a
+// header is not a (name, value) tuple (the caller's fallback merges them),
+// -1 with a Python error set.
+int AppendUnlessNamed(PyObject* raw, PyObject* pairs, PyObject* merge_names) {
+  Py_INCREF(raw);  // a set lookup can run code that drops the caller's
+  int status = 1;
+  // (a loop by index: a set lookup can run code that edits the list)
+  for (Py_ssize_t i = 0; status == 1 && i < PyList_GET_SIZE(raw); ++i) {
+    PyObject* const pair = PyList_GET_ITEM(raw, i);
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) < 1) {
+      status = 0;
+      break;
+    }
+    Py_INCREF(pair);
+    const int found = PySet_Contains(merge_names, PyTuple_GET_ITEM(pair, 0));
+    Py_DECREF(pair);
+    if (found != 0) status = found < 0 ? -1 : 0;
+  }
+  // Appended one by one: cheaper than a slice assignment for four, and the
+  // first append makes room for four.
+  for (Py_ssize_t i = 0; status == 1 && i < PyTuple_GET_SIZE(pairs); ++i) {
+    if (PyList_Append(raw, PyTuple_GET_ITEM(pairs, i)) != 0) status = -1;
+  }
+  Py_DECREF(raw);
+  return status;
+}
+
+// Adds the headers to a start message (a dict): appended in place to its
+// header list when it has none of their names, else by spec's fallback.
+// False with a Python error set.
+bool AddHeaders(PyObject* message, PyObject* state, PyObject* spec) {
+  PyObject* const view =
+      PyDict_GetItemWithError(state, PyTuple_GET_ITEM(spec, kSendViewKey));
+  if (view == nullptr) return !PyErr_Occurred();
+  if (view == Py_None) return true;
+  Py_INCREF(view);  // a set lookup below can run code that drops it
+  PyObject* pairs = nullptr;
+  if (PyTuple_GET_ITEM(spec, kSendFused) == Py_True) {
+    pairs = FormattedPairs(view, PyTuple_GET_ITEM(spec, kSendNames));
+  }
+  int appended = 0;
+  if (pairs != nullptr) {
+    PyObject* const headers = PyDict_GetItemWithError(message, g_str_headers);
+    if (headers != nullptr && PyList_CheckExact(headers)) {
+      appended = AppendUnlessNamed(headers, pairs,
+                                   PyTuple_GET_ITEM(spec, kSendMergeNames));
+    } else if (headers == nullptr && PyErr_Occurred()) {
+      appended = -1;
+    }
+  }
+  if (appended == 0) {
+    PyObject* const call_args[2] = {message, view};
+    PyObject* const out = PyObject_Vectorcall(
+        PyTuple_GET_ITEM(spec, kSendFallback), call_args, 2, nullptr);
+    appended = out == nullptr ? -1 : 1;
+    Py_XDECREF(out);
+  }
+  Py_DECREF(view);
+  return appended == 1;
+}
+
+PyObject* HeaderSendCall(PyObject* callable, PyObject* const* args,
+                         size_t nargsf, PyObject* kwnames) {
+  auto* self = reinterpret_cast<HeaderSendObject*>(callable);
+  if (PyVectorcall_NARGS(nargsf) != 1 ||
+      (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "send(message) takes 1 argument");
+    return nullptr;
+  }
+  PyObject* const message = args[0];
+  PyObject* const send = self->send;
+  if (send == nullptr) {  // cleared as part of a garbage cycle
+    PyErr_SetString(PyExc_RuntimeError, "HeaderSend was cleared");
+    return nullptr;
+  }
+  // Our references: the headers' code may drop the object's.
+  Py_INCREF(send);
+  if (PyDict_CheckExact(message)) {
+    PyObject* const type = PyDict_GetItemWithError(message, g_str_type);
+    bool ok = type != nullptr || !PyErr_Occurred();
+    if (type != nullptr && IsResponseStart(type)) {
+      PyObject* const state = self->state;
+      PyObject* const spec = self->spec;
+      Py_INCREF(state);
+      Py_INCREF(spec);
+      ok = AddHeaders(message, state, spec);
+      Py_DECREF(spec);
+      Py_DECREF(state);
+    }
+    if (!ok) {
+      Py_DECREF(send);
+      return nullptr;
+    }
+  }
+  PyObject* const out = PyObject_Vectorcall(send, args, 1, nullptr);
+  Py_DECREF(send);
+  return out;
+}
+
+// A new HeaderSend; null with a Python error set.
+PyObject* NewHeaderSend(PyObject* send, PyObject* state, PyObject* spec) {
+  if (!PyDict_CheckExact(state) || !PyTuple_CheckExact(spec) ||
+      PyTuple_GET_SIZE(spec) != kSendFields) {
+    PyErr_SetString(PyExc_TypeError,
+                    "HeaderSend(send, state, spec): state must be a dict and "
+                    "spec a send spec");
+    return nullptr;
+  }
+  auto* self = PyObject_GC_New(HeaderSendObject, g_header_send_type);
+  if (self == nullptr) return nullptr;
+  self->vectorcall = HeaderSendCall;
+  Py_INCREF(send);
+  self->send = send;
+  Py_INCREF(state);
+  self->state = state;
+  Py_INCREF(spec);
+  self->spec = spec;
+  PyObject_GC_Track(self);
+  return reinterpret_cast<PyObject*>(self);
+}
+
+PyObject* HeaderSendNew(PyTypeObject* /*type*/, PyObject* args,
+                        PyObject* kwargs) {
+  PyObject* send = nullptr;
+  PyObject* state = nullptr;
+  PyObject* spec = nullptr;
+  if ((kwargs != nullptr && PyDict_GET_SIZE(kwargs) != 0) ||
+      !PyArg_UnpackTuple(args, "HeaderSend", 3, 3, &send, &state, &spec)) {
+    if (!PyErr_Occurred()) {
+      PyErr_SetString(PyExc_TypeError,
+                      "HeaderSend(send, state, spec) takes no keywords");
+    }
+    return nullptr;
+  }
+  return NewHeaderSend(send, state, spec);
+}
+
+int HeaderSendTraverse(PyObject* obj, visitproc visit, void* arg) {
+  auto* self = reinterpret_cast<HeaderSendObject*>(obj);
+  Py_VISIT(Py_TYPE(obj));
+  Py_VISIT(self->send);
+  Py_VISIT(self->state);
+  Py_VISIT(self->spec);
+  return 0;
+}
+
+int HeaderSendClear(PyObject* obj) {
+  auto* self = reinterpret_cast<HeaderSendObject*>(obj);
+  Py_CLEAR(self->send);
+  Py_CLEAR(self->state);
+  Py_CLEAR(self->spec);
+  return 0;
+}
+
+void HeaderSendDealloc(PyObject* obj) {
+  PyTypeObject* const type = Py_TYPE(obj);
+  PyObject_GC_UnTrack(obj);
+  HeaderSendClear(obj);
+  PyObject_GC_Del(obj);
+  Py_DECREF(type);
+}
+
+PyMemberDef kHeaderSendMembers[] = {
+    {"__vectorcalloffset__", T_PYSSIZET,
+     static_cast<Py_ssize_t>(offsetof(HeaderSendObject, vectorcall)), READONLY,
+     nullptr},
+    {nullptr, 0, 0, 0, nullptr}};
+
+PyType_Slot kHeaderSendSlots[] = {
+    {Py_tp_new, reinterpret_cast<void*>(HeaderSendNew)},
+    {Py_tp_call, reinterpret_cast<void*>(PyVectorcall_Call)},
+    {Py_tp_traverse, reinterpret_cast<void*>(HeaderSendTraverse)},
+    {Py_tp_clear, reinterpret_cast<void*>(HeaderSendClear)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(HeaderSendDealloc)},
+    {Py_tp_members, kHeaderSendMembers},
+    {Py_tp_doc,
+     const_cast<char*>(
+         "HeaderSend(send, state, spec)\n\n"
+         "The middleware's send: adds the rate-limit headers of the "
+         "request's view (state[spec's view key]) to the response's start "
+         "message, then calls send (see rapidlimit.middleware).")},
+    {0, nullptr}};
+
+PyType_Spec kHeaderSendSpec = {
+    "rapidlimit._core.HeaderSend", sizeof(HeaderSendObject), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    kHeaderSendSlots};
+
+// mw_decide(scope, spec, send) -> send | False | None
+//
+// The middleware's decide_scope: when the request is allowed, returns the
+// send the application is to get: `send` itself with headers off, else a
+// HeaderSend of spec's send spec, the state marked as the middleware's to
+// add them to. False and None as decide_scope.
+PyObject* MwDecide(PyObject* /*module*/, PyObject* const* args,
+                   Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "mw_decide(scope, spec, send) takes exactly 3 positional "
+                    "arguments");
+    return nullptr;
+  }
+  PyObject* const scope = args[0];
+  PyObject* const spec = args[1];
+  PyObject* const send = args[2];
+  PyObject* const view = DecideScopeFor(scope, spec);
+  if (view == nullptr || view == Py_None || view == Py_False) return view;
+  Py_DECREF(view);  // the state holds it
+  if (PyTuple_GET_ITEM(spec, kSpecHeaders) != Py_True) {
+    Py_INCREF(send);
+    return send;
+  }
+  PyObject* const send_spec = PyTuple_GET_ITEM(spec, kSpecSend);
+  // decide_scope made the state a dict when it allowed the request.
+  PyObject* const state = PyDict_GetItemWithError(scope, g_str_state);
+  if (state == nullptr) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "state");
+    return nullptr;
+  }
+  if (!PyTuple_CheckExact(send_spec) ||
+      PyTuple_GET_SIZE(send_spec) != kSendFields) {
+    PyErr_SetString(PyExc_TypeError, "mw_decide: spec has no send spec");
+    return nullptr;
+  }
+  Py_INCREF(state);
+  const int rc =
+      PyDict_SetItem(state, PyTuple_GET_ITEM(send_spec, kSendMarkKey),
+                     PyTuple_GET_ITEM(send_spec, kSendMarkValue));
+  PyObject* const out =
+      rc == 0 ? NewHeaderSend(send, state, send_spec) : nullptr;
+  Py_DECREF(state);
+  return out;
+}
+
 // isinstance(obj, type), without its __class__ lookup for the objects an
 // endpoint usually returns or FastAPI passes (a dict, None...): builtins
 // whose __class__ is their type.
@@ -913,70 +1219,22 @@ PyObject* MergeHeaders(PyObject* /*module*/, PyObject* const* args,
     if (is_response == 0) Py_RETURN_NONE;
   }
   PyObject* const view = args[2];
-  PyObject* headers = nullptr;  // borrowed: view's formatted pairs
-  PyObject* const names_obj = PyTuple_GET_ITEM(spec, kSpecNames);
-  if (PyTuple_GET_ITEM(spec, kSpecFused) == Py_True &&
-      Py_TYPE(names_obj) == g_names_type) {
-    const auto* names = static_cast<HeaderNamesHandle*>(
-        UnwrapFast(names_obj, g_names_type, "HeaderNames"));
-    if (names == nullptr) return nullptr;
-    if (names->view_type &&
-        reinterpret_cast<PyObject*>(Py_TYPE(view)) == names->view_type.ptr()) {
-      PyObject* const data = *reinterpret_cast<PyObject**>(
-          reinterpret_cast<char*>(view) + names->view_data_offset);
-      if (data != nullptr && PyTuple_CheckExact(data) &&
-          PyTuple_GET_SIZE(data) == 5) {
-        PyObject* const result = PyTuple_GET_ITEM(data, 4);
-        if (PyTuple_CheckExact(result) && PyTuple_GET_SIZE(result) == 6 &&
-            PyTuple_CheckExact(PyTuple_GET_ITEM(result, 5))) {
-          headers = PyTuple_GET_ITEM(result, 5);
-        }
-      }
+  if (PyTuple_GET_ITEM(spec, kSpecFused) == Py_True) {
+    PyObject* const pairs =
+        FormattedPairs(view, PyTuple_GET_ITEM(spec, kSpecNames));
+    if (pairs != nullptr) {
+      PyObject* const raw = PyObject_GetAttr(carrier, g_str_raw_headers);
+      if (raw == nullptr) return nullptr;
+      const int appended =
+          PyList_CheckExact(raw)
+              ? AppendUnlessNamed(raw, pairs,
+                                  PyTuple_GET_ITEM(spec, kSpecMergeNames))
+              : 0;
+      Py_DECREF(raw);
+      if (appended < 0) return nullptr;
+      if (appended == 1) Py_RETURN_NONE;
     }
   }
-  PyObject* raw = nullptr;
-  if (headers != nullptr) {
-    raw = PyObject_GetAttr(carrier, g_str_raw_headers);
-    if (raw == nullptr) return nullptr;
-    if (PyList_CheckExact(raw)) {
-      PyObject* const merge_names = PyTuple_GET_ITEM(spec, kSpecMergeNames);
-      // (a loop by index: a set lookup can run code that edits the list)
-      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raw); ++i) {
-        PyObject* const pair = PyList_GET_ITEM(raw, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) < 1) {
-          headers = nullptr;
-          break;
-        }
-        PyObject* const name = PyTuple_GET_ITEM(pair, 0);
-        Py_INCREF(pair);
-        const int found = PySet_Contains(merge_names, name);
-        Py_DECREF(pair);
-        if (found < 0) {
-          Py_DECREF(raw);
-          return nullptr;
-        }
-        if (found != 0) {  // the fallback replaces them
-          headers = nullptr;
-          break;
-        }
-      }
-    } else {
-      headers = nullptr;
-    }
-  }
-  if (headers != nullptr) {
-    // Appended one by one: cheaper than a slice assignment for four, and
-    // the first append makes room for four.
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(headers); ++i) {
-      if (PyList_Append(raw, PyTuple_GET_ITEM(headers, i)) != 0) {
-        Py_DECREF(raw);
-        return nullptr;
-      }
-    }
-    Py_DECREF(raw);
-    Py_RETURN_NONE;
-  }
-  Py_XDECREF(raw);
   PyObject* const fallback = PyTuple_GET_ITEM(spec, kSpecMergeFallback);
   PyObject* const call_args[2] = {carrier, view};
   PyObject* const out = PyObject_Vectorcall(fallback, call_args, 2, nullptr);
@@ -1003,6 +1261,16 @@ PyMethodDef kDecideScopeDef = {
     "straight from the ASGI scope (see rapidlimit.extension): the view when "
     "the request is allowed, False when it is rejected. None when the "
     "request needs the general path; nothing was changed then."};
+
+PyMethodDef kMwDecideDef = {
+    "mw_decide",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(MwDecide)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "mw_decide(scope, spec, send) -> send | False | None\n\n"
+    "The middleware's decide_scope: when the request is allowed, the send "
+    "to give the application (a HeaderSend adding the rate-limit headers "
+    "when they are on). False when it is rejected, None when the request "
+    "needs the general path (see rapidlimit.middleware)."};
 
 PyMethodDef kFastMethods[] = {
     {"hit",
@@ -1204,6 +1472,8 @@ void BindLimiter(py::module_& m) {
   g_str_client = PyUnicode_InternFromString("client");
   g_str_localhost = PyUnicode_InternFromString("127.0.0.1");
   g_str_raw_headers = PyUnicode_InternFromString("raw_headers");
+  g_str_type = PyUnicode_InternFromString("type");
+  g_str_headers = PyUnicode_InternFromString("headers");
   g_str_time = PyUnicode_InternFromString("time");
   {
     PyObject* time_module = PyImport_ImportModule("time");
@@ -1365,6 +1635,15 @@ void BindLimiter(py::module_& m) {
   if (merge_headers == nullptr) throw py::error_already_set();
   m.add_object("merge_headers",
                py::reinterpret_steal<py::object>(merge_headers));
+  PyObject* mw_decide =
+      PyCFunction_NewEx(&kMwDecideDef, nullptr, m.attr("__name__").ptr());
+  if (mw_decide == nullptr) throw py::error_already_set();
+  m.add_object("mw_decide", py::reinterpret_steal<py::object>(mw_decide));
+  PyObject* header_send = PyType_FromSpec(&kHeaderSendSpec);
+  if (header_send == nullptr) throw py::error_already_set();
+  g_header_send_type = reinterpret_cast<PyTypeObject*>(header_send);
+  Py_INCREF(header_send);  // the module keeps one; so do we
+  m.add_object("HeaderSend", py::reinterpret_steal<py::object>(header_send));
 }
 
 }  // namespace rapidlimit::bindings

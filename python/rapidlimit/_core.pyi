@@ -530,7 +530,8 @@ def decide_scope(scope: MutableMapping[str, Any], spec: tuple[Any, ...], /) -> A
 
     ``spec`` is ``(plan, limit, item, cost, names, scope_name,
     endpoint_name, done_key, by_key, view_key, core, prefix, by, filters,
-    response_type, merge_names, headers, fused, merge_fallback)`` (see
+    response_type, merge_names, headers, fused, merge_fallback, send_spec)``
+    (see
     ``Limiter._fast_spec``): ``scope_name`` is the limit's static scope or
     None (the endpoint key is used), ``endpoint_name`` the endpoint key or
     None to use ``scope["path"]``. Sets ``state[done_key] = True`` and
@@ -556,3 +557,30 @@ def merge_headers(
     ``response`` if that is one. The core's formatted pairs are appended
     when ``fused`` is True and no header named in ``merge_names`` is there
     yet; anything else is ``merge_fallback(carrier, view)``'s."""
+
+def mw_decide(
+    scope: MutableMapping[str, Any], spec: tuple[Any, ...], send: Any, /
+) -> Any:
+    """The middleware's :func:`decide_scope` (same ``spec``). When the
+    request is allowed, returns the send to give the application: ``send``
+    itself when ``spec``'s ``headers`` is False, else
+    ``HeaderSend(send, scope["state"], send_spec)`` after setting
+    ``state[mark_key] = mark_value``. False when the request is rejected,
+    None when it needs the general path, as decide_scope."""
+
+class HeaderSend:
+    """An ASGI ``send`` that adds the rate-limit headers of the request's
+    view, ``state[view_key]`` read when the response starts, to the
+    ``http.response.start`` message, then calls ``send``.
+
+    ``spec`` is ``(names, view_key, merge_names, fused, fallback, mark_key,
+    mark_value)`` (``Limiter._send_spec``). The core's formatted pairs are
+    appended to the message's header list when ``fused`` is True, the view
+    is one of ``names``' view class carrying them and no header named in
+    ``merge_names`` is there; any other view (None: no headers) goes to
+    ``fallback(message, view)``. Other messages pass untouched."""
+
+    def __init__(
+        self, send: Any, state: dict[str, Any], spec: tuple[Any, ...], /
+    ) -> None: ...
+    def __call__(self, message: MutableMapping[str, Any], /) -> Any: ...

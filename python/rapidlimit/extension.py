@@ -1258,6 +1258,8 @@ class Limiter:
         # Per decorated function: [its _fast_spec while the wrappers' single
         # core call applies to it, else None] (see _WRAPPER_TEMPLATE).
         self._fast_slots: dict[Any, list[tuple[Any, ...] | None]] = {}
+        # The middlewares' HeaderSend spec (_send_spec), made on first use.
+        self._send_spec_made: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------
     # configuration helpers
@@ -1467,6 +1469,7 @@ class Limiter:
             self._invalidate()
 
     def _invalidate(self) -> None:
+        self._send_spec_made = None
         self._plans.clear()
         self._endpoint_plans.clear()
         self._deco_plans.clear()
@@ -1756,7 +1759,43 @@ class Limiter:
             bool(self._headers_enabled),
             self._retry_after != "http-date",  # the core's Retry-After applies
             self._merge_into,
+            self._send_spec(),
         )
+
+    def _send_spec(self) -> tuple[Any, ...]:
+        """The middlewares' ``HeaderSend`` spec: what adds the headers of
+        the request's view when the response starts (the same for every
+        request until a setting it holds changes, _SPEC_INPUTS)."""
+        spec = self._send_spec_made
+        if spec is None:
+            spec = self._send_spec_made = (
+                self._core_names,
+                _VIEW,
+                self._header_names_and_retry,
+                self._retry_after != "http-date",  # the core's Retry-After applies
+                self._merge_message,
+                _HEADERS_BY,
+                "mw",
+            )
+        return spec
+
+    def _merge_message(self, message: dict[str, Any], view: Any) -> None:
+        """``HeaderSend``'s general case: ``view``'s headers added to the
+        response's start ``message`` (replacing ones of the same names)."""
+        headers = message.get("headers") or ()
+        for pair in headers:
+            if pair[0] in self._header_names_and_retry:
+                message["headers"] = self._merge_headers(headers, view)
+                return
+        if type(view) is ViewRateLimit and view._data[4] is not None:
+            items = self._fast_items(view)
+        else:
+            items = self._merge_headers((), view)
+        # In place, as Starlette's own middlewares do.
+        if type(headers) is list:
+            headers.extend(items)
+        else:
+            message["headers"] = [*headers, *items]
 
     def _view_checked_in(self, conn: HTTPConnection) -> ViewRateLimit | None:
         """With auto_check=False, the view a ``_check_request_limit`` call

@@ -11,6 +11,10 @@ rate-limit headers to ``http.response.start`` as it goes by. Every other
 message (body chunks of streaming responses, ``pathsend``, websocket
 messages) passes untouched.
 
+Served around the application rather than added to it (``app =
+SlowAPIASGIMiddleware(fastapi_app)``, no ``app`` in the scope yet), it finds
+the routes and ``state.limiter`` on the application it wraps.
+
 The endpoint found for a (type, method, root_path, path) is cached; the
 cache is dropped when the number of top-level routes changes. Routes added
 later inside an already included router are not seen until then.
@@ -18,17 +22,20 @@ later inside an already included router are not seen until then.
 
 from __future__ import annotations
 
+import asyncio.coroutines as _asyncio_coroutines
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from rapidlimit._core import HeaderSend as _HeaderSend
 from rapidlimit._core import decide_scope as _decide_scope
+from rapidlimit._core import mw_decide as _mw_decide
 from rapidlimit.extension import (
     _DEPENDS_ATTR,
-    _HEADERS_BY,
     _UNSET,
     _VIEW,
     Limiter,
@@ -46,6 +53,11 @@ except ImportError:  # pragma: no cover - depends on the FastAPI version
     _iter_route_contexts = None
 
 _CACHE_SIZE = 4096
+
+_asyncio_coroutine_mark = getattr(_asyncio_coroutines, "_is_coroutine", None)
+_mark_coroutine: Callable[[Any], Any] | None = getattr(
+    inspect, "markcoroutinefunction", None
+)
 
 
 # (router, its _routes_version): FastAPI >= 0.137 serves the routes added
@@ -240,12 +252,100 @@ class SlowAPIASGIMiddleware:
                 endpoints[key] = found
         return found
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function that returns the application's own awaitable on
+        # the usual path: an ASGI caller only awaits what it gets, and a
+        # coroutine of ours around the app cost every request as much as a
+        # pass-through middleware. (Marked below as a coroutine function
+        # for servers that look, such as uvicorn's ASGI 2/3 guess.)
+        if scope["type"] == "http":
+            app = scope.get("app")
+            if app is None:  # served around the application, not inside it
+                app = self.app
+            if app is self._routes_app:
+                # An HTTP route seen before whose plan is one limit keyed
+                # by the peer's address, memory store: one core call that
+                # also wraps send for the headers. Anything else goes to
+                # the general path, nothing changed.
+                limiter = self._limiter
+                values = self._state_values
+                if (
+                    limiter is None
+                    and values is not None
+                    and getattr(app, "state", None) is self._state_object
+                ):
+                    limiter = values.get("limiter")
+                routes = self._routes
+                if (
+                    limiter is not None
+                    and routes is not None
+                    and len(routes) == self._routes_len
+                    and (not self._routers or not _changed(self._routers))
+                ):
+                    found = self._endpoints.get(
+                        (
+                            "http",
+                            scope.get("method"),
+                            scope.get("root_path", ""),
+                            scope["path"],
+                        )
+                    )
+                    plan = limiter._endpoint_plans.get(found[0]) if found else None
+                    if plan is not None:
+                        spec = plan.fast
+                        if spec is _UNSET:
+                            spec = plan.fast = _middleware_spec(limiter, plan)
+                        if spec is not None:
+                            try:
+                                wrapped = _mw_decide(scope, spec, send)
+                            except Exception as exc:  # the state is marked
+                                conn = _make_request(scope, receive, send)
+                                wrapped = limiter._failed_in_endpoint(exc, conn, plan)
+                            if wrapped is False or type(wrapped) is tuple:
+                                assert found is not None
+                                return self._not_allowed(
+                                    scope, receive, send, limiter, found, wrapped
+                                )
+                            if wrapped is not None:
+                                return self.app(scope, receive, wrapped)
+        return self._general(scope, receive, send)
+
+    # asyncio's mark (Python < 3.12 and asyncio.iscoroutinefunction) and
+    # inspect's (3.12+).
+    __call__._is_coroutine = _asyncio_coroutine_mark  # type: ignore[attr-defined]
+    if _mark_coroutine is not None:
+        __call__ = _mark_coroutine(__call__)
+
+    async def _not_allowed(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        limiter: Limiter,
+        found: tuple[Any, Any],
+        outcome: Any,
+    ) -> None:
+        """mw_decide's rejection (False) or a storage failure's outcome."""
+        state = scope["state"]
+        if outcome is False:
+            failed = limiter._rejected_by_core(state[_VIEW])
+        else:  # (failure or None,) from _failed_in_endpoint
+            failed = outcome[0]
+        if failed is not None:
+            await limiter._send_rejection(scope, receive, send, failed, state)
+            return
+        if limiter._headers_enabled and (found[1] or state.get(_VIEW) is not None):
+            send = self._with_headers(limiter, state, send)
+        await self.app(scope, receive, send)
+
+    async def _general(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        app = scope.get("app")
+        if app is None:
+            app = self.app
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        app = scope.get("app")
         limiter = self._limiter
         if limiter is None:
             state_object = getattr(app, "state", None)
@@ -302,11 +402,10 @@ class SlowAPIASGIMiddleware:
                     conn = WebSocket(scope, receive, send)
                 failed = await limiter._check_async(conn, plan, state)
         elif kind == "http":
-            # The usual plan (one limit keyed by the peer's address,
-            # memory store) in one core call, as the decorator does.
+            # The usual plan in one core call, as the decorator does.
             spec = plan.fast
             if spec is _UNSET:
-                spec = plan.fast = limiter._fast_spec(plan)
+                spec = plan.fast = _middleware_spec(limiter, plan)
             view = None
             if spec is not None:
                 try:
@@ -340,45 +439,21 @@ class SlowAPIASGIMiddleware:
             return
         await self.app(scope, receive, self._with_headers(limiter, state, send))
 
-    def _with_headers(
-        self, limiter: Limiter, state: dict[str, Any], send: Send
-    ) -> Send:
+    @staticmethod
+    def _with_headers(limiter: Limiter, state: dict[str, Any], send: Send) -> Send:
         """``send``, adding the headers of what ``state`` records when the
-        response starts. A plain method, not a coroutine the app runs in:
-        that layer cost every request a coroutine more."""
-        state[_HEADERS_BY] = "mw"
-        names = limiter._header_names_and_retry
-        fused = limiter._retry_after != "http-date"
+        response starts (a decorator may replace it meanwhile)."""
+        spec = limiter._send_spec()
+        state[spec[5]] = spec[6]
+        return _HeaderSend(send, state, spec)
 
-        # A plain function returning send's awaitable, not a coroutine
-        # function: every message then costs one call, not a coroutine
-        # more (ASGI only asks that send(message) be awaitable).
-        def send_with_headers(message: Message) -> Awaitable[None]:
-            if message["type"] == "http.response.start":
-                view = state.get(_VIEW)  # a decorator may have replaced it
-                if view is not None:
-                    headers = message.get("headers") or ()
-                    for pair in headers:
-                        if pair[0] in names:
-                            message["headers"] = limiter._merge_headers(headers, view)
-                            break
-                    else:
-                        if type(view) is ViewRateLimit and view._data[4] is not None:
-                            found = view._data[4]
-                            if type(found) is tuple and fused:
-                                items = found[5]  # formatted by the core
-                            else:
-                                items = limiter._fast_items(view)
-                        else:
-                            items = limiter._merge_headers((), view)
-                        # In place, as Starlette's own middlewares do.
-                        if type(headers) is list:
-                            headers.extend(items)
-                        else:
-                            message["headers"] = [*headers, *items]
-            return send(message)
 
-        return send_with_headers
+def _middleware_spec(limiter: Limiter, plan: Any) -> tuple[Any, ...] | None:
+    """``plan``'s mw_decide spec, or None when the middleware's general path
+    must check it."""
+    if plan.exempt or plan.deferred:
+        return None
+    return limiter._fast_spec(plan)
 
 
 class SlowAPIMiddleware(SlowAPIASGIMiddleware):

@@ -623,6 +623,26 @@ def _scope_spec(
         "headers": True,
         "fused": True,
         "merge_fallback": lambda carrier, view: calls.append((carrier, view)),
+        "send_spec": None,
+    }
+    fields.update(changes)
+    if fields["send_spec"] is None:
+        fields["send_spec"], _ = _send_spec(fused=fields["fused"])
+    return tuple(fields.values()), calls
+
+
+def _send_spec(**changes: Any) -> tuple[tuple[Any, ...], list[Any]]:
+    """A HeaderSend spec as Limiter._send_spec lays it out, and the
+    fallback's calls."""
+    calls: list[Any] = []
+    fields: dict[str, Any] = {
+        "names": VIEW_NAMES,
+        "view_key": "view",
+        "merge_names": frozenset((b"x-ratelimit-limit", b"retry-after")),
+        "fused": True,
+        "fallback": lambda message, view: calls.append((message, view)),
+        "mark_key": "mark",
+        "mark_value": "mw",
     }
     fields.update(changes)
     return tuple(fields.values()), calls
@@ -749,3 +769,187 @@ def test_merge_headers_appends_or_falls_back() -> None:
     before = list(untouched.raw_headers)
     _core.merge_headers(untouched, None, view, off)
     assert untouched.raw_headers == before and off_calls == []
+
+
+class _Sink:
+    """An ASGI send recording its messages; returns a marker per call."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def __call__(self, message: Any) -> str:
+        self.messages.append(message)
+        return f"sent {len(self.messages)}"
+
+
+def test_mw_decide_wraps_send_for_the_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    item = parse("1/minute")
+    spec, _ = _scope_spec(lim, item)
+    sink = _Sink()
+    scope = _http_scope()
+    wrapped = _core.mw_decide(scope, spec, sink)
+    assert type(wrapped) is _core.HeaderSend
+    view = scope["state"]["view"]
+    assert type(view) is _View
+    marked = {"done": True, "by": "by-marker", "view": view, "mark": "mw"}
+    assert scope["state"] == marked
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"a", b"1")]}
+    body = {"type": "http.response.body", "body": b"x"}
+    assert wrapped(start) == "sent 1"
+    assert wrapped(body) == "sent 2"
+    assert sink.messages == [start, body]
+    assert start["headers"] == [(b"a", b"1"), *view._data[4][5]]
+    assert body == {"type": "http.response.body", "body": b"x"}
+    # Rejected: False, the view in the state, nothing wrapped.
+    scope = _http_scope()
+    assert _core.mw_decide(scope, spec, sink) is False
+    assert "mark" not in scope["state"]
+    # Checked already: the general path's.
+    assert _core.mw_decide(scope, spec, sink) is None
+    # Headers off: send itself, unmarked.
+    off, _ = _scope_spec(lim, parse("5/minute"), headers=False)
+    scope = _http_scope(("10.0.0.2", 1))
+    assert _core.mw_decide(scope, off, sink) is sink
+    assert "mark" not in scope["state"]
+
+    def broken() -> float:
+        raise RuntimeError("clock")
+
+    monkeypatch.setattr(time, "time", broken)
+    scope = _http_scope(("10.9.9.9", 1))
+    with pytest.raises(RuntimeError, match="clock"):
+        _core.mw_decide(scope, spec, sink)
+    assert scope["state"] == {"done": True, "by": "by-marker"}
+    monkeypatch.undo()
+    with pytest.raises(TypeError, match="3 positional"):
+        _core.mw_decide(scope, spec)  # type: ignore[call-arg]
+    bad = spec[:-1] + (("not", "a", "send", "spec"),)
+    with pytest.raises(TypeError, match="send spec"):
+        _core.mw_decide(_http_scope(("10.0.0.3", 1)), bad, sink)
+
+
+def _start(headers: Any = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "http.response.start", "status": 200}
+    if headers is not None:
+        message["headers"] = headers
+    return message
+
+
+def test_header_send_appends_or_falls_back() -> None:
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    spec, _ = _scope_spec(lim, parse("5/minute"))
+    scope = _http_scope()
+    view = _core.decide_scope(scope, spec)
+    pairs = view._data[4][5]
+    send_spec, calls = _send_spec()
+    state: dict[str, Any] = {}
+    sink = _Sink()
+    sender = _core.HeaderSend(sink, state, send_spec)
+    # No view, or None: untouched.
+    for value in (None, "absent"):
+        if value is None:
+            state["view"] = None
+        message = _start([])
+        sender(message)
+        assert message["headers"] == [] and calls == []
+        state.pop("view", None)
+    # The view read when the response starts (a decorator may replace it).
+    state["view"] = view
+    message = _start([(b"content-type", b"text/plain")])
+    sender(message)
+    assert message["headers"] == [(b"content-type", b"text/plain"), *pairs]
+    # Names already there, a tuple of headers, no headers, an odd pair, a
+    # view of another class: the fallback's.
+    odd_messages = [
+        _start([(b"retry-after", b"5")]),
+        _start(((b"a", b"1"),)),
+        _start(),
+        _start([[b"a", b"1"]]),
+    ]
+    for message in odd_messages:
+        sender(message)
+    state["view"] = ("other", "view")
+    other = _start([])
+    sender(other)
+    assert calls == [(m, view) for m in odd_messages] + [(other, ("other", "view"))]
+    assert odd_messages[0]["headers"] == [(b"retry-after", b"5")]
+    # An HTTP-date Retry-After (fused False): the fallback's.
+    dated_spec, dated_calls = _send_spec(fused=False)
+    state["view"] = view
+    dated = _start([])
+    _core.HeaderSend(sink, state, dated_spec)(dated)
+    assert dated_calls == [(dated, view)] and dated["headers"] == []
+    # Other messages, and messages that are not dicts, pass untouched.
+    body = {"type": "http.response.body", "body": b""}
+    sender(body)
+    assert body == {"type": "http.response.body", "body": b""}
+    from collections import UserDict
+
+    mapping = UserDict(_start([]))
+    sender(mapping)
+    assert mapping["headers"] == []
+    assert sink.messages[-2:] == [body, mapping]
+
+    # A fallback that raises: raised, nothing sent.
+    def fail(message: Any, view: Any) -> None:
+        raise ValueError("fallback")
+
+    failing_spec, _ = _send_spec(fallback=fail)
+    sent = len(sink.messages)
+    with pytest.raises(ValueError, match="fallback"):
+        _core.HeaderSend(sink, state, failing_spec)(_start(()))
+    assert len(sink.messages) == sent
+
+
+def test_header_send_bad_arguments() -> None:
+    send_spec, _ = _send_spec()
+    sink = _Sink()
+    with pytest.raises(TypeError, match="dict"):
+        _core.HeaderSend(sink, [], send_spec)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="send spec"):
+        _core.HeaderSend(sink, {}, send_spec[:-1])
+    with pytest.raises(TypeError):
+        _core.HeaderSend(sink, {})  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="keywords"):
+        _core.HeaderSend(sink, {}, send_spec, extra=1)  # type: ignore[call-arg]
+    sender = _core.HeaderSend(sink, {}, send_spec)
+    with pytest.raises(TypeError, match="1 argument"):
+        sender(_start(), _start())  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="1 argument"):
+        sender(message=_start())  # type: ignore[call-arg]
+
+
+def test_header_send_keeps_no_extra_references_and_is_collected() -> None:
+    import gc
+    import weakref
+
+    lim = STRATEGIES["fixed-window"](MemoryStorage())
+    spec, _ = _scope_spec(lim, parse("1000/minute"))
+    send_spec, _ = _send_spec()
+    sink = _Sink()
+
+    def run() -> list[int]:
+        for _ in range(200):
+            scope = _http_scope()
+            sender = _core.mw_decide(scope, spec, sink)
+            sender(_start([]))
+            sender({"type": "http.response.body"})
+            del scope["state"]["done"]
+        sink.messages.clear()
+        return [sys.getrefcount(o) for o in (sink, send_spec, spec, VIEW_NAMES)]
+
+    first = run()
+    assert run() == first
+
+    # A cycle through a HeaderSend (its state holds it) is collected.
+    class Marker:
+        pass
+
+    marker = Marker()
+    ref = weakref.ref(marker)
+    state: dict[str, Any] = {"marker": marker}
+    state["sender"] = _core.HeaderSend(sink, state, send_spec)
+    del state, marker
+    gc.collect()
+    assert ref() is None

@@ -833,3 +833,52 @@ def test_storage_error_in_the_middleware(
         assert failed.status_code == 500
     # Nothing was counted for the failed request.
     assert rate_headers(after)["x-ratelimit-remaining"] == "3"
+
+
+# --------------------------------------------------------------------------
+# served as the top application
+
+
+@pytest.mark.parametrize("middleware", MIDDLEWARES, ids=["BaseMW", "ASGIMW"])
+def test_served_by_uvicorn_as_the_top_application(middleware: type) -> None:
+    """``uvicorn module:app`` with ``app = SlowAPIASGIMiddleware(inner)``:
+    uvicorn guesses ASGI 3 from the middleware's ``__call__`` (which returns
+    the application's awaitable rather than being a coroutine function)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["2/minute"], headers_enabled=True
+    )
+    inner = make_app("fastapi", limiter, middleware, [("/ok", text_view("ok"))])
+    inner.user_middleware.clear()  # served through the instance below instead
+    inner.middleware_stack = None
+    app = middleware(inner, limiter=limiter)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
+    config.load()
+    assert config.interface == "asgi3"
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            first, second, third = (client.get("/ok") for _ in range(3))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert [first.status_code, second.status_code, third.status_code] == [200, 200, 429]
+    assert first.text == "ok"
+    assert rate_headers(first)["x-ratelimit-remaining"] == "1"
+    assert rate_headers(second)["x-ratelimit-remaining"] == "0"
+    assert "retry-after" in rate_headers(third)
+    assert "2 per 1 minute" in third.text
