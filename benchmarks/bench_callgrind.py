@@ -62,6 +62,10 @@ SUBJECTS: dict[str, tuple[int, int, bool]] = {
     "asgi.none": (50, 250, False),
     "asgi.rapidlimit": (50, 250, False),
     "asgi.slowapi": (50, 250, False),
+    # The same route's limit as a default limit, checked by
+    # SlowAPIASGIMiddleware (rapidlimit's mw_decide path), headers on.
+    "asgi.rapidlimit.asgi-middleware": (50, 250, False),
+    "asgi.slowapi.asgi-middleware": (50, 250, False),
     # A uvicorn server (asyncio + h11) under callgrind, loaded over HTTP by
     # 16 keep-alive connections: the end-to-end figures without the VM's
     # noise. Instructions of all the server's threads.
@@ -134,7 +138,8 @@ def _worker(subject: str, n: int) -> None:
 
         from apps import Driver, Variant, make_app, prime
 
-        v = Variant(rest, "decorator", headers=rest != "none")
+        package, _, path = rest.partition(".")
+        v = Variant(package, path or "decorator", headers=package != "none")
         loop = asyncio.new_event_loop()
         d = Driver(make_app(v))
         prime(loop, v, d)
@@ -416,13 +421,16 @@ def run(cfg: Config, res: SectionResult) -> None:
                 per_op[rap],
                 better="higher",
             )
-    for pkg in ("rapidlimit", "slowapi"):
-        if f"asgi.{pkg}" in per_op and "asgi.none" in per_op:
+    for subject, samples in per_op.items():
+        if subject.startswith("asgi.") and subject != "asgi.none":
+            if "asgi.none" not in per_op:
+                continue
+            path = subject.split(".", 2)[2] if subject.count(".") > 1 else "decorator"
             res.add(
-                f"asgi.{pkg}.added",
-                f"asgi.{pkg} (decorator, headers on): added over no limiter",
+                f"{subject}.added",
+                f"{subject} ({path}, headers on): added over no limiter",
                 "Ir/req",
-                [a - b for a, b in zip(per_op[f"asgi.{pkg}"], per_op["asgi.none"])],
+                [a - b for a, b in zip(samples, per_op["asgi.none"])],
             )
     rejected, allowed = "http.rapidlimit.headers.rejected", "http.rapidlimit.headers"
     if rejected in per_op and allowed in per_op:

@@ -328,6 +328,12 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "",
     ),
     (
+        "instructions added per request, SlowAPIASGIMiddleware, headers on (callgrind)",
+        "callgrind.asgi.rapidlimit.asgi-middleware.added",
+        "callgrind.asgi.slowapi.asgi-middleware.added",
+        "",
+    ),
+    (
         "added per request in process, decorator, headers on (µs)",
         _ASGI.format("rapidlimit", "decorator", "allowed"),
         _ASGI.format("slowapi", "decorator", "allowed"),

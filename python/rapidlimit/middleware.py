@@ -13,7 +13,8 @@ messages) passes untouched.
 
 Served around the application rather than added to it (``app =
 SlowAPIASGIMiddleware(fastapi_app)``, no ``app`` in the scope yet), it finds
-the routes and ``state.limiter`` on the application it wraps.
+the routes and ``state.limiter`` on the application it wraps; its 429 is
+then the default one (the application's exception handlers run inside it).
 
 The endpoint found for a (type, method, root_path, path) is cached; the
 cache is dropped when the number of top-level routes changes. Routes added
