@@ -884,7 +884,8 @@ PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
 // for every message of every response, and as Python it cost more than
 // the decision.
 struct HeaderSendObject {
-  PyObject_HEAD vectorcallfunc vectorcall;
+  PyObject ob_base;  // PyObject_HEAD
+  vectorcallfunc vectorcall;
   PyObject* send;
   PyObject* state;
   PyObject* spec;

@@ -530,9 +530,9 @@ def decide_scope(scope: MutableMapping[str, Any], spec: tuple[Any, ...], /) -> A
 
     ``spec`` is ``(plan, limit, item, cost, names, scope_name,
     endpoint_name, done_key, by_key, view_key, core, prefix, by, filters,
-    response_type, merge_names, headers, fused, merge_fallback, send_spec)``
-    (see
-    ``Limiter._fast_spec``): ``scope_name`` is the limit's static scope or
+    response_type, merge_names, headers, fused, merge_fallback,
+    send_spec)`` (see ``Limiter._fast_spec``; ``send_spec`` is
+    :class:`HeaderSend`'s): ``scope_name`` is the limit's static scope or
     None (the endpoint key is used), ``endpoint_name`` the endpoint key or
     None to use ``scope["path"]``. Sets ``state[done_key] = True`` and
     ``state[by_key] = by`` in ``scope["state"]``, then ``core.decide_view(
@@ -577,8 +577,9 @@ class HeaderSend:
     mark_value)`` (``Limiter._send_spec``). The core's formatted pairs are
     appended to the message's header list when ``fused`` is True, the view
     is one of ``names``' view class carrying them and no header named in
-    ``merge_names`` is there; any other view (None: no headers) goes to
-    ``fallback(message, view)``. Other messages pass untouched."""
+    ``merge_names`` is there; with no view (or None) nothing is added, and
+    every other case goes to ``fallback(message, view)``. Other messages,
+    and messages that are not dicts, pass untouched."""
 
     def __init__(
         self, send: Any, state: dict[str, Any], spec: tuple[Any, ...], /
