@@ -635,3 +635,57 @@ def test_an_exempt_route_returning_a_response_gets_its_dependencys_headers(
     assert first.status_code == 200
     assert rate_headers(first)["x-ratelimit-limit"] == "2"
     assert rate_headers(first)["x-ratelimit-remaining"] == "1"
+
+
+@pytest.mark.parametrize("middleware", MIDDLEWARES)
+def test_a_swallowed_error_of_the_default_keeps_the_dependencys_headers(
+    middleware: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The middleware's usual check (a route it has seen) fails and
+    swallow_errors lets the request through: the route's depends() limit
+    still applies and its headers are sent, as on the general path."""
+    import time
+
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=["5/minute"],
+        headers_enabled=True,
+        swallow_errors=True,
+    )
+    app = make_app(limiter, middleware)
+
+    @app.get("/dep", dependencies=[Depends(limiter.depends("10/minute"))])
+    async def dep() -> JSONResponse:
+        # A Response of its own: only the middleware can add the
+        # dependency's headers to it.
+        return JSONResponse({"ok": True})
+
+    real = time.time
+
+    def broken() -> float:  # once: the middleware's decision
+        monkeypatch.setattr(time, "time", real)
+        raise RuntimeError("clock")
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        monkeypatch.setattr(time, "time", broken)
+        try:
+            await app(scope, receive, send)
+        finally:
+            monkeypatch.setattr(time, "time", real)
+
+    async def get(asgi: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.get("/dep")
+
+    async def main() -> list[httpx.Response]:
+        # The first request makes the route known to the middleware.
+        return [await get(app), await get(outer)]
+
+    first, failed = asyncio.run(main())
+    assert first.status_code == 200
+    assert rate_headers(first)["x-ratelimit-limit"] == "5"
+    assert failed.status_code == 200
+    # The default was not decided; the dependency's limit was, second hit.
+    assert rate_headers(failed)["x-ratelimit-limit"] == "10"
+    assert rate_headers(failed)["x-ratelimit-remaining"] == "8"
