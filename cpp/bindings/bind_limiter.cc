@@ -1127,18 +1127,7 @@ PyType_Spec kHeaderSendSpec = {
 // send the application is to get: `send` itself with headers off, else a
 // HeaderSend of spec's send spec, the state marked as the middleware's to
 // add them to. False and None as decide_scope.
-PyObject* MwDecide(PyObject* /*module*/, PyObject* const* args,
-                   Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "mw_decide(scope, spec, send) takes exactly 3 positional "
-                    "arguments");
-    return nullptr;
-  }
-  PyObject* const scope = args[0];
-  PyObject* const spec = args[1];
-  PyObject* const send = args[2];
+PyObject* MwDecideWith(PyObject* scope, PyObject* spec, PyObject* send) {
   PyObject* const view = DecideScopeFor(scope, spec);
   if (view == nullptr || view == Py_None || view == Py_False) return view;
   Py_DECREF(view);  // the state holds it
@@ -1165,6 +1154,178 @@ PyObject* MwDecide(PyObject* /*module*/, PyObject* const* args,
   PyObject* const out =
       rc == 0 ? NewHeaderSend(send, state, send_spec) : nullptr;
   Py_DECREF(state);
+  return out;
+}
+
+PyObject* MwDecide(PyObject* /*module*/, PyObject* const* args,
+                   Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "mw_decide(scope, spec, send) takes exactly 3 positional "
+                    "arguments");
+    return nullptr;
+  }
+  return MwDecideWith(args[0], args[1], args[2]);
+}
+
+// mw_route's `routes`: the middleware's view of its application
+// (SlowAPIASGIMiddleware._fast_state), remade whenever one changes.
+enum RouteField : Py_ssize_t {
+  kRouteApp,          // the application the middleware wraps
+  kRouteRoutesApp,    // the application whose routes are cached
+  kRouteLimiter,      // the limiter= argument, or None
+  kRouteStateValues,  // app.state's dict, or None
+  kRouteStateObject,  // app.state
+  kRouteRoutes,       // the application's route list, or None
+  kRouteRoutesLen,    // its length when the endpoint cache was made
+  kRouteRouters,      // ((included router, its _routes_version), ...)
+  kRouteEndpoints,    // {(type, method, root_path, path): (endpoint, ...)}
+  kRouteFields
+};
+
+PyObject* g_str_http = nullptr;
+PyObject* g_str_app = nullptr;
+PyObject* g_str_method = nullptr;
+PyObject* g_str_root_path = nullptr;
+PyObject* g_str_empty = nullptr;
+PyObject* g_str_limiter = nullptr;
+PyObject* g_str_endpoint_plans = nullptr;
+PyObject* g_str_fast = nullptr;
+PyObject* g_str_routes_version = nullptr;
+
+// scope[key] (borrowed), or `fallback` when it is missing; null on error.
+PyObject* ScopeGet(PyObject* scope, PyObject* key, PyObject* fallback) {
+  PyObject* const value = PyDict_GetItemWithError(scope, key);
+  if (value == nullptr && !PyErr_Occurred()) return fallback;
+  return value;
+}
+
+// Whether an included router got routes since the cache was made
+// (getattr(router, "_routes_version", 0) != version); -1 on error.
+int RoutersChanged(PyObject* routers) {
+  if (!PyTuple_CheckExact(routers)) return -1;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(routers); ++i) {
+    PyObject* const entry = PyTuple_GET_ITEM(routers, i);
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) return -1;
+    PyObject* now =
+        PyObject_GetAttr(PyTuple_GET_ITEM(entry, 0), g_str_routes_version);
+    if (now == nullptr) {
+      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+      PyErr_Clear();
+      now = PyLong_FromLong(0);
+      if (now == nullptr) return -1;
+    }
+    const int same =
+        PyObject_RichCompareBool(now, PyTuple_GET_ITEM(entry, 1), Py_EQ);
+    Py_DECREF(now);
+    if (same != 1) return same < 0 ? -1 : 1;
+  }
+  return 0;
+}
+
+// The mw_decide spec of the route `scope` asks for (a new reference), as
+// SlowAPIASGIMiddleware's Python lookup finds it; null, with no error set,
+// whenever that lookup would find none or anything is unusual: the
+// caller's Python path then looks again and decides.
+PyObject* RouteSpec(PyObject* scope, PyObject* routes_state) {
+  PyObject* const type = PyDict_GetItemWithError(scope, g_str_type);
+  if (type == nullptr || !PyUnicode_CheckExact(type) ||
+      (type != g_str_http && PyUnicode_Compare(type, g_str_http) != 0)) {
+    return nullptr;
+  }
+  PyObject* const* const st = &PyTuple_GET_ITEM(routes_state, 0);
+  PyObject* app = ScopeGet(scope, g_str_app, Py_None);
+  if (app == nullptr) return nullptr;
+  if (app == Py_None) app = st[kRouteApp];
+  if (app != st[kRouteRoutesApp]) return nullptr;
+  PyObject* limiter = st[kRouteLimiter];
+  if (limiter == Py_None) {
+    PyObject* const values = st[kRouteStateValues];
+    if (!PyDict_CheckExact(values)) return nullptr;
+    PyObject* const state = PyObject_GetAttr(app, g_str_state);
+    if (state == nullptr) return nullptr;
+    Py_DECREF(state);  // compared by identity only
+    if (state != st[kRouteStateObject]) return nullptr;
+    limiter = PyDict_GetItemWithError(values, g_str_limiter);
+    if (limiter == nullptr || limiter == Py_None) return nullptr;
+  }
+  PyObject* const routes = st[kRouteRoutes];
+  if (!PyList_CheckExact(routes) || !PyLong_CheckExact(st[kRouteRoutesLen]) ||
+      PyList_GET_SIZE(routes) != PyLong_AsSsize_t(st[kRouteRoutesLen])) {
+    return nullptr;
+  }
+  if (RoutersChanged(st[kRouteRouters]) != 0) return nullptr;
+  PyObject* const method = ScopeGet(scope, g_str_method, Py_None);
+  PyObject* const root_path = ScopeGet(scope, g_str_root_path, g_str_empty);
+  PyObject* const path = PyDict_GetItemWithError(scope, g_str_path);
+  PyObject* const endpoints = st[kRouteEndpoints];
+  if (method == nullptr || root_path == nullptr || path == nullptr ||
+      !PyDict_CheckExact(endpoints)) {
+    return nullptr;
+  }
+  PyObject* const key = PyTuple_Pack(4, type, method, root_path, path);
+  if (key == nullptr) return nullptr;
+  PyObject* const found = PyDict_GetItemWithError(endpoints, key);
+  Py_DECREF(key);
+  if (found == nullptr || !PyTuple_CheckExact(found) ||
+      PyTuple_GET_SIZE(found) != 2) {
+    return nullptr;
+  }
+  // Ours: the lookups below can run code that drops the borrowed ones.
+  Py_INCREF(found);
+  Py_INCREF(limiter);
+  PyObject* const plans = PyObject_GetAttr(limiter, g_str_endpoint_plans);
+  PyObject* spec = nullptr;
+  if (plans != nullptr && PyDict_CheckExact(plans)) {
+    PyObject* const plan =
+        PyDict_GetItemWithError(plans, PyTuple_GET_ITEM(found, 0));
+    if (plan != nullptr) {
+      spec = PyObject_GetAttr(plan, g_str_fast);
+      if (spec != nullptr && (!PyTuple_CheckExact(spec) ||
+                              PyTuple_GET_SIZE(spec) != kSpecFields)) {
+        Py_CLEAR(spec);  // not worked out yet, or the general path's
+      }
+    }
+  }
+  Py_XDECREF(plans);
+  Py_DECREF(limiter);
+  Py_DECREF(found);
+  return spec;
+}
+
+// mw_route(scope, send, routes) -> send | False | None
+//
+// SlowAPIASGIMiddleware's usual request in one call: finds the route's
+// mw_decide spec as the middleware's Python lookup would (routes:
+// RouteField), then decides as mw_decide. None, having changed nothing,
+// when the lookup finds no spec (the middleware's Python path looks again
+// and takes it from there); False when the request is rejected; errors of
+// the decision are raised after the state was marked.
+PyObject* MwRoute(PyObject* /*module*/, PyObject* const* args,
+                  Py_ssize_t nargsf, PyObject* kwnames) {
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "mw_route(scope, send, routes) takes exactly 3 positional "
+                    "arguments");
+    return nullptr;
+  }
+  PyObject* const scope = args[0];
+  PyObject* const routes_state = args[2];
+  if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(routes_state) ||
+      PyTuple_GET_SIZE(routes_state) != kRouteFields) {
+    Py_RETURN_NONE;
+  }
+  Py_INCREF(routes_state);
+  PyObject* const spec = RouteSpec(scope, routes_state);
+  Py_DECREF(routes_state);
+  if (spec == nullptr) {
+    PyErr_Clear();  // the Python path looks again, and raises what it must
+    Py_RETURN_NONE;
+  }
+  PyObject* const out = MwDecideWith(scope, spec, args[1]);
+  Py_DECREF(spec);
   return out;
 }
 
@@ -1272,6 +1433,15 @@ PyMethodDef kMwDecideDef = {
     "to give the application (a HeaderSend adding the rate-limit headers "
     "when they are on). False when it is rejected, None when the request "
     "needs the general path (see rapidlimit.middleware)."};
+
+PyMethodDef kMwRouteDef = {
+    "mw_route",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(MwRoute)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "mw_route(scope, send, routes) -> send | False | None\n\n"
+    "The middleware's usual request in one call: the route's mw_decide spec "
+    "found from `routes` (SlowAPIASGIMiddleware._fast_state), then "
+    "mw_decide. None when the lookup finds no spec (nothing was changed)."};
 
 PyMethodDef kFastMethods[] = {
     {"hit",
@@ -1474,6 +1644,15 @@ void BindLimiter(py::module_& m) {
   g_str_localhost = PyUnicode_InternFromString("127.0.0.1");
   g_str_raw_headers = PyUnicode_InternFromString("raw_headers");
   g_str_type = PyUnicode_InternFromString("type");
+  g_str_http = PyUnicode_InternFromString("http");
+  g_str_app = PyUnicode_InternFromString("app");
+  g_str_method = PyUnicode_InternFromString("method");
+  g_str_root_path = PyUnicode_InternFromString("root_path");
+  g_str_empty = PyUnicode_InternFromString("");
+  g_str_limiter = PyUnicode_InternFromString("limiter");
+  g_str_endpoint_plans = PyUnicode_InternFromString("_endpoint_plans");
+  g_str_fast = PyUnicode_InternFromString("fast");
+  g_str_routes_version = PyUnicode_InternFromString("_routes_version");
   g_str_headers = PyUnicode_InternFromString("headers");
   g_str_time = PyUnicode_InternFromString("time");
   {
@@ -1640,6 +1819,10 @@ void BindLimiter(py::module_& m) {
       PyCFunction_NewEx(&kMwDecideDef, nullptr, m.attr("__name__").ptr());
   if (mw_decide == nullptr) throw py::error_already_set();
   m.add_object("mw_decide", py::reinterpret_steal<py::object>(mw_decide));
+  PyObject* mw_route =
+      PyCFunction_NewEx(&kMwRouteDef, nullptr, m.attr("__name__").ptr());
+  if (mw_route == nullptr) throw py::error_already_set();
+  m.add_object("mw_route", py::reinterpret_steal<py::object>(mw_route));
   PyObject* header_send = PyType_FromSpec(&kHeaderSendSpec);
   if (header_send == nullptr) throw py::error_already_set();
   g_header_send_type = reinterpret_cast<PyTypeObject*>(header_send);

@@ -568,6 +568,23 @@ def mw_decide(
     ``state[mark_key] = mark_value``. False when the request is rejected,
     None when it needs the general path, as decide_scope."""
 
+def mw_route(
+    scope: MutableMapping[str, Any], send: Any, routes: tuple[Any, ...], /
+) -> Any:
+    """SlowAPIASGIMiddleware's usual request in one call. ``routes`` is
+    ``(app, routes_app, limiter, state_values, state_object, routes,
+    routes_len, routers, endpoints)`` (``SlowAPIASGIMiddleware._fast_state``):
+    for an HTTP scope whose ``app`` (or ``app`` when it has none) is
+    ``routes_app`` and whose route is in ``endpoints`` under ``(type,
+    method, root_path, path)``, while ``routes`` keeps ``routes_len`` items
+    and no router of ``routers`` has a new ``_routes_version``, the plan
+    ``limiter._endpoint_plans[endpoint]`` (``limiter`` or
+    ``state_values["limiter"]`` while ``app.state`` is ``state_object``)
+    is looked up, and its ``fast`` spec, when it is one, is given to
+    :func:`mw_decide`, whose result is returned. None, having changed
+    nothing, when any of that fails: the caller's Python path looks again.
+    Errors of the decision are raised after the state was marked."""
+
 class HeaderSend:
     """An ASGI ``send`` that adds the rate-limit headers of the request's
     view, ``state[view_key]`` read when the response starts, to the

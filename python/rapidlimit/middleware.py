@@ -35,7 +35,9 @@ from starlette.websockets import WebSocket
 from rapidlimit._core import HeaderSend as _HeaderSend
 from rapidlimit._core import decide_scope as _decide_scope
 from rapidlimit._core import mw_decide as _mw_decide
+from rapidlimit._core import mw_route as _mw_route
 from rapidlimit.extension import (
+    _BY,
     _DEPENDS_ATTR,
     _UNSET,
     _VIEW,
@@ -218,6 +220,23 @@ class SlowAPIASGIMiddleware:
         # app.state and its dict (starlette's State keeps values in _state).
         self._state_object: Any = _MISSING
         self._state_values: dict[str, Any] | None = None
+        self._fast_state: tuple[Any, ...] = ()
+        self._sync_fast()
+
+    def _sync_fast(self) -> None:
+        """mw_route's copy of what the route lookup reads (its RouteField
+        order), remade whenever one of them changes."""
+        self._fast_state = (
+            self.app,
+            self._routes_app,
+            self._limiter,
+            self._state_values,
+            self._state_object,
+            self._routes,
+            self._routes_len,
+            self._routers,
+            self._endpoints,
+        )
 
     def _endpoint(self, app: Any, scope: Scope) -> tuple[Any, Any]:
         """(endpoint or None, whether its route has depends() limits)."""
@@ -225,6 +244,7 @@ class SlowAPIASGIMiddleware:
             self._routes_app = app
             self._routes = getattr(app, "routes", None)
             self._routes_len = -1
+            self._sync_fast()
         routes = self._routes
         if routes is None:
             return None, ()
@@ -237,6 +257,7 @@ class SlowAPIASGIMiddleware:
             self._routers = (
                 _included_routers(routes) if _iter_route_contexts is not None else ()
             )
+            self._sync_fast()
         key = (
             scope["type"],
             scope.get("method"),
@@ -259,57 +280,93 @@ class SlowAPIASGIMiddleware:
         # coroutine of ours around the app cost every request as much as a
         # pass-through middleware. (Marked below as a coroutine function
         # for servers that look, such as uvicorn's ASGI 2/3 guess.)
-        if scope["type"] == "http":
-            app = scope.get("app")
-            if app is None:  # served around the application, not inside it
-                app = self.app
-            if app is self._routes_app:
-                # An HTTP route seen before whose plan is one limit keyed
-                # by the peer's address, memory store: one core call that
-                # also wraps send for the headers. Anything else goes to
-                # the general path, nothing changed.
-                limiter = self._limiter
-                values = self._state_values
-                if (
-                    limiter is None
-                    and values is not None
-                    and getattr(app, "state", None) is self._state_object
-                ):
-                    limiter = values.get("limiter")
-                routes = self._routes
-                if (
-                    limiter is not None
-                    and routes is not None
-                    and len(routes) == self._routes_len
-                    and (not self._routers or not _changed(self._routers))
-                ):
-                    found = self._endpoints.get(
-                        (
-                            "http",
-                            scope.get("method"),
-                            scope.get("root_path", ""),
-                            scope["path"],
-                        )
+        #
+        # The usual request (an HTTP route seen before whose plan is one
+        # limit keyed by the peer's address, memory store) is one core call
+        # that finds the route's plan as _lookup does, decides, and wraps
+        # send for the headers. None: it found no plan it can decide, and
+        # changed nothing.
+        try:
+            wrapped = _mw_route(scope, send, self._fast_state)
+        except Exception as exc:  # the decision's: the state is marked
+            return self._decision_failed(scope, receive, send, exc)
+        if wrapped is None:
+            return self._looked_up(scope, receive, send)
+        if wrapped is False:  # rejected by the limiter the state names
+            state = scope["state"]
+            return self._not_allowed(scope, receive, send, state[_BY], None, False)
+        return self.app(scope, receive, wrapped)
+
+    def _lookup(self, scope: Scope) -> tuple[Limiter, tuple[Any, Any], Any] | None:
+        """(limiter, (endpoint, has depends()), plan) of an HTTP route this
+        middleware has seen, from its caches; None for anything else (the
+        general path then finds them, and fills the caches)."""
+        if scope["type"] != "http":
+            return None
+        app = scope.get("app")
+        if app is None:  # served around the application, not inside it
+            app = self.app
+        if app is not self._routes_app:
+            return None
+        limiter = self._limiter
+        values = self._state_values
+        if (
+            limiter is None
+            and values is not None
+            and getattr(app, "state", None) is self._state_object
+        ):
+            limiter = values.get("limiter")
+        routes = self._routes
+        if (
+            limiter is None
+            or routes is None
+            or len(routes) != self._routes_len
+            or (self._routers and _changed(self._routers))
+        ):
+            return None
+        found = self._endpoints.get(
+            ("http", scope.get("method"), scope.get("root_path", ""), scope["path"])
+        )
+        plan = limiter._endpoint_plans.get(found[0]) if found else None
+        if plan is None:
+            return None
+        assert found is not None
+        return limiter, found, plan
+
+    def _looked_up(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The usual request when mw_route could not take it: the plan's
+        spec is worked out first (or the plan is the general path's)."""
+        looked = self._lookup(scope)
+        if looked is not None:
+            limiter, found, plan = looked
+            spec = plan.fast
+            if spec is _UNSET:
+                spec = plan.fast = _middleware_spec(limiter, plan)
+            if spec is not None:
+                try:
+                    wrapped = _mw_decide(scope, spec, send)
+                except Exception as exc:  # the state is marked
+                    conn = _make_request(scope, receive, send)
+                    wrapped = limiter._failed_in_endpoint(exc, conn, plan)
+                if wrapped is False or type(wrapped) is tuple:
+                    return self._not_allowed(
+                        scope, receive, send, limiter, found, wrapped
                     )
-                    plan = limiter._endpoint_plans.get(found[0]) if found else None
-                    if plan is not None:
-                        spec = plan.fast
-                        if spec is _UNSET:
-                            spec = plan.fast = _middleware_spec(limiter, plan)
-                        if spec is not None:
-                            try:
-                                wrapped = _mw_decide(scope, spec, send)
-                            except Exception as exc:  # the state is marked
-                                conn = _make_request(scope, receive, send)
-                                wrapped = limiter._failed_in_endpoint(exc, conn, plan)
-                            if wrapped is False or type(wrapped) is tuple:
-                                assert found is not None
-                                return self._not_allowed(
-                                    scope, receive, send, limiter, found, wrapped
-                                )
-                            if wrapped is not None:
-                                return self.app(scope, receive, wrapped)
+                if wrapped is not None:
+                    return self.app(scope, receive, wrapped)
         return self._general(scope, receive, send)
+
+    def _decision_failed(
+        self, scope: Scope, receive: Receive, send: Send, exc: Exception
+    ) -> Awaitable[None]:
+        """An error of mw_route's decision: the limiter's error policy."""
+        looked = self._lookup(scope)
+        if looked is None:  # mw_route found them: nothing can have changed
+            raise exc
+        limiter, found, plan = looked
+        conn = _make_request(scope, receive, send)
+        outcome = limiter._failed_in_endpoint(exc, conn, plan)
+        return self._not_allowed(scope, receive, send, limiter, found, outcome)
 
     # asyncio's mark (Python < 3.12 and asyncio.iscoroutinefunction) and
     # inspect's (3.12+).
@@ -323,10 +380,11 @@ class SlowAPIASGIMiddleware:
         receive: Receive,
         send: Send,
         limiter: Limiter,
-        found: tuple[Any, Any],
+        found: tuple[Any, Any] | None,
         outcome: Any,
     ) -> None:
-        """mw_decide's rejection (False) or a storage failure's outcome."""
+        """mw_decide's rejection (False) or a storage failure's outcome
+        (``found`` is needed for the latter only)."""
         state = scope["state"]
         if outcome is False:
             failed = limiter._rejected_by_core(state[_VIEW])
@@ -335,7 +393,9 @@ class SlowAPIASGIMiddleware:
         if failed is not None:
             await limiter._send_rejection(scope, receive, send, failed, state)
             return
-        if limiter._headers_enabled and (found[1] or state.get(_VIEW) is not None):
+        if limiter._headers_enabled and (
+            (found is not None and found[1]) or state.get(_VIEW) is not None
+        ):
             send = self._with_headers(limiter, state, send)
         await self.app(scope, receive, send)
 
@@ -354,6 +414,7 @@ class SlowAPIASGIMiddleware:
                 self._state_object = state_object
                 values = getattr(state_object, "_state", None)
                 self._state_values = values if isinstance(values, dict) else None
+                self._sync_fast()
             if self._state_values is not None:
                 limiter = self._state_values.get("limiter")
             else:

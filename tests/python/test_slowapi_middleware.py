@@ -882,3 +882,88 @@ def test_served_by_uvicorn_as_the_top_application(middleware: type) -> None:
     assert rate_headers(second)["x-ratelimit-remaining"] == "0"
     assert "retry-after" in rate_headers(third)
     assert "2 per 1 minute" in third.text
+
+
+# --------------------------------------------------------------------------
+# the core's lookup of the usual request (mw_route)
+
+
+def test_mw_route_decides_only_what_the_python_lookup_would() -> None:
+    """mw_route takes a request only while the middleware's caches say
+    what its Python lookup would find; anything changed sends the request
+    back to the Python path with nothing written."""
+    from fastapi.routing import APIRoute
+    from starlette.datastructures import State
+
+    from rapidlimit import _core
+
+    limiter = Limiter(
+        key_func=get_remote_address, default_limits=["2/minute"], headers_enabled=True
+    )
+    inner = make_app("fastapi", limiter, middleware=SlowAPIASGIMiddleware, routes=[])
+    inner.user_middleware.clear()
+    inner.add_api_route("/a", text_view("a"))
+    mw = SlowAPIASGIMiddleware(inner)
+
+    def scope(path: str = "/a", **changes: Any) -> dict[str, Any]:
+        made = {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "root_path": "",
+            "client": ("10.1.1.1", 1),
+            "headers": [],
+            "query_string": b"",
+        }
+        made.update(changes)
+        return made
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    # The first request fills the caches (the Python path) and is counted.
+    asyncio.run(mw(scope(client=("10.9.9.9", 1)), receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 200
+    fast = mw._fast_state
+    wrapped = _core.mw_route(scope(), send, fast)
+    assert type(wrapped) is _core.HeaderSend
+    assert _core.mw_route(scope(), send, fast) is not None  # the 2nd hit
+    rejected = scope()
+    assert _core.mw_route(rejected, send, fast) is False
+    assert rejected["state"]["view_rate_limit"] is not None
+
+    untouched = [
+        (scope(type="websocket"), fast),
+        (scope(app=object()), fast),
+        (scope("/unseen"), fast),
+        (scope(method="POST"), fast),
+        (scope(), fast[:-1]),
+    ]
+    for odd, routes in untouched:
+        assert _core.mw_route(odd, send, routes) is None
+        assert "state" not in odd
+    # A route added, the limiter replaced or removed, a new app.state.
+    inner.router.routes.append(APIRoute("/b", text_view("b")))
+    odd = scope()
+    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    inner.router.routes.pop()
+    assert _core.mw_route(scope(client=("10.2.2.2", 1)), send, mw._fast_state)
+    inner.state.limiter = Limiter(key_func=get_remote_address)
+    odd = scope(client=("10.3.3.3", 1))
+    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    del inner.state.limiter
+    odd = scope(client=("10.3.3.3", 1))
+    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    inner.state.limiter = limiter
+    assert _core.mw_route(scope(client=("10.6.6.6", 1)), send, mw._fast_state)
+    inner.state = State({"limiter": limiter})  # the old one keeps its limiter
+    odd = scope(client=("10.3.3.3", 1))
+    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    # The Python path takes those, and mw_route again once it has seen them.
+    asyncio.run(mw(scope(client=("10.4.4.4", 1)), receive, send))  # type: ignore[arg-type]
+    assert _core.mw_route(scope(client=("10.5.5.5", 1)), send, mw._fast_state)
