@@ -354,6 +354,10 @@ class SlowAPIASGIMiddleware:
                     )
                 if wrapped is not None:
                     return self.app(scope, receive, wrapped)
+            elif limiter.enabled and limiter._auto_check:  # e.g. on Redis
+                return self._checked(
+                    scope, receive, send, "http", limiter, found[1], plan
+                )
         return self._general(scope, receive, send)
 
     def _decision_failed(
@@ -399,14 +403,15 @@ class SlowAPIASGIMiddleware:
             send = self._with_headers(limiter, state, send)
         await self.app(scope, receive, send)
 
-    async def _general(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _general(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Finds the request's limiter, endpoint and plan (filling the
+        caches), then :meth:`_checked`."""
         kind = scope["type"]
         app = scope.get("app")
         if app is None:
             app = self.app
         if kind != "http" and kind != "websocket":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         limiter = self._limiter
         if limiter is None:
             state_object = getattr(app, "state", None)
@@ -420,15 +425,27 @@ class SlowAPIASGIMiddleware:
             else:
                 limiter = _app_limiter(app)
         if limiter is None or not limiter.enabled or not limiter._auto_check:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         endpoint, has_depends = self._endpoint(app, scope)
         if endpoint is None:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         plan = limiter._endpoint_plans.get(endpoint)
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
+        return self._checked(scope, receive, send, kind, limiter, has_depends, plan)
+
+    async def _checked(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        kind: str,
+        limiter: Limiter,
+        has_depends: Any,
+        plan: Any,
+    ) -> None:
+        """Checks ``plan``'s limits for the request and runs the app, or
+        answers 429."""
         if plan.exempt:
             if has_depends and kind == "http" and limiter._headers_enabled:
                 # Its depends() limits still apply, and their headers.
