@@ -60,6 +60,19 @@ LimiterHandle* SelfHandle(PyObject* self) {
   return static_cast<LimiterHandle*>(value);
 }
 
+// Whether a METH_FASTCALL call passed exactly `n` positional arguments
+// and no keywords; else a TypeError naming `signature` is set.
+bool ExactlyPositional(Py_ssize_t nargsf, PyObject* kwnames, Py_ssize_t n,
+                       const char* signature) {
+  if (PyVectorcall_NARGS(nargsf) == n &&
+      (kwnames == nullptr || PyTuple_GET_SIZE(kwnames) == 0)) {
+    return true;
+  }
+  PyErr_Format(PyExc_TypeError, "%s takes exactly %zd positional arguments",
+               signature, n);
+  return false;
+}
+
 // The key's bytes for a store that takes no fingerprints, valid until the
 // thread's next call here.
 bool SetKeyBytes(const ItemHandle& item, PyObject* const* ids, size_t n,
@@ -592,13 +605,9 @@ PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
 //   -> (allowed, limit, remaining, reset_time, retry_after, headers)
 PyObject* DecideHeaders(PyObject* self, PyObject* const* args,
                         Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 5 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "decide_headers(item, identity, cost, now, names) takes "
-                    "exactly 5 positional arguments");
+  if (!ExactlyPositional(nargsf, kwnames, 5,
+                         "decide_headers(item, identity, cost, now, names)"))
     return nullptr;
-  }
   auto* limiter = SelfHandle(self);
   if (limiter == nullptr) return nullptr;
   auto* names = static_cast<HeaderNamesHandle*>(
@@ -660,13 +669,10 @@ const HeaderNamesHandle* ViewNames(PyObject* obj, const char* caller) {
 // cost more than the decision.
 PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
                      PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 8 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "decide_view(item, key, scope, cost, now, names, limit, "
-                    "prefix) takes exactly 8 positional arguments");
+  if (!ExactlyPositional(
+          nargsf, kwnames, 8,
+          "decide_view(item, key, scope, cost, now, names, limit, prefix)"))
     return nullptr;
-  }
   auto* limiter = SelfHandle(self);
   if (limiter == nullptr) return nullptr;
   const HeaderNamesHandle* names = ViewNames(args[5], "decide_view");
@@ -868,13 +874,8 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec) {
 
 PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
                       Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 2 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "decide_scope(scope, spec) takes exactly 2 positional "
-                    "arguments");
+  if (!ExactlyPositional(nargsf, kwnames, 2, "decide_scope(scope, spec)"))
     return nullptr;
-  }
   return DecideScopeFor(args[0], args[1]);
 }
 
@@ -1159,13 +1160,8 @@ PyObject* MwDecideWith(PyObject* scope, PyObject* spec, PyObject* send) {
 
 PyObject* MwDecide(PyObject* /*module*/, PyObject* const* args,
                    Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "mw_decide(scope, spec, send) takes exactly 3 positional "
-                    "arguments");
+  if (!ExactlyPositional(nargsf, kwnames, 3, "mw_decide(scope, spec, send)"))
     return nullptr;
-  }
   return MwDecideWith(args[0], args[1], args[2]);
 }
 
@@ -1304,13 +1300,8 @@ PyObject* RouteSpec(PyObject* scope, PyObject* routes_state) {
 // the decision are raised after the state was marked.
 PyObject* MwRoute(PyObject* /*module*/, PyObject* const* args,
                   Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "mw_route(scope, send, routes) takes exactly 3 positional "
-                    "arguments");
+  if (!ExactlyPositional(nargsf, kwnames, 3, "mw_route(scope, send, routes)"))
     return nullptr;
-  }
   PyObject* const scope = args[0];
   PyObject* const routes_state = args[2];
   if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(routes_state) ||
@@ -1357,13 +1348,9 @@ int IsInstance(PyObject* obj, PyObject* type) {
 // goes to spec's merge_fallback(carrier, view), in Python.
 PyObject* MergeHeaders(PyObject* /*module*/, PyObject* const* args,
                        Py_ssize_t nargsf, PyObject* kwnames) {
-  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-  if (nargs != 4 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "merge_headers(returned, response, view, spec) takes "
-                    "exactly 4 positional arguments");
+  if (!ExactlyPositional(nargsf, kwnames, 4,
+                         "merge_headers(returned, response, view, spec)"))
     return nullptr;
-  }
   PyObject* const spec = args[3];
   if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != kSpecFields) {
     PyErr_SetString(PyExc_TypeError, "merge_headers: spec is not a route spec");

@@ -33,7 +33,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from rapidlimit._core import HeaderSend as _HeaderSend
-from rapidlimit._core import decide_scope as _decide_scope
 from rapidlimit._core import mw_decide as _mw_decide
 from rapidlimit._core import mw_route as _mw_route
 from rapidlimit.extension import (
@@ -339,26 +338,37 @@ class SlowAPIASGIMiddleware:
         looked = self._lookup(scope)
         if looked is not None:
             limiter, found, plan = looked
-            spec = plan.fast
-            if spec is _UNSET:
-                spec = plan.fast = _middleware_spec(limiter, plan)
-            if spec is not None:
-                try:
-                    wrapped = _mw_decide(scope, spec, send)
-                except Exception as exc:  # the state is marked
-                    conn = _make_request(scope, receive, send)
-                    wrapped = limiter._failed_in_endpoint(exc, conn, plan)
-                if wrapped is False or type(wrapped) is tuple:
-                    return self._not_allowed(
-                        scope, receive, send, limiter, found, wrapped
-                    )
-                if wrapped is not None:
-                    return self.app(scope, receive, wrapped)
-            elif limiter.enabled and limiter._auto_check:  # e.g. on Redis
-                return self._checked(
-                    scope, receive, send, "http", limiter, found[1], plan
-                )
+            if limiter.enabled and limiter._auto_check:
+                return self._decided(scope, receive, send, limiter, found, plan)
         return self._general(scope, receive, send)
+
+    def _decided(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        limiter: Limiter,
+        found: tuple[Any, Any],
+        plan: Any,
+    ) -> Awaitable[None]:
+        """An HTTP request's check once its plan is known: mw_decide when
+        the plan has a spec (worked out on first use), else (or when
+        mw_decide declines, having changed nothing) :meth:`_checked`."""
+        spec = plan.fast
+        if spec is _UNSET:
+            spec = plan.fast = _middleware_spec(limiter, plan)
+        if spec is not None:
+            try:
+                wrapped = _mw_decide(scope, spec, send)
+            except Exception as exc:  # the state is marked
+                return self._after_error(
+                    scope, receive, send, limiter, found, plan, exc
+                )
+            if wrapped is False or type(wrapped) is tuple:
+                return self._not_allowed(scope, receive, send, limiter, found, wrapped)
+            if wrapped is not None:
+                return self.app(scope, receive, wrapped)
+        return self._checked(scope, receive, send, "http", limiter, found[1], plan)
 
     def _decision_failed(
         self, scope: Scope, receive: Receive, send: Send, exc: Exception
@@ -368,6 +378,20 @@ class SlowAPIASGIMiddleware:
         if looked is None:  # mw_route found them: nothing can have changed
             raise exc
         limiter, found, plan = looked
+        return self._after_error(scope, receive, send, limiter, found, plan, exc)
+
+    def _after_error(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        limiter: Limiter,
+        found: tuple[Any, Any],
+        plan: Any,
+        exc: Exception,
+    ) -> Awaitable[None]:
+        """An error of the core's decision (the state is marked already):
+        the limiter's error policy, then the outcome it chose."""
         conn = _make_request(scope, receive, send)
         outcome = limiter._failed_in_endpoint(exc, conn, plan)
         return self._not_allowed(scope, receive, send, limiter, found, outcome)
@@ -432,6 +456,10 @@ class SlowAPIASGIMiddleware:
         plan = limiter._endpoint_plans.get(endpoint)
         if plan is None:
             plan = limiter._plan_for_endpoint(endpoint)
+        if kind == "http":
+            return self._decided(
+                scope, receive, send, limiter, (endpoint, has_depends), plan
+            )
         return self._checked(scope, receive, send, kind, limiter, has_depends, plan)
 
     async def _checked(
@@ -480,26 +508,8 @@ class SlowAPIASGIMiddleware:
                 else:
                     conn = WebSocket(scope, receive, send)
                 failed = await limiter._check_async(conn, plan, state)
-        elif kind == "http":
-            # The usual plan in one core call, as the decorator does.
-            spec = plan.fast
-            if spec is _UNSET:
-                spec = plan.fast = _middleware_spec(limiter, plan)
-            view = None
-            if spec is not None:
-                try:
-                    view = _decide_scope(scope, spec)
-                except Exception as exc:  # the state is marked already
-                    conn = _make_request(scope, receive, send)
-                    view = limiter._failed_in_endpoint(exc, conn, plan)
-            if view is None:
-                failed = limiter._check_http(scope, receive, send, plan, state)
-            elif view is False:
-                failed = limiter._rejected_by_core(state[_VIEW])
-            elif type(view) is tuple:  # the storage failed: (outcome,)
-                failed = view[0]
-            else:
-                failed = None
+        elif kind == "http":  # _decided offered the plan to mw_decide first
+            failed = limiter._check_http(scope, receive, send, plan, state)
         else:
             failed = limiter._check(WebSocket(scope, receive, send), plan, state)
         if failed is not None:
