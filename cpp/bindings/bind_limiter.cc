@@ -733,7 +733,7 @@ enum SendField : Py_ssize_t {
   kSendFields
 };
 
-// decide_scope(scope, spec) -> view | False | None
+// decide_scope(scope, spec[, conn]) -> view | False | RedisWaiter | None
 //
 // The decorator's whole check of one simple limit keyed by the peer's
 // address (get_remote_address), from the ASGI scope: what the wrapper did
@@ -749,7 +749,16 @@ enum SendField : Py_ssize_t {
 // RateLimiter): the caller's general path then handles the request.
 // Errors of the decision itself are raised after the state was marked, as
 // the general path would have it.
-PyObject* DecideScopeFor(PyObject* scope, PyObject* spec) {
+//
+// On a RedisStorage the decision is awaited: given the request `conn`
+// (decide_scope's third argument) and a running asyncio loop, the check is
+// RedisStorage.decide_view_async's with its five extra arguments (state,
+// view_key, by, conn, plan) and its waiter is returned, which resolves to
+// the view of an allowed request and otherwise to what by's
+// _finish_endpoint makes of it. Without `conn` (the middlewares), or
+// without an asyncio loop (trio), None.
+PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
+                         PyObject* conn = nullptr) {
   if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(spec) ||
       PyTuple_GET_SIZE(spec) != kSpecFields) {
     Py_RETURN_NONE;
@@ -829,6 +838,15 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec) {
   if (has_prefix < 0) return nullptr;
   auto* limiter = SelfHandle(core);
   if (limiter == nullptr) return nullptr;
+  PyObject* loop = nullptr;  // a RedisStorage's: the loop that awaits
+  if (IsRedisStorage(limiter->storage.ptr())) {
+    if (conn == nullptr) Py_RETURN_NONE;
+    loop = RunningAsyncioLoop();
+    if (loop == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NONE;
+    }
+  }
 
   // References of our own: the writes below may run arbitrary code
   // (__eq__ of a key already in the state) that could drop the scope's.
@@ -844,6 +862,32 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec) {
   PyObject* const marked = PyDict_SetDefault(state, done_key, Py_True);
   const bool checked_before =
       marked != nullptr && PyDict_GET_SIZE(state) == size;
+  if (loop != nullptr) {
+    PyObject* waiter = nullptr;
+    double now_seconds;
+    int64_t now;
+    if (marked != nullptr && !checked_before &&
+        PyDict_SetItem(state, by_key, by) == 0 &&
+        NowFromTimeModule(&now_seconds, &now)) {
+      // decide_view_async's arguments; `now` (None) is read above.
+      PyObject* const args[14] = {core,      item,
+                                  key,       name,
+                                  cost,      Py_None,
+                                  names_obj, limit,
+                                  prefix,    state,
+                                  view_key,  by,
+                                  conn,      PyTuple_GET_ITEM(spec, kSpecPlan)};
+      waiter = DecideViewWaiter(limiter->storage.ptr(), loop, args, now_seconds,
+                                now);
+    } else {
+      Py_DECREF(loop);
+    }
+    Py_DECREF(name);
+    Py_DECREF(key);
+    Py_DECREF(state);
+    if (checked_before) Py_RETURN_NONE;
+    return waiter;
+  }
   if (marked != nullptr && !checked_before &&
       PyDict_SetItem(state, by_key, by) == 0) {
     PyObject* const with_prefix[3] = {prefix, key, name};
@@ -874,9 +918,15 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec) {
 
 PyObject* DecideScope(PyObject* /*module*/, PyObject* const* args,
                       Py_ssize_t nargsf, PyObject* kwnames) {
-  if (!ExactlyPositional(nargsf, kwnames, 2, "decide_scope(scope, spec)"))
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  if ((nargs != 2 && nargs != 3) ||
+      (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "decide_scope(scope, spec[, conn]) takes 2 or 3 "
+                    "positional arguments");
     return nullptr;
-  return DecideScopeFor(args[0], args[1]);
+  }
+  return DecideScopeFor(args[0], args[1], nargs == 3 ? args[2] : nullptr);
 }
 
 // HeaderSend(send, state, spec): the middleware's `send`, adding the
@@ -1405,10 +1455,12 @@ PyMethodDef kDecideScopeDef = {
     "decide_scope",
     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(DecideScope)),
     METH_FASTCALL | METH_KEYWORDS,
-    "decide_scope(scope, spec) -> view | False | None\n\n"
+    "decide_scope(scope, spec[, conn]) -> view | False | RedisWaiter | None"
+    "\n\n"
     "The decorator's check of one simple limit keyed by the peer's address, "
     "straight from the ASGI scope (see rapidlimit.extension): the view when "
-    "the request is allowed, False when it is rejected. None when the "
+    "the request is allowed, False when it is rejected; on a RedisStorage, "
+    "given the request conn, the waiter of its decision. None when the "
     "request needs the general path; nothing was changed then."};
 
 PyMethodDef kMwDecideDef = {

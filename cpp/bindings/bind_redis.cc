@@ -1570,12 +1570,16 @@ std::shared_ptr<LoopBridge> BridgeForSlow(PyObject* loop) {
 // store its call, and returns the future the loop's reader completes; null
 // with a Python error set. With `waiter`, a Waiter instead of an
 // asyncio.Future, given `finish` (five objects, see Waiter) when not null.
+// `running`: the running loop (a reference this call takes) when the
+// caller has it already, else null (each look-up costs a getpid).
 template <typename Send>
 PyObject* SubmitWith(RedisStorageHandle* storage, Pending* p, bool waiter,
-                     PyObject* const* finish, Send send) {
+                     PyObject* const* finish, Send send,
+                     PyObject* running = nullptr) {
   std::unique_ptr<Pending> owned(p);
   ReleaseOrphans();
-  PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
+  PyObject* loop =
+      running != nullptr ? running : PyObject_CallNoArgs(g_get_running_loop);
   if (loop == nullptr) {
     if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
       // trio (hypercorn --worker-class trio) runs no asyncio loop.
@@ -1644,11 +1648,15 @@ PyObject* SubmitWith(RedisStorageHandle* storage, Pending* p, bool waiter,
 // SubmitWith for the decisions of `requests`.
 PyObject* Submit(RedisStorageHandle* storage, const Request* requests, size_t n,
                  int64_t now, Mode mode, Pending* p, bool waiter,
-                 PyObject* const* finish = nullptr) {
-  return SubmitWith(storage, p, waiter, finish, [&](Pending* q) {
-    storage->redis->DecideAsyncDeferred(requests, n, now, mode, &OnAsyncDone,
-                                        q);
-  });
+                 PyObject* const* finish = nullptr,
+                 PyObject* running = nullptr) {
+  return SubmitWith(
+      storage, p, waiter, finish,
+      [&](Pending* q) {
+        storage->redis->DecideAsyncDeferred(requests, n, now, mode,
+                                            &OnAsyncDone, q);
+      },
+      running);
 }
 
 // SubmitWith for a single call of the limits adapter, answered as `kind`.
@@ -1682,6 +1690,52 @@ PyObject* DecideManyAsync(PyObject* self, PyObject* const* args,
                 /*waiter=*/false);
 }
 
+// decide_view_async's work once `now` is read: `args` as its 14 (or,
+// without `finish`, 9) arguments, whose `now` is not read again. `running`
+// as SubmitWith's.
+PyObject* ViewAsync(RedisStorageHandle* storage, PyObject* const* args,
+                    bool finish, double now_seconds, int64_t now,
+                    PyObject* running) {
+  py::object loop_ref = py::reinterpret_steal<py::object>(running);
+  Strategy strategy;
+  if (!StrategyFromPython(args[0], &strategy)) return nullptr;
+  auto* item = static_cast<ItemHandle*>(
+      UnwrapFast(args[1], g_item_type, "RateLimitItem"));
+  if (item == nullptr) return nullptr;
+  int64_t cost = 0;
+  if (!CostFromPython(args[4], &cost) || !ViewNamesReady(args[6]) ||
+      !CheckStrategyLimit(strategy, item->limit)) {
+    return nullptr;
+  }
+  PyObject* key = args[2];
+  PyObject* scope = args[3];
+  PyObject* prefix = args[8];
+  const int has_prefix = PyUnicode_CheckExact(prefix)
+                             ? PyUnicode_GET_LENGTH(prefix) != 0
+                             : PyObject_IsTrue(prefix);
+  if (has_prefix < 0) return nullptr;
+  PyObject* const ids[3] = {prefix, key, scope};
+  thread_local std::string key_text;
+  if (!BuildKey(*item, has_prefix ? ids : ids + 1, has_prefix ? 3 : 2,
+                &key_text)) {
+    return nullptr;
+  }
+  Request r;
+  r.strategy = strategy;
+  r.limit = &item->limit;
+  r.key = key_text;
+  r.cost = cost;
+  auto* p = new Pending;
+  PyObject* const parts[5] = {args[6], args[7], prefix, key, scope};
+  for (int i = 0; i < 5; ++i) {
+    Py_INCREF(parts[i]);
+    p->view[i] = parts[i];
+  }
+  p->now_seconds = now_seconds;
+  return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true,
+                finish ? args + 9 : nullptr, loop_ref.release().ptr());
+}
+
 // decide_view_async(strategy, item, key, scope, cost, now, names, limit,
 //                   prefix) -> asyncio.Future[view]
 PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
@@ -1703,44 +1757,10 @@ PyObject* DecideViewAsync(PyObject* self, PyObject* const* args,
   auto* storage = static_cast<RedisStorageHandle*>(
       UnwrapFast(self, g_redis_type, "RedisStorage"));
   if (storage == nullptr) return nullptr;
-  Strategy strategy;
-  if (!StrategyFromPython(args[0], &strategy)) return nullptr;
-  auto* item = static_cast<ItemHandle*>(
-      UnwrapFast(args[1], g_item_type, "RateLimitItem"));
-  if (item == nullptr) return nullptr;
-  int64_t cost = 0;
   double now_seconds = 0;
   int64_t now = 0;
-  if (!CostFromPython(args[4], &cost) ||
-      !ViewNowFromPython(args[5], &now_seconds, &now) ||
-      !ViewNamesReady(args[6]) || !CheckStrategyLimit(strategy, item->limit)) {
-    return nullptr;
-  }
-  PyObject* key = args[2];
-  PyObject* scope = args[3];
-  PyObject* prefix = args[8];
-  const int has_prefix = PyObject_IsTrue(prefix);
-  if (has_prefix < 0) return nullptr;
-  PyObject* const ids[3] = {prefix, key, scope};
-  thread_local std::string key_text;
-  if (!BuildKey(*item, has_prefix ? ids : ids + 1, has_prefix ? 3 : 2,
-                &key_text)) {
-    return nullptr;
-  }
-  Request r;
-  r.strategy = strategy;
-  r.limit = &item->limit;
-  r.key = key_text;
-  r.cost = cost;
-  auto* p = new Pending;
-  PyObject* const parts[5] = {args[6], args[7], prefix, key, scope};
-  for (int i = 0; i < 5; ++i) {
-    Py_INCREF(parts[i]);
-    p->view[i] = parts[i];
-  }
-  p->now_seconds = now_seconds;
-  return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true,
-                nargs == 14 ? args + 9 : nullptr);
+  if (!ViewNowFromPython(args[5], &now_seconds, &now)) return nullptr;
+  return ViewAsync(storage, args, nargs == 14, now_seconds, now, nullptr);
 }
 
 // The limits adapter's calls from an event loop (limits.aio): awaitables
@@ -1991,6 +2011,46 @@ PyMethodDef kFastMethods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
+
+bool IsRedisStorage(PyObject* storage) {
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+  return g_redis_type != nullptr && PyObject_TypeCheck(storage, g_redis_type);
+#else
+  (void)storage;
+  return false;  // no awaitable decisions to make
+#endif
+}
+
+PyObject* RunningAsyncioLoop() {
+  PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
+  if (loop == nullptr && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+    PyErr_Clear();
+  }
+  return loop;
+}
+
+PyObject* DecideViewWaiter(PyObject* storage, PyObject* loop,
+                           PyObject* const* args, double now_seconds,
+                           int64_t now) {
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+  FlushLogs();
+  auto* handle = static_cast<RedisStorageHandle*>(
+      UnwrapFast(storage, g_redis_type, "RedisStorage"));
+  if (handle == nullptr) {
+    Py_DECREF(loop);
+    return nullptr;
+  }
+  return ViewAsync(handle, args, /*finish=*/true, now_seconds, now, loop);
+#else
+  (void)storage;
+  (void)args;
+  (void)now_seconds;
+  (void)now;
+  Py_DECREF(loop);
+  PyErr_SetString(PyExc_RuntimeError, "built without Redis support");
+  return nullptr;
+#endif
+}
 
 bool RaiseIfFailClosed(const Decision& d) {
   if (d.source != DecisionSource::kFailClosed) return false;

@@ -192,6 +192,21 @@ PyObject* NewDecisionView(const Decision& d, double now_seconds,
 // a TypeError. False with a Python error set.
 bool ViewNowFromPython(PyObject* now, double* seconds, int64_t* nanos);
 
+// decide_scope's Redis part (bind_redis.cc), for the decorator's usual
+// request on a RedisStorage. IsRedisStorage: `storage` (a LimiterHandle's)
+// is one, whose decisions are awaited. RunningAsyncioLoop: asyncio's
+// running loop, a new reference; null with no Python error set where none
+// runs (trio), with one set on any other failure. DecideViewWaiter:
+// RedisStorage.decide_view_async(*args) for its 14 arguments (args[5],
+// `now`, is not read: the time is `now_seconds` and `now` in nanoseconds),
+// queued on `loop` (a reference it takes); the waiter, or null with a
+// Python error set.
+bool IsRedisStorage(PyObject* storage);
+PyObject* RunningAsyncioLoop();
+PyObject* DecideViewWaiter(PyObject* storage, PyObject* loop,
+                           PyObject* const* args, double now_seconds,
+                           int64_t now);
+
 void BindLimit(py::module_& m);
 void BindStorage(py::module_& m);
 void BindLimiter(py::module_& m);

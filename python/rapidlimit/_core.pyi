@@ -524,7 +524,9 @@ class RateLimiter:
         RedisUnavailableError when Redis cannot answer.
         """
 
-def decide_scope(scope: MutableMapping[str, Any], spec: tuple[Any, ...], /) -> Any:
+def decide_scope(
+    scope: MutableMapping[str, Any], spec: tuple[Any, ...], conn: Any = ..., /
+) -> Any:
     """The decorator's check of one simple limit keyed by the peer's address,
     from the ASGI ``scope``.
 
@@ -546,7 +548,15 @@ def decide_scope(scope: MutableMapping[str, Any], spec: tuple[Any, ...], /) -> A
     RateLimiter, ``filters`` is not an empty list, a state that is not a
     dict, ``done_key`` already in the state, an empty path, a peer address
     that is not a str. Errors of the decision are raised after the state
-    was marked."""
+    was marked.
+
+    When ``core``'s storage is a :class:`RedisStorage` the decision is
+    awaited instead: given the request ``conn`` and a running asyncio
+    loop, returns ``core``'s storage's ``decide_view_async(core, item, key,
+    name, cost, time.time(), names, limit, prefix, state, view_key, by,
+    conn, plan)`` (a :class:`RedisWaiter`: the view of an allowed request,
+    else what ``by._finish_endpoint`` makes of it); without ``conn``, or
+    with no asyncio loop running (trio), None."""
 
 def merge_headers(
     returned: object, response: object, view: Any, spec: tuple[Any, ...], /

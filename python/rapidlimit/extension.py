@@ -223,6 +223,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from rapidlimit import _core
 from rapidlimit._core import (
     MAX_MOVING_WINDOW_AMOUNT as _MAX_MOVING_WINDOW_AMOUNT,
 )
@@ -875,10 +876,12 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # rejection never costs a thread hop), then the view runs in the thread pool
 # as Starlette and FastAPI would run it.
 #
-# The usual request (one simple limit keyed by get_remote_address, in-memory
-# storage, not checked yet) is checked by one core call, _core.decide_scope,
-# from the scope, and its headers added by another, _core.merge_headers: the
-# same work in Python cost as much as the decision. ``_rl_slot[0]`` holds
+# The usual request (one simple limit keyed by get_remote_address, not
+# checked yet) is checked by one core call, _core.decide_scope, from the
+# scope, and its headers added by another, _core.merge_headers: the same
+# work in Python cost as much as the decision. On Redis decide_scope
+# returns the storage's waiter, awaited here, which resolves to the view or
+# else to the outcome Limiter._finish_endpoint gives it. ``_rl_slot[0]`` holds
 # what those calls need about the route and the limiter (see
 # Limiter._fast_spec) while they apply: Limiter._invalidate empties it, also
 # when a setting they depend on changes (Limiter.__setattr__), so no flag is
@@ -887,13 +890,17 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # changed nothing but a missing scope["state"], for anything unusual (a
 # request checked already, an odd peer, request filters, a stand-in core):
 # every such request goes through Limiter._check_in_endpoint.
+# The type of RedisStorage.decide_view_async's waiter (absent from a build
+# without Redis, where no decide_scope returns one).
+_WAITER_TYPE: Any = getattr(_core, "RedisWaiter", None)
+
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
     _rl_spec = _rl_slot[0]
     if _rl_spec is not None and type(_rl_conn) is _rl_Request:
         try:
-            _rl_view = _rl_decide(_rl_conn.scope, _rl_spec)
+            _rl_view = _rl_decide(_rl_conn.scope, _rl_spec, _rl_conn)
         except Exception as _rl_exc:
             _rl_view = _rl_limiter._failed_in_endpoint(_rl_exc, _rl_conn, _rl_spec[0])
         if type(_rl_view) is _rl_View:
@@ -902,6 +909,17 @@ async def wrapper({params}):
             _rl_response = await {call}
             _rl_merge(_rl_response, _rl_resp, _rl_view, _rl_spec)
             return _rl_response
+        if type(_rl_view) is _rl_Waiter:
+            # On Redis: the view of an allowed request, else the outcome
+            # (Limiter._finish_endpoint) of this HTTP request.
+            _rl_view = await _rl_view
+            if type(_rl_view) is _rl_View:
+                _rl_response = await {call}
+                _rl_merge(_rl_response, _rl_resp, _rl_view, _rl_spec)
+                return _rl_response
+            if _rl_view is not None:
+                return _rl_view  # the 429
+            return await {call}
     else:
         # isinstance against HTTPConnection (an ABC) is slow: try the usual
         # classes first.
@@ -1082,6 +1100,7 @@ def _build_wrapper(
         "_rl_Request": Request,  # (a websocket takes the general path)
         "_rl_HTTPConnection": HTTPConnection,
         "_rl_View": ViewRateLimit,
+        "_rl_Waiter": _WAITER_TYPE,
         "_rl_VIEW": _VIEW,
         "_rl_d": defaults,
     }
@@ -1731,7 +1750,6 @@ class Limiter:
         if (
             single is None
             or not single._peer_key
-            or self._remote
             or not self.enabled
             or self._storage_dead
             or not self._auto_check

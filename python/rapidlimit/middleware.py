@@ -539,8 +539,8 @@ class SlowAPIASGIMiddleware:
 
 def _middleware_spec(limiter: Limiter, plan: Any) -> tuple[Any, ...] | None:
     """``plan``'s mw_decide spec, or None when the middleware's general path
-    must check it."""
-    if plan.exempt or plan.deferred:
+    must check it (on Redis, _scope_check_async awaits the decision)."""
+    if plan.exempt or plan.deferred or limiter._remote:
         return None
     return limiter._fast_spec(plan)
 

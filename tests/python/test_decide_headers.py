@@ -706,7 +706,7 @@ def test_decide_scope_rejection_and_errors(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(RuntimeError, match="clock"):
         _core.decide_scope(scope, spec)
     assert scope["state"] == {"done": True, "by": "by-marker"}
-    with pytest.raises(TypeError, match="2 positional"):
+    with pytest.raises(TypeError, match="2 or 3 positional"):
         _core.decide_scope(scope)  # type: ignore[call-arg]
     # Not a spec (another layout): the general path's.
     assert _core.decide_scope(_http_scope(), spec[:-1]) is None

@@ -24,9 +24,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 from conftest import Ticker
-from rapidlimit import Limiter, _rate_limit_exceeded_handler
+from rapidlimit import Limiter, _core, _rate_limit_exceeded_handler
 from rapidlimit._core import RedisWaiter
 from rapidlimit.errors import RateLimitExceeded
+from rapidlimit.extension import ViewRateLimit
 from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
 from rapidlimit.storage import RedisStorage
 from rapidlimit.util import get_remote_address
@@ -160,6 +161,95 @@ def _api_key(request: Request) -> str:
     if key == "boom":
         raise ValueError("no such API key")
     return key
+
+
+def test_decorator_usual_request_decided_by_the_core(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decorator's usual request on Redis (one limit keyed by the peer's
+    address) goes from the wrapper to the core in one call (decide_scope
+    returns the storage's waiter): the Python check sees the first request
+    only, which works out the route's plan. Headers, the 429 and the one
+    command per request are the general path's."""
+    limiter = limiter_for(server, "decorator")
+    app = make_app(limiter, "decorator")
+    seen: list[Any] = []
+    general = Limiter._check_in_endpoint_async
+
+    def counted(self: Limiter, conn: Any, target: Any) -> Any:
+        seen.append(conn)
+        return general(self, conn, target)
+
+    monkeypatch.setattr(Limiter, "_check_in_endpoint_async", counted)
+
+    async def main() -> list[httpx.Response]:
+        async with client_for(app) as client:
+            first = [await client.get("/r")]
+            server.reset_stats()
+            return first + [await client.get("/r") for _ in range(4)]
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+    assert len(seen) == 1
+    assert [r.headers["x-ratelimit-remaining"] for r in responses] == list("21000")
+    assert responses[3].json() == {"error": "Rate limit exceeded: 3 per 1 minute"}
+    assert 0 < int(responses[3].headers["retry-after"]) <= 60
+    # Two admitted, one refused by Redis; the last refusal is the
+    # blocked-key cache's.
+    assert server.command_calls()["evalsha"] == 3
+
+
+def test_decide_scope_waiter_on_redis(server: RedisServer) -> None:
+    """decide_scope on a Redis limiter's spec: the waiter given the request
+    and a running asyncio loop, which marks the state and resolves to the
+    view stored there; None, with the state left unmarked, without the
+    request (the middlewares' call) or without a loop."""
+    limiter = limiter_for(server, "decorator")
+    app = make_app(limiter, "decorator")
+
+    async def warm() -> int:
+        async with client_for(app) as client:
+            return (await client.get("/r")).status_code
+
+    assert asyncio.run(warm()) == 200
+    specs = [slot[0] for slot in limiter._fast_slots.values() if slot[0]]
+    assert len(specs) == 1
+    spec = specs[0]
+
+    def scope() -> dict[str, Any]:
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": "/r",
+            "headers": [],
+            "query_string": b"",
+            "client": ("10.1.2.3", 5000),
+            "state": {},
+        }
+
+    bare = scope()
+    assert _core.decide_scope(bare, spec) is None  # no request: no waiter
+    assert bare["state"] == {}
+    outside = scope()  # no asyncio loop runs here (as under trio)
+    assert _core.decide_scope(outside, spec, Request(outside)) is None
+    assert outside["state"] == {}
+
+    async def decide() -> tuple[Any, Any, dict[str, Any]]:
+        s = scope()
+        waiter = _core.decide_scope(s, spec, Request(s))
+        assert type(waiter) is RedisWaiter
+        marked = dict(s["state"])
+        view = await waiter
+        again = _core.decide_scope(s, spec, Request(s))  # checked already
+        assert again is None
+        return view, marked, s["state"]
+
+    view, marked, state = asyncio.run(decide())
+    assert marked == {"_rate_limiting_complete": True, "_rapidlimit_by": limiter}
+    assert state["view_rate_limit"] is view
+    assert type(view) is ViewRateLimit
+    assert view._data[2:4] == ("10.1.2.3", "/r")  # slowapi's key_style="url"
+    assert view.decision is not None and view.decision.remaining == 2
 
 
 @pytest.mark.parametrize("middleware", [SlowAPIMiddleware, SlowAPIASGIMiddleware])

@@ -88,6 +88,29 @@ def test_redis_middleware_keyed_by_address_on_trio(server: RedisServer) -> None:
     app.state.limiter.close()
 
 
+@pytest.mark.skipif(not _core.redis_available(), reason="built without hiredis")
+def test_redis_decorator_keyed_by_address_on_trio(server: RedisServer) -> None:
+    # The decorator's usual request (one limit, the peer's address) on Redis
+    # is decided by one core call that awaits an asyncio waiter: with no
+    # asyncio loop it leaves the request unmarked to the general way.
+    limiter = Limiter(
+        key_func=get_remote_address, storage_uri=server.uri, headers_enabled=True
+    )
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+
+    @app.get("/d")
+    @limiter.limit("3/minute")
+    async def decorated(request: Request) -> dict[str, str]:
+        return {"view": "decorated"}
+
+    got = trio.run(_get, app, "/d", 4, "unused")
+    assert [r.status_code for r in got] == [200, 200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining"] for r in got] == list("2100")
+    limiter.close()
+
+
 def test_memory_limits_on_trio() -> None:
     _check_counts(_app("memory://"))
 
