@@ -3,7 +3,8 @@
 #   system packages -> a clean virtualenv with the package and its test
 #   extras -> GoogleTest (plain and with ASan/UBSan) through ctest ->
 #   format, lint and type checks -> pytest (Redis tests included) ->
-#   the quick benchmark run (kept in the log; fails only if broken).
+#   the Python module built without hiredis -> the quick benchmark run
+#   (kept in the log; fails only if broken).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -48,6 +49,21 @@ step "pytest"
 # pytest-timeout fails a hung test; the outer bound also covers the exit
 # (a child process that never ends would otherwise hold it for hours).
 timeout -k 30 1800 "$venv/bin/python" -m pytest -q -p no:cacheprovider
+
+step "Python module built without hiredis"
+# README: hiredis is optional at build time. The same sources, configured
+# without Redis, must build, import and serve the memory store.
+nohiredis=$root/build/py-nohiredis
+cmake -S . -B "$nohiredis" -G Ninja -DRAPIDLIMIT_REDIS=OFF \
+  -DRAPIDLIMIT_BUILD_PYTHON=ON -DRAPIDLIMIT_BUILD_TESTS=OFF \
+  -DPython_EXECUTABLE="$venv/bin/python" \
+  -Dpybind11_DIR="$("$venv/bin/python" -m pybind11 --cmakedir)" >/dev/null
+cmake --build "$nohiredis" -j"$jobs" --target _core
+rm -rf "$nohiredis/pkg" && mkdir -p "$nohiredis/pkg"
+cp -r python/rapidlimit "$nohiredis/pkg/"
+cp "$nohiredis"/_core*.so "$nohiredis/pkg/rapidlimit/"
+PYTHONPATH="$nohiredis/pkg:$root/examples" \
+  "$venv/bin/python" tests/python/no_hiredis_check.py "$nohiredis/pkg"
 
 if [[ -x benchmarks/run.sh ]]; then
   step "benchmarks (quick mode)"

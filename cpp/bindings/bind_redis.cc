@@ -2183,8 +2183,10 @@ void BindRedis(py::module_& m) {
             }
             o.before_blocking = &ReleaseGil;
             o.after_blocking = &ReacquireGil;
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
             o.completions_begin = &CompletionsBegin;
             o.completions_end = &CompletionsEnd;
+#endif
             o.log = &QueueLog;
             std::unique_ptr<RedisStore> store;
             {

@@ -11,6 +11,8 @@ const std::string& RedisStore::LastError() {
   return *none;
 }
 
+bool RedisStore::LastTimedOut() { return false; }
+
 bool RedisStoreAvailable() { return false; }
 
 std::unique_ptr<RedisStore> NewRedisStore(const RedisStoreOptions&,
