@@ -57,6 +57,7 @@ import rapidlimit
 import rapidlimit.errors
 import rapidlimit.middleware
 import rapidlimit.util
+from conftest import LIMITS_5
 
 SEEDS = range(200)
 OPTION_SEEDS = range(200, 300)  # test_same_responses_with_options
@@ -817,6 +818,10 @@ def run_seed(
     backend: Backend | None = None,
 ) -> None:
     cfg = cfg or random_config(seed)
+    if backend is None and cfg.strategy == "moving-window" and not LIMITS_5:
+        # (The memory storage's: limits 4 keeps one entry per unit of cost,
+        # and answers a refused request's window stats otherwise.)
+        pytest.skip("limits < 5: its moving window differs from limits 5's")
     backend = backend or Backend()
     steps = random_steps(cfg)
     clock.now = T0

@@ -986,6 +986,9 @@ def test_errors_are_also_the_client_librarys_as_limits_raises_them(
     # is loaded: limits' storage imported it), and RedisUnavailableErrors.
     redis = own_server.client()
     loop = asyncio.new_event_loop()
+    # The current loop: on Python 3.9 redis-py's asyncio pool makes an
+    # asyncio.Lock when limits' storage is made, which looks it up.
+    asyncio.set_event_loop(loop)
     mine = ours(own_server, scheme, timeout=0.2, **options)
     # On database 0, as ours.
     their = limits.storage.storage_from_string(
@@ -1024,6 +1027,7 @@ def test_errors_are_also_the_client_librarys_as_limits_raises_them(
         assert isinstance(copy, _core.RedisUnavailableError)
         assert str(copy) == str(outage)
     mine.close()
+    asyncio.set_event_loop(None)
     loop.close()
 
 
@@ -1050,8 +1054,11 @@ def test_a_reply_missing_its_timeout_raises_the_librarys_timeout_error(
         their.incr("k", 60)
         with own_server.hold():
             their_timeout = _raised(loop, their, lambda s: s.incr("k", 60))
-        assert isinstance(their_timeout, library.TimeoutError)
-        assert not isinstance(their_timeout, library.ConnectionError)
+        if sys.version_info >= (3, 10):
+            # (On 3.9 socket.timeout is no builtin TimeoutError, and
+            # redis-py 7 raises its ConnectionError for it there.)
+            assert isinstance(their_timeout, library.TimeoutError)
+            assert not isinstance(their_timeout, library.ConnectionError)
     for call in COUNTING_CALLS:
         # A connection up and idle, which the next call finds hung.
         mine = ours(own_server, scheme, timeout=0.2, **options)
