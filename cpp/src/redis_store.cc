@@ -2015,7 +2015,11 @@ void Engine::FinishSingle(Op* op, bool completed,
           out->count = fallback->Incr(item.key, item.incr_period, item.cost,
                                       now, &out->expiry_at_nanos);
         } else {
-          const Request r{item.strategy, &item.limit, item.key, item.cost};
+          Request r;
+          r.strategy = item.strategy;
+          r.limit = &item.limit;
+          r.key = item.key;
+          r.cost = item.cost;
           out->window = fallback->Inspect(r, now);
         }
         break;
