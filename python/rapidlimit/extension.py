@@ -866,6 +866,10 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
+# The type of RedisStorage.decide_view_async's waiter (absent from a build
+# without Redis, where no decide_scope returns one).
+_WAITER_TYPE: Any = getattr(_core, "RedisWaiter", None)
+
 # The decorator's wrapper, generated per endpoint (as dataclasses generate
 # __init__): with the endpoint's own parameters FastAPI's keyword call binds
 # straight to locals and the endpoint is called without packing an
@@ -889,11 +893,8 @@ def _find_connection(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # False for a rejected one (its view is in the state), or None, having
 # changed nothing but a missing scope["state"], for anything unusual (a
 # request checked already, an odd peer, request filters, a stand-in core):
-# every such request goes through Limiter._check_in_endpoint.
-# The type of RedisStorage.decide_view_async's waiter (absent from a build
-# without Redis, where no decide_scope returns one).
-_WAITER_TYPE: Any = getattr(_core, "RedisWaiter", None)
-
+# every such request goes through Limiter._check_in_endpoint (or, on Redis,
+# _check_in_endpoint_async).
 _WRAPPER_TEMPLATE = """\
 async def wrapper({params}):
 {bind}
@@ -918,7 +919,7 @@ async def wrapper({params}):
                 _rl_merge(_rl_response, _rl_resp, _rl_view, _rl_spec)
                 return _rl_response
             if _rl_view is not None:
-                return _rl_view  # the 429
+                return _rl_view  # the 429 (or 503)
             return await {call}
     else:
         # isinstance against HTTPConnection (an ABC) is slow: try the usual
