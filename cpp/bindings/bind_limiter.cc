@@ -862,13 +862,27 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
   PyObject* const marked = PyDict_SetDefault(state, done_key, Py_True);
   const bool checked_before =
       marked != nullptr && PyDict_GET_SIZE(state) == size;
-  if (loop != nullptr) {
-    PyObject* waiter = nullptr;
+  const bool awaited = loop != nullptr;
+  PyObject* waiter = nullptr;  // awaited: the decision's RedisWaiter
+  if (marked != nullptr && !checked_before &&
+      PyDict_SetItem(state, by_key, by) == 0) {
     double now_seconds;
     int64_t now;
-    if (marked != nullptr && !checked_before &&
-        PyDict_SetItem(state, by_key, by) == 0 &&
-        NowFromTimeModule(&now_seconds, &now)) {
+    if (!awaited) {
+      PyObject* const with_prefix[3] = {prefix, key, name};
+      PyObject* const result =
+          has_prefix ? DecideWithHeaders(limiter, item, with_prefix, 3, cost,
+                                         nullptr, *names)
+                     : DecideWithHeaders(limiter, item, with_prefix + 1, 2,
+                                         cost, nullptr, *names);
+      if (result != nullptr) {
+        allowed = PyTuple_GET_ITEM(result, 0);
+        view = MakeView(*names, result, limit, prefix, key, name);
+        if (view != nullptr && PyDict_SetItem(state, view_key, view) != 0) {
+          Py_CLEAR(view);
+        }
+      }
+    } else if (NowFromTimeModule(&now_seconds, &now)) {
       // decide_view_async's arguments; `now` (None) is read above.
       PyObject* const args[14] = {core,      item,
                                   key,       name,
@@ -879,35 +893,15 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
                                   conn,      PyTuple_GET_ITEM(spec, kSpecPlan)};
       waiter = DecideViewWaiter(limiter->storage.ptr(), loop, args, now_seconds,
                                 now);
-    } else {
-      Py_DECREF(loop);
-    }
-    Py_DECREF(name);
-    Py_DECREF(key);
-    Py_DECREF(state);
-    if (checked_before) Py_RETURN_NONE;
-    return waiter;
-  }
-  if (marked != nullptr && !checked_before &&
-      PyDict_SetItem(state, by_key, by) == 0) {
-    PyObject* const with_prefix[3] = {prefix, key, name};
-    PyObject* const result =
-        has_prefix ? DecideWithHeaders(limiter, item, with_prefix, 3, cost,
-                                       nullptr, *names)
-                   : DecideWithHeaders(limiter, item, with_prefix + 1, 2, cost,
-                                       nullptr, *names);
-    if (result != nullptr) {
-      allowed = PyTuple_GET_ITEM(result, 0);
-      view = MakeView(*names, result, limit, prefix, key, name);
-      if (view != nullptr && PyDict_SetItem(state, view_key, view) != 0) {
-        Py_CLEAR(view);
-      }
+      loop = nullptr;  // DecideViewWaiter took it
     }
   }
+  Py_XDECREF(loop);
   Py_DECREF(name);
   Py_DECREF(key);
   Py_DECREF(state);
   if (checked_before) Py_RETURN_NONE;
+  if (awaited) return waiter;
   if (view != nullptr && allowed != Py_True) {
     // The state holds the view: the caller's rejection path reads it there.
     Py_DECREF(view);

@@ -193,6 +193,22 @@ def _app_limiter(app: Any) -> Any:
     return getattr(state, "limiter", None)
 
 
+# SlowAPIASGIMiddleware's attributes that mw_route reads, in _fast_state.
+_ROUTE_FIELDS = frozenset(
+    (
+        "app",
+        "_routes_app",
+        "_limiter",
+        "_state_values",
+        "_state_object",
+        "_routes",
+        "_routes_len",
+        "_routers",
+        "_endpoints",
+    )
+)
+
+
 class SlowAPIASGIMiddleware:
     """Checks limits before the app runs and adds the rate-limit headers.
 
@@ -222,9 +238,18 @@ class SlowAPIASGIMiddleware:
         self._fast_state: tuple[Any, ...] = ()
         self._sync_fast()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # mw_route reads a copy of these (_fast_state): setting one remakes
+        # it, as Limiter.__setattr__ empties its route specs. (Set on the
+        # first request of a route table and when it changes, not per
+        # request.)
+        object.__setattr__(self, name, value)
+        if name in _ROUTE_FIELDS and "_fast_state" in self.__dict__:
+            self._sync_fast()
+
     def _sync_fast(self) -> None:
         """mw_route's copy of what the route lookup reads (its RouteField
-        order), remade whenever one of them changes."""
+        order)."""
         self._fast_state = (
             self.app,
             self._routes_app,
@@ -243,7 +268,6 @@ class SlowAPIASGIMiddleware:
             self._routes_app = app
             self._routes = getattr(app, "routes", None)
             self._routes_len = -1
-            self._sync_fast()
         routes = self._routes
         if routes is None:
             return None, ()
@@ -256,7 +280,6 @@ class SlowAPIASGIMiddleware:
             self._routers = (
                 _included_routers(routes) if _iter_route_contexts is not None else ()
             )
-            self._sync_fast()
         key = (
             scope["type"],
             scope.get("method"),
@@ -443,7 +466,6 @@ class SlowAPIASGIMiddleware:
                 self._state_object = state_object
                 values = getattr(state_object, "_state", None)
                 self._state_values = values if isinstance(values, dict) else None
-                self._sync_fast()
             if self._state_values is not None:
                 limiter = self._state_values.get("limiter")
             else:
