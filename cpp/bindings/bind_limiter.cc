@@ -755,10 +755,22 @@ enum SendField : Py_ssize_t {
 // RedisStorage.decide_view_async's with its five extra arguments (state,
 // view_key, by, conn, plan) and its waiter is returned, which resolves to
 // the view of an allowed request and otherwise to what by's
-// _finish_endpoint makes of it. Without `conn` (the middlewares), or
+// _finish_endpoint makes of it. Without `conn` or `mw` (mw_decide), or
 // without an asyncio loop (trio), None.
+//
+// mw_route's Redis decision (`mw`): the waiter's conn is (scope, receive,
+// send), made only then, and mw->finisher stands in for `by` as the object
+// whose _finish_endpoint(view, exc, conn, plan) ends a check the waiter did
+// not allow (the middleware has no Request to give).
+struct MwParts {
+  PyObject* receive;
+  PyObject* send;
+  PyObject* finisher;
+};
+
 PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
-                         PyObject* conn = nullptr) {
+                         PyObject* conn = nullptr,
+                         const MwParts* mw = nullptr) {
   if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(spec) ||
       PyTuple_GET_SIZE(spec) != kSpecFields) {
     Py_RETURN_NONE;
@@ -840,7 +852,7 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
   if (limiter == nullptr) return nullptr;
   PyObject* loop = nullptr;  // a RedisStorage's: the loop that awaits
   if (IsRedisStorage(limiter->storage.ptr())) {
-    if (conn == nullptr) Py_RETURN_NONE;
+    if (conn == nullptr && mw == nullptr) Py_RETURN_NONE;
     loop = RunningAsyncioLoop();
     if (loop == nullptr) {
       if (PyErr_Occurred()) return nullptr;
@@ -883,17 +895,22 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
         }
       }
     } else if (NowFromTimeModule(&now_seconds, &now)) {
-      // decide_view_async's arguments; `now` (None) is read above.
-      PyObject* const args[14] = {core,      item,
-                                  key,       name,
-                                  cost,      Py_None,
-                                  names_obj, limit,
-                                  prefix,    state,
-                                  view_key,  by,
-                                  conn,      PyTuple_GET_ITEM(spec, kSpecPlan)};
-      waiter = DecideViewWaiter(limiter->storage.ptr(), loop, args, now_seconds,
-                                now);
-      loop = nullptr;  // DecideViewWaiter took it
+      PyObject* const parts =
+          mw != nullptr ? PyTuple_Pack(3, scope, mw->receive, mw->send)
+                        : nullptr;
+      if (mw == nullptr || parts != nullptr) {
+        PyObject* const finisher = mw != nullptr ? mw->finisher : by;
+        PyObject* const request = mw != nullptr ? parts : conn;
+        PyObject* const plan = PyTuple_GET_ITEM(spec, kSpecPlan);
+        // decide_view_async's arguments; `now` (None) is read above.
+        PyObject* const args[14] = {core,     item,      key,     name,   cost,
+                                    Py_None,  names_obj, limit,   prefix, state,
+                                    view_key, finisher,  request, plan};
+        waiter = DecideViewWaiter(limiter->storage.ptr(), loop, args,
+                                  now_seconds, now);
+        loop = nullptr;  // DecideViewWaiter took it
+        Py_XDECREF(parts);
+      }
     }
   }
   Py_XDECREF(loop);
@@ -1166,16 +1183,8 @@ PyType_Spec kHeaderSendSpec = {
     Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     kHeaderSendSlots};
 
-// mw_decide(scope, spec, send) -> send | False | None
-//
-// The middleware's decide_scope: when the request is allowed, returns the
-// send the application is to get: `send` itself with headers off, else a
-// HeaderSend of spec's send spec, the state marked as the middleware's to
-// add them to. False and None as decide_scope.
-PyObject* MwDecideWith(PyObject* scope, PyObject* spec, PyObject* send) {
-  PyObject* const view = DecideScopeFor(scope, spec);
-  if (view == nullptr || view == Py_None || view == Py_False) return view;
-  Py_DECREF(view);  // the state holds it
+// The send mw_decide gives the application of a request it allowed.
+PyObject* MwSend(PyObject* scope, PyObject* spec, PyObject* send) {
   if (PyTuple_GET_ITEM(spec, kSpecHeaders) != Py_True) {
     Py_INCREF(send);
     return send;
@@ -1202,6 +1211,38 @@ PyObject* MwDecideWith(PyObject* scope, PyObject* spec, PyObject* send) {
   return out;
 }
 
+// mw_decide(scope, spec, send) -> send | False | None
+//
+// The middleware's decide_scope: when the request is allowed, returns the
+// send the application is to get: `send` itself with headers off, else a
+// HeaderSend of spec's send spec, the state marked as the middleware's to
+// add them to. False and None as decide_scope.
+//
+// Given `receive` and a finisher (mw_route's), a decision on a RedisStorage
+// is submitted and (waiter, send to give the application) returned: the
+// waiter resolves to the view of an allowed request, else to what
+// finisher._finish_endpoint(view, exc, (scope, receive, send), plan) returns.
+// The state is marked for the headers before the answer: it is only read
+// once the application runs, which it does only after that answer.
+PyObject* MwDecideWith(PyObject* scope, PyObject* spec, PyObject* send,
+                       PyObject* receive = nullptr,
+                       PyObject* finisher = nullptr) {
+  const MwParts parts = {receive, send, finisher};
+  PyObject* const view = DecideScopeFor(scope, spec, nullptr,
+                                        receive != nullptr ? &parts : nullptr);
+  if (view == nullptr || view == Py_None || view == Py_False) return view;
+  if (IsRedisWaiter(view)) {
+    PyObject* const sent = MwSend(scope, spec, send);
+    PyObject* const out =
+        sent != nullptr ? PyTuple_Pack(2, view, sent) : nullptr;
+    Py_XDECREF(sent);
+    Py_DECREF(view);
+    return out;
+  }
+  Py_DECREF(view);  // the state holds it
+  return MwSend(scope, spec, send);
+}
+
 PyObject* MwDecide(PyObject* /*module*/, PyObject* const* args,
                    Py_ssize_t nargsf, PyObject* kwnames) {
   if (!ExactlyPositional(nargsf, kwnames, 3, "mw_decide(scope, spec, send)"))
@@ -1221,6 +1262,7 @@ enum RouteField : Py_ssize_t {
   kRouteRoutesLen,    // its length when the endpoint cache was made
   kRouteRouters,      // ((included router, its _routes_version), ...)
   kRouteEndpoints,    // {(type, method, root_path, path): (endpoint, ...)}
+  kRouteFinish,       // a Redis decision's finisher (see MwDecideWith)
   kRouteFields
 };
 
@@ -1334,33 +1376,40 @@ PyObject* RouteSpec(PyObject* scope, PyObject* routes_state) {
   return spec;
 }
 
-// mw_route(scope, send, routes) -> send | False | None
+// mw_route(scope, receive, send, routes)
+//     -> send | (waiter, send) | False | None
 //
 // SlowAPIASGIMiddleware's usual request in one call: finds the route's
 // mw_decide spec as the middleware's Python lookup would (routes:
-// RouteField), then decides as mw_decide. None, having changed nothing,
-// when the lookup finds no spec (the middleware's Python path looks again
-// and takes it from there); False when the request is rejected; errors of
-// the decision are raised after the state was marked.
+// RouteField), then decides as mw_decide, which on a RedisStorage submits
+// the decision and returns (waiter, send) (see MwDecideWith). None, having
+// changed nothing, when the lookup finds no spec (the middleware's Python
+// path looks again and takes it from there); False when the request is
+// rejected; errors of the decision are raised after the state was marked.
 PyObject* MwRoute(PyObject* /*module*/, PyObject* const* args,
                   Py_ssize_t nargsf, PyObject* kwnames) {
-  if (!ExactlyPositional(nargsf, kwnames, 3, "mw_route(scope, send, routes)"))
+  if (!ExactlyPositional(nargsf, kwnames, 4,
+                         "mw_route(scope, receive, send, routes)"))
     return nullptr;
   PyObject* const scope = args[0];
-  PyObject* const routes_state = args[2];
+  PyObject* const routes_state = args[3];
   if (!PyDict_CheckExact(scope) || !PyTuple_CheckExact(routes_state) ||
       PyTuple_GET_SIZE(routes_state) != kRouteFields) {
     Py_RETURN_NONE;
   }
-  Py_INCREF(routes_state);
+  Py_INCREF(routes_state);  // the lookup and the decision run Python code
   PyObject* const spec = RouteSpec(scope, routes_state);
-  Py_DECREF(routes_state);
+  PyObject* out = nullptr;
   if (spec == nullptr) {
     PyErr_Clear();  // the Python path looks again, and raises what it must
-    Py_RETURN_NONE;
+    Py_INCREF(Py_None);
+    out = Py_None;
+  } else {
+    out = MwDecideWith(scope, spec, args[2], args[1],
+                       PyTuple_GET_ITEM(routes_state, kRouteFinish));
+    Py_DECREF(spec);
   }
-  PyObject* const out = MwDecideWith(scope, spec, args[1]);
-  Py_DECREF(spec);
+  Py_DECREF(routes_state);
   return out;
 }
 
@@ -1471,10 +1520,13 @@ PyMethodDef kMwRouteDef = {
     "mw_route",
     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(MwRoute)),
     METH_FASTCALL | METH_KEYWORDS,
-    "mw_route(scope, send, routes) -> send | False | None\n\n"
+    "mw_route(scope, receive, send, routes) -> send | (waiter, send) | "
+    "False | None\n\n"
     "The middleware's usual request in one call: the route's mw_decide spec "
     "found from `routes` (SlowAPIASGIMiddleware._fast_state), then "
-    "mw_decide. None when the lookup finds no spec (nothing was changed)."};
+    "mw_decide; on a RedisStorage, the waiter of the submitted decision and "
+    "the send to give the application once it allows the request. None "
+    "when the lookup finds no spec (nothing was changed)."};
 
 PyMethodDef kFastMethods[] = {
     {"hit",

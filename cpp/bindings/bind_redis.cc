@@ -2021,6 +2021,15 @@ bool IsRedisStorage(PyObject* storage) {
 #endif
 }
 
+bool IsRedisWaiter(PyObject* obj) {
+#ifdef RAPIDLIMIT_HAVE_HIREDIS
+  return g_waiter_type != nullptr && Py_TYPE(obj) == g_waiter_type;
+#else
+  (void)obj;
+  return false;
+#endif
+}
+
 PyObject* RunningAsyncioLoop() {
   PyObject* loop = PyObject_CallNoArgs(g_get_running_loop);
   if (loop == nullptr && PyErr_ExceptionMatches(PyExc_RuntimeError)) {

@@ -200,8 +200,9 @@ bool ViewNowFromPython(PyObject* now, double* seconds, int64_t* nanos);
 // RedisStorage.decide_view_async(*args) for its 14 arguments (args[5],
 // `now`, is not read: the time is `now_seconds` and `now` in nanoseconds),
 // queued on `loop` (a reference it takes); the waiter, or null with a
-// Python error set.
+// Python error set. IsRedisWaiter: `obj` is such a waiter.
 bool IsRedisStorage(PyObject* storage);
+bool IsRedisWaiter(PyObject* obj);
 PyObject* RunningAsyncioLoop();
 PyObject* DecideViewWaiter(PyObject* storage, PyObject* loop,
                            PyObject* const* args, double now_seconds,

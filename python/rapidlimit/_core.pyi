@@ -579,21 +579,31 @@ def mw_decide(
     None when it needs the general path, as decide_scope."""
 
 def mw_route(
-    scope: MutableMapping[str, Any], send: Any, routes: tuple[Any, ...], /
+    scope: MutableMapping[str, Any],
+    receive: Any,
+    send: Any,
+    routes: tuple[Any, ...],
+    /,
 ) -> Any:
     """SlowAPIASGIMiddleware's usual request in one call. ``routes`` is
     ``(app, routes_app, limiter, state_values, state_object, routes,
-    routes_len, routers, endpoints)`` (``SlowAPIASGIMiddleware._fast_state``):
-    for an HTTP scope whose ``app`` (or ``app`` when it has none) is
-    ``routes_app`` and whose route is in ``endpoints`` under ``(type,
-    method, root_path, path)``, while ``routes`` keeps ``routes_len`` items
-    and no router of ``routers`` has a new ``_routes_version``, the plan
-    ``limiter._endpoint_plans[endpoint]`` (``limiter`` or
-    ``state_values["limiter"]`` while ``app.state`` is ``state_object``)
-    is looked up, and its ``fast`` spec, when it is one, is given to
-    :func:`mw_decide`, whose result is returned. None, having changed
-    nothing, when any of that fails: the caller's Python path looks again.
-    Errors of the decision are raised after the state was marked."""
+    routes_len, routers, endpoints, finisher)``
+    (``SlowAPIASGIMiddleware._fast_state``): for an HTTP scope whose ``app``
+    (or ``app`` when it has none) is ``routes_app`` and whose route is in
+    ``endpoints`` under ``(type, method, root_path, path)``, while
+    ``routes`` keeps ``routes_len`` items and no router of ``routers`` has
+    a new ``_routes_version``, the plan ``limiter._endpoint_plans[endpoint]``
+    (``limiter`` or ``state_values["limiter"]`` while ``app.state`` is
+    ``state_object``) is looked up, and its ``fast`` spec, when it is one,
+    is given to :func:`mw_decide`, whose result is returned. On a
+    :class:`RedisStorage` with a running asyncio loop the decision is
+    submitted instead and ``(waiter, send)`` returned: the
+    :class:`RedisWaiter` resolves to the view of an allowed request, else
+    to ``finisher._finish_endpoint(view, exc, (scope, receive, send),
+    plan)``; ``send`` is what mw_decide would give the application. None,
+    having changed nothing, when any of that fails: the caller's Python
+    path looks again. Errors of the decision are raised after the state
+    was marked."""
 
 class HeaderSend:
     """An ASGI ``send`` that adds the rate-limit headers of the request's

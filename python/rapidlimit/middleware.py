@@ -193,6 +193,29 @@ def _app_limiter(app: Any) -> Any:
     return getattr(state, "limiter", None)
 
 
+class _RouteFinish:
+    """mw_route's end of a Redis check the storage's waiter did not allow
+    (a rejection, or an error of the storage), as _ScopeFinish ends
+    Limiter._scope_check_async's: the limit that failed, _Unavailable, or
+    None when the limiter's error policy lets the request through. The
+    waiter calls it with ``conn`` = (scope, receive, send)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _finish_endpoint(
+        view: ViewRateLimit | None,
+        exc: Exception | None,
+        conn: tuple[Scope, Receive, Send],
+        plan: Any,
+    ) -> Any:
+        scope, receive, send = conn
+        limiter: Limiter = scope["state"][_BY]
+        return limiter._single_failure(view, exc, scope, plan, None, (receive, send))
+
+
+_ROUTE_FINISH = _RouteFinish()
+
 # SlowAPIASGIMiddleware's attributes that mw_route reads, in _fast_state.
 _ROUTE_FIELDS = frozenset(
     (
@@ -260,6 +283,7 @@ class SlowAPIASGIMiddleware:
             self._routes_len,
             self._routers,
             self._endpoints,
+            _ROUTE_FINISH,
         )
 
     def _endpoint(self, app: Any, scope: Scope) -> tuple[Any, Any]:
@@ -304,12 +328,13 @@ class SlowAPIASGIMiddleware:
         # for servers that look, such as uvicorn's ASGI 2/3 guess.)
         #
         # The usual request (an HTTP route seen before whose plan is one
-        # limit keyed by the peer's address, memory store) is one core call
-        # that finds the route's plan as _lookup does, decides, and wraps
-        # send for the headers. None: it found no plan it can decide, and
+        # limit keyed by the peer's address) is one core call that finds
+        # the route's plan as _lookup does, decides, and wraps send for the
+        # headers; on Redis it submits the decision, whose waiter
+        # _awaited awaits. None: it found no plan it can decide, and
         # changed nothing.
         try:
-            wrapped = _mw_route(scope, send, self._fast_state)
+            wrapped = _mw_route(scope, receive, send, self._fast_state)
         except Exception as exc:  # the decision's: the state is marked
             return self._decision_failed(scope, receive, send, exc)
         if wrapped is None:
@@ -317,7 +342,22 @@ class SlowAPIASGIMiddleware:
         if wrapped is False:  # rejected by the limiter the state names
             state = scope["state"]
             return self._not_allowed(scope, receive, send, state[_BY], None, False)
+        if wrapped.__class__ is tuple:  # (waiter, send): on Redis
+            return self._awaited(scope, receive, send, *wrapped)
         return self.app(scope, receive, wrapped)
+
+    async def _awaited(
+        self, scope: Scope, receive: Receive, send: Send, waiter: Any, sent: Send
+    ) -> None:
+        """mw_route's request on Redis once its decision is in: ``sent``
+        (the send that adds the headers) goes to the application when the
+        request is allowed or the storage's error lets it through."""
+        outcome = await waiter
+        if outcome.__class__ is not ViewRateLimit and outcome is not None:
+            state = scope["state"]
+            await state[_BY]._send_rejection(scope, receive, send, outcome, state)
+            return
+        await self.app(scope, receive, sent)
 
     def _lookup(self, scope: Scope) -> tuple[Limiter, tuple[Any, Any], Any] | None:
         """(limiter, (endpoint, has depends()), plan) of an HTTP route this
@@ -561,8 +601,9 @@ class SlowAPIASGIMiddleware:
 
 def _middleware_spec(limiter: Limiter, plan: Any) -> tuple[Any, ...] | None:
     """``plan``'s mw_decide spec, or None when the middleware's general path
-    must check it (on Redis, _scope_check_async awaits the decision)."""
-    if plan.exempt or plan.deferred or limiter._remote:
+    must check it. (On Redis only mw_route decides with it: mw_decide,
+    given no ``receive``, declines.)"""
+    if plan.exempt or plan.deferred:
         return None
     return limiter._fast_spec(plan)
 

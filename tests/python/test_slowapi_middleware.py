@@ -926,15 +926,18 @@ def test_mw_route_decides_only_what_the_python_lookup_would() -> None:
     async def send(message: Any) -> None:
         sent.append(message)
 
+    def route(made: dict[str, Any]) -> Any:
+        return _core.mw_route(made, receive, send, mw._fast_state)
+
     # The first request fills the caches (the Python path) and is counted.
     asyncio.run(mw(scope(client=("10.9.9.9", 1)), receive, send))  # type: ignore[arg-type]
     assert sent[0]["status"] == 200
     fast = mw._fast_state
-    wrapped = _core.mw_route(scope(), send, fast)
+    wrapped = _core.mw_route(scope(), receive, send, fast)
     assert type(wrapped) is _core.HeaderSend
-    assert _core.mw_route(scope(), send, fast) is not None  # the 2nd hit
+    assert _core.mw_route(scope(), receive, send, fast) is not None  # the 2nd hit
     rejected = scope()
-    assert _core.mw_route(rejected, send, fast) is False
+    assert _core.mw_route(rejected, receive, send, fast) is False
     assert rejected["state"]["view_rate_limit"] is not None
 
     untouched = [
@@ -945,25 +948,25 @@ def test_mw_route_decides_only_what_the_python_lookup_would() -> None:
         (scope(), fast[:-1]),
     ]
     for odd, routes in untouched:
-        assert _core.mw_route(odd, send, routes) is None
+        assert _core.mw_route(odd, receive, send, routes) is None
         assert "state" not in odd
     # A route added, the limiter replaced or removed, a new app.state.
     inner.router.routes.append(APIRoute("/b", text_view("b")))
     odd = scope()
-    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    assert route(odd) is None and "state" not in odd
     inner.router.routes.pop()
-    assert _core.mw_route(scope(client=("10.2.2.2", 1)), send, mw._fast_state)
+    assert route(scope(client=("10.2.2.2", 1)))
     inner.state.limiter = Limiter(key_func=get_remote_address)
     odd = scope(client=("10.3.3.3", 1))
-    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    assert route(odd) is None and "state" not in odd
     del inner.state.limiter
     odd = scope(client=("10.3.3.3", 1))
-    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    assert route(odd) is None and "state" not in odd
     inner.state.limiter = limiter
-    assert _core.mw_route(scope(client=("10.6.6.6", 1)), send, mw._fast_state)
+    assert route(scope(client=("10.6.6.6", 1)))
     inner.state = State({"limiter": limiter})  # the old one keeps its limiter
     odd = scope(client=("10.3.3.3", 1))
-    assert _core.mw_route(odd, send, mw._fast_state) is None and "state" not in odd
+    assert route(odd) is None and "state" not in odd
     # The Python path takes those, and mw_route again once it has seen them.
     asyncio.run(mw(scope(client=("10.4.4.4", 1)), receive, send))  # type: ignore[arg-type]
-    assert _core.mw_route(scope(client=("10.5.5.5", 1)), send, mw._fast_state)
+    assert route(scope(client=("10.5.5.5", 1)))

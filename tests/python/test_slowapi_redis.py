@@ -252,6 +252,94 @@ def test_decide_scope_waiter_on_redis(server: RedisServer) -> None:
     assert view.decision is not None and view.decision.remaining == 2
 
 
+@pytest.mark.parametrize("path", ["middleware", "asgi-middleware"])
+def test_middleware_usual_request_decided_by_the_core(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The middleware's usual request on Redis (one limit keyed by the peer's
+    address) is one core call (mw_route submits the decision and returns
+    its waiter): the Python check sees the first request only, which fills
+    the caches. Headers, the 429 and the one command per request are the
+    general path's, and so is a storage error once Redis is gone (503)."""
+    limiter = limiter_for(server, path, storage_options=FAST)
+    app = make_app(limiter, path)
+    seen: list[Any] = []
+    general = Limiter._scope_check_async
+
+    def counted(self: Limiter, scope: Any, *args: Any) -> Any:
+        seen.append(scope)
+        return general(self, scope, *args)
+
+    monkeypatch.setattr(Limiter, "_scope_check_async", counted)
+
+    async def main() -> tuple[list[httpx.Response], int, list[httpx.Response]]:
+        async with client_for(app) as client:
+            first = [await client.get("/r")]
+            server.reset_stats()
+            served = first + [await client.get("/r") for _ in range(4)]
+            calls = server.command_calls()["evalsha"]
+            server.kill()
+            down = [await client.get("/r") for _ in range(2)]
+            return served, calls, down
+
+    responses, calls, down = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+    assert len(seen) == 1
+    assert [r.headers["x-ratelimit-remaining"] for r in responses] == list("21000")
+    assert responses[3].json() == {"error": "Rate limit exceeded: 3 per 1 minute"}
+    assert 0 < int(responses[3].headers["retry-after"]) <= 60
+    # Two admitted, one refused by Redis; the last refusal is the
+    # blocked-key cache's.
+    assert calls == 3
+    # A new client (not blocked in the cache) while Redis is down: the
+    # fail-closed 503 of the general path, through the waiter's finisher.
+    assert [r.status_code for r in down] == [429, 429]  # still blocked
+
+    async def other_client() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(
+            app=app, raise_app_exceptions=False, client=("10.7.7.7", 1)
+        )
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return [await c.get("/r") for _ in range(2)]
+
+    unavailable = asyncio.run(other_client())
+    assert [r.status_code for r in unavailable] == [503, 503]
+    assert unavailable[0].json() == {"error": "Rate limit storage unavailable"}
+    assert int(unavailable[0].headers["retry-after"]) >= 1
+    assert len(seen) == 1
+
+
+def test_middleware_on_redis_fail_open_as_the_decorator(server: RedisServer) -> None:
+    """swallow_errors (the storage's fail-open policy) through mw_route's
+    waiter: Redis gone, requests are let through with the headers of the
+    policy's view, as the decorator gives them."""
+
+    def run(path: str) -> list[tuple[int, str, str | None]]:
+        if server.proc is None:
+            server.restart()
+        limiter = limiter_for(
+            server, path, storage_options=FAST, swallow_errors=True, key_prefix=path
+        )
+        app = make_app(limiter, path)
+
+        async def main() -> list[httpx.Response]:
+            async with client_for(app) as client:
+                served = [await client.get("/r") for _ in range(2)]
+                server.kill()
+                return served + [await client.get("/r") for _ in range(3)]
+
+        got = asyncio.run(main())
+        limiter.close()
+        return [
+            (r.status_code, r.text, r.headers.get("x-ratelimit-remaining")) for r in got
+        ]
+
+    decorator = run("decorator")
+    assert [status for status, _, _ in decorator] == [200] * 5
+    assert run("middleware") == decorator
+    assert run("asgi-middleware") == decorator
+
+
 @pytest.mark.parametrize("middleware", [SlowAPIMiddleware, SlowAPIASGIMiddleware])
 def test_middleware_keyed_by_api_key_as_on_memory(
     server: RedisServer, middleware: type
@@ -650,7 +738,7 @@ def test_failover_reaches_the_new_primary(
     finally:
         # A primary with a replica waits for it at shutdown.
         server.client().replicaof("NO", "ONE")
-        primary.stop()
+        primary.cleanup()
 
 
 def test_sync_check_request_limit_raises_503(server: RedisServer) -> None:
