@@ -342,7 +342,7 @@ class SlowAPIASGIMiddleware:
         if wrapped is False:  # rejected by the limiter the state names
             state = scope["state"]
             return self._not_allowed(scope, receive, send, state[_BY], None, False)
-        if wrapped.__class__ is tuple:  # (waiter, send): on Redis
+        if type(wrapped) is tuple:  # (waiter, send): on Redis
             return self._awaited(scope, receive, send, *wrapped)
         return self.app(scope, receive, wrapped)
 
@@ -350,8 +350,9 @@ class SlowAPIASGIMiddleware:
         self, scope: Scope, receive: Receive, send: Send, waiter: Any, sent: Send
     ) -> None:
         """mw_route's request on Redis once its decision is in: ``sent``
-        (the send that adds the headers) goes to the application when the
-        request is allowed or the storage's error lets it through."""
+        (``send``, or the one adding the headers when they are on) goes to
+        the application when the request is allowed or the storage's error
+        lets it through."""
         outcome = await waiter
         if outcome.__class__ is not ViewRateLimit and outcome is not None:
             state = scope["state"]
