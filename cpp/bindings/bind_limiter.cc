@@ -680,7 +680,7 @@ PyObject* DecideView(PyObject* self, PyObject* const* args, Py_ssize_t nargsf,
   PyObject* key = args[1];
   PyObject* scope = args[2];
   PyObject* prefix = args[7];
-  const int has_prefix = PyObject_IsTrue(prefix);
+  const int has_prefix = PrefixIsSet(prefix);
   if (has_prefix < 0) return nullptr;
   PyObject* const with_prefix[3] = {prefix, key, scope};
   PyObject* const result =
@@ -844,9 +844,7 @@ PyObject* DecideScopeFor(PyObject* scope, PyObject* spec,
     Py_RETURN_NONE;
   }
   PyObject* const name = scope_name == Py_None ? endpoint_key : scope_name;
-  const int has_prefix = PyUnicode_CheckExact(prefix)
-                             ? PyUnicode_GET_LENGTH(prefix) != 0
-                             : PyObject_IsTrue(prefix);
+  const int has_prefix = PrefixIsSet(prefix);
   if (has_prefix < 0) return nullptr;
   auto* limiter = SelfHandle(core);
   if (limiter == nullptr) return nullptr;

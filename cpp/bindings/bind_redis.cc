@@ -1710,9 +1710,7 @@ PyObject* ViewAsync(RedisStorageHandle* storage, PyObject* const* args,
   PyObject* key = args[2];
   PyObject* scope = args[3];
   PyObject* prefix = args[8];
-  const int has_prefix = PyUnicode_CheckExact(prefix)
-                             ? PyUnicode_GET_LENGTH(prefix) != 0
-                             : PyObject_IsTrue(prefix);
+  const int has_prefix = PrefixIsSet(prefix);
   if (has_prefix < 0) return nullptr;
   PyObject* const ids[3] = {prefix, key, scope};
   thread_local std::string key_text;

@@ -92,6 +92,13 @@ inline bool NowFromPython(PyObject* now, int64_t* out) {
   return NowFromSeconds(now, out);
 }
 
+// bool(prefix) for a key prefix, answered without a call for the usual
+// str; -1 with a Python error set.
+inline int PrefixIsSet(PyObject* prefix) {
+  return PyUnicode_CheckExact(prefix) ? PyUnicode_GET_LENGTH(prefix) != 0
+                                      : PyObject_IsTrue(prefix);
+}
+
 // Appends str(obj) (bytes are decoded as UTF-8, like limits' safe_string).
 bool AppendIdentifier(PyObject* obj, std::string* out);
 

@@ -23,18 +23,21 @@ from redis_server import RedisServer
 trio = pytest.importorskip("trio")
 
 
-def _app(uri: str, **options: Any) -> FastAPI:
+def _app(uri: str, middleware: bool = True, **options: Any) -> FastAPI:
+    """Routes limited each way; with ``middleware``, the middleware's
+    application limit too (and /plain limited by it alone)."""
     options.setdefault("key_func", lambda request: request.headers.get("x-key", "k"))
     limiter = Limiter(
         storage_uri=uri,
         headers_enabled=True,
-        application_limits=["3/minute"],
+        application_limits=["3/minute"] if middleware else [],
         **options,
     )
     app = FastAPI()
     app.state.limiter = limiter
     app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
-    app.add_middleware(SlowAPIASGIMiddleware)
+    if middleware:
+        app.add_middleware(SlowAPIASGIMiddleware)
 
     @app.get("/async")
     @limiter.limit("3/minute")
@@ -93,22 +96,12 @@ def test_redis_decorator_keyed_by_address_on_trio(server: RedisServer) -> None:
     # The decorator's usual request (one limit, the peer's address) on Redis
     # is decided by one core call that awaits an asyncio waiter: with no
     # asyncio loop it leaves the request unmarked to the general way.
-    limiter = Limiter(
-        key_func=get_remote_address, storage_uri=server.uri, headers_enabled=True
-    )
-    app = FastAPI()
-    app.state.limiter = limiter
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
-
-    @app.get("/d")
-    @limiter.limit("3/minute")
-    async def decorated(request: Request) -> dict[str, str]:
-        return {"view": "decorated"}
-
-    got = trio.run(_get, app, "/d", 4, "unused")
+    # (Without the middleware's application limit the route has one limit.)
+    app = _app(server.uri, middleware=False, key_func=get_remote_address)
+    got = trio.run(_get, app, "/async", 4, "unused")
     assert [r.status_code for r in got] == [200, 200, 200, 429]
     assert [r.headers["x-ratelimit-remaining"] for r in got] == list("2100")
-    limiter.close()
+    app.state.limiter.close()
 
 
 def test_memory_limits_on_trio() -> None:
