@@ -39,8 +39,8 @@ ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 step "format, lint, types"
 git ls-files -co --exclude-standard -- 'cpp/*.h' 'cpp/*.cc' 'tests/cpp/*.h' \
   'tests/cpp/*.cc' 'benchmarks/*.cc' | xargs clang-format --dry-run -Werror
-"$venv/bin/ruff" check python tests/python examples benchmarks
-"$venv/bin/ruff" format --check python tests/python examples benchmarks
+"$venv/bin/ruff" check python tests/python examples benchmarks scripts
+"$venv/bin/ruff" format --check python tests/python examples benchmarks scripts
 "$venv/bin/mypy"
 
 step "pytest"
