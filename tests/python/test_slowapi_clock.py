@@ -144,6 +144,33 @@ def test_strategies_under_a_frozen_clock(
         assert int(rejected.headers["retry-after"]) == retry_when_rejected
 
 
+def test_token_bucket_limit_string_sets_the_burst() -> None:
+    # README: with token-bucket, "50/5 seconds" is a bucket of 50 that
+    # refills one every 0.1 s: a burst of 50, then 10 per second.
+    limiter = Limiter(key_func=get_remote_address, strategy="token-bucket")
+
+    async def view(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/b", limiter.limit("50/5 seconds")(view))])
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    client = AsyncClientAdapter(app)
+
+    def allowed(n: int) -> int:
+        return sum(client.get("/b").status_code == 200 for _ in range(n))  # type: ignore[attr-defined]
+
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        assert allowed(60) == 50
+        # Not 0.1: time.time() near 2100 has a resolution of about 0.5 us.
+        frozen.tick(0.15)
+        assert allowed(3) == 1
+        frozen.tick(1.0)  # 11.5 tokens since the burst, one taken
+        assert allowed(20) == 10
+        frozen.tick(60)  # full again, never above 50
+        assert allowed(60) == 50
+
+
 def test_sliding_window_recovers_gradually() -> None:
     limiter = Limiter(
         key_func=get_remote_address,
