@@ -74,7 +74,10 @@ Correctness
   ``Limit.scope`` returns "" for a callable scope.
 * A storage error or a bad dynamic limit never reaches the 429 handler
   (#239, #253). With ``swallow_errors=True`` the request goes through
-  without rate-limit headers. With ``swallow_errors=False`` (the default)
+  without rate-limit headers, also when the key function that a dynamic
+  limit taking the key (``limit(lambda key: ...)``) is given raises: slowapi
+  called it before the part of its check that swallows errors (a 500
+  whatever the setting). With ``swallow_errors=False`` (the default)
   the original exception propagates (a 500 from the server error middleware,
   or the application's own handler for it): fail-closed is that explicit
   choice. ``auto_check=False`` never breaks a decorated endpoint.

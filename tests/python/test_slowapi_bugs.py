@@ -262,6 +262,52 @@ def test_253_no_attribute_error_without_a_check(setting: str) -> None:
     assert codes(ours, "/x", 3) == [200, 200, 200]
 
 
+@pytest.mark.parametrize("swallow", [True, False])
+def test_swallow_errors_covers_a_dynamic_limits_key_function(swallow: bool) -> None:
+    # slowapi reads a dynamic limit that takes the key before its check's
+    # try block, catching only ValueError: a key function raising there
+    # was a 500 even with swallow_errors=True (found by seeds 20000 to
+    # 25000 of test_app_differential's random_options).
+    def key(request: Request) -> str:
+        if "x-boom" in request.headers:
+            raise KeyError("boom")
+        return "k"
+
+    def build(cls: Any, exc: Any, handler: Any) -> Starlette:
+        limiter = cls(key_func=key, swallow_errors=swallow, headers_enabled=True)
+
+        async def view(request: Request) -> Response:
+            return PlainTextResponse("ok")
+
+        limited = limiter.limit(lambda key: "2/minute")(view)
+        app = Starlette(routes=[Route("/x", limited)])
+        app.state.limiter = limiter
+        app.add_exception_handler(exc, handler)
+        return app
+
+    theirs = TestClient(
+        build(
+            slowapi.Limiter,
+            slowapi.errors.RateLimitExceeded,
+            slowapi._rate_limit_exceeded_handler,
+        ),
+        raise_server_exceptions=False,
+    )
+    assert codes(theirs, "/x", 1, headers={"x-boom": "1"}) == [500]
+    ours = TestClient(
+        build(Limiter, RateLimitExceeded, _rate_limit_exceeded_handler),
+        raise_server_exceptions=False,
+    )
+    boom = ours.get("/x", headers={"x-boom": "1"})
+    if swallow:  # through, without headers, and uncounted
+        assert boom.status_code == 200
+        assert "x-ratelimit-limit" not in boom.headers
+        assert codes(ours, "/x", 3) == [200, 200, 429]
+    else:  # the key function's error, as slowapi
+        assert boom.status_code == 500
+        assert codes(ours, "/x", 3) == [200, 200, 429]
+
+
 # --------------------------------------------------------------------------
 # default_limits as a string; shared mutable defaults
 
