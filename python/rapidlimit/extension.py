@@ -2319,11 +2319,16 @@ class Limiter:
             self.logger.debug("Rate limit storage unavailable: %s", exc)
             return _Unavailable(getattr(exc, "retry_after", 1.0))
         if self._in_memory_fallback_enabled:
-            if self._remote and getattr(self._storage, "connected", False):
-                # Redis is up and refused this request alone (a key holding
-                # another type of value; rapidlimit.redis logs it): decided
-                # in memory, with no outage declared (the next request would
-                # find the storage "recovered" at once).
+            if self._remote and (
+                not unavailable or getattr(self._storage, "connected", False)
+            ):
+                # No outage: Redis refused this request alone (a key holding
+                # another type of value; rapidlimit.redis logs it), or the
+                # request's own key or cost function failed. Decided in
+                # memory with no outage declared: the next request would
+                # find the storage "recovered" at once, and while Redis is
+                # down the store's own fallback is counting, whose counts a
+                # switch to this limiter's would forget.
                 return self._check_in_fallback(conn, plan, state, endpoint_key)
             if not self._storage_dead:
                 self.logger.warning(

@@ -548,6 +548,43 @@ def test_in_memory_fallback_enabled_counts_in_memory(
     assert asyncio.run(main()) == [200, 200, 200, 429, 429]
 
 
+@pytest.mark.parametrize("path", ["decorator", "middleware", "asgi-middleware"])
+def test_in_memory_fallback_keeps_its_counts_after_a_key_function_error(
+    server: RedisServer, path: str
+) -> None:
+    # A key function's error while Redis is down is the request's own, not
+    # an outage. It used to be taken for one: the limiter switched to a
+    # second in-memory store of its own, which counted afresh (found by
+    # seed 30134 of the Redis differential, beyond its seeds).
+    def key(request: Request) -> str:
+        if "x-boom" in request.headers:
+            raise KeyError("boom")
+        return "k"
+
+    limiter = Limiter(
+        key_func=key,
+        headers_enabled=True,
+        storage_uri=server.uri,
+        storage_options=FAST,
+        in_memory_fallback_enabled=True,
+        default_limits=["3/minute"] if path.endswith("middleware") else None,
+    )
+    app = make_app(limiter, path)
+
+    async def main() -> tuple[list[int], int, list[int]]:
+        async with client_for(app) as client:
+            await client.get("/r")
+            server.kill()
+            before = [(await client.get("/r")).status_code for _ in range(2)]
+            boom = (await client.get("/r", headers={"x-boom": "1"})).status_code
+            after = [(await client.get("/r")).status_code for _ in range(2)]
+            return before, boom, after
+
+    before, boom, after = asyncio.run(main())
+    assert (before, boom) == ([200, 200], 500)
+    assert after == [200, 429]  # the third of three in memory, then refused
+
+
 def test_in_memory_fallback_limits_apply_while_down(server: RedisServer) -> None:
     limiter = limiter_for(
         server, "decorator", storage_options=FAST, in_memory_fallback=["1/minute"]
