@@ -1279,12 +1279,19 @@ def failed_open(
     through with a fresh window's view (allowed, resetting one period from
     now), where slowapi's swallowed storage error leaves no
     ``view_rate_limit`` and its decorator or middleware then fails reading
-    it (slowapi #253: 500, AttributeError)."""
+    it (slowapi #253: 500, AttributeError), or, where nothing reads it (a
+    view calling ``_check_request_limit`` with auto_check=False, with no
+    decorator check and no middleware: found by seeds of the Redis
+    differential past its own), answers 200 with no view, and neither side
+    sends headers."""
     if not (down and cfg.swallow_errors and not cfg.fallback):
         return False
-    if theirs.status != 500 or theirs.error != "AttributeError" or theirs.rate_headers:
+    if theirs.rate_headers or ours.status != 200 or ours.error:
         return False
-    if ours.status != 200 or ours.error:
+    if theirs.error:
+        if theirs.status != 500 or theirs.error != "AttributeError":
+            return False
+    elif theirs.status != 200 or theirs.view is not None or ours.rate_headers:
         return False
     if ours.raw_view is not None:
         item, _ = ours.raw_view
@@ -1348,6 +1355,8 @@ def compare(
         ) or failed_open(cfg, theirs, ours, now, down) or failed_closed(
             cfg, theirs, ours, down
         )
+    elif theirs.view is None and ours.view is not None:
+        failed_open(cfg, theirs, ours, now, down)
     if cfg.headers_enabled and theirs.rate_headers != ours.rate_headers:
         moving_window_edge(cfg, theirs, ours, slow_limiter, now)
         sliding_window_rounding(cfg, theirs, ours, now)

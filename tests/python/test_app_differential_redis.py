@@ -65,6 +65,12 @@ import test_app_differential as base
 from redis_server import RedisServer
 
 REDIS_SEEDS = range(300, 380)
+# Seeds past that range that met what none of its seeds does (found by
+# running seeds 30000 to 30399): kept in every run.
+EDGE_REDIS_SEEDS = (
+    30134,  # a key function's error during the in-memory fallback (fixed)
+    30309,  # base.failed_open with nothing reading slowapi's missing view
+)
 
 
 class RedisClock:
@@ -173,7 +179,7 @@ class RedisBackend(KilledRedis):
         apps["slowapi"][1]._storage.storage.close()
 
 
-@pytest.mark.parametrize("seed", REDIS_SEEDS)
+@pytest.mark.parametrize("seed", [*REDIS_SEEDS, *EDGE_REDIS_SEEDS])
 def test_same_responses_as_slowapi_on_redis(
     seed: int, clock: base.Clock, own_server: RedisServer
 ) -> None:
