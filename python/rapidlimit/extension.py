@@ -2320,15 +2320,20 @@ class Limiter:
             return _Unavailable(getattr(exc, "retry_after", 1.0))
         if self._in_memory_fallback_enabled:
             if self._remote and (
-                not unavailable or getattr(self._storage, "connected", False)
+                getattr(self._storage, "connected", False)
+                or (
+                    not unavailable
+                    and cast(RedisStorage, self._storage).on_error == "fallback"
+                )
             ):
-                # No outage: Redis refused this request alone (a key holding
-                # another type of value; rapidlimit.redis logs it), or the
-                # request's own key or cost function failed. Decided in
-                # memory with no outage declared: the next request would
-                # find the storage "recovered" at once, and while Redis is
-                # down the store's own fallback is counting, whose counts a
-                # switch to this limiter's would forget.
+                # No outage declared: Redis is up and refused this request
+                # alone (a key holding another type of value;
+                # rapidlimit.redis logs it), so the next request would find
+                # the storage "recovered" at once; or Redis is down, the
+                # store's own fallback is counting the same limits in
+                # memory, and only the request's own key or cost function
+                # failed: a switch to this limiter's store would forget
+                # those counts. Decided in memory.
                 return self._check_in_fallback(conn, plan, state, endpoint_key)
             if not self._storage_dead:
                 self.logger.warning(

@@ -70,6 +70,7 @@ REDIS_SEEDS = range(300, 380)
 EDGE_REDIS_SEEDS = (
     30134,  # a key function's error during the in-memory fallback (fixed)
     30309,  # base.failed_open with nothing reading slowapi's missing view
+    32003,  # the same error with in_memory_fallback limits: an outage
 )
 
 
