@@ -2419,9 +2419,11 @@ class Limiter:
         try:
             return self._evaluate(conn, plan, state, endpoint_key, fallback)
         except Exception:
+            # A limit decided before the one whose key or cost function
+            # failed leaves no view, as the check on the storage leaves none.
+            state[_VIEW] = None
             if self._swallow_errors:
                 self.logger.exception("Failed to rate limit. Swallowing error")
-                state[_VIEW] = None
                 return None
             raise
 

@@ -71,6 +71,9 @@ EDGE_REDIS_SEEDS = (
     30134,  # a key function's error during the in-memory fallback (fixed)
     30309,  # base.failed_open with nothing reading slowapi's missing view
     32003,  # the same error with in_memory_fallback limits: an outage
+    32974,  # base.fallback_skips_dynamic_key
+    34349,  # a cached refusal's 429 headers while Redis is down
+    34933,  # no view left by the fallback's check that raised
 )
 
 
