@@ -1245,6 +1245,22 @@ def failed_closed(cfg: Config, theirs: Outcome, ours: Outcome, down: bool) -> bo
     return True
 
 
+def dynamic_key_raised(
+    cfg: Config, spec: RouteSpec | None, step: Step, theirs: Outcome
+) -> bool:
+    """Whether slowapi's answer is the 500 of the key function of the
+    route's dynamic limit that takes the key, which it reads before its
+    check (the request's key function raised: x-boom)."""
+    return (
+        spec is not None
+        and spec.dynamic == "key"
+        and "x-boom" in step.headers
+        and (spec.key_func or cfg.key_func) == "header"
+        and (theirs.status, theirs.error) == (500, "KeyError")
+        and not theirs.rate_headers
+    )
+
+
 def swallowed_dynamic_key_error(
     cfg: Config, spec: RouteSpec | None, step: Step, theirs: Outcome, ours: Outcome
 ) -> bool:
@@ -1258,11 +1274,7 @@ def swallowed_dynamic_key_error(
     Accepted only for a request whose key function raised, on a route with
     such a limit, let through by rapidlimit without headers or view. Found
     by seeds 20000 to 25000."""
-    if not cfg.swallow_errors or spec is None or spec.dynamic != "key":
-        return False
-    if "x-boom" not in step.headers or (spec.key_func or cfg.key_func) != "header":
-        return False
-    if (theirs.status, theirs.error) != (500, "KeyError") or theirs.rate_headers:
+    if not cfg.swallow_errors or not dynamic_key_raised(cfg, spec, step, theirs):
         return False
     if ours.status != 200 or ours.error or ours.rate_headers or ours.view is not None:
         return False
@@ -1290,11 +1302,7 @@ def fallback_skips_dynamic_key(
     Found by seed 32974 of the Redis differential, past its seeds."""
     if cfg.fallback != "limits" or not slow_limiter._storage_dead:
         return False
-    if spec is None or spec.dynamic != "key" or "x-boom" not in step.headers:
-        return False
-    if (spec.key_func or cfg.key_func) != "header":
-        return False
-    if (theirs.status, theirs.error) != (500, "KeyError") or theirs.rate_headers:
+    if not dynamic_key_raised(cfg, spec, step, theirs):
         return False
     if ours.error or ours.status not in (200, 429):
         return False
