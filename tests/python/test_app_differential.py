@@ -1309,6 +1309,28 @@ def fallback_skips_dynamic_key(
     raise Diverged
 
 
+def fallback_noticed_first(
+    cfg: Config, theirs: Outcome, ours: Outcome, slow_limiter: Any, down: bool
+) -> None:
+    """With in_memory_fallback limits, each library enters the fallback when
+    a check meets the outage, and they meet it at different requests:
+    slowapi reads a dynamic limit that takes the key before its check, so
+    that key function's error there leaves it unaware of the outage, while
+    rapidlimit (rapidlimit's storage says Redis is disconnected) enters the
+    fallback then (fallback_skips_dynamic_key). Accepted when rapidlimit
+    checked a fallback limit where slowapi, its storage not yet dead,
+    checked none; the counts differ from here on. Found by seed 35229 of
+    the Redis differential, past its seeds."""
+    if not down or cfg.fallback != "limits" or slow_limiter._storage_dead:
+        return
+    if theirs.view is not None or ours.raw_view is None:
+        return
+    item, _ = ours.raw_view
+    fallback = [i for text in cfg.fallback_limits for i in rapidlimit.parse_many(text)]
+    if any(item == i for i in fallback):
+        raise Diverged
+
+
 def failed_open(
     cfg: Config, theirs: Outcome, ours: Outcome, now: float, down: bool
 ) -> bool:
@@ -1403,6 +1425,7 @@ def compare(
             cfg, theirs, ours, down
         )
     elif theirs.view is None and ours.view is not None:
+        fallback_noticed_first(cfg, theirs, ours, slow_limiter, down)
         failed_open(cfg, theirs, ours, now, down)
     if cfg.headers_enabled and theirs.rate_headers != ours.rate_headers:
         moving_window_edge(cfg, theirs, ours, slow_limiter, now)

@@ -74,6 +74,7 @@ EDGE_REDIS_SEEDS = (
     32974,  # base.fallback_skips_dynamic_key
     34349,  # a cached refusal's 429 headers while Redis is down
     34933,  # no view left by the fallback's check that raised
+    35229,  # base.fallback_noticed_first
 )
 
 
