@@ -1310,7 +1310,12 @@ def fallback_skips_dynamic_key(
 
 
 def fallback_noticed_first(
-    cfg: Config, theirs: Outcome, ours: Outcome, slow_limiter: Any, down: bool
+    cfg: Config,
+    step: Step,
+    theirs: Outcome,
+    ours: Outcome,
+    slow_limiter: Any,
+    down: bool,
 ) -> None:
     """With in_memory_fallback limits, each library enters the fallback when
     a check meets the outage, and they meet it at different requests:
@@ -1319,11 +1324,19 @@ def fallback_noticed_first(
     rapidlimit (rapidlimit's storage says Redis is disconnected) enters the
     fallback then (fallback_skips_dynamic_key). Accepted when rapidlimit
     checked a fallback limit where slowapi, its storage not yet dead,
-    checked none; the counts differ from here on. Found by seed 35229 of
-    the Redis differential, past its seeds."""
+    checked none, or failed on the fallback limits' key function (the
+    limiter's, raising: x-boom) where slowapi checked nothing; the counts
+    differ from here on. Found by seeds 35229 and 39634 of the Redis
+    differential, past its seeds."""
     if not down or cfg.fallback != "limits" or slow_limiter._storage_dead:
         return
-    if theirs.view is not None or ours.raw_view is None:
+    if theirs.view is not None or theirs.error:
+        return
+    if ours.error == "KeyError" and not theirs.rate_headers:
+        if "x-boom" in step.headers and cfg.key_func == "header":
+            raise Diverged
+        return
+    if ours.raw_view is None:
         return
     item, _ = ours.raw_view
     fallback = [i for text in cfg.fallback_limits for i in rapidlimit.parse_many(text)]
@@ -1424,8 +1437,8 @@ def compare(
         ) or failed_open(cfg, theirs, ours, now, down) or failed_closed(
             cfg, theirs, ours, down
         )
-    elif theirs.view is None and ours.view is not None:
-        fallback_noticed_first(cfg, theirs, ours, slow_limiter, down)
+    elif ours.error or (theirs.view is None and ours.view is not None):
+        fallback_noticed_first(cfg, step, theirs, ours, slow_limiter, down)
         failed_open(cfg, theirs, ours, now, down)
     if cfg.headers_enabled and theirs.rate_headers != ours.rate_headers:
         moving_window_edge(cfg, theirs, ours, slow_limiter, now)

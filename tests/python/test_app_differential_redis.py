@@ -75,6 +75,7 @@ EDGE_REDIS_SEEDS = (
     34349,  # a cached refusal's 429 headers while Redis is down
     34933,  # no view left by the fallback's check that raised
     35229,  # base.fallback_noticed_first
+    39634,  # the same, rapidlimit failing on the fallback's key function
 )
 
 
