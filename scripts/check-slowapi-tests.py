@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 # Test function -> the intended difference it meets (extension.py's list).
@@ -122,23 +123,19 @@ def main(argv: list[str]) -> int:
         (ours / "conftest.py").write_text(_NO_SLOWAPI)
         theirs, mine = _run(base, argv[1:]), _run(ours, argv[1:])
 
-    def count(outcomes: dict[str, str], what: str) -> int:
-        return sum(1 for o in outcomes.values() if o == what)
-
     for name, outcomes in (("slowapi", theirs), ("rapidlimit", mine)):
+        tally = Counter(outcomes.values())
         print(
-            f"{name:10}: {count(outcomes, 'passed')} passed, "
-            f"{count(outcomes, 'failed')} failed, "
-            f"{count(outcomes, 'skipped')} skipped"
+            f"{name:10}: {tally['passed']} passed, {tally['failed']} failed, "
+            f"{tally['skipped']} skipped"
         )
     # Differences by test function (a function's parameter sets share one
-    # reason): (module::function, slowapi's, rapidlimit's) -> ids.
-    groups: dict[tuple[str, str, str], int] = {}
+    # reason): (module::function, slowapi's, rapidlimit's) -> how many ids.
+    groups: Counter[tuple[str, str, str]] = Counter()
     for test_id in set(theirs) | set(mine):
         a, b = theirs.get(test_id, "missing"), mine.get(test_id, "missing")
         if a != b:
-            key = (test_id.split("[", 1)[0], a, b)
-            groups[key] = groups.get(key, 0) + 1
+            groups[(test_id.split("[", 1)[0], a, b)] += 1
     unexplained = 0
     for (function, a, b), n in sorted(groups.items()):
         why = INTENDED.get(function.rsplit("::", 1)[1], "")

@@ -2319,12 +2319,9 @@ class Limiter:
             self.logger.debug("Rate limit storage unavailable: %s", exc)
             return _Unavailable(getattr(exc, "retry_after", 1.0))
         if self._in_memory_fallback_enabled:
-            if self._remote and (
-                getattr(self._storage, "connected", False)
-                or (
-                    not unavailable
-                    and cast(RedisStorage, self._storage).on_error == "fallback"
-                )
+            redis = cast(RedisStorage, self._storage) if self._remote else None
+            if redis is not None and (
+                redis.connected or (not unavailable and redis.on_error == "fallback")
             ):
                 # No outage declared: Redis is up and refused this request
                 # alone (a key holding another type of value;
@@ -2405,7 +2402,8 @@ class Limiter:
         state: dict[str, Any],
         endpoint_key: str,
     ) -> Failure | None:
-        """The check in memory while the storage is dead."""
+        """The check in memory: while the storage is dead, or for one
+        request the storage did not decide (see _on_error)."""
         fallback = self._fallback_limiter
         assert fallback is not None
         if self._in_memory_fallback and not plan.exempt:

@@ -66,7 +66,7 @@ from redis_server import RedisServer
 
 REDIS_SEEDS = range(300, 380)
 # Seeds past that range that met what none of its seeds does (found by
-# running seeds 30000 to 30399): kept in every run.
+# running seeds 30000 to 39999): kept in every run.
 EDGE_REDIS_SEEDS = (
     30134,  # a key function's error during the in-memory fallback (fixed)
     30309,  # base.failed_open with nothing reading slowapi's missing view
