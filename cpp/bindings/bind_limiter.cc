@@ -421,9 +421,10 @@ PyObject* NewLimit(ObjectCache& cache, int64_t value) {
 
 bool NowFromTimeModule(double* seconds, int64_t* nanos);
 
-// Fills the 6 slots of decide_headers' result `out` (a new tuple); false
-// with a Python error set (and some slots left empty) on failure.
-bool FillResult(const Decision& d, double now_seconds,
+// Fills the 6 slots of decide_headers' result `out` (a new tuple) for a
+// decision of `strategy`; false with a Python error set (and some slots
+// left empty) on failure.
+bool FillResult(const Decision& d, double now_seconds, Strategy strategy,
                 const HeaderNamesHandle& names, PyObject* out) {
   ObjectCache& cache = Cache();
   PyObject* allowed = d.allowed ? Py_True : Py_False;
@@ -460,6 +461,14 @@ bool FillResult(const Decision& d, double now_seconds,
   // int(1 + reset_time) and int(1 + reset_time - now), in doubles.
   const double reset_in = 1.0 + reset_time;
   double retry_in = reset_in - now_seconds;
+  // A token bucket's reset is when it is full again, long after it has
+  // room for the refused cost: a client that obeys Retry-After should come
+  // back then, not after a whole period. The same formula, from that time.
+  const bool to_room = !d.allowed && strategy == Strategy::kTokenBucket;
+  if (to_room) {
+    // The decision's retry_after as Python reads it (NewRetryAfter).
+    retry_in = 1.0 + static_cast<double>(d.retry_after_nanos) / kNanosPerSecond;
+  }
   // slowapi reads the clock again for Retry-After, after the hit: on a
   // request that opens a window (the reset a whole period away) the real
   // clock has moved on and the whole seconds are one fewer (60, not 61),
@@ -472,7 +481,7 @@ bool FillResult(const Decision& d, double now_seconds,
     if (!NowFromTimeModule(&later, &later_nanos)) {
       PyErr_Clear();  // a broken replacement clock: the request's time
     } else if (later >= now_seconds && later - now_seconds < 0.5) {
-      retry_in = reset_in - later;
+      retry_in = to_room ? retry_in - (later - now_seconds) : reset_in - later;
     }
   }
   const int64_t values[HeaderNamesHandle::kFields] = {
@@ -594,7 +603,7 @@ PyObject* DecideWithHeaders(LimiterHandle* limiter, PyObject* item_obj,
 
   PyObject* out = PyTuple_New(6);
   if (out == nullptr) return nullptr;
-  if (!FillResult(d, now_seconds, names, out)) {
+  if (!FillResult(d, now_seconds, r.strategy, names, out)) {
     Py_DECREF(out);  // empty slots are fine: tuples and lists skip them
     return nullptr;
   }
@@ -1602,13 +1611,14 @@ bool ViewNamesReady(PyObject* names) {
 }
 
 PyObject* NewDecisionView(const Decision& d, double now_seconds,
-                          PyObject* names_obj, PyObject* limit,
-                          PyObject* prefix, PyObject* key, PyObject* scope) {
+                          Strategy strategy, PyObject* names_obj,
+                          PyObject* limit, PyObject* prefix, PyObject* key,
+                          PyObject* scope) {
   const HeaderNamesHandle* names = ViewNames(names_obj, "decide_view_async");
   if (names == nullptr) return nullptr;
   PyObject* result = PyTuple_New(6);
   if (result == nullptr) return nullptr;
-  if (!FillResult(d, now_seconds, *names, result)) {
+  if (!FillResult(d, now_seconds, strategy, *names, result)) {
     Py_DECREF(result);
     return nullptr;
   }

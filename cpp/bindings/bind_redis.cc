@@ -933,6 +933,7 @@ struct Pending {
   // scope; strong) and its clock, made into the view on the loop thread.
   PyObject* view[5] = {};
   double now_seconds = 0;
+  Strategy strategy = Strategy::kFixedWindow;  // the view's decision's
   // The limits adapter's single calls (get_async ...): what the result
   // is made of, the answer, and the fail-closed policy's retry-after.
   enum class Single : uint8_t {
@@ -1169,8 +1170,8 @@ PyObject* BuildView(const Pending* p, bool* is_error) {
     *is_error = true;
     return MakeUnavailable(d);
   }
-  return NewDecisionView(d, p->now_seconds, p->view[0], p->view[1], p->view[2],
-                         p->view[3], p->view[4]);
+  return NewDecisionView(d, p->now_seconds, p->strategy, p->view[0], p->view[1],
+                         p->view[2], p->view[3], p->view[4]);
 }
 
 // Sets the future's result (or exception); a cancelled future is skipped.
@@ -1730,6 +1731,7 @@ PyObject* ViewAsync(RedisStorageHandle* storage, PyObject* const* args,
     p->view[i] = parts[i];
   }
   p->now_seconds = now_seconds;
+  p->strategy = strategy;
   return Submit(storage, &r, 1, now, Mode::kHit, p, /*waiter=*/true,
                 finish ? args + 9 : nullptr, loop_ref.release().ptr());
 }

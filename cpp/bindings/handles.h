@@ -189,12 +189,13 @@ inline bool CheckStrategyLimit(Strategy strategy, const Limit& limit) {
 
 // RateLimiter.decide_view's parts, for the Redis storage's awaitable
 // form. ViewNamesReady: `names` is a HeaderNames made with a view class
-// (TypeError otherwise). NewDecisionView: the view for decision `d` made
-// at `now_seconds`, or null with a Python error set; takes no references.
+// (TypeError otherwise). NewDecisionView: the view for decision `d` of
+// `strategy` made at `now_seconds`, or null with a Python error set; takes
+// no references.
 bool ViewNamesReady(PyObject* names);
 PyObject* NewDecisionView(const Decision& d, double now_seconds,
-                          PyObject* names, PyObject* limit, PyObject* prefix,
-                          PyObject* key, PyObject* scope);
+                          Strategy strategy, PyObject* names, PyObject* limit,
+                          PyObject* prefix, PyObject* key, PyObject* scope);
 // `now` as epoch seconds (a float, or a number) and nanoseconds; None is
 // a TypeError. False with a Python error set.
 bool ViewNowFromPython(PyObject* now, double* seconds, int64_t* nanos);

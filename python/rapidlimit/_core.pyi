@@ -478,7 +478,10 @@ class RateLimiter:
              (names.retry_after, b"%d" % int(1 + reset_time - now)))
 
         computed in doubles exactly as that Python would, with the ``now``
-        given. The pairs are shared immutable tuples where possible.
+        given; for a token bucket's refusal the last is ``b"%d" % int(1 +
+        retry_after)`` (the bucket has room for the cost then, and is full
+        again only at the reset). The pairs are shared immutable tuples
+        where possible.
         Raises RedisUnavailableError like ``decide``, TypeError for
         arguments of the wrong type and ValueError for a negative or too
         large ``cost`` or a ``now`` that is not finite epoch seconds."""

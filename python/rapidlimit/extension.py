@@ -115,11 +115,13 @@ Correctness
   separated by ``,``, ``;`` or ``&``.
 * ``X-RateLimit-Reset`` is an integer epoch, ``int(1 + reset)`` (slowapi on
   ``limits`` >= 4 prints the float, e.g. ``1700000061.25``). The same
-  formulas (also for ``Retry-After``) are used for ``token-bucket``, where
-  the reset is when the bucket is full again. ``Retry-After`` is
-  ``int(1 + reset - now)`` with ``now`` read after the hit, as in slowapi
-  (60 on the request that opens a one-minute window; 61 under a frozen
-  clock).
+  formula is used for ``token-bucket``, where the reset is when the bucket
+  is full again. ``Retry-After`` is ``int(1 + reset - now)`` with ``now``
+  read after the hit, as in slowapi (60 on the request that opens a
+  one-minute window; 61 under a frozen clock), except on a token bucket's
+  refusal, which counts to when the bucket has room for the refused cost
+  instead of the reset (``int(1 + wait)``, and ``1 + now + wait`` as an
+  HTTP date): a client that obeys it gets through then.
 * Rate-limit headers are added once per response (no duplicates from
   ``SlowAPIMiddleware``, stacked decorators or dynamic routes). An endpoint
   with ``headers_enabled`` that returns a plain value without a ``response:
@@ -2834,10 +2836,11 @@ class Limiter:
         limit_pair = lim._limit_pair
         if limit_pair[0] is not self._h_limit:
             limit_pair = lim._limit_pair = (self._h_limit, lim._amount_header)
+        retry_time = self._retry_time(decision)
         if self._retry_after == "http-date":
-            retry_pair = (self._h_retry, formatdate(1 + reset_time).encode("latin-1"))
+            retry_pair = (self._h_retry, formatdate(1 + retry_time).encode("latin-1"))
         else:
-            delta = 1 + reset_time - time.time()
+            delta = 1 + retry_time - time.time()
             # floor is int() for the usual positive values, and cheaper.
             seconds = _floor(delta) if delta >= 0 else int(delta)
             if 0 <= seconds < _TABLE_SIZE:
@@ -2850,6 +2853,15 @@ class Limiter:
         else:
             remaining_pair = (self._h_remaining, b"%d" % remaining)
         return [limit_pair, remaining_pair, reset_pair, retry_pair]
+
+    def _retry_time(self, decision: Decision) -> float:
+        """The time ``Retry-After`` counts to: the reset, as slowapi's, but
+        for a refusal of a token bucket, which is full again (its reset)
+        long after it has room for the refused cost: then that time (as the
+        core's headers, which ``_fast_items`` returns when it can)."""
+        if decision.allowed or self._strategy != "token-bucket":
+            return decision.reset_time
+        return time.time() + decision.retry_after
 
     def _header_items(
         self,
@@ -2871,13 +2883,14 @@ class Limiter:
             if existing_retry is None:
                 return self._fast_items(view)
             reset_time = decision.reset_time
+            reset_in = 1 + self._retry_time(decision)
             remaining = decision.remaining
             amount = view.limit_wrapper._amount_header
         else:  # a plain (limit, args) pair: ask the storage
             item, args = view[0], view[1]
             reset_time, remaining = self.limiter.get_window_stats(item, *args)
+            reset_in = 1 + reset_time
             amount = b"%d" % item.amount
-        reset_in = 1 + reset_time
         if existing_retry is not None:
             reset_in = max(
                 self._determine_retry_time(existing_retry.decode("latin-1")), reset_in

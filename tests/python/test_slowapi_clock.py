@@ -121,9 +121,10 @@ def test_http_date_retry_after() -> None:
         ("fixed-window", 61, 51),
         # The oldest entry leaves the window 60 s after it was made.
         ("moving-window", 61, 51),
-        # Token bucket: each request costs 30 s of the 2/minute bucket; the
-        # headers (as slowapi's formula) count to when it is full again.
-        ("token-bucket", 31, 51),
+        # Token bucket: each request costs 30 s of the 2/minute bucket. The
+        # reset is when it is full again; a refusal's Retry-After counts to
+        # when it has room for the request (T + 30).
+        ("token-bucket", 31, 21),
     ],
 )
 def test_strategies_under_a_frozen_clock(
@@ -142,6 +143,45 @@ def test_strategies_under_a_frozen_clock(
         assert rejected.status_code == 429
         assert rejected.headers["x-ratelimit-remaining"] == "0"
         assert int(rejected.headers["retry-after"]) == retry_when_rejected
+
+
+@pytest.mark.parametrize("retry_after", [None, "http-date"])
+@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("middleware", [None, SlowAPIMiddleware, SlowAPIASGIMiddleware])
+def test_token_bucket_retry_after_counts_to_room_for_the_request(
+    kind: str, middleware: Any, retry_after: str | None
+) -> None:
+    # A client that obeys a token bucket's Retry-After gets through then,
+    # not a period later when the bucket is full again (X-RateLimit-Reset).
+    limiter = Limiter(
+        key_func=get_remote_address,
+        headers_enabled=True,
+        strategy="token-bucket",
+        retry_after=retry_after,
+    )
+    client = AsyncClientAdapter(_app(limiter, kind, middleware))
+
+    def retry(seconds: int, date: float) -> str:  # as slowapi's formulas
+        return formatdate(date) if retry_after else str(seconds)
+
+    with freeze_time(FROZEN, real_asyncio=True) as frozen:
+        assert [client.get("/x").status_code for _ in range(2)] == [200, 200]
+        frozen.tick(10)
+        rejected: Any = client.get("/x")
+        assert rejected.status_code == 429
+        # Room for one more at T + 30 (two hits of 30 s each, a 60 s
+        # bucket), full again at T + 60.
+        assert rejected.headers["x-ratelimit-reset"] == str(T + 61)
+        assert rejected.headers["retry-after"] == retry(21, T + 31)
+        frozen.tick(19.5)
+        again: Any = client.get("/x")
+        assert again.status_code == 429
+        assert again.headers["retry-after"] == retry(1, T + 31)
+        frozen.tick(0.5)
+        admitted: Any = client.get("/x")
+        assert admitted.status_code == 200
+        # An admitted request's Retry-After is slowapi's: to the reset.
+        assert admitted.headers["retry-after"] == retry(61, T + 91)
 
 
 def test_token_bucket_limit_string_sets_the_burst() -> None:

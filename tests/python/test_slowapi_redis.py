@@ -417,6 +417,32 @@ def test_event_loop_keeps_serving_while_redis_is_slow(
     assert ticks >= 10  # the loop ran during the >= 0.4 s wait
 
 
+@pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize("path", ["decorator", "middleware", "asgi-middleware"])
+def test_token_bucket_retry_after_counts_to_room_for_the_request(
+    server: RedisServer, path: str, sync: bool
+) -> None:
+    """As on memory (test_slowapi_clock.py): a token bucket's refusal says
+    to come back when it has room, also when the refusal is the blocked-key
+    cache's."""
+    limiter = limiter_for(server, path, strategy="token-bucket")
+    app = make_app(limiter, path, limit="3/minute", sync=sync)
+
+    async def main() -> list[httpx.Response]:
+        async with client_for(app) as client:
+            return [await client.get("/r") for _ in range(5)]
+
+    started = time.time()
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200, 200, 200, 429, 429]
+    # Three hits of 20 s each fill the bucket: room again in 20 s, full
+    # in 60 s (X-RateLimit-Reset); the headers truncate as slowapi's.
+    for refused in responses[3:]:
+        assert 59 <= int(refused.headers["x-ratelimit-reset"]) - started <= 62
+        assert refused.headers["retry-after"] in ("19", "20", "21")
+    assert server.command_calls()["evalsha"] >= 4
+
+
 def test_one_command_per_request_async(server: RedisServer) -> None:
     """Several limits on the route, headers on: one EVALSHA per request."""
     limiter = limiter_for(server, "decorator")
