@@ -653,6 +653,34 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
+# The CPU features glibc picks its string and memory routines by (and so
+# what callgrind counts in them): instruction counts compare only between
+# hosts that agree on these.
+_DISPATCH_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "bmi2",
+    "erms",
+    "fsrm",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "evex",
+)
+
+
+def _cpu_features() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in _DISPATCH_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def _git() -> str:
     try:
         sha = subprocess.run(
@@ -684,6 +712,8 @@ def meta(cfg: Config) -> dict[str, Any]:
         "git": _git(),
         "machine": {
             "cpu": _cpu_model(),
+            "cpu_features": _cpu_features(),
+            "libc": " ".join(platform.libc_ver()),
             "cpus": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)),
             "kernel": platform.release(),
@@ -831,6 +861,11 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(
             f"{k} {v}" for k, v in info["packages"].items() if v != "not installed"
         )
+    )
+    print(
+        f"{info['machine']['libc']}; CPU features glibc dispatches on: "
+        f"{' '.join(info['machine']['cpu_features']) or '?'} "
+        "(instruction counts compare between hosts that agree on these)"
     )
     if info["machine"]["loadavg_start"][0] > 0.5 * info["machine"]["cpus_usable"]:
         print(
