@@ -2855,10 +2855,10 @@ class Limiter:
         return [limit_pair, remaining_pair, reset_pair, retry_pair]
 
     def _retry_time(self, decision: Decision) -> float:
-        """The time ``Retry-After`` counts to: the reset, as slowapi's, but
-        for a refusal of a token bucket, which is full again (its reset)
-        long after it has room for the refused cost: then that time (as the
-        core's headers, which ``_fast_items`` returns when it can)."""
+        """The time ``Retry-After`` counts to: the reset, as in slowapi,
+        except for a token bucket's refusal: the time it has room for the
+        refused cost (its reset, when it is full again, comes much later).
+        The core's header pairs count the same way."""
         if decision.allowed or self._strategy != "token-bucket":
             return decision.reset_time
         return time.time() + decision.retry_after
