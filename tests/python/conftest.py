@@ -126,6 +126,26 @@ def _no_ratelimit_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+def limited_app(limiter: Any, path: str) -> Any:
+    """A FastAPI application holding ``limiter`` with slowapi's 429 handler
+    and, when ``path`` names one ("middleware", "asgi-middleware"), that
+    middleware."""
+    from fastapi import FastAPI
+
+    from rapidlimit import _rate_limit_exceeded_handler
+    from rapidlimit.errors import RateLimitExceeded
+    from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
+    if path == "middleware":
+        app.add_middleware(SlowAPIMiddleware)
+    elif path == "asgi-middleware":
+        app.add_middleware(SlowAPIASGIMiddleware)
+    return app
+
+
 def rate_headers(response: object) -> dict[str, str]:
     """The rate-limit headers of an httpx response, X-RateLimit-Reset as int."""
     headers = response.headers  # type: ignore[attr-defined]

@@ -24,10 +24,8 @@ from fastapi import Depends, FastAPI
 from freezegun import freeze_time
 from starlette.requests import Request
 
-from conftest import FROZEN
-from rapidlimit import Limiter, _rate_limit_exceeded_handler
-from rapidlimit.errors import RateLimitExceeded
-from rapidlimit.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+from conftest import FROZEN, limited_app
+from rapidlimit import Limiter
 from rapidlimit.strategies import STRATEGIES
 from rapidlimit.util import get_remote_address
 from redis_server import RedisServer
@@ -58,13 +56,7 @@ def make_app(
         retry_after=retry_after,
         default_limits=[MULTI] if path.endswith("middleware") else [],
     )
-    app = FastAPI()
-    app.state.limiter = limiter
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
-    if path == "middleware":
-        app.add_middleware(SlowAPIMiddleware)
-    elif path == "asgi-middleware":
-        app.add_middleware(SlowAPIASGIMiddleware)
+    app = limited_app(limiter, path)
 
     def endpoint(name: str) -> Any:
         if sync:

@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
-from conftest import Ticker
+from conftest import Ticker, limited_app
 from rapidlimit import Limiter, _core, _rate_limit_exceeded_handler
 from rapidlimit._core import RedisWaiter
 from rapidlimit.errors import RateLimitExceeded
@@ -52,13 +52,7 @@ def make_app(
     limiter: Limiter, path: str, limit: str = "3/minute", sync: bool = False
 ) -> FastAPI:
     """One route /r limited by ``limit`` through ``path``, and /free."""
-    app = FastAPI()
-    app.state.limiter = limiter
-    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)
-    if path == "middleware":
-        app.add_middleware(SlowAPIMiddleware)
-    elif path == "asgi-middleware":
-        app.add_middleware(SlowAPIASGIMiddleware)
+    app: FastAPI = limited_app(limiter, path)
 
     def body() -> PlainTextResponse:
         return PlainTextResponse("ok")
