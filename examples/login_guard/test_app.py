@@ -16,23 +16,24 @@ def clock() -> Iterator[Any]:
         yield frozen
 
 
-def attempts(tries: list[tuple[str, str, str]]) -> list[int]:
-    """(address, username, password) per attempt, in order: the statuses."""
+def attempt(address: str, username: str, password: str) -> httpx.Response:
+    """One login attempt from ``address``."""
 
-    async def go() -> list[int]:
-        codes = []
-        for address, username, password in tries:
-            transport = httpx.ASGITransport(app=app, client=(address, 4000))
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://test"
-            ) as client:
-                response = await client.post(
-                    "/login", json={"username": username, "password": password}
-                )
-                codes.append(response.status_code)
-        return codes
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=(address, 4000))
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test"
+        ) as client:
+            return await client.post(
+                "/login", json={"username": username, "password": password}
+            )
 
     return asyncio.run(go())
+
+
+def attempts(tries: list[tuple[str, str, str]]) -> list[int]:
+    """(address, username, password) per attempt, in order: the statuses."""
+    return [attempt(*one).status_code for one in tries]
 
 
 def test_an_account_is_guarded_whatever_the_address(clock: Any) -> None:
@@ -71,13 +72,7 @@ def test_one_address_trying_many_accounts_meets_its_own_limit(clock: Any) -> Non
 
 def test_a_refusal_says_how_long_to_wait(clock: Any) -> None:
     attempts([("10.0.0.1", "bob", "guess")] * 3)
-
-    async def refused() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, client=("10.0.0.1", 4000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return await c.post("/login", json={"username": "bob", "password": "x"})
-
-    response = asyncio.run(refused())
+    response = attempt("10.0.0.1", "bob", "x")
     assert response.status_code == 429
     assert response.json() == {"error": "Rate limit exceeded: 3 per 1 minute"}
     assert response.headers["retry-after"] == "61"  # 60 s, as slowapi rounds
