@@ -21,7 +21,10 @@ the method itself reads for two identical servers (1.0 but for noise), and a
 floor: the no-limiter endpoint awaiting asyncio.sleep(0) once, suspending
 each request as awaiting a Redis decision does, with nothing else added; and
 that endpoint setting the four rate-limit headers too, the floor under the
-Redis target with headers on.
+Redis target with headers on. The no-limiter endpoint setting the four headers
+without awaiting is the floor under the memory target with headers on: what
+the server spends on the headers themselves, which any limiter sending them
+pays.
 """
 
 from __future__ import annotations
@@ -120,6 +123,9 @@ def plan(cfg: Config, packages: list[str], redis_ok: dict[str, bool]) -> list[Va
                     )
         if ep == "async" and not cfg.quick:
             out.append(Variant("none", endpoint=ep, control=True))
+            # The four headers set by the endpoint itself: the floor under
+            # the memory target with headers on.
+            out.append(Variant("none", headers=True, endpoint=ep))
             # What any limiter that awaits I/O pays before its own work: the
             # request suspended once.
             out.append(Variant("none", endpoint=ep, awaits=True))
@@ -178,20 +184,21 @@ def vkey(v: Variant) -> str:
 
 def is_baseline(v: Variant) -> bool:
     """The no-limiter server every other variant is paired with (the control
-    is a no-limiter server measured as one of those variants)."""
-    return v.package == "none" and not v.control and not v.awaits
+    is a no-limiter server measured as one of those variants; the floors are
+    no-limiter endpoints doing more)."""
+    return v.package == "none" and not (v.control or v.awaits or v.headers)
 
 
 def is_target(v: Variant) -> bool:
     """The async ones of the variants whose ratio to the no-limiter run a
     target checks (rapidlimit decorator, allowed traffic; the sync ones stay
-    far above the targets), the control and the awaiting floor: they get
+    far above the targets), the control and the floors: they get
     more repetitions than the others, since one pair of runs here varies by
     a few per cent, as much as the 97 % target leaves. So does rapidlimit on
     Redis checked by the ASGI middleware, for the comparison with the
     decorator there (the targets stay on the decorator)."""
-    if v.control or v.awaits:
-        return True
+    if v.package == "none":
+        return not is_baseline(v)
     if (v.package, v.traffic, v.endpoint) != ("rapidlimit", "allowed", "async"):
         return False
     return v.path == "decorator" or (
@@ -207,6 +214,8 @@ def vlabel(v: Variant) -> str:
             also = ", setting the headers" if v.headers else ""
             what = "a Redis PING" if v.awaits_redis else "once"
             return f"{v.endpoint:<5} no limiter, awaiting {what}{also} (floor)"
+        if v.headers:
+            return f"{v.endpoint:<5} no limiter, setting the headers (floor)"
         return f"{v.endpoint:<5} no limiter"
     storage = "redis" if v.storage_uri.startswith("redis") else "memory"
     hdr = "hdr" if v.headers else "nohdr"

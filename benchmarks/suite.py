@@ -132,6 +132,7 @@ _E2E_CONTEXT: dict[tuple[str, str], list[str]] = {
     ],
     ("memory", "headers"): [
         _CONTROL,
+        "http.async.none.headers.vs_none",
         "callgrind.http.none.headers.vs_none",
         "callgrind.http.rapidlimit.headers.vs_none_headers",
     ],
@@ -373,6 +374,13 @@ HEADLINE: list[tuple[str, str, str, str]] = [
         "HTTP req/s vs no limiter, memory, allowed, headers on",
         _HTTP.format("rapidlimit", "memory", "allowed"),
         _HTTP.format("slowapi", "memory", "allowed"),
+        "",
+    ),
+    (
+        "  floor: a no-limiter endpoint setting the same four headers itself, "
+        "vs no limiter",
+        "http.async.none.headers.vs_none",
+        "",
         "",
     ),
     (
